@@ -1,0 +1,1 @@
+"""hoststore: the host side of vswapfs, keeping accepted swap pages in RAM."""

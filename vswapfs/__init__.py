@@ -1,0 +1,1 @@
+"""vswapfs: a FUSE swap file whose pages go to a host store, or to a backing file when refused."""

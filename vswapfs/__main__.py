@@ -1,0 +1,1 @@
+from .mount import main; import sys; sys.exit(main())

@@ -1,0 +1,169 @@
+"""``vswapfs``: mount the swap file, serve it until unmounted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import pyfuse3
+import trio
+
+from hoststore.address import Address, parse_address
+from hoststore.hardening import harden
+from hoststore.logsetup import setup_logging
+from hoststore.sizes import parse_size
+
+from .backing import Backing, BackingError
+from .fs import Operations
+from .hostclient import HostClient
+from .pager import Pager
+
+log = logging.getLogger("vswapfs")
+
+DESCRIPTION = """\
+Present MOUNTPOINT/swap, a file of the backing file's size whose 4 KiB pages
+are offered to a host store; pages the store refuses (or cannot take in time)
+go to the backing file before the write is answered.  Attach it as swap with:
+
+  losetup --direct-io=on --find --show MOUNTPOINT/swap   # prints /dev/loopN
+  mkswap /dev/loopN && swapon /dev/loopN
+
+MOUNTPOINT/stats holds the counters as JSON.  `vswapctl up` does all of this.
+"""
+
+
+def _arg(parse: Any) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="vswapfs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("mountpoint", help="an empty directory to mount on")
+    ap.add_argument("--backing", required=True, metavar="FILE",
+                    help="backing file on a disk filesystem (created preallocated, mode 0600, if missing)")
+    ap.add_argument("--size", type=_arg(parse_size), metavar="SIZE",
+                    help="device size when creating the backing file (K/M/G suffixes); "
+                         "an existing file's size is used")
+    ap.add_argument("--host", type=_arg(parse_address), required=True, metavar="ADDR",
+                    help="host store address: unix:PATH or tcp:HOST:PORT")
+    ap.add_argument("--name", help="client name at the store (default: HOSTNAME:MOUNTPOINT)")
+    ap.add_argument("--write-timeout", type=_arg(_seconds), default=1.0, metavar="SECONDS",
+                    help="a batch the store has not answered by then goes to the backing file (default 1)")
+    ap.add_argument("--read-timeout", type=_arg(_seconds), default=30.0, metavar="SECONDS",
+                    help="how long a read of a page in the store may wait for the store before "
+                         "failing with EIO (default 30)")
+    ap.add_argument("--max-tasks", type=int, default=64, metavar="N",
+                    help="FUSE requests served at once (default 64)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return ap
+
+
+async def watch_signals(ops: Operations) -> None:
+    """Stop on SIGTERM/SIGINT, but never while the swap file is open.
+
+    Stopping then would take away pages that live swap still needs: every
+    process with pages on the device would get SIGBUS or hang."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if ops.swap_opens:
+                log.warning("%s ignored: the swap file is still open (swapoff and losetup -d it first, "
+                            "or run `vswapctl down`)", name)
+                continue
+            log.info("%s: unmounting", name)
+            pyfuse3.terminate()
+            return
+
+
+async def serve(ops: Operations, pager: Pager, client: HostClient, max_tasks: int) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        nursery.start_soon(pager.drop_orphans)
+        nursery.start_soon(watch_signals, ops)
+        await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
+        await pager.release_all()
+        nursery.cancel_scope.cancel()
+
+
+def combined_stats(pager: Pager, client: HostClient) -> dict[str, Any]:
+    stats = pager.stats()
+    stats.update({f"link_{k}": v for k, v in vars(client.counters).items()})
+    stats["host_address"] = str(client.address)
+    stats["backing_file"] = pager.backing.path
+    stats["pid"] = os.getpid()
+    return stats
+
+
+def check_mountpoint(path: str) -> str | None:
+    if not os.path.isdir(path):
+        return f"mountpoint {path} is not a directory"
+    if os.path.ismount(path):
+        return f"{path} is already a mount point"
+    if os.listdir(path):
+        return f"mountpoint {path} is not empty"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.size is not None and (args.size <= 0 or args.size % 4096):
+        ap.error(f"--size {args.size} is not a positive multiple of 4096")
+    if args.max_tasks < 1:
+        ap.error("--max-tasks must be at least 1")
+    problem = check_mountpoint(args.mountpoint)
+    if problem:
+        ap.error(problem)
+    setup_logging(args.verbose, "vswapfs")
+    try:
+        backing = Backing.open(args.backing, args.size, args.mountpoint)
+    except BackingError as exc:
+        print(f"vswapfs: error: {exc}", file=sys.stderr)
+        return 1
+    name = args.name or f"{socket.gethostname()}:{os.path.realpath(args.mountpoint)}"
+    address: Address = args.host
+    client = HostClient(address, name, backing.size)
+    pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout)
+    ops = Operations(pager, stats=lambda: combined_stats(pager, client))
+    harden(log)
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=vswapfs", "subtype=vswapfs"}
+    pyfuse3.init(ops, args.mountpoint, options)
+    log.info("serving %s/swap (%d bytes), backing %s, host store %s",
+             args.mountpoint, backing.size, backing.path, address)
+    try:
+        trio.run(serve, ops, pager, client, args.max_tasks)
+    except BaseException:
+        pyfuse3.close(unmount=False)
+        raise
+    else:
+        pyfuse3.close()
+    finally:
+        backing.close()
+    log.info("unmounted %s", args.mountpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
