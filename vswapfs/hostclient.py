@@ -266,3 +266,22 @@ class HostClient:
             link.fail()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(link.stream)
+
+
+async def query(address: Address, method: str, params: Any, timeout: float = 5.0) -> Any:
+    """One request on a fresh observer connection (for tools: ``vswapctl stats``)."""
+    client = HostClient(address, "vswapctl", 0, role=p.ROLE_OBSERVER, connect_timeout=timeout)
+    link = await client._open()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.read_loop)
+            with trio.fail_after(timeout):
+                await client._hello(link)
+                result = await link.request(method, params)
+            nursery.cancel_scope.cancel()
+    except trio.TooSlowError:
+        raise StoreUnavailable(f"{address} did not answer in {timeout}s") from None
+    finally:
+        link.fail()
+        await trio.aclose_forcefully(link.stream)
+    return result

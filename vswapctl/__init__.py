@@ -1,0 +1,1 @@
+"""vswapctl: bring a vswapfs swap device up and down, and look inside it."""
