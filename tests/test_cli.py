@@ -1,0 +1,76 @@
+"""Command lines: --help explains, every bad argument gets a one-line error and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hoststore.address import parse_address
+from hoststore.sizes import format_size, parse_size
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("module", ["hoststore", "vswapfs", "vswapctl"])
+def test_help(module: str) -> None:
+    done = run(module, "--help")
+    assert done.returncode == 0 and "usage:" in done.stdout and len(done.stdout.splitlines()) > 5
+
+
+@pytest.mark.parametrize(
+    "module,args,needle",
+    [
+        ("hoststore", ["--listen", "unix:/x", "--capacity", "12Q"], "size"),
+        ("hoststore", ["--listen", "udp:1"], "unknown kind"),
+        ("hoststore", ["--listen", "tcp:localhost:99999"], "out of range"),
+        ("hoststore", ["--listen", "unix:/x", "--high-watermark", "50", "--low-watermark", "60"], "above"),
+        ("hoststore", ["--listen", "unix:/x", "--capacity", "1000"], "multiple of 4096"),
+        ("hoststore", [], "--listen"),
+        ("vswapfs", ["/nonexistent-mnt", "--backing", "/var/tmp/x", "--host", "unix:/x"], "not a directory"),
+        ("vswapfs", ["/tmp", "--backing", "/var/tmp/x", "--host", "unix:/x", "--size", "5000"], "multiple of 4096"),
+        ("vswapfs", ["/tmp", "--backing", "/var/tmp/x", "--host", "nowhere"], "unix:PATH"),
+        ("vswapfs", ["/tmp", "--backing", "/var/tmp/x", "--host", "unix:/x", "--write-timeout", "-1"], "positive"),
+        ("vswapctl", ["up", "--size", "1X"], "size"),
+        ("vswapctl", ["up", "--size", "1000"], "multiple of 4096"),
+        ("vswapctl", ["up", "--host", "ftp:x"], "unknown kind"),
+        ("vswapctl", ["bogus"], "invalid choice"),
+    ],
+)
+def test_bad_arguments(module: str, args: list[str], needle: str) -> None:
+    done = run(module, *args)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("usage:") and line.strip()]
+    assert lines and needle in lines[-1], done.stderr
+    assert lines[-1].startswith(module) and ": error:" in lines[-1], done.stderr
+
+
+def test_status_without_a_device(tmp_path) -> None:
+    done = run("vswapctl", "--state-dir", str(tmp_path), "status")
+    assert done.returncode != 0 and "no device is up" in done.stderr
+
+
+def test_down_without_a_device_is_fine(tmp_path) -> None:
+    done = run("vswapctl", "--state-dir", str(tmp_path), "down")
+    assert done.returncode == 0 and "nothing to take down" in done.stdout
+
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("64K", 65536), ("1G", 1 << 30), ("512MiB", 512 << 20),
+                                        ("1.5M", 3 << 19), ("2gb", 2 << 30)])
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "G", "x1", "-1M", "1Q"])
+def test_parse_size_errors(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_format_size_and_addresses() -> None:
+    assert format_size(1 << 30) == "1G" and format_size(4097) == "4097"
+    assert str(parse_address("tcp:[::1]:7070")) == "tcp:[::1]:7070"
+    assert parse_address("unix:/run/x.sock").path == "/run/x.sock"

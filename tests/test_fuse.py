@@ -1,0 +1,161 @@
+"""A mounted vswapfs: O_DIRECT I/O through the kernel, against real daemons."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hoststore.protocol import PAGE_SIZE
+
+from .conftest import fuse_unavailable
+from .daemons import Daemons, wait_for
+
+pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))]
+
+NPAGES = 4096  # 16 MiB device
+CAPACITY_PAGES = 1024  # 4 MiB store: host and backing both get pages
+
+
+@pytest.fixture
+def daemons(disk_dir: str):
+    d = Daemons(disk_dir, capacity=f"{CAPACITY_PAGES * 4}K", size=f"{NPAGES * 4}K")
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+
+
+def pattern(page: int, version: int) -> bytes:
+    return (page.to_bytes(4, "little") + version.to_bytes(4, "little")) * (PAGE_SIZE // 8)
+
+
+def test_random_o_direct_pages_read_back_and_counters_add_up(daemons: Daemons) -> None:
+    rng = random.Random(42)
+    truth: dict[int, int] = {}
+    buf = mmap.mmap(-1, 64 * PAGE_SIZE)  # page-aligned, as O_DIRECT needs
+    fd = os.open(daemons.swapfile, os.O_RDWR | os.O_DIRECT)
+    written = 0
+    try:
+        for version in range(1, 3001):
+            first = rng.randrange(NPAGES)
+            n = rng.randint(1, min(64, NPAGES - first))
+            buf[: n * PAGE_SIZE] = b"".join(pattern(first + i, version) for i in range(n))
+            assert os.pwrite(fd, memoryview(buf)[: n * PAGE_SIZE], first * PAGE_SIZE) == n * PAGE_SIZE
+            truth.update({first + i: version for i in range(n)})
+            written += n
+        bad = 0
+        for first in range(0, NPAGES, 64):
+            assert os.preadv(fd, [buf], first * PAGE_SIZE) == 64 * PAGE_SIZE
+            for i in range(64):
+                p = first + i
+                expected = pattern(p, truth[p]) if p in truth else bytes(PAGE_SIZE)
+                bad += buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] != expected
+        assert bad == 0
+    finally:
+        os.close(fd)
+    fs, host = daemons.stats(), daemons.host_stats()
+    assert fs["host_writes"] + fs["backing_writes"] == written
+    assert fs["host_writes"] == host["accepted"] and fs["host_writes"] > 0 and fs["backing_writes"] > 0
+    assert fs["refused_capacity"] == host["refused_capacity"] > 0
+    assert fs["pages_host"] == host["pages_stored"] <= CAPACITY_PAGES
+    assert fs["pages_host"] + fs["pages_backing"] == len(truth)
+    assert fs["io_errors"] == 0 and host["misses"] == 0
+
+
+def test_unaligned_io_is_einval_and_statfs_works(daemons: Daemons) -> None:
+    fd = os.open(daemons.swapfile, os.O_RDWR)
+    try:
+        for offset, data in ((1, b"x" * PAGE_SIZE), (0, b"x" * 100), (NPAGES * PAGE_SIZE, b"x" * PAGE_SIZE)):
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, data, offset)
+            assert info.value.errno in (errno.EINVAL, errno.EFBIG)
+    finally:
+        os.close(fd)
+    st = os.statvfs(daemons.mountpoint)
+    assert st.f_blocks * st.f_frsize == NPAGES * PAGE_SIZE
+    assert os.stat(daemons.swapfile).st_size == NPAGES * PAGE_SIZE
+    assert oct(os.stat(daemons.backing).st_mode & 0o777) == "0o600"
+    assert os.stat(daemons.backing).st_blocks * 512 >= NPAGES * PAGE_SIZE  # preallocated
+
+
+def test_writes_fall_back_while_the_store_is_down_and_it_reconnects(daemons: Daemons) -> None:
+    fd = os.open(daemons.swapfile, os.O_RDWR | os.O_DIRECT)
+    buf = mmap.mmap(-1, PAGE_SIZE)
+    try:
+        buf[:] = pattern(1, 1)
+        os.pwrite(fd, buf, PAGE_SIZE)
+        daemons.stop_hoststore()
+        wait_for(lambda: not daemons.stats()["host_connected"], 10, "vswapfs noticing the store is gone")
+        start = time.monotonic()
+        for p in range(10, 20):
+            buf[:] = pattern(p, 2)
+            os.pwrite(fd, buf, p * PAGE_SIZE)
+        assert time.monotonic() - start < 5
+        assert daemons.stats()["fallback_unreachable"] == 10
+        daemons.start_hoststore()
+        daemons.wait_host_connected()
+        for p in range(10, 20):
+            os.preadv(fd, [buf], p * PAGE_SIZE)
+            assert buf[:] == pattern(p, 2)
+        # Page 1 was in the old store, which is gone: EIO, never zeros or old data.
+        with pytest.raises(OSError) as info:
+            os.preadv(fd, [buf], PAGE_SIZE)
+        assert info.value.errno == errno.EIO
+        stats = daemons.stats()
+        assert stats["link_connects"] == 2 and stats["link_host_restarts"] == 1 and stats["read_failures"] == 1
+        buf[:] = pattern(1, 3)
+        os.pwrite(fd, buf, PAGE_SIZE)  # rewriting the page makes it readable again
+        os.preadv(fd, [buf], PAGE_SIZE)
+        assert buf[:] == pattern(1, 3)
+    finally:
+        os.close(fd)
+
+
+def test_sigterm_is_ignored_while_the_swap_file_is_open(daemons: Daemons) -> None:
+    fd = os.open(daemons.swapfile, os.O_RDONLY)
+    try:
+        daemons.vswapfs.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert daemons.vswapfs.poll() is None
+        assert os.pread(fd, PAGE_SIZE, 0) == bytes(PAGE_SIZE)
+    finally:
+        os.close(fd)
+    daemons.vswapfs.send_signal(signal.SIGTERM)
+    assert daemons.vswapfs.wait(10) == 0
+    assert not os.path.ismount(daemons.mountpoint)
+
+
+def test_clean_unmount_releases_the_pages_in_the_store(daemons: Daemons) -> None:
+    fd = os.open(daemons.swapfile, os.O_RDWR)
+    os.pwrite(fd, pattern(0, 1) * 8, 0)
+    os.close(fd)
+    assert daemons.host_stats()["pages_stored"] == 8
+    subprocess.run(["umount", daemons.mountpoint], check=True)
+    assert daemons.vswapfs.wait(10) == 0
+    assert daemons.host_stats()["pages_stored"] == 0
+
+
+@pytest.mark.parametrize("where", ["/dev/shm", "inside"])
+def test_backing_on_tmpfs_or_inside_the_mount_is_refused(disk_dir: str, where: str) -> None:
+    mnt = os.path.join(disk_dir, "mnt")
+    os.mkdir(mnt)
+    if where == "/dev/shm":
+        if not os.path.isdir("/dev/shm"):
+            pytest.skip("no /dev/shm")
+        backing = f"/dev/shm/vswapfs-test-{os.getpid()}"
+    else:
+        backing = os.path.join(mnt, "backing")
+    done = subprocess.run([sys.executable, "-m", "vswapfs", mnt, "--backing", backing, "--size", "1M",
+                           "--host", "unix:/nonexistent"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert not os.path.exists(backing)
+    assert ("tmpfs" if where == "/dev/shm" else "inside the vswapfs mount") in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -1,0 +1,87 @@
+"""Live swap, as root: vswapctl up, a verifying workload in a memory cgroup, vswapctl down.
+
+Teardown always runs (``vswapctl down`` in a finally), in the safe order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from vswapctl import system
+from vswapctl.state import State
+
+from .conftest import swap_unavailable
+
+pytestmark = [pytest.mark.swap, pytest.mark.skipif(swap_unavailable() is not None, reason=str(swap_unavailable()))]
+
+
+def vswapctl(state_dir: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vswapctl", "--state-dir", state_dir, *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def state_dir(disk_dir: str):
+    path = os.path.join(disk_dir, "state")
+    try:
+        yield path
+    finally:
+        if State.load(path) is not None:
+            vswapctl(path, "down", timeout=1800)
+        assert State.load(path) is None
+
+
+def up(state_dir: str, disk_dir: str, *extra: str) -> None:
+    done = vswapctl(state_dir, "up", "--size", "512M", "--capacity", "64M",
+                    "--backing", os.path.join(disk_dir, "backing"), *extra)
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = State.load(state_dir)
+    assert state is not None and state.loop in system.swaps()
+    assert system.loop_dio(state.loop)
+
+
+def stats(state_dir: str) -> dict:
+    done = vswapctl(state_dir, "stats", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_workload_through_host_and_backing_has_no_bad_pages(state_dir: str, disk_dir: str) -> None:
+    up(state_dir, disk_dir, "--priority", "32000")
+    before = stats(state_dir)
+    done = vswapctl(state_dir, "workload", "--size", "256M", "--limit", "64M")
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pages"] == 65536 and result["bad_pages"] == 0
+    after = stats(state_dir)
+    fs, host = after["vswapfs"], after["hoststore"]
+    # The workload's 256M cannot fit in the 64M store: both tiers must have been used.
+    assert fs["host_writes"] - before["vswapfs"]["host_writes"] > 0
+    assert fs["backing_writes"] - before["vswapfs"]["backing_writes"] > 0
+    assert fs["host_reads"] > 0 and fs["backing_reads"] > 0
+    assert host["accepted"] == fs["host_writes"] and host["refused_capacity"] > 0
+    assert fs["io_errors"] == 0 and fs["read_failures"] == 0
+    status = vswapctl(state_dir, "status")
+    assert status.returncode == 0 and "host" in status.stdout and "backing" in status.stdout
+
+
+def test_down_cleans_up_after_vswapfs_died(state_dir: str, disk_dir: str) -> None:
+    up(state_dir, disk_dir)
+    state = State.load(state_dir)
+    # Take swap off first: killing vswapfs under live swap would take other processes' pages.
+    system.run(["swapoff", state.loop])
+    os.kill(state.vswapfs_pid, signal.SIGKILL)
+    system.wait_gone(state.vswapfs_pid, 10)
+    done = vswapctl(state_dir, "down")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"detached {state.loop}" in done.stdout
+    assert "lazily unmounted" in done.stdout and "had died" in done.stdout
+    assert "hoststore" in done.stdout
+    assert system.loops_for(state.swapfile) == [] and system.mount_type(state.mountpoint) is None
+    assert not system.alive(state.hoststore_pid)
