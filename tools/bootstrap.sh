@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Install what vswapfs needs, skipping what is already there:
+#   Debian packages (fuse3, libfuse3-dev, pkg-config, util-linux) when missing,
+#   and a virtualenv in .venv holding pyfuse3 (built from source) and this project.
+# Safe to run again; prints the venv's python on the last line.
+set -euo pipefail
+top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$top/.venv"
+py=${PYTHON:-python3}
+
+log() { echo "bootstrap: $*" >&2; }
+
+missing=()
+command -v fusermount3 >/dev/null || missing+=(fuse3)
+[ -e /usr/include/fuse3/fuse_lowlevel.h ] || missing+=(libfuse3-dev)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v losetup >/dev/null || missing+=(mount)
+command -v mkswap >/dev/null || missing+=(util-linux)
+command -v gcc >/dev/null || missing+=(gcc)
+"$py" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    log "missing system packages: ${missing[*]} (install them as root)"; exit 1
+  fi
+  log "installing ${missing[*]}"
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { log "$("$py" --version) is too old: vswapfs needs Python 3.11 or newer"; exit 1; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating $venv"
+  "$py" -m venv "$venv"
+fi
+
+# Reinstall only when what we install from changed.
+stamp="$venv/.vswapfs-stamp"
+want=$(find "$top/setup.cfg" "$top/pyproject.toml" "$top/patches" "$top/tools/bootstrap.sh" -type f -print0 \
+       | sort -z | xargs -0 cat | sha256sum | cut -d' ' -f1)
+# pip's output, less the noise of index locations this machine does not have.
+quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; } >&2; }
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing vswapfs and its dependencies into $venv"
+  quiet "$venv/bin/python" -m pip install -q -e "$top[test]"
+  echo "$want" > "$stamp"
+fi
+echo "$venv/bin/python"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole thing on a fresh machine, as root: install what is missing, bring a
+# 1G vswapfs swap device up on the embedded default (a local hoststore on a unix
+# socket, capacity 64M), run a verifying 256M workload in a 64M memory cgroup,
+# show where the pages went, and tear everything down again.
+set -euo pipefail
+top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ "$(id -u)" -eq 0 ] || { echo "demo: run as root (FUSE mount, loop device, swapon)" >&2; exit 1; }
+python=$("$top/tools/bootstrap.sh" | tail -n 1)
+export VSWAPFS_STATE_DIR=${VSWAPFS_STATE_DIR:-/run/vswapfs-demo}
+backing=${DEMO_BACKING:-/var/tmp/vswapfs-demo/backing}
+vswapctl() { "$python" -m vswapctl "$@"; }
+step() { printf '\n== %s\n' "$*"; }
+
+trap 'step "vswapctl down"; vswapctl down' EXIT
+step "vswapctl up --size 1G --capacity 64M"
+vswapctl up --size 1G --capacity 64M --backing "$backing"
+step "cat /proc/swaps"
+cat /proc/swaps
+step "vswapctl workload --size 256M --limit 64M  (every page verified after swap-in)"
+vswapctl workload --size 256M --limit 64M
+step "vswapctl status"
+vswapctl status
+step "vswapctl stats"
+vswapctl stats
