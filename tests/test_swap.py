@@ -85,3 +85,33 @@ def test_down_cleans_up_after_vswapfs_died(state_dir: str, disk_dir: str) -> Non
     assert "hoststore" in done.stdout
     assert system.loops_for(state.swapfile) == [] and system.mount_type(state.mountpoint) is None
     assert not system.alive(state.hoststore_pid)
+
+
+def test_store_gives_pages_back_after_the_workload_exits(state_dir: str, disk_dir: str) -> None:
+    """With discard on (the default), freed swap slots leave the store: once the
+    workload has exited, the store holds no more than the device still uses."""
+    import time
+
+    up(state_dir, disk_dir)
+    state = State.load(state_dir)
+    assert "--discard=pages" in state.swapon_options
+    done = vswapctl(state_dir, "workload", "--size", "256M", "--limit", "64M")
+    assert done.returncode == 0, done.stdout + done.stderr
+    margin = 1024  # pages (4 MiB): slots freed but not yet discarded in a partly used cluster
+    deadline = time.monotonic() + 60
+    while True:
+        used_pages = system.swaps()[state.loop]["used_kib"] // 4
+        s = stats(state_dir)
+        fs, host = s["vswapfs"], s["hoststore"]
+        held = fs["pages_host"] + fs["pages_backing"]
+        if host["pages_stored"] <= used_pages + margin and held <= used_pages + margin:
+            break
+        assert time.monotonic() < deadline, (
+            f"store holds {host['pages_stored']} pages, device map {held}, swap used {used_pages} pages"
+        )
+        time.sleep(0.5)
+    assert host["pages_stored"] == fs["pages_host"]
+    assert fs["discard_requests"] > 0 and fs["discard_backing_pages"] > 0
+    # The 64M store was full during the workload; nearly all of it came back.
+    assert fs["discard_host_pages"] >= 16384 - margin
+    assert host["invalidated"] >= fs["discard_host_pages"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what vswapfs needs, skipping what is already there:
 #   Debian packages (fuse3, libfuse3-dev, pkg-config, util-linux) when missing,
-#   and a virtualenv in .venv holding pyfuse3 (built from source) and this project.
+#   and a virtualenv in .venv holding pyfuse3 (built from source, with our patch
+#   patches/pyfuse3-*-fallocate.patch applied) and this project.
 # Safe to run again; prints the venv's python on the last line.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,6 +18,7 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v losetup >/dev/null || missing+=(mount)
 command -v mkswap >/dev/null || missing+=(util-linux)
 command -v gcc >/dev/null || missing+=(gcc)
+command -v patch >/dev/null || missing+=(patch)
 "$py" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
@@ -41,8 +43,22 @@ want=$(find "$top/setup.cfg" "$top/pyproject.toml" "$top/patches" "$top/tools/bo
        | sort -z | xargs -0 cat | sha256sum | cut -d' ' -f1)
 # pip's output, less the noise of index locations this machine does not have.
 quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; } >&2; }
+# pyfuse3 from its sdist with our fallocate patch (see the patch's header for why).
+pyfuse3_version=3.5.0
+install_patched_pyfuse3() {
+  local work
+  work=$(mktemp -d)
+  log "building pyfuse3 $pyfuse3_version with patches/pyfuse3-$pyfuse3_version-fallocate.patch"
+  quiet "$venv/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$work" "pyfuse3==$pyfuse3_version"
+  tar -xzf "$work/pyfuse3-$pyfuse3_version.tar.gz" -C "$work"
+  patch -s -d "$work/pyfuse3-$pyfuse3_version" -p1 < "$top/patches/pyfuse3-$pyfuse3_version-fallocate.patch"
+  quiet "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$pyfuse3_version"
+  rm -rf "$work"
+}
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing vswapfs and its dependencies into $venv"
+  quiet "$venv/bin/python" -m pip install -q trio
+  install_patched_pyfuse3
   quiet "$venv/bin/python" -m pip install -q -e "$top[test]"
   echo "$want" > "$stamp"
 fi

@@ -107,10 +107,16 @@ def attach_swap(state: State, args: argparse.Namespace) -> None:
         say(f"warning: {loop} does not use direct I/O; swap pages will pass through the page cache")
     system.run(["mkswap", loop])
     options = ["--priority", str(args.priority)] if args.priority is not None else []
+    if args.discard:
+        if (read_vswapfs_stats(state) or {}).get("discard_supported"):
+            options.append("--discard=pages")
+        else:
+            say("warning: this vswapfs cannot take discards (unpatched pyfuse3): swapping on without discard")
     state.swapon_options = options
     system.run(["swapon", *options, loop])
     state.save()
-    say(f"swap on {loop} ({format_size(state.size)}, direct I/O {'on' if system.loop_dio(loop) else 'off'})")
+    say(f"swap on {loop} ({format_size(state.size)}, direct I/O {'on' if system.loop_dio(loop) else 'off'}, "
+        f"discard {'on' if '--discard=pages' in options else 'off'})")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -387,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--capacity", type=_type(_page_size), metavar="SIZE",
                     help="capacity of the hoststore that up starts (default: the device size)")
     up.add_argument("--priority", type=int, metavar="N", help="swap priority (swapon --priority)")
+    up.add_argument("--no-discard", dest="discard", action="store_false",
+                    help="do not swapon with --discard=pages (freed swap slots then stay in the store "
+                         "until rewritten)")
     up.add_argument("-v", "--verbose", action="store_true", help="debug logging in the daemons' logs")
     up.set_defaults(func=cmd_up)
 

@@ -5,16 +5,30 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import stat
 
 from hoststore.protocol import PAGE_SIZE
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
 _FORBIDDEN_FS = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs"}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+log = logging.getLogger("vswapfs.backing")
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class BackingError(Exception):
@@ -61,6 +75,7 @@ class Backing:
         self.fd = fd
         self.size = size
         self.path = path
+        self.punch_supported = True
 
     @classmethod
     def open(cls, path: str, size: int | None, mountpoint: str | None = None) -> "Backing":
@@ -118,6 +133,21 @@ class Backing:
             if n == 0:
                 raise OSError(errno.EIO, "backing file shorter than expected", self.path)
             done += n
+
+    def punch(self, offset: int, length: int) -> bool:
+        """Release the blocks of a discarded range; False if the filesystem cannot
+        (the range then just keeps its blocks: nothing is lost either way)."""
+        if not self.punch_supported:
+            return False
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self.punch_supported = False
+            log.warning("%s: cannot punch holes (%s): discarded pages keep their blocks", self.path, exc.strerror)
+            return False
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:

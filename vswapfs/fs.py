@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from .backing import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from .pager import Pager, PagerError
 
 log = logging.getLogger("vswapfs.fs")
@@ -31,6 +32,11 @@ STATS_INODE = ROOT_INODE + 2
 _FILES = {SWAP_NAME: SWAP_INODE, STATS_NAME: STATS_INODE}
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+# pyfuse3 routes fallocate to Operations only with patches/pyfuse3-*-fallocate.patch;
+# without it libfuse answers ENOSYS and the loop driver turns discard off.
+DISCARD_SUPPORTED = hasattr(pyfuse3.Operations, "fallocate")
+PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 def errno_for(exc: BaseException) -> int:
@@ -184,6 +190,16 @@ class Operations(pyfuse3.Operations):
         if fh != 0:
             raise pyfuse3.FUSEError(errno.EBADF)
         return await self.pager.write(off, buf)
+
+    @fuse_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """PUNCH_HOLE | KEEP_SIZE is a discard (a freed swap slot); the file is
+        fully allocated and cannot grow, so no other mode means anything here."""
+        if fh != 0:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if mode != PUNCH_HOLE:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        await self.pager.discard(offset, length)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:

@@ -19,7 +19,7 @@ from hoststore.logsetup import setup_logging
 from hoststore.sizes import parse_size
 
 from .backing import Backing, BackingError
-from .fs import Operations
+from .fs import DISCARD_SUPPORTED, Operations
 from .hostclient import HostClient
 from .pager import Pager
 
@@ -112,6 +112,7 @@ def combined_stats(pager: Pager, client: HostClient) -> dict[str, Any]:
     stats["host_address"] = str(client.address)
     stats["backing_file"] = pager.backing.path
     stats["pid"] = os.getpid()
+    stats["discard_supported"] = DISCARD_SUPPORTED
     return stats
 
 
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout)
     ops = Operations(pager, stats=lambda: combined_stats(pager, client))
     harden(log)
+    if not DISCARD_SUPPORTED:
+        log.warning("this pyfuse3 has no fallocate handler: discard is unavailable, so freed swap slots "
+                    "stay in the store (install pyfuse3 with tools/bootstrap.sh to get it)")
     options = set(pyfuse3.default_options)
     options |= {"fsname=vswapfs", "subtype=vswapfs"}
     pyfuse3.init(ops, args.mountpoint, options)

@@ -27,7 +27,7 @@ from hoststore.protocol import MAX_BATCH_PAGES, PAGE_SIZE, PageStatus
 
 from .backing import Backing
 from .hostclient import StoreError, StoreUnavailable
-from .pagemap import BACKING, HOST, PageMap, refused_runs
+from .pagemap import BACKING, HOST, UNWRITTEN, PageMap, refused_runs
 
 log = logging.getLogger("vswapfs.pager")
 
@@ -48,6 +48,16 @@ class PageUnavailable(PagerError):
     """A page the map places in the store could not be fetched."""
 
     errno = errno.EIO
+
+
+def covered_pages(offset: int, length: int, npages: int) -> tuple[int, int]:
+    """(first page, count) of the whole pages inside [offset, offset + length),
+    clipped to the device; partial pages at either edge are not covered."""
+    if offset < 0 or length <= 0:
+        return 0, 0
+    first = -(-offset // PAGE_SIZE)
+    end = min((offset + length) // PAGE_SIZE, npages)
+    return (first, end - first) if end > first else (0, 0)
 
 
 class PageStore(Protocol):
@@ -86,6 +96,10 @@ class PagerCounters:
     refused_outdated: int = 0
     stale_dropped: int = 0  # pages whose host copy was superseded by a backing write
     orphan_invalidations: int = 0  # timed-out batches the store was asked to drop
+    discard_requests: int = 0
+    discard_pages: int = 0  # whole pages forgotten by the page map (they read as zeros again)
+    discard_host_pages: int = 0  # of those, pages the store dropped
+    discard_backing_pages: int = 0  # of those, pages whose blocks were released in the backing file
     io_errors: int = 0  # requests answered with an error (EIO, EINVAL)
     read_failures: int = 0  # pages the store could not produce (part of io_errors)
 
@@ -116,7 +130,7 @@ class Pager:
         self.read_timeout = read_timeout
         self.counters = PagerCounters()
         self._seq = 0
-        self._orphans_send, self._orphans_recv = trio.open_memory_channel[tuple[int, int, int]](math.inf)
+        self._orphans_send, self._orphans_recv = trio.open_memory_channel[tuple[int, int, int, bool]](math.inf)
 
     # -- ranges -----------------------------------------------------------------
 
@@ -173,12 +187,12 @@ class Pager:
                 return _ALL_REFUSED * n
         if scope.cancelled_caught:
             c.fallback_timeout += n
-            self._orphans_send.send_nowait((first, n, seq))
+            self._orphans_send.send_nowait((first, n, seq, False))
             return _ALL_REFUSED * n
         if len(statuses) != n:
             log.error("store answered %d statuses for %d pages", len(statuses), n)
             c.fallback_error += n
-            self._orphans_send.send_nowait((first, n, seq))
+            self._orphans_send.send_nowait((first, n, seq, False))
             return _ALL_REFUSED * n
         refused = n - statuses.count(PageStatus.STORED)
         if refused:
@@ -188,16 +202,20 @@ class Pager:
         return statuses
 
     async def drop_orphans(self) -> None:
-        """Background task: ask the store to drop batches whose put timed out.
+        """Background task: ask the store to drop batches whose put timed out,
+        and discards it could not take at the time.
 
-        The store keeps such a page only if it never saw a newer version, so
-        this can never drop a page the map points at."""
-        async for first, n, seq in self._orphans_recv:
+        The store drops a page only if it never saw a version newer than the
+        request's, so this can never drop a page the map points at."""
+        async for first, n, seq, discard in self._orphans_recv:
             while True:
                 try:
                     await self.store.wait_connected()
-                    await self.store.invalidate(first, n, seq)
-                    self.counters.orphan_invalidations += 1
+                    dropped = await self.store.invalidate(first, n, seq)
+                    if discard:
+                        self.counters.discard_host_pages += dropped
+                    else:
+                        self.counters.orphan_invalidations += 1
                     break
                 except StoreUnavailable:
                     continue
@@ -268,6 +286,44 @@ class Pager:
         self.counters.read_failures += pages
         log.error("cannot read %d page(s) from the store: %s", pages, why)
         raise PageUnavailable(why)
+
+    # -- discard ----------------------------------------------------------------
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Forget the whole pages in [offset, offset + length) (a freed swap slot).
+
+        They leave the page map and read as zeros again; the store drops the
+        ones it holds, in one request; their backing blocks are released.
+        Partial pages at the edges are left alone, as is anything past the end.
+        """
+        first, n = covered_pages(offset, length, self.npages)
+        c = self.counters
+        c.discard_requests += 1
+        if not n:
+            return
+        runs = list(self.map.runs(first, n))
+        self.map.set_range(first, n, UNWRITTEN)
+        c.discard_pages += sum(count for state, _, count in runs if state != UNWRITTEN)
+        for state, start, count in runs:
+            if state == BACKING and self.backing.punch(start * PAGE_SIZE, count * PAGE_SIZE):
+                c.discard_backing_pages += count
+        if any(state == HOST for state, _, _ in runs):
+            await self._drop_from_store(first, n, self._next_seq())
+
+    async def _drop_from_store(self, first: int, n: int, seq: int) -> None:
+        """One invalidate for the whole range; if the store cannot take it now,
+        the orphan task retries (the sequence number keeps that safe)."""
+        dropped = None
+        if self.store.connected:
+            with trio.move_on_after(self.write_timeout):
+                try:
+                    dropped = await self.store.invalidate(first, n, seq)
+                except (StoreUnavailable, StoreError):
+                    pass
+        if dropped is None:
+            self._orphans_send.send_nowait((first, n, seq, True))
+        else:
+            self.counters.discard_host_pages += dropped
 
     # -- the rest ---------------------------------------------------------------
 
