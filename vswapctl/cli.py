@@ -344,6 +344,38 @@ def cmd_workload(args: argparse.Namespace) -> int:
     return done.returncode
 
 
+# -- bench --------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench, cgroup
+
+    if os.geteuid() != 0:
+        return _fail("bench needs root (swap devices, memory cgroup)")
+    if args.runs < 1:
+        return _fail("--runs must be at least 1")
+    try:
+        report = bench.bench(args.size, args.limit, args.runs, args.device_size, args.capacity, args.baseline,
+                             say=(lambda m: None) if args.json else say)
+    except (bench.BenchError, cgroup.CgroupUnavailable, system.CommandFailed) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    base = None if args.baseline == "none" else args.baseline
+    header = ["phase (median seconds)", "vswapfs"] + ([base, "ratio"] if base else [])
+    rows = [header]
+    for phase in bench.PHASES:
+        row = [phase, f"{report['vswapfs'][phase]:.3f}"]
+        if base:
+            row += [f"{report[base][phase]:.3f}", f"{report['ratio_vs_' + base][phase]}x"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    return 0
+
+
 # -- command line -------------------------------------------------------------------
 
 
@@ -418,6 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--limit", type=_type(_page_size), default=parse_size("64M"))
     work.add_argument("--passes", type=int, default=2)
     work.set_defaults(func=cmd_workload)
+
+    bench = sub.add_parser("bench", help="the workload through vswapfs vs a baseline swap device",
+                           description="Run the verifying workload RUNS times through a fresh vswapfs device "
+                                       "and through a baseline device (zram, or a loop device on a disk file), "
+                                       "interleaved, and report median fill (swap-out), sequential and random "
+                                       "verify (swap-in) times and their ratios to the baseline.")
+    bench.add_argument("--size", type=_type(_page_size), default=parse_size("256M"), help="workload size")
+    bench.add_argument("--limit", type=_type(_page_size), default=parse_size("64M"), help="its memory cgroup limit")
+    bench.add_argument("--device-size", type=_type(_page_size), default=parse_size("512M"))
+    bench.add_argument("--capacity", type=_type(_page_size), default=parse_size("512M"),
+                       help="store capacity (default: all pages fit; lower it to bench the backing path)")
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--baseline", choices=["zram", "loop", "none"], default="zram")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
     return ap
 
 

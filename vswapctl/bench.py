@@ -1,0 +1,135 @@
+"""``vswapctl bench``: the verifying workload through vswapfs against a baseline swap
+device, measured in the same run, runs interleaved (A B A B ...) so drift hits both.
+
+Three phases per run, from the workload's own clock: fill (swap-out), a
+sequential verify pass (swap-in with readahead) and a random-order verify pass
+(swap-in, page by page).  Reports the median of each phase over the runs and
+the ratio vs the baseline (lower is better; 1.0 = as fast as the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from . import cgroup, system
+from .state import State
+
+PHASES = ("fill", "verify_seq", "verify_random")
+
+
+class BenchError(Exception):
+    pass
+
+
+def run_workload(size: int, limit: int) -> dict[str, float]:
+    cg = cgroup.create(f"vswapctl-bench-{os.getpid()}", limit)
+    try:
+        done = cg.run([sys.executable, "-m", "vswapctl.workload", "--size", str(size), "--passes", "2"])
+    finally:
+        cg.remove()
+    if done.returncode != 0:
+        raise BenchError(f"workload failed ({done.returncode}): {done.stdout.strip()} {done.stderr.strip()[-300:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["bad_pages"]:
+        raise BenchError(f"{result['bad_pages']} bad pages")
+    seq, rnd = result["verify_seconds"]
+    return {"fill": result["fill_seconds"], "verify_seq": seq, "verify_random": rnd}
+
+
+@contextmanager
+def zram_swap(size: int) -> Iterator[str]:
+    with open("/sys/class/zram-control/hot_add") as f:
+        index = f.read().strip()
+    dev = f"/dev/zram{index}"
+    try:
+        with open(f"/sys/block/zram{index}/disksize", "w") as f:
+            f.write(str(size))
+        system.run(["mkswap", dev])
+        system.run(["swapon", "--priority", "32767", dev])
+        try:
+            yield dev
+        finally:
+            system.run(["swapoff", dev], timeout=1800)
+    finally:
+        with open("/sys/class/zram-control/hot_remove", "w") as f:
+            f.write(index)
+
+
+@contextmanager
+def loop_swap(size: int, workdir: str) -> Iterator[str]:
+    path = os.path.join(workdir, "baseline-loop")
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    loop = system.run(["losetup", "--direct-io=on", "--find", "--show", path]).strip()
+    try:
+        system.run(["mkswap", loop])
+        system.run(["swapon", "--priority", "32767", loop])
+        try:
+            yield loop
+        finally:
+            system.run(["swapoff", loop], timeout=1800)
+    finally:
+        system.run(["losetup", "-d", loop])
+        os.unlink(path)
+
+
+@contextmanager
+def vswapfs_swap(size: int, capacity: int, workdir: str) -> Iterator[str]:
+    from .cli import main as vswapctl
+
+    state_dir = os.path.join(workdir, "state")
+    argv = ["--state-dir", state_dir]
+    if vswapctl([*argv, "up", "--size", str(size), "--capacity", str(capacity), "--priority", "32767",
+                 "--backing", os.path.join(workdir, "backing")]) != 0:
+        raise BenchError("vswapctl up failed")
+    try:
+        yield State.load(state_dir).loop  # type: ignore[union-attr]
+    finally:
+        vswapctl([*argv, "down"])
+
+
+def summarize(samples: dict[str, list[dict[str, float]]], baseline: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for target, runs in samples.items():
+        out[target] = {phase: statistics.median(r[phase] for r in runs) for phase in PHASES}
+        out[target]["runs"] = len(runs)
+    if baseline and baseline in out:
+        out["ratio_vs_" + baseline] = {
+            phase: round(out["vswapfs"][phase] / out[baseline][phase], 2) if out[baseline][phase] else None
+            for phase in PHASES
+        }
+    return out
+
+
+def bench(size: int, limit: int, runs: int, device_size: int, capacity: int, baseline: str,
+          say: Callable[[str], None]) -> dict[str, Any]:
+    if baseline == "zram" and not os.path.exists("/sys/class/zram-control/hot_add"):
+        raise BenchError("no zram here (modprobe zram, or use --baseline loop)")
+    workdir = tempfile.mkdtemp(prefix="vswapctl-bench-", dir="/var/tmp")
+    targets: dict[str, Callable[[], Any]] = {"vswapfs": lambda: vswapfs_swap(device_size, capacity, workdir)}
+    if baseline == "zram":
+        targets["zram"] = lambda: zram_swap(device_size)
+    elif baseline == "loop":
+        targets["loop"] = lambda: loop_swap(device_size, workdir)
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    try:
+        for i in range(runs):
+            for name, device in targets.items():
+                with device() as dev:
+                    result = run_workload(size, limit)
+                samples[name].append(result)
+                say(f"run {i + 1}/{runs} {name} ({dev}): " + ", ".join(f"{k} {v:.2f}s" for k, v in result.items()))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = summarize(samples, baseline if baseline != "none" else None)
+    report["params"] = {"size": size, "limit": limit, "device_size": device_size, "capacity": capacity,
+                        "runs": runs}
+    return report
