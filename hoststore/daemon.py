@@ -11,6 +11,7 @@ import sys
 import trio
 
 from .address import Address, parse_address
+from .cliutil import argtype
 from .hardening import harden
 from .logsetup import setup_logging
 from .policy import Limits
@@ -38,27 +39,13 @@ The TCP listener has no authentication: bind it to loopback or a trusted network
 """
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _address(text: str) -> Address:
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _percent(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage") from None
+        raise ValueError(f"{text!r} is not a percentage") from None
     if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"{text} is not within (0, 100]")
+        raise ValueError(f"{text} is not within (0, 100]")
     return value
 
 
@@ -69,15 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--listen", action="append", type=_address, required=True, metavar="ADDR",
+    ap.add_argument("--listen", action="append", type=argtype(parse_address), required=True, metavar="ADDR",
                     help="unix:PATH or tcp:HOST:PORT; repeat to listen on several")
-    ap.add_argument("--capacity", type=_size, default=parse_size("1G"), metavar="SIZE",
+    ap.add_argument("--capacity", type=argtype(parse_size), default=parse_size("1G"), metavar="SIZE",
                     help="most page data held for all clients together (K/M/G suffixes; default 1G)")
-    ap.add_argument("--quota", type=_size, default=None, metavar="SIZE",
+    ap.add_argument("--quota", type=argtype(parse_size), default=None, metavar="SIZE",
                     help="most page data held for any one client (default: no quota)")
-    ap.add_argument("--high-watermark", type=_percent, default=90.0, metavar="PCT",
+    ap.add_argument("--high-watermark", type=argtype(_percent), default=90.0, metavar="PCT",
                     help="refuse pages once used memory reaches PCT%% of RAM (default 90)")
-    ap.add_argument("--low-watermark", type=_percent, default=80.0, metavar="PCT",
+    ap.add_argument("--low-watermark", type=argtype(_percent), default=80.0, metavar="PCT",
                     help="after refusing, accept again once used memory falls to PCT%% (default 80)")
     ap.add_argument("--pressure-interval", type=float, default=0.005, metavar="SECONDS",
                     help="read memory pressure at most this often (default 0.005)")

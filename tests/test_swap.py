@@ -115,3 +115,17 @@ def test_store_gives_pages_back_after_the_workload_exits(state_dir: str, disk_di
     # The 64M store was full during the workload; nearly all of it came back.
     assert fs["discard_host_pages"] >= 16384 - margin
     assert host["invalidated"] >= fs["discard_host_pages"]
+
+
+def test_bench_reports_medians_and_ratios(tmp_path) -> None:
+    """A small bench run: the report's shape and sanity, not its speed."""
+    done = subprocess.run([sys.executable, "-m", "vswapctl", "bench", "--runs", "1", "--size", "48M",
+                           "--limit", "16M", "--device-size", "128M", "--capacity", "16M", "--baseline",
+                           "loop", "--json"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    for target in ("vswapfs", "loop"):
+        assert report[target]["runs"] == 1
+        assert all(report[target][phase] > 0 for phase in ("fill", "verify_seq", "verify_random"))
+    assert set(report["ratio_vs_loop"]) == {"fill", "verify_seq", "verify_random"}
+    assert system.swaps() == {k: v for k, v in system.swaps().items() if "zram" in k}

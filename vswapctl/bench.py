@@ -45,6 +45,16 @@ def run_workload(size: int, limit: int) -> dict[str, float]:
 
 
 @contextmanager
+def swap_on(dev: str) -> Iterator[str]:
+    system.run(["mkswap", dev])
+    system.run(["swapon", "--priority", "32767", dev])
+    try:
+        yield dev
+    finally:
+        system.run(["swapoff", dev], timeout=1800)
+
+
+@contextmanager
 def zram_swap(size: int) -> Iterator[str]:
     with open("/sys/class/zram-control/hot_add") as f:
         index = f.read().strip()
@@ -52,12 +62,8 @@ def zram_swap(size: int) -> Iterator[str]:
     try:
         with open(f"/sys/block/zram{index}/disksize", "w") as f:
             f.write(str(size))
-        system.run(["mkswap", dev])
-        system.run(["swapon", "--priority", "32767", dev])
-        try:
+        with swap_on(dev):
             yield dev
-        finally:
-            system.run(["swapoff", dev], timeout=1800)
     finally:
         with open("/sys/class/zram-control/hot_remove", "w") as f:
             f.write(index)
@@ -70,12 +76,8 @@ def loop_swap(size: int, workdir: str) -> Iterator[str]:
         os.posix_fallocate(f.fileno(), 0, size)
     loop = system.run(["losetup", "--direct-io=on", "--find", "--show", path]).strip()
     try:
-        system.run(["mkswap", loop])
-        system.run(["swapon", "--priority", "32767", loop])
-        try:
+        with swap_on(loop):
             yield loop
-        finally:
-            system.run(["swapoff", loop], timeout=1800)
     finally:
         system.run(["losetup", "-d", loop])
         os.unlink(path)
@@ -87,10 +89,10 @@ def vswapfs_swap(size: int, capacity: int, workdir: str) -> Iterator[str]:
 
     state_dir = os.path.join(workdir, "state")
     argv = ["--state-dir", state_dir]
-    if vswapctl([*argv, "up", "--size", str(size), "--capacity", str(capacity), "--priority", "32767",
-                 "--backing", os.path.join(workdir, "backing")]) != 0:
-        raise BenchError("vswapctl up failed")
     try:
+        if vswapctl([*argv, "up", "--size", str(size), "--capacity", str(capacity), "--priority", "32767",
+                     "--backing", os.path.join(workdir, "backing")]) != 0:
+            raise BenchError("vswapctl up failed")
         yield State.load(state_dir).loop  # type: ignore[union-attr]
     finally:
         vswapctl([*argv, "down"])

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from hoststore.address import parse_address
+from hoststore.cliutil import argtype
 from hoststore.protocol import PAGE_SIZE, STATS
 from hoststore.sizes import format_size, parse_size
 
@@ -95,6 +96,13 @@ def start_vswapfs(state: State, args: argparse.Namespace) -> None:
     state.size = os.stat(state.swapfile).st_size
     say(f"vswapfs pid {state.vswapfs_pid} serving {state.swapfile} ({format_size(state.size)}), "
         f"backing {state.backing}")
+    deadline = time.monotonic() + 3
+    while not (read_vswapfs_stats(state) or {}).get("host_connected"):
+        if time.monotonic() > deadline:
+            say(f"warning: vswapfs is not connected to the host store at {state.host}; pages go to the "
+                f"backing file until it is (see {state.log('vswapfs')})")
+            break
+        time.sleep(0.05)
 
 
 def attach_swap(state: State, args: argparse.Namespace) -> None:
@@ -143,6 +151,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         say("undoing what was set up:")
         teardown(state)
         return 1
+    except BaseException:  # a bug or ^C: still leave nothing behind
+        say("interrupted; undoing what was set up:")
+        teardown(state)
+        raise
     say(f"up: `cat /proc/swaps` lists {state.loop}; `vswapctl status` shows where pages live")
     return 0
 
@@ -384,16 +396,6 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _type(parse: Any) -> Any:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return convert
-
-
 def _page_size(text: str) -> int:
     size = parse_size(text)
     if size <= 0 or size % PAGE_SIZE:
@@ -415,14 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the daemons, attach a loop device, mkswap and swapon",
                         description="Start a hoststore (unless --host), mount vswapfs, attach a loop device "
                                     "with direct I/O, mkswap and swapon it.")
-    up.add_argument("--size", type=_type(_page_size), help="device size (K/M/G); needed unless the backing "
+    up.add_argument("--size", type=argtype(_page_size), help="device size (K/M/G); needed unless the backing "
                                                            "file exists")
-    up.add_argument("--host", type=_type(parse_address), metavar="ADDR",
+    up.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
                     help="use a running hoststore (unix:PATH or tcp:HOST:PORT) instead of starting one")
     up.add_argument("--backing", default=DEFAULT_BACKING, metavar="FILE",
                     help=f"backing file on a disk filesystem (default {DEFAULT_BACKING})")
     up.add_argument("--mountpoint", metavar="DIR", help="where to mount vswapfs (default STATE_DIR/mnt)")
-    up.add_argument("--capacity", type=_type(_page_size), metavar="SIZE",
+    up.add_argument("--capacity", type=argtype(_page_size), metavar="SIZE",
                     help="capacity of the hoststore that up starts (default: the device size)")
     up.add_argument("--priority", type=int, metavar="N", help="swap priority (swapon --priority)")
     up.add_argument("--no-discard", dest="discard", action="store_false",
@@ -446,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     work = sub.add_parser("workload", help="run a verifying workload in a memory cgroup",
                           description="Fill SIZE of memory with per-page patterns inside a memory cgroup "
                                       "limited to LIMIT, read it all back and verify every page.")
-    work.add_argument("--size", type=_type(_page_size), default=parse_size("256M"))
-    work.add_argument("--limit", type=_type(_page_size), default=parse_size("64M"))
+    work.add_argument("--size", type=argtype(_page_size), default=parse_size("256M"))
+    work.add_argument("--limit", type=argtype(_page_size), default=parse_size("64M"))
     work.add_argument("--passes", type=int, default=2)
     work.set_defaults(func=cmd_workload)
 
@@ -456,10 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and through a baseline device (zram, or a loop device on a disk file), "
                                        "interleaved, and report median fill (swap-out), sequential and random "
                                        "verify (swap-in) times and their ratios to the baseline.")
-    bench.add_argument("--size", type=_type(_page_size), default=parse_size("256M"), help="workload size")
-    bench.add_argument("--limit", type=_type(_page_size), default=parse_size("64M"), help="its memory cgroup limit")
-    bench.add_argument("--device-size", type=_type(_page_size), default=parse_size("512M"))
-    bench.add_argument("--capacity", type=_type(_page_size), default=parse_size("512M"),
+    bench.add_argument("--size", type=argtype(_page_size), default=parse_size("256M"), help="workload size")
+    bench.add_argument("--limit", type=argtype(_page_size), default=parse_size("64M"), help="its memory cgroup limit")
+    bench.add_argument("--device-size", type=argtype(_page_size), default=parse_size("512M"))
+    bench.add_argument("--capacity", type=argtype(_page_size), default=parse_size("512M"),
                        help="store capacity (default: all pages fit; lower it to bench the backing path)")
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--baseline", choices=["zram", "loop", "none"], default="zram")

@@ -14,6 +14,7 @@ import pyfuse3
 import trio
 
 from hoststore.address import Address, parse_address
+from hoststore.cliutil import argtype
 from hoststore.hardening import harden
 from hoststore.logsetup import setup_logging
 from hoststore.sizes import parse_size
@@ -37,17 +38,6 @@ MOUNTPOINT/stats holds the counters as JSON.  `vswapctl up` does all of this.
 """
 
 
-def _arg(parse: Any) -> Any:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
-
-
 def _seconds(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -62,15 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("mountpoint", help="an empty directory to mount on")
     ap.add_argument("--backing", required=True, metavar="FILE",
                     help="backing file on a disk filesystem (created preallocated, mode 0600, if missing)")
-    ap.add_argument("--size", type=_arg(parse_size), metavar="SIZE",
+    ap.add_argument("--size", type=argtype(parse_size), metavar="SIZE",
                     help="device size when creating the backing file (K/M/G suffixes); "
                          "an existing file's size is used")
-    ap.add_argument("--host", type=_arg(parse_address), required=True, metavar="ADDR",
+    ap.add_argument("--host", type=argtype(parse_address), required=True, metavar="ADDR",
                     help="host store address: unix:PATH or tcp:HOST:PORT")
     ap.add_argument("--name", help="client name at the store (default: HOSTNAME:MOUNTPOINT)")
-    ap.add_argument("--write-timeout", type=_arg(_seconds), default=1.0, metavar="SECONDS",
+    ap.add_argument("--write-timeout", type=argtype(_seconds), default=1.0, metavar="SECONDS",
                     help="a batch the store has not answered by then goes to the backing file (default 1)")
-    ap.add_argument("--read-timeout", type=_arg(_seconds), default=30.0, metavar="SECONDS",
+    ap.add_argument("--read-timeout", type=argtype(_seconds), default=30.0, metavar="SECONDS",
                     help="how long a read of a page in the store may wait for the store before "
                          "failing with EIO (default 30)")
     ap.add_argument("--max-tasks", type=int, default=64, metavar="N",
