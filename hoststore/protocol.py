@@ -179,7 +179,7 @@ class Connection:
 
     # -- incoming -----------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the transport (b"" is not EOF here: just nothing)."""
         self._check_open()
         try:

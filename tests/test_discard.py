@@ -6,8 +6,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -17,7 +15,7 @@ from vswapfs.pagemap import BACKING, HOST, UNWRITTEN
 from vswapfs.pager import Pager, covered_pages
 
 from .conftest import fuse_unavailable
-from .daemons import Daemons, wait_for
+from .daemons import Daemons
 from .fakestore import FakeStore
 
 PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE

@@ -384,7 +384,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
     return 0
 
 

@@ -1,1 +1,5 @@
-from .mount import main; import sys; sys.exit(main())
+import sys
+
+from .mount import main
+
+sys.exit(main())
