@@ -12,14 +12,30 @@ backing=${DEMO_BACKING:-/var/tmp/vswapfs-demo/backing}
 vswapctl() { "$python" -m vswapctl "$@"; }
 step() { printf '\n== %s\n' "$*"; }
 
-trap 'step "vswapctl down"; vswapctl down' EXIT
+# Remove the backing file afterwards if the demo created it.
+created_backing=0; [ -e "$backing" ] || created_backing=1
+cleanup() {
+  step "vswapctl down"
+  vswapctl down
+  if [ "$created_backing" = 1 ] && [ -z "$(vswapctl status 2>/dev/null)" ]; then rm -f "$backing"; fi
+}
+trap cleanup EXIT
 step "vswapctl up --size 1G --capacity 64M"
 vswapctl up --size 1G --capacity 64M --backing "$backing"
 step "cat /proc/swaps"
 cat /proc/swaps
 step "vswapctl workload --size 256M --limit 64M  (every page verified after swap-in)"
 vswapctl workload --size 256M --limit 64M
-step "vswapctl status"
+step "vswapctl status  (the workload has exited: discard gave its pages back)"
 vswapctl status
+step "where the workload's pages went"
+STATS=$(vswapctl stats --json) "$python" - <<'PY'
+import json, os
+fs = json.loads(os.environ["STATS"])["vswapfs"]
+print("written to the host store: %(host_writes)d pages, to the backing file: %(backing_writes)d pages" % fs)
+print("read back from the host: %(host_reads)d, from the backing file: %(backing_reads)d, errors: %(io_errors)d" % fs)
+print("given back by discard: %(discard_host_pages)d host pages, %(discard_backing_pages)d backing pages" % fs)
+PY
+
 step "vswapctl stats"
 vswapctl stats
