@@ -17,7 +17,9 @@ created_backing=0; [ -e "$backing" ] || created_backing=1
 cleanup() {
   step "vswapctl down"
   vswapctl down
-  if [ "$created_backing" = 1 ] && [ -z "$(vswapctl status 2>/dev/null)" ]; then rm -f "$backing"; fi
+  if [ "$created_backing" = 1 ] && [ -z "$(vswapctl status 2>/dev/null)" ]; then
+    rm -f "$backing"; rmdir "$(dirname "$backing")" 2>/dev/null || true
+  fi
 }
 trap cleanup EXIT
 step "vswapctl up --size 1G --capacity 64M"
