@@ -191,3 +191,33 @@ async def test_unreachable_store_fails_fast(tmp_path) -> None:
             await client.put(0, 1, page(0))
         assert client.counters.connect_failures >= 1
         nursery.cancel_scope.cancel()
+
+
+async def test_refused_hello_is_retried_not_fatal(tmp_path) -> None:
+    """A second pager under a name in use is refused at hello; its client keeps
+    retrying in the background instead of dying, and connects once the name is free."""
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        address = await start_server(nursery, str(tmp_path / "s"), store)
+        async with trio.open_nursery() as first_nursery:
+            first = await start_client(first_nursery, address, name="same")
+            second = await start_client(nursery, address, name="same")
+            with trio.fail_after(5):
+                while second.counters.connect_failures < 3:
+                    await trio.sleep(0.01)
+            assert first.connected and not second.connected and store.counters.hello_refused >= 3
+            first_nursery.cancel_scope.cancel()
+        # The second client is a different session: once the name is free it attaches.
+        with trio.fail_after(5):
+            await second.wait_connected()
+        nursery.cancel_scope.cancel()
+
+
+async def test_query_against_a_silent_server_times_out_cleanly(tmp_path) -> None:
+    path = str(tmp_path / "silent")
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(1)  # accepts connections, never answers
+    with pytest.raises(StoreUnavailable, match="did not answer"):
+        await query(Address("unix", path=path), p.STATS, {}, timeout=0.2)
+    sock.close()

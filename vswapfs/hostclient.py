@@ -247,18 +247,25 @@ class HostClient:
     async def _serve_link(self, on_connected: Callable[[], None]) -> None:
         """One connection, from connect to loss: hello, then serve callers until it breaks."""
         link = await self._open()
+        refused: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.read_loop)
-                await self._hello(link)
-                self.counters.connects += 1
-                log.info("connected to host store at %s", self.address)
-                self._link = link
-                self._connected.set()
-                on_connected()
-                await link.broken.wait()
+                try:
+                    await self._hello(link)
+                except (StoreUnavailable, StoreError) as exc:
+                    # Caught here: raised from the nursery body it would leave
+                    # wrapped in an ExceptionGroup, past run()'s handler.
+                    refused = exc
+                else:
+                    self.counters.connects += 1
+                    log.info("connected to host store at %s", self.address)
+                    self._link = link
+                    self._connected.set()
+                    on_connected()
+                    await link.broken.wait()
+                    self.counters.disconnects += 1
                 nursery.cancel_scope.cancel()
-            self.counters.disconnects += 1
         finally:
             self._link = None
             if self._connected.is_set():
@@ -266,22 +273,31 @@ class HostClient:
             link.fail()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(link.stream)
+        if refused is not None:
+            raise refused
 
 
 async def query(address: Address, method: str, params: Any, timeout: float = 5.0) -> Any:
     """One request on a fresh observer connection (for tools: ``vswapctl stats``)."""
     client = HostClient(address, "vswapctl", 0, role=p.ROLE_OBSERVER, connect_timeout=timeout)
     link = await client._open()
+    answer: Any = None
+    failure: Exception | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(link.read_loop)
-            with trio.fail_after(timeout):
-                await client._hello(link)
-                result = await link.request(method, params)
+            try:  # caught inside the nursery body, so it is not wrapped in an ExceptionGroup
+                with trio.fail_after(timeout):
+                    await client._hello(link)
+                    answer = await link.request(method, params)
+            except trio.TooSlowError:
+                failure = StoreUnavailable(f"{address} did not answer in {timeout}s")
+            except (StoreUnavailable, StoreError) as exc:
+                failure = exc
             nursery.cancel_scope.cancel()
-    except trio.TooSlowError:
-        raise StoreUnavailable(f"{address} did not answer in {timeout}s") from None
     finally:
         link.fail()
         await trio.aclose_forcefully(link.stream)
-    return result
+    if failure is not None:
+        raise failure
+    return answer
