@@ -138,6 +138,22 @@ async def test_unreachable_store_writes_go_to_backing(backing: Backing) -> None:
     assert await pager.read(4 * PAGE_SIZE, 2 * PAGE_SIZE) == page(4, 1) + page(5, 1)
 
 
+async def test_old_copy_rewritten_during_an_outage_leaves_the_store(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, page(0, 1) + page(1, 1))
+    store.disconnect()
+    await pager.write(0, page(0, 2))  # to the backing file; the store still holds version 1
+    assert store.store.stats()["pages_stored"] == 2
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pager.drop_orphans)
+        store.reconnect()
+        with trio.fail_after(5):
+            while store.store.stats()["pages_stored"] != 1:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert await pager.read(0, 2 * PAGE_SIZE) == page(0, 2) + page(1, 1)  # page 1 untouched
+
+
 async def test_connection_lost_during_put_falls_back(backing: Backing) -> None:
     pager, store = make(backing)
     store.drop_connection_in_call = True

@@ -171,35 +171,38 @@ class Pager:
 
     async def _offer(self, first: int, seq: int, data: memoryview, n: int) -> bytes:
         """The store's per-page answer, or all-refused when it is unreachable or too slow."""
-        c = self.counters
         if not self.store.connected:
-            c.fallback_unreachable += n
-            return _ALL_REFUSED * n
+            return self._fall_back(first, n, seq, "fallback_unreachable")
         with trio.move_on_after(self.write_timeout) as scope:
             try:
                 statuses = await self.store.put(first, seq, data)
             except StoreUnavailable:
-                c.fallback_unreachable += n
-                return _ALL_REFUSED * n
+                return self._fall_back(first, n, seq, "fallback_unreachable")
             except StoreError as exc:
                 log.error("store failed a put of %d pages: %s", n, exc)
-                c.fallback_error += n
-                return _ALL_REFUSED * n
+                return self._fall_back(first, n, seq, "fallback_error", sent=True)
         if scope.cancelled_caught:
-            c.fallback_timeout += n
-            self._orphans_send.send_nowait((first, n, seq, False))
-            return _ALL_REFUSED * n
+            return self._fall_back(first, n, seq, "fallback_timeout", sent=True)
         if len(statuses) != n:
             log.error("store answered %d statuses for %d pages", len(statuses), n)
-            c.fallback_error += n
-            self._orphans_send.send_nowait((first, n, seq, False))
-            return _ALL_REFUSED * n
+            return self._fall_back(first, n, seq, "fallback_error", sent=True)
         refused = n - statuses.count(PageStatus.STORED)
         if refused:
+            c = self.counters
             c.fallback_refused += refused
             for status, name in _REFUSAL_COUNTER.items():
                 setattr(c, name, getattr(c, name) + statuses.count(status))
         return statuses
+
+    def _fall_back(self, first: int, n: int, seq: int, cause: str, sent: bool = False) -> bytes:
+        """The whole batch goes to the backing file.  The store may still hold a
+        copy of these pages: this version, if the put was sent (it may land
+        late), or an older one the map pointed at.  Either way the orphan task
+        asks the store to drop versions up to ``seq``, so nothing lingers there."""
+        setattr(self.counters, cause, getattr(self.counters, cause) + n)
+        if sent or HOST in self.map.states[first : first + n]:
+            self._orphans_send.send_nowait((first, n, seq, False))
+        return _ALL_REFUSED * n
 
     async def drop_orphans(self) -> None:
         """Background task: ask the store to drop batches whose put timed out,
