@@ -1,245 +1,313 @@
 """Sans-IO core of the vswapfs <-> hoststore protocol, shared by both sides.
 
-Nothing here touches a socket or trio: bytes go in through
+Nothing here touches a socket or trio (as in h11): bytes go in through
 :meth:`Connection.receive_data` and come out as events from
-:meth:`Connection.next_event`; messages go in through ``send_*`` and come out
-as bytes for the caller to write.  Both ends of a connection may send requests
-(the store will later ask clients to take pages back), so one class serves
-both roles; only the hello handshake differs.
+:meth:`Connection.next_event`; messages (``hoststore.messages``) go in through
+``send_*`` and come out as bytes for the caller to write.  Either end may send
+requests: the store asks its clients to take pages back.
 
-Message shapes are msgpack-RPC:
+Framing: each message is a 4-byte big-endian length followed by one msgpack
+value, a msgpack-RPC shape:
 
 * request       ``[0, msgid, method, params]``
 * response      ``[1, msgid, error, result]``
 * notification  ``[2, method, params]``
 
-The first message a client sends is the ``hello`` request; until the server
-has answered it successfully, no other request may be sent or is accepted.
+The length comes first so that a frame larger than any legal message is
+refused at its header, before a byte of it is buffered; the buffer therefore
+never holds more than one legal message plus one read.
 
-Page data travels as one ``bin`` per batch (N * 4096 bytes), and per-page
-answers as one ``bin`` of N status bytes, so that a batch costs no Python
-object per page on the wire.
+The server speaks first, a ``welcome`` notification with a nonce; the
+client's first request is ``hello``, and nothing else is accepted (or may be
+sent) until the server has answered it.  A frame that breaks these rules
+closes the connection (:class:`ProtocolError`); a well-framed request with bad
+parameters is answered with an error and the connection goes on
+(:class:`BadRequest`).
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
-PAGE_SIZE = 4096
-MSGID_MODULUS = 1 << 32
+from .messages import (  # noqa: F401  (re-exported: the protocol's vocabulary)
+    MAX_BATCH_PAGES,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    REQUESTS,
+    Hello,
+    HelloAnswer,
+    MessageError,
+    PageStatus,
+    Request,
+    Welcome,
+)
 
+MSGID_MODULUS = 1 << 32
 REQUEST = 0
 RESPONSE = 1
 NOTIFICATION = 2
 
-# Largest batch one message may carry.  The kernel sends FUSE writes of at
-# most 1 MiB (256 pages); 1024 pages leaves room without letting a peer make
-# us buffer without bound.
-MAX_BATCH_PAGES = 1024
-MAX_BIN_LEN = MAX_BATCH_PAGES * PAGE_SIZE
-MAX_BUFFER_SIZE = MAX_BIN_LEN + 64 * 1024
-MAX_ARRAY_LEN = MAX_BATCH_PAGES + 16
-MAX_MAP_LEN = 256
-MAX_STR_LEN = 4096
+HEADER = struct.Struct(">I")
+# The largest legal frame: a batch of pages plus its page and sequence lists.
+MAX_FRAME = MAX_BATCH_PAGES * (PAGE_SIZE + 16) + 4096
+# Until the hello is answered, frames are small: an unauthenticated peer cannot
+# make this end buffer a page batch.
+MAX_HANDSHAKE_FRAME = 4096
+# How many requests may wait for answers; a peer that answers none of them is broken.
+MAX_PENDING = 1 << 16
 
-# Methods.  Params and results are described next to each constant.
-HELLO = "hello"
-"""params {version, client, role, device_size, session}; result {version, server, instance, page_size}"""
-PUT = "put"
-"""params [first_page, seq, data]; result bin of one PageStatus per page"""
-GET = "get"
-"""params [pages (list of int)]; result [status bin, data bin of len(pages) * PAGE_SIZE]"""
-INVALIDATE = "invalidate"
-"""params [first_page, count, seq]; result number of pages dropped"""
-STATS = "stats"
-"""params {}; result {counter: value}"""
-
-ROLE_PAGER = "pager"
-ROLE_OBSERVER = "observer"
-
-
-class PageStatus(enum.IntEnum):
-    """One byte per page in a PUT or GET answer: stored, or why not."""
-
-    STORED = 0
-    REFUSED_PRESSURE = 1
-    REFUSED_CAPACITY = 2
-    REFUSED_QUOTA = 3
-    REFUSED_OUTDATED = 4  # a newer version of the page (higher seq) is known
-    MISSING = 5  # GET: the store does not hold this page
+_UNPACK_LIMITS = dict(
+    raw=False,
+    use_list=True,
+    max_bin_len=MAX_FRAME,
+    max_str_len=64 * 1024,
+    max_array_len=MAX_BATCH_PAGES + 16,
+    max_map_len=256,
+    max_ext_len=0,
+    strict_map_key=True,
+)
 
 
 class ProtocolError(Exception):
-    """The peer sent something this protocol does not allow; close the connection."""
+    """The peer broke the protocol; the connection is closed."""
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class RequestReceived:
+    msgid: int
+    message: Request
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A well-framed request this end cannot accept: answer ``reason`` as the error."""
+
     msgid: int
     method: str
-    params: Any
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class Response:
+    """The answer to one of our requests: ``answer`` (typed, validated) or ``error``."""
+
     msgid: int
-    error: Any
-    result: Any
+    request: Request
+    answer: Any
+    error: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Notification:
-    method: str
-    params: Any
+Event = Welcome | RequestReceived | BadRequest | Response
+
+_AWAIT_WELCOME, _AWAIT_HELLO, _HELLO_PENDING, _ESTABLISHED, _CLOSED = range(5)
 
 
-Event = Request | Response | Notification
-
-
-@dataclass
 class Connection:
-    """One end of a connection.  ``role`` is "client" (sends hello) or "server"."""
+    """One end of a connection.  ``role`` is "client" or "server"."""
 
-    role: str
-    _unpacker: msgpack.Unpacker = field(init=False, repr=False)
-    _next_msgid: int = 0
-    _pending: dict[int, str] = field(default_factory=dict)
-    _hello_msgid: int | None = None
-    established: bool = False
-    closed: bool = False
+    def __init__(self, role: str) -> None:
+        if role not in ("client", "server"):
+            raise ValueError(f"role must be 'client' or 'server', not {role!r}")
+        self.role = role
+        self._state = _AWAIT_WELCOME if role == "client" else _AWAIT_HELLO
+        self._welcomed = False
+        self._inbox = bytearray()
+        self._pos = 0
+        self._next_msgid = 0
+        self._pending: dict[int, Request] = {}
+        self._hello_msgid: int | None = None
+        self.welcome: Welcome | None = None  # client: what the server said first
 
-    def __post_init__(self) -> None:
-        if self.role not in ("client", "server"):
-            raise ValueError(f"role must be 'client' or 'server', not {self.role!r}")
-        self._unpacker = msgpack.Unpacker(
-            raw=False,
-            use_list=True,
-            max_buffer_size=MAX_BUFFER_SIZE,
-            max_bin_len=MAX_BIN_LEN,
-            max_str_len=MAX_STR_LEN,
-            max_array_len=MAX_ARRAY_LEN,
-            max_map_len=MAX_MAP_LEN,
-            max_ext_len=0,
-            strict_map_key=True,
-        )
+    # -- state ----------------------------------------------------------------------
 
-    # -- outgoing -----------------------------------------------------------
+    @property
+    def established(self) -> bool:
+        return self._state == _ESTABLISHED
 
-    def send_request(self, method: str, params: Any) -> tuple[int, bytes]:
-        """Frame a request; returns its msgid and the bytes to write."""
-        self._check_open()
-        if method == HELLO:
-            if self.role != "client" or self._hello_msgid is not None:
-                raise ProtocolError("only a client sends hello, once")
-        elif not self.established:
-            raise ProtocolError(f"{method!r} before the hello was answered")
-        msgid = self._next_msgid
-        self._next_msgid = (msgid + 1) % MSGID_MODULUS
-        if msgid in self._pending:
-            # 2**32 requests in flight cannot happen; a wrapped counter meeting
-            # a live request means the peer never answers.
-            raise ProtocolError(f"msgid {msgid} still pending after wrap-around")
-        self._pending[msgid] = method
-        if method == HELLO:
-            self._hello_msgid = msgid
-        return msgid, msgpack.packb([REQUEST, msgid, method, params], use_bin_type=True)
-
-    def send_response(self, msgid: int, error: Any = None, result: Any = None) -> bytes:
-        self._check_open()
-        return msgpack.packb([RESPONSE, msgid, error, result], use_bin_type=True)
-
-    def send_notification(self, method: str, params: Any) -> bytes:
-        self._check_open()
-        if not self.established:
-            raise ProtocolError("notification before the hello was answered")
-        return msgpack.packb([NOTIFICATION, method, params], use_bin_type=True)
-
-    def accept_hello(self, msgid: int, result: Any) -> bytes:
-        """Server: answer the hello request and open the connection for requests."""
-        if self.role != "server" or self._hello_msgid != msgid:
-            raise ProtocolError("accept_hello without a pending hello")
-        self.established = True
-        return self.send_response(msgid, None, result)
-
-    def refuse_hello(self, msgid: int, error: str) -> bytes:
-        """Server: answer the hello with an error; the caller then closes."""
-        data = self.send_response(msgid, error, None)
-        self.closed = True
-        return data
+    @property
+    def closed(self) -> bool:
+        return self._state == _CLOSED
 
     @property
     def pending(self) -> int:
         """Requests sent that have not been answered yet."""
         return len(self._pending)
 
-    # -- incoming -----------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet turned into events."""
+        return len(self._inbox) - self._pos
 
-    def receive_data(self, data: bytes | bytearray) -> None:
-        """Feed bytes read from the transport (b"" is not EOF here: just nothing)."""
+    def close(self) -> None:
+        self._state = _CLOSED
+
+    # -- outgoing -------------------------------------------------------------------
+
+    def send_welcome(self, welcome: Welcome) -> bytes:
+        """Server: the first bytes on a new connection."""
         self._check_open()
-        try:
-            self._unpacker.feed(data)
-        except msgpack.BufferFull as exc:
-            raise self._fail(f"message larger than {MAX_BUFFER_SIZE} bytes") from exc
+        if self.role != "server" or self._welcomed:
+            raise ProtocolError("only a server sends the welcome, once")
+        self._welcomed = True
+        return _frame([NOTIFICATION, Welcome.method, welcome.to_wire()])
+
+    def send_request(self, message: Request) -> tuple[int, bytes]:
+        """Frame a request; returns its msgid and the bytes to write."""
+        self._check_open()
+        if message.sent_by != self.role:
+            raise ProtocolError(f"a {self.role} does not send {message.method!r}")
+        if isinstance(message, Hello):
+            if self._state != _AWAIT_HELLO:
+                raise ProtocolError("hello is sent once, after the welcome")
+            self._state = _HELLO_PENDING
+        elif self._state != _ESTABLISHED:
+            raise ProtocolError(f"{message.method!r} before the hello was answered")
+        if len(self._pending) >= MAX_PENDING:
+            raise ProtocolError(f"{len(self._pending)} requests unanswered: the peer is not answering")
+        msgid = self._next_msgid
+        while msgid in self._pending:  # a wrapped counter skips ids still in use
+            msgid = (msgid + 1) % MSGID_MODULUS
+        self._next_msgid = (msgid + 1) % MSGID_MODULUS
+        self._pending[msgid] = message
+        if isinstance(message, Hello):
+            self._hello_msgid = msgid
+        return msgid, _frame([REQUEST, msgid, message.method, message.to_wire()])
+
+    def send_answer(self, msgid: int, message: Request, answer: Any) -> bytes:
+        """Answer a received request with its typed answer."""
+        self._check_open()
+        return _frame([RESPONSE, msgid, None, message.answer_to_wire(answer)])
+
+    def send_error(self, msgid: int, error: str) -> bytes:
+        self._check_open()
+        return _frame([RESPONSE, msgid, str(error)[:1024], None])
+
+    def accept_hello(self, msgid: int, answer: HelloAnswer) -> bytes:
+        """Server: answer the hello and open the connection for requests."""
+        if self.role != "server" or self._state != _HELLO_PENDING or self._hello_msgid != msgid:
+            raise ProtocolError("accept_hello without a pending hello")
+        self._state = _ESTABLISHED
+        return _frame([RESPONSE, msgid, None, answer.to_wire()])
+
+    def refuse_hello(self, msgid: int, error: str) -> bytes:
+        """Server: answer the hello with an error; the caller then closes."""
+        data = self.send_error(msgid, error)
+        self._state = _CLOSED
+        return data
+
+    # -- incoming -------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the transport."""
+        self._check_open()
+        if self._pos and self._pos * 2 >= len(self._inbox):
+            del self._inbox[: self._pos]
+            self._pos = 0
+        self._inbox += data
 
     def next_event(self) -> Event | None:
-        """The next complete message, or None when more bytes are needed."""
-        self._check_open()
-        try:
-            obj = self._unpacker.unpack()
-        except msgpack.OutOfData:
+        """The next complete message, or None when more bytes are needed (or the
+        connection was closed by the last event: a refused hello)."""
+        if self._state == _CLOSED:
             return None
-        except (ValueError, msgpack.UnpackException, TypeError) as exc:
-            raise self._fail(f"malformed message: {exc}") from exc
-        event = self._parse(obj)
-        self._track(event)
-        return event
+        avail = len(self._inbox) - self._pos
+        if avail < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self._inbox, self._pos)
+        limit = MAX_FRAME if self._state == _ESTABLISHED else MAX_HANDSHAKE_FRAME
+        if length > limit:
+            raise self._fail(f"frame of {length} bytes is larger than any message allowed now ({limit})")
+        if avail < HEADER.size + length:
+            return None
+        start = self._pos + HEADER.size
+        self._pos = start + length
+        try:
+            with memoryview(self._inbox) as view:
+                obj = msgpack.unpackb(view[start : start + length], **_UNPACK_LIMITS)
+        except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
+            raise self._fail(f"malformed message: {exc}") from None
+        return self._parse(obj)
 
     def _parse(self, obj: Any) -> Event:
         if not isinstance(obj, list) or not obj or not isinstance(obj[0], int):
             raise self._fail("message is not a msgpack-RPC array")
         kind = obj[0]
+        if self._state == _AWAIT_WELCOME and kind != NOTIFICATION:
+            raise self._fail("the server's first message must be its welcome")
         if kind == REQUEST and len(obj) == 4 and _is_msgid(obj[1]) and isinstance(obj[2], str):
-            return Request(obj[1], obj[2], obj[3])
+            return self._request(obj[1], obj[2], obj[3])
         if kind == RESPONSE and len(obj) == 4 and _is_msgid(obj[1]):
-            return Response(obj[1], obj[2], obj[3])
+            return self._response(obj[1], obj[2], obj[3])
         if kind == NOTIFICATION and len(obj) == 3 and isinstance(obj[1], str):
-            return Notification(obj[1], obj[2])
+            return self._notification(obj[1], obj[2])
         raise self._fail(f"bad message shape (type {kind}, {len(obj)} fields)")
 
-    def _track(self, event: Event) -> None:
-        if isinstance(event, Response):
-            if self._pending.pop(event.msgid, None) is None:
-                raise self._fail(f"response to unknown msgid {event.msgid}")
-            if event.msgid == self._hello_msgid and self.role == "client":
-                self.established = event.error is None
-            return
-        if self.role == "server" and self._hello_msgid is None:
-            if not (isinstance(event, Request) and event.method == HELLO):
-                raise self._fail("first message must be a hello request")
-            self._hello_msgid = event.msgid
-            return
-        if isinstance(event, Request) and event.method == HELLO:
+    def _notification(self, method: str, params: Any) -> Event:
+        if method != Welcome.method or self.role != "client" or self._state != _AWAIT_WELCOME:
+            raise self._fail(f"unexpected notification {method!r}")
+        try:
+            self.welcome = Welcome.from_wire(params)
+        except MessageError as exc:
+            raise self._fail(f"bad welcome: {exc}") from None
+        self._state = _AWAIT_HELLO
+        return self.welcome
+
+    def _request(self, msgid: int, method: str, params: Any) -> Event:
+        cls = REQUESTS.get(method)
+        if self.role == "server" and self._state == _AWAIT_HELLO:
+            if cls is not Hello:
+                raise self._fail("first request must be hello")
+            self._state = _HELLO_PENDING
+            self._hello_msgid = msgid
+        elif self._state != _ESTABLISHED:
+            raise self._fail(f"{method!r} before the hello was answered")
+        elif cls is Hello:
             raise self._fail("hello sent twice")
-        if not self.established:
-            raise self._fail("message before the hello was answered")
+        if cls is None or cls.sent_by == self.role:
+            return BadRequest(msgid, method, f"unknown method {method!r}")
+        try:
+            return RequestReceived(msgid, cls.from_wire(params))
+        except MessageError as exc:
+            return BadRequest(msgid, method, f"bad {method}: {exc}")
+
+    def _response(self, msgid: int, error: Any, result: Any) -> Event:
+        request = self._pending.pop(msgid, None)
+        if request is None:
+            raise self._fail(f"response to unknown msgid {msgid}")
+        if error is not None:
+            if not isinstance(error, str):
+                raise self._fail(f"{request.method} error is not a string")
+            if msgid == self._hello_msgid:
+                self._state = _CLOSED
+            return Response(msgid, request, None, error)
+        try:
+            answer = request.answer_from_wire(result)
+        except MessageError as exc:
+            raise self._fail(f"bad answer to {request.method}: {exc}") from None
+        if msgid == self._hello_msgid and self.role == "client":
+            self._state = _ESTABLISHED
+        return Response(msgid, request, answer, None)
 
     def _fail(self, reason: str) -> ProtocolError:
-        self.closed = True
+        self._state = _CLOSED
         return ProtocolError(reason)
 
     def _check_open(self) -> None:
-        if self.closed:
+        if self._state == _CLOSED:
             raise ProtocolError("connection is closed")
 
 
+def _frame(obj: Any) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
 def _is_msgid(value: Any) -> bool:
-    return isinstance(value, int) and 0 <= value < MSGID_MODULUS
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MSGID_MODULUS
 
 
 def statuses(data: bytes) -> list[PageStatus]:

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+from array import array
+
 import msgpack
 import pytest
 
 from hoststore import protocol as p
+from hoststore.messages import (
+    MAX_BATCH_PAGES,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    ROLE_PAGER,
+    Get,
+    GetAnswer,
+    HandBack,
+    Hello,
+    HelloAnswer,
+    Invalidate,
+    MessageError,
+    PageStatus,
+    Put,
+    Stats,
+    TakeStatus,
+    Welcome,
+)
 
 
-def hello_params() -> dict:
-    return {"version": p.PROTOCOL_VERSION, "client": "t", "role": p.ROLE_PAGER, "device_size": 8192, "session": "s"}
+def hello(**kw) -> Hello:
+    fields = dict(version=PROTOCOL_VERSION, client="t", role=ROLE_PAGER, device_size=64 * PAGE_SIZE,
+                  instance="abc", nonce=b"n" * 16)
+    fields.update(kw)
+    return Hello(**fields)
 
 
 def feed_all(conn: p.Connection, data: bytes) -> list[p.Event]:
@@ -20,134 +43,230 @@ def feed_all(conn: p.Connection, data: bytes) -> list[p.Event]:
     return events
 
 
+def frame(obj) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return p.HEADER.pack(len(body)) + body
+
+
 def handshake() -> tuple[p.Connection, p.Connection]:
     client, server = p.Connection("client"), p.Connection("server")
-    msgid, data = client.send_request(p.HELLO, hello_params())
+    [welcome] = feed_all(client, server.send_welcome(Welcome(PROTOCOL_VERSION, "s", "inst", b"w" * 16)))
+    assert isinstance(welcome, Welcome) and client.welcome == welcome
+    msgid, data = client.send_request(hello())
     [req] = feed_all(server, data)
-    assert isinstance(req, p.Request) and req.method == p.HELLO and req.params == hello_params()
-    [resp] = feed_all(client, server.accept_hello(req.msgid, {"version": p.PROTOCOL_VERSION}))
+    assert isinstance(req, p.RequestReceived) and req.message == hello()
+    [resp] = feed_all(client, server.accept_hello(req.msgid, HelloAnswer("inst", False, b"s" * 32)))
     assert isinstance(resp, p.Response) and resp.msgid == msgid and resp.error is None
+    assert resp.answer.secret == b"s" * 32
     assert client.established and server.established
     return client, server
 
 
-def test_handshake_then_batched_put_roundtrip() -> None:
+def answer(server: p.Connection, client: p.Connection, wire: bytes, result) -> p.Response:
+    [req] = feed_all(server, wire)
+    [resp] = feed_all(client, server.send_answer(req.msgid, req.message, result))
+    return resp
+
+
+def test_batched_put_roundtrip_with_typed_answer() -> None:
     client, server = handshake()
     data = bytes(range(256)) * 16 * 64  # 64 pages
-    msgid, wire = client.send_request(p.PUT, [10, 1, data])
+    msgid, wire = client.send_request(Put(10, 1, data))
     [req] = feed_all(server, wire)
-    assert req.method == p.PUT and req.params == [10, 1, data]
-    answer = bytes([p.PageStatus.STORED] * 63 + [p.PageStatus.REFUSED_CAPACITY])
-    [resp] = feed_all(client, server.send_response(req.msgid, None, answer))
-    assert resp.msgid == msgid and p.statuses(resp.result)[-1] == p.PageStatus.REFUSED_CAPACITY
+    assert req.message == Put(10, 1, data) and req.message.n == 64
+    statuses = bytes([PageStatus.STORED] * 63 + [PageStatus.REFUSED_CAPACITY])
+    [resp] = feed_all(client, server.send_answer(req.msgid, req.message, statuses))
+    assert resp.msgid == msgid and resp.answer == statuses and resp.request == Put(10, 1, data)
     assert client.pending == 0
 
 
-def test_split_at_every_byte_boundary() -> None:
+def test_get_answer_carries_versions() -> None:
     client, server = handshake()
-    wires = [client.send_request(p.PUT, [i, i + 1, bytes([i]) * p.PAGE_SIZE])[1] for i in range(3)]
-    stream = b"".join(wires)
-    for cut in range(len(stream) + 1):
-        fresh_client, fresh_server = handshake()
-        wires2 = [fresh_client.send_request(p.PUT, [i, i + 1, bytes([i]) * p.PAGE_SIZE])[1] for i in range(3)]
-        assert b"".join(wires2) == stream
-        events = feed_all(fresh_server, stream[:cut]) + feed_all(fresh_server, stream[cut:])
-        assert [e.params[0] for e in events] == [0, 1, 2]
-        assert all(e.params[2] == bytes([e.params[0]]) * p.PAGE_SIZE for e in events)
+    _, wire = client.send_request(Get(array("Q", [3, 1])))
+    ans = GetAnswer(bytes([PageStatus.STORED, PageStatus.MISSING]), array("Q", [7, 0]), bytes(2 * PAGE_SIZE))
+    resp = answer(server, client, wire, ans)
+    assert list(resp.answer.seqs) == [7, 0] and resp.answer.statuses == ans.statuses
 
 
-def test_byte_at_a_time() -> None:
+def test_handback_goes_from_server_to_client() -> None:
     client, server = handshake()
-    _, wire = client.send_request(p.GET, [[1, 2, 3]])
-    events = []
-    for i in range(len(wire)):
-        events += feed_all(server, wire[i : i + 1])
-    assert len(events) == 1 and events[0].params == [[1, 2, 3]]
+    hb = HandBack("drain", array("Q", [5, 9]), array("Q", [2, 3]), bytes(2 * PAGE_SIZE))
+    _, wire = server.send_request(hb)
+    [req] = feed_all(client, wire)
+    assert isinstance(req, p.RequestReceived) and req.message == hb
+    [resp] = feed_all(server, client.send_answer(req.msgid, hb, bytes([TakeStatus.TAKEN, TakeStatus.FAILED])))
+    assert resp.answer == bytes([TakeStatus.TAKEN, TakeStatus.FAILED])
 
 
-def test_pipelined_answers_out_of_order() -> None:
+@pytest.mark.parametrize("bad", [
+    lambda: Put(0, 0, bytes(PAGE_SIZE)),  # seq 0 is never a version
+    lambda: Put(0, 1, bytes(100)),  # not whole pages
+    lambda: Put(0, 1, b""),  # empty
+    lambda: Put(0, 1, bytes((MAX_BATCH_PAGES + 1) * PAGE_SIZE)),
+    lambda: Put(-1, 1, bytes(PAGE_SIZE)),
+    lambda: Put(True, 1, bytes(PAGE_SIZE)),  # a bool is not a page number
+    lambda: Get(array("Q")),
+    lambda: Get(array("Q", range(MAX_BATCH_PAGES + 1))),
+    lambda: Invalidate(0, 0, 1),
+    lambda: HandBack("whim", array("Q", [1]), array("Q", [1]), bytes(PAGE_SIZE)),
+    lambda: HandBack("drain", array("Q", [1]), array("Q", [1, 2]), bytes(PAGE_SIZE)),
+    lambda: hello(role="god"),
+    lambda: hello(device_size=4097),
+    lambda: hello(client=""),
+    lambda: hello(client="a\nb"),
+    lambda: hello(nonce=b"short"),
+])
+def test_messages_validate_themselves(bad) -> None:
+    with pytest.raises(MessageError):
+        bad()
+
+
+def test_answers_are_checked_against_their_request() -> None:
     client, server = handshake()
-    ids = [client.send_request(p.GET, [[i]])[0] for i in range(5)]
-    requests = feed_all(server, b"")  # nothing fed yet
-    assert requests == [] and client.pending == 5
-    answers = b"".join(server.send_response(m, None, m) for m in reversed(ids))
+    _, wire = client.send_request(Put(0, 1, bytes(2 * PAGE_SIZE)))
+    [req] = feed_all(server, wire)
+    with pytest.raises(p.ProtocolError, match="2 status bytes"):
+        feed_all(client, frame([p.RESPONSE, req.msgid, None, bytes(3)]))
+    assert client.closed
+
+
+def test_unknown_status_in_an_answer_closes() -> None:
+    client, server = handshake()
+    _, wire = client.send_request(Put(0, 1, bytes(PAGE_SIZE)))
+    [req] = feed_all(server, wire)
+    with pytest.raises(p.ProtocolError, match="unknown status"):
+        feed_all(client, frame([p.RESPONSE, req.msgid, None, bytes([200])]))
+
+
+def test_bad_params_are_an_error_answer_not_a_close() -> None:
+    client, server = handshake()
+    [event] = feed_all(server, frame([p.REQUEST, 7, "put", [0, 1, b"x" * 10]]))
+    assert isinstance(event, p.BadRequest) and event.msgid == 7 and "whole pages" in event.reason
+    [event] = feed_all(server, frame([p.REQUEST, 8, "frobnicate", []]))
+    assert isinstance(event, p.BadRequest) and "unknown method" in event.reason
+    # A client may not send what only a server sends.
+    [event] = feed_all(server, frame([p.REQUEST, 9, "handback", ["drain", b"", b"", b""]]))
+    assert isinstance(event, p.BadRequest)
+    assert not server.closed and server.established
+
+
+def test_pipelined_requests_answered_out_of_order() -> None:
+    client, server = handshake()
+    ids, wire = [], b""
+    for i in range(5):
+        msgid, data = client.send_request(Invalidate(i, 1, i + 1))
+        ids.append(msgid)
+        wire += data
+    requests = feed_all(server, wire)
+    assert [r.msgid for r in requests] == ids and client.pending == 5
+    answers = b"".join(server.send_answer(r.msgid, r.message, 1) for r in reversed(requests))
     responses = feed_all(client, answers)
     assert [r.msgid for r in responses] == list(reversed(ids))
-    assert client.pending == 0
+    assert all(r.answer == 1 for r in responses) and client.pending == 0
 
 
-def test_msgid_wraps_around() -> None:
+def test_bytes_may_arrive_one_at_a_time() -> None:
+    client, server = handshake()
+    _, wire = client.send_request(Put(3, 9, bytes(range(256)) * 16))
+    events = []
+    for i in range(len(wire)):
+        server.receive_data(wire[i : i + 1])
+        if (event := server.next_event()) is not None:
+            events.append(event)
+    assert len(events) == 1 and events[0].message.first == 3 and server.buffered == 0
+
+
+def test_msgid_wraps_around_and_skips_ids_in_use() -> None:
     client, server = handshake()
     client._next_msgid = p.MSGID_MODULUS - 2
-    ids = [client.send_request(p.STATS, {})[0] for _ in range(3)]
+    ids = [client.send_request(Stats())[0] for _ in range(3)]
     assert ids == [p.MSGID_MODULUS - 2, p.MSGID_MODULUS - 1, 0]
-    for m in ids:
-        [resp] = feed_all(client, server.send_response(m, None, {}))
-        assert resp.msgid == m
+    client._next_msgid = p.MSGID_MODULUS - 1  # still pending: the next free id is used
+    assert client.send_request(Stats())[0] == 1
 
 
-def test_wrapped_msgid_still_pending_is_an_error() -> None:
-    client, _ = handshake()
-    pending_id, _ = client.send_request(p.STATS, {})
-    client._next_msgid = pending_id
-    with pytest.raises(p.ProtocolError):
-        client.send_request(p.STATS, {})
-
-
-def test_server_requests_reach_the_client() -> None:
-    client, server = handshake()
-    server_msgid, wire = server.send_request("reclaim", [5])
-    [req] = feed_all(client, wire)
-    assert isinstance(req, p.Request) and req.method == "reclaim"
-    [resp] = feed_all(server, client.send_response(req.msgid, None, 5))
-    assert resp.msgid == server_msgid and resp.result == 5
-
-
-def test_no_request_before_hello() -> None:
+def test_no_request_before_hello_and_hello_only_once() -> None:
     client = p.Connection("client")
     with pytest.raises(p.ProtocolError):
-        client.send_request(p.PUT, [0, 1, b""])
+        client.send_request(Put(0, 1, bytes(PAGE_SIZE)))
     server = p.Connection("server")
     with pytest.raises(p.ProtocolError, match="hello"):
-        feed_all(server, msgpack.packb([0, 1, p.PUT, [0, 1, b""]]))
+        feed_all(server, frame([p.REQUEST, 1, "put", [0, 1, bytes(100)]]))
     assert server.closed
+    _, server = handshake()
+    with pytest.raises(p.ProtocolError, match="twice"):
+        feed_all(server, frame([p.REQUEST, 5, "hello", hello().to_wire()]))
 
 
-def test_refused_hello_leaves_client_not_established() -> None:
+def test_client_needs_the_welcome_first() -> None:
+    client = p.Connection("client")
+    with pytest.raises(p.ProtocolError):
+        client.send_request(hello())
+    with pytest.raises(p.ProtocolError, match="welcome"):
+        feed_all(client, frame([p.RESPONSE, 0, None, {}]))
+
+
+def test_refused_hello_closes_both_ends() -> None:
     client, server = p.Connection("client"), p.Connection("server")
-    _, data = client.send_request(p.HELLO, hello_params())
+    feed_all(client, server.send_welcome(Welcome(PROTOCOL_VERSION, "s", "i", b"w" * 16)))
+    _, data = client.send_request(hello())
     [req] = feed_all(server, data)
-    [resp] = feed_all(client, server.refuse_hello(req.msgid, "version"))
-    assert resp.error == "version" and not client.established and server.closed
+    [resp] = feed_all(client, server.refuse_hello(req.msgid, "in use"))
+    assert resp.error == "in use" and not client.established and client.closed and server.closed
+
+
+def test_wrong_version_hello_is_a_bad_request_with_the_reason() -> None:
+    server = p.Connection("server")
+    [event] = feed_all(server, frame([p.REQUEST, 0, "hello", {"version": 1}]))
+    assert isinstance(event, p.BadRequest) and "version 1 not supported" in event.reason
 
 
 @pytest.mark.parametrize(
-    "wire",
+    "body",
     [
         msgpack.packb({"not": "an array"}),
         msgpack.packb([7, 1, "x", []]),
         msgpack.packb([0, -1, "stats", {}]),
         msgpack.packb([0, 1 << 32, "stats", {}]),
+        msgpack.packb([0, True, "stats", {}]),
         msgpack.packb([0, 1, 5, {}]),
-        msgpack.packb([1, 999, None, None]),  # answer to nothing we asked
-        msgpack.packb([2, "only-two"])[:-1] + b"\xc1",  # 0xc1 is never valid msgpack
-        msgpack.packb([0, 1, "put", [0, 1, b"x" * (p.MAX_BIN_LEN + 1)]]),
-        msgpack.packb([0, 1, "get", [list(range(p.MAX_ARRAY_LEN + 1))]]),
+        msgpack.packb([1, 999, None, None]),  # an answer to nothing we asked
+        msgpack.packb([2, "gossip", {}]),  # no such notification
+        b"\xc1",  # never valid msgpack
+        msgpack.packb([0, 1, "stats", {}]) + b"\x00",  # trailing bytes inside the frame
+        msgpack.packb([0, 1, "get", [list(range(p.MAX_BATCH_PAGES + 20))]]),
     ],
 )
-def test_malformed_input_closes_the_connection(wire: bytes) -> None:
+def test_malformed_frames_close_the_connection(body: bytes) -> None:
     _, server = handshake()
     with pytest.raises(p.ProtocolError):
-        feed_all(server, wire)
-    assert server.closed
+        feed_all(server, p.HEADER.pack(len(body)) + body)
+    assert server.closed and server.next_event() is None
     with pytest.raises(p.ProtocolError):
-        server.send_response(1, None, None)
+        server.send_error(1, "x")
 
 
-def test_oversized_buffer_is_refused() -> None:
+def test_oversized_length_is_refused_at_the_header() -> None:
     _, server = handshake()
+    server.receive_data(p.HEADER.pack(0x7FFFFFFF))  # 2 GiB announced, nothing more sent
+    with pytest.raises(p.ProtocolError, match="larger than any message"):
+        server.next_event()
+    assert server.buffered == 0 or server.closed
+
+
+def test_before_hello_only_small_frames() -> None:
+    server = p.Connection("server")
+    server.receive_data(p.HEADER.pack(p.MAX_HANDSHAKE_FRAME + 1))
     with pytest.raises(p.ProtocolError):
-        for _ in range(p.MAX_BUFFER_SIZE // 65536 + 2):
-            server.receive_data(b"\xc6\x7f\xff\xff\xff" if _ == 0 else b"\0" * 65536)
-            server.next_event()
-    assert server.closed
+        server.next_event()
+
+
+def test_a_full_batch_fits_behind_a_partial_message() -> None:
+    """A legal 1024-page put arriving behind part of another message is accepted."""
+    client, server = handshake()
+    _, first = client.send_request(Put(0, 1, bytes(MAX_BATCH_PAGES * PAGE_SIZE)))
+    _, second = client.send_request(Put(0, 2, bytes(MAX_BATCH_PAGES * PAGE_SIZE)))
+    assert len(first) <= p.MAX_FRAME + p.HEADER.size
+    events = feed_all(server, first[:-10])
+    events += feed_all(server, first[-10:] + second)
+    assert [e.message.seq for e in events] == [1, 2]

@@ -1,0 +1,510 @@
+"""Every message of the vswapfs <-> hoststore protocol, defined once.
+
+Each request is a frozen dataclass that validates itself when built, whether
+by the side that sends it or by :meth:`from_wire` on the side that receives
+it: types, ranges, batch and length caps.  Each request also knows the shape
+of its answer and checks an answer against itself (a ``put`` of N pages must
+be answered with N statuses), so neither the server's dispatch nor the
+client's packing repeats a shape by position.
+
+Bulk data travels as one ``bin`` per batch: page data as N * 4096 bytes, page
+numbers and sequence numbers as N little-endian uint64 (``array('Q')``), and
+per-page statuses as N bytes.  No Python object per page crosses the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 2
+PAGE_SIZE = 4096
+NONCE_SIZE = 16
+PROOF_SIZE = 32  # HMAC-SHA256
+SECRET_SIZE = 32
+
+# The kernel sends FUSE writes of at most 1 MiB (256 pages); 1024 pages per
+# message leaves room without letting a peer make anyone buffer without bound.
+MAX_BATCH_PAGES = 1024
+MAX_DEVICE_PAGES = 1 << 36  # 256 TiB: a protocol bound; a store caps lower (--max-device-size)
+MAX_SEQ = (1 << 63) - 1
+MAX_NAME_LEN = 256
+MAX_TEXT_LEN = 1024
+
+assert array("Q").itemsize == 8, "page lists are uint64 on the wire"
+_LITTLE = sys.byteorder == "little"
+
+
+class MessageError(ValueError):
+    """A message whose shape or values the protocol does not allow."""
+
+
+class PageStatus(enum.IntEnum):
+    """One byte per page in a ``put`` or ``get`` answer: stored, or why not."""
+
+    STORED = 0
+    REFUSED_PRESSURE = 1
+    REFUSED_CAPACITY = 2
+    REFUSED_QUOTA = 3
+    REFUSED_OUTDATED = 4  # a newer version of the page is stored
+    MISSING = 5  # get: the store does not hold this page
+    REFUSED_NOMEM = 6  # the store could not allocate memory for it
+    REFUSED_DRAINING = 7  # the store is shutting down and hands pages back
+
+
+REFUSALS = frozenset(s for s in PageStatus if s not in (PageStatus.STORED, PageStatus.MISSING))
+_PUT_STATUSES = bytes(s for s in PageStatus if s != PageStatus.MISSING)
+_GET_STATUSES = bytes((PageStatus.STORED, PageStatus.MISSING))
+
+
+class TakeStatus(enum.IntEnum):
+    """One byte per page in a hand-back answer."""
+
+    TAKEN = 0  # written to the client's backing file; the store may free it
+    NOT_NEEDED = 1  # the client holds a newer version elsewhere (or none): free it
+    FAILED = 2  # the client could not take it (backing I/O error): keep it
+
+
+class HandBackCause(enum.StrEnum):
+    PRESSURE = "pressure"
+    DRAIN = "drain"
+
+
+ROLE_PAGER = "pager"
+ROLE_OBSERVER = "observer"
+ROLES = (ROLE_PAGER, ROLE_OBSERVER)
+
+
+# -- field checks -------------------------------------------------------------------
+
+
+def _int(value: Any, name: str, low: int = 0, high: int = MAX_SEQ) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MessageError(f"{name} must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise MessageError(f"{name} {value} is outside {low}..{high}")
+    return value
+
+
+def _text(value: Any, name: str, max_len: int = MAX_TEXT_LEN, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise MessageError(f"{name} must be a string, not {type(value).__name__}")
+    if len(value) > max_len or (not value and not allow_empty):
+        raise MessageError(f"{name} must be 1..{max_len} characters")
+    if not value.isprintable():
+        raise MessageError(f"{name} has unprintable characters")
+    return value
+
+
+def _bytes(value: Any, name: str, size: int | None = None, optional: bool = False) -> bytes | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise MessageError(f"{name} must be bytes, not {type(value).__name__}")
+    if size is not None and len(value) != size:
+        raise MessageError(f"{name} must be {size} bytes, not {len(value)}")
+    return bytes(value) if not isinstance(value, bytes) else value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise MessageError(f"{name} must be a boolean")
+    return value
+
+
+def _fields(params: Any, n: int, name: str) -> list[Any]:
+    if not isinstance(params, list | tuple) or len(params) != n:
+        raise MessageError(f"{name} takes {n} parameters")
+    return list(params)
+
+
+def _map(params: Any, name: str) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise MessageError(f"{name} takes a map")
+    return params
+
+
+def u64s(values: Any, name: str = "list") -> array:
+    """An ``array('Q')`` from a wire ``bin`` or from ints (for senders)."""
+    if isinstance(values, array) and values.typecode == "Q":
+        return values
+    if isinstance(values, bytes | bytearray | memoryview):
+        if len(values) % 8:
+            raise MessageError(f"{name} of {len(values)} bytes is not whole uint64s")
+        out = array("Q")
+        out.frombytes(values)
+        if not _LITTLE:
+            out.byteswap()
+        return out
+    try:
+        return array("Q", values)
+    except (TypeError, OverflowError) as exc:
+        raise MessageError(f"{name}: {exc}") from None
+
+
+def u64s_to_wire(values: array) -> bytes:
+    if _LITTLE:
+        return values.tobytes()
+    swapped = array("Q", values)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def _pages_data(data: Any, n: int, name: str) -> bytes | memoryview:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MessageError(f"{name} must be bytes")
+    if len(data) != n * PAGE_SIZE:
+        raise MessageError(f"{name} of {len(data)} bytes is not {n} pages")
+    return data
+
+
+def _statuses(result: Any, n: int, allowed: bytes, name: str) -> bytes:
+    if not isinstance(result, bytes) or len(result) != n:
+        raise MessageError(f"{name} answer must be {n} status bytes")
+    if result.translate(None, allowed):
+        raise MessageError(f"{name} answer has an unknown status")
+    return result
+
+
+def _batch(n: int, name: str) -> None:
+    if not 1 <= n <= MAX_BATCH_PAGES:
+        raise MessageError(f"{name} of {n} pages is outside 1..{MAX_BATCH_PAGES}")
+
+
+def _page_list(pages: array, name: str) -> None:
+    _batch(len(pages), name)
+    if max(pages) >= MAX_DEVICE_PAGES:
+        raise MessageError(f"{name} has a page number past the protocol's limit")
+
+
+# -- the handshake ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The server's first message (a notification): who it is, and a fresh nonce
+    that the client's reconnect proof and token proof must cover."""
+
+    method: ClassVar[str] = "welcome"
+    version: int
+    server: str
+    instance: str
+    nonce: bytes
+    auth_required: bool = False
+
+    def __post_init__(self) -> None:
+        _int(self.version, "version", 0, 1 << 16)
+        _text(self.server, "server", MAX_NAME_LEN)
+        _text(self.instance, "instance", 64)
+        _bytes(self.nonce, "nonce", NONCE_SIZE)
+        _bool(self.auth_required, "auth_required")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"version": self.version, "server": self.server, "instance": self.instance,
+                "nonce": self.nonce, "auth_required": self.auth_required}
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Welcome":
+        m = _map(params, cls.method)
+        try:
+            return cls(m["version"], m["server"], m["instance"], m["nonce"], m.get("auth_required", False))
+        except KeyError as exc:
+            raise MessageError(f"welcome lacks {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class HelloAnswer:
+    instance: str  # the store's instance: a new one means its pages are gone
+    resumed: bool  # the store kept this client's pages from an earlier connection
+    secret: bytes  # the client's reconnect secret (wrapped when a token is configured)
+    page_size: int = PAGE_SIZE
+    max_batch_pages: int = MAX_BATCH_PAGES
+    admin: bool = False
+    auth: bytes | None = None  # the server's token proof, when a token is configured
+
+    def __post_init__(self) -> None:
+        _text(self.instance, "instance", 64)
+        _bool(self.resumed, "resumed")
+        _bytes(self.secret, "secret", SECRET_SIZE)
+        _int(self.page_size, "page_size", PAGE_SIZE, PAGE_SIZE)
+        _int(self.max_batch_pages, "max_batch_pages", 1, MAX_BATCH_PAGES)
+        _bool(self.admin, "admin")
+        _bytes(self.auth, "auth", PROOF_SIZE, optional=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"instance": self.instance, "resumed": self.resumed, "secret": self.secret,
+                "page_size": self.page_size, "max_batch_pages": self.max_batch_pages,
+                "admin": self.admin, "auth": self.auth}
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The client's first request.  ``instance`` names this client process; a
+    reconnect of the same instance carries ``proof`` (see ``hoststore.auth``)."""
+
+    method: ClassVar[str] = "hello"
+    sent_by: ClassVar[str] = "client"
+    version: int
+    client: str
+    role: str
+    device_size: int
+    instance: str
+    nonce: bytes
+    proof: bytes | None = None
+    auth: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _int(self.version, "version", 0, 1 << 16)
+        _text(self.client, "client name", MAX_NAME_LEN)
+        if self.role not in ROLES:
+            raise MessageError(f"unknown role {self.role!r}")
+        _int(self.device_size, "device_size", 0, MAX_DEVICE_PAGES * PAGE_SIZE)
+        if self.role == ROLE_PAGER and (self.device_size <= 0 or self.device_size % PAGE_SIZE):
+            raise MessageError(f"device size {self.device_size} is not a positive multiple of {PAGE_SIZE}")
+        _text(self.instance, "instance", 64)
+        _bytes(self.nonce, "nonce", NONCE_SIZE)
+        _bytes(self.proof, "proof", PROOF_SIZE, optional=True)
+        _bytes(self.auth, "auth", PROOF_SIZE, optional=True)
+
+    @property
+    def npages(self) -> int:
+        return self.device_size // PAGE_SIZE
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"version": self.version, "client": self.client, "role": self.role,
+                "device_size": self.device_size, "instance": self.instance, "nonce": self.nonce,
+                "proof": self.proof, "auth": self.auth}
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Hello":
+        m = _map(params, cls.method)
+        version = m.get("version")
+        if version != PROTOCOL_VERSION:
+            # Checked first, so that an old client hears the real reason.
+            raise MessageError(f"protocol version {version!r} not supported (this end speaks {PROTOCOL_VERSION})")
+        try:
+            return cls(version, m["client"], m["role"], m["device_size"], m["instance"], m["nonce"],
+                       m.get("proof"), m.get("auth"))
+        except KeyError as exc:
+            raise MessageError(f"hello lacks {exc}") from None
+
+    def answer_to_wire(self, answer: HelloAnswer) -> Any:
+        return answer.to_wire()
+
+    def answer_from_wire(self, result: Any) -> HelloAnswer:
+        m = _map(result, "hello answer")
+        try:
+            return HelloAnswer(m["instance"], m["resumed"], m["secret"], m.get("page_size", PAGE_SIZE),
+                               m.get("max_batch_pages", MAX_BATCH_PAGES), m.get("admin", False), m.get("auth"))
+        except KeyError as exc:
+            raise MessageError(f"hello answer lacks {exc}") from None
+
+
+# -- pages --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Offer pages ``first .. first + n`` (one FUSE write), version ``seq``;
+    answered with one :class:`PageStatus` per page."""
+
+    method: ClassVar[str] = "put"
+    sent_by: ClassVar[str] = "client"
+    first: int
+    seq: int
+    data: bytes | memoryview = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _int(self.first, "first page", 0, MAX_DEVICE_PAGES)
+        _int(self.seq, "seq", 1, MAX_SEQ)
+        if not isinstance(self.data, bytes | bytearray | memoryview) or len(self.data) % PAGE_SIZE:
+            raise MessageError("put data must be whole pages")
+        _batch(len(self.data) // PAGE_SIZE, "put")
+
+    @property
+    def n(self) -> int:
+        return len(self.data) // PAGE_SIZE
+
+    def to_wire(self) -> list[Any]:
+        return [self.first, self.seq, self.data]
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Put":
+        first, seq, data = _fields(params, 3, cls.method)
+        return cls(first, seq, data)
+
+    def answer_to_wire(self, statuses: bytes) -> Any:
+        return statuses
+
+    def answer_from_wire(self, result: Any) -> bytes:
+        return _statuses(result, self.n, _PUT_STATUSES, self.method)
+
+
+@dataclass(frozen=True, slots=True)
+class GetAnswer:
+    statuses: bytes  # STORED or MISSING per page
+    seqs: array  # the version of each page returned (0 where missing)
+    data: bytes | memoryview  # len(pages) * PAGE_SIZE; zeros where missing
+
+    def to_wire(self) -> list[Any]:
+        return [self.statuses, u64s_to_wire(self.seqs), self.data]
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """Fetch pages (any order, any set); answered with status, version and data of each."""
+
+    method: ClassVar[str] = "get"
+    sent_by: ClassVar[str] = "client"
+    pages: array
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pages", u64s(self.pages, "pages"))
+        _page_list(self.pages, "get")
+
+    def to_wire(self) -> list[Any]:
+        return [u64s_to_wire(self.pages)]
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Get":
+        (pages,) = _fields(params, 1, cls.method)
+        if not isinstance(pages, bytes):
+            raise MessageError("get pages must be a bin of uint64")
+        return cls(u64s(pages, "pages"))
+
+    def answer_to_wire(self, answer: GetAnswer) -> Any:
+        return answer.to_wire()
+
+    def answer_from_wire(self, result: Any) -> GetAnswer:
+        statuses, seqs, data = _fields(result, 3, "get answer")
+        n = len(self.pages)
+        statuses = _statuses(statuses, n, _GET_STATUSES, self.method)
+        if not isinstance(seqs, bytes) or len(seqs) != 8 * n:
+            raise MessageError(f"get answer must carry {n} sequence numbers")
+        return GetAnswer(statuses, u64s(seqs), _pages_data(data, n, "get data"))
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidate:
+    """Drop pages ``first .. first + count`` whose stored version is not newer than ``seq``."""
+
+    method: ClassVar[str] = "invalidate"
+    sent_by: ClassVar[str] = "client"
+    first: int
+    count: int
+    seq: int
+
+    def __post_init__(self) -> None:
+        _int(self.first, "first page", 0, MAX_DEVICE_PAGES)
+        _int(self.count, "count", 1, MAX_DEVICE_PAGES)
+        _int(self.seq, "seq", 1, MAX_SEQ)
+
+    def to_wire(self) -> list[Any]:
+        return [self.first, self.count, self.seq]
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Invalidate":
+        return cls(*_fields(params, 3, cls.method))
+
+    def answer_to_wire(self, dropped: int) -> Any:
+        return dropped
+
+    def answer_from_wire(self, result: Any) -> int:
+        return _int(result, "invalidate answer", 0, self.count)
+
+
+@dataclass(frozen=True, slots=True)
+class HandBack:
+    """Store -> client: take these pages back into your backing file.  The store
+    frees a page only after the answer says TAKEN or NOT_NEEDED for it."""
+
+    method: ClassVar[str] = "handback"
+    sent_by: ClassVar[str] = "server"
+    cause: str
+    pages: array
+    seqs: array
+    data: bytes | memoryview = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.cause not in tuple(HandBackCause):
+            raise MessageError(f"unknown hand-back cause {self.cause!r}")
+        object.__setattr__(self, "pages", u64s(self.pages, "pages"))
+        object.__setattr__(self, "seqs", u64s(self.seqs, "seqs"))
+        pages, seqs = self.pages, self.seqs
+        _page_list(pages, self.method)
+        if len(seqs) != len(pages) or min(seqs) < 1 or max(seqs) > MAX_SEQ:
+            raise MessageError("hand-back needs one sequence number (1..2**63-1) per page")
+        _pages_data(self.data, len(pages), "hand-back data")
+
+    def to_wire(self) -> list[Any]:
+        return [self.cause, u64s_to_wire(self.pages), u64s_to_wire(self.seqs), self.data]
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "HandBack":
+        cause, pages, seqs, data = _fields(params, 4, cls.method)
+        if not isinstance(pages, bytes) or not isinstance(seqs, bytes):
+            raise MessageError("hand-back pages and seqs must be bins of uint64")
+        return cls(cause, u64s(pages, "pages"), u64s(seqs, "seqs"), data)
+
+    def answer_to_wire(self, statuses: bytes) -> Any:
+        return statuses
+
+    def answer_from_wire(self, result: Any) -> bytes:
+        return _statuses(result, len(self.pages), bytes(TakeStatus), self.method)
+
+
+# -- control ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """The store's counters (for a pager: its own client's; for an admin: all)."""
+
+    method: ClassVar[str] = "stats"
+    sent_by: ClassVar[str] = "client"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Stats":
+        if params not in ({}, None, []):
+            raise MessageError("stats takes no parameters")
+        return cls()
+
+    def answer_to_wire(self, stats: dict[str, Any]) -> Any:
+        return stats
+
+    def answer_from_wire(self, result: Any) -> dict[str, Any]:
+        return _map(result, "stats answer")
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Admin: stop admitting, hand every client its pages back, then exit.
+    Answered when the drain is over, with what was handed back and what was dropped."""
+
+    method: ClassVar[str] = "drain"
+    sent_by: ClassVar[str] = "client"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Drain":
+        if params not in ({}, None, []):
+            raise MessageError("drain takes no parameters")
+        return cls()
+
+    def answer_to_wire(self, report: dict[str, Any]) -> Any:
+        return report
+
+    def answer_from_wire(self, result: Any) -> dict[str, Any]:
+        return _map(result, "drain answer")
+
+
+Request = Hello | Put | Get | Invalidate | HandBack | Stats | Drain
+REQUESTS: dict[str, type[Request]] = {cls.method: cls for cls in (Hello, Put, Get, Invalidate, HandBack, Stats, Drain)}  # type: ignore[misc]
