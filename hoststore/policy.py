@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .pressure import Snapshot
-from .protocol import PageStatus
+from .messages import PageStatus
+
+DEFAULT_MAX_DEVICE_SIZE = 16 << 40  # 16 TiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +23,7 @@ class Limits:
     low_percent: float = 80.0
     capacity_pages: int = 0  # all clients together; 0 = no pages at all
     quota_pages: int | None = None  # per client; None = no quota
+    max_device_size: int = DEFAULT_MAX_DEVICE_SIZE  # larger devices are refused at hello
 
     def __post_init__(self) -> None:
         if not 0 < self.low_percent <= self.high_percent <= 100:
@@ -31,6 +34,8 @@ class Limits:
             raise ValueError("capacity must not be negative")
         if self.quota_pages is not None and self.quota_pages < 0:
             raise ValueError("quota must not be negative")
+        if self.max_device_size <= 0:
+            raise ValueError("the device size limit must be positive")
 
 
 def under_pressure(snapshot: Snapshot, limits: Limits, was_under_pressure: bool) -> bool:

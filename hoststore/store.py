@@ -1,288 +1,362 @@
-"""Pages in RAM, per client, with the counters.
+"""All clients' pages, the admission state and the counters.
 
-Pages live in a :class:`Slab` of fixed 4 KiB slots (anonymous mmap chunks,
-mapped as the store grows), and each client has two compact arrays indexed by
-page number: the slot holding the page (-1 = not here) and the sequence
-number of the newest version the client ever sent for that page.  No Python
-object exists per stored page.
+Each client's pages live in its own :class:`~hoststore.clientpages.ClientPages`;
+the store decides what to admit (``hoststore.policy``), keeps counters by cause,
+and lends pages out to be handed back.  Everything here is synchronous and
+in memory: the server calls it between reads of the socket.
 
-The sequence numbers make the store safe against requests that arrive late:
-a put that timed out on the client (which then wrote the page to its backing
-file) may still reach the store after a newer version was written.  The
-store refuses any put or invalidate older than what it has seen for a page,
-so an old version can never overwrite or outlive a newer one.
+Sequence numbers keep late requests harmless: a put older than the stored
+version of a page is refused, and an invalidate drops only versions not newer
+than its own.  Requests of one connection are served in order, and a
+reconnect supersedes the old connection before anything else is served, so
+a request sent before another is never applied after it.
 """
 
 from __future__ import annotations
 
-import mmap
+import enum
+import logging
 import secrets
 from array import array
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 
+from . import auth
+from .clientpages import NIL, ClientPages
+from .counters import Counters
+from .messages import (
+    PAGE_SIZE,
+    Get,
+    GetAnswer,
+    HandBack,
+    HandBackCause,
+    Hello,
+    HelloAnswer,
+    Invalidate,
+    PageStatus,
+    Put,
+    TakeStatus,
+    ROLE_PAGER,
+)
 from .policy import Limits, admit, under_pressure
 from .pressure import Sampler
-from .protocol import PAGE_SIZE, PageStatus
+from .slab import SlabFull
 
-CHUNK_PAGES = 8192  # 32 MiB per mmap chunk
-
-
-class Slab:
-    """Fixed-size page slots, allocated on demand up to ``capacity_pages``.
-
-    Freed slots are reused; the mapping does not shrink.
-    """
-
-    def __init__(self, capacity_pages: int, chunk_pages: int = CHUNK_PAGES) -> None:
-        self.capacity = capacity_pages
-        self.chunk_pages = chunk_pages
-        self._chunks: list[mmap.mmap] = []
-        self._free = array("q")
-        self._handed_out = 0  # slots ever taken from fresh chunk space
-        self.used = 0
-
-    def alloc(self) -> int:
-        if self._free:
-            slot = self._free.pop()
-        else:
-            if self._handed_out >= self.capacity:
-                raise MemoryError("slab full")
-            slot = self._handed_out
-            if slot // self.chunk_pages >= len(self._chunks):
-                self._chunks.append(mmap.mmap(-1, self.chunk_pages * PAGE_SIZE))
-            self._handed_out += 1
-        self.used += 1
-        return slot
-
-    def release(self, slot: int) -> None:
-        self._free.append(slot)
-        self.used -= 1
-
-    def write(self, slot: int, page: memoryview) -> None:
-        chunk, index = divmod(slot, self.chunk_pages)
-        off = index * PAGE_SIZE
-        self._chunks[chunk][off : off + PAGE_SIZE] = page
-
-    def read(self, slot: int) -> memoryview:
-        chunk, index = divmod(slot, self.chunk_pages)
-        off = index * PAGE_SIZE
-        return memoryview(self._chunks[chunk])[off : off + PAGE_SIZE]
-
-    @property
-    def mapped_bytes(self) -> int:
-        return len(self._chunks) * self.chunk_pages * PAGE_SIZE
-
-    def close(self) -> None:
-        for chunk in self._chunks:
-            chunk.close()
-        self._chunks.clear()
+log = logging.getLogger("hoststore")
 
 
-class ClientPages:
-    """One client's page index.  ``session`` tells a reconnect from a new instance."""
+class HostCounter(enum.StrEnum):
+    """What the store counts, by cause (pages unless the name says requests)."""
 
-    def __init__(self, name: str, npages: int, session: str) -> None:
-        self.name = name
-        self.npages = npages
-        self.session = session
-        self.slots = array("q", [-1]) * npages
-        self.seqs = array("Q", [0]) * npages
-        self.count = 0
-        self.connected = 0
-
-
-@dataclass
-class HostCounters:
-    """Counted by cause, like zswap's debugfs counters."""
-
-    accepted: int = 0
-    replaced: int = 0  # accepted pages that overwrote an older stored version
-    refused_pressure: int = 0
-    refused_capacity: int = 0
-    refused_quota: int = 0
-    refused_outdated: int = 0
-    stale_dropped: int = 0  # stored copies dropped because their new version was refused
-    reads: int = 0
-    misses: int = 0
-    invalidated: int = 0
-    dropped_sessions: int = 0  # pages dropped because a client came back as a new instance
-    put_requests: int = 0
-    get_requests: int = 0
-    invalidate_requests: int = 0
-    connections: int = 0
-    connections_active: int = 0
-    protocol_errors: int = 0
-    hello_refused: int = 0
+    ACCEPTED = "accepted"
+    REPLACED = "replaced"  # accepted over an older stored version
+    REFUSED_PRESSURE = "refused_pressure"
+    REFUSED_CAPACITY = "refused_capacity"
+    REFUSED_QUOTA = "refused_quota"
+    REFUSED_OUTDATED = "refused_outdated"
+    REFUSED_NOMEM = "refused_nomem"
+    REFUSED_DRAINING = "refused_draining"
+    STALE_DROPPED = "stale_dropped"  # stored copies dropped because their new version was refused
+    READS = "reads"
+    MISSES = "misses"
+    INVALIDATED = "invalidated"
+    DROPPED_SESSIONS = "dropped_sessions"  # pages of a client that came back as a new instance
+    HANDED_BACK_PRESSURE = "handed_back_pressure"  # freed after the client took them back
+    HANDED_BACK_DRAIN = "handed_back_drain"
+    HANDBACK_NOT_NEEDED = "handback_not_needed"  # of those, pages the client no longer needed
+    HANDBACK_FAILED = "handback_failed"  # pages a client could not take (kept)
+    HANDBACK_REQUESTS = "handback_requests"
+    PUT_REQUESTS = "put_requests"
+    GET_REQUESTS = "get_requests"
+    INVALIDATE_REQUESTS = "invalidate_requests"
+    CONNECTIONS = "connections"
+    HELLO_REFUSED = "hello_refused"
+    PROTOCOL_ERRORS = "protocol_errors"  # connections closed for breaking the protocol
+    BAD_REQUESTS = "bad_requests"  # requests answered with an error, connection kept
+    CONNECTION_ERRORS = "connection_errors"  # connections closed by an unexpected error in serving them
+    TAKEOVERS = "takeovers"  # a client's reconnect superseded its old connection
 
 
-_REFUSAL_COUNTER = {
-    PageStatus.REFUSED_PRESSURE: "refused_pressure",
-    PageStatus.REFUSED_CAPACITY: "refused_capacity",
-    PageStatus.REFUSED_QUOTA: "refused_quota",
+REFUSAL_COUNTER = {
+    PageStatus.REFUSED_PRESSURE: HostCounter.REFUSED_PRESSURE,
+    PageStatus.REFUSED_CAPACITY: HostCounter.REFUSED_CAPACITY,
+    PageStatus.REFUSED_QUOTA: HostCounter.REFUSED_QUOTA,
+    PageStatus.REFUSED_OUTDATED: HostCounter.REFUSED_OUTDATED,
+    PageStatus.REFUSED_NOMEM: HostCounter.REFUSED_NOMEM,
+    PageStatus.REFUSED_DRAINING: HostCounter.REFUSED_DRAINING,
+}
+HANDBACK_COUNTER = {
+    HandBackCause.PRESSURE: HostCounter.HANDED_BACK_PRESSURE,
+    HandBackCause.DRAIN: HostCounter.HANDED_BACK_DRAIN,
 }
 
 
 class RequestError(Exception):
-    """A well-formed request the store cannot serve (answered with an error, connection stays)."""
+    """A request the store will not serve (answered with an error; the connection stays)."""
 
 
 class Store:
-    """All clients' pages and the admission state, behind a small interface:
-    :meth:`attach`, :meth:`put`, :meth:`get`, :meth:`invalidate`, :meth:`stats`."""
-
     def __init__(self, limits: Limits, sampler: Sampler) -> None:
         self.limits = limits
         self.sampler = sampler
-        self.slab = Slab(limits.capacity_pages)
         self.clients: dict[str, ClientPages] = {}
-        self.counters = HostCounters()
+        self.client_counters: dict[str, Counters[HostCounter]] = {}
+        self.counters: Counters[HostCounter] = Counters(HostCounter)
         self.instance = secrets.token_hex(8)
         self.pressure = False
+        self.draining = False
+        self.pages = 0  # all clients together
+        self.connections_active = 0
+        self._stamp = 0
 
-    # -- clients --------------------------------------------------------------
+    # -- clients --------------------------------------------------------------------
 
-    def attach(self, name: str, device_size: int, session: str) -> ClientPages:
-        """Register a pager connection.  Same name and session: a reconnect, pages kept.
-        Same name, new session: the old instance's pages are dropped."""
-        if device_size <= 0 or device_size % PAGE_SIZE:
-            raise RequestError(f"device size {device_size} is not a positive multiple of {PAGE_SIZE}")
-        npages = device_size // PAGE_SIZE
-        client = self.clients.get(name)
-        if client is not None and client.session == session and client.npages == npages:
-            client.connected += 1
-            return client
-        if client is not None:
-            if client.connected:
+    def attach(self, hello: Hello, server_nonce: bytes) -> tuple[ClientPages | None, HelloAnswer, object | None]:
+        """Admit a hello: (the client's pages, the answer, a connection this one supersedes).
+
+        A reconnect that proves it is the instance holding the client's secret
+        keeps the pages (and replaces a connection the store still thinks is
+        up); a new instance under the name of a client that is not connected
+        replaces it, and its pages are dropped; a name in use is refused.
+        """
+        if hello.role != ROLE_PAGER:
+            return None, HelloAnswer(self.instance, False, auth.new_secret(), admin=True), None
+        if hello.device_size > self.limits.max_device_size:
+            raise RequestError(f"device size {hello.device_size} is above this store's limit of "
+                               f"{self.limits.max_device_size} bytes (--max-device-size)")
+        name = hello.client
+        old = self.clients.get(name)
+        if old is not None and old.instance == hello.instance and old.npages == hello.npages and auth.check(
+            auth.reconnect_proof(old.secret, name, server_nonce, hello.nonce), hello.proof
+        ):
+            superseded = old.session
+            if superseded is not None:
+                self.counters.add(HostCounter.TAKEOVERS)
+            return old, HelloAnswer(self.instance, True, old.secret), superseded
+        if old is not None:
+            if old.connected:
                 raise RequestError(f"client name {name!r} is in use by another connection")
-            self.counters.dropped_sessions += client.count
-            self._drop_all(client)
-        client = ClientPages(name, npages, session)
-        client.connected = 1
+            log.warning("client %r came back as a new instance: dropping the %d pages of the old one",
+                        name, old.count)
+            self._count(old, HostCounter.DROPPED_SESSIONS, old.count)
+            self.pages -= old.drop_all()
+        client = ClientPages(name, hello.npages, hello.instance, auth.new_secret())
         self.clients[name] = client
-        return client
+        self.client_counters[name] = Counters(HostCounter)
+        return client, HelloAnswer(self.instance, False, client.secret), None
 
-    def detach(self, client: ClientPages) -> None:
-        client.connected -= 1
+    def bind(self, client: ClientPages, session: object) -> None:
+        client.session = session
 
-    def _drop_all(self, client: ClientPages) -> None:
-        for slot in client.slots:
-            if slot >= 0:
-                self.slab.release(slot)
-        client.count = 0
-        client.slots = array("q", [-1]) * client.npages
+    def detach(self, client: ClientPages, session: object) -> None:
+        if client.session is session:
+            client.session = None
 
-    # -- pages ----------------------------------------------------------------
+    def _count(self, client: ClientPages, cause: HostCounter, n: int = 1) -> None:
+        self.counters.add(cause, n)
+        self.client_counters[client.name].add(cause, n)
 
-    def put(self, client: ClientPages, first: int, seq: int, data: bytes) -> bytes:
-        """Offer ``len(data) // PAGE_SIZE`` pages starting at ``first``; one status per page."""
-        if len(data) % PAGE_SIZE:
-            raise RequestError(f"put data of {len(data)} bytes is not whole pages")
-        n = len(data) // PAGE_SIZE
+    def _next_stamp(self) -> int:
+        self._stamp += 1
+        return self._stamp
+
+    # -- pages ----------------------------------------------------------------------
+
+    def put(self, client: ClientPages, msg: Put) -> bytes:
+        """Offer a batch; one status per page.  A refused page's older stored copy is dropped."""
+        first, n, seq = msg.first, msg.n, msg.seq
         self._check_range(client, first, n)
-        c = self.counters
-        c.put_requests += 1
+        self.counters.add(HostCounter.PUT_REQUESTS)
         self.pressure = under_pressure(self.sampler.get(), self.limits, self.pressure)
+        stamp = self._next_stamp()
         out = bytearray(n)
-        view = memoryview(data)
-        slots, seqs, slab = client.slots, client.seqs, self.slab
+        view = memoryview(msg.data)
+        index, seq_of, limits = client.index, client.seq_of, self.limits
+        accepted = replaced = 0
         for i in range(n):
             page = first + i
-            if seq <= seqs[page]:
+            slot = index.get(page)
+            if slot != NIL and seq <= seq_of[slot]:
                 out[i] = PageStatus.REFUSED_OUTDATED
-                c.refused_outdated += 1
+                self._count(client, HostCounter.REFUSED_OUTDATED)
                 continue
-            seqs[page] = seq
-            slot = slots[page]
-            status = admit(self.limits, self.pressure, slab.used, client.count, slot >= 0)
-            if status == PageStatus.STORED:
-                if slot < 0:
-                    slot = slab.alloc()
-                    slots[page] = slot
-                    client.count += 1
-                else:
-                    c.replaced += 1
-                slab.write(slot, view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-                c.accepted += 1
+            if self.draining:
+                status = PageStatus.REFUSED_DRAINING
             else:
-                out[i] = status
-                setattr(c, _REFUSAL_COUNTER[status], getattr(c, _REFUSAL_COUNTER[status]) + 1)
-                if slot >= 0:  # never stale: the old version must not survive a refused new one
-                    self._drop(client, page)
-                    c.stale_dropped += 1
+                status = admit(limits, self.pressure, self.pages, client.count, slot != NIL)
+            data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            if status == PageStatus.STORED:
+                if slot != NIL:
+                    client.replace(slot, seq, data, stamp)
+                    replaced += 1
+                    accepted += 1
+                    continue
+                try:
+                    client.add(page, seq, data, stamp)
+                except SlabFull as exc:
+                    status = PageStatus.REFUSED_NOMEM
+                    log.warning("cannot map memory for a page (%s): refusing with reason nomem", exc)
+                else:
+                    self.pages += 1
+                    accepted += 1
+                    continue
+            out[i] = status
+            self._count(client, REFUSAL_COUNTER[status])
+            if slot != NIL:  # never stale: the old version must not outlive a refused new one
+                client.remove(slot)
+                self.pages -= 1
+                self._count(client, HostCounter.STALE_DROPPED)
+        if accepted:
+            self._count(client, HostCounter.ACCEPTED, accepted)
+        if replaced:
+            self._count(client, HostCounter.REPLACED, replaced)
         return bytes(out)
 
-    def get(self, client: ClientPages, pages: list[int]) -> tuple[bytes, bytes]:
-        """Statuses (STORED or MISSING) and the pages' data, zeros where missing."""
-        if not isinstance(pages, list) or not all(isinstance(p, int) for p in pages):
-            raise RequestError("get takes a list of page numbers")
-        if pages and (min(pages) < 0 or max(pages) >= client.npages):
+    def get(self, client: ClientPages, msg: Get) -> GetAnswer:
+        """Status, version and data of each page asked for (zeros where missing)."""
+        pages = msg.pages
+        n = len(pages)
+        if max(pages) >= client.npages:
             raise RequestError(f"get asks for pages outside the device's {client.npages} pages")
-        self.counters.get_requests += 1
-        status = bytearray(len(pages))
-        data = bytearray(len(pages) * PAGE_SIZE)
-        slots = client.slots
+        self.counters.add(HostCounter.GET_REQUESTS)
+        status = bytearray(n)
+        seqs = array("Q", bytes(8 * n))
+        data = bytearray(n * PAGE_SIZE)
+        stamp = self._next_stamp()
+        index, slab, seq_of = client.index, client.slab, client.seq_of
+        hits = 0
         for i, page in enumerate(pages):
-            slot = slots[page]
-            if slot < 0:
+            slot = index.get(page)
+            if slot == NIL:
                 status[i] = PageStatus.MISSING
-                self.counters.misses += 1
                 continue
-            data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self.slab.read(slot)
-            self.counters.reads += 1
-        return bytes(status), bytes(data)
+            data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = slab.view(slot)
+            seqs[i] = seq_of[slot]
+            client.touch(slot, stamp)
+            hits += 1
+        self._count(client, HostCounter.READS, hits)
+        if hits < n:
+            self._count(client, HostCounter.MISSES, n - hits)
+        return GetAnswer(bytes(status), seqs, data)
 
-    def invalidate(self, client: ClientPages, first: int, count: int, seq: int) -> int:
-        """Drop pages whose stored version is not newer than ``seq``; returns pages dropped."""
-        self._check_range(client, first, count)
-        self.counters.invalidate_requests += 1
+    def invalidate(self, client: ClientPages, msg: Invalidate) -> int:
+        """Drop stored pages in the range whose version is not newer than ``msg.seq``."""
+        self._check_range(client, msg.first, msg.count)
+        self.counters.add(HostCounter.INVALIDATE_REQUESTS)
         dropped = 0
-        slots, seqs = client.slots, client.seqs
-        for page in range(first, first + count):
-            if seqs[page] > seq:
-                continue
-            seqs[page] = seq
-            if slots[page] >= 0:
-                self._drop(client, page)
+        seq_of = client.seq_of
+        for page, _ in client.index.stored_in(msg.first, msg.count):
+            slot = client.index.get(page)  # slots move as pages leave: look each one up again
+            if seq_of[slot] <= msg.seq:
+                client.remove(slot)
                 dropped += 1
-        self.counters.invalidated += dropped
+        self.pages -= dropped
+        self._count(client, HostCounter.INVALIDATED, dropped)
         return dropped
-
-    def _drop(self, client: ClientPages, page: int) -> None:
-        self.slab.release(client.slots[page])
-        client.slots[page] = -1
-        client.count -= 1
 
     @staticmethod
     def _check_range(client: ClientPages, first: int, count: int) -> None:
-        if not (isinstance(first, int) and isinstance(count, int)):
-            raise RequestError("page numbers must be integers")
-        if first < 0 or count < 0 or first + count > client.npages:
-            raise RequestError(
-                f"pages {first}..{first + count} outside the device's {client.npages} pages"
-            )
+        if first + count > client.npages:
+            raise RequestError(f"pages {first}..{first + count - 1} outside the device's {client.npages} pages")
 
-    # -- counters ---------------------------------------------------------------
+    # -- hand-back ------------------------------------------------------------------
 
-    def stats(self) -> dict[str, object]:
+    def lend(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
+        """The client's least recently used pages, to be handed back; None if it has none to lend."""
+        pages, seqs, data = client.lend_oldest(limit)
+        if not pages:
+            return None
+        self.counters.add(HostCounter.HANDBACK_REQUESTS)
+        return HandBack(cause, pages, seqs, data)
+
+    def settle(self, client: ClientPages, handback: HandBack, statuses: bytes) -> int:
+        """Apply a hand-back answer: free what the client took or no longer needs, keep
+        the rest.  A page rewritten meanwhile is no longer lent and stays.  Returns pages freed."""
+        freed = not_needed = failed = 0
+        for page, seq, status in zip(handback.pages, handback.seqs, statuses, strict=True):
+            slot = client.lent_slot(page, seq)
+            if slot == NIL:
+                continue
+            if status == TakeStatus.FAILED:
+                client.unlend(slot)
+                failed += 1
+                continue
+            client.remove(slot)
+            freed += 1
+            not_needed += status == TakeStatus.NOT_NEEDED
+        self.pages -= freed
+        self._count(client, HANDBACK_COUNTER[HandBackCause(handback.cause)], freed)
+        if not_needed:
+            self._count(client, HostCounter.HANDBACK_NOT_NEEDED, not_needed)
+        if failed:
+            self._count(client, HostCounter.HANDBACK_FAILED, failed)
+        return freed
+
+    def unlend(self, client: ClientPages, handback: HandBack) -> None:
+        """No answer came (connection lost, timeout): every page still lent stays stored."""
+        for page, seq in zip(handback.pages, handback.seqs, strict=True):
+            slot = client.lent_slot(page, seq)
+            if slot != NIL:
+                client.unlend(slot)
+
+    def update_pressure(self) -> bool:
+        self.pressure = under_pressure(self.sampler.get(), self.limits, self.pressure)
+        return self.pressure
+
+    def handback_order(self) -> Iterator[ClientPages]:
+        """Connected clients holding pages, in the order pressure should take from them:
+        clients above their quota first, then the one whose oldest page is oldest."""
+        quota = self.limits.quota_pages
+        candidates = [c for c in self.clients.values() if c.connected and c.count > c.lent_count]
+
+        def key(c: ClientPages) -> tuple[int, int]:
+            over = quota is not None and c.count > quota
+            return (0 if over else 1, c.oldest_stamp or 0)
+
+        return iter(sorted(candidates, key=key))
+
+    # -- reporting ------------------------------------------------------------------
+
+    def held(self) -> dict[str, int]:
+        """Pages held per client (for the drain report)."""
+        return {c.name: c.count for c in self.clients.values() if c.count}
+
+    def client_stats(self, client: ClientPages) -> dict[str, object]:
+        stats: dict[str, object] = {
+            "pages": client.count,
+            "device_pages": client.npages,
+            "connected": client.connected,
+            "lent": client.lent_count,
+            "slab_bytes_mapped": client.slab.mapped_bytes,
+            "index_bytes": client.index.nbytes,
+        }
+        stats.update(self.client_counters[client.name].as_dict())
+        return stats
+
+    def stats(self, client: ClientPages | None = None, admin: bool = False) -> dict[str, object]:
+        """The store's counters; per-client detail for an admin, or only the asking client's own."""
         snap = self.sampler.get()
         stats: dict[str, object] = {
-            "pages_stored": self.slab.used,
-            "bytes_stored": self.slab.used * PAGE_SIZE,
-            "slab_bytes_mapped": self.slab.mapped_bytes,
+            "instance": self.instance,
+            "pages_stored": self.pages,
+            "bytes_stored": self.pages * PAGE_SIZE,
+            "slab_bytes_mapped": sum(c.slab.mapped_bytes for c in self.clients.values()),
             "capacity_pages": self.limits.capacity_pages,
             "quota_pages": self.limits.quota_pages,
             "under_pressure": self.pressure,
+            "draining": self.draining,
             "used_percent": snap.used_percent,
             "high_percent": self.limits.high_percent,
             "low_percent": self.limits.low_percent,
             "pressure_samples": self.sampler.samples,
-            "clients": {
-                c.name: {"pages": c.count, "device_pages": c.npages, "connected": c.connected}
-                for c in self.clients.values()
-            },
+            "connections_active": self.connections_active,
         }
-        stats.update(asdict(self.counters))
+        stats.update(self.counters.as_dict())
+        if admin:
+            stats["clients"] = {c.name: self.client_stats(c) for c in self.clients.values()}
+        elif client is not None:
+            stats["clients"] = {client.name: self.client_stats(client)}
         return stats
 
     def close(self) -> None:
-        self.slab.close()
+        for client in self.clients.values():
+            client.slab.close()

@@ -1,15 +1,34 @@
-"""The host's page store: admission, never-stale, sequence numbers, sessions."""
+"""The host's page store: admission, never-stale, versions, identity, memory, hand-back."""
 
 from __future__ import annotations
 
+import random
+from array import array
+
 import pytest
 
+from hoststore import auth
+from hoststore.clientpages import ClientPages
+from hoststore.messages import (
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    ROLE_OBSERVER,
+    ROLE_PAGER,
+    Get,
+    HandBackCause,
+    Hello,
+    Invalidate,
+    PageStatus,
+    Put,
+    TakeStatus,
+)
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
-from hoststore.protocol import PAGE_SIZE, PageStatus
-from hoststore.store import RequestError, Store
+from hoststore.slab import Slab, SlabFull
+from hoststore.store import HostCounter, RequestError, Store
 
 S = PageStatus
+NONCE = b"s" * 16
 
 
 def page(n: int, version: int = 0) -> bytes:
@@ -24,99 +43,286 @@ class Pressure:
         return Snapshot.fake(self.percent)
 
 
-def make_store(capacity: int = 8, quota: int | None = None) -> tuple[Store, Pressure]:
+def make_store(capacity: int = 8, quota: int | None = None, **kw) -> tuple[Store, Pressure]:
     pressure = Pressure()
-    return Store(Limits(capacity_pages=capacity, quota_pages=quota), Sampler(0, source=pressure)), pressure
+    limits = Limits(capacity_pages=capacity, quota_pages=quota, **kw)
+    return Store(limits, Sampler(0, source=pressure)), pressure
 
 
-def test_put_get_roundtrip_and_counters() -> None:
+def hello(name: str = "a", npages: int = 16, instance: str = "i1", nonce: bytes = b"c" * 16,
+          proof: bytes | None = None) -> Hello:
+    return Hello(PROTOCOL_VERSION, name, ROLE_PAGER, npages * PAGE_SIZE, instance, nonce, proof)
+
+
+def attach(store: Store, name: str = "a", npages: int = 16, instance: str = "i1") -> ClientPages:
+    client, answer, _ = store.attach(hello(name, npages, instance), NONCE)
+    assert client is not None and not answer.resumed
+    store.bind(client, object())
+    return client
+
+
+def put(store: Store, c: ClientPages, first: int, seq: int, *pages: bytes) -> bytes:
+    return store.put(c, Put(first, seq, b"".join(pages)))
+
+
+def get(store: Store, c: ClientPages, *pages: int):
+    return store.get(c, Get(array("Q", pages)))
+
+
+def test_put_get_roundtrip_with_versions_and_counters() -> None:
     store, _ = make_store()
-    c = store.attach("a", 16 * PAGE_SIZE, "s1")
-    assert store.put(c, 3, 1, page(3) + page(4)) == bytes([S.STORED, S.STORED])
-    status, data = store.get(c, [4, 3, 5])
-    assert list(status) == [S.STORED, S.STORED, S.MISSING]
-    assert data == page(4) + page(3) + bytes(PAGE_SIZE)
-    st = store.stats()
+    c = attach(store)
+    assert put(store, c, 3, 1, page(3), page(4)) == bytes([S.STORED, S.STORED])
+    ans = get(store, c, 4, 3, 5)
+    assert list(ans.statuses) == [S.STORED, S.STORED, S.MISSING]
+    assert list(ans.seqs) == [1, 1, 0]
+    assert ans.data == page(4) + page(3) + bytes(PAGE_SIZE)
+    st = store.stats(admin=True)
     assert (st["pages_stored"], st["accepted"], st["reads"], st["misses"]) == (2, 2, 2, 1)
+    assert st["clients"]["a"]["pages"] == 2 and st["clients"]["a"]["accepted"] == 2
+    c.check()
 
 
 def test_capacity_refuses_and_replacement_fits() -> None:
     store, _ = make_store(capacity=2)
-    c = store.attach("a", 16 * PAGE_SIZE, "s")
-    out = store.put(c, 0, 1, page(0) + page(1) + page(2))
-    assert list(out) == [S.STORED, S.STORED, S.REFUSED_CAPACITY]
-    assert store.put(c, 1, 2, page(1, 2)) == bytes([S.STORED])  # replaces: no new capacity
-    assert store.get(c, [1])[1] == page(1, 2)
-    assert store.counters.refused_capacity == 1 and store.counters.replaced == 1
+    c = attach(store)
+    assert list(put(store, c, 0, 1, page(0), page(1), page(2))) == [S.STORED, S.STORED, S.REFUSED_CAPACITY]
+    assert put(store, c, 1, 2, page(1, 2)) == bytes([S.STORED])  # replaces: no new capacity
+    assert get(store, c, 1).data == page(1, 2) and list(get(store, c, 1).seqs) == [2]
+    assert store.counters[HostCounter.REFUSED_CAPACITY] == 1 and store.counters[HostCounter.REPLACED] == 1
 
 
 def test_refused_new_version_drops_the_old_copy() -> None:
     store, pressure = make_store()
-    c = store.attach("a", 16 * PAGE_SIZE, "s")
-    store.put(c, 5, 1, page(5, 1))
+    c = attach(store)
+    put(store, c, 5, 1, page(5, 1))
     pressure.percent = 95
-    assert store.put(c, 5, 2, page(5, 2)) == bytes([S.REFUSED_PRESSURE])
-    assert store.get(c, [5])[0] == bytes([S.MISSING])  # never the stale version 1
-    assert store.counters.stale_dropped == 1 and store.stats()["pages_stored"] == 0
+    assert put(store, c, 5, 2, page(5, 2)) == bytes([S.REFUSED_PRESSURE])
+    assert get(store, c, 5).statuses == bytes([S.MISSING])  # never the stale version 1
+    assert store.counters[HostCounter.STALE_DROPPED] == 1 and store.pages == 0
+    c.check()
 
 
 def test_late_older_put_never_overwrites_a_newer_version() -> None:
     store, _ = make_store()
-    c = store.attach("a", 16 * PAGE_SIZE, "s")
-    store.put(c, 0, 7, page(0, 7))
-    assert store.put(c, 0, 6, page(0, 6)) == bytes([S.REFUSED_OUTDATED])
-    assert store.get(c, [0])[1] == page(0, 7)
+    c = attach(store)
+    put(store, c, 0, 7, page(0, 7))
+    assert put(store, c, 0, 6, page(0, 6)) == bytes([S.REFUSED_OUTDATED])
+    assert get(store, c, 0).data == page(0, 7)
 
 
 def test_invalidate_respects_newer_versions() -> None:
     store, _ = make_store()
-    c = store.attach("a", 16 * PAGE_SIZE, "s")
-    store.put(c, 0, 1, page(0) + page(1))
-    store.put(c, 1, 3, page(1, 3))
-    assert store.invalidate(c, 0, 2, 2) == 1  # page 0 (seq 1) dropped, page 1 (seq 3) kept
-    assert list(store.get(c, [0, 1])[0]) == [S.MISSING, S.STORED]
-    # An invalidated slot refuses a late put from before the invalidation.
-    assert store.put(c, 0, 2, page(0, 2)) == bytes([S.REFUSED_OUTDATED])
+    c = attach(store)
+    put(store, c, 0, 1, page(0), page(1))
+    put(store, c, 1, 3, page(1, 3))
+    assert store.invalidate(c, Invalidate(0, 2, 2)) == 1  # page 0 (seq 1) dropped, page 1 (seq 3) kept
+    assert list(get(store, c, 0, 1).statuses) == [S.MISSING, S.STORED]
+    assert get(store, c, 1).data == page(1, 3)
+    c.check()
 
 
 def test_quota_per_client() -> None:
     store, _ = make_store(capacity=8, quota=2)
-    a = store.attach("a", 16 * PAGE_SIZE, "s")
-    b = store.attach("b", 16 * PAGE_SIZE, "s")
-    assert list(store.put(a, 0, 1, page(0) * 3)) == [S.STORED, S.STORED, S.REFUSED_QUOTA]
-    assert list(store.put(b, 0, 1, page(0) * 2)) == [S.STORED, S.STORED]
+    a, b = attach(store, "a"), attach(store, "b")
+    assert list(put(store, a, 0, 1, page(0), page(0), page(0))) == [S.STORED, S.STORED, S.REFUSED_QUOTA]
+    assert list(put(store, b, 0, 1, page(0), page(0))) == [S.STORED, S.STORED]
 
 
-def test_reconnect_keeps_pages_new_session_drops_them() -> None:
+def test_draining_refuses_and_drops_older_copies() -> None:
     store, _ = make_store()
-    c = store.attach("a", 16 * PAGE_SIZE, "s1")
-    store.put(c, 0, 1, page(0) * 3)
+    c = attach(store)
+    put(store, c, 0, 1, page(0))
+    store.draining = True
+    assert put(store, c, 0, 2, page(0, 2), page(1, 2)) == bytes([S.REFUSED_DRAINING] * 2)
+    assert store.pages == 0 and store.counters[HostCounter.REFUSED_DRAINING] == 2
+
+
+def test_reconnect_with_proof_keeps_pages_and_supersedes_the_old_connection() -> None:
+    store, _ = make_store()
+    c = attach(store)
+    old_session = c.session
+    put(store, c, 0, 1, page(0), page(1), page(2))
+    client_nonce = b"x" * 16
+    proof = auth.reconnect_proof(c.secret, "a", NONCE, client_nonce)
+    again, answer, superseded = store.attach(hello(nonce=client_nonce, proof=proof), NONCE)
+    assert again is c and answer.resumed and superseded is old_session and store.pages == 3
+    assert store.counters[HostCounter.TAKEOVERS] == 1
+
+
+def test_name_in_use_without_proof_is_refused_and_a_replay_does_not_work() -> None:
+    store, _ = make_store()
+    c = attach(store)
+    put(store, c, 0, 1, page(0))
     with pytest.raises(RequestError, match="in use"):
-        store.attach("a", 16 * PAGE_SIZE, "s2")
-    store.detach(c)
-    again = store.attach("a", 16 * PAGE_SIZE, "s1")
-    assert again is c and store.stats()["pages_stored"] == 3
-    store.detach(again)
-    fresh = store.attach("a", 16 * PAGE_SIZE, "s2")
-    assert fresh.count == 0 and store.stats()["pages_stored"] == 0
-    assert store.counters.dropped_sessions == 3
+        store.attach(hello(instance="i2"), NONCE)
+    # A hello with a proof made for another server nonce (a replay) proves nothing.
+    stale = auth.reconnect_proof(c.secret, "a", b"o" * 16, b"c" * 16)
+    with pytest.raises(RequestError, match="in use"):
+        store.attach(hello(proof=stale), NONCE)
+    # Once the client is gone, a new instance under its name replaces it (pages dropped).
+    store.detach(c, c.session)
+    fresh, answer, _ = store.attach(hello(instance="i2"), NONCE)
+    assert fresh is not c and not answer.resumed and store.pages == 0
+    assert store.counters[HostCounter.DROPPED_SESSIONS] == 1
 
 
-@pytest.mark.parametrize("first,count", [(-1, 1), (15, 2), (16, 1)])
+def test_device_size_above_the_cap_is_refused_and_memory_follows_pages() -> None:
+    store, _ = make_store(max_device_size=1 << 40)
+    with pytest.raises(RequestError, match="max-device-size"):
+        store.attach(hello(npages=(1 << 40) // PAGE_SIZE + 1), NONCE)
+    # A client claiming a huge device costs nothing until it stores pages.
+    big = attach(store, "big", npages=(1 << 40) // PAGE_SIZE)
+    assert big.index.nbytes == 0 and big.slab.mapped_bytes == 0
+    put(store, big, (1 << 27) + 5, 1, page(1))
+    assert big.index.nbytes == 1024 and big.slab.mapped_bytes == big.slab.chunk_pages * PAGE_SIZE
+
+
+def test_observer_hello_takes_no_name() -> None:
+    store, _ = make_store()
+    client, answer, _ = store.attach(Hello(PROTOCOL_VERSION, "a", ROLE_OBSERVER, 0, "x", NONCE), NONCE)
+    assert client is None and answer.admin and "a" not in store.clients
+
+
+def test_failing_allocation_is_a_refusal_not_a_crash(monkeypatch) -> None:
+    store, _ = make_store(capacity=100)
+    c = attach(store)
+    c.slab.chunk_pages = 2
+
+    def no_memory(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    put(store, c, 0, 1, page(0), page(1))
+    monkeypatch.setattr("hoststore.slab.mmap.mmap", no_memory)
+    out = put(store, c, 2, 1, page(2), page(3))
+    assert list(out) == [S.REFUSED_NOMEM, S.REFUSED_NOMEM]
+    assert store.counters[HostCounter.REFUSED_NOMEM] == 2 and store.pages == 2
+    c.check()
+
+
+def test_slab_gives_memory_back_as_pages_leave() -> None:
+    store, _ = make_store(capacity=10_000)
+    c = attach(store, npages=10_000)
+    c.slab.chunk_pages = 64
+    for first in range(0, 1024, 256):
+        put(store, c, first, 1, *(page(first + i) for i in range(256)))
+    assert c.slab.mapped_bytes >= 1024 * PAGE_SIZE
+    # Drop every other page, then read all back: pages moved to fill holes stay correct.
+    for p in range(0, 1024, 2):
+        store.invalidate(c, Invalidate(p, 1, 1))
+    c.check()
+    ans = get(store, c, *range(1, 1024, 2))
+    assert ans.data == b"".join(page(p) for p in range(1, 1024, 2))
+    assert c.slab.mapped_bytes <= (512 + 2 * 64) * PAGE_SIZE
+    store.invalidate(c, Invalidate(0, 1024, 1))
+    assert c.count == 0 and c.slab.mapped_bytes <= 64 * PAGE_SIZE and c.index.nbytes == 0
+
+
+def test_slab_full_is_reported() -> None:
+    slab = Slab(chunk_pages=1)
+    slab.grow()
+    import mmap as mmap_module
+
+    real = mmap_module.mmap
+    try:
+        mmap_module.mmap = lambda *a, **k: (_ for _ in ()).throw(MemoryError())  # type: ignore[misc]
+        with pytest.raises(SlabFull):
+            slab.grow()
+    finally:
+        mmap_module.mmap = real  # type: ignore[misc]
+
+
+def test_hand_back_lends_oldest_first_and_frees_only_on_answer() -> None:
+    store, _ = make_store(capacity=16)
+    c = attach(store)
+    for p in range(6):
+        put(store, c, p, p + 1, page(p))
+    get(store, c, 0)  # page 0 is now the most recently used
+    hb = store.lend(c, HandBackCause.PRESSURE, 3)
+    assert list(hb.pages) == [1, 2, 3] and list(hb.seqs) == [2, 3, 4]
+    assert hb.data == page(1) + page(2) + page(3)
+    assert store.pages == 6 and c.lent_count == 3  # nothing freed before the answer
+    assert get(store, c, 2).data == page(2)  # still readable while lent
+    nxt = store.lend(c, HandBackCause.PRESSURE, 10)
+    assert 1 not in nxt.pages  # lent pages are not lent twice
+    store.unlend(c, nxt)
+    put(store, c, 3, 99, page(3, 99))  # rewritten while lent: that version stays
+    freed = store.settle(c, hb, bytes([TakeStatus.TAKEN, TakeStatus.FAILED, TakeStatus.TAKEN]))
+    assert freed == 1 and store.pages == 5
+    assert list(get(store, c, 1, 2, 3).statuses) == [S.MISSING, S.STORED, S.STORED]
+    assert get(store, c, 3).data == page(3, 99)
+    assert store.counters[HostCounter.HANDED_BACK_PRESSURE] == 1
+    assert store.counters[HostCounter.HANDBACK_FAILED] == 1 and c.lent_count == 0
+    c.check()
+
+
+def test_handback_order_puts_clients_over_quota_first() -> None:
+    store, _ = make_store(capacity=100, quota=3)
+    a, b = attach(store, "a"), attach(store, "b")
+    put(store, a, 0, 1, page(0), page(1))
+    put(store, b, 0, 2, page(0), page(1), page(2))
+    store.limits = Limits(capacity_pages=100, quota_pages=2)
+    assert [c.name for c in store.handback_order()] == ["b", "a"]
+    store.limits = Limits(capacity_pages=100)
+    assert [c.name for c in store.handback_order()] == ["a", "b"]  # a's oldest page is older
+
+
+def test_random_operations_keep_the_store_consistent() -> None:
+    """Whatever mix of puts, replacements, invalidations and hand-backs, the
+    index, the slab and the LRU list agree, and every page reads back as last stored."""
+    rng = random.Random(7)
+    store, pressure = make_store(capacity=200)
+    c = attach(store, npages=256)
+    c.slab.chunk_pages = 16
+    truth: dict[int, int] = {}
+    lent = []
+    for seq in range(1, 3000):
+        op = rng.random()
+        pressure.percent = 95 if rng.random() < 0.05 else 10
+        if op < 0.5:
+            first = rng.randrange(250)
+            n = rng.randint(1, 6)
+            out = put(store, c, first, seq, *(page(first + i, seq) for i in range(n)))
+            for i, status in enumerate(out):
+                if status == S.STORED:
+                    truth[first + i] = seq
+                elif status != S.REFUSED_OUTDATED:
+                    truth.pop(first + i, None)
+        elif op < 0.7:
+            first = rng.randrange(250)
+            n = rng.randint(1, 30)
+            store.invalidate(c, Invalidate(first, min(n, 256 - first), seq))
+            for p in range(first, min(first + n, 256)):
+                truth.pop(p, None)
+        elif op < 0.85:
+            hb = store.lend(c, HandBackCause.PRESSURE, rng.randint(1, 10))
+            if hb is not None:
+                lent.append(hb)
+        elif lent:
+            hb = lent.pop(rng.randrange(len(lent)))
+            statuses = bytes(rng.choice(list(TakeStatus)) for _ in hb.pages)
+            store.settle(c, hb, statuses)
+            for p, s, st in zip(hb.pages, hb.seqs, statuses):
+                if st != TakeStatus.FAILED and truth.get(p) == s:
+                    del truth[p]
+        c.check()
+        assert store.pages == c.count == len(truth)
+    ans = get(store, c, *range(256))
+    for p in range(256):
+        if p in truth:
+            assert ans.statuses[p] == S.STORED and ans.seqs[p] == truth[p]
+            assert ans.data[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] == page(p, truth[p])
+        else:
+            assert ans.statuses[p] == S.MISSING
+
+
+@pytest.mark.parametrize("first,count", [(15, 2), (16, 1)])
 def test_out_of_range_requests_are_errors(first: int, count: int) -> None:
     store, _ = make_store()
-    c = store.attach("a", 16 * PAGE_SIZE, "s")
+    c = attach(store)
     with pytest.raises(RequestError):
-        store.put(c, first, 1, page(0) * count)
+        put(store, c, first, 1, *(page(0) for _ in range(count)))
     with pytest.raises(RequestError):
-        store.get(c, [first + count - 1 if first >= 0 else first])
-
-
-def test_slab_reuses_freed_slots() -> None:
-    store, _ = make_store(capacity=4)
-    c = store.attach("a", 64 * PAGE_SIZE, "s")
-    for round_ in range(10):
-        base = (round_ % 4) * 4
-        assert store.put(c, base, 2 * round_ + 1, page(base) * 4) == bytes(4)
-        assert store.invalidate(c, base, 4, 2 * round_ + 1) == 4
-    assert store.slab.used == 0 and store.slab.mapped_bytes == store.slab.chunk_pages * PAGE_SIZE
+        get(store, c, first + count - 1)
+    with pytest.raises(RequestError):
+        store.invalidate(c, Invalidate(first, count, 1))

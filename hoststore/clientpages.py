@@ -1,0 +1,194 @@
+"""One client's pages: data, where each page sits, its version, and its age.
+
+Per stored page the store keeps, in arrays indexed by slot (no Python object
+per page): the page number, the sequence number of the stored version, a
+use stamp, and links of a least-recently-used list.  Pages being handed back
+("lent") are taken off that list until the client answers.  Everything is
+dense (see :class:`~hoststore.slab.Slab`): when a page leaves, the last slot
+moves into its place and every array shrinks by one, so memory follows the
+number of pages stored.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from .messages import PAGE_SIZE
+from .slab import PageIndex, Slab
+
+NIL = -1
+
+
+class ClientPages:
+    def __init__(self, name: str, npages: int, instance: str, secret: bytes) -> None:
+        self.name = name
+        self.npages = npages
+        self.instance = instance
+        self.secret = secret
+        self.session: object | None = None  # the connection serving this client, if any
+        self._reset()
+
+    def _reset(self) -> None:
+        self.index = PageIndex()
+        self.slab = Slab()
+        self.page_of = array("Q")
+        self.seq_of = array("Q")
+        self.stamp = array("Q")
+        self.prev = array("i")
+        self.next = array("i")
+        self.lent = bytearray()
+        self.head = NIL  # most recently used
+        self.tail = NIL  # least recently used: handed back first
+        self.lent_count = 0
+
+    @property
+    def count(self) -> int:
+        return self.slab.used
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None
+
+    @property
+    def oldest_stamp(self) -> int | None:
+        return None if self.tail == NIL else self.stamp[self.tail]
+
+    # -- the LRU list -----------------------------------------------------------
+
+    def _link_front(self, slot: int) -> None:
+        self.prev[slot] = NIL
+        self.next[slot] = self.head
+        if self.head != NIL:
+            self.prev[self.head] = slot
+        self.head = slot
+        if self.tail == NIL:
+            self.tail = slot
+
+    def _unlink(self, slot: int) -> None:
+        p, n = self.prev[slot], self.next[slot]
+        if p != NIL:
+            self.next[p] = n
+        else:
+            self.head = n
+        if n != NIL:
+            self.prev[n] = p
+        else:
+            self.tail = p
+
+    def touch(self, slot: int, stamp: int) -> None:
+        self.stamp[slot] = stamp
+        if not self.lent[slot] and self.head != slot:
+            self._unlink(slot)
+            self._link_front(slot)
+
+    # -- pages ----------------------------------------------------------------------
+
+    def add(self, page: int, seq: int, data: memoryview | bytes, stamp: int) -> int:
+        """Store a page not stored yet; raises SlabFull when no memory can be had."""
+        slot = self.slab.grow()
+        self.slab.write(slot, data)
+        self.page_of.append(page)
+        self.seq_of.append(seq)
+        self.stamp.append(stamp)
+        self.prev.append(NIL)
+        self.next.append(NIL)
+        self.lent.append(0)
+        self._link_front(slot)
+        self.index.set(page, slot)
+        return slot
+
+    def replace(self, slot: int, seq: int, data: memoryview | bytes, stamp: int) -> None:
+        """A newer version over a stored one; a page being handed back is taken back from the hand-back."""
+        self.slab.write(slot, data)
+        self.seq_of[slot] = seq
+        if self.lent[slot]:
+            self.lent[slot] = 0
+            self.lent_count -= 1
+            self._link_front(slot)
+        self.touch(slot, stamp)
+
+    def remove(self, slot: int) -> None:
+        """Forget the page in ``slot``; the last slot moves into its place."""
+        if self.lent[slot]:
+            self.lent_count -= 1
+        else:
+            self._unlink(slot)
+        self.index.clear(self.page_of[slot])
+        last = self.slab.used - 1
+        if slot != last:
+            self._move(last, slot)
+        for arr in (self.page_of, self.seq_of, self.stamp, self.prev, self.next):
+            arr.pop()
+        self.lent.pop()
+        self.slab.shrink()
+
+    def _move(self, src: int, dst: int) -> None:
+        self.slab.copy(src, dst)
+        self.page_of[dst] = self.page_of[src]
+        self.seq_of[dst] = self.seq_of[src]
+        self.stamp[dst] = self.stamp[src]
+        self.lent[dst] = self.lent[src]
+        p, n = self.prev[src], self.next[src]
+        self.prev[dst], self.next[dst] = p, n
+        if not self.lent[src]:
+            if p != NIL:
+                self.next[p] = dst
+            else:
+                self.head = dst
+            if n != NIL:
+                self.prev[n] = dst
+            else:
+                self.tail = dst
+        self.index.set(self.page_of[src], dst)
+
+    def drop_all(self) -> int:
+        dropped = self.count
+        self.slab.close()
+        self._reset()
+        return dropped
+
+    # -- hand-back ------------------------------------------------------------------
+
+    def lend_oldest(self, limit: int) -> tuple[array, array, bytearray]:
+        """Take up to ``limit`` least recently used pages off the list to hand back:
+        their page numbers, versions and data (copied)."""
+        pages, seqs = array("Q"), array("Q")
+        slot = self.tail
+        while slot != NIL and len(pages) < limit:
+            pages.append(self.page_of[slot])
+            seqs.append(self.seq_of[slot])
+            slot = self.prev[slot]
+        data = bytearray(len(pages) * PAGE_SIZE)
+        for i, page in enumerate(pages):
+            s = self.index.get(page)
+            data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self.slab.view(s)
+            self._unlink(s)
+            self.lent[s] = 1
+        self.lent_count += len(pages)
+        return pages, seqs, data
+
+    def lent_slot(self, page: int, seq: int) -> int:
+        """The slot still lent out with exactly this version, or NIL."""
+        slot = self.index.get(page)
+        if slot == NIL or not self.lent[slot] or self.seq_of[slot] != seq:
+            return NIL
+        return slot
+
+    def unlend(self, slot: int) -> None:
+        """The client could not take it: back on the list, as if just used."""
+        self.lent[slot] = 0
+        self.lent_count -= 1
+        self._link_front(slot)
+
+    def check(self) -> None:
+        """Internal consistency (tests): index, arrays and list agree."""
+        n = self.count
+        assert all(len(a) == n for a in (self.page_of, self.seq_of, self.stamp, self.prev, self.next, self.lent))
+        assert self.index.count == n
+        for slot in range(n):
+            assert self.index.get(self.page_of[slot]) == slot
+        linked, slot, last = 0, self.head, NIL
+        while slot != NIL:
+            assert not self.lent[slot] and self.prev[slot] == last
+            linked, last, slot = linked + 1, slot, self.next[slot]
+        assert last == self.tail and linked + sum(self.lent) == n and sum(self.lent) == self.lent_count

@@ -1,0 +1,141 @@
+"""Where a client's pages sit in the store's memory, and how they are found.
+
+:class:`Slab` holds page data in anonymous memory chunks, kept *dense*: slots
+``0 .. used-1`` are in use, and freeing a slot moves the last page into the
+hole.  Chunks past the end are unmapped (one spare is kept), so memory the
+store frees goes back to the system instead of staying mapped for ever.
+
+:class:`PageIndex` maps page numbers to slots in small arrays allocated only
+for ranges that hold pages: a client's index grows with the pages it stores,
+not with the device size it claims.
+"""
+
+from __future__ import annotations
+
+import mmap
+from array import array
+from collections.abc import Iterator
+
+from .messages import PAGE_SIZE
+
+CHUNK_PAGES = 1024  # 4 MiB of page data per mapping
+INDEX_SHIFT = 8  # 256 pages per index block (1 KiB)
+INDEX_BLOCK = 1 << INDEX_SHIFT
+_EMPTY_BLOCK = array("i", [-1]) * INDEX_BLOCK
+
+
+class SlabFull(Exception):
+    """No memory could be mapped for another page."""
+
+
+class Slab:
+    def __init__(self, chunk_pages: int = CHUNK_PAGES) -> None:
+        self.chunk_pages = chunk_pages
+        self._chunks: list[mmap.mmap] = []
+        self.used = 0
+
+    def grow(self) -> int:
+        """A new slot at the end (its data is whatever was there)."""
+        slot = self.used
+        if slot // self.chunk_pages >= len(self._chunks):
+            try:
+                self._chunks.append(
+                    mmap.mmap(-1, self.chunk_pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                )
+            except (OSError, MemoryError, ValueError) as exc:
+                raise SlabFull(str(exc)) from None
+        self.used += 1
+        return slot
+
+    def shrink(self) -> None:
+        """Drop the last slot; unmap chunks no longer needed, keeping one spare."""
+        self.used -= 1
+        needed = -(-self.used // self.chunk_pages) + 1
+        while len(self._chunks) > needed:
+            self._chunks.pop().close()
+
+    def view(self, slot: int) -> memoryview:
+        chunk, index = divmod(slot, self.chunk_pages)
+        off = index * PAGE_SIZE
+        return memoryview(self._chunks[chunk])[off : off + PAGE_SIZE]
+
+    def write(self, slot: int, page: memoryview | bytes) -> None:
+        chunk, index = divmod(slot, self.chunk_pages)
+        off = index * PAGE_SIZE
+        self._chunks[chunk][off : off + PAGE_SIZE] = page
+
+    def copy(self, src: int, dst: int) -> None:
+        self.write(dst, self.view(src))
+
+    @property
+    def mapped_bytes(self) -> int:
+        return len(self._chunks) * self.chunk_pages * PAGE_SIZE
+
+    def close(self) -> None:
+        for chunk in self._chunks:
+            try:
+                chunk.close()
+            except BufferError:  # a view still exported (a test holding one); the GC unmaps it
+                pass
+        self._chunks.clear()
+        self.used = 0
+
+
+class PageIndex:
+    """page -> slot (-1: not stored), in 256-page blocks that exist only while used."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, array] = {}
+        self._counts: dict[int, int] = {}
+        self.count = 0
+
+    def get(self, page: int) -> int:
+        block = self._blocks.get(page >> INDEX_SHIFT)
+        return -1 if block is None else block[page & (INDEX_BLOCK - 1)]
+
+    def set(self, page: int, slot: int) -> None:
+        key = page >> INDEX_SHIFT
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._blocks[key] = array("i", _EMPTY_BLOCK)
+            self._counts[key] = 0
+        i = page & (INDEX_BLOCK - 1)
+        if block[i] < 0:
+            self._counts[key] += 1
+            self.count += 1
+        block[i] = slot
+
+    def clear(self, page: int) -> None:
+        key = page >> INDEX_SHIFT
+        block = self._blocks.get(key)
+        i = page & (INDEX_BLOCK - 1)
+        if block is None or block[i] < 0:
+            return
+        block[i] = -1
+        self.count -= 1
+        self._counts[key] -= 1
+        if not self._counts[key]:
+            del self._blocks[key], self._counts[key]
+
+    def stored_in(self, first: int, count: int) -> list[tuple[int, int]]:
+        """(page, slot) of every stored page in ``first .. first + count``."""
+        lo, hi = first >> INDEX_SHIFT, (first + count - 1) >> INDEX_SHIFT
+        if hi - lo + 1 > len(self._blocks):
+            keys: Iterator[int] | range = iter(sorted(k for k in self._blocks if lo <= k <= hi))
+        else:
+            keys = range(lo, hi + 1)
+        out = []
+        end = first + count
+        for key in keys:
+            block = self._blocks.get(key)
+            if block is None:
+                continue
+            base = key << INDEX_SHIFT
+            for i, slot in enumerate(block):
+                if slot >= 0 and first <= base + i < end:
+                    out.append((base + i, slot))
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._blocks) * INDEX_BLOCK * 4
