@@ -14,10 +14,10 @@ from .address import Address, parse_address
 from .cliutil import argtype
 from .hardening import harden
 from .logsetup import setup_logging
-from .policy import Limits
-from .pressure import Sampler
-from .protocol import PAGE_SIZE
-from .server import open_listener, serve
+from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
+from .messages import PAGE_SIZE
+from .pressure import Sampler, parse_source
+from .server import Server, ServerConfig, fmt_pages, open_listener
 from .sizes import parse_size
 from .store import Store
 
@@ -37,6 +37,16 @@ examples:
 
 The TCP listener has no authentication: bind it to loopback or a trusted network.
 """
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{text} is not positive")
+    return value
 
 
 def _percent(text: str) -> float:
@@ -68,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after refusing, accept again once used memory falls to PCT%% (default 80)")
     ap.add_argument("--pressure-interval", type=float, default=0.005, metavar="SECONDS",
                     help="read memory pressure at most this often (default 0.005)")
+    ap.add_argument("--pressure-source", type=argtype(parse_source), default=parse_source("psutil"),
+                    metavar="SOURCE",
+                    help="where memory pressure comes from: psutil (this machine, the default) or file:PATH "
+                         "(a used-memory percentage read from PATH, for experiments and tests)")
+    ap.add_argument("--max-device-size", type=argtype(parse_size), default=DEFAULT_MAX_DEVICE_SIZE,
+                    metavar="SIZE", help="refuse clients whose device is larger (default 16T)")
+    ap.add_argument("--handback-rate", type=argtype(parse_size), default=100 << 20, metavar="SIZE",
+                    help="under pressure, hand pages back to their clients at most this fast, per second "
+                         "(default 100M)")
+    ap.add_argument("--drain-timeout", type=argtype(_positive), default=60.0, metavar="SECONDS",
+                    help="on SIGTERM/SIGINT or `vswapctl drain`, how long to wait for clients that are "
+                         "not connected to come and take their pages back (default 60)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
@@ -86,27 +108,49 @@ def limits_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> L
         low_percent=args.low_watermark,
         capacity_pages=args.capacity // PAGE_SIZE,
         quota_pages=None if args.quota is None else args.quota // PAGE_SIZE,
+        max_device_size=args.max_device_size,
     )
 
 
-async def run(addresses: list[Address], store: Store) -> None:
+async def run(addresses: list[Address], server: Server) -> None:
+    """Serve until a drain finishes.  The first SIGTERM/SIGINT starts the drain;
+    a second one exits at once, saying which pages it drops."""
     try:
         listeners = [await open_listener(a) for a in addresses]
     except OSError as exc:
         raise SystemExit(f"hoststore: error: cannot listen: {exc.strerror or exc}") from None
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(serve, listeners, store)
-            log.info("listening on %s; capacity %d pages", ", ".join(map(str, bound)),
-                     store.limits.capacity_pages)
-            async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
+    # Our socket files, by inode: at exit, remove them only if no newer daemon took the path.
+    ours = {a.path: os.stat(a.path).st_ino for a in addresses if a.kind == "unix"}
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_signals() -> None:
+                    draining = False
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if not draining:
+                            draining = True
+                            log.info("%s: draining (send it again to exit at once, dropping what is left)", name)
+                            nursery.start_soon(server.drain)
+                            continue
+                        dropped = server.dropped_now()
+                        for client, n in dropped.items():
+                            log.error("%s again: exiting at once, DROPPING %s of client %r", name,
+                                      fmt_pages(n), client)
+                        if not dropped:
+                            log.info("%s again: exiting at once; nothing is left to drop", name)
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch_signals)
+                await server.serve(listeners)  # returns once a drain has finished
                 nursery.cancel_scope.cancel()
-                break
-    for a in addresses:
-        if a.kind == "unix":
+    finally:
+        for path, ino in ours.items():
             try:
-                os.unlink(a.path)
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
             except OSError:
                 pass
 
@@ -117,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     limits = limits_from_args(ap, args)
     setup_logging(args.verbose, "hoststore")
     harden(log)
-    store = Store(limits, Sampler(args.pressure_interval))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
+    store = Store(limits, Sampler(args.pressure_interval, source=args.pressure_source))
+    server = Server(store, ServerConfig(
+        handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
+    ))
     try:
-        trio.run(run, args.listen, store)
+        trio.run(run, args.listen, server)
     finally:
         store.close()
     return 0

@@ -73,3 +73,31 @@ class Sampler:
             self._taken_at = now
             self.samples += 1
         return self._snapshot
+
+
+class FileSource:
+    """Pressure read from a file holding a used-memory percentage: a pressure
+    source that experiments and tests can steer (``--pressure-source file:PATH``).
+    Where the file is missing or does not hold a number, the machine's real
+    pressure is used."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self) -> Snapshot:
+        try:
+            with open(self.path) as f:
+                percent = float(f.read().strip())
+        except (OSError, ValueError):
+            return sample()
+        return Snapshot.fake(min(max(percent, 0.0), 100.0))
+
+
+def parse_source(text: str) -> Callable[[], Snapshot]:
+    """``psutil`` (the machine's memory) or ``file:PATH``; ValueError otherwise."""
+    if text == "psutil":
+        return sample
+    kind, sep, path = text.partition(":")
+    if kind == "file" and sep and path:
+        return FileSource(path)
+    raise ValueError(f"pressure source {text!r} is not 'psutil' or 'file:PATH'")

@@ -1,9 +1,15 @@
-"""trio listeners and one task per connection, dispatching requests to the :class:`Store`.
+"""trio listeners, one :class:`Session` per connection, hand-back and drain.
 
-Store operations are in-memory and synchronous, so a connection's requests
-are served in the order they arrive and all answers to one read from the
-socket leave in one write: a pipelining client sees one round trip per burst,
-not per request.
+A session serves its connection's requests in order, synchronously against
+the :class:`~hoststore.store.Store`, and yields between them.  Whatever goes
+wrong while serving one connection closes that connection only, and is
+counted: no peer can take the store (and every other client's pages) down.
+
+Pages leave the store towards their client in two cases, by one path
+(:meth:`Server.hand_back`): under memory pressure, the least recently used
+pages at a bounded rate; and on a drain (SIGTERM, SIGINT, ``vswapctl drain``),
+every page.  The store frees a page only once its client has answered that it
+took it.
 """
 
 from __future__ import annotations
@@ -13,18 +19,35 @@ import logging
 import os
 import socket
 import stat
+import struct
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
 
+from . import auth
 from . import protocol as p
 from .address import Address
-from .store import ClientPages, RequestError, Store
+from .clientpages import ClientPages
+from .endpoint import Endpoint, PeerGone, RemoteError
+from .messages import (
+    Drain,
+    Get,
+    HandBack,
+    HandBackCause,
+    Hello,
+    Invalidate,
+    MessageError,
+    Put,
+    Stats,
+    Welcome,
+)
+from .store import HostCounter, RequestError, Store
 
 log = logging.getLogger("hoststore")
 
-RECEIVE_SIZE = 1 << 20
 SERVER_NAME = "hoststore"
+INVALIDATE_SLICE = 1 << 16  # pages dropped between two yields to other connections
 
 
 async def open_listener(address: Address) -> trio.SocketListener:
@@ -64,129 +87,309 @@ def listener_address(listener: trio.SocketListener) -> Address:
     return Address("tcp", host=name[0], port=name[1])
 
 
+def peer_uid(stream: trio.abc.Stream) -> int | None:
+    """The uid of a unix-socket peer (SO_PEERCRED), None for TCP."""
+    sock = getattr(stream, "socket", None)
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    handback_batch: int = 256  # pages per hand-back request
+    handback_rate: float = 25600.0  # pages per second under pressure (100 MiB/s)
+    handback_timeout: float = 30.0  # a client that does not answer in time keeps its pages, for now
+    handback_interval: float = 0.05  # how often pressure is checked for hand-back
+    drain_timeout: float = 60.0  # how long a drain waits for clients that are not connected
+    drain_window: int = 4  # hand-back requests in flight per client while draining
+
+
+class _Superseded(Exception):
+    """This connection's client reconnected on another: stop serving this one."""
+
+
 class Session:
-    """The server's state for one connection: protocol core plus the attached client."""
+    """One connection: its protocol state, and the client it serves once the hello is done."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.conn = p.Connection("server")
+    def __init__(self, server: "Server", stream: trio.abc.Stream) -> None:
+        self.server = server
+        self.store = server.store
+        self.endpoint = Endpoint(stream, p.Connection("server"))
+        self.nonce = auth.nonce()
+        uid = peer_uid(stream)
+        self.admin = uid is not None and uid in (0, os.geteuid())
         self.client: ClientPages | None = None
+        self.superseded = False
+        self._scope: trio.CancelScope | None = None
 
-    def handle(self, event: p.Event) -> bytes:
-        if isinstance(event, p.Request):
-            return self._request(event)
-        return b""  # responses to our own requests and notifications: none defined yet
-
-    def _request(self, req: p.Request) -> bytes:
-        if req.method == p.HELLO:
-            return self._hello(req)
+    async def run(self) -> None:
+        store = self.store
+        store.counters.add(HostCounter.CONNECTIONS)
+        store.connections_active += 1
         try:
-            result = self._call(req.method, req.params)
-        except RequestError as exc:
-            return self.conn.send_response(req.msgid, str(exc), None)
-        return self.conn.send_response(req.msgid, None, result)
+            with trio.CancelScope() as self._scope:
+                if self.superseded:
+                    return
+                welcome = Welcome(p.PROTOCOL_VERSION, SERVER_NAME, store.instance, self.nonce)
+                await self.endpoint.send(self.endpoint.conn.send_welcome(welcome))
+                await self.endpoint.receive_loop(self._handle)
+        except p.ProtocolError as exc:
+            store.counters.add(HostCounter.PROTOCOL_ERRORS)
+            log.warning("closing a connection%s: %s", self._who(), exc)
+        except (PeerGone, _Superseded):
+            pass
+        except Exception:  # noqa: BLE001 - one connection's failure must not reach the listener
+            store.counters.add(HostCounter.CONNECTION_ERRORS)
+            log.exception("closing a connection%s after an error", self._who())
+        finally:
+            if self.client is not None:
+                store.detach(self.client, self)
+                self.server.client_changed()
+            store.connections_active -= 1
+            await self.endpoint.aclose()
 
-    def _hello(self, req: p.Request) -> bytes:
-        params = req.params if isinstance(req.params, dict) else {}
-        version = params.get("version")
-        if version != p.PROTOCOL_VERSION:
-            self.store.counters.hello_refused += 1
-            return self.conn.refuse_hello(
-                req.msgid, f"protocol version {version!r} not supported (this server speaks {p.PROTOCOL_VERSION})"
-            )
-        role = params.get("role")
-        name = params.get("client")
+    def _who(self) -> str:
+        return f" of client {self.client.name!r}" if self.client is not None else ""
+
+    def supersede(self) -> None:
+        """The client reconnected elsewhere: serve nothing more here, at once."""
+        self.superseded = True
+        self.endpoint.close()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def _handle(self, event: p.RequestReceived | p.BadRequest) -> bytes | None:
+        if self.superseded:
+            raise _Superseded()
+        conn = self.endpoint.conn
+        if isinstance(event, p.BadRequest):
+            if not conn.established:  # a bad hello: refused, and the connection closes
+                self.store.counters.add(HostCounter.HELLO_REFUSED)
+                return conn.refuse_hello(event.msgid, event.reason)
+            self.store.counters.add(HostCounter.BAD_REQUESTS)
+            return conn.send_error(event.msgid, event.reason)
+        msg = event.message
+        if isinstance(msg, Hello):
+            return self._hello(event.msgid, msg)
         try:
-            if role == p.ROLE_PAGER:
-                if not isinstance(name, str) or not name:
-                    raise RequestError("a pager's hello needs a client name")
-                self.client = self.store.attach(
-                    name, _int(params.get("device_size")), str(params.get("session", ""))
-                )
-            elif role != p.ROLE_OBSERVER:
-                raise RequestError(f"unknown role {role!r}")
+            answer = await self._serve(msg)
         except RequestError as exc:
-            self.store.counters.hello_refused += 1
-            return self.conn.refuse_hello(req.msgid, str(exc))
-        log.info("hello from %s %r", role, name)
-        return self.conn.accept_hello(
-            req.msgid,
-            {
-                "version": p.PROTOCOL_VERSION,
-                "server": SERVER_NAME,
-                "instance": self.store.instance,
-                "page_size": p.PAGE_SIZE,
-            },
-        )
+            self.store.counters.add(HostCounter.BAD_REQUESTS)
+            return conn.send_error(event.msgid, str(exc))
+        await trio.lowlevel.checkpoint()  # let other connections in between requests
+        return conn.send_answer(event.msgid, msg, answer)
 
-    def _call(self, method: str, params: Any) -> Any:
-        if method == p.STATS:
-            return self.store.stats()
+    def _hello(self, msgid: int, hello: Hello) -> bytes:
+        conn = self.endpoint.conn
+        try:
+            client, answer, superseded = self.store.attach(hello, self.nonce)
+        except RequestError as exc:
+            self.store.counters.add(HostCounter.HELLO_REFUSED)
+            log.info("hello from %r refused: %s", hello.client, exc)
+            return conn.refuse_hello(msgid, str(exc))
+        if isinstance(superseded, Session):
+            log.info("client %r reconnected: closing its old connection", hello.client)
+            superseded.supersede()
+        if client is not None:
+            self.store.bind(client, self)
+            self.client = client
+            self.server.client_changed()
+        log.info("hello from %s %r (%s)", hello.role, hello.client, "resumed" if answer.resumed else "new")
+        return conn.accept_hello(msgid, replace(answer, admin=self.admin))
+
+    async def _serve(self, msg: Any) -> Any:
+        store = self.store
+        if isinstance(msg, Stats):
+            return store.stats(self.client, admin=self.admin)
+        if isinstance(msg, Drain):
+            if not self.admin:
+                raise RequestError("drain needs an admin connection (root or the store's own user)")
+            return await self.server.drain()
         client = self.client
         if client is None:
-            raise RequestError(f"{method!r} needs a pager connection")
-        if not isinstance(params, list):
-            raise RequestError(f"{method!r} params must be an array")
-        if method == p.PUT and len(params) == 3 and isinstance(params[2], bytes):
-            return self.store.put(client, _int(params[0]), _int(params[1]), params[2])
-        if method == p.GET and len(params) == 1:
-            return list(self.store.get(client, params[0]))
-        if method == p.INVALIDATE and len(params) == 3:
-            return self.store.invalidate(client, _int(params[0]), _int(params[1]), _int(params[2]))
-        raise RequestError(f"unknown method {method!r} or bad params")
+            raise RequestError(f"{msg.method!r} needs a pager connection")
+        if isinstance(msg, Put):
+            return store.put(client, msg)
+        if isinstance(msg, Get):
+            return store.get(client, msg)
+        if isinstance(msg, Invalidate):
+            return await self._invalidate(client, msg)
+        raise RequestError(f"{msg.method!r} is not served here")
 
-    def close(self) -> None:
-        if self.client is not None:
-            self.store.detach(self.client)
-            self.client = None
+    async def _invalidate(self, client: ClientPages, msg: Invalidate) -> int:
+        """A long range is dropped in slices, yielding in between, so that one
+        client's huge invalidate cannot hold the store for everyone else."""
+        dropped = 0
+        end = msg.first + msg.count
+        if end > client.npages:
+            raise RequestError(f"pages {msg.first}..{end - 1} outside the device's {client.npages} pages")
+        for first in range(msg.first, end, INVALIDATE_SLICE):
+            part = Invalidate(first, min(INVALIDATE_SLICE, end - first), msg.seq)
+            dropped += self.store.invalidate(client, part)
+            if end - first > INVALIDATE_SLICE:
+                await trio.sleep(0)
+        return dropped
 
-
-def _int(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise RequestError(f"expected an integer, got {type(value).__name__}")
-    return value
-
-
-async def handle_stream(stream: trio.abc.Stream, store: Store) -> None:
-    """Serve one connection until EOF, a transport error or a protocol error."""
-    counters = store.counters
-    counters.connections += 1
-    counters.connections_active += 1
-    session = Session(store)
-    try:
-        while not session.conn.closed:
-            data = await stream.receive_some(RECEIVE_SIZE)
-            if not data:
-                break
-            session.conn.receive_data(data)
-            out = []
-            while not session.conn.closed and (event := session.conn.next_event()) is not None:
-                out.append(session.handle(event))
-            if out:
-                await stream.send_all(b"".join(out))
-    except p.ProtocolError as exc:
-        counters.protocol_errors += 1
-        log.warning("closing connection: %s", exc)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        session.close()
-        counters.connections_active -= 1
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+    async def hand_back(self, handback: HandBack, timeout: float) -> bytes:
+        """Ask the client to take pages back; its per-page answer."""
+        with trio.fail_after(timeout):
+            return await self.endpoint.request(handback)
 
 
-async def serve(
-    listeners: list[trio.SocketListener],
-    store: Store,
-    *,
-    task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve on ``listeners`` until cancelled; reports the bound addresses through ``task_status``."""
+class Server:
+    """The store behind its listeners, with the hand-back and drain machinery."""
 
-    async def handler(stream: trio.abc.Stream) -> None:
-        await handle_stream(stream, store)
+    def __init__(self, store: Store, config: ServerConfig | None = None) -> None:
+        self.store = store
+        self.config = config or ServerConfig()
+        self._changed = trio.Event()
+        self._drain_started = False
+        self._drain_done = trio.Event()
+        self.drain_report: dict[str, Any] | None = None
+        self._nursery: trio.Nursery | None = None
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handler, listeners)
-        task_status.started([listener_address(lst) for lst in listeners])
+    def client_changed(self) -> None:
+        """A client connected or left: wake whoever waits for that (the drain)."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        try:
+            await Session(self, stream).run()
+        except Exception:  # noqa: BLE001 - never let a connection reach serve_listeners
+            log.exception("error setting up a connection")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def serve(self, listeners: list[trio.SocketListener], *,
+                    task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled, or until a drain has finished."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
+            nursery.start_soon(self._pressure_loop)
+            bound = [listener_address(lst) for lst in listeners]
+            log.info("listening on %s; capacity %d pages", ", ".join(map(str, bound)),
+                     self.store.limits.capacity_pages)
+            task_status.started(bound)
+            await self._drain_done.wait()
+            await trio.sleep(0.2)  # let the drain's requester get its answer out
+            nursery.cancel_scope.cancel()
+
+    # -- hand-back --------------------------------------------------------------------
+
+    async def hand_back(self, client: ClientPages, cause: HandBackCause, limit: int) -> int:
+        """Lend up to ``limit`` of the client's oldest pages, hand them back, settle
+        with the answer.  Pages freed; pages without an answer stay stored."""
+        session = client.session
+        handback = self.store.lend(client, cause, limit) if isinstance(session, Session) else None
+        if handback is None:
+            return 0
+        try:
+            statuses = await session.hand_back(handback, self.config.handback_timeout)  # type: ignore[union-attr]
+        except (PeerGone, RemoteError, trio.TooSlowError, MessageError) as exc:
+            self.store.unlend(client, handback)
+            log.warning("client %r did not take %d pages back (%s): they stay here",
+                        client.name, len(handback.pages), exc or type(exc).__name__)
+            return 0
+        except BaseException:
+            self.store.unlend(client, handback)
+            raise
+        return self.store.settle(client, handback, statuses)
+
+    async def _pressure_loop(self) -> None:
+        """While the host is under pressure (hysteresis: from the high watermark down
+        to the low one), hand the least recently used pages back at a bounded rate."""
+        cfg = self.config
+        per_round = max(1, int(cfg.handback_rate * cfg.handback_interval))
+        while True:
+            await trio.sleep(cfg.handback_interval)
+            if self.store.draining or not self.store.pages or not self.store.update_pressure():
+                continue
+            budget = per_round
+            for client in self.store.handback_order():
+                if budget <= 0:
+                    break
+                freed = await self.hand_back(client, HandBackCause.PRESSURE, min(budget, cfg.handback_batch))
+                budget -= max(freed, 1)
+
+    # -- drain ------------------------------------------------------------------------
+
+    async def drain(self) -> dict[str, Any]:
+        """Stop admitting, hand every page back, and report; the server then stops.
+        Concurrent callers share one drain."""
+        if not self._drain_started:
+            self._drain_started = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._drain)
+        await self._drain_done.wait()
+        assert self.drain_report is not None
+        return self.drain_report
+
+    async def _drain(self) -> None:
+        store = self.store
+        store.draining = True
+        before = {c.name: c.count for c in store.clients.values() if c.count}
+        log.info("draining: refusing new pages, handing %d pages of %d client(s) back",
+                 store.pages, len(before))
+        active: set[str] = set()
+        with trio.move_on_after(self.config.drain_timeout):
+            async with trio.open_nursery() as nursery:
+                while store.pages:
+                    for client in store.clients.values():
+                        if client.connected and client.count and client.name not in active:
+                            active.add(client.name)
+                            nursery.start_soon(self._drain_client, client, active)
+                    changed = self._changed
+                    with trio.move_on_after(0.5):
+                        await changed.wait()
+                nursery.cancel_scope.cancel()
+        held = store.held()
+        self.drain_report = {
+            "handed_back": {name: n - held.get(name, 0) for name, n in before.items()},
+            "dropped": held,
+        }
+        if held:
+            for name, n in held.items():
+                log.error("DRAIN INCOMPLETE: client %r still has %d pages here (%d MiB); they are lost "
+                          "when the store exits", name, n, n * p.PAGE_SIZE >> 20)
+        else:
+            log.info("drain complete: every page was handed back")
+        self._drain_done.set()
+
+    async def _drain_client(self, client: ClientPages, active: set[str]) -> None:
+        """Hand one client's pages back with a few requests in flight, until it holds
+        none or its connection goes (it is picked up again when it reconnects)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.config.drain_window):
+                    nursery.start_soon(self._drain_worker, client)
+        finally:
+            active.discard(client.name)
+            self.client_changed()
+
+    async def _drain_worker(self, client: ClientPages) -> None:
+        backoff = 0.05
+        while client.connected and client.count:
+            if client.count == client.lent_count:
+                await trio.sleep(0.01)  # the other workers have the rest in flight
+                continue
+            freed = await self.hand_back(client, HandBackCause.DRAIN, self.config.handback_batch)
+            if freed:
+                backoff = 0.05
+            else:
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def dropped_now(self) -> dict[str, int]:
+        """What an immediate exit would lose, by client."""
+        return self.store.held()
+
+
+def fmt_pages(n: int) -> str:
+    return f"{n} pages ({n * p.PAGE_SIZE / (1 << 20):.1f} MiB)" if n else "no pages"
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from array import array
 
 import msgpack
 import pytest
@@ -10,27 +11,39 @@ import trio
 
 from hoststore import protocol as p
 from hoststore.address import Address
+from hoststore.messages import (
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    Drain,
+    PageStatus,
+    Stats,
+    TakeStatus,
+    Welcome,
+)
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
-from hoststore.server import open_listener, serve
-from hoststore.store import Store
-from vswapfs.hostclient import HostClient, StoreError, StoreUnavailable, query
+from hoststore.server import Server, ServerConfig, open_listener
+from hoststore.store import HostCounter, Store
+from vswapfs.hostclient import HostClient, LinkCounter, query
+from vswapfs.pagestore import StoreError, StoreUnavailable
 
-PAGE = p.PAGE_SIZE
+PAGE = PAGE_SIZE
 
 
 def page(n: int) -> bytes:
     return n.to_bytes(8, "little") * (PAGE // 8)
 
 
-def new_store(capacity: int = 64) -> Store:
-    return Store(Limits(capacity_pages=capacity), Sampler(0, source=lambda: Snapshot.fake(10)))
+def new_store(capacity: int = 64, pressure: list[float] | None = None) -> Store:
+    level = pressure if pressure is not None else [10.0]
+    return Store(Limits(capacity_pages=capacity), Sampler(0, source=lambda: Snapshot.fake(level[0])))
 
 
-async def start_server(nursery: trio.Nursery, path: str, store: Store) -> Address:
+async def start_server(nursery: trio.Nursery, path: str, store: Store, **config) -> tuple[Address, Server]:
     listener = await open_listener(Address("unix", path=path))
-    [address] = await nursery.start(serve, [listener], store)
-    return address
+    server = Server(store, ServerConfig(**config))
+    [address] = await nursery.start(server.serve, [listener])
+    return address, server
 
 
 async def start_client(nursery: trio.Nursery, address: Address, name: str = "c", npages: int = 128) -> HostClient:
@@ -39,27 +52,53 @@ async def start_client(nursery: trio.Nursery, address: Address, name: str = "c",
     return client
 
 
+async def raw_connection(address: Address) -> tuple[trio.SocketStream, p.Connection]:
+    """A hand-driven client: the welcome is read and checked, nothing else is done."""
+    stream = await trio.open_unix_socket(address.path)
+    conn = p.Connection("client")
+    conn.receive_data(await stream.receive_some(65536))
+    assert isinstance(conn.next_event(), Welcome)
+    return stream, conn
+
+
+def frame(obj) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return p.HEADER.pack(len(body)) + body
+
+
+async def read_closed(stream: trio.SocketStream) -> bool:
+    """True once the server has closed the connection (everything it sent is read)."""
+    with trio.fail_after(5):
+        while True:
+            try:
+                data = await stream.receive_some(1 << 20)
+            except trio.BrokenResourceError:
+                return True
+            if not data:
+                return True
+
+
 async def test_put_get_invalidate_roundtrip(tmp_path) -> None:
     store = new_store()
     async with trio.open_nursery() as nursery:
-        address = await start_server(nursery, str(tmp_path / "s"), store)
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store)
         client = await start_client(nursery, address)
         assert client.connected
-        status = await client.put(10, 1, page(10) + page(11))
-        assert status == bytes(2)
-        st, data = await client.get([11, 10, 12])
-        assert list(st) == [p.PageStatus.STORED, p.PageStatus.STORED, p.PageStatus.MISSING]
-        assert data[: 2 * PAGE] == page(11) + page(10)
+        assert await client.put(10, 1, page(10) + page(11)) == bytes(2)
+        ans = await client.get(array("Q", [11, 10, 12]))
+        assert list(ans.statuses) == [PageStatus.STORED, PageStatus.STORED, PageStatus.MISSING]
+        assert ans.data[: 2 * PAGE] == page(11) + page(10) and list(ans.seqs) == [1, 1, 0]
         assert await client.invalidate(10, 2, 1) == 2
-        stats = await query(address, p.STATS, {})
+        stats = await query(address, Stats())
         assert stats["pages_stored"] == 0 and stats["put_requests"] == 1 and stats["invalidated"] == 2
+        assert stats["clients"]["c"]["invalidated"] == 2  # an admin (same uid) sees every client
         nursery.cancel_scope.cancel()
 
 
 async def test_pipelined_concurrent_batches(tmp_path) -> None:
     store = new_store(capacity=1024)
     async with trio.open_nursery() as nursery:
-        address = await start_server(nursery, str(tmp_path / "s"), store)
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store)
         client = await start_client(nursery, address, npages=1024)
         results: dict[int, bytes] = {}
 
@@ -70,44 +109,87 @@ async def test_pipelined_concurrent_batches(tmp_path) -> None:
             for i in range(100):
                 inner.start_soon(writer, i)
         assert all(r == bytes(8) for r in results.values()) and len(results) == 100
-        assert store.counters.put_requests == 100  # one request per batch, not per page
-        _, data = await client.get(list(range(800)))
-        assert data == b"".join(page(k) for k in range(800))
+        assert store.counters[HostCounter.PUT_REQUESTS] == 100  # one request per batch, not per page
+        ans = await client.get(array("Q", range(800)))
+        assert ans.data == b"".join(page(k) for k in range(800))
         nursery.cancel_scope.cancel()
 
 
 async def test_malformed_message_closes_only_that_connection(tmp_path) -> None:
     store = new_store()
     async with trio.open_nursery() as nursery:
-        address = await start_server(nursery, str(tmp_path / "s"), store)
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store)
         client = await start_client(nursery, address)
-        bad = await trio.open_unix_socket(address.path)
-        await bad.send_all(msgpack.packb([0, 0, p.HELLO, {"version": p.PROTOCOL_VERSION, "role": "observer"}]))
-        await bad.receive_some(65536)
-        await bad.send_all(b"\xc1\xc1\xc1")
-        assert await bad.receive_some(65536) == b""  # closed by the server
-        assert store.counters.protocol_errors == 1
-        assert await client.put(0, 1, page(0)) == bytes(1)  # the pager's connection lives on
+        assert await client.put(0, 1, page(0)) == bytes(1)
+        bad, _ = await raw_connection(address)
+        await bad.send_all(p.HEADER.pack(3) + b"\xc1\xc1\xc1")
+        assert await read_closed(bad)
+        assert store.counters[HostCounter.PROTOCOL_ERRORS] == 1
+        assert await client.put(1, 2, page(1)) == bytes(1)  # the pager's connection lives on
+        assert (await client.get(array("Q", [0]))).data == page(0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_poison_hello_is_refused_and_the_store_lives(tmp_path) -> None:
+    """A hello claiming a 2**62-byte device used to kill the store (MemoryError)."""
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store)
+        client = await start_client(nursery, address)
+        assert await client.put(0, 1, page(0)) == bytes(1)
+        for size in (1 << 62, (1 << 48) - PAGE, 17 << 40):
+            raw, conn = await raw_connection(address)
+            hello = {"version": PROTOCOL_VERSION, "client": "evil", "role": "pager", "device_size": size,
+                     "instance": "x", "nonce": b"n" * 16}
+            await raw.send_all(frame([p.REQUEST, 0, "hello", hello]))
+            answer = msgpack.unpackb((await raw.receive_some(65536))[4:])
+            assert answer[0] == p.RESPONSE and answer[2] is not None
+            assert await read_closed(raw)
+        assert store.counters[HostCounter.HELLO_REFUSED] + store.counters[HostCounter.BAD_REQUESTS] >= 3
+        assert "evil" not in store.clients
+        assert (await client.get(array("Q", [0]))).data == page(0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_exception_in_one_connection_closes_only_it(tmp_path, monkeypatch) -> None:
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store)
+        good = await start_client(nursery, address, name="good")
+        assert await good.put(0, 1, page(0)) == bytes(1)
+        real_get = store.get
+
+        def exploding_get(client, msg):
+            if client.name == "bad":
+                raise MemoryError("poison")
+            return real_get(client, msg)
+
+        monkeypatch.setattr(store, "get", exploding_get)
+        bad = await start_client(nursery, address, name="bad")
+        with pytest.raises(StoreUnavailable):
+            await bad.get(array("Q", [0]))
+        with trio.fail_after(5):
+            while store.counters[HostCounter.CONNECTION_ERRORS] < 1:
+                await trio.sleep(0.01)
+        assert (await good.get(array("Q", [0]))).data == page(0)
         nursery.cancel_scope.cancel()
 
 
 async def test_hello_with_wrong_version_is_refused(tmp_path) -> None:
     store = new_store()
     async with trio.open_nursery() as nursery:
-        address = await start_server(nursery, str(tmp_path / "s"), store)
-        raw = await trio.open_unix_socket(address.path)
-        await raw.send_all(msgpack.packb([0, 0, p.HELLO, {"version": 999}]))
-        answer = msgpack.unpackb(await raw.receive_some(65536))
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store)
+        raw, _ = await raw_connection(address)
+        await raw.send_all(frame([p.REQUEST, 0, "hello", {"version": 999}]))
+        answer = msgpack.unpackb((await raw.receive_some(65536))[4:])
         assert answer[0] == p.RESPONSE and "version" in answer[2]
-        assert await raw.receive_some(65536) == b""
-        assert store.counters.hello_refused == 1
         nursery.cancel_scope.cancel()
 
 
 async def test_request_errors_keep_the_connection(tmp_path) -> None:
     store = new_store()
     async with trio.open_nursery() as nursery:
-        address = await start_server(nursery, str(tmp_path / "s"), store)
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store)
         client = await start_client(nursery, address, npages=4)
         with pytest.raises(StoreError, match="outside"):
             await client.put(4, 1, page(0))
@@ -115,28 +197,37 @@ async def test_request_errors_keep_the_connection(tmp_path) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_client_reconnects_after_server_restart(tmp_path) -> None:
+async def test_client_reconnects_and_resumes_or_learns_its_pages_are_gone(tmp_path) -> None:
     path = str(tmp_path / "s")
+    store = new_store()
+    lost: list[int] = []
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as server_nursery:
-            address = await start_server(server_nursery, path, new_store())
+            address, _ = await start_server(server_nursery, path, store)
             client = await start_client(outer, address)
+            client.set_handlers(None, lambda: lost.append(client.epoch))  # type: ignore[arg-type]
             await client.put(0, 1, page(0))
-            first_instance = client.instance
+            first_instance = client.store_instance
             server_nursery.cancel_scope.cancel()
-        with pytest.raises(StoreUnavailable):
+        # The same store instance comes back (a new listener): the client proves who it is and resumes.
+        async with trio.open_nursery() as server_nursery:
+            await start_server(server_nursery, path, store)
             with trio.fail_after(5):
-                while True:  # until the client notices the loss
-                    await client.put(0, 2, page(0))
+                while client.counters[LinkCounter.CONNECTS] < 2:
                     await trio.sleep(0.01)
+            assert client.hello_answer.resumed and lost == [] and client.epoch == 0
+            assert (await client.get(array("Q", [0]))).data == page(0)
+            server_nursery.cancel_scope.cancel()
+        # A new store instance: the pages are gone, and the pager hears it before anything else.
         async with trio.open_nursery() as server_nursery:
             await start_server(server_nursery, path, new_store())
             with trio.fail_after(5):
-                await client.wait_connected()
-            assert client.instance != first_instance and client.counters.host_restarts == 1
-            # The new store never had page 0: a read of it must report it missing.
-            status, _ = await client.get([0])
-            assert status == bytes([p.PageStatus.MISSING])
+                while client.counters[LinkCounter.CONNECTS] < 3:
+                    await trio.sleep(0.01)
+            assert client.store_instance != first_instance and lost == [1]
+            assert client.counters[LinkCounter.HOST_RESTARTS] == 1
+            assert client.counters[LinkCounter.SESSIONS_LOST] == 1
+            assert (await client.get(array("Q", [0]))).statuses == bytes([PageStatus.MISSING])
             server_nursery.cancel_scope.cancel()
         outer.cancel_scope.cancel()
 
@@ -149,22 +240,25 @@ async def test_client_matches_out_of_order_answers(tmp_path) -> None:
     sock.listen(1)
 
     async def reverse_server() -> None:
+        from hoststore.messages import HelloAnswer
+
         conn_sock, _ = await sock.accept()
         stream = trio.SocketStream(conn_sock)
         conn = p.Connection("server")
-        pending: list[p.Request] = []
+        await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "rev", "x", b"n" * 16)))
+        pending: list[p.RequestReceived] = []
         while True:
             data = await stream.receive_some(1 << 20)
             if not data:
                 return
             conn.receive_data(data)
             while (event := conn.next_event()) is not None:
-                if event.method == p.HELLO:
-                    await stream.send_all(conn.accept_hello(event.msgid, {"instance": "x"}))
+                if event.message.method == "hello":
+                    await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
                 else:
                     pending.append(event)
             if len(pending) >= 4:
-                out = b"".join(conn.send_response(r.msgid, None, r.params[0][0]) for r in reversed(pending))
+                out = b"".join(conn.send_answer(r.msgid, r.message, r.message.first) for r in reversed(pending))
                 pending.clear()
                 await stream.send_all(out)
 
@@ -174,7 +268,7 @@ async def test_client_matches_out_of_order_answers(tmp_path) -> None:
         got: dict[int, int] = {}
 
         async def ask(i: int) -> None:
-            got[i] = await client.call(p.GET, [[i]])
+            got[i] = await client.invalidate(i, 10, 1)
 
         async with trio.open_nursery() as inner:
             for i in range(4):
@@ -189,7 +283,7 @@ async def test_unreachable_store_fails_fast(tmp_path) -> None:
         assert not client.connected
         with pytest.raises(StoreUnavailable):
             await client.put(0, 1, page(0))
-        assert client.counters.connect_failures >= 1
+        assert client.counters[LinkCounter.CONNECT_FAILURES] >= 1
         nursery.cancel_scope.cancel()
 
 
@@ -198,16 +292,16 @@ async def test_refused_hello_is_retried_not_fatal(tmp_path) -> None:
     retrying in the background instead of dying, and connects once the name is free."""
     store = new_store()
     async with trio.open_nursery() as nursery:
-        address = await start_server(nursery, str(tmp_path / "s"), store)
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store)
         async with trio.open_nursery() as first_nursery:
             first = await start_client(first_nursery, address, name="same")
             second = await start_client(nursery, address, name="same")
             with trio.fail_after(5):
-                while second.counters.connect_failures < 3:
+                while second.counters[LinkCounter.HELLO_REFUSED] < 3:
                     await trio.sleep(0.01)
-            assert first.connected and not second.connected and store.counters.hello_refused >= 3
+            assert first.connected and not second.connected
+            assert store.counters[HostCounter.HELLO_REFUSED] >= 3
             first_nursery.cancel_scope.cancel()
-        # The second client is a different session: once the name is free it attaches.
         with trio.fail_after(5):
             await second.wait_connected()
         nursery.cancel_scope.cancel()
@@ -218,6 +312,147 @@ async def test_query_against_a_silent_server_times_out_cleanly(tmp_path) -> None
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)
     sock.listen(1)  # accepts connections, never answers
-    with pytest.raises(StoreUnavailable, match="did not answer"):
-        await query(Address("unix", path=path), p.STATS, {}, timeout=0.2)
+    with pytest.raises(StoreUnavailable, match="did not answer|no welcome"):
+        await query(Address("unix", path=path), Stats(), timeout=0.2)
     sock.close()
+
+
+async def test_store_hands_pages_back_under_pressure(tmp_path) -> None:
+    level = [10.0]
+    store = new_store(capacity=256, pressure=level)
+    taken: list[list[int]] = []
+
+    async def take_back(handback) -> bytes:
+        taken.append(list(handback.pages))
+        return bytes([TakeStatus.TAKEN]) * len(handback.pages)
+
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store, handback_interval=0.01,
+                                        handback_rate=1000)
+        client = await start_client(nursery, address)
+        client.set_handlers(take_back, lambda: None)
+        await client.put(0, 1, b"".join(page(i) for i in range(40)))
+        await client.get(array("Q", range(20)))  # pages 20..39 are now the oldest
+        level[0] = 95.0  # above the high watermark
+        with trio.fail_after(5):
+            while store.pages > 20:
+                await trio.sleep(0.01)
+        level[0] = 85.0  # between the watermarks: hysteresis keeps handing back
+        with trio.fail_after(5):
+            while store.pages > 10:
+                await trio.sleep(0.01)
+        level[0] = 70.0  # below the low watermark: stops
+        await trio.sleep(0.1)
+        remaining = store.pages
+        await trio.sleep(0.1)
+        assert store.pages == remaining > 0
+        first_pages = [pg for batch in taken for pg in batch][:20]
+        assert sorted(first_pages) == list(range(20, 40))  # least recently used first
+        assert store.counters[HostCounter.HANDED_BACK_PRESSURE] == 40 - remaining
+        nursery.cancel_scope.cancel()
+
+
+async def test_drain_hands_everything_back_then_the_server_stops(tmp_path) -> None:
+    store = new_store(capacity=256)
+
+    async def take_back(handback) -> bytes:
+        return bytes([TakeStatus.TAKEN]) * len(handback.pages)
+
+    async with trio.open_nursery() as nursery:
+        listener = await open_listener(Address("unix", path=str(tmp_path / "s")))
+        server = Server(store, ServerConfig(handback_batch=16))
+        address = Address("unix", path=str(tmp_path / "s"))
+        served = trio.Event()
+
+        async def serve() -> None:
+            await server.serve([listener])
+            served.set()
+
+        nursery.start_soon(serve)
+        with trio.fail_after(5):
+            while not (tmp_path / "s").exists():
+                await trio.sleep(0.01)
+        client = await start_client(nursery, address)
+        client.set_handlers(take_back, lambda: None)
+        await client.put(0, 1, b"".join(page(i) for i in range(100)))
+        report = await query(address, Drain(), timeout=10)
+        assert report == {"handed_back": {"c": 100}, "dropped": {}}
+        assert store.pages == 0 and store.counters[HostCounter.HANDED_BACK_DRAIN] == 100
+        with trio.fail_after(5):
+            await served.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_store_request_then_hangup_is_survived(tmp_path) -> None:
+    """A store that sends a hand-back and hangs up: the client saves the pages,
+    counts nothing as an error, and reconnects."""
+    path = str(tmp_path / "s")
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(4)
+    from hoststore.messages import HandBack, HelloAnswer
+
+    async def rude_server() -> None:
+        while True:
+            conn_sock, _ = await sock.accept()
+            stream = trio.SocketStream(conn_sock)
+            conn = p.Connection("server")
+            await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "rude", "x", b"n" * 16)))
+            conn.receive_data(await stream.receive_some(65536))
+            event = conn.next_event()
+            await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
+            _, wire = conn.send_request(HandBack("drain", array("Q", [1]), array("Q", [5]), page(1)))
+            await stream.send_all(wire)
+            await stream.aclose()
+
+    seen: list[int] = []
+
+    async def take_back(handback) -> bytes:
+        await trio.sleep(0.05)  # still saving when the connection is gone
+        seen.extend(handback.pages)
+        return bytes([TakeStatus.TAKEN])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rude_server)
+        client = await start_client(nursery, Address("unix", path=path))
+        client.set_handlers(take_back, lambda: None)
+        with trio.fail_after(5):
+            while client.counters[LinkCounter.CONNECTS] < 3 or len(seen) < 2:
+                await trio.sleep(0.01)
+        assert seen[:2] == [1, 1] and client.counters[LinkCounter.ERRORS] == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\x00\x00\x03\xc1\xc1\xc1",  # not msgpack
+    p.HEADER.pack(0x7FFFFFF0),  # an impossible length
+    frame([p.RESPONSE, 12345, None, None]),  # an answer to nothing
+    frame([p.REQUEST, 1, "handback", ["drain", b"\x01", b"", b""]]),  # a malformed hand-back
+    frame([p.REQUEST, 1, "put", [0, 1, bytes(PAGE)]]),  # a request a store never sends
+])
+async def test_a_misbehaving_store_is_disconnected_and_counted(tmp_path, garbage: bytes) -> None:
+    path = str(tmp_path / "s")
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(4)
+    from hoststore.messages import HelloAnswer
+
+    async def bad_server() -> None:
+        conn_sock, _ = await sock.accept()
+        stream = trio.SocketStream(conn_sock)
+        conn = p.Connection("server")
+        await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "bad", "x", b"n" * 16)))
+        conn.receive_data(await stream.receive_some(65536))
+        event = conn.next_event()
+        await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
+        await stream.send_all(garbage)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bad_server)
+        client = await start_client(nursery, Address("unix", path=path))
+        with trio.fail_after(5):
+            while not client.counters[LinkCounter.PROTOCOL_ERRORS]:
+                await trio.sleep(0.01)
+        assert client.counters[LinkCounter.ERRORS] == 0
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,134 @@
+"""The trio side of one connection, shared by the store and its clients.
+
+An :class:`Endpoint` owns a stream and its :class:`~hoststore.protocol.Connection`:
+any number of tasks may send requests at once (answers are matched by msgid,
+in whatever order they come), and :meth:`Endpoint.receive_loop` hands every
+incoming request to the owner's handler.  Answers produced while one read's
+worth of requests is handled leave in one write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from . import protocol as p
+
+RECEIVE_SIZE = 1 << 18
+
+
+class PeerGone(Exception):
+    """The connection closed before the answer came."""
+
+
+class RemoteError(Exception):
+    """The peer answered the request with an error."""
+
+
+class _Waiter:
+    __slots__ = ("event", "response")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.response: p.Response | None = None
+
+
+Handler = Callable[[p.RequestReceived | p.BadRequest], Awaitable[bytes | None]]
+
+
+class Endpoint:
+    def __init__(self, stream: trio.abc.Stream, conn: p.Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self._waiters: dict[int, _Waiter] = {}
+        self._send_lock = trio.Lock()
+        self.closed = trio.Event()
+
+    async def request(self, message: p.Request) -> Any:
+        """Send a request and wait for its typed answer.  The caller puts the deadline around it."""
+        if self.closed.is_set():
+            raise PeerGone("connection closed")
+        try:
+            msgid, data = self.conn.send_request(message)
+        except p.ProtocolError as exc:
+            self.close()
+            raise PeerGone(str(exc)) from None
+        waiter = self._waiters[msgid] = _Waiter()
+        try:
+            await self.send(data)
+            await waiter.event.wait()
+        finally:
+            self._waiters.pop(msgid, None)
+        response = waiter.response
+        if response is None:
+            raise PeerGone("connection lost")
+        if response.error is not None:
+            raise RemoteError(response.error)
+        return response.answer
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            if self.closed.is_set():
+                raise PeerGone("connection closed")
+            try:
+                await self.stream.send_all(data)
+            except trio.Cancelled:
+                # A send cut short leaves part of a frame on the wire: nothing
+                # after it could be understood, so the connection is done.
+                self.close()
+                raise
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.close()
+                raise PeerGone(f"send failed: {exc}") from None
+
+    async def receive_loop(self, handle: Handler, on_event: Callable[[p.Event], None] | None = None) -> None:
+        """Read until the peer hangs up.  Requests go to ``handle``; what it returns
+        is sent once the read's events are all handled.  Raises ProtocolError for a
+        peer that broke the protocol; returns on EOF or a broken transport."""
+        try:
+            while not self.conn.closed:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
+                if not data:
+                    return
+                self.conn.receive_data(data)
+                out: list[bytes] = []
+                while not self.conn.closed and (event := self.conn.next_event()) is not None:
+                    if isinstance(event, p.Response):
+                        self._deliver(event)
+                    elif isinstance(event, p.RequestReceived | p.BadRequest):
+                        answer = await handle(event)
+                        if answer:
+                            out.append(answer)
+                    elif on_event is not None:
+                        on_event(event)
+                if out:
+                    try:
+                        await self.send(b"".join(out))
+                    except PeerGone:
+                        return
+        finally:
+            self.close()
+
+    def _deliver(self, response: p.Response) -> None:
+        waiter = self._waiters.get(response.msgid)
+        if waiter is not None:  # None: its caller gave up (timeout) and left
+            waiter.response = response
+            waiter.event.set()
+
+    def close(self) -> None:
+        """Mark the connection dead and wake every caller still waiting for an answer."""
+        if not self.closed.is_set():
+            self.closed.set()
+            self.conn.close()
+            for waiter in self._waiters.values():
+                waiter.event.set()
+
+    async def aclose(self) -> None:
+        self.close()
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
