@@ -62,3 +62,13 @@ def swap_unavailable() -> str | None:
     except cgroup.CgroupUnavailable as exc:
         return str(exc)
     return None
+
+
+@pytest.fixture
+def autojump_clock():
+    """pytest-trio's autojump clock, but one that waits 50 ms of real idleness
+    before jumping: the backing file's I/O runs in worker threads, and a clock
+    that jumps the moment every task waits would leap ahead while a thread works."""
+    import trio.testing
+
+    return trio.testing.MockClock(autojump_threshold=0.05)

@@ -53,6 +53,10 @@ class Daemons:
     def log(self, name: str):
         return open(os.path.join(self.workdir, f"{name}.log"), "ab")
 
+    def read_log(self, name: str) -> str:
+        with open(os.path.join(self.workdir, f"{name}.log"), errors="replace") as f:
+            return f.read()
+
     def start_hoststore(self) -> None:
         argv = [sys.executable, "-m", "hoststore", "--listen", f"unix:{self.socket}",
                 "--capacity", self.capacity, *self.extra_hoststore]
@@ -84,10 +88,10 @@ class Daemons:
         import trio
 
         from hoststore.address import Address
-        from hoststore.protocol import STATS
+        from hoststore.messages import Stats
         from vswapfs.hostclient import query
 
-        return trio.run(query, Address("unix", path=self.socket), STATS, {})
+        return trio.run(query, Address("unix", path=self.socket), Stats())
 
     def wait_host_connected(self, timeout: float = 10) -> None:
         wait_for(lambda: self.stats()["host_connected"], timeout, "vswapfs connected to the store")

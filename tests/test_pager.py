@@ -1,4 +1,4 @@
-"""The page rules, against a fake store that refuses, stalls, disconnects and forgets."""
+"""The page rules, against a fake store that refuses, stalls, disconnects, dies and lies."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import random
 import pytest
 import trio
 
-from hoststore.protocol import PAGE_SIZE
+from hoststore.messages import PAGE_SIZE, HandBackCause
 from vswapfs.backing import Backing
-from vswapfs.pagemap import BACKING, HOST
-from vswapfs.pager import InvalidIO, Pager, PageUnavailable
+from vswapfs.pagemap import BACKING, HOST, HOST_WT, LOST
+from vswapfs.pager import InvalidIO, Pager, PageUnavailable, WriteFailed
 
 from .fakestore import FakeStore
 
@@ -32,13 +32,17 @@ def backing(disk_dir: str):
 def make(backing: Backing, capacity: int | None = None, **kw) -> tuple[Pager, FakeStore]:
     store = FakeStore(NPAGES, capacity)
     return Pager(backing, store, write_timeout=kw.get("write_timeout", 1.0),
-                 read_timeout=kw.get("read_timeout", 5.0)), store
+                 read_timeout=kw.get("read_timeout", 5.0), writethrough=kw.get("writethrough", False)), store
+
+
+def stat(pager: Pager, name: str) -> int:
+    return pager.stats()[name]
 
 
 async def test_unwritten_pages_read_as_zeros(backing: Backing) -> None:
     pager, _ = make(backing)
     assert await pager.read(0, 8 * PAGE_SIZE) == bytes(8 * PAGE_SIZE)
-    assert pager.counters.zero_reads == 8
+    assert stat(pager, "zero_reads") == 8
 
 
 @pytest.mark.parametrize("offset,length", [(1, PAGE_SIZE), (0, 100), (NPAGES * PAGE_SIZE, PAGE_SIZE),
@@ -49,9 +53,10 @@ async def test_unaligned_or_out_of_range_write_is_einval(backing: Backing, offse
         await pager.write(offset, bytes(length))
 
 
-async def test_read_at_end_is_short(backing: Backing) -> None:
+async def test_read_at_or_past_the_end_is_short(backing: Backing) -> None:
     pager, _ = make(backing)
     assert await pager.read(NPAGES * PAGE_SIZE, PAGE_SIZE) == b""
+    assert await pager.read((NPAGES + 5) * PAGE_SIZE, PAGE_SIZE) == b""
     assert len(await pager.read((NPAGES - 1) * PAGE_SIZE, 4 * PAGE_SIZE)) == PAGE_SIZE
     with pytest.raises(InvalidIO):
         await pager.read(100, PAGE_SIZE)
@@ -70,13 +75,12 @@ async def test_refuse_every_nth_page_random_io(backing: Backing) -> None:
     for p in range(NPAGES):
         expected = page(p, truth[p]) if p in truth else bytes(PAGE_SIZE)
         assert await pager.read(p * PAGE_SIZE, PAGE_SIZE) == expected, p
-    # Whole-device read mixing host, backing and unwritten pages.
     whole = await pager.read(0, NPAGES * PAGE_SIZE)
     assert whole == b"".join(page(p, truth[p]) if p in truth else bytes(PAGE_SIZE) for p in range(NPAGES))
-    c = pager.counters
-    assert c.host_writes > 0 and c.backing_writes > 0
-    assert c.refused_pressure == c.fallback_refused == c.backing_writes
-    assert pager.map.counts()["host"] == store.store.stats()["pages_stored"]
+    s = pager.stats()
+    assert s["host_writes"] > 0 and s["backing_writes"] > 0
+    assert s["refused_pressure"] == s["fallback_refused"] == s["backing_writes"]
+    assert s["pages_host"] == store.pages_stored and s["checksum_errors"] == 0
 
 
 async def test_refused_new_version_is_never_stale(backing: Backing) -> None:
@@ -87,32 +91,35 @@ async def test_refused_new_version_is_never_stale(backing: Backing) -> None:
     await pager.write(0, page(0, 2))
     assert pager.map.get(0) == BACKING
     assert await pager.read(0, PAGE_SIZE) == page(0, 2)
-    assert pager.counters.stale_dropped == 1
-    assert store.store.stats()["pages_stored"] == 0  # the store dropped version 1 too
+    assert stat(pager, "stale_dropped") == 1
+    assert store.pages_stored == 0  # the store dropped version 1 too
 
 
 async def test_capacity_overflow_goes_to_backing(backing: Backing) -> None:
-    pager, store = make(backing, capacity=10)
+    pager, _ = make(backing, capacity=10)
     await pager.write(0, b"".join(page(i, 1) for i in range(32)))
-    assert pager.map.counts() == {"host": 10, "backing": 22, "unwritten": NPAGES - 32}
-    assert pager.counters.refused_capacity == 22
+    counts = pager.map.counts()
+    assert (counts["host"], counts["backing"]) == (10, 22)
+    assert stat(pager, "refused_capacity") == 22
     assert await pager.read(0, 32 * PAGE_SIZE) == b"".join(page(i, 1) for i in range(32))
 
 
-async def test_slow_store_falls_back_within_the_timeout(backing: Backing, autojump_clock) -> None:
+async def test_slow_store_falls_back_and_the_late_put_is_dropped(backing: Backing, autojump_clock) -> None:
     pager, store = make(backing, write_timeout=0.5)
-    store.delay = 10.0
+    store.latency = 10.0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pager.drop_orphans)
         start = trio.current_time()
-        await pager.write(0, page(0, 1) * 1)
+        await pager.write(0, page(0, 1))
         assert trio.current_time() - start == pytest.approx(0.5)
-        assert pager.map.get(0) == BACKING and pager.counters.fallback_timeout == 1
+        assert pager.map.get(0) == BACKING and stat(pager, "fallback_timeout") == 1
         assert await pager.read(0, PAGE_SIZE) == page(0, 1)
-        # The stalled put lands later; the orphan invalidation then removes it from the store.
-        await trio.sleep(30)
-        assert pager.counters.orphan_invalidations == 1
-        assert store.store.stats()["pages_stored"] == 0
+        # The put really reaches the store at t=10 ...
+        await trio.sleep(10)
+        assert store.store.counters["put_requests"] == 1  # type: ignore[index]
+        # ... and the orphan invalidation, queued behind it, removes it.
+        await trio.sleep(20)
+        assert stat(pager, "orphan_invalidations") == 1 and store.pages_stored == 0
         nursery.cancel_scope.cancel()
 
 
@@ -120,12 +127,13 @@ async def test_timed_out_old_version_never_hides_a_newer_one(backing: Backing, a
     pager, store = make(backing, write_timeout=0.5)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pager.drop_orphans)
-        store.delay = 10.0
-        await pager.write(0, page(0, 1))  # times out, lands in the store late
-        store.delay = 0.0
+        store.stalled = True
+        await pager.write(0, page(0, 1))  # times out: to the backing file, still on the wire
+        store.release()  # v1 lands, then its invalidation
+        await trio.sleep(1)
         await pager.write(0, page(0, 2))  # accepted at once
-        await trio.sleep(30)  # the late v1 put and the orphan invalidation both arrive now
-        assert pager.map.get(0) == HOST
+        await trio.sleep(30)
+        assert pager.map.get(0) == HOST and store.pages_stored == 1
         assert await pager.read(0, PAGE_SIZE) == page(0, 2)
         nursery.cancel_scope.cancel()
 
@@ -134,7 +142,7 @@ async def test_unreachable_store_writes_go_to_backing(backing: Backing) -> None:
     pager, store = make(backing)
     store.disconnect()
     await pager.write(4 * PAGE_SIZE, page(4, 1) + page(5, 1))
-    assert pager.counters.fallback_unreachable == 2 and pager.map.counts()["backing"] == 2
+    assert stat(pager, "fallback_unreachable") == 2 and pager.map.counts()["backing"] == 2
     assert await pager.read(4 * PAGE_SIZE, 2 * PAGE_SIZE) == page(4, 1) + page(5, 1)
 
 
@@ -143,23 +151,15 @@ async def test_old_copy_rewritten_during_an_outage_leaves_the_store(backing: Bac
     await pager.write(0, page(0, 1) + page(1, 1))
     store.disconnect()
     await pager.write(0, page(0, 2))  # to the backing file; the store still holds version 1
-    assert store.store.stats()["pages_stored"] == 2
+    assert store.pages_stored == 2
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pager.drop_orphans)
         store.reconnect()
         with trio.fail_after(5):
-            while store.store.stats()["pages_stored"] != 1:
+            while store.pages_stored != 1:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert await pager.read(0, 2 * PAGE_SIZE) == page(0, 2) + page(1, 1)  # page 1 untouched
-
-
-async def test_connection_lost_during_put_falls_back(backing: Backing) -> None:
-    pager, store = make(backing)
-    store.drop_connection_in_call = True
-    await pager.write(0, page(0, 1))
-    assert pager.counters.fallback_unreachable == 1
-    assert await pager.read(0, PAGE_SIZE) == page(0, 1)
 
 
 async def test_read_waits_for_reconnect(backing: Backing, autojump_clock) -> None:
@@ -185,10 +185,155 @@ async def test_read_from_a_gone_store_is_eio_not_zeros(backing: Backing, autojum
     assert trio.current_time() - start == pytest.approx(5.0)
 
 
-async def test_page_the_store_lost_is_eio(backing: Backing) -> None:
+async def test_a_page_the_store_does_not_hold_is_lost_and_fails_fast(backing: Backing) -> None:
     pager, store = make(backing)
     await pager.write(0, page(0, 1) + page(1, 1))
-    store.store.invalidate(store.client, 1, 1, 10**9)  # e.g. the store restarted
+    from hoststore.messages import Invalidate
+
+    store.store.invalidate(store.client, Invalidate(1, 1, 10**9))  # the store forgot page 1
     with pytest.raises(PageUnavailable):
         await pager.read(0, 2 * PAGE_SIZE)
-    assert pager.counters.read_failures == 1
+    assert pager.map.get(1) == LOST and stat(pager, "pages_lost") == 1
+    store.disconnect()  # a read of a lost page does not even ask
+    with pytest.raises(PageUnavailable):
+        await pager.read(PAGE_SIZE, PAGE_SIZE)
+    assert stat(pager, "lost_reads") == 1
+    store.reconnect()
+    assert await pager.read(0, PAGE_SIZE) == page(0, 1)  # the other page works
+    await pager.write(PAGE_SIZE, page(1, 2))  # rewriting makes it good again
+    assert await pager.read(PAGE_SIZE, PAGE_SIZE) == page(1, 2)
+
+
+async def test_store_death_loses_exactly_its_pages(backing: Backing, autojump_clock) -> None:
+    pager, store = make(backing, capacity=4)
+    await pager.write(0, b"".join(page(i, 1) for i in range(8)))  # 0-3 in the store, 4-7 in backing
+    store.kill()
+    store.reconnect()
+    assert stat(pager, "pages_lost") == 4 and pager.map.counts()["lost_now"] == 4
+    for p in range(8):
+        if p < 4:
+            with pytest.raises(PageUnavailable):
+                await pager.read(p * PAGE_SIZE, PAGE_SIZE)
+        else:
+            assert await pager.read(p * PAGE_SIZE, PAGE_SIZE) == page(p, 1)
+
+
+async def test_writethrough_loses_nothing_when_the_store_dies(backing: Backing) -> None:
+    pager, store = make(backing, capacity=4, writethrough=True)
+    await pager.write(0, b"".join(page(i, 1) for i in range(8)))
+    assert pager.map.counts()["host_and_backing"] == 4 and pager.map.counts()["backing"] == 4
+    assert await pager.read(0, PAGE_SIZE) == page(0, 1) and stat(pager, "host_reads") == 1
+    store.kill()
+    store.reconnect()
+    assert stat(pager, "pages_lost") == 0
+    assert await pager.read(0, 8 * PAGE_SIZE) == b"".join(page(i, 1) for i in range(8))
+
+
+async def test_writethrough_reads_the_backing_file_when_the_store_is_down_or_lies(backing: Backing) -> None:
+    pager, store = make(backing, writethrough=True)
+    await pager.write(0, page(0, 1) + page(1, 1))
+    store.disconnect()
+    assert await pager.read(0, 2 * PAGE_SIZE) == page(0, 1) + page(1, 1)  # at once, no waiting
+    store.reconnect()
+    store.lie = "data"
+    assert await pager.read(0, PAGE_SIZE) == page(0, 1)
+    assert stat(pager, "checksum_errors") == 1 and stat(pager, "writethrough_backing_reads") == 3
+
+
+@pytest.mark.parametrize("lie", ["data", "seq"])
+async def test_a_lying_store_gives_eio_never_wrong_data(backing: Backing, lie: str) -> None:
+    pager, store = make(backing)
+    await pager.write(0, page(0, 1))
+    store.lie = lie
+    with pytest.raises(PageUnavailable):
+        await pager.read(0, PAGE_SIZE)
+    assert stat(pager, "checksum_errors") == 1 and pager.map.get(0) == HOST
+    assert await pager.read(0, PAGE_SIZE) == page(0, 1)  # an honest answer is fine again
+
+
+async def test_a_damaged_backing_page_is_eio(backing: Backing) -> None:
+    pager, store = make(backing)
+    store.pressure = 99.0
+    await pager.write(0, page(0, 1) + page(1, 1))
+    backing.pwrite(PAGE_SIZE + 7, b"X")
+    assert await pager.read(0, PAGE_SIZE) == page(0, 1)
+    with pytest.raises(PageUnavailable):
+        await pager.read(PAGE_SIZE, PAGE_SIZE)
+    assert stat(pager, "checksum_errors") == 1
+
+
+async def test_hand_back_moves_pages_to_the_backing_file(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, b"".join(page(i, 1) for i in range(10)))
+    freed = await store.hand_back(6)
+    assert freed == 6 and store.pages_stored == 4
+    counts = pager.map.counts()
+    assert (counts["host"], counts["backing"]) == (4, 6)
+    assert await pager.read(0, 10 * PAGE_SIZE) == b"".join(page(i, 1) for i in range(10))
+    assert stat(pager, "handback_taken") == 6
+
+
+async def test_hand_back_of_a_page_rewritten_meanwhile_changes_nothing(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, page(0, 1))
+    hb = store.store.lend(store.client, HandBackCause.DRAIN, 10)
+    await pager.write(0, page(0, 2))  # replaces the lent version in the store
+    statuses = await pager.take_back(hb)
+    assert list(statuses) == [1]  # NOT_NEEDED
+    store.store.settle(store.client, hb, statuses)
+    assert pager.map.get(0) == HOST and store.pages_stored == 1
+    assert await pager.read(0, PAGE_SIZE) == page(0, 2)
+
+
+async def test_hand_back_with_bad_data_is_refused(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, page(0, 1))
+    hb = store.store.lend(store.client, HandBackCause.DRAIN, 10)
+    from hoststore.messages import HandBack
+
+    forged = HandBack(hb.cause, hb.pages, hb.seqs, page(0, 666))
+    statuses = await pager.take_back(forged)
+    assert list(statuses) == [1] and stat(pager, "checksum_errors") == 1
+    assert pager.map.get(0) == LOST  # its only good copy was the store's, which is bad
+    assert backing.size and stat(pager, "backing_writes") == 0
+
+
+async def test_a_failing_backing_file_fails_the_write_and_marks_the_pages(backing: Backing, monkeypatch) -> None:
+    pager, store = make(backing)
+    store.pressure = 99.0
+
+    async def broken(parts):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(backing, "write_many", broken)
+    with pytest.raises(WriteFailed):
+        await pager.write(0, page(0, 1))
+    assert pager.map.get(0) == LOST and stat(pager, "backing_write_errors") == 1
+    with pytest.raises(PageUnavailable):
+        await pager.read(0, PAGE_SIZE)
+
+
+async def test_hand_back_with_a_failing_backing_file_keeps_the_pages_in_the_store(backing: Backing,
+                                                                                   monkeypatch) -> None:
+    pager, store = make(backing)
+    await pager.write(0, page(0, 1))
+
+    async def broken(parts):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(backing, "write_many", broken)
+    assert await store.hand_back() == 0
+    assert store.pages_stored == 1 and pager.map.get(0) == HOST
+    assert stat(pager, "handback_failed") == 1
+    assert await pager.read(0, PAGE_SIZE) == page(0, 1)
+
+
+async def test_a_put_accepted_by_a_store_that_died_before_the_write_ended_goes_to_backing(
+        backing: Backing) -> None:
+    pager, store = make(backing)
+    store.die_after_next_answer = True  # answers STORED, then dies and is replaced at once
+    await pager.write(0, page(0, 1))
+    assert store.instances == 2 and store.pages_stored == 0
+    assert pager.map.get(0) == BACKING and stat(pager, "fallback_store_lost") == 1
+    assert stat(pager, "pages_lost") == 0
+    assert await pager.read(0, PAGE_SIZE) == page(0, 1)

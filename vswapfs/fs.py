@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from .backing import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
-from .pager import Pager, PagerError
+from .pager import Pager, PagerCounter, PagerError
 
 log = logging.getLogger("vswapfs.fs")
 
@@ -49,7 +49,10 @@ def errno_for(exc: BaseException) -> int:
 
 
 def fuse_errors(method: F) -> F:
-    """Let only FUSEError out of a handler; count and log everything else."""
+    """Let only FUSEError out of a handler; count and log everything else.
+
+    An exception escaping a handler would end pyfuse3's main loop, and with it
+    every page of the device: nothing in here may raise anything but FUSEError."""
 
     @functools.wraps(method)
     async def wrapper(self: "Operations", *args: Any) -> Any:
@@ -57,13 +60,16 @@ def fuse_errors(method: F) -> F:
             return await method(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the one place exceptions become errno values
             code = errno_for(exc)
-            self.pager.counters.io_errors += 1
-            if isinstance(exc, PagerError):
-                log.debug("%s: %s", method.__name__, exc)
-            else:
-                log.exception("%s failed", method.__name__)
+            try:
+                self.pager.counters.add(PagerCounter.IO_ERRORS)
+                if isinstance(exc, PagerError):
+                    log.debug("%s: %s", method.__name__, exc)
+                else:
+                    log.exception("%s failed", method.__name__)
+            except Exception:  # noqa: BLE001, S110 - counting or logging failed: the errno still goes out
+                pass
             raise pyfuse3.FUSEError(code) from None
 
     return wrapper  # type: ignore[return-value]

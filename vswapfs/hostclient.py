@@ -1,131 +1,74 @@
-"""trio client for the host store: pipelined requests on one connection, reconnecting by itself.
+"""The msgpack client of a hoststore: pipelined requests on one connection that
+keeps itself up (:class:`HostClient`, a :class:`~vswapfs.pagestore.PageStore`).
 
-Any number of tasks may call at once; each request is one message and the
-answers are matched to callers by msgid, in whatever order they come.  The
-client never waits for the store on its own: callers put a deadline around
-each call (the pager does), and a call on a connection that is down fails at
+Any number of tasks may call at once; answers are matched to callers by msgid,
+in whatever order they come.  A call on a connection that is down fails at
 once with :class:`StoreUnavailable`, so a write can fall back to the backing
-file without delay.  :meth:`HostClient.run` keeps the connection up, with
-exponential backoff between attempts.
+file without delay; callers put their own deadline around each call.
+:meth:`HostClient.run` reconnects with exponential backoff and proves, at each
+reconnect, that it is the instance the store knows (``hoststore.auth``), so
+the store keeps its pages.
+
+Whatever the store sends that the protocol does not allow closes the
+connection, is counted, and is followed by a reconnect; nothing it sends can
+raise out of here.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import secrets
-from dataclasses import dataclass, field
+from array import array
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from hoststore import auth
 from hoststore import protocol as p
 from hoststore.address import Address
+from hoststore.counters import Counters
+from hoststore.endpoint import Endpoint, PeerGone, RemoteError
+from hoststore.messages import (
+    ROLE_OBSERVER,
+    ROLE_PAGER,
+    GetAnswer,
+    Get,
+    HandBack,
+    Hello,
+    HelloAnswer,
+    Invalidate,
+    Put,
+    Request,
+    Stats,
+    TakeStatus,
+    Welcome,
+)
+
+from .pagestore import HandBackHandler, PagesLostHandler, StoreError, StoreUnavailable
 
 log = logging.getLogger("vswapfs.hostclient")
 
-RECEIVE_SIZE = 1 << 20
+HANDBACK_CONCURRENCY = 4
 
 
-class StoreUnavailable(Exception):
-    """No connection to the store, or it was lost while the request was in flight."""
-
-
-class StoreError(Exception):
-    """The store answered the request with an error."""
+class LinkCounter(enum.StrEnum):
+    CONNECTS = "link_connects"
+    CONNECT_FAILURES = "link_connect_failures"
+    DISCONNECTS = "link_disconnects"
+    HOST_RESTARTS = "link_host_restarts"  # the store came back as a new instance
+    SESSIONS_LOST = "link_sessions_lost"  # reconnects where the store no longer held our pages
+    HELLO_REFUSED = "link_hello_refused"
+    PROTOCOL_ERRORS = "link_protocol_errors"  # connections closed: the store broke the protocol
+    ERRORS = "link_errors"  # connections closed by an unexpected error
+    HANDBACK_REQUESTS = "link_handback_requests"
 
 
 async def open_stream(address: Address) -> trio.abc.Stream:
     if address.kind == "unix":
         return await trio.open_unix_socket(address.path)
     return await trio.open_tcp_stream(address.host, address.port)
-
-
-@dataclass
-class _Waiter:
-    event: trio.Event = field(default_factory=trio.Event)
-    response: p.Response | None = None
-
-
-@dataclass
-class ClientLinkCounters:
-    connects: int = 0
-    connect_failures: int = 0
-    disconnects: int = 0
-    host_restarts: int = 0  # the store came back as a new instance: the pages it held are gone
-
-
-class _Link:
-    """One live connection: the stream, its protocol state and the callers waiting on it."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.conn = p.Connection("client")
-        self.waiters: dict[int, _Waiter] = {}
-        self.send_lock = trio.Lock()
-        self.broken = trio.Event()
-
-    async def request(self, method: str, params: Any) -> Any:
-        if self.broken.is_set():
-            raise StoreUnavailable("connection lost")
-        msgid, data = self.conn.send_request(method, params)
-        waiter = self.waiters[msgid] = _Waiter()
-        try:
-            await self._send(data)
-            await waiter.event.wait()
-        finally:
-            self.waiters.pop(msgid, None)
-        if waiter.response is None:
-            raise StoreUnavailable("connection lost")
-        if waiter.response.error is not None:
-            raise StoreError(str(waiter.response.error))
-        return waiter.response.result
-
-    async def _send(self, data: bytes) -> None:
-        async with self.send_lock:
-            try:
-                await self.stream.send_all(data)
-            except trio.Cancelled:
-                # A send cut short leaves a partial message on the wire: the
-                # connection is unusable from here on.
-                self.fail()
-                raise
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.fail()
-                raise StoreUnavailable(f"send failed: {exc}") from None
-
-    async def read_loop(self) -> None:
-        try:
-            while True:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    log.warning("host store closed the connection")
-                    return
-                self.conn.receive_data(data)
-                while (event := self.conn.next_event()) is not None:
-                    await self._dispatch(event)
-        except p.ProtocolError as exc:
-            log.error("host store sent bad data, reconnecting: %s", exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.warning("connection to host store lost: %s", exc)
-        finally:
-            self.fail()
-
-    async def _dispatch(self, event: p.Event) -> None:
-        if isinstance(event, p.Response):
-            waiter = self.waiters.get(event.msgid)
-            if waiter is not None:  # None: its caller gave up (timeout) and left
-                waiter.response = event
-                waiter.event.set()
-        elif isinstance(event, p.Request):
-            # No server-to-client methods exist yet; answer so the store is not left waiting.
-            await self._send(self.conn.send_response(event.msgid, f"unknown method {event.method!r}", None))
-
-    def fail(self) -> None:
-        if not self.broken.is_set():
-            self.broken.set()
-            for waiter in self.waiters.values():
-                waiter.event.set()
 
 
 class HostClient:
@@ -137,8 +80,7 @@ class HostClient:
         name: str,
         device_size: int,
         *,
-        session: str | None = None,
-        role: str = p.ROLE_PAGER,
+        role: str = ROLE_PAGER,
         connect_timeout: float = 2.0,
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
@@ -146,76 +88,61 @@ class HostClient:
         self.address = address
         self.name = name
         self.device_size = device_size
-        self.session = session or secrets.token_hex(16)
         self.role = role
         self.connect_timeout = connect_timeout
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
-        self.instance: str | None = None
-        self.counters = ClientLinkCounters()
-        self._link: _Link | None = None
+        self.instance = secrets.token_hex(16)  # this process, as the store knows it
+        self.secret: bytes | None = None
+        self.store_instance: str | None = None
+        self.hello_answer: HelloAnswer | None = None
+        self.counters: Counters[LinkCounter] = Counters(LinkCounter)
+        self._epoch = 0
+        self._endpoint: Endpoint | None = None
         self._connected = trio.Event()
+        self._on_handback: HandBackHandler | None = None
+        self._on_pages_lost: PagesLostHandler | None = None
+        self._handback_slots = trio.Semaphore(HANDBACK_CONCURRENCY)
+
+    # -- the PageStore contract ---------------------------------------------------------
 
     @property
     def connected(self) -> bool:
-        return self._link is not None and not self._link.broken.is_set()
+        return self._endpoint is not None and not self._endpoint.closed.is_set()
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
 
     async def wait_connected(self) -> None:
         while not self.connected:
             await self._connected.wait()
 
-    # -- calls ----------------------------------------------------------------
-
-    async def call(self, method: str, params: Any) -> Any:
-        link = self._link
-        if link is None or link.broken.is_set():
-            raise StoreUnavailable(f"not connected to {self.address}")
-        return await link.request(method, params)
+    def set_handlers(self, on_handback: HandBackHandler, on_pages_lost: PagesLostHandler) -> None:
+        self._on_handback = on_handback
+        self._on_pages_lost = on_pages_lost
 
     async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes:
-        return await self.call(p.PUT, [first, seq, data])
+        return await self.call(Put(first, seq, data))
 
-    async def get(self, pages: list[int]) -> tuple[bytes, bytes]:
-        status, data = await self.call(p.GET, [pages])
-        return status, data
+    async def get(self, pages: array) -> GetAnswer:
+        return await self.call(Get(pages))
 
     async def invalidate(self, first: int, count: int, seq: int) -> int:
-        return await self.call(p.INVALIDATE, [first, count, seq])
+        return await self.call(Invalidate(first, count, seq))
 
-    async def stats(self) -> dict[str, Any]:
-        return await self.call(p.STATS, {})
+    async def call(self, message: Request) -> Any:
+        endpoint = self._endpoint
+        if endpoint is None or endpoint.closed.is_set():
+            raise StoreUnavailable(f"not connected to {self.address}")
+        try:
+            return await endpoint.request(message)
+        except PeerGone as exc:
+            raise StoreUnavailable(str(exc)) from None
+        except RemoteError as exc:
+            raise StoreError(str(exc)) from None
 
-    # -- connection upkeep --------------------------------------------------------
-
-    async def _open(self) -> _Link:
-        with trio.move_on_after(self.connect_timeout):
-            try:
-                return _Link(await open_stream(self.address))
-            except OSError as exc:
-                raise StoreUnavailable(f"cannot connect to {self.address}: {exc.strerror or exc}") from None
-        raise StoreUnavailable(f"cannot connect to {self.address} in {self.connect_timeout}s")
-
-    async def _hello(self, link: _Link) -> None:
-        with trio.move_on_after(self.connect_timeout):
-            result = await link.request(p.HELLO, self._hello_params())
-            self._note_instance(result.get("instance") if isinstance(result, dict) else None)
-            return
-        raise StoreUnavailable(f"no hello answer from {self.address} in {self.connect_timeout}s")
-
-    def _hello_params(self) -> dict[str, Any]:
-        return {
-            "version": p.PROTOCOL_VERSION,
-            "client": self.name,
-            "role": self.role,
-            "device_size": self.device_size,
-            "session": self.session,
-        }
-
-    def _note_instance(self, instance: str | None) -> None:
-        if self.instance is not None and instance != self.instance:
-            self.counters.host_restarts += 1
-            log.error("host store restarted: the pages it held for us are lost; reads of them will fail")
-        self.instance = instance
+    # -- connection upkeep ----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the connection up until cancelled.  Reports started after the first attempt,
@@ -232,11 +159,11 @@ class HostClient:
 
         while True:
             try:
-                await self._serve_link(report_started)
-                backoff = self.backoff_min
-                down_logged = False
+                if await self._serve_link(report_started):
+                    backoff = self.backoff_min
+                    down_logged = False
             except (StoreUnavailable, StoreError) as exc:
-                self.counters.connect_failures += 1
+                self.counters.add(LinkCounter.CONNECT_FAILURES)
                 if not down_logged:
                     log.warning("host store unavailable (%s); retrying in the background", exc)
                     down_logged = True
@@ -244,60 +171,158 @@ class HostClient:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.backoff_max)
 
-    async def _serve_link(self, on_connected: Callable[[], None]) -> None:
-        """One connection, from connect to loss: hello, then serve callers until it breaks."""
-        link = await self._open()
-        refused: Exception | None = None
+    async def _open(self) -> Endpoint:
+        with trio.move_on_after(self.connect_timeout):
+            try:
+                return Endpoint(await open_stream(self.address), p.Connection("client"))
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot connect to {self.address}: {exc.strerror or exc}") from None
+        raise StoreUnavailable(f"cannot connect to {self.address} in {self.connect_timeout}s")
+
+    async def _serve_link(self, on_connected: Callable[[], None]) -> bool:
+        """One connection, from connect to loss.  True if it got as far as serving."""
+        endpoint = await self._open()
+        welcomed = trio.Event()
+        failure: Exception | None = None
+        served = False
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(link.read_loop)
-                try:
-                    await self._hello(link)
+                nursery.start_soon(self._receive, endpoint, welcomed, nursery)
+                try:  # caught in the nursery body: raised out of it, it would come wrapped in a group
+                    await self._handshake(endpoint, welcomed)
                 except (StoreUnavailable, StoreError) as exc:
-                    # Caught here: raised from the nursery body it would leave
-                    # wrapped in an ExceptionGroup, past run()'s handler.
-                    refused = exc
+                    failure = exc
                 else:
-                    self.counters.connects += 1
+                    served = True
+                    self.counters.add(LinkCounter.CONNECTS)
                     log.info("connected to host store at %s", self.address)
-                    self._link = link
+                    self._endpoint = endpoint
                     self._connected.set()
                     on_connected()
-                    await link.broken.wait()
-                    self.counters.disconnects += 1
+                    await endpoint.closed.wait()
+                    self.counters.add(LinkCounter.DISCONNECTS)
                 nursery.cancel_scope.cancel()
         finally:
-            self._link = None
+            if self._endpoint is endpoint:
+                self._endpoint = None
             if self._connected.is_set():
                 self._connected = trio.Event()
-            link.fail()
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(link.stream)
-        if refused is not None:
-            raise refused
+            await endpoint.aclose()
+        if failure is not None:
+            raise failure
+        return served
+
+    async def _handshake(self, endpoint: Endpoint, welcomed: trio.Event) -> None:
+        with trio.move_on_after(self.connect_timeout):
+            await welcomed.wait()
+        welcome = endpoint.conn.welcome
+        if welcome is None:
+            raise StoreUnavailable(f"no welcome from {self.address} in {self.connect_timeout}s")
+        nonce = auth.nonce()
+        proof = None
+        if self.secret is not None and welcome.instance == self.store_instance:
+            proof = auth.reconnect_proof(self.secret, self.name, welcome.nonce, nonce)
+        hello = Hello(p.PROTOCOL_VERSION, self.name, self.role, self.device_size if self.role == ROLE_PAGER else 0,
+                      self.instance, nonce, proof)
+        answer: HelloAnswer | None = None
+        with trio.move_on_after(self.connect_timeout):
+            try:
+                answer = await endpoint.request(hello)
+            except PeerGone as exc:
+                raise StoreUnavailable(f"connection lost during hello: {exc}") from None
+            except RemoteError as exc:
+                self.counters.add(LinkCounter.HELLO_REFUSED)
+                raise StoreError(f"hello refused: {exc}") from None
+        if answer is None:
+            raise StoreUnavailable(f"no hello answer from {self.address} in {self.connect_timeout}s")
+        self._welcomed(welcome, answer)
+
+    def _welcomed(self, welcome: Welcome, answer: HelloAnswer) -> None:
+        """Note who answered; if the pages the store held for us are gone, say so
+        before anything is served on this connection."""
+        if self.store_instance is not None and answer.instance != self.store_instance:
+            self.counters.add(LinkCounter.HOST_RESTARTS)
+        if self.secret is not None and not answer.resumed:
+            self.counters.add(LinkCounter.SESSIONS_LOST)
+            self._epoch += 1
+            log.error("the host store at %s no longer holds our pages (%s)", self.address,
+                      "it is a new instance" if answer.instance != self.store_instance else "it forgot us")
+            if self._on_pages_lost is not None:
+                self._on_pages_lost()
+        self.secret = answer.secret
+        self.store_instance = answer.instance
+        self.hello_answer = answer
+
+    async def _receive(self, endpoint: Endpoint, welcomed: trio.Event, nursery: trio.Nursery) -> None:
+        async def handle(event: p.RequestReceived | p.BadRequest) -> bytes | None:
+            if isinstance(event, p.BadRequest) or not isinstance(event.message, HandBack):
+                # A store sending requests we do not understand is broken or hostile.
+                raise p.ProtocolError(f"store sent a request we do not accept: {event}")
+            self.counters.add(LinkCounter.HANDBACK_REQUESTS)
+            nursery.start_soon(self._take_back, endpoint, event.msgid, event.message)
+            return None
+
+        def on_event(event: p.Event) -> None:
+            if isinstance(event, Welcome):
+                welcomed.set()
+
+        try:
+            await endpoint.receive_loop(handle, on_event)
+        except p.ProtocolError as exc:
+            self.counters.add(LinkCounter.PROTOCOL_ERRORS)
+            log.error("host store broke the protocol, reconnecting: %s", exc)
+        except Exception:  # noqa: BLE001 - nothing the store sends may escape
+            self.counters.add(LinkCounter.ERRORS)
+            log.exception("error on the host store connection, reconnecting")
+        finally:
+            endpoint.close()
+
+    async def _take_back(self, endpoint: Endpoint, msgid: int, handback: HandBack) -> None:
+        """Serve one hand-back: the pages are saved whether or not the answer gets out."""
+        # Shielded: once pages are being saved, a lost connection must not cut that short.
+        with trio.CancelScope(shield=True):
+            async with self._handback_slots:
+                if self._on_handback is None:
+                    statuses = bytes([TakeStatus.FAILED]) * len(handback.pages)
+                else:
+                    statuses = await self._on_handback(handback)
+        try:
+            await endpoint.send(endpoint.conn.send_answer(msgid, handback, statuses))
+        except (PeerGone, p.ProtocolError):
+            log.warning("could not answer a hand-back of %d pages: the connection is gone",
+                        len(handback.pages))
+
+    # -- tools ---------------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call(Stats())
 
 
-async def query(address: Address, method: str, params: Any, timeout: float = 5.0) -> Any:
+async def query(address: Address, message: Request, timeout: float = 5.0) -> Any:
     """One request on a fresh observer connection (for tools: ``vswapctl stats``)."""
-    client = HostClient(address, "vswapctl", 0, role=p.ROLE_OBSERVER, connect_timeout=timeout)
-    link = await client._open()
+    client = HostClient(address, "vswapctl", 0, role=ROLE_OBSERVER, connect_timeout=timeout)
+    endpoint = await client._open()
     answer: Any = None
     failure: Exception | None = None
+    welcomed = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(link.read_loop)
+            nursery.start_soon(client._receive, endpoint, welcomed, nursery)
             try:  # caught inside the nursery body, so it is not wrapped in an ExceptionGroup
                 with trio.fail_after(timeout):
-                    await client._hello(link)
-                    answer = await link.request(method, params)
+                    await client._handshake(endpoint, welcomed)
+                    answer = await endpoint.request(message)
             except trio.TooSlowError:
                 failure = StoreUnavailable(f"{address} did not answer in {timeout}s")
+            except PeerGone as exc:
+                failure = StoreUnavailable(str(exc))
+            except RemoteError as exc:
+                failure = StoreError(str(exc))
             except (StoreUnavailable, StoreError) as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
     finally:
-        link.fail()
-        await trio.aclose_forcefully(link.stream)
+        await endpoint.aclose()
     if failure is not None:
         raise failure
     return answer

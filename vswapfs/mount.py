@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--read-timeout", type=argtype(_seconds), default=30.0, metavar="SECONDS",
                     help="how long a read of a page in the store may wait for the store before "
                          "failing with EIO (default 30)")
+    ap.add_argument("--writethrough", action="store_true",
+                    help="write every page to the backing file too, before the write is answered; the store "
+                         "is then a cache, and losing it loses nothing (default: write-back, a page the "
+                         "store accepted lives only there)")
+    ap.add_argument("--allow-backing-fs", action="append", default=[], choices=["overlay", "fuse"],
+                    help="accept a backing file on this filesystem type, which vswapfs refuses by default "
+                         "because it may keep its data in RAM (repeatable)")
     ap.add_argument("--max-tasks", type=int, default=64, metavar="N",
                     help="FUSE requests served at once (default 64)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -98,7 +105,7 @@ async def serve(ops: Operations, pager: Pager, client: HostClient, max_tasks: in
 
 def combined_stats(pager: Pager, client: HostClient) -> dict[str, Any]:
     stats = pager.stats()
-    stats.update({f"link_{k}": v for k, v in vars(client.counters).items()})
+    stats.update(client.counters.as_dict())
     stats["host_address"] = str(client.address)
     stats["backing_file"] = pager.backing.path
     stats["pid"] = os.getpid()
@@ -128,24 +135,26 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(problem)
     setup_logging(args.verbose, "vswapfs")
     try:
-        backing = Backing.open(args.backing, args.size, args.mountpoint)
+        backing = Backing.open(args.backing, args.size, args.mountpoint, frozenset(args.allow_backing_fs))
     except BackingError as exc:
         print(f"vswapfs: error: {exc}", file=sys.stderr)
         return 1
     name = args.name or f"{socket.gethostname()}:{os.path.realpath(args.mountpoint)}"
     address: Address = args.host
     client = HostClient(address, name, backing.size)
-    pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout)
+    pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout,
+                  writethrough=args.writethrough)
     ops = Operations(pager, stats=lambda: combined_stats(pager, client))
     harden(log)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the swap device with it
     if not DISCARD_SUPPORTED:
         log.warning("this pyfuse3 has no fallocate handler: discard is unavailable, so freed swap slots "
                     "stay in the store (install pyfuse3 with tools/bootstrap.sh to get it)")
     options = set(pyfuse3.default_options)
     options |= {"fsname=vswapfs", "subtype=vswapfs"}
     pyfuse3.init(ops, args.mountpoint, options)
-    log.info("serving %s/swap (%d bytes), backing %s, host store %s",
-             args.mountpoint, backing.size, backing.path, address)
+    log.info("serving %s/swap (%d bytes, %s), backing %s, host store %s", args.mountpoint, backing.size,
+             "write-through" if args.writethrough else "write-back", backing.path, address)
     try:
         trio.run(serve, ops, pager, client, args.max_tasks)
     except BaseException:

@@ -1,37 +1,62 @@
 """The page rules (ARCHITECTURE.md), testable without FUSE.
 
 * A write is offered to the store as one batch; refused pages go to the
-  backing file before the write returns.
+  backing file before the write returns.  With ``writethrough`` every page
+  also goes to the backing file, and the store is only a cache.
 * If the store is unreachable or does not answer within ``write_timeout``,
-  the whole write goes to the backing file (rule 6).  A batch that timed out
-  may still be applied by the store later, so the pager then asks the store
-  to drop that batch's version; sequence numbers keep that request from ever
-  dropping a newer version (see ``hoststore.store``).
-* Never stale: a page's map entry moves to "backing" whenever its newest
-  version is there, and the store drops an older copy it refuses to replace.
-* A read goes where the map says; unwritten pages read as zeros; a page the
-  store cannot produce is an I/O error, never zeros or an older version.
+  the whole write goes to the backing file.  A batch that timed out may still
+  be applied by the store later, so the pager then asks the store to drop
+  that version; sequence numbers keep that request from ever dropping a
+  newer version.
+* Never stale: a page's map entry moves to the backing file whenever its
+  newest version is there, and the store drops an older copy it refuses to
+  replace.
+* A read goes where the map says, and what it returns is checked: the
+  version the store names and the page's checksum must match the map's.  A
+  page never written reads as zeros; a page that cannot be produced is an I/O
+  error, never zeros and never another version.
+* Pages known to be gone (the store came back without them, or says it does
+  not hold them) are marked lost: reads of them fail at once, until rewritten.
+* The store may hand pages back: they are checked, written to the backing
+  file, and the map moves only where the version still matches.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+import time
+from array import array
+from typing import Any
 
 import trio
 
-from hoststore.protocol import MAX_BATCH_PAGES, PAGE_SIZE, PageStatus
+from hoststore.counters import Counters
+from hoststore.messages import MAX_BATCH_PAGES, PAGE_SIZE, HandBack, PageStatus, TakeStatus
 
 from .backing import Backing
-from .hostclient import StoreError, StoreUnavailable
-from .pagemap import BACKING, HOST, UNWRITTEN, PageMap, refused_runs
+from .integrity import checksum, checksums
+from .pagemap import (
+    BACKING,
+    HOST,
+    HOST_WT,
+    IN_STORE,
+    LOST,
+    STORED_TO_HOST,
+    STORED_TO_HOST_WT,
+    UNWRITTEN,
+    PageMap,
+    refused_runs,
+)
+from .pagestore import PageStore, StoreError, StoreUnavailable
+from .rangelock import RangeLock
 
 log = logging.getLogger("vswapfs.pager")
 
 _ALL_REFUSED = b"\xff"
+_STORED = PageStatus.STORED
 
 
 class PagerError(Exception):
@@ -45,9 +70,65 @@ class InvalidIO(PagerError):
 
 
 class PageUnavailable(PagerError):
-    """A page the map places in the store could not be fetched."""
+    """A page could not be produced (lost, missing, failed its check, or the store did not answer)."""
 
     errno = errno.EIO
+
+
+class WriteFailed(PagerError):
+    """Some page of a write found no home (the backing file failed too)."""
+
+    errno = errno.EIO
+
+
+class PagerCounter(enum.StrEnum):
+    """Pages unless the name says requests; the store's refusals by its reason."""
+
+    WRITE_REQUESTS = "write_requests"
+    READ_REQUESTS = "read_requests"
+    HOST_WRITES = "host_writes"
+    BACKING_WRITES = "backing_writes"
+    HOST_READS = "host_reads"
+    BACKING_READS = "backing_reads"
+    ZERO_READS = "zero_reads"  # never-written pages read back as zeros
+    FALLBACK_REFUSED = "fallback_refused"
+    FALLBACK_TIMEOUT = "fallback_timeout"
+    FALLBACK_UNREACHABLE = "fallback_unreachable"
+    FALLBACK_ERROR = "fallback_error"  # the store answered the batch with an error
+    FALLBACK_STORE_LOST = "fallback_store_lost"  # accepted by a store that was gone before the write was done
+    REFUSED_PRESSURE = "refused_pressure"
+    REFUSED_CAPACITY = "refused_capacity"
+    REFUSED_QUOTA = "refused_quota"
+    REFUSED_OUTDATED = "refused_outdated"
+    REFUSED_NOMEM = "refused_nomem"
+    REFUSED_DRAINING = "refused_draining"
+    STALE_DROPPED = "stale_dropped"  # pages whose store copy was superseded by a backing write
+    ORPHAN_INVALIDATIONS = "orphan_invalidations"  # timed-out batches the store was asked to drop
+    DISCARD_REQUESTS = "discard_requests"
+    DISCARD_PAGES = "discard_pages"  # whole pages forgotten by the page map (they read as zeros again)
+    DISCARD_HOST_PAGES = "discard_host_pages"  # of those, pages the store dropped
+    DISCARD_BACKING_PAGES = "discard_backing_pages"  # of those, pages whose blocks were released
+    IO_ERRORS = "io_errors"  # FUSE requests answered with an error
+    READ_FAILURES = "read_failures"  # pages that could not be produced
+    CHECKSUM_ERRORS = "checksum_errors"  # pages whose version or checksum did not match the map
+    PAGES_LOST = "pages_lost"  # pages marked lost: their only copy is gone
+    LOST_READS = "lost_reads"  # reads of lost pages, failed at once
+    BACKING_WRITE_ERRORS = "backing_write_errors"  # pages the backing file failed to take
+    WRITETHROUGH_BACKING_READS = "writethrough_backing_reads"  # cached pages read from the backing file instead
+    HANDBACK_REQUESTS = "handback_requests"
+    HANDBACK_TAKEN = "handback_taken"  # pages the store handed back, now in the backing file
+    HANDBACK_NOT_NEEDED = "handback_not_needed"  # handed back, but the map had moved on
+    HANDBACK_FAILED = "handback_failed"  # handed back, but the backing file failed: left in the store
+
+
+REFUSAL_COUNTER = {
+    PageStatus.REFUSED_PRESSURE: PagerCounter.REFUSED_PRESSURE,
+    PageStatus.REFUSED_CAPACITY: PagerCounter.REFUSED_CAPACITY,
+    PageStatus.REFUSED_QUOTA: PagerCounter.REFUSED_QUOTA,
+    PageStatus.REFUSED_OUTDATED: PagerCounter.REFUSED_OUTDATED,
+    PageStatus.REFUSED_NOMEM: PagerCounter.REFUSED_NOMEM,
+    PageStatus.REFUSED_DRAINING: PagerCounter.REFUSED_DRAINING,
+}
 
 
 def covered_pages(offset: int, length: int, npages: int) -> tuple[int, int]:
@@ -60,56 +141,25 @@ def covered_pages(offset: int, length: int, npages: int) -> tuple[int, int]:
     return (first, end - first) if end > first else (0, 0)
 
 
-class PageStore(Protocol):
-    """What the pager needs of a store client (HostClient, or a fake in tests)."""
+class BurstLog:
+    """One log line per burst: the first event logs; the rest within ``interval``
+    seconds are counted and summed up by the next line."""
 
-    @property
-    def connected(self) -> bool: ...
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last = -math.inf
+        self._suppressed = 0
 
-    async def wait_connected(self) -> None: ...
-
-    async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes: ...
-
-    async def get(self, pages: list[int]) -> tuple[bytes, bytes]: ...
-
-    async def invalidate(self, first: int, count: int, seq: int) -> int: ...
-
-
-@dataclass
-class PagerCounters:
-    """Pages unless the name says requests; refusals by the store's reason."""
-
-    write_requests: int = 0
-    read_requests: int = 0
-    host_writes: int = 0
-    backing_writes: int = 0
-    host_reads: int = 0
-    backing_reads: int = 0
-    zero_reads: int = 0  # never-written pages read back as zeros
-    fallback_refused: int = 0
-    fallback_timeout: int = 0
-    fallback_unreachable: int = 0
-    fallback_error: int = 0  # the store answered the batch with an error
-    refused_pressure: int = 0
-    refused_capacity: int = 0
-    refused_quota: int = 0
-    refused_outdated: int = 0
-    stale_dropped: int = 0  # pages whose host copy was superseded by a backing write
-    orphan_invalidations: int = 0  # timed-out batches the store was asked to drop
-    discard_requests: int = 0
-    discard_pages: int = 0  # whole pages forgotten by the page map (they read as zeros again)
-    discard_host_pages: int = 0  # of those, pages the store dropped
-    discard_backing_pages: int = 0  # of those, pages whose blocks were released in the backing file
-    io_errors: int = 0  # requests answered with an error (EIO, EINVAL)
-    read_failures: int = 0  # pages the store could not produce (part of io_errors)
-
-
-_REFUSAL_COUNTER = {
-    PageStatus.REFUSED_PRESSURE: "refused_pressure",
-    PageStatus.REFUSED_CAPACITY: "refused_capacity",
-    PageStatus.REFUSED_QUOTA: "refused_quota",
-    PageStatus.REFUSED_OUTDATED: "refused_outdated",
-}
+    def error(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more like it since the last report)" if self._suppressed else ""
+        self.logger.error(message + more, *args)
+        self._last = now
+        self._suppressed = 0
 
 
 class Pager:
@@ -120,17 +170,23 @@ class Pager:
         *,
         write_timeout: float = 1.0,
         read_timeout: float = 30.0,
+        writethrough: bool = False,
     ) -> None:
         self.backing = backing
         self.store = store
         self.size = backing.size
         self.npages = backing.size // PAGE_SIZE
         self.map = PageMap(self.npages)
+        self.locks = RangeLock()
         self.write_timeout = write_timeout
         self.read_timeout = read_timeout
-        self.counters = PagerCounters()
+        self.writethrough = writethrough
+        self.counters: Counters[PagerCounter] = Counters(PagerCounter)
         self._seq = 0
         self._orphans_send, self._orphans_recv = trio.open_memory_channel[tuple[int, int, int, bool]](math.inf)
+        self._bad_pages = BurstLog(log)
+        self._lost_reads = BurstLog(log)
+        store.set_handlers(self.take_back, self.pages_lost)
 
     # -- ranges -----------------------------------------------------------------
 
@@ -147,60 +203,112 @@ class Pager:
 
     # -- write ------------------------------------------------------------------
 
-    async def write(self, offset: int, data: bytes) -> int:
+    async def write(self, offset: int, data: bytes | memoryview) -> int:
         first, n = self._pages(offset, len(data))
-        self.counters.write_requests += 1
+        self.counters.add(PagerCounter.WRITE_REQUESTS)
+        if not n:
+            return 0
         view = memoryview(data)
-        for start in range(0, n, MAX_BATCH_PAGES):
-            count = min(MAX_BATCH_PAGES, n - start)
-            chunk = view[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
-            await self._write_batch(first + start, chunk)
+        homeless = 0
+        async with self.locks.exclusive(first, n):
+            for start in range(0, n, MAX_BATCH_PAGES):
+                count = min(MAX_BATCH_PAGES, n - start)
+                chunk = view[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
+                homeless += await self._write_batch(first + start, chunk)
+        if homeless:
+            raise WriteFailed(f"{homeless} page(s) of the write at page {first} could not be stored anywhere")
         return len(data)
 
-    async def _write_batch(self, first: int, data: memoryview) -> None:
+    async def _write_batch(self, first: int, data: memoryview) -> int:
+        """Store one batch; returns how many of its pages found no home (they are marked lost)."""
         n = len(data) // PAGE_SIZE
         seq = self._next_seq()
-        statuses = await self._offer(first, seq, data, n)
+        sums = checksums(data, first, seq)
+        epoch = self.store.epoch
         c = self.counters
-        for index, count in refused_runs(statuses):
-            offset = (first + index) * PAGE_SIZE
-            self.backing.pwrite(offset, data[index * PAGE_SIZE : (index + count) * PAGE_SIZE])
-            c.backing_writes += count
-        c.host_writes += statuses.count(PageStatus.STORED)
-        c.stale_dropped += self.map.apply_statuses(first, statuses)
+        if self.writethrough:
+            backing_error: list[OSError] = []
+
+            async def write_all() -> None:
+                try:
+                    await self.backing.write(first * PAGE_SIZE, data)
+                except OSError as exc:
+                    backing_error.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_all)
+                statuses = await self._offer(first, seq, data, n)
+            statuses = self._check_epoch(statuses, epoch)
+            if backing_error:
+                self._backing_failed(first, n, backing_error[0])
+                states = bytes(HOST if s == _STORED else LOST for s in statuses)
+            else:
+                states = statuses.translate(STORED_TO_HOST_WT)
+                c.add(PagerCounter.BACKING_WRITES, n)
+        else:
+            statuses = self._check_epoch(await self._offer(first, seq, data, n), epoch)
+            states = statuses.translate(STORED_TO_HOST)
+            parts = [(
+                (first + index) * PAGE_SIZE, data[index * PAGE_SIZE : (index + count) * PAGE_SIZE]
+            ) for index, count in refused_runs(statuses)]
+            if parts:
+                refused = sum(len(part) for _, part in parts) // PAGE_SIZE
+                try:
+                    await self.backing.write_many(parts)
+                except OSError as exc:
+                    self._backing_failed(first, refused, exc)
+                    states = bytes(HOST if s == _STORED else LOST for s in statuses)
+                else:
+                    c.add(PagerCounter.BACKING_WRITES, refused)
+        c.add(PagerCounter.HOST_WRITES, statuses.count(_STORED))
+        c.add(PagerCounter.STALE_DROPPED, self.map.record(first, states, seq, sums))
+        homeless = states.count(LOST)
+        if homeless:
+            c.add(PagerCounter.PAGES_LOST, homeless)
+        return homeless
+
+    def _check_epoch(self, statuses: bytes, epoch: int) -> bytes:
+        """Pages accepted by a store that has since lost them have only the backing file."""
+        if self.store.epoch == epoch or _STORED not in statuses:
+            return statuses
+        self.counters.add(PagerCounter.FALLBACK_STORE_LOST, statuses.count(_STORED))
+        return _ALL_REFUSED * len(statuses)
+
+    def _backing_failed(self, first: int, pages: int, exc: OSError) -> None:
+        self.counters.add(PagerCounter.BACKING_WRITE_ERRORS, pages)
+        log.error("backing file %s failed a write of %d page(s) at page %d: %s",
+                  self.backing.path, pages, first, exc)
 
     async def _offer(self, first: int, seq: int, data: memoryview, n: int) -> bytes:
         """The store's per-page answer, or all-refused when it is unreachable or too slow."""
         if not self.store.connected:
-            return self._fall_back(first, n, seq, "fallback_unreachable")
+            return self._fall_back(first, n, seq, PagerCounter.FALLBACK_UNREACHABLE)
         with trio.move_on_after(self.write_timeout) as scope:
             try:
                 statuses = await self.store.put(first, seq, data)
             except StoreUnavailable:
-                return self._fall_back(first, n, seq, "fallback_unreachable")
+                return self._fall_back(first, n, seq, PagerCounter.FALLBACK_UNREACHABLE, sent=True)
             except StoreError as exc:
                 log.error("store failed a put of %d pages: %s", n, exc)
-                return self._fall_back(first, n, seq, "fallback_error", sent=True)
+                return self._fall_back(first, n, seq, PagerCounter.FALLBACK_ERROR, sent=True)
         if scope.cancelled_caught:
-            return self._fall_back(first, n, seq, "fallback_timeout", sent=True)
-        if len(statuses) != n:
-            log.error("store answered %d statuses for %d pages", len(statuses), n)
-            return self._fall_back(first, n, seq, "fallback_error", sent=True)
-        refused = n - statuses.count(PageStatus.STORED)
+            return self._fall_back(first, n, seq, PagerCounter.FALLBACK_TIMEOUT, sent=True)
+        refused = n - statuses.count(_STORED)
         if refused:
             c = self.counters
-            c.fallback_refused += refused
-            for status, name in _REFUSAL_COUNTER.items():
-                setattr(c, name, getattr(c, name) + statuses.count(status))
+            c.add(PagerCounter.FALLBACK_REFUSED, refused)
+            for status, cause in REFUSAL_COUNTER.items():
+                c.add(cause, statuses.count(status))
         return statuses
 
-    def _fall_back(self, first: int, n: int, seq: int, cause: str, sent: bool = False) -> bytes:
+    def _fall_back(self, first: int, n: int, seq: int, cause: PagerCounter, sent: bool = False) -> bytes:
         """The whole batch goes to the backing file.  The store may still hold a
         copy of these pages: this version, if the put was sent (it may land
         late), or an older one the map pointed at.  Either way the orphan task
         asks the store to drop versions up to ``seq``, so nothing lingers there."""
-        setattr(self.counters, cause, getattr(self.counters, cause) + n)
-        if sent or HOST in self.map.states[first : first + n]:
+        self.counters.add(cause, n)
+        states = self.map.states[first : first + n]
+        if sent or HOST in states or HOST_WT in states:
             self._orphans_send.send_nowait((first, n, seq, False))
         return _ALL_REFUSED * n
 
@@ -208,20 +316,20 @@ class Pager:
         """Background task: ask the store to drop batches whose put timed out,
         and discards it could not take at the time.
 
-        The store drops a page only if it never saw a version newer than the
-        request's, so this can never drop a page the map points at."""
+        The store drops a page only if its stored version is not newer than
+        the request's, so this can never drop a page the map points at."""
         async for first, n, seq, discard in self._orphans_recv:
             while True:
                 try:
                     await self.store.wait_connected()
                     dropped = await self.store.invalidate(first, n, seq)
                     if discard:
-                        self.counters.discard_host_pages += dropped
+                        self.counters.add(PagerCounter.DISCARD_HOST_PAGES, dropped)
                     else:
-                        self.counters.orphan_invalidations += 1
+                        self.counters.add(PagerCounter.ORPHAN_INVALIDATIONS)
                     break
                 except StoreUnavailable:
-                    continue
+                    await trio.sleep(0.01)
                 except StoreError as exc:
                     log.error("store failed to drop a timed-out batch: %s", exc)
                     break
@@ -230,65 +338,219 @@ class Pager:
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read whole pages.  At or past the end of the device, reads are short."""
-        if offset == self.size:
+        if offset < 0 or offset % PAGE_SIZE or length % PAGE_SIZE:
+            raise InvalidIO(f"read at {offset}+{length} is not aligned to {PAGE_SIZE} bytes")
+        if offset >= self.size or not length:
             return b""
-        length = min(length, self.size - max(offset, 0))
-        first, n = self._pages(offset, length)
-        self.counters.read_requests += 1
-        runs = list(self.map.runs(first, n))
-        if len(runs) == 1 and runs[0][0] == HOST:
-            return await self._fetch(list(range(first, first + n)))
+        length = min(length, self.size - offset)
+        first, n = offset // PAGE_SIZE, length // PAGE_SIZE
+        self.counters.add(PagerCounter.READ_REQUESTS)
+        async with self.locks.shared(first, n):
+            return await self._read_locked(first, n)
+
+    async def _read_locked(self, first: int, n: int) -> bytes:
+        states = bytes(self.map.states[first : first + n])
+        if LOST in states:
+            lost = states.count(LOST)
+            self.counters.add(PagerCounter.LOST_READS, lost)
+            self._lost_reads.error("read of %d lost page(s) at page %d failed at once", lost, first)
+            raise PageUnavailable(f"{lost} page(s) at {first}.. are lost")
         out = bytearray(n * PAGE_SIZE)
         view = memoryview(out)
-        host_pages: list[int] = []
+        from_store = array("Q")
+        from_backing: list[tuple[int, int]] = []
         c = self.counters
-        for state, start, count in runs:
-            slot = view[(start - first) * PAGE_SIZE : (start - first + count) * PAGE_SIZE]
+        for state, start, count in self.map.runs(first, n):
             if state == BACKING:
-                self.backing.pread_into(start * PAGE_SIZE, slot)
-                c.backing_reads += count
-            elif state == HOST:
-                host_pages.extend(range(start, start + count))
+                from_backing.append((start, count))
+            elif state in IN_STORE:
+                from_store.extend(range(start, start + count))
             else:
-                c.zero_reads += count
-        if host_pages:
-            data = await self._fetch(host_pages)
-            for i, page in enumerate(host_pages):
-                at = (page - first) * PAGE_SIZE
-                view[at : at + PAGE_SIZE] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                c.add(PagerCounter.ZERO_READS, count)
+        failed = 0
+        for at in range(0, len(from_store), MAX_BATCH_PAGES):
+            batch = from_store[at : at + MAX_BATCH_PAGES]
+            bad, fallback = await self._read_from_store(batch, view, first)
+            failed += bad
+            from_backing.extend((page, 1) for page in fallback)
+        for start, count in from_backing:
+            failed += await self._read_from_backing(start, count, view, first)
+        if failed:
+            c.add(PagerCounter.READ_FAILURES, failed)
+            raise PageUnavailable(f"{failed} page(s) in {first}..{first + n - 1} could not be read")
         return bytes(out)
 
-    async def _fetch(self, pages: list[int]) -> bytes:
-        """The pages' data from the store, all of it, or PageUnavailable.
+    async def _read_from_backing(self, start: int, count: int, view: memoryview, first: int) -> int:
+        """Read and check a run from the backing file; how many pages failed."""
+        at = (start - first) * PAGE_SIZE
+        part = view[at : at + count * PAGE_SIZE]
+        try:
+            await self.backing.read_into(start * PAGE_SIZE, part)
+        except OSError as exc:
+            log.error("backing file %s failed a read of %d page(s) at page %d: %s",
+                      self.backing.path, count, start, exc)
+            return count
+        seqs, sums = self.map.seqs, self.map.sums
+        bad = 0
+        for i in range(count):
+            page = start + i
+            if checksum(part[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], page, seqs[page]) != sums[page]:
+                bad += 1
+        if bad:
+            self._mismatch(bad, f"the backing file at page {start}")
+        self.counters.add(PagerCounter.BACKING_READS, count - bad)
+        return bad
 
-        Waits up to ``read_timeout`` for a connection: unlike a write, a read
-        has nowhere else to go, and failing it kills whoever swapped the page out.
-        """
-        answer: tuple[bytes, bytes] | None = None
-        with trio.move_on_after(self.read_timeout):
-            while answer is None:
-                try:
+    async def _read_from_store(self, pages: array, view: memoryview, first: int) -> tuple[int, list[int]]:
+        """Fetch pages from the store into ``view`` and check each one.  Returns
+        (pages that failed, write-through pages to read from the backing file instead)."""
+        states, seqs, sums = self.map.states, self.map.seqs, self.map.sums
+        # The states as they are now: the store's notice that our pages are gone
+        # may change the map while we wait, but not what this read must do.
+        before = bytes(states[page] for page in pages)
+        answer = await self._get(pages, wait=HOST in before)
+        fallback: list[int] = []
+        failed = mismatched = 0
+        for i, page in enumerate(pages):
+            cached = before[i] == HOST_WT
+            if answer is None:
+                if cached:
+                    fallback.append(page)
+                else:
+                    failed += 1
+                continue
+            if answer.statuses[i] != _STORED:
+                if cached:
+                    if states[page] == HOST_WT:
+                        states[page] = BACKING  # the store dropped its cached copy
+                    fallback.append(page)
+                else:
+                    if states[page] == HOST:
+                        self._lose(page)
+                    failed += 1
+                continue
+            data = answer.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            if answer.seqs[i] != seqs[page] or checksum(data, page, seqs[page]) != sums[page]:
+                mismatched += 1
+                if cached:
+                    fallback.append(page)
+                else:
+                    failed += 1
+                continue
+            at = (page - first) * PAGE_SIZE
+            view[at : at + PAGE_SIZE] = data
+        if mismatched:
+            self._mismatch(mismatched, "the store")
+        self.counters.add(PagerCounter.HOST_READS, len(pages) - len(fallback) - failed)
+        self.counters.add(PagerCounter.WRITETHROUGH_BACKING_READS, len(fallback))
+        return failed, fallback
+
+    async def _get(self, pages: array, wait: bool) -> Any:
+        """The store's answer, or None.  A read of pages only the store has waits up
+        to ``read_timeout`` for it (it has nowhere else to go, and failing it kills
+        whoever swapped the page out); a read of cached pages does not wait."""
+        with trio.move_on_after(self.read_timeout if wait else self.write_timeout):
+            while True:
+                if not self.store.connected:
+                    if not wait:
+                        return None
                     await self.store.wait_connected()
-                    answer = await self.store.get(pages)
+                try:
+                    return await self.store.get(pages)
                 except StoreUnavailable:
-                    continue
+                    if not wait:
+                        return None
+                    await trio.sleep(0.01)
                 except StoreError as exc:
-                    self._read_failed(len(pages), f"store error: {exc}")
-        if answer is None:
-            self._read_failed(len(pages), f"no answer from the store in {self.read_timeout}s")
-        status, data = answer  # type: ignore[misc]
-        if len(status) != len(pages) or len(data) != len(pages) * PAGE_SIZE:
-            self._read_failed(len(pages), "the store's answer does not match the request")
-        missing = len(pages) - status.count(PageStatus.STORED)
-        if missing:
-            self._read_failed(missing, "the store does not hold pages it accepted")
-        self.counters.host_reads += len(pages)
-        return data
+                    log.error("store failed a get of %d pages: %s", len(pages), exc)
+                    return None
+        log.error("no answer from the store in %.1fs for %d page(s)",
+                  self.read_timeout if wait else self.write_timeout, len(pages))
+        return None
 
-    def _read_failed(self, pages: int, why: str) -> None:
-        self.counters.read_failures += pages
-        log.error("cannot read %d page(s) from the store: %s", pages, why)
-        raise PageUnavailable(why)
+    def _mismatch(self, pages: int, where: str) -> None:
+        self.counters.add(PagerCounter.CHECKSUM_ERRORS, pages)
+        self._bad_pages.error("%d page(s) from %s failed their checksum or version check: refused (EIO)",
+                              pages, where)
+
+    def _lose(self, page: int) -> None:
+        self.map.states[page] = LOST
+        self.counters.add(PagerCounter.PAGES_LOST)
+        self._lost_reads.error("the store does not hold page %d, which it accepted: marked lost", page)
+
+    # -- the store's notices ------------------------------------------------------
+
+    def pages_lost(self) -> None:
+        """The store no longer holds our pages: those only it had are lost, cached ones
+        are read from the backing file from now on."""
+        self.map.replace_state(HOST_WT, BACKING)
+        lost = self.map.replace_state(HOST, LOST)
+        if lost:
+            self.counters.add(PagerCounter.PAGES_LOST, lost)
+            log.error("%d page(s) were only in the host store, which no longer has them: reads of them "
+                      "fail (EIO) until they are rewritten", lost)
+
+    async def take_back(self, handback: HandBack) -> bytes:
+        """The store hands pages back: check each against the map, write the ones we
+        still need to the backing file, and move the map to it.  One TakeStatus per page."""
+        n = len(handback.pages)
+        out = bytearray(n)  # TAKEN
+        self.counters.add(PagerCounter.HANDBACK_REQUESTS)
+        order = sorted(range(n), key=handback.pages.__getitem__)
+        runs: list[list[int]] = []
+        for i in order:
+            page = handback.pages[i]
+            if page >= self.npages:
+                out[i] = TakeStatus.NOT_NEEDED
+            elif runs and handback.pages[runs[-1][-1]] + 1 == page:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            first = handback.pages[run[0]]
+            async with self.locks.exclusive(first, len(run)):
+                await self._take_run(handback, run, out)
+        c = self.counters
+        c.add(PagerCounter.HANDBACK_TAKEN, out.count(TakeStatus.TAKEN))
+        c.add(PagerCounter.HANDBACK_NOT_NEEDED, out.count(TakeStatus.NOT_NEEDED))
+        c.add(PagerCounter.HANDBACK_FAILED, out.count(TakeStatus.FAILED))
+        return bytes(out)
+
+    async def _take_run(self, handback: HandBack, run: list[int], out: bytearray) -> None:
+        states, seqs, sums = self.map.states, self.map.seqs, self.map.sums
+        data = memoryview(handback.data)
+        to_write: list[int] = []
+        for i in run:
+            page, seq = handback.pages[i], handback.seqs[i]
+            state = states[page]
+            if state not in IN_STORE or seqs[page] != seq:
+                out[i] = TakeStatus.NOT_NEEDED
+                continue
+            if checksum(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], page, seq) != sums[page]:
+                self._mismatch(1, "a hand-back")
+                out[i] = TakeStatus.NOT_NEEDED  # the store's copy is bad: we do not want it
+                if state == HOST_WT:
+                    states[page] = BACKING
+                else:
+                    self._lose(page)
+                continue
+            if state == HOST_WT:
+                states[page] = BACKING  # the backing file has it already
+                continue
+            to_write.append(i)
+        if not to_write:
+            return
+        parts = [(handback.pages[i] * PAGE_SIZE, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in to_write]
+        try:
+            await self.backing.write_many(parts)
+        except OSError as exc:
+            self._backing_failed(handback.pages[to_write[0]], len(to_write), exc)
+            for i in to_write:
+                out[i] = TakeStatus.FAILED
+            return
+        for i in to_write:
+            states[handback.pages[i]] = BACKING
+        self.counters.add(PagerCounter.BACKING_WRITES, len(to_write))
 
     # -- discard ----------------------------------------------------------------
 
@@ -301,17 +563,22 @@ class Pager:
         """
         first, n = covered_pages(offset, length, self.npages)
         c = self.counters
-        c.discard_requests += 1
+        c.add(PagerCounter.DISCARD_REQUESTS)
         if not n:
             return
-        runs = list(self.map.runs(first, n))
-        self.map.set_range(first, n, UNWRITTEN)
-        c.discard_pages += sum(count for state, _, count in runs if state != UNWRITTEN)
-        for state, start, count in runs:
-            if state == BACKING and self.backing.punch(start * PAGE_SIZE, count * PAGE_SIZE):
-                c.discard_backing_pages += count
-        if any(state == HOST for state, _, _ in runs):
-            await self._drop_from_store(first, n, self._next_seq())
+        async with self.locks.exclusive(first, n):
+            runs = list(self.map.runs(first, n))
+            self.map.set_range(first, n, UNWRITTEN)
+            c.add(PagerCounter.DISCARD_PAGES, sum(count for state, _, count in runs if state != UNWRITTEN))
+            for state, start, count in runs:
+                if state in (BACKING, HOST_WT):
+                    try:
+                        if await self.backing.punch(start * PAGE_SIZE, count * PAGE_SIZE):
+                            c.add(PagerCounter.DISCARD_BACKING_PAGES, count)
+                    except OSError as exc:
+                        log.warning("could not release %d discarded page(s) in the backing file: %s", count, exc)
+            if any(state in IN_STORE for state, _, _ in runs):
+                await self._drop_from_store(first, n, self._next_seq())
 
     async def _drop_from_store(self, first: int, n: int, seq: int) -> None:
         """One invalidate for the whole range; if the store cannot take it now,
@@ -326,13 +593,13 @@ class Pager:
         if dropped is None:
             self._orphans_send.send_nowait((first, n, seq, True))
         else:
-            self.counters.discard_host_pages += dropped
+            self.counters.add(PagerCounter.DISCARD_HOST_PAGES, dropped)
 
     # -- the rest ---------------------------------------------------------------
 
     async def release_all(self) -> None:
         """On clean shutdown: tell the store it may drop everything we left there."""
-        if self.store.connected and self.map.counts()["host"]:
+        if self.store.connected and any(state in self.map.states for state in IN_STORE):
             with trio.move_on_after(self.write_timeout):
                 try:
                     await self.store.invalidate(0, self.npages, self._next_seq())
@@ -340,8 +607,9 @@ class Pager:
                     log.warning("could not release pages in the store: %s", exc)
 
     def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = {"device_bytes": self.size, "device_pages": self.npages}
+        stats: dict[str, Any] = {"device_bytes": self.size, "device_pages": self.npages,
+                                 "writethrough": self.writethrough}
         stats.update({f"pages_{k}": v for k, v in self.map.counts().items()})
         stats["host_connected"] = self.store.connected
-        stats.update(asdict(self.counters))
+        stats.update(self.counters.as_dict())
         return stats

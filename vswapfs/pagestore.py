@@ -1,0 +1,60 @@
+"""The store contract the pager uses, and its exceptions.
+
+Every store the pager can sit on implements :class:`PageStore`: the msgpack
+client of a hoststore (``vswapfs.hostclient``), and the tests' fake store.
+The pager never learns which one it has.
+
+The contract, beyond the method signatures:
+
+* A call on a store that is not connected fails at once with
+  :class:`StoreUnavailable`; the store never waits on its own, callers put the
+  deadline around each call.
+* ``get`` answers carry the version (sequence number) of every page returned;
+  the pager checks it and the page's checksum, so a store is never trusted to
+  say what a page is.
+* ``epoch`` changes whenever the pages the store held for this client are
+  gone (the store came back as a new instance, or forgot this client).  The
+  store calls the ``on_pages_lost`` handler *before* it serves anything on
+  the new connection, so the pager can mark exactly those pages lost.
+* The store may ask for pages back (``on_handback``); the handler answers
+  one :class:`~hoststore.messages.TakeStatus` per page, and the store frees a
+  page only after that answer.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from hoststore.messages import GetAnswer, HandBack
+
+
+class StoreUnavailable(Exception):
+    """No connection to the store, or it was lost while the request was in flight."""
+
+
+class StoreError(Exception):
+    """The store answered the request with an error, or answered nonsense."""
+
+
+HandBackHandler = Callable[[HandBack], Awaitable[bytes]]
+PagesLostHandler = Callable[[], None]
+
+
+class PageStore(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    async def wait_connected(self) -> None: ...
+
+    async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes: ...
+
+    async def get(self, pages: array) -> GetAnswer: ...
+
+    async def invalidate(self, first: int, count: int, seq: int) -> int: ...
+
+    def set_handlers(self, on_handback: HandBackHandler, on_pages_lost: PagesLostHandler) -> None: ...
