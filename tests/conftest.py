@@ -20,18 +20,37 @@ def _disk_dir_reason(path: str) -> str | None:
     return None
 
 
+PROJECT_TMP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".test-tmp")
+
+
+def disk_base() -> str:
+    """A directory on a disk filesystem for backing files (never tmpfs: HAZARDS.md).
+
+    /tmp, then /var/tmp, then a directory in the checkout.  If none is on a
+    disk, the tests that need one fail, saying so: the page rules are not
+    something to skip quietly."""
+    reasons = []
+    for base in (tempfile.gettempdir(), "/var/tmp", PROJECT_TMP):
+        try:
+            os.makedirs(base, exist_ok=True)
+        except OSError as exc:
+            reasons.append(f"{base}: {exc.strerror}")
+            continue
+        reason = _disk_dir_reason(base)
+        if reason is None:
+            return base
+        reasons.append(reason)
+    raise RuntimeError("no directory on a disk filesystem for backing files: " + "; ".join(reasons))
+
+
 @pytest.fixture
 def disk_dir() -> Iterator[str]:
     """A temporary directory on a disk filesystem (backing files must not be on tmpfs)."""
-    for base in (tempfile.gettempdir(), "/var/tmp"):
-        if os.path.isdir(base) and _disk_dir_reason(base) is None:
-            path = tempfile.mkdtemp(prefix="vswapfs-test-", dir=base)
-            try:
-                yield path
-            finally:
-                shutil.rmtree(path, ignore_errors=True)
-            return
-    pytest.skip("no temporary directory on a disk filesystem (both /tmp and /var/tmp are tmpfs)")
+    path = tempfile.mkdtemp(prefix="vswapfs-test-", dir=disk_base())
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def fuse_unavailable() -> str | None:

@@ -93,7 +93,8 @@ class FakeStore:
             call.done.set()
         self._wire.clear()
         self.up = False
-        self._connected = trio.Event()
+        if self._connected.is_set():  # a waiter on the current (unset) event must stay woken by reconnect
+            self._connected = trio.Event()
 
     def kill(self) -> None:
         """The store process dies: everything on the wire and in it is gone."""

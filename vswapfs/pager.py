@@ -184,6 +184,7 @@ class Pager:
         self.counters: Counters[PagerCounter] = Counters(PagerCounter)
         self._seq = 0
         self._orphans_send, self._orphans_recv = trio.open_memory_channel[tuple[int, int, int, bool]](math.inf)
+        self.orphans_pending = 0  # drop requests the store has yet to receive
         self._bad_pages = BurstLog(log)
         self._lost_reads = BurstLog(log)
         store.set_handlers(self.take_back, self.pages_lost)
@@ -309,8 +310,12 @@ class Pager:
         self.counters.add(cause, n)
         states = self.map.states[first : first + n]
         if sent or HOST in states or HOST_WT in states:
-            self._orphans_send.send_nowait((first, n, seq, False))
+            self._queue_orphan(first, n, seq, False)
         return _ALL_REFUSED * n
+
+    def _queue_orphan(self, first: int, n: int, seq: int, discard: bool) -> None:
+        self.orphans_pending += 1
+        self._orphans_send.send_nowait((first, n, seq, discard))
 
     async def drop_orphans(self) -> None:
         """Background task: ask the store to drop batches whose put timed out,
@@ -333,6 +338,7 @@ class Pager:
                 except StoreError as exc:
                     log.error("store failed to drop a timed-out batch: %s", exc)
                     break
+            self.orphans_pending -= 1
 
     # -- read -------------------------------------------------------------------
 
@@ -591,7 +597,7 @@ class Pager:
                 except (StoreUnavailable, StoreError):
                     pass
         if dropped is None:
-            self._orphans_send.send_nowait((first, n, seq, True))
+            self._queue_orphan(first, n, seq, True)
         else:
             self.counters.add(PagerCounter.DISCARD_HOST_PAGES, dropped)
 
@@ -611,5 +617,6 @@ class Pager:
                                  "writethrough": self.writethrough}
         stats.update({f"pages_{k}": v for k, v in self.map.counts().items()})
         stats["host_connected"] = self.store.connected
+        stats["orphans_pending"] = self.orphans_pending
         stats.update(self.counters.as_dict())
         return stats

@@ -1,0 +1,325 @@
+"""Model-based test of the page rules: hypothesis drives the pager against the
+fake store through writes, reads, discards, refusals, stalls with late
+arrivals, disconnects, store death, hand-backs, drains and a store that
+damages pages, in write-back and write-through mode; every read is checked
+against a plain dict.
+
+What a read may return:
+* a page never written (or discarded): zeros;
+* a page whose only copy died with the store: EIO, and never anything else;
+* a page whose store copy was damaged: its data, or EIO (never other bytes);
+  in write-through mode always its data;
+* any other page: exactly what was last written.
+
+The pager runs in a trio loop on a helper thread; each rule calls into it and
+waits until every task (the store's wire, the orphan task) has settled.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+
+import trio
+import trio.testing
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from hoststore.messages import PAGE_SIZE, HandBackCause
+from vswapfs.backing import Backing
+from vswapfs.pagemap import HOST, HOST_WT, IN_STORE
+from vswapfs.pager import Pager, PageUnavailable
+
+from .conftest import disk_base
+from .fakestore import FakeStore
+
+NPAGES = 24
+
+
+def data_for(page: int, version: int) -> bytes:
+    return (page.to_bytes(4, "little") + version.to_bytes(4, "little")) * (PAGE_SIZE // 8)
+
+
+class TrioThread:
+    """A trio loop (on a mock clock that jumps when everything waits) on a thread of its own."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _main(self) -> None:
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                self.token = trio.lowlevel.current_trio_token()
+                self._ready.set()
+                await trio.sleep_forever()
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
+
+    def run(self, afn, *args):
+        return trio.from_thread.run(afn, *args, trio_token=self.token)
+
+    def run_sync(self, fn, *args):
+        return trio.from_thread.run_sync(fn, *args, trio_token=self.token)
+
+    def start_soon(self, afn, *args) -> None:
+        trio.from_thread.run_sync(self.nursery.start_soon, afn, *args, trio_token=self.token)
+
+    def close(self) -> None:
+        trio.from_thread.run_sync(self.nursery.cancel_scope.cancel, trio_token=self.token)
+        self._thread.join(10)
+
+
+class PagerMachine(RuleBasedStateMachine):
+    pages = st.integers(0, NPAGES - 1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="vswapfs-model-", dir=disk_base())
+        self.backing = Backing.open(os.path.join(self.dir, "backing"), NPAGES * PAGE_SIZE)
+        self.trio = TrioThread()
+        self.model: dict[int, int] = {}  # page -> version last written
+        self.lost: set[int] = set()  # pages whose only copy died with the store
+        self.suspect: set[int] = set()  # pages whose store copy was damaged
+        self.version = 0
+        self.pager: Pager | None = None
+
+    @initialize(writethrough=st.booleans(), capacity=st.sampled_from([4, 12, NPAGES]))
+    def start(self, writethrough: bool, capacity: int) -> None:
+        self.store = FakeStore(NPAGES, capacity)
+        self.pager = Pager(self.backing, self.store, write_timeout=0.5, read_timeout=2.0,
+                           writethrough=writethrough)
+        self.trio.start_soon(self.pager.drop_orphans)
+
+    def teardown(self) -> None:
+        self.trio.close()
+        self.backing.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def _settled(self) -> None:
+        """Until the store's wire is served and the orphan task has nothing left to do."""
+        for _ in range(1000):
+            await trio.testing.wait_all_tasks_blocked()
+            if not self.store.up or self.store.stalled:
+                return
+            if not self.store._wire and not self.pager.orphans_pending:
+                await trio.testing.wait_all_tasks_blocked()
+                return
+            await trio.sleep(0.01)
+        raise AssertionError(f"never settled: wire {len(self.store._wire)}, orphans {self.pager.orphans_pending}")
+
+    def call(self, afn, *args):
+        async def go():
+            try:
+                return await afn(*args)
+            finally:
+                await self._settled()
+
+        return self.trio.run(go)
+
+    @property
+    def quiet(self) -> bool:
+        return self.store.up and not self.store.stalled
+
+    def _rewritten(self, pages: range) -> None:
+        for p in pages:
+            self.lost.discard(p)
+            self.suspect.discard(p)
+
+    # -- the device ---------------------------------------------------------------------
+
+    @rule(first=pages, n=st.integers(1, 6))
+    def write(self, first: int, n: int) -> None:
+        n = min(n, NPAGES - first)
+        self.version += 1
+        data = b"".join(data_for(first + i, self.version) for i in range(n))
+        assert self.call(self.pager.write, first * PAGE_SIZE, data) == len(data)
+        for p in range(first, first + n):
+            self.model[p] = self.version
+        self._rewritten(range(first, first + n))
+
+    @precondition(lambda self: self.quiet)
+    @rule(first=pages, n=st.integers(1, 6))
+    def write_as_the_store_dies(self, first: int, n: int) -> None:
+        """The store answers the next request and dies at once, a new one taking its
+        place: a write in flight must still end up somewhere that survives."""
+        self._mark_lost()
+        self.store.die_after_next_answer = True
+        self.write(first, n)
+        self.store.die_after_next_answer = False
+        self.suspect.clear()
+        event("a write raced the store's death")
+
+    @precondition(lambda self: self.quiet)
+    @rule(first=pages, n=st.integers(1, 8))
+    def read(self, first: int, n: int) -> None:
+        n = min(n, NPAGES - first)
+        expected = b"".join(data_for(p, self.model[p]) if p in self.model else bytes(PAGE_SIZE)
+                            for p in range(first, first + n))
+        try:
+            got = self.call(self.pager.read, first * PAGE_SIZE, n * PAGE_SIZE)
+        except PageUnavailable:
+            event("read: EIO")
+            may_fail = self.lost | (self.suspect if not self.pager.writethrough else set())
+            assert may_fail & set(range(first, first + n)), f"EIO reading {first}+{n}, nothing there was lost"
+            return
+        assert not self.lost & set(range(first, first + n)), "a lost page read back as data"
+        assert got == expected, "wrong data"
+        if self.suspect & set(range(first, first + n)):
+            event("read: a damaged page read back fine")
+
+    @precondition(lambda self: self.quiet)
+    @rule()
+    def read_every_page(self) -> None:
+        """Each page on its own: a lost page must fail, a damaged one may (never with other bytes)."""
+        for p in range(NPAGES):
+            self.read(p, 1)
+
+    @rule(first=pages, n=st.integers(1, 8))
+    def discard(self, first: int, n: int) -> None:
+        n = min(n, NPAGES - first)
+        self.call(self.pager.discard, first * PAGE_SIZE, n * PAGE_SIZE)
+        for p in range(first, first + n):
+            self.model.pop(p, None)
+        self._rewritten(range(first, first + n))
+
+    # -- the store's moods ------------------------------------------------------------------
+
+    @rule(high=st.booleans())
+    def pressure(self, high: bool) -> None:
+        self.store.pressure = 95.0 if high else 10.0
+
+    @rule(every=st.sampled_from([0, 2, 3]))
+    def refuse_every(self, every: int) -> None:
+        self.store.refuse_every = every
+
+    @precondition(lambda self: self.quiet)
+    @rule()
+    def stall(self) -> None:
+        """Requests stay on the wire: writes time out and go to the backing file."""
+        self.trio.run_sync(setattr, self.store, "stalled", True)
+
+    @precondition(lambda self: self.store.up and self.store.stalled)
+    @rule()
+    def release(self) -> None:
+        """The stalled requests arrive late, in order, followed by their invalidations."""
+        self.trio.run_sync(self.store.release)
+        self.call(trio.sleep, 0)
+
+    @precondition(lambda self: self.store.up)
+    @rule(served=st.integers(0, 3))
+    def disconnect(self, served: int) -> None:
+        self.trio.run_sync(self.store.disconnect, served)
+
+    @precondition(lambda self: not self.store.up)
+    @rule()
+    def reconnect(self) -> None:
+        def back() -> None:
+            self.store.stalled = False
+            self.store.reconnect()
+
+        self.trio.run_sync(back)
+        self.call(trio.sleep, 0)
+
+    @rule()
+    def kill_store(self) -> None:
+        """The store dies: pages whose newest version only it had are lost (in write-back)."""
+        self._mark_lost()
+        self.trio.run_sync(self.store.kill)
+        self.suspect.clear()
+
+    def _mark_lost(self) -> None:
+        """Pages whose newest version is not in the backing file die with the store."""
+        for p, version in self.model.items():
+            raw = bytearray(PAGE_SIZE)
+            self.backing.pread_into(p * PAGE_SIZE, memoryview(raw))
+            if bytes(raw) != data_for(p, version) and p not in self.lost:
+                assert not self.pager.writethrough, f"page {p} missing from the backing file in write-through"
+                self.lost.add(p)
+                event("store death lost a page")
+
+    @precondition(lambda self: self.quiet)
+    @rule(limit=st.integers(1, 10))
+    def hand_back(self, limit: int) -> None:
+        self.call(self.store.hand_back, limit)
+
+    @precondition(lambda self: self.quiet)
+    @rule()
+    def drain(self) -> None:
+        self.call(self.store.hand_back, None, HandBackCause.DRAIN)
+        assert self.store.pages_stored == self.store.client.lent_count == 0
+
+    @precondition(lambda self: self.quiet and self.store.pages_stored)
+    @rule(data=st.data())
+    def damage_store_copy(self, data) -> None:
+        """Flip a bit of the store's copy of a page."""
+        client = self.store.client
+        p = data.draw(st.sampled_from(sorted(client.page_of[: client.count])))
+        def damage() -> bool:
+            slot = self.store.client.index.get(p)
+            if slot < 0:
+                return False
+            view = self.store.client.slab.view(slot)
+            view[17] ^= 0x40
+            view.release()
+            return True
+
+        if self.trio.run_sync(damage):
+            self.suspect.add(p)
+            event("damaged a stored page")
+
+    # -- what must always hold ----------------------------------------------------------------
+
+    @invariant()
+    def store_is_consistent(self) -> None:
+        if self.pager is not None:
+            self.store.client.check()
+            assert self.pager.locks.held == 0
+
+    @invariant()
+    def the_map_points_only_at_pages_the_store_has(self) -> None:
+        """When all is quiet, every page the map places in the store is there, in that version."""
+        if self.pager is None or not self.quiet:
+            return
+        states, seqs = self.pager.map.states, self.pager.map.seqs
+        client = self.store.client
+        for p in range(NPAGES):
+            if states[p] in IN_STORE:
+                slot = client.index.get(p)
+                assert slot >= 0 and client.seq_of[slot] == seqs[p], f"page {p}: map says store, store disagrees"
+
+    @invariant()
+    def nothing_lingers_in_the_store(self) -> None:
+        """When all is quiet, the store holds exactly the pages the map places there:
+        timed-out puts that landed late, and old copies, have been dropped."""
+        if self.pager is None or not self.quiet or self.store._wire:
+            return
+        if self.pager.orphans_pending:
+            return
+        in_store = sum(self.pager.map.states.count(state) for state in IN_STORE)
+        assert self.store.pages_stored == in_store, "the store holds pages the map does not place there"
+
+    @invariant()
+    def lost_pages_are_marked(self) -> None:
+        if self.pager is None or not self.store.up:
+            return
+        states = self.pager.map.states
+        for p in self.lost:
+            assert states[p] not in (HOST, HOST_WT), f"lost page {p} still placed in the store"
+
+
+PagerMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("VSWAPFS_MODEL_EXAMPLES", "300")),
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestPagerModel = PagerMachine.TestCase
