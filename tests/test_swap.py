@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -37,8 +38,8 @@ def state_dir(disk_dir: str):
         assert State.load(path) is None
 
 
-def up(state_dir: str, disk_dir: str, *extra: str) -> None:
-    done = vswapctl(state_dir, "up", "--size", "512M", "--capacity", "64M",
+def up(state_dir: str, disk_dir: str, *extra: str, capacity: str = "64M") -> None:
+    done = vswapctl(state_dir, "up", "--size", "512M", "--capacity", capacity,
                     "--backing", os.path.join(disk_dir, "backing"), *extra)
     assert done.returncode == 0, done.stdout + done.stderr
     state = State.load(state_dir)
@@ -69,6 +70,85 @@ def test_workload_through_host_and_backing_has_no_bad_pages(state_dir: str, disk
     assert fs["io_errors"] == 0 and fs["read_failures"] == 0
     status = vswapctl(state_dir, "status")
     assert status.returncode == 0 and "host" in status.stdout and "backing" in status.stdout
+
+
+def start_workload(state_dir: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vswapctl", "--state-dir", state_dir, "workload",
+                             "--size", "256M", "--limit", "64M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish_workload(work: subprocess.Popen[str]) -> dict:
+    out, err = work.communicate(timeout=600)
+    assert work.returncode == 0, out + err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["pages"] == 65536 and result["bad_pages"] == 0
+    return result
+
+
+def wait_until(predicate, timeout: float, what: str, work: subprocess.Popen[str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert work is None or work.poll() is None, f"the workload ended before {what}"
+        time.sleep(0.05)
+
+
+def test_store_restarted_with_sigterm_mid_workload_loses_nothing(state_dir: str, disk_dir: str) -> None:
+    """A planned restart of the store under live swap: it drains (hands every page
+    back to vswapfs, which writes them to the backing file), a new one starts, and
+    the verifying workload sees every page intact."""
+    up(state_dir, disk_dir, "--priority", "32000")
+    state = State.load(state_dir)
+    work = start_workload(state_dir)
+    new_store = None
+    try:
+        wait_until(lambda: stats(state_dir)["hoststore"]["pages_stored"] > 4096, 120, "pages in the store", work)
+        os.kill(state.hoststore_pid, signal.SIGTERM)
+        assert system.wait_gone(state.hoststore_pid, 60), "the store did not finish draining"
+        new_store = subprocess.Popen([sys.executable, "-m", "hoststore", "--listen", f"unix:{state.socket}",
+                                      "--capacity", "64M"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finish_workload(work)
+        fs = stats(state_dir)["vswapfs"]
+        assert fs["handback_taken"] > 4096 and fs["pages_lost"] == 0
+        assert fs["io_errors"] == 0 and fs["read_failures"] == 0 and fs["checksum_errors"] == 0
+        assert fs["link_host_restarts"] == 1
+    finally:
+        if work.poll() is None:
+            work.kill()
+            work.wait()
+        if new_store is not None:
+            vswapctl(state_dir, "down", timeout=1800)  # swap off first; then the store may go
+            new_store.send_signal(signal.SIGTERM)
+            new_store.wait(60)
+
+
+def test_pressure_hands_pages_back_mid_workload(state_dir: str, disk_dir: str) -> None:
+    """Memory pressure (steered through a pressure file) makes the store hand its
+    least recently used pages back while live swap goes on: 0 bad pages."""
+    pressure = os.path.join(disk_dir, "pressure")
+    with open(pressure, "w") as f:
+        f.write("10")
+    up(state_dir, disk_dir, "--priority", "32000", "--pressure-source", f"file:{pressure}", capacity="512M")
+    work = start_workload(state_dir)
+    try:
+        wait_until(lambda: stats(state_dir)["hoststore"]["pages_stored"] > 8192, 120, "pages in the store", work)
+        with open(pressure, "w") as f:
+            f.write("95")  # above the high watermark: hand back, refuse
+        wait_until(lambda: stats(state_dir)["hoststore"]["handed_back_pressure"] > 2048, 60, "a hand-back", work)
+        with open(pressure, "w") as f:
+            f.write("50")  # below the low watermark: stop
+        finish_workload(work)
+    finally:
+        if work.poll() is None:
+            work.kill()
+            work.wait()
+    s = stats(state_dir)
+    fs, host = s["vswapfs"], s["hoststore"]
+    assert host["handed_back_pressure"] > 2048 and host["refused_pressure"] > 0
+    assert 0 < host["handed_back_pressure"] <= fs["handback_taken"] + fs["handback_not_needed"]
+    assert host["clients"]  # an admin's view names the clients
+    assert fs["pages_lost"] == 0 and fs["io_errors"] == 0 and fs["checksum_errors"] == 0
 
 
 def test_down_cleans_up_after_vswapfs_died(state_dir: str, disk_dir: str) -> None:

@@ -71,6 +71,8 @@ def _socket_ready(path: str) -> bool:
 
 def start_hoststore(state: State, args: argparse.Namespace) -> None:
     argv = [sys.executable, "-m", "hoststore", "--listen", f"unix:{state.socket}", "--capacity", str(args.capacity)]
+    if args.pressure_source:
+        argv += ["--pressure-source", args.pressure_source]
     if args.verbose:
         argv.append("-v")
     state.hoststore_pid = _spawn(argv, state.log("hoststore"))
@@ -87,6 +89,8 @@ def start_vswapfs(state: State, args: argparse.Namespace) -> None:
     argv = [sys.executable, "-m", "vswapfs", state.mountpoint, "--backing", state.backing, "--host", state.host]
     if args.size:
         argv += ["--size", str(args.size)]
+    if args.writethrough:
+        argv.append("--writethrough")
     if args.verbose:
         argv.append("-v")
     state.vswapfs_pid = _spawn(argv, state.log("vswapfs"))
@@ -361,6 +365,33 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 1 if dropped else 0
 
 
+# -- faults -------------------------------------------------------------------------
+
+
+def cmd_faults(args: argparse.Namespace) -> int:
+    from . import faults
+
+    if os.geteuid() != 0:
+        return _fail("faults needs root (it mounts a vswapfs)")
+    if args.rounds < 1 or args.pages < 256:
+        return _fail("--rounds must be at least 1 and --pages at least 256")
+    modes = ["writeback", "writethrough"] if args.mode == "both" else [args.mode]
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    say(f"fault run: {args.rounds} round(s) per mode, {args.pages}-page device, seed {seed}")
+    results = faults.run(args.rounds, args.pages, modes, seed, say=(lambda m: None) if args.json else say)
+    report = faults.summary(results)
+    report["seed"] = seed
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"pages verified   {report['pages_verified']}")
+        print(f"faults injected  {report['faults_injected']}")
+        print(f"pages lost       {report['pages_lost']} (expected {report['pages_lost_expected']}: "
+              f"{'as expected' if report['all_losses_expected'] else 'NOT AS EXPECTED'})")
+        print(f"wrong pages      {report['wrong_pages']}")
+    return 0 if report["wrong_pages"] == 0 and report["all_losses_expected"] else 1
+
+
 # -- workload -----------------------------------------------------------------------
 
 
@@ -453,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mountpoint", metavar="DIR", help="where to mount vswapfs (default STATE_DIR/mnt)")
     up.add_argument("--capacity", type=argtype(_page_size), metavar="SIZE",
                     help="capacity of the hoststore that up starts (default: the device size)")
+    up.add_argument("--writethrough", action="store_true",
+                    help="vswapfs writes every page to the backing file too: losing the store loses nothing "
+                         "(default: write-back)")
+    up.add_argument("--pressure-source", metavar="SOURCE",
+                    help="the started hoststore's pressure source: psutil (default) or file:PATH, a used-memory "
+                         "percentage read from PATH (to steer hand-back in experiments and tests)")
     up.add_argument("--priority", type=int, metavar="N", help="swap priority (swapon --priority)")
     up.add_argument("--no-discard", dest="discard", action="store_false",
                     help="do not swapon with --discard=pages (freed swap slots then stay in the store "
@@ -483,6 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long to wait for the drain to finish (default 600)")
     drain.add_argument("--json", action="store_true", help="print the store's report as JSON")
     drain.set_defaults(func=cmd_drain)
+
+    flt = sub.add_parser("faults", help="inject faults into a store and account for every page",
+                         description="On a mounted vswapfs file (no swap), write random pages, inject a fault "
+                                     "into the store (SIGKILL, SIGSTOP, SIGTERM, hostile connections), read "
+                                     "every page back and count: verified, lost (and whether the design "
+                                     "says that fault loses them), wrong (must be 0).")
+    flt.add_argument("--rounds", type=int, default=8, help="rounds per mode, one fault each (default 8)")
+    flt.add_argument("--pages", type=int, default=4096, help="device size in pages (default 4096)")
+    flt.add_argument("--mode", choices=["writeback", "writethrough", "both"], default="both")
+    flt.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    flt.add_argument("--json", action="store_true")
+    flt.set_defaults(func=cmd_faults)
 
     work = sub.add_parser("workload", help="run a verifying workload in a memory cgroup",
                           description="Fill SIZE of memory with per-page patterns inside a memory cgroup "

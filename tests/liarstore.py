@@ -1,0 +1,55 @@
+"""A hoststore that lies in its ``get`` answers, for fault tests: run as
+``python -m tests.liarstore --listen unix:PATH --lie data|seq``.
+
+It stores pages like the real one, but for every odd page number it returns
+damaged bytes (``data``) or the wrong version (``seq``).  vswapfs must answer
+reads of those pages with EIO, and of the others with their data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from array import array
+
+import trio
+
+from hoststore.address import parse_address
+from hoststore.messages import GetAnswer, PageStatus
+from hoststore.policy import Limits
+from hoststore.pressure import Sampler
+from hoststore.server import Server, open_listener
+from hoststore.store import Store
+
+
+class LyingStore(Store):
+    def __init__(self, lie: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lie = lie
+
+    def get(self, client, msg):  # type: ignore[override]
+        answer = super().get(client, msg)
+        data, seqs = bytearray(answer.data), array("Q", answer.seqs)
+        for i, page in enumerate(msg.pages):
+            if page % 2 and answer.statuses[i] == PageStatus.STORED:
+                if self.lie == "data":
+                    data[i * 4096 + 123] ^= 0xFF
+                else:
+                    seqs[i] += 1
+        return GetAnswer(answer.statuses, seqs, bytes(data))
+
+
+async def main(listen: str, lie: str) -> None:
+    store = LyingStore(lie, Limits(capacity_pages=1 << 20), Sampler())
+    listener = await open_listener(parse_address(listen))
+    await Server(store).serve([listener])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--listen", required=True)
+    ap.add_argument("--lie", choices=["data", "seq"], required=True)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    trio.run(main, args.listen, args.lie)
