@@ -10,7 +10,7 @@ import trio
 
 from hoststore.messages import PAGE_SIZE, HandBackCause
 from vswapfs.backing import Backing
-from vswapfs.pagemap import BACKING, HOST, HOST_WT, LOST
+from vswapfs.pagemap import BACKING, HOST, LOST
 from vswapfs.pager import InvalidIO, Pager, PageUnavailable, WriteFailed
 
 from .fakestore import FakeStore
