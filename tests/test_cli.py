@@ -74,3 +74,15 @@ def test_format_size_and_addresses() -> None:
     assert format_size(1 << 30) == "1G" and format_size(4097) == "4097"
     assert str(parse_address("tcp:[::1]:7070")) == "tcp:[::1]:7070"
     assert parse_address("unix:/run/x.sock").path == "/run/x.sock"
+
+
+def test_microbench_runs_and_reports_the_checksum_cost() -> None:
+    import json
+
+    done = run("vswapctl", "microbench", "--seconds", "0.1", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for batch in ("1", "8", "64", "256"):
+        assert report[batch]["write_pages_per_s"] > 0 and report[batch]["read_pages_per_s"] > 0
+        assert 0 < report[batch]["checksum_read_us_per_page"] < 1000
+    assert report["checksum_errors"] == 0 and report["host_pages"] > 0

@@ -365,6 +365,31 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 1 if dropped else 0
 
 
+# -- microbench ---------------------------------------------------------------------
+
+
+def cmd_microbench(args: argparse.Namespace) -> int:
+    from . import microbench
+
+    report = microbench.run(args.seconds)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"page path through a hoststore on a unix socket ({args.seconds}s per measurement); "
+          "checksum: XXH3 per page, its share of the time per page")
+    rows = [["batch", "write pages/s", "read pages/s", "checksum write", "checksum read"]]
+    for batch in microbench.BATCHES:
+        e = report[str(batch)]
+        rows.append([str(batch), str(e["write_pages_per_s"]), str(e["read_pages_per_s"]),
+                     f"{e['checksum_write_us_per_page']:.2f} us ({e['checksum_share_of_write']:.1%})",
+                     f"{e['checksum_read_us_per_page']:.2f} us ({e['checksum_share_of_read']:.1%})"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+    print(f"1-page read: p50 {report['1']['read_p50_us']} us, p99 {report['1']['read_p99_us']} us")
+    return 0
+
+
 # -- faults -------------------------------------------------------------------------
 
 
@@ -520,6 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long to wait for the drain to finish (default 600)")
     drain.add_argument("--json", action="store_true", help="print the store's report as JSON")
     drain.set_defaults(func=cmd_drain)
+
+    mb = sub.add_parser("microbench", help="the page path without the kernel: pages/s per batch size",
+                        description="Write and read batches of 1, 8, 64 and 256 pages through the pager and a "
+                                    "hoststore process on a unix socket (no FUSE, no swap); report pages per "
+                                    "second, 1-page read latency and the per-page cost of the integrity check.")
+    mb.add_argument("--seconds", type=float, default=1.0, help="per measurement (default 1)")
+    mb.add_argument("--json", action="store_true")
+    mb.set_defaults(func=cmd_microbench)
 
     flt = sub.add_parser("faults", help="inject faults into a store and account for every page",
                          description="On a mounted vswapfs file (no swap), write random pages, inject a fault "
