@@ -249,3 +249,34 @@ def test_the_fault_tool_accounts_for_every_page(tmp_path) -> None:
     assert report["wrong_pages"] == 0 and report["all_losses_expected"]
     killed = [r for r in report["rounds"] if r["fault"] == "sigkill" and r["mode"] == "writeback"]
     assert killed[0]["pages_lost"] == killed[0]["expected_lost"] > 0  # the tool does see losses
+
+
+def test_sighup_stops_neither_daemon(make_daemons) -> None:
+    d, dev = make_daemons()
+    fill(dev, 64)
+    d.signal_hoststore(signal.SIGHUP)
+    d.vswapfs.send_signal(signal.SIGHUP)
+    time_limit = time.monotonic() + 1.0
+    while time.monotonic() < time_limit:  # a dying daemon would be gone within this second
+        assert d.hoststore.poll() is None and d.vswapfs.poll() is None
+        time.sleep(0.05)
+    for page in range(64):
+        assert dev.read(page) == pattern(page, 1)
+
+
+def test_vswapctl_drain_hands_everything_back_and_reports(make_daemons) -> None:
+    import json
+    import subprocess
+    import sys
+
+    d, dev = make_daemons()
+    fill(dev, 512)
+    done = subprocess.run([sys.executable, "-m", "vswapctl", "drain", "--host", f"unix:{d.socket}", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout[done.stdout.index("{"): done.stdout.rindex("}") + 1])
+    assert sum(report["handed_back"].values()) == STORE_PAGES and report["dropped"] == {}
+    assert d.hoststore.wait(30) == 0
+    for page in range(512):
+        assert dev.read(page) == pattern(page, 1)
+    assert d.stats()["pages_host"] == 0 and d.stats()["handback_taken"] == STORE_PAGES

@@ -456,3 +456,75 @@ async def test_a_misbehaving_store_is_disconnected_and_counted(tmp_path, garbage
                 await trio.sleep(0.01)
         assert client.counters[LinkCounter.ERRORS] == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_drain_waits_for_a_client_that_is_away_and_reports_one_that_never_comes(tmp_path) -> None:
+    store = new_store(capacity=256)
+
+    async def take_back(handback) -> bytes:
+        return bytes([TakeStatus.TAKEN]) * len(handback.pages)
+
+    async with trio.open_nursery() as nursery:
+        listener = await open_listener(Address("unix", path=str(tmp_path / "s")))
+        server = Server(store, ServerConfig(drain_timeout=2.0))
+        address = Address("unix", path=str(tmp_path / "s"))
+        nursery.start_soon(server.serve, [listener])
+        with trio.fail_after(5):
+            while not (tmp_path / "s").exists():
+                await trio.sleep(0.01)
+        async with trio.open_nursery() as away:
+            back = await start_client(away, address, name="back")
+            gone = await start_client(away, address, name="gone")
+            await back.put(0, 1, b"".join(page(i) for i in range(10)))
+            await gone.put(0, 1, b"".join(page(i) for i in range(7)))
+            away.cancel_scope.cancel()  # both disconnect
+        with trio.fail_after(5):
+            while store.connections_active:
+                await trio.sleep(0.01)
+        drained: dict = {}
+
+        async def drain() -> None:
+            drained.update(await server.drain())
+
+        nursery.start_soon(drain)
+        await trio.sleep(0.5)
+        assert store.pages == 17  # nobody to hand them to yet
+        back.set_handlers(take_back, lambda: None)
+        await nursery.start(back.run)  # "back" reconnects, proves who it is, takes its pages
+        with trio.fail_after(10):
+            while not drained:
+                await trio.sleep(0.05)
+        assert drained == {"handed_back": {"back": 10, "gone": 0}, "dropped": {"gone": 7}}
+        assert back.hello_answer.resumed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_store_hanging_up_in_the_middle_of_a_request(tmp_path) -> None:
+    path = str(tmp_path / "s")
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(4)
+    from hoststore.messages import HelloAnswer
+
+    async def hanging_up_server() -> None:
+        while True:
+            conn_sock, _ = await sock.accept()
+            stream = trio.SocketStream(conn_sock)
+            conn = p.Connection("server")
+            await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "x", "x", b"n" * 16)))
+            conn.receive_data(await stream.receive_some(65536))
+            event = conn.next_event()
+            await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
+            await stream.receive_some(65536)  # the request arrives ...
+            await stream.send_all(b"\x00\x00\x01\x00\x93")  # ... half an answer, then gone
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hanging_up_server)
+        client = await start_client(nursery, Address("unix", path=path))
+        with pytest.raises(StoreUnavailable):
+            await client.put(0, 1, page(0))
+        with trio.fail_after(5):
+            await client.wait_connected()  # it reconnected
+        assert client.counters[LinkCounter.ERRORS] == 0
+        nursery.cancel_scope.cancel()
