@@ -14,7 +14,7 @@ from __future__ import annotations
 from array import array
 
 from .messages import PAGE_SIZE
-from .slab import PageIndex, Slab
+from .slab import PageIndex, Slab, SlabFull
 
 NIL = -1
 
@@ -26,6 +26,7 @@ class ClientPages:
         self.instance = instance
         self.secret = secret
         self.session: object | None = None  # the connection serving this client, if any
+        self.away_since: float | None = None  # when its last connection ended
         self._reset()
 
     def _reset(self) -> None:
@@ -84,17 +85,28 @@ class ClientPages:
     # -- pages ----------------------------------------------------------------------
 
     def add(self, page: int, seq: int, data: memoryview | bytes, stamp: int) -> int:
-        """Store a page not stored yet; raises SlabFull when no memory can be had."""
+        """Store a page not stored yet; raises SlabFull when no memory can be had.
+        All or nothing: a failure half-way leaves everything as it was."""
         slot = self.slab.grow()
-        self.slab.write(slot, data)
-        self.page_of.append(page)
-        self.seq_of.append(seq)
-        self.stamp.append(stamp)
-        self.prev.append(NIL)
-        self.next.append(NIL)
-        self.lent.append(0)
+        try:
+            self.slab.write(slot, data)
+            self.page_of.append(page)
+            self.seq_of.append(seq)
+            self.stamp.append(stamp)
+            self.prev.append(NIL)
+            self.next.append(NIL)
+            self.lent.append(0)
+            self.index.set(page, slot)
+        except BaseException as exc:
+            for arr in (self.page_of, self.seq_of, self.stamp, self.prev, self.next, self.lent):
+                del arr[slot:]
+            if self.index.get(page) == slot:
+                self.index.clear(page)
+            self.slab.shrink()
+            if isinstance(exc, MemoryError):
+                raise SlabFull(f"out of memory for the page index: {exc}") from None
+            raise
         self._link_front(slot)
-        self.index.set(page, slot)
         return slot
 
     def replace(self, slot: int, seq: int, data: memoryview | bytes, stamp: int) -> None:

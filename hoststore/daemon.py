@@ -19,7 +19,7 @@ from .messages import PAGE_SIZE
 from .pressure import Sampler, parse_source
 from .server import Server, ServerConfig, fmt_pages, open_listener
 from .sizes import parse_size
-from .store import Store
+from .store import DEFAULT_AWAY_TIMEOUT, Store
 
 log = logging.getLogger("hoststore")
 
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drain-timeout", type=argtype(_positive), default=60.0, metavar="SECONDS",
                     help="on SIGTERM/SIGINT or `vswapctl drain`, how long to wait for clients that are "
                          "not connected to come and take their pages back (default 60)")
+    ap.add_argument("--away-timeout", type=argtype(_positive), default=DEFAULT_AWAY_TIMEOUT, metavar="SECONDS",
+                    help="a client that disconnected keeps its name (and its pages) this long against a new "
+                         "client under the same name (default 300); its own reconnect is always accepted")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, "hoststore")
     harden(log)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
-    store = Store(limits, Sampler(args.pressure_interval, source=args.pressure_source))
+    store = Store(limits, Sampler(args.pressure_interval, source=args.pressure_source),
+                  away_timeout=args.away_timeout)
     server = Server(store, ServerConfig(
         handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
     ))

@@ -109,6 +109,11 @@ def _bytes(value: Any, name: str, size: int | None = None, optional: bool = Fals
     return bytes(value) if not isinstance(value, bytes) else value
 
 
+def check_client_name(name: Any) -> str:
+    """A client name the protocol accepts (1..256 printable characters), or MessageError."""
+    return _text(name, "client name", MAX_NAME_LEN)
+
+
 def _bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise MessageError(f"{name} must be a boolean")
@@ -258,7 +263,7 @@ class Hello:
 
     def __post_init__(self) -> None:
         _int(self.version, "version", 0, 1 << 16)
-        _text(self.client, "client name", MAX_NAME_LEN)
+        check_client_name(self.client)
         if self.role not in ROLES:
             raise MessageError(f"unknown role {self.role!r}")
         _int(self.device_size, "device_size", 0, MAX_DEVICE_PAGES * PAGE_SIZE)

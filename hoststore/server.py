@@ -104,6 +104,7 @@ class ServerConfig:
     handback_interval: float = 0.05  # how often pressure is checked for hand-back
     drain_timeout: float = 60.0  # how long a drain waits for clients that are not connected
     drain_window: int = 4  # hand-back requests in flight per client while draining
+    handback_rest: float = 5.0  # a client that took nothing back is left alone this long under pressure
 
 
 class _Superseded(Exception):
@@ -286,36 +287,68 @@ class Server:
         """Lend up to ``limit`` of the client's oldest pages, hand them back, settle
         with the answer.  Pages freed; pages without an answer stay stored."""
         session = client.session
-        handback = self.store.lend(client, cause, limit) if isinstance(session, Session) else None
+        if not isinstance(session, Session):
+            return 0
+        store = self.store
+        try:
+            handback = store.lend(client, cause, limit)
+        except Exception:  # noqa: BLE001 - a bug here must not take every client's pages down
+            store.counters.add(HostCounter.HANDBACK_ERRORS)
+            log.exception("could not pick pages of client %r to hand back", client.name)
+            return 0
         if handback is None:
             return 0
         try:
-            statuses = await session.hand_back(handback, self.config.handback_timeout)  # type: ignore[union-attr]
+            statuses = await session.hand_back(handback, self.config.handback_timeout)
+            return store.settle(client, handback, statuses)
         except (PeerGone, RemoteError, trio.TooSlowError, MessageError) as exc:
-            self.store.unlend(client, handback)
             log.warning("client %r did not take %d pages back (%s): they stay here",
-                        client.name, len(handback.pages), exc or type(exc).__name__)
-            return 0
-        except BaseException:
-            self.store.unlend(client, handback)
-            raise
-        return self.store.settle(client, handback, statuses)
+                        client.name, len(handback.pages), str(exc) or type(exc).__name__)
+        except Exception:  # noqa: BLE001
+            store.counters.add(HostCounter.HANDBACK_ERRORS)
+            log.exception("error handing %d pages back to client %r: they stay here",
+                          len(handback.pages), client.name)
+        finally:
+            store.unlend(client, handback)  # whatever is still lent (no answer, or an error) stays stored
+        return 0
 
     async def _pressure_loop(self) -> None:
         """While the host is under pressure (hysteresis: from the high watermark down
-        to the low one), hand the least recently used pages back at a bounded rate."""
+        to the low one), hand the least recently used pages back at a bounded rate.
+        Each client has at most one hand-back in flight, so a client that is slow to
+        answer (or never does) holds up only itself; one that failed rests a while."""
         cfg = self.config
         per_round = max(1, int(cfg.handback_rate * cfg.handback_interval))
-        while True:
-            await trio.sleep(cfg.handback_interval)
-            if self.store.draining or not self.store.pages or not self.store.update_pressure():
-                continue
-            budget = per_round
-            for client in self.store.handback_order():
-                if budget <= 0:
-                    break
-                freed = await self.hand_back(client, HandBackCause.PRESSURE, min(budget, cfg.handback_batch))
-                budget -= max(freed, 1)
+        busy: set[str] = set()
+        resting: dict[str, float] = {}
+
+        async def one(client: ClientPages, limit: int) -> None:
+            try:
+                if not await self.hand_back(client, HandBackCause.PRESSURE, limit):
+                    resting[client.name] = trio.current_time() + cfg.handback_rest
+            finally:
+                busy.discard(client.name)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(cfg.handback_interval)
+                try:
+                    store = self.store
+                    if store.draining or not store.pages or not store.update_pressure():
+                        continue
+                    budget, now = per_round, trio.current_time()
+                    for client in store.handback_order():
+                        if budget <= 0:
+                            break
+                        if client.name in busy or resting.get(client.name, 0.0) > now:
+                            continue
+                        limit = min(budget, cfg.handback_batch)
+                        budget -= limit
+                        busy.add(client.name)
+                        nursery.start_soon(one, client, limit)
+                except Exception:  # noqa: BLE001
+                    self.store.counters.add(HostCounter.HANDBACK_ERRORS)
+                    log.exception("error in the pressure hand-back loop; going on")
 
     # -- drain ------------------------------------------------------------------------
 
@@ -333,33 +366,37 @@ class Server:
     async def _drain(self) -> None:
         store = self.store
         store.draining = True
-        before = {c.name: c.count for c in store.clients.values() if c.count}
-        log.info("draining: refusing new pages, handing %d pages of %d client(s) back",
-                 store.pages, len(before))
+        before = {name: c[HostCounter.HANDED_BACK_DRAIN] for name, c in store.client_counters.items()}
+        log.info("draining: refusing new pages, handing %d pages of %d client(s) back", store.pages,
+                 sum(1 for c in store.clients.values() if c.count))
         active: set[str] = set()
-        with trio.move_on_after(self.config.drain_timeout):
-            async with trio.open_nursery() as nursery:
-                while store.pages:
-                    for client in store.clients.values():
-                        if client.connected and client.count and client.name not in active:
-                            active.add(client.name)
-                            nursery.start_soon(self._drain_client, client, active)
-                    changed = self._changed
-                    with trio.move_on_after(0.5):
-                        await changed.wait()
-                nursery.cancel_scope.cancel()
-        held = store.held()
-        self.drain_report = {
-            "handed_back": {name: n - held.get(name, 0) for name, n in before.items()},
-            "dropped": held,
-        }
-        if held:
+        try:
+            with trio.move_on_after(self.config.drain_timeout):
+                async with trio.open_nursery() as nursery:
+                    while store.pages:
+                        for client in list(store.clients.values()):
+                            if client.connected and client.count and client.name not in active:
+                                active.add(client.name)
+                                nursery.start_soon(self._drain_client, client, active)
+                        changed = self._changed
+                        with trio.move_on_after(0.5):
+                            await changed.wait()
+                    nursery.cancel_scope.cancel()
+        except Exception:  # noqa: BLE001 - the report, and the exit, must still come
+            store.counters.add(HostCounter.HANDBACK_ERRORS)
+            log.exception("error while draining")
+        finally:
+            held = store.held()
+            handed = {name: c[HostCounter.HANDED_BACK_DRAIN] - before.get(name, 0)
+                      for name, c in store.client_counters.items()}
+            self.drain_report = {"handed_back": {k: v for k, v in handed.items() if v or k in held},
+                                 "dropped": held}
             for name, n in held.items():
-                log.error("DRAIN INCOMPLETE: client %r still has %d pages here (%d MiB); they are lost "
-                          "when the store exits", name, n, n * p.PAGE_SIZE >> 20)
-        else:
-            log.info("drain complete: every page was handed back")
-        self._drain_done.set()
+                log.error("DRAIN INCOMPLETE: client %r still has %s here; they are lost when the store exits",
+                          name, fmt_pages(n))
+            if not held:
+                log.info("drain complete: every page was handed back")
+            self._drain_done.set()
 
     async def _drain_client(self, client: ClientPages, active: set[str]) -> None:
         """Hand one client's pages back with a few requests in flight, until it holds

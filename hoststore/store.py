@@ -17,8 +17,9 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
+import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import auth
 from .clientpages import NIL, ClientPages
@@ -74,6 +75,7 @@ class HostCounter(enum.StrEnum):
     BAD_REQUESTS = "bad_requests"  # requests answered with an error, connection kept
     CONNECTION_ERRORS = "connection_errors"  # connections closed by an unexpected error in serving them
     TAKEOVERS = "takeovers"  # a client's reconnect superseded its old connection
+    HANDBACK_ERRORS = "handback_errors"  # unexpected errors while handing back (pages kept)
 
 
 REFUSAL_COUNTER = {
@@ -94,10 +96,16 @@ class RequestError(Exception):
     """A request the store will not serve (answered with an error; the connection stays)."""
 
 
+DEFAULT_AWAY_TIMEOUT = 300.0
+
+
 class Store:
-    def __init__(self, limits: Limits, sampler: Sampler) -> None:
+    def __init__(self, limits: Limits, sampler: Sampler, *, away_timeout: float = DEFAULT_AWAY_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self.sampler = sampler
+        self.away_timeout = away_timeout
+        self.clock = clock
         self.clients: dict[str, ClientPages] = {}
         self.client_counters: dict[str, Counters[HostCounter]] = {}
         self.counters: Counters[HostCounter] = Counters(HostCounter)
@@ -115,8 +123,10 @@ class Store:
 
         A reconnect that proves it is the instance holding the client's secret
         keeps the pages (and replaces a connection the store still thinks is
-        up); a new instance under the name of a client that is not connected
-        replaces it, and its pages are dropped; a name in use is refused.
+        up).  A name in use is refused, and so is a new instance under the name
+        of a client that is away with pages, until it has been away for
+        ``away_timeout``: its owner may be on its way back.  After that, or if it
+        holds no pages, the new instance replaces it (its pages are dropped).
         """
         if hello.role != ROLE_PAGER:
             return None, HelloAnswer(self.instance, False, auth.new_secret(), admin=True), None
@@ -135,6 +145,12 @@ class Store:
         if old is not None:
             if old.connected:
                 raise RequestError(f"client name {name!r} is in use by another connection")
+            away = self.clock() - (old.away_since or 0.0)
+            if old.count and away < self.away_timeout:
+                raise RequestError(
+                    f"client name {name!r} belongs to a client that is away with {old.count} pages; it has "
+                    f"{self.away_timeout - away:.0f}s left to come back for them (--away-timeout)"
+                )
             log.warning("client %r came back as a new instance: dropping the %d pages of the old one",
                         name, old.count)
             self._count(old, HostCounter.DROPPED_SESSIONS, old.count)
@@ -146,10 +162,12 @@ class Store:
 
     def bind(self, client: ClientPages, session: object) -> None:
         client.session = session
+        client.away_since = None
 
     def detach(self, client: ClientPages, session: object) -> None:
         if client.session is session:
             client.session = None
+            client.away_since = self.clock()
 
     def _count(self, client: ClientPages, cause: HostCounter, n: int = 1) -> None:
         self.counters.add(cause, n)

@@ -337,3 +337,22 @@ async def test_a_put_accepted_by_a_store_that_died_before_the_write_ended_goes_t
     assert pager.map.get(0) == BACKING and stat(pager, "fallback_store_lost") == 1
     assert stat(pager, "pages_lost") == 0
     assert await pager.read(0, PAGE_SIZE) == page(0, 1)
+
+
+async def test_store_lost_while_the_refused_pages_are_written_keeps_the_accepted_ones(backing: Backing,
+                                                                                     monkeypatch) -> None:
+    """Review finding: the store restarted during the backing write of a half-refused
+    batch; the accepted page was recorded in a store that no longer had it."""
+    pager, store = make(backing, capacity=1)  # room for one page: a 2-page write is half refused
+    real_write_many = backing.write_many
+
+    async def dying_write_many(parts):
+        store.kill()
+        store.reconnect()  # a new store instance, while we write the refused page
+        await real_write_many(parts)
+
+    monkeypatch.setattr(backing, "write_many", dying_write_many)
+    await pager.write(0, page(0, 1) + page(1, 1))
+    monkeypatch.setattr(backing, "write_many", real_write_many)
+    assert pager.map.get(0) == BACKING and stat(pager, "fallback_store_lost") == 1
+    assert await pager.read(0, 2 * PAGE_SIZE) == page(0, 1) + page(1, 1)

@@ -15,6 +15,7 @@ from hoststore.messages import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
     Drain,
+    HandBackCause,
     PageStatus,
     Stats,
     TakeStatus,
@@ -328,7 +329,7 @@ async def test_store_hands_pages_back_under_pressure(tmp_path) -> None:
 
     async with trio.open_nursery() as nursery:
         address, _ = await start_server(nursery, str(tmp_path / "s"), store, handback_interval=0.01,
-                                        handback_rate=1000)
+                                        handback_rate=100)
         client = await start_client(nursery, address)
         client.set_handlers(take_back, lambda: None)
         await client.put(0, 1, b"".join(page(i) for i in range(40)))
@@ -527,4 +528,175 @@ async def test_a_store_hanging_up_in_the_middle_of_a_request(tmp_path) -> None:
         with trio.fail_after(5):
             await client.wait_connected()  # it reconnected
         assert client.counters[LinkCounter.ERRORS] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnect(tmp_path, disk_dir) -> None:
+    """Review finding: a read of page X (shared lock, its get in flight), a hand-back
+    of X waiting for the exclusive lock, then the connection drops.  The hand-back
+    used to live in the connection's nursery, so no reconnect could happen until the
+    read gave up with EIO, although the store still had the page."""
+    from hoststore.messages import Get
+    from hoststore.server import Session
+    from vswapfs.backing import Backing
+    from vswapfs.pager import Pager
+
+    store = new_store(capacity=64)
+    backing = Backing.open(f"{disk_dir}/backing", 64 * PAGE)
+    slow_get = [False]
+    real_serve = Session._serve
+
+    async def serve(self, msg):
+        if isinstance(msg, Get) and slow_get[0]:
+            await trio.sleep(0.3)
+        return await real_serve(self, msg)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            listener = await open_listener(Address("unix", path=str(tmp_path / "s")))
+            server = Server(store, ServerConfig(handback_interval=3600))
+            [address] = await nursery.start(server.serve, [listener])
+            client = HostClient(address, "c", 64 * PAGE, backoff_min=0.01, backoff_max=0.05)
+            pager = Pager(backing, client, read_timeout=5.0)
+            await nursery.start(client.run)
+            await pager.write(0, b"\x11" * (4 * PAGE))
+            Session._serve = serve  # type: ignore[method-assign]
+            slow_get[0] = True
+            got: list[bytes] = []
+
+            async def reader() -> None:
+                got.append(await pager.read(0, PAGE))
+
+            nursery.start_soon(reader)
+            await trio.sleep(0.05)  # the read holds the shared lock; its get is in flight
+            nursery.start_soon(server.hand_back, store.clients["c"], HandBackCause.PRESSURE, 4)
+            await trio.sleep(0.05)  # the hand-back waits for the exclusive lock
+            start = trio.current_time()
+            await store.clients["c"].session.endpoint.aclose()  # the connection drops
+            slow_get[0] = False
+            with trio.fail_after(4):
+                while not got:
+                    await trio.sleep(0.01)
+            assert got == [b"\x11" * PAGE] and trio.current_time() - start < 2
+            # The hand-back went on after the reconnect; its answer was lost with the old
+            # connection, so the client told the store on the new one.
+            with trio.fail_after(5):
+                while store.pages:
+                    await trio.sleep(0.01)
+            assert pager.map.counts()["backing"] == 4
+            assert await pager.read(0, 4 * PAGE) == b"\x11" * (4 * PAGE)
+            nursery.cancel_scope.cancel()
+    finally:
+        Session._serve = real_serve  # type: ignore[method-assign]
+        backing.close()
+
+
+async def test_one_client_that_never_answers_does_not_stall_hand_back_for_others(tmp_path) -> None:
+    level = [10.0]
+    store = new_store(capacity=4096, pressure=level)
+    taken: list[float] = []
+
+    async def never(handback) -> bytes:
+        await trio.sleep_forever()
+
+    async def take(handback) -> bytes:
+        taken.append(trio.current_time())
+        return bytes(len(handback.pages))
+
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store, handback_timeout=30.0,
+                                        handback_interval=0.01, handback_batch=16, handback_rate=3200)
+        bad = await start_client(nursery, address, name="bad", npages=1024)
+        bad.set_handlers(never, lambda: None)
+        await bad.put(0, 1, bytes(256 * PAGE))  # the oldest pages: first in line
+        good = await start_client(nursery, address, name="good", npages=1024)
+        good.set_handlers(take, lambda: None)
+        await good.put(0, 1, bytes(256 * PAGE))
+        level[0] = 95.0
+        start = trio.current_time()
+        with trio.fail_after(5):
+            while len(taken) < 10:
+                await trio.sleep(0.01)
+        assert taken[0] - start < 1.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_of_hand_backs_is_bounded(tmp_path) -> None:
+    """Review finding: every hand-back request used to be held (up to 4 MiB each)
+    while waiting; now beyond a few in hand they are answered 'failed' at once."""
+    path = str(tmp_path / "s")
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(1)
+    from hoststore.messages import HandBack, HelloAnswer
+
+    answers: list[bytes] = []
+    blocked = trio.Event()
+
+    async def flooding_store() -> None:
+        conn_sock, _ = await sock.accept()
+        stream = trio.SocketStream(conn_sock)
+        conn = p.Connection("server")
+        await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "x", "x", b"n" * 16)))
+        conn.receive_data(await stream.receive_some(65536))
+        event = conn.next_event()
+        await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
+        for _ in range(50):
+            _, wire = conn.send_request(HandBack("pressure", array("Q", range(256)), array("Q", [1] * 256),
+                                                 bytes(256 * PAGE)))
+            await stream.send_all(wire)
+        while len(answers) < 46:
+            conn.receive_data(await stream.receive_some(1 << 20))
+            while (ev := conn.next_event()) is not None:
+                answers.append(ev.answer)
+        await trio.sleep_forever()
+
+    async def take(handback) -> bytes:
+        await blocked.wait()
+        return bytes(len(handback.pages))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flooding_store)
+        client = await start_client(nursery, Address("unix", path=path))
+        client.set_handlers(take, lambda: None)
+        with trio.fail_after(10):
+            while len(answers) < 46:
+                await trio.sleep(0.01)
+        assert all(a == bytes([TakeStatus.FAILED]) * 256 for a in answers)
+        assert client.counters[LinkCounter.HANDBACKS_DEFERRED] == 46
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bad_client_name_does_not_kill_the_connection_task(tmp_path) -> None:
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store)
+        client = HostClient(address, "x" * 300, 64 * PAGE, backoff_min=0.01, backoff_max=0.02)
+        await nursery.start(client.run)
+        with trio.fail_after(5):
+            while client.counters[LinkCounter.ERRORS] < 3:
+                await trio.sleep(0.01)
+        assert not client.connected  # it keeps trying, and writes go to the backing file meanwhile
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_error_while_lending_pages_does_not_stop_the_store(tmp_path, monkeypatch) -> None:
+    level = [95.0]
+    store = new_store(capacity=256, pressure=level)
+
+    def broken_lend(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, str(tmp_path / "s"), store, handback_interval=0.01,
+                                        handback_rest=0.01)
+        client = await start_client(nursery, address)
+        level[0] = 10.0
+        await client.put(0, 1, page(0))
+        monkeypatch.setattr(store, "lend", broken_lend)
+        level[0] = 95.0
+        with trio.fail_after(5):
+            while store.counters[HostCounter.HANDBACK_ERRORS] < 3:
+                await trio.sleep(0.01)
+        assert (await client.get(array("Q", [0]))).data == page(0)
         nursery.cancel_scope.cancel()

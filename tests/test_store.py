@@ -43,10 +43,19 @@ class Pressure:
         return Snapshot.fake(self.percent)
 
 
-def make_store(capacity: int = 8, quota: int | None = None, **kw) -> tuple[Store, Pressure]:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_store(capacity: int = 8, quota: int | None = None, clock: Clock | None = None,
+               **kw) -> tuple[Store, Pressure]:
     pressure = Pressure()
     limits = Limits(capacity_pages=capacity, quota_pages=quota, **kw)
-    return Store(limits, Sampler(0, source=pressure)), pressure
+    return Store(limits, Sampler(0, source=pressure), clock=clock or Clock()), pressure
 
 
 def hello(name: str = "a", npages: int = 16, instance: str = "i1", nonce: bytes = b"c" * 16,
@@ -160,11 +169,36 @@ def test_name_in_use_without_proof_is_refused_and_a_replay_does_not_work() -> No
     stale = auth.reconnect_proof(c.secret, "a", b"o" * 16, b"c" * 16)
     with pytest.raises(RequestError, match="in use"):
         store.attach(hello(proof=stale), NONCE)
-    # Once the client is gone, a new instance under its name replaces it (pages dropped).
+
+
+
+def test_an_away_client_keeps_its_name_and_pages_for_the_away_timeout() -> None:
+    clock = Clock()
+    store, _ = make_store(clock=clock)
+    c = attach(store)
+    put(store, c, 0, 1, page(0))
     store.detach(c, c.session)
+    clock.now += 299
+    with pytest.raises(RequestError, match="away with 1 pages"):
+        store.attach(hello(instance="i2"), NONCE)
+    # Its owner can always come back.
+    proof = auth.reconnect_proof(c.secret, "a", NONCE, b"c" * 16)
+    again, answer, _ = store.attach(hello(proof=proof), NONCE)
+    assert again is c and answer.resumed
+    store.bind(c, object())
+    store.detach(c, c.session)
+    clock.now += 301  # away too long: a new instance under its name replaces it, dropping its pages
     fresh, answer, _ = store.attach(hello(instance="i2"), NONCE)
     assert fresh is not c and not answer.resumed and store.pages == 0
     assert store.counters[HostCounter.DROPPED_SESSIONS] == 1
+
+
+def test_a_client_without_pages_is_replaced_at_once() -> None:
+    store, _ = make_store()
+    c = attach(store)
+    store.detach(c, c.session)
+    fresh, _, _ = store.attach(hello(instance="i2"), NONCE)
+    assert fresh is not c
 
 
 def test_device_size_above_the_cap_is_refused_and_memory_follows_pages() -> None:

@@ -50,7 +50,8 @@ from .pagestore import HandBackHandler, PagesLostHandler, StoreError, StoreUnava
 
 log = logging.getLogger("vswapfs.hostclient")
 
-HANDBACK_CONCURRENCY = 4
+HANDBACK_CONCURRENCY = 2  # hand-backs being applied at once
+HANDBACK_PENDING_MAX = 4  # held at once (applied or waiting); more are answered "failed" at once
 
 
 class LinkCounter(enum.StrEnum):
@@ -63,6 +64,8 @@ class LinkCounter(enum.StrEnum):
     PROTOCOL_ERRORS = "link_protocol_errors"  # connections closed: the store broke the protocol
     ERRORS = "link_errors"  # connections closed by an unexpected error
     HANDBACK_REQUESTS = "link_handback_requests"
+    HANDBACKS_DEFERRED = "link_handbacks_deferred"  # answered "failed" at once: too many already in hand
+    HANDBACK_ANSWERS_LOST = "link_handback_answers_lost"  # pages taken whose answer could not be sent
 
 
 async def open_stream(address: Address) -> trio.abc.Stream:
@@ -103,6 +106,12 @@ class HostClient:
         self._on_handback: HandBackHandler | None = None
         self._on_pages_lost: PagesLostHandler | None = None
         self._handback_slots = trio.Semaphore(HANDBACK_CONCURRENCY)
+        self._handbacks_pending = 0
+        self._tasks: trio.Nursery | None = None
+        # (page, version) the store handed back and we took, whose answer never reached
+        # it: the store still holds them, so they are dropped there after a reconnect.
+        self._untold: list[tuple[int, int]] = []
+        self._telling = False
 
     # -- the PageStore contract ---------------------------------------------------------
 
@@ -157,19 +166,27 @@ class HostClient:
                 task_status.started()
                 started = True
 
-        while True:
-            try:
-                if await self._serve_link(report_started):
-                    backoff = self.backoff_min
-                    down_logged = False
-            except (StoreUnavailable, StoreError) as exc:
-                self.counters.add(LinkCounter.CONNECT_FAILURES)
-                if not down_logged:
-                    log.warning("host store unavailable (%s); retrying in the background", exc)
-                    down_logged = True
-            report_started()
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, self.backoff_max)
+        async with trio.open_nursery() as tasks:
+            # Hand-backs run here, not in one connection's nursery: one waiting for a
+            # page lock must never hold up a reconnect (the lock's holder may be a
+            # read waiting for that very reconnect).
+            self._tasks = tasks
+            while True:
+                try:
+                    if await self._serve_link(report_started):
+                        backoff = self.backoff_min
+                        down_logged = False
+                except (StoreUnavailable, StoreError) as exc:
+                    self.counters.add(LinkCounter.CONNECT_FAILURES)
+                    if not down_logged:
+                        log.warning("host store unavailable (%s); retrying in the background", exc)
+                        down_logged = True
+                except Exception:  # noqa: BLE001 - the connection task must outlive any bug
+                    self.counters.add(LinkCounter.ERRORS)
+                    log.exception("unexpected error on the host store connection; reconnecting")
+                report_started()
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
 
     async def _open(self) -> Endpoint:
         with trio.move_on_after(self.connect_timeout):
@@ -199,18 +216,23 @@ class HostClient:
                     self._endpoint = endpoint
                     self._connected.set()
                     on_connected()
+                    self._tell_untold_soon()
                     await endpoint.closed.wait()
+                    self._disconnected(endpoint)
                     self.counters.add(LinkCounter.DISCONNECTS)
                 nursery.cancel_scope.cancel()
         finally:
-            if self._endpoint is endpoint:
-                self._endpoint = None
-            if self._connected.is_set():
-                self._connected = trio.Event()
+            self._disconnected(endpoint)
             await endpoint.aclose()
         if failure is not None:
             raise failure
         return served
+
+    def _disconnected(self, endpoint: Endpoint) -> None:
+        if self._endpoint is endpoint:
+            self._endpoint = None
+        if self._connected.is_set() and not self.connected:
+            self._connected = trio.Event()
 
     async def _handshake(self, endpoint: Endpoint, welcomed: trio.Event) -> None:
         with trio.move_on_after(self.connect_timeout):
@@ -259,7 +281,18 @@ class HostClient:
                 # A store sending requests we do not understand is broken or hostile.
                 raise p.ProtocolError(f"store sent a request we do not accept: {event}")
             self.counters.add(LinkCounter.HANDBACK_REQUESTS)
-            nursery.start_soon(self._take_back, endpoint, event.msgid, event.message)
+            handback = event.message
+            if self._handbacks_pending >= HANDBACK_PENDING_MAX or self._tasks is None:
+                # Bounded: a store cannot make us hold more than a few batches.  It keeps
+                # these pages and may offer them again later.  The answer goes out from its
+                # own task: this loop must keep reading whatever the store does, or a store
+                # that stops reading while it sends could wedge both ends.
+                self.counters.add(LinkCounter.HANDBACKS_DEFERRED)
+                statuses = bytes([TakeStatus.FAILED]) * len(handback.pages)
+                nursery.start_soon(self._answer, endpoint, endpoint.conn.send_answer(event.msgid, handback, statuses))
+                return None
+            self._handbacks_pending += 1
+            self._tasks.start_soon(self._take_back, endpoint, event.msgid, handback)
             return None
 
         def on_event(event: p.Event) -> None:
@@ -277,20 +310,59 @@ class HostClient:
         finally:
             endpoint.close()
 
+    @staticmethod
+    async def _answer(endpoint: Endpoint, data: bytes) -> None:
+        try:
+            await endpoint.send(data)
+        except PeerGone:
+            pass
+
     async def _take_back(self, endpoint: Endpoint, msgid: int, handback: HandBack) -> None:
-        """Serve one hand-back: the pages are saved whether or not the answer gets out."""
-        # Shielded: once pages are being saved, a lost connection must not cut that short.
-        with trio.CancelScope(shield=True):
+        """Serve one hand-back: the pages are saved whether or not the answer gets out.
+        If it cannot be sent, the store still holds the pages we took: they are
+        dropped there once we are connected again."""
+        # This runs in the client's nursery, not the connection's: a lost connection
+        # does not cut it short.  Only shutting the client down cancels it, and the
+        # pager's take_back is safe to cancel (the map moves only after the write).
+        try:
             async with self._handback_slots:
                 if self._on_handback is None:
                     statuses = bytes([TakeStatus.FAILED]) * len(handback.pages)
                 else:
                     statuses = await self._on_handback(handback)
+        finally:
+            self._handbacks_pending -= 1
         try:
             await endpoint.send(endpoint.conn.send_answer(msgid, handback, statuses))
         except (PeerGone, p.ProtocolError):
-            log.warning("could not answer a hand-back of %d pages: the connection is gone",
-                        len(handback.pages))
+            taken = [(page, seq) for page, seq, status in zip(handback.pages, handback.seqs, statuses, strict=True)
+                     if status != TakeStatus.FAILED]
+            self._untold.extend(taken)
+            self.counters.add(LinkCounter.HANDBACK_ANSWERS_LOST, len(taken))
+            log.warning("could not answer a hand-back of %d pages (the connection is gone): the store's "
+                        "copies will be dropped once connected", len(handback.pages))
+            self._tell_untold_soon()
+
+    def _tell_untold_soon(self) -> None:
+        if self._untold and not self._telling and self._tasks is not None and self._endpoint is not None:
+            self._telling = True
+            self._tasks.start_soon(self._tell_untold, self._endpoint)
+
+    async def _tell_untold(self, endpoint: Endpoint) -> None:
+        """Drop, one version at a time, the store's copies of pages we took back but
+        could not say so.  A newer version the store holds is never touched."""
+        try:
+            while self._untold:
+                page, seq = self._untold[-1]
+                try:
+                    await endpoint.request(Invalidate(page, 1, seq))
+                except RemoteError as exc:
+                    log.error("the store refused to drop a page we took back: %s", exc)
+                except PeerGone:
+                    return
+                self._untold.pop()
+        finally:
+            self._telling = False
 
     # -- tools ---------------------------------------------------------------------------
 

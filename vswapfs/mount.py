@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from hoststore.address import Address, parse_address
 from hoststore.cliutil import argtype
 from hoststore.hardening import harden
 from hoststore.logsetup import setup_logging
+from hoststore.messages import MessageError, check_client_name
 from hoststore.sizes import parse_size
 
 from .backing import Backing, BackingError
@@ -113,6 +115,16 @@ def combined_stats(pager: Pager, client: HostClient) -> dict[str, Any]:
     return stats
 
 
+def default_name(mountpoint: str) -> str:
+    """HOSTNAME:MOUNTPOINT, shortened with a hash where that would be too long a name."""
+    name = f"{socket.gethostname()}:{os.path.realpath(mountpoint)}"
+    try:
+        return check_client_name(name)
+    except MessageError:
+        digest = hashlib.sha256(name.encode(errors="surrogateescape")).hexdigest()[:24]
+        return f"{socket.gethostname()[:64]}:{digest}"
+
+
 def check_mountpoint(path: str) -> str | None:
     if not os.path.isdir(path):
         return f"mountpoint {path} is not a directory"
@@ -133,13 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_mountpoint(args.mountpoint)
     if problem:
         ap.error(problem)
+    if args.name is not None:
+        try:
+            check_client_name(args.name)
+        except MessageError as exc:
+            ap.error(f"--name: {exc}")
     setup_logging(args.verbose, "vswapfs")
     try:
         backing = Backing.open(args.backing, args.size, args.mountpoint, frozenset(args.allow_backing_fs))
     except BackingError as exc:
         print(f"vswapfs: error: {exc}", file=sys.stderr)
         return 1
-    name = args.name or f"{socket.gethostname()}:{os.path.realpath(args.mountpoint)}"
+    name = args.name or default_name(args.mountpoint)
     address: Address = args.host
     client = HostClient(address, name, backing.size)
     pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout,

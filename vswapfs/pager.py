@@ -27,6 +27,7 @@ import enum
 import errno
 import logging
 import math
+import re
 import time
 from array import array
 from typing import Any
@@ -57,6 +58,17 @@ log = logging.getLogger("vswapfs.pager")
 
 _ALL_REFUSED = b"\xff"
 _STORED = PageStatus.STORED
+
+
+def _table(mapping: dict[int, int]) -> bytes:
+    return bytes(mapping.get(i, i) for i in range(256))
+
+
+_WT_TO_BACKING = _table({HOST_WT: BACKING})
+_HOST_TO_BACKING = _table({HOST: BACKING})
+_HOST_TO_LOST = _table({HOST: LOST})
+_IS_HOST = bytes(1 if i == HOST else 0 for i in range(256))
+_ONES = re.compile(rb"\x01+")
 
 
 class PagerError(Exception):
@@ -261,12 +273,37 @@ class Pager:
                     states = bytes(HOST if s == _STORED else LOST for s in statuses)
                 else:
                     c.add(PagerCounter.BACKING_WRITES, refused)
-        c.add(PagerCounter.HOST_WRITES, statuses.count(_STORED))
+        states = await self._rehome_if_store_lost(first, data, states, epoch)
+        c.add(PagerCounter.HOST_WRITES, states.count(HOST) + states.count(HOST_WT))
         c.add(PagerCounter.STALE_DROPPED, self.map.record(first, states, seq, sums))
         homeless = states.count(LOST)
         if homeless:
             c.add(PagerCounter.PAGES_LOST, homeless)
         return homeless
+
+    async def _rehome_if_store_lost(self, first: int, data: memoryview, states: bytes, epoch: int) -> bytes:
+        """If the store lost its pages while this batch was being written (the refused
+        pages going to the backing file), the accepted ones are still in hand: they go
+        to the backing file too, instead of being recorded in a store that lacks them."""
+        while self.store.epoch != epoch and (HOST in states or HOST_WT in states):
+            epoch = self.store.epoch
+            new = bytearray(states.translate(_WT_TO_BACKING))
+            host = bytes(new).translate(_IS_HOST)
+            parts = [((first + m.start()) * PAGE_SIZE, data[m.start() * PAGE_SIZE : m.end() * PAGE_SIZE])
+                     for m in _ONES.finditer(host)]
+            pages = sum(len(part) for _, part in parts) // PAGE_SIZE
+            self.counters.add(PagerCounter.FALLBACK_STORE_LOST, pages + states.count(HOST_WT))
+            try:
+                if parts:
+                    await self.backing.write_many(parts)
+            except OSError as exc:
+                self._backing_failed(first, pages, exc)
+                new = bytearray(bytes(new).translate(_HOST_TO_LOST))
+            else:
+                new = bytearray(bytes(new).translate(_HOST_TO_BACKING))
+                self.counters.add(PagerCounter.BACKING_WRITES, pages)
+            states = bytes(new)
+        return states
 
     def _check_epoch(self, statuses: bytes, epoch: int) -> bytes:
         """Pages accepted by a store that has since lost them have only the backing file."""
