@@ -142,14 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--size {args.size} is not a positive multiple of 4096")
     if args.max_tasks < 1:
         ap.error("--max-tasks must be at least 1")
-    problem = check_mountpoint(args.mountpoint)
-    if problem:
-        ap.error(problem)
     if args.name is not None:
         try:
             check_client_name(args.name)
         except MessageError as exc:
             ap.error(f"--name: {exc}")
+    problem = check_mountpoint(args.mountpoint)
+    if problem:
+        ap.error(problem)
     setup_logging(args.verbose, "vswapfs")
     try:
         backing = Backing.open(args.backing, args.size, args.mountpoint, frozenset(args.allow_backing_fs))
