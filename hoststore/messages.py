@@ -464,51 +464,41 @@ class HandBack:
 # -- control ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """The store's counters (for a pager: its own client's; for an admin: all)."""
+class _Parameterless:
+    """A request with no parameters, answered with a map."""
 
-    method: ClassVar[str] = "stats"
+    method: ClassVar[str]
     sent_by: ClassVar[str] = "client"
 
     def to_wire(self) -> dict[str, Any]:
         return {}
 
     @classmethod
-    def from_wire(cls, params: Any) -> "Stats":
+    def from_wire(cls, params: Any) -> Any:
         if params not in ({}, None, []):
-            raise MessageError("stats takes no parameters")
+            raise MessageError(f"{cls.method} takes no parameters")
         return cls()
 
-    def answer_to_wire(self, stats: dict[str, Any]) -> Any:
-        return stats
+    def answer_to_wire(self, answer: dict[str, Any]) -> Any:
+        return answer
 
     def answer_from_wire(self, result: Any) -> dict[str, Any]:
-        return _map(result, "stats answer")
+        return _map(result, f"{self.method} answer")
 
 
 @dataclass(frozen=True, slots=True)
-class Drain:
+class Stats(_Parameterless):
+    """The store's counters (for a pager: its own client's; for an admin: all)."""
+
+    method: ClassVar[str] = "stats"
+
+
+@dataclass(frozen=True, slots=True)
+class Drain(_Parameterless):
     """Admin: stop admitting, hand every client its pages back, then exit.
     Answered when the drain is over, with what was handed back and what was dropped."""
 
     method: ClassVar[str] = "drain"
-    sent_by: ClassVar[str] = "client"
-
-    def to_wire(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_wire(cls, params: Any) -> "Drain":
-        if params not in ({}, None, []):
-            raise MessageError("drain takes no parameters")
-        return cls()
-
-    def answer_to_wire(self, report: dict[str, Any]) -> Any:
-        return report
-
-    def answer_from_wire(self, result: Any) -> dict[str, Any]:
-        return _map(result, "drain answer")
 
 
 Request = Hello | Put | Get | Invalidate | HandBack | Stats | Drain

@@ -7,9 +7,6 @@ intact, or EIO for exactly the pages whose only copy was lost, at once.
 
 from __future__ import annotations
 
-import errno
-import mmap
-import os
 import signal
 import socket
 import threading
@@ -20,6 +17,8 @@ import pytest
 
 from hoststore import protocol as p
 from hoststore.messages import PAGE_SIZE, PROTOCOL_VERSION
+from vswapctl import faults
+from vswapctl.faults import pattern
 
 from .conftest import fuse_unavailable
 from .daemons import Daemons, wait_for
@@ -30,34 +29,12 @@ NPAGES = 1024  # 4 MiB device
 STORE_PAGES = 256  # 1 MiB store: the first 256 pages written land there
 
 
-def pattern(page: int, version: int) -> bytes:
-    return (page.to_bytes(4, "little") + version.to_bytes(4, "little") + b"vswapfs!") * (PAGE_SIZE // 16)
+class Device(faults.Device):
+    """O_DIRECT access to the mounted swap file (``vswapctl.faults.Device``): a read
+    gives the page's bytes or None for EIO."""
 
-
-class Device:
-    """O_DIRECT access to the mounted swap file, one page at a time or in runs."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-        self.buf = mmap.mmap(-1, 64 * PAGE_SIZE)  # page-aligned, as O_DIRECT needs
-
-    def write(self, first: int, n: int, version: int) -> float:
-        self.buf[: n * PAGE_SIZE] = b"".join(pattern(first + i, version) for i in range(n))
-        start = time.monotonic()
-        assert os.pwrite(self.fd, memoryview(self.buf)[: n * PAGE_SIZE], first * PAGE_SIZE) == n * PAGE_SIZE
-        return time.monotonic() - start
-
-    def read(self, page: int) -> bytes | int:
-        """The page's bytes, or the errno of the failed read."""
-        view = memoryview(self.buf)[:PAGE_SIZE]
-        try:
-            os.preadv(self.fd, [view], page * PAGE_SIZE)
-        except OSError as exc:
-            return exc.errno
-        return bytes(view)
-
-    def close(self) -> None:
-        os.close(self.fd)
+    def write_run(self, first: int, n: int, version: int) -> float:
+        return self.write(first, [version] * n)
 
 
 @pytest.fixture
@@ -85,7 +62,7 @@ def make_daemons(disk_dir: str):
 
 def fill(dev: Device, pages: int, version: int = 1) -> None:
     for first in range(0, pages, 64):
-        dev.write(first, min(64, pages - first), version)
+        dev.write_run(first, min(64, pages - first), version)
 
 
 def test_sigkill_in_write_back_loses_exactly_the_stores_pages_and_fails_them_at_once(make_daemons) -> None:
@@ -105,13 +82,13 @@ def test_sigkill_in_write_back_loses_exactly_the_stores_pages_and_fails_them_at_
         got = dev.read(page)
         if page < STORE_PAGES:
             slowest = max(slowest, time.monotonic() - start)
-            assert got == errno.EIO, f"page {page}: the store's copy is gone, yet it read back"
+            assert got is None, f"page {page}: the store's copy is gone, yet it read back"
         elif page < 512:
             assert got == pattern(page, 1), f"page {page} from the backing file"
         else:
             assert got == bytes(PAGE_SIZE)
     assert slowest < 1.0  # at once, not after --read-timeout (30 s)
-    dev.write(7, 1, 2)  # rewriting a lost page makes it good again
+    dev.write_run(7, 1, 2)  # rewriting a lost page makes it good again
     assert dev.read(7) == pattern(7, 2)
     assert d.stats()["lost_reads"] == STORE_PAGES and d.stats()["pages_lost_now"] == STORE_PAGES - 1
 
@@ -137,9 +114,9 @@ def test_sigstop_writes_still_answered_in_time_and_reads_recover(make_daemons) -
     fill(dev, 128)
     d.signal_hoststore(signal.SIGSTOP)
     try:
-        latencies = [dev.write(200 + i * 8, 8, 2) for i in range(10)]
+        latencies = [dev.write_run(200 + i * 8, 8, 2) for i in range(10)]
         assert max(latencies) < 2.0, latencies  # the write timeout, plus the backing write
-        result: list[bytes | int] = []
+        result: list[bytes | None] = []
         reader = threading.Thread(target=lambda: result.append(dev.read(5)))
         reader.start()  # waits for the stopped store (up to --read-timeout)
         time.sleep(1.0)
@@ -229,7 +206,7 @@ def test_a_store_answering_wrong_pages_gets_eio_never_wrong_data(make_daemons, l
     for page in range(64):
         got = dev.read(page)
         if page % 2:
-            assert got == errno.EIO, f"page {page}: the store lied, yet it read back"
+            assert got is None, f"page {page}: the store lied, yet it read back"
         else:
             assert got == pattern(page, 1)
     assert d.stats()["checksum_errors"] == 32

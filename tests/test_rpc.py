@@ -62,6 +62,27 @@ async def raw_connection(address: Address) -> tuple[trio.SocketStream, p.Connect
     return stream, conn
 
 
+async def listening_socket(path: str) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(4)
+    return sock
+
+
+async def accept_pager(sock: trio.socket.SocketType) -> tuple[trio.SocketStream, p.Connection]:
+    """Accept one connection and play the store's half of the handshake by hand."""
+    from hoststore.messages import HelloAnswer
+
+    conn_sock, _ = await sock.accept()
+    stream = trio.SocketStream(conn_sock)
+    conn = p.Connection("server")
+    await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "hand-made", "x", b"n" * 16)))
+    conn.receive_data(await stream.receive_some(65536))
+    event = conn.next_event()
+    await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
+    return stream, conn
+
+
 def frame(obj) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
     return p.HEADER.pack(len(body)) + body
@@ -388,20 +409,12 @@ async def test_store_request_then_hangup_is_survived(tmp_path) -> None:
     """A store that sends a hand-back and hangs up: the client saves the pages,
     counts nothing as an error, and reconnects."""
     path = str(tmp_path / "s")
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    sock.listen(4)
-    from hoststore.messages import HandBack, HelloAnswer
+    sock = await listening_socket(path)
+    from hoststore.messages import HandBack
 
     async def rude_server() -> None:
         while True:
-            conn_sock, _ = await sock.accept()
-            stream = trio.SocketStream(conn_sock)
-            conn = p.Connection("server")
-            await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "rude", "x", b"n" * 16)))
-            conn.receive_data(await stream.receive_some(65536))
-            event = conn.next_event()
-            await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
+            stream, conn = await accept_pager(sock)
             _, wire = conn.send_request(HandBack("drain", array("Q", [1]), array("Q", [5]), page(1)))
             await stream.send_all(wire)
             await stream.aclose()
@@ -433,19 +446,10 @@ async def test_store_request_then_hangup_is_survived(tmp_path) -> None:
 ])
 async def test_a_misbehaving_store_is_disconnected_and_counted(tmp_path, garbage: bytes) -> None:
     path = str(tmp_path / "s")
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    sock.listen(4)
-    from hoststore.messages import HelloAnswer
+    sock = await listening_socket(path)
 
     async def bad_server() -> None:
-        conn_sock, _ = await sock.accept()
-        stream = trio.SocketStream(conn_sock)
-        conn = p.Connection("server")
-        await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "bad", "x", b"n" * 16)))
-        conn.receive_data(await stream.receive_some(65536))
-        event = conn.next_event()
-        await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
+        stream, _ = await accept_pager(sock)
         await stream.send_all(garbage)
         await trio.sleep_forever()
 
@@ -502,20 +506,11 @@ async def test_drain_waits_for_a_client_that_is_away_and_reports_one_that_never_
 
 async def test_a_store_hanging_up_in_the_middle_of_a_request(tmp_path) -> None:
     path = str(tmp_path / "s")
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    sock.listen(4)
-    from hoststore.messages import HelloAnswer
+    sock = await listening_socket(path)
 
     async def hanging_up_server() -> None:
         while True:
-            conn_sock, _ = await sock.accept()
-            stream = trio.SocketStream(conn_sock)
-            conn = p.Connection("server")
-            await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "x", "x", b"n" * 16)))
-            conn.receive_data(await stream.receive_some(65536))
-            event = conn.next_event()
-            await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
+            stream, _ = await accept_pager(sock)
             await stream.receive_some(65536)  # the request arrives ...
             await stream.send_all(b"\x00\x00\x01\x00\x93")  # ... half an answer, then gone
             await stream.aclose()
@@ -625,22 +620,14 @@ async def test_a_flood_of_hand_backs_is_bounded(tmp_path) -> None:
     """Review finding: every hand-back request used to be held (up to 4 MiB each)
     while waiting; now beyond a few in hand they are answered 'failed' at once."""
     path = str(tmp_path / "s")
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    sock.listen(1)
-    from hoststore.messages import HandBack, HelloAnswer
+    sock = await listening_socket(path)
+    from hoststore.messages import HandBack
 
     answers: list[bytes] = []
     blocked = trio.Event()
 
     async def flooding_store() -> None:
-        conn_sock, _ = await sock.accept()
-        stream = trio.SocketStream(conn_sock)
-        conn = p.Connection("server")
-        await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "x", "x", b"n" * 16)))
-        conn.receive_data(await stream.receive_some(65536))
-        event = conn.next_event()
-        await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("x", False, b"s" * 32)))
+        stream, conn = await accept_pager(sock)
         for _ in range(50):
             _, wire = conn.send_request(HandBack("pressure", array("Q", range(256)), array("Q", [1] * 256),
                                                  bytes(256 * PAGE)))

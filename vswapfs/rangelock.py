@@ -10,7 +10,7 @@ FUSE request in flight), so a list scan does.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
@@ -39,20 +39,18 @@ class RangeLock:
         self._lot.unpark_all()
 
     @asynccontextmanager
-    async def shared(self, first: int, count: int) -> AsyncIterator[None]:
-        holder = await self._acquire(first, count, False)
+    async def _hold(self, first: int, count: int, exclusive: bool) -> AsyncIterator[None]:
+        holder = await self._acquire(first, count, exclusive)
         try:
             yield
         finally:
             self._release(holder)
 
-    @asynccontextmanager
-    async def exclusive(self, first: int, count: int) -> AsyncIterator[None]:
-        holder = await self._acquire(first, count, True)
-        try:
-            yield
-        finally:
-            self._release(holder)
+    def shared(self, first: int, count: int) -> AbstractAsyncContextManager[None]:
+        return self._hold(first, count, False)
+
+    def exclusive(self, first: int, count: int) -> AbstractAsyncContextManager[None]:
+        return self._hold(first, count, True)
 
     @property
     def held(self) -> int:
