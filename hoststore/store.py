@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import secrets
 import time
 from array import array
@@ -355,6 +356,7 @@ class Store:
         snap = self.sampler.get()
         stats: dict[str, object] = {
             "instance": self.instance,
+            "pid": os.getpid(),
             "pages_stored": self.pages,
             "bytes_stored": self.pages * PAGE_SIZE,
             "slab_bytes_mapped": sum(c.slab.mapped_bytes for c in self.clients.values()),

@@ -104,8 +104,8 @@ def test_store_restarted_with_sigterm_mid_workload_loses_nothing(state_dir: str,
     new_store = None
     try:
         wait_until(lambda: stats(state_dir)["hoststore"]["pages_stored"] > 4096, 120, "pages in the store", work)
-        os.kill(state.hoststore_pid, signal.SIGTERM)
-        assert system.wait_gone(state.hoststore_pid, 60), "the store did not finish draining"
+        assert state.hoststore_id.signal(signal.SIGTERM)
+        assert state.hoststore_id.wait_gone(60), "the store did not finish draining"
         new_store = subprocess.Popen([sys.executable, "-m", "hoststore", "--listen", f"unix:{state.socket}",
                                       "--capacity", "64M"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finish_workload(work)
@@ -156,15 +156,15 @@ def test_down_cleans_up_after_vswapfs_died(state_dir: str, disk_dir: str) -> Non
     state = State.load(state_dir)
     # Take swap off first: killing vswapfs under live swap would take other processes' pages.
     system.run(["swapoff", state.loop])
-    os.kill(state.vswapfs_pid, signal.SIGKILL)
-    system.wait_gone(state.vswapfs_pid, 10)
+    assert state.vswapfs_id.signal(signal.SIGKILL)
+    assert state.vswapfs_id.wait_gone(10)
     done = vswapctl(state_dir, "down")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"detached {state.loop}" in done.stdout
     assert "lazily unmounted" in done.stdout and "had died" in done.stdout
     assert "hoststore" in done.stdout
     assert system.loops_for(state.swapfile) == [] and system.mount_type(state.mountpoint) is None
-    assert not system.alive(state.hoststore_pid)
+    assert not state.hoststore_id.alive()
 
 
 def test_store_gives_pages_back_after_the_workload_exits(state_dir: str, disk_dir: str) -> None:

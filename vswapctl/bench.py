@@ -19,8 +19,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from . import cgroup, system
-from .state import State
+from . import cgroup, device, system
 
 PHASES = ("fill", "verify_seq", "verify_random")
 
@@ -51,7 +50,12 @@ def swap_on(dev: str) -> Iterator[str]:
     try:
         yield dev
     finally:
-        system.run(["swapoff", dev], timeout=1800)
+        system.run(["swapoff", dev], timeout=1800)  # if this fails, nothing below is torn down
+
+
+def _not_swapped_on(dev: str) -> None:
+    if dev in system.swaps():
+        raise BenchError(f"{dev} is still swapped on: leaving it in place")
 
 
 @contextmanager
@@ -65,6 +69,7 @@ def zram_swap(size: int) -> Iterator[str]:
         with swap_on(dev):
             yield dev
     finally:
+        _not_swapped_on(dev)
         with open("/sys/class/zram-control/hot_remove", "w") as f:
             f.write(index)
 
@@ -79,23 +84,25 @@ def loop_swap(size: int, workdir: str) -> Iterator[str]:
         with swap_on(loop):
             yield loop
     finally:
+        _not_swapped_on(loop)
         system.run(["losetup", "-d", loop])
         os.unlink(path)
 
 
 @contextmanager
-def vswapfs_swap(size: int, capacity: int, workdir: str) -> Iterator[str]:
-    from .cli import main as vswapctl
-
+def vswapfs_swap(size: int, capacity: int, workdir: str, say: Callable[[str], None]) -> Iterator[str]:
     state_dir = os.path.join(workdir, "state")
-    argv = ["--state-dir", state_dir]
+    cfg = device.UpConfig(size=size, backing=os.path.join(workdir, "backing"),
+                          mountpoint=os.path.join(state_dir, "mnt"), capacity=capacity, priority=32767)
     try:
-        if vswapctl([*argv, "up", "--size", str(size), "--capacity", str(capacity), "--priority", "32767",
-                     "--backing", os.path.join(workdir, "backing")]) != 0:
-            raise BenchError("vswapctl up failed")
-        yield State.load(state_dir).loop  # type: ignore[union-attr]
+        state = device.bring_up(state_dir, cfg, say)
+    except device.UpFailed as exc:
+        raise BenchError(f"vswapfs did not come up: {exc}") from None
+    try:
+        yield state.loop
     finally:
-        vswapctl([*argv, "down"])
+        if not device.take_down(state_dir, say):
+            raise BenchError(f"vswapfs device in {state_dir} is still swapped on: left running")
 
 
 def summarize(samples: dict[str, list[dict[str, float]]], baseline: str | None) -> dict[str, Any]:
@@ -116,7 +123,8 @@ def bench(size: int, limit: int, runs: int, device_size: int, capacity: int, bas
     if baseline == "zram" and not os.path.exists("/sys/class/zram-control/hot_add"):
         raise BenchError("no zram here (modprobe zram, or use --baseline loop)")
     workdir = tempfile.mkdtemp(prefix="vswapctl-bench-", dir="/var/tmp")
-    targets: dict[str, Callable[[], Any]] = {"vswapfs": lambda: vswapfs_swap(device_size, capacity, workdir)}
+    quiet = (lambda m: None)
+    targets: dict[str, Callable[[], Any]] = {"vswapfs": lambda: vswapfs_swap(device_size, capacity, workdir, quiet)}
     if baseline == "zram":
         targets["zram"] = lambda: zram_swap(device_size)
     elif baseline == "loop":
@@ -124,13 +132,16 @@ def bench(size: int, limit: int, runs: int, device_size: int, capacity: int, bas
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
     try:
         for i in range(runs):
-            for name, device in targets.items():
-                with device() as dev:
+            for name, target in targets.items():
+                with target() as dev:
                     result = run_workload(size, limit)
                 samples[name].append(result)
                 say(f"run {i + 1}/{runs} {name} ({dev}): " + ", ".join(f"{k} {v:.2f}s" for k, v in result.items()))
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if any(loop in system.swaps() for loop in system.loops_under(workdir)):
+            say(f"leaving {workdir} in place: a device there is still swapped on")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     report = summarize(samples, baseline if baseline != "none" else None)
     report["params"] = {"size": size, "limit": limit, "device_size": device_size, "capacity": capacity,
                         "runs": runs}

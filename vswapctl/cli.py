@@ -1,14 +1,15 @@
-"""``vswapctl``: bring a vswapfs swap device up and down, and look inside it."""
+"""``vswapctl``: bring a vswapfs swap device up and down, and look inside it.
+
+The device's life (up, down, the rule that nothing serving swap pages is ever
+stopped) lives in ``vswapctl.device``; this module is the command line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from typing import Any
 
 import trio
@@ -18,222 +19,59 @@ from hoststore.cliutil import argtype
 from hoststore.messages import PAGE_SIZE, Drain, Stats
 from hoststore.sizes import format_size, parse_size
 
-from . import system
-from .state import DEFAULT_STATE_DIR, State
+from . import device, system
+from .state import DEFAULT_STATE_DIR, Busy, State, default_backing
 
-DEFAULT_BACKING = "/var/lib/vswapfs/backing"
-READY_TIMEOUT = 20.0
-
-
-class UpFailed(Exception):
-    pass
+CONTROL_TIMEOUT = 2.0
 
 
 def say(message: str) -> None:
     print(f"vswapctl: {message}", flush=True)
 
 
-# -- up -----------------------------------------------------------------------------
+# -- up and down -------------------------------------------------------------------------
 
 
-def _spawn(argv: list[str], log_path: str) -> int:
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    return proc.pid
-
-
-def _log_tail(path: str, lines: int = 5) -> str:
-    try:
-        with open(path) as f:
-            return " | ".join(line.strip() for line in f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _wait(ready: Any, pid: int, what: str, log_path: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not ready():
-        if not system.alive(pid):
-            raise UpFailed(f"{what} exited during start-up: {_log_tail(log_path)}")
-        if time.monotonic() > deadline:
-            raise UpFailed(f"{what} not ready after {READY_TIMEOUT:.0f}s: {_log_tail(log_path)}")
-        time.sleep(0.05)
-
-
-def _socket_ready(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
-
-
-def start_hoststore(state: State, args: argparse.Namespace) -> None:
-    argv = [sys.executable, "-m", "hoststore", "--listen", f"unix:{state.socket}", "--capacity", str(args.capacity)]
-    if args.pressure_source:
-        argv += ["--pressure-source", args.pressure_source]
-    if args.verbose:
-        argv.append("-v")
-    state.hoststore_pid = _spawn(argv, state.log("hoststore"))
-    state.host = f"unix:{state.socket}"
-    state.save()
-    _wait(lambda: _socket_ready(state.socket), state.hoststore_pid, "hoststore", state.log("hoststore"))
-    say(f"hoststore pid {state.hoststore_pid} on {state.host}, capacity {format_size(args.capacity)}")
-
-
-def start_vswapfs(state: State, args: argparse.Namespace) -> None:
-    if not os.path.isdir(state.mountpoint):
-        os.makedirs(state.mountpoint, mode=0o700)
-        state.created_mountpoint = True
-    argv = [sys.executable, "-m", "vswapfs", state.mountpoint, "--backing", state.backing, "--host", state.host]
-    if args.size:
-        argv += ["--size", str(args.size)]
-    if args.writethrough:
-        argv.append("--writethrough")
-    if args.verbose:
-        argv.append("-v")
-    state.vswapfs_pid = _spawn(argv, state.log("vswapfs"))
-    state.save()
-    _wait(lambda: system.mount_type(state.mountpoint) == "fuse.vswapfs", state.vswapfs_pid, "vswapfs",
-          state.log("vswapfs"))
-    state.size = os.stat(state.swapfile).st_size
-    say(f"vswapfs pid {state.vswapfs_pid} serving {state.swapfile} ({format_size(state.size)}), "
-        f"backing {state.backing}")
-    deadline = time.monotonic() + 3
-    while not (read_vswapfs_stats(state) or {}).get("host_connected"):
-        if time.monotonic() > deadline:
-            say(f"warning: vswapfs is not connected to the host store at {state.host}; pages go to the "
-                f"backing file until it is (see {state.log('vswapfs')})")
-            break
-        time.sleep(0.05)
-
-
-def attach_swap(state: State, args: argparse.Namespace) -> None:
-    loop = system.run(["losetup", "--direct-io=on", "--find", "--show", state.swapfile]).strip()
-    if not loop.startswith("/dev/loop"):
-        raise UpFailed(f"losetup printed {loop!r}, not a loop device")
-    state.loop = loop
-    state.save()
-    if not system.loop_dio(loop):
-        say(f"warning: {loop} does not use direct I/O; swap pages will pass through the page cache")
-    system.run(["mkswap", loop])
-    options = ["--priority", str(args.priority)] if args.priority is not None else []
-    if args.discard:
-        if (read_vswapfs_stats(state) or {}).get("discard_supported"):
-            options.append("--discard=pages")
-        else:
-            say("warning: this vswapfs cannot take discards (unpatched pyfuse3): swapping on without discard")
-    state.swapon_options = options
-    system.run(["swapon", *options, loop])
-    state.save()
-    say(f"swap on {loop} ({format_size(state.size)}, direct I/O {'on' if system.loop_dio(loop) else 'off'}, "
-        f"discard {'on' if '--discard=pages' in options else 'off'})")
+def up_config(args: argparse.Namespace) -> device.UpConfig:
+    backing = os.path.abspath(args.backing or default_backing(args.state_dir))
+    size = args.size
+    capacity = args.capacity or size or (os.path.getsize(backing) if os.path.isfile(backing) else 0)
+    return device.UpConfig(
+        size=size, backing=backing,
+        mountpoint=os.path.abspath(args.mountpoint or os.path.join(args.state_dir, "mnt")),
+        capacity=capacity, host=str(args.host) if args.host else None, writethrough=args.writethrough,
+        pressure_source=args.pressure_source, priority=args.priority, discard=args.discard,
+        swap=args.swap, verbose=args.verbose,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    if os.geteuid() != 0:
-        return _fail("up needs root (FUSE mount, loop device, swapon)")
-    old = State.load(args.state_dir)
-    if old is not None:
-        return _fail(f"a device is already up (state in {old.path}); run `vswapctl down` first")
-    if args.size is None and not os.path.exists(args.backing):
-        return _fail(f"--size is needed to create the backing file {args.backing}")
-    state = State(args.state_dir, mountpoint=os.path.abspath(args.mountpoint or os.path.join(args.state_dir, "mnt")),
-                  backing=os.path.abspath(args.backing))
-    state.save()
-    os.makedirs(os.path.dirname(state.backing), exist_ok=True)
     try:
-        if args.host:
-            state.host = str(args.host)
-        else:
-            start_hoststore(state, args)
-        start_vswapfs(state, args)
-        attach_swap(state, args)
-    except (UpFailed, system.CommandFailed, OSError) as exc:
-        say(f"error: {exc}")
-        say("undoing what was set up:")
-        teardown(state)
-        return 1
-    except BaseException:  # a bug or ^C: still leave nothing behind
-        say("interrupted; undoing what was set up:")
-        teardown(state)
-        raise
-    say(f"up: `cat /proc/swaps` lists {state.loop}; `vswapctl status` shows where pages live")
+        state = device.bring_up(args.state_dir, up_config(args), say)
+    except (device.UpFailed, Busy) as exc:
+        return _fail(str(exc))
+    if state.loop:
+        say(f"up: `cat /proc/swaps` lists {state.loop}; `vswapctl status` shows where pages live")
+    else:
+        say(f"up without swap: {state.swapfile} is served; `vswapctl down` takes it down")
     return 0
 
 
-# -- down ---------------------------------------------------------------------------
-
-
-def teardown(state: State) -> list[str]:
-    """swapoff -> losetup -d -> unmount -> stop daemons, each step attempted whatever
-    failed before; says what it did."""
-    done: list[str] = []
-
-    def step(message: str) -> None:
-        done.append(message)
-        say(message)
-
-    loops = sorted(set(filter(None, [state.loop])) | set(system.loops_for(state.swapfile)))
-    active = system.swaps()
-    for loop in loops:
-        if loop in active:
-            try:
-                system.run(["swapoff", loop], timeout=1800)
-                step(f"swapoff {loop}")
-            except system.CommandFailed as exc:
-                step(f"swapoff {loop} FAILED: {exc}")
-        if loop in system.loops_for(state.swapfile) or loop == state.loop:
-            try:
-                system.run(["losetup", "-d", loop])
-                step(f"detached {loop}")
-            except system.CommandFailed as exc:
-                step(f"losetup -d {loop} FAILED: {exc}")
-    _unmount(state, step)
-    if state.hoststore_pid:
-        step(f"hoststore pid {state.hoststore_pid}: {system.stop(state.hoststore_pid)}")
-    if state.created_mountpoint:
-        try:
-            os.rmdir(state.mountpoint)
-        except OSError:
-            pass
-    state.remove()
-    return done
-
-
-def _unmount(state: State, step: Any) -> None:
-    mounted = system.mount_type(state.mountpoint) is not None
-    vswapfs_alive = system.alive(state.vswapfs_pid)
-    if mounted and vswapfs_alive:
-        try:
-            system.run(["umount", state.mountpoint])
-            step(f"unmounted {state.mountpoint}")
-        except system.CommandFailed as exc:
-            step(f"umount FAILED ({exc}); lazy unmount instead")
-            system.run(["umount", "-l", state.mountpoint])
-        if system.wait_gone(state.vswapfs_pid, 15):
-            step(f"vswapfs pid {state.vswapfs_pid} exited")
-            return
-    elif mounted:
-        system.run(["umount", "-l", state.mountpoint])
-        step(f"lazily unmounted {state.mountpoint} (vswapfs pid {state.vswapfs_pid} had died)")
-    if state.vswapfs_pid and system.alive(state.vswapfs_pid):
-        step(f"vswapfs pid {state.vswapfs_pid}: {system.stop(state.vswapfs_pid)}")
-
-
 def cmd_down(args: argparse.Namespace) -> int:
-    state = State.load(args.state_dir)
-    if state is None:
-        say(f"nothing to take down (no state in {args.state_dir})")
-        return 0
-    done = teardown(state)
-    failed = [d for d in done if "FAILED" in d]
-    say("down" if not failed else f"down, with {len(failed)} failure(s)")
-    return 1 if failed else 0
+    try:
+        done = device.take_down(args.state_dir, say)
+    except Busy as exc:
+        return _fail(str(exc))
+    except (system.CommandFailed, OSError) as exc:
+        return _fail(f"down stopped: {exc}; run it again once that is fixed")
+    if not done:
+        print("vswapctl: error: down stopped: the device is still swapped on (see above)", file=sys.stderr)
+        return 1
+    say("down")
+    return 0
 
 
-# -- status and stats ----------------------------------------------------------------
+# -- status and stats ------------------------------------------------------------------
 
 
 def _need_state(args: argparse.Namespace) -> State:
@@ -243,65 +81,79 @@ def _need_state(args: argparse.Namespace) -> State:
     return state
 
 
-def read_vswapfs_stats(state: State) -> dict[str, Any] | None:
-    if system.mount_type(state.mountpoint) != "fuse.vswapfs":
-        return None
+def read_vswapfs_stats(state: State) -> dict[str, Any] | str:
+    """From vswapfs's control socket, never from inside the mount: a stopped vswapfs
+    costs at most CONTROL_TIMEOUT, and says so."""
+    from vswapfs.control import ControlUnavailable, query
+
     try:
-        with open(state.statsfile) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+        return query(state.control, CONTROL_TIMEOUT)
+    except ControlUnavailable as exc:
+        return str(exc)
 
 
 def read_host_stats(address: str) -> dict[str, Any] | str:
-    from vswapfs.hostclient import StoreError, StoreUnavailable, query
+    from vswapfs.hostclient import query
+    from vswapfs.pagestore import StoreError, StoreUnavailable
 
     try:
-        return trio.run(query, parse_address(address), Stats())
+        return trio.run(query, parse_address(address), Stats(), CONTROL_TIMEOUT)
     except (StoreUnavailable, StoreError, OSError, ValueError) as exc:
         return f"unreachable: {exc}"
+
+
+def _running(ident: Any) -> str:
+    if ident is None:
+        return "not started by up"
+    if ident.stopped():
+        return f"pid {ident.pid} STOPPED (SIGSTOP)"
+    return f"pid {ident.pid} running" if ident.alive() else f"pid {ident.pid} NOT RUNNING"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     state = _need_state(args)
     fs = read_vswapfs_stats(state)
-    swap = system.swaps().get(state.loop)
+    swap = system.swaps().get(state.loop) if state.loop else None
+    fs_ok = isinstance(fs, dict)
     status: dict[str, Any] = {
         "loop": state.loop or None,
         "direct_io": system.loop_dio(state.loop) if state.loop else None,
         "swap": swap,
         "mountpoint": state.mountpoint,
-        "vswapfs_pid": state.vswapfs_pid,
-        "vswapfs_running": system.alive(state.vswapfs_pid),
+        "mounted": system.mount_type(state.mountpoint) == "fuse.vswapfs",
+        "vswapfs": _running(state.vswapfs_id),
         "host": state.host,
-        "hoststore_pid": state.hoststore_pid or None,
-        "hoststore_running": system.alive(state.hoststore_pid) if state.hoststore_pid else None,
+        "hoststore": _running(state.hoststore_id) if state.hoststore_id else "external",
         "backing": state.backing,
-        "pages": None if fs is None else {k: fs[f"pages_{k}"] for k in ("host", "backing", "unwritten")},
-        "host_connected": None if fs is None else fs["host_connected"],
+        "pages": {k: fs[f"pages_{k}"] for k in ("host", "host_and_backing", "backing", "unwritten", "lost_now")}
+        if fs_ok else None,
+        "host_connected": fs["host_connected"] if fs_ok else None,
+        "vswapfs_stats": None if fs_ok else fs,
     }
     if args.json:
         print(json.dumps(status, indent=1))
         return 0
-    dev = state.loop or "(none)"
+    dev = state.loop or "(no loop device: up --no-swap)"
     if swap:
         dev += f"  swap on, priority {swap['priority']}, used {format_size(swap['used_kib'] * 1024)} " \
                f"of {format_size(swap['size_kib'] * 1024)}"
-    dev += f"  direct I/O {'on' if status['direct_io'] else 'off'}" if state.loop else ""
+    if state.loop:
+        dev += f"  direct I/O {'on' if status['direct_io'] else 'off'}"
     rows = [
         ("device", dev),
-        ("vswapfs", f"pid {state.vswapfs_pid} {'running' if status['vswapfs_running'] else 'NOT RUNNING'}"
-                    f", {state.mountpoint}"),
-        ("host store", f"{state.host}" + (f" (pid {state.hoststore_pid} "
-                        f"{'running' if status['hoststore_running'] else 'NOT RUNNING'})" if state.hoststore_pid
-                        else " (external)") + ("" if fs is None else
-                        ", connected" if fs["host_connected"] else ", NOT CONNECTED")),
+        ("vswapfs", f"{status['vswapfs']}, {state.mountpoint}" + ("" if status["mounted"] else " (NOT MOUNTED)")),
+        ("host store", f"{state.host} ({status['hoststore']})" + (
+            "" if not fs_ok else ", connected" if fs["host_connected"] else ", NOT CONNECTED")),
         ("backing", state.backing),
     ]
-    if fs is not None:
+    if fs_ok:
         pages = status["pages"]
-        rows.append(("pages", "  ".join(f"{k} {v} ({format_size(v * PAGE_SIZE)})" if k != "unwritten"
-                                         else f"never written {v}" for k, v in pages.items())))
+        rows.append(("pages", f"host {pages['host']} ({format_size(pages['host'] * PAGE_SIZE)})  "
+                              f"host+backing {pages['host_and_backing']}  "
+                              f"backing {pages['backing']} ({format_size(pages['backing'] * PAGE_SIZE)})  "
+                              f"never written {pages['unwritten']}  lost {pages['lost_now']}"))
+    else:
+        rows.append(("pages", f"unknown: {fs}"))
     _table(rows)
     return 0
 
@@ -313,8 +165,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"vswapfs": fs, "hoststore": host}, indent=1, sort_keys=True))
         return 0
-    print("vswapfs" + ("" if fs is not None else ": not mounted"))
-    if fs is not None:
+    print("vswapfs" + (f": {fs}" if isinstance(fs, str) else ""))
+    if isinstance(fs, dict):
         _table(sorted(_flatten(fs)), indent="  ")
     print("hoststore" + (f": {host}" if isinstance(host, str) else ""))
     if isinstance(host, dict):
@@ -504,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "file exists")
     up.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
                     help="use a running hoststore (unix:PATH or tcp:HOST:PORT) instead of starting one")
-    up.add_argument("--backing", default=DEFAULT_BACKING, metavar="FILE",
-                    help=f"backing file on a disk filesystem (default {DEFAULT_BACKING})")
+    up.add_argument("--backing", metavar="FILE",
+                    help="backing file on a disk filesystem, one per device (default: "
+                         "/var/lib/vswapfs/<the state dir's path>/backing, created, and removed by down)")
     up.add_argument("--mountpoint", metavar="DIR", help="where to mount vswapfs (default STATE_DIR/mnt)")
     up.add_argument("--capacity", type=argtype(_page_size), metavar="SIZE",
                     help="capacity of the hoststore that up starts (default: the device size)")
@@ -519,11 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-discard", dest="discard", action="store_false",
                     help="do not swapon with --discard=pages (freed swap slots then stay in the store "
                          "until rewritten)")
+    up.add_argument("--no-swap", dest="swap", action="store_false",
+                    help="mount vswapfs and stop there: no loop device, no swap (the file, for experiments)")
     up.add_argument("-v", "--verbose", action="store_true", help="debug logging in the daemons' logs")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="swapoff, losetup -d, unmount, stop what up started",
-                          description="Undo `up`, also after a run whose daemons died.")
+                          description="Undo `up`, also after a run whose daemons died.  If swapoff fails "
+                                      "(ENOMEM: RAM cannot take the swapped pages back), down stops right there "
+                                      "and leaves everything running: nothing that serves swap pages is ever "
+                                      "stopped, unmounted or detached.  Free memory and run it again.")
     down.set_defaults(func=cmd_down)
 
     status = sub.add_parser("status", help="the device, the daemons, and where the pages live")
@@ -593,8 +451,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "capacity", None) is None and args.command == "up":
-        args.capacity = args.size or (os.path.getsize(args.backing) if os.path.exists(args.backing) else 0)
     return args.func(args)
 
 

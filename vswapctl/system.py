@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
 import subprocess
-import time
 
 
 class CommandFailed(Exception):
@@ -72,50 +70,24 @@ def loops_for(path: str) -> list[str]:
     return sorted(found)
 
 
+def loops_under(directory: str) -> list[str]:
+    """Loop devices whose backing file lies under ``directory``."""
+    root = os.path.realpath(directory).rstrip("/") + "/"
+    found = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing) as f:
+                name = f.read().strip().removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if name.startswith(root):
+            found.append("/dev/" + backing.split("/")[3])
+    return sorted(found)
+
+
 def loop_dio(device: str) -> bool:
     try:
         with open(f"/sys/block/{os.path.basename(device)}/loop/dio") as f:
             return f.read().strip() == "1"
     except OSError:
         return False
-
-
-def alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def stop(pid: int, timeout: float = 10.0) -> str:
-    """SIGTERM, then SIGKILL if it lingers; says which it took."""
-    if not alive(pid):
-        return "not running"
-    os.kill(pid, signal.SIGTERM)
-    if wait_gone(pid, timeout):
-        return "stopped"
-    os.kill(pid, signal.SIGKILL)
-    wait_gone(pid, 5)
-    return "killed (did not stop on SIGTERM)"

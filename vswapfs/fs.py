@@ -82,7 +82,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, pager: Pager, stats: Callable[[], dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.pager = pager
-        self._stats = stats or pager.stats
+        self.stats = stats or pager.stats
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._mtime_ns = time.time_ns()
@@ -181,7 +181,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
             fh = self._next_fh
             self._next_fh += 1
-            self._stats_files[fh] = (json.dumps(self._stats(), indent=1, sort_keys=True) + "\n").encode()
+            self._stats_files[fh] = (json.dumps(self.stats(), indent=1, sort_keys=True) + "\n").encode()
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from typing import Any
 
@@ -21,7 +22,9 @@ from hoststore.logsetup import setup_logging
 from hoststore.messages import MessageError, check_client_name
 from hoststore.sizes import parse_size
 
+from . import fusectl
 from .backing import Backing, BackingError
+from .control import remove_stale, serve_control
 from .fs import DISCARD_SUPPORTED, Operations
 from .hostclient import HostClient
 from .pager import Pager
@@ -72,8 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-backing-fs", action="append", default=[], choices=["overlay", "fuse"],
                     help="accept a backing file on this filesystem type, which vswapfs refuses by default "
                          "because it may keep its data in RAM (repeatable)")
-    ap.add_argument("--max-tasks", type=int, default=64, metavar="N",
-                    help="FUSE requests served at once (default 64)")
+    ap.add_argument("--max-tasks", type=int, default=512, metavar="N",
+                    help="FUSE requests served at once (default 512): reads waiting for the store must not "
+                         "take every worker from swap-out writes")
+    ap.add_argument("--max-background", type=int, default=256, metavar="N",
+                    help="as root, raise the kernel's limit of asynchronous FUSE requests in flight (swap's "
+                         "reads and writes) from 12 to N (default 256; 0 leaves it alone)")
+    ap.add_argument("--control", metavar="PATH",
+                    help="serve the counters on a unix socket at PATH too, so that tools can read them "
+                         "without touching the mount (vswapctl up uses STATE_DIR/vswapfs.sock)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
@@ -95,12 +105,37 @@ async def watch_signals(ops: Operations) -> None:
             return
 
 
-async def serve(ops: Operations, pager: Pager, client: HostClient, max_tasks: int) -> None:
+async def raise_background_limit(mountpoint: str, max_background: int) -> None:
+    """Once the mount is up, let the kernel keep more swap requests in flight."""
+    if max_background <= 0:
+        return
+    if os.geteuid() != 0:
+        log.warning("not root: the kernel's limit of %d asynchronous FUSE requests stays (--max-background)",
+                    12)
+        return
+    try:
+        connection = fusectl.connection_of(mountpoint)
+        if connection is None:
+            raise OSError(f"no FUSE mount at {mountpoint} in /proc/self/mountinfo")
+        if not await trio.to_thread.run_sync(fusectl.ensure_mounted):
+            raise OSError(f"cannot mount fusectl at {fusectl.CONNECTIONS}")
+        await trio.to_thread.run_sync(fusectl.set_limits, connection, max_background, max_background * 3 // 4)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("cannot raise the FUSE background limit to %d (%s): reads waiting for the store may "
+                    "hold up swap-out writes", max_background, exc)
+        return
+    log.info("FUSE connection %d: max_background %d", connection, max_background)
+
+
+async def serve(ops: Operations, pager: Pager, client: HostClient, args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         nursery.start_soon(pager.drop_orphans)
         nursery.start_soon(watch_signals, ops)
-        await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
+        if args.control:
+            await nursery.start(serve_control, args.control, ops.stats)
+        nursery.start_soon(raise_background_limit, args.mountpoint, args.max_background)
+        await pyfuse3.main(min_tasks=4, max_tasks=args.max_tasks)
         await pager.release_all()
         nursery.cancel_scope.cancel()
 
@@ -150,7 +185,21 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_mountpoint(args.mountpoint)
     if problem:
         ap.error(problem)
+    # Resolved now, before the mount: once mounted, a stat of it (realpath does one) would
+    # ask this very process, which would then wait for itself.
+    args.mountpoint = os.path.realpath(args.mountpoint)
+    if args.control:
+        args.control = os.path.abspath(args.control)
+        if os.path.realpath(os.path.dirname(args.control)).startswith(args.mountpoint.rstrip("/") + "/") or \
+                os.path.realpath(os.path.dirname(args.control)) == args.mountpoint:
+            ap.error(f"--control {args.control} is inside the mount point")
     setup_logging(args.verbose, "vswapfs")
+    if args.control:
+        try:
+            remove_stale(args.control)
+        except OSError as exc:
+            print(f"vswapfs: error: --control {args.control}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     try:
         backing = Backing.open(args.backing, args.size, args.mountpoint, frozenset(args.allow_backing_fs))
     except BackingError as exc:
@@ -169,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
                     "stay in the store (install pyfuse3 with tools/bootstrap.sh to get it)")
     options = set(pyfuse3.default_options)
     options |= {"fsname=vswapfs", "subtype=vswapfs"}
-    pyfuse3.init(ops, args.mountpoint, options)
+    try:
+        pyfuse3.init(ops, args.mountpoint, options)
+    except (RuntimeError, OSError) as exc:
+        backing.close()
+        print(f"vswapfs: error: cannot mount on {args.mountpoint} ({exc}): FUSE needs root, or /dev/fuse open to "
+              "you and fusermount3", file=sys.stderr)
+        return 1
     log.info("serving %s/swap (%d bytes, %s), backing %s, host store %s", args.mountpoint, backing.size,
              "write-through" if args.writethrough else "write-back", backing.path, address)
     try:
-        trio.run(serve, ops, pager, client, args.max_tasks)
+        trio.run(serve, ops, pager, client, args)
     except BaseException:
         pyfuse3.close(unmount=False)
         raise

@@ -1,0 +1,491 @@
+"""A vswapfs swap device's life: bringing it up step by step, and taking it down.
+
+One rule governs every path that stops, unmounts or detaches anything (``down``,
+the undo of a failed ``up``, the benchmark, the test fixtures): **nothing that
+serves a page listed in /proc/swaps is ever stopped, unmounted or detached.**
+:func:`guard` checks it before each such step; if ``swapoff`` fails (ENOMEM
+when RAM cannot take the pages back), everything is left running and
+:class:`StillSwappedOn` says why and what to do.
+
+``up`` checks everything it can before it changes anything, records each step
+in the state directory as it completes it, and if a later step fails undoes
+exactly the steps it completed, in reverse order.  Daemons are known by pid and
+start time (``vswapctl.procs``): nothing but the process ``up`` started is ever
+signalled.  util-linux's ``losetup``, ``mkswap``, ``swapon`` and ``swapoff``
+are run through PATH, so that users' wrappers (and tests) can stand in for them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hoststore.sizes import format_size
+
+from . import system
+from .procs import ProcessId
+from .state import State, StateLock
+
+READY_TIMEOUT = 20.0
+UMOUNT_TIMEOUT = 60.0
+# A store told to stop drains first.  When down stops it, our vswapfs is already gone (it
+# released its pages at unmount, or died with them): nobody will come for what the store
+# still holds, so after this wait it is told again, and exits at once.
+DRAIN_WAIT = 5.0
+
+Say = Callable[[str], None]
+
+
+class UpFailed(Exception):
+    """``up`` could not finish; what it did has been undone (the message says what failed)."""
+
+
+class StillSwappedOn(Exception):
+    """A device of ours is still in /proc/swaps: nothing more was touched."""
+
+
+@dataclass
+class UpConfig:
+    size: int | None
+    backing: str
+    mountpoint: str
+    capacity: int
+    host: str | None = None
+    writethrough: bool = False
+    pressure_source: str | None = None
+    priority: int | None = None
+    discard: bool = True
+    swap: bool = True  # False: mount only (the file, for experiments with fio and the like)
+    verbose: bool = False
+    extra_hoststore: list[str] = field(default_factory=list)
+
+
+# -- the rule ---------------------------------------------------------------------------
+
+
+def our_loops(state: State) -> list[str]:
+    """Loop devices attached to our swap file (from /sys: nothing here probes a device)."""
+    loops = set(system.loops_for(state.swapfile)) if state.mountpoint else set()
+    return sorted(loops)
+
+
+def guard(state: State, what: str) -> None:
+    """Refuse ``what`` while any loop device on our swap file is swapped on."""
+    active = system.swaps()
+    live = [loop for loop in our_loops(state) if loop in active]
+    if live:
+        raise StillSwappedOn(f"{', '.join(live)} is still swapped on: not going to {what}")
+
+
+def still_swapped_on_advice(state: State, reason: str) -> str:
+    return (
+        f"{reason}.\nNothing was stopped, unmounted or detached: the device keeps serving its pages, and "
+        f"every process with pages there keeps working.\nswapoff fails with ENOMEM when RAM cannot take the "
+        f"swapped-out pages back: free memory (end the workload, or swapon another device), then run "
+        f"`vswapctl --state-dir {state.state_dir} down` again."
+    )
+
+
+# -- up -----------------------------------------------------------------------------------
+
+
+def preflight(state_dir: str, cfg: UpConfig) -> list[str]:
+    """Everything that would make ``up`` fail, found before anything is changed."""
+    from vswapfs.backing import BackingError, check_location
+
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("up needs root (FUSE mount, loop device, swapon)")
+    mnt = cfg.mountpoint
+    if os.path.lexists(mnt):
+        if system.mount_type(mnt) is not None or os.path.ismount(mnt):
+            problems.append(f"mountpoint {mnt} is already mounted")
+        elif not os.path.isdir(mnt):
+            problems.append(f"mountpoint {mnt} is not a directory")
+        elif os.listdir(mnt):
+            problems.append(f"mountpoint {mnt} is not empty")
+    try:
+        check_location(cfg.backing, mnt)
+    except BackingError as exc:
+        problems.append(str(exc))
+    if os.path.islink(cfg.backing):
+        problems.append(f"backing file {cfg.backing} is a symlink: give the real path")
+    elif os.path.exists(cfg.backing):
+        if _locked(cfg.backing):
+            problems.append(f"backing file {cfg.backing} is in use by another vswapfs")
+        elif cfg.size is not None and os.path.getsize(cfg.backing) != cfg.size:
+            problems.append(f"backing file {cfg.backing} has {os.path.getsize(cfg.backing)} bytes, "
+                            f"not the {cfg.size} asked for (remove it, or leave --size out)")
+    elif cfg.size is None:
+        problems.append(f"--size is needed to create the backing file {cfg.backing}")
+    return problems
+
+
+def _locked(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class Undo:
+    """What ``up`` has done, to be undone in reverse if a later step fails."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, Callable[[], None]]] = []
+
+    def push(self, what: str, action: Callable[[], None]) -> None:
+        self.steps.append((what, action))
+
+    def run(self, say: Say) -> None:
+        """Undo in reverse order; stop at the first step the rule forbids (StillSwappedOn)."""
+        while self.steps:
+            what, action = self.steps.pop()
+            try:
+                action()
+            except StillSwappedOn:
+                raise
+            except Exception as exc:  # noqa: BLE001 - report and go on undoing the rest
+                say(f"could not {what}: {exc}")
+            else:
+                say(f"undone: {what}")
+
+
+def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
+    with StateLock(state_dir):
+        old = State.load(state_dir)
+        if old is not None:
+            raise UpFailed(f"a device is already up (state in {old.path}); run `vswapctl down` first")
+        problems = preflight(state_dir, cfg)
+        if problems:
+            raise UpFailed("; ".join(problems))
+        state = State(state_dir, mountpoint=cfg.mountpoint, backing=cfg.backing)
+        state.save()
+        undo = Undo()
+        try:
+            _make_places(state, undo)
+            if cfg.host:
+                state.host = cfg.host
+            else:
+                _start_hoststore(state, cfg, undo, say)
+            _start_vswapfs(state, cfg, undo, say)
+            if cfg.swap:
+                _attach_swap(state, cfg, undo, say)
+        except BaseException as exc:
+            say(f"error: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted")
+            say("undoing what was set up:")
+            try:
+                undo.run(say)
+            except StillSwappedOn as stuck:
+                state.save()
+                raise UpFailed(still_swapped_on_advice(state, str(stuck))) from None
+            state.remove()
+            if isinstance(exc, (UpFailed, system.CommandFailed, OSError)):
+                raise UpFailed(str(exc)) from None
+            raise
+        state.save()
+        return state
+
+
+def _make_places(state: State, undo: Undo) -> None:
+    if not os.path.isdir(state.mountpoint):
+        os.makedirs(state.mountpoint, mode=0o700)
+        state.created_mountpoint = True
+        state.save()
+        undo.push(f"remove {state.mountpoint}", lambda: os.rmdir(state.mountpoint))
+    directory = os.path.dirname(state.backing)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700)
+        state.created_backing_dir = True
+        state.save()
+        undo.push(f"remove {directory}", lambda: _rmdir_if_empty(directory))
+    if not os.path.exists(state.backing):
+        state.created_backing = True  # vswapfs creates it; removed with it
+        state.save()
+        undo.push(f"remove {state.backing}", lambda: _unlink_missing_ok(state.backing))
+
+
+def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+
+def _log_tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(line.strip() for line in f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, log_path: str) -> None:
+    """Until *this* child says it is ready; at once if it exits."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise UpFailed(f"{what} exited with status {proc.returncode} during start-up: {_log_tail(log_path)}")
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise UpFailed(f"{what} not ready after {READY_TIMEOUT:.0f}s: {_log_tail(log_path)}")
+        time.sleep(0.05)
+
+
+def _identify(proc: subprocess.Popen[bytes], what: str) -> ProcessId:
+    ident = ProcessId.of(proc.pid)
+    if ident is None:
+        raise UpFailed(f"{what} (pid {proc.pid}) exited at once")
+    return ident
+
+
+def _store_pid(socket_path: str) -> int | None:
+    """The pid the store at ``socket_path`` reports, or None if it does not answer."""
+    import trio
+
+    from hoststore.address import Address
+    from hoststore.messages import Stats
+    from vswapfs.hostclient import query
+    from vswapfs.pagestore import StoreError, StoreUnavailable
+
+    if not os.path.exists(socket_path):
+        return None
+    try:
+        stats = trio.run(query, Address("unix", path=socket_path), Stats(), 1.0)
+    except (StoreUnavailable, StoreError, OSError):
+        return None
+    pid = stats.get("pid")
+    return pid if isinstance(pid, int) else None
+
+
+def _start_hoststore(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
+    argv = [sys.executable, "-m", "hoststore", "--listen", f"unix:{state.socket}", "--capacity", str(cfg.capacity)]
+    if cfg.pressure_source:
+        argv += ["--pressure-source", cfg.pressure_source]
+    argv += cfg.extra_hoststore
+    if cfg.verbose:
+        argv.append("-v")
+    proc = _spawn(argv, state.log("hoststore"))
+    ident = _identify(proc, "hoststore")
+    state.hoststore = ident.to_dict()
+    state.host = f"unix:{state.socket}"
+    state.save()
+    undo.push(f"stop hoststore {ident}", lambda: _stop_hoststore(state, say))
+    _wait_ready(proc, lambda: _store_pid(state.socket) == proc.pid, "hoststore", state.log("hoststore"))
+    say(f"hoststore pid {proc.pid} on {state.host}, capacity {format_size(cfg.capacity)}")
+
+
+def _vswapfs_stats(state: State, timeout: float = 1.0) -> dict[str, object] | None:
+    from vswapfs.control import ControlUnavailable, query
+
+    try:
+        return query(state.control, timeout)
+    except ControlUnavailable:
+        return None
+
+
+def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
+    argv = [sys.executable, "-m", "vswapfs", state.mountpoint, "--backing", state.backing, "--host", state.host,
+            "--control", state.control]
+    if cfg.size:
+        argv += ["--size", str(cfg.size)]
+    if cfg.writethrough:
+        argv.append("--writethrough")
+    if cfg.verbose:
+        argv.append("-v")
+    proc = _spawn(argv, state.log("vswapfs"))
+    ident = _identify(proc, "vswapfs")
+    state.vswapfs = ident.to_dict()
+    state.save()
+    undo.push(f"stop vswapfs {ident}", lambda: _stop_vswapfs(state, say))
+
+    def ready() -> bool:
+        stats = _vswapfs_stats(state)
+        return stats is not None and stats.get("pid") == proc.pid and \
+            system.mount_type(state.mountpoint) == "fuse.vswapfs"
+
+    _wait_ready(proc, ready, "vswapfs", state.log("vswapfs"))
+    state.mounted = True
+    state.size = os.stat(state.backing).st_size
+    state.save()
+    say(f"vswapfs pid {proc.pid} serving {state.swapfile} ({format_size(state.size)}), backing {state.backing}")
+    deadline = time.monotonic() + 3
+    while not (_vswapfs_stats(state) or {}).get("host_connected"):
+        if time.monotonic() > deadline:
+            say(f"warning: vswapfs is not connected to the host store at {state.host}; pages go to the "
+                f"backing file until it is (see {state.log('vswapfs')})")
+            break
+        time.sleep(0.05)
+
+
+def _attach_swap(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
+    loop = system.run(["losetup", "--direct-io=on", "--find", "--show", state.swapfile]).strip()
+    if not loop.startswith("/dev/loop") or loop not in system.loops_for(state.swapfile):
+        raise UpFailed(f"losetup printed {loop!r}, not a loop device on {state.swapfile}")
+    state.loop = loop
+    state.save()
+    undo.push(f"detach {loop}", lambda: _detach_loops(state, say))
+    if not system.loop_dio(loop):
+        say(f"warning: {loop} does not use direct I/O; swap pages will pass through the page cache")
+    system.run(["mkswap", loop])
+    options = ["--priority", str(cfg.priority)] if cfg.priority is not None else []
+    if cfg.discard:
+        if (_vswapfs_stats(state) or {}).get("discard_supported"):
+            options.append("--discard=pages")
+        else:
+            say("warning: this vswapfs cannot take discards (unpatched pyfuse3): swapping on without discard")
+    state.swapon_options = options
+    state.save()
+    undo.push(f"swapoff {loop}", lambda: _swap_off(state, say))
+    system.run(["swapon", *options, loop])
+    say(f"swap on {loop} ({format_size(state.size)}, direct I/O {'on' if system.loop_dio(loop) else 'off'}, "
+        f"discard {'on' if '--discard=pages' in options else 'off'})")
+
+
+# -- down -----------------------------------------------------------------------------------
+
+
+def take_down(state_dir: str, say: Say) -> bool:
+    """swapoff -> losetup -d -> unmount -> stop the daemons -> remove what up created.
+    Stops at the first step the rule forbids; True if everything was taken down."""
+    with StateLock(state_dir):
+        state = State.load(state_dir)
+        if state is None:
+            say(f"nothing to take down (no state in {state_dir})")
+            return True
+        try:
+            _swap_off(state, say)
+            _detach_loops(state, say)
+            _stop_vswapfs(state, say)
+            _stop_hoststore(state, say)
+        except StillSwappedOn as exc:
+            say(still_swapped_on_advice(state, str(exc)))
+            return False
+        _remove_created(state, say)
+        state.remove()
+        return True
+
+
+def _swap_off(state: State, say: Say) -> None:
+    active = system.swaps()
+    for loop in our_loops(state):
+        if loop in active:
+            try:
+                system.run(["swapoff", loop], timeout=1800)
+            except system.CommandFailed as exc:
+                raise StillSwappedOn(f"swapoff {loop} failed: {exc}") from None
+            say(f"swapoff {loop}")
+
+
+def _detach_loops(state: State, say: Say) -> None:
+    guard(state, "detach a loop device")
+    for loop in our_loops(state):
+        system.run(["losetup", "-d", loop])
+        say(f"detached {loop}")
+
+
+def _stop_vswapfs(state: State, say: Say) -> None:
+    """Unmount (only our vswapfs mount), then make sure our vswapfs is gone."""
+    guard(state, "unmount vswapfs")
+    if our_loops(state):
+        raise StillSwappedOn(f"a loop device is still attached to {state.swapfile}: not going to unmount")
+    ident = state.vswapfs_id
+    alive = ident is not None and ident.alive()
+    if system.mount_type(state.mountpoint) == "fuse.vswapfs" and state.mounted:
+        if alive and not ident.stopped():  # type: ignore[union-attr]
+            try:
+                system.run(["umount", state.mountpoint], timeout=UMOUNT_TIMEOUT)
+                say(f"unmounted {state.mountpoint}")
+            except system.CommandFailed as exc:
+                say(f"umount failed ({exc}); lazy unmount instead")
+                system.run(["umount", "-l", state.mountpoint], timeout=UMOUNT_TIMEOUT)
+        else:
+            system.run(["umount", "-l", state.mountpoint], timeout=UMOUNT_TIMEOUT)
+            why = "had died" if not alive else "is stopped"
+            say(f"lazily unmounted {state.mountpoint} (vswapfs {ident} {why})")
+    state.mounted = False
+    state.save()
+    if ident is None:
+        return
+    if not alive:
+        say(f"vswapfs {ident}: not running")
+        return
+    if ident.wait_gone(15):
+        say(f"vswapfs {ident} exited")
+        return
+    say(f"vswapfs {ident}: {_stop(ident)}")
+
+
+def _stop_hoststore(state: State, say: Say) -> None:
+    """SIGTERM: the store drains (hands back what it holds) and exits.  Told a second
+    time if it is still waiting after DRAIN_WAIT, for clients that will not come back."""
+    ident = state.hoststore_id
+    if ident is None:
+        return
+    guard(state, "stop the host store")
+    if not ident.alive():
+        say(f"hoststore {ident}: not running")
+        return
+    if ident.stopped():
+        ident.signal(signal.SIGCONT)
+    ident.signal(signal.SIGTERM)
+    if ident.wait_gone(DRAIN_WAIT):
+        say(f"hoststore {ident}: stopped")
+        return
+    ident.signal(signal.SIGTERM)  # the second one: exit at once (it logs what it drops)
+    if ident.wait_gone(10):
+        say(f"hoststore {ident}: stopped after a second SIGTERM (see {state.log('hoststore')})")
+        return
+    ident.signal(signal.SIGKILL)
+    ident.wait_gone(5)
+    say(f"hoststore {ident}: killed (it did not stop on SIGTERM)")
+
+
+def _stop(ident: ProcessId, timeout: float = 10.0) -> str:
+    """SIGTERM, then SIGKILL if it lingers; only ever to this very process."""
+    if not ident.alive():
+        return "not running"
+    if ident.stopped():
+        ident.signal(signal.SIGCONT)
+    ident.signal(signal.SIGTERM)
+    if ident.wait_gone(timeout):
+        return "stopped"
+    ident.signal(signal.SIGKILL)
+    ident.wait_gone(5)
+    return "killed (did not stop on SIGTERM)"
+
+
+def _remove_created(state: State, say: Say) -> None:
+    if state.created_backing:
+        _unlink_missing_ok(state.backing)
+        say(f"removed {state.backing} (this up created it)")
+    if state.created_backing_dir:
+        _rmdir_if_empty(os.path.dirname(state.backing))
+    if state.created_mountpoint:
+        _rmdir_if_empty(state.mountpoint)
+
+
+def _unlink_missing_ok(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _rmdir_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

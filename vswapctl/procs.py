@@ -1,0 +1,91 @@
+"""Daemons known by more than their pid.
+
+A pid saved in a state file may belong to another process by the time
+``vswapctl down`` runs (the daemon died, the pid was reused).  A daemon is
+therefore recorded as its pid *and* its start time (``/proc/PID/stat`` field
+22, clock ticks since boot), and every signal goes through a pidfd opened and
+then checked against that start time: the signal reaches exactly the process
+``up`` started, or nobody.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces and parentheses
+
+
+def start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22 of the whole line
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> "ProcessId | None":
+        start = start_time(pid)
+        return None if start is None else cls(pid, start)
+
+    @classmethod
+    def from_dict(cls, data: object) -> "ProcessId | None":
+        if isinstance(data, dict) and isinstance(data.get("pid"), int) and isinstance(data.get("start"), int):
+            return cls(data["pid"], data["start"])
+        return None
+
+    def to_dict(self) -> dict[str, int]:
+        return {"pid": self.pid, "start": self.start}
+
+    def alive(self) -> bool:
+        """Running, and the very process recorded (not a zombie, not a reused pid)."""
+        fields = _stat_fields(self.pid)
+        return fields is not None and int(fields[19]) == self.start and fields[0] != "Z"
+
+    def stopped(self) -> bool:
+        fields = _stat_fields(self.pid)
+        return fields is not None and int(fields[19]) == self.start and fields[0] == "T"
+
+    def signal(self, sig: int) -> bool:
+        """Send ``sig`` to this process and no other; False if it is gone (or the pid is someone else's)."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return False
+        try:
+            if start_time(self.pid) != self.start:  # the pidfd pins a process: this check cannot race
+                return False
+            try:
+                signal.pidfd_send_signal(fd, sig)
+            except ProcessLookupError:
+                return False
+            return True
+        finally:
+            os.close(fd)
+
+    def wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            try:
+                os.waitpid(self.pid, os.WNOHANG)  # reap it if it is our child
+            except ChildProcessError:
+                pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def __str__(self) -> str:
+        return f"pid {self.pid}"
