@@ -155,3 +155,85 @@ def test_backing_on_tmpfs_or_inside_the_mount_is_refused(disk_dir: str, where: s
     assert not os.path.exists(backing)
     assert ("tmpfs" if where == "/dev/shm" else "inside the vswapfs mount") in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_vswapfs_on_the_same_backing_file_is_refused(daemons: Daemons, disk_dir: str) -> None:
+    other = os.path.join(disk_dir, "other-mnt")
+    os.mkdir(other)
+    done = subprocess.run([sys.executable, "-m", "vswapfs", other, "--backing", daemons.backing,
+                           "--host", f"unix:{daemons.socket}"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "in use by another vswapfs" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not os.path.ismount(other)
+
+
+def test_reads_at_and_past_the_end_are_short(daemons: Daemons) -> None:
+    fd = os.open(daemons.swapfile, os.O_RDWR)
+    try:
+        os.pwrite(fd, pattern(NPAGES - 1, 1), (NPAGES - 1) * PAGE_SIZE)
+        assert os.pread(fd, 4 * PAGE_SIZE, (NPAGES - 1) * PAGE_SIZE) == pattern(NPAGES - 1, 1)
+        assert os.pread(fd, PAGE_SIZE, NPAGES * PAGE_SIZE) == b""
+        assert os.pread(fd, PAGE_SIZE, (NPAGES + 10) * PAGE_SIZE) == b""
+    finally:
+        os.close(fd)
+    assert "Traceback" not in daemons.read_log("vswapfs")
+
+
+def vswapfs_once(mnt: str, backing: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Start vswapfs expecting it to refuse (it exits at once, with one line)."""
+    return subprocess.run([sys.executable, "-m", "vswapfs", mnt, "--backing", backing, "--size", "1M",
+                           "--host", "unix:/nonexistent", *extra], capture_output=True, text=True, timeout=30)
+
+
+def test_an_existing_sparse_backing_file_is_allocated_in_full(disk_dir: str) -> None:
+    backing = os.path.join(disk_dir, "sparse")
+    with open(backing, "wb") as f:
+        f.truncate(NPAGES * PAGE_SIZE)  # all holes: a refused page could meet ENOSPC
+    assert os.stat(backing).st_blocks == 0
+    d = Daemons(disk_dir, capacity="1M", size=f"{NPAGES * 4}K")
+    d.start_hoststore()
+    d.extra_vswapfs = []
+    try:
+        os.makedirs(d.mountpoint)
+        d.vswapfs = subprocess.Popen([sys.executable, "-m", "vswapfs", d.mountpoint, "--backing", backing,
+                                      "--host", f"unix:{d.socket}"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.ismount(d.mountpoint), 15, "vswapfs")
+        assert os.stat(backing).st_blocks * 512 >= NPAGES * PAGE_SIZE
+    finally:
+        d.stop()
+
+
+def test_a_symlinked_backing_file_is_refused(disk_dir: str) -> None:
+    mnt = os.path.join(disk_dir, "mnt")
+    os.mkdir(mnt)
+    real = os.path.join(disk_dir, "real")
+    with open(real, "wb") as f:
+        f.truncate(1 << 20)
+    os.symlink(real, os.path.join(disk_dir, "link"))
+    done = vswapfs_once(mnt, os.path.join(disk_dir, "link"))
+    assert done.returncode == 1 and "symlink" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting an overlay needs root")
+def test_a_backing_file_on_overlayfs_is_refused_unless_allowed(disk_dir: str) -> None:
+    dirs = {name: os.path.join(disk_dir, name) for name in ("lower", "upper", "work", "merged", "mnt")}
+    for path in dirs.values():
+        os.mkdir(path)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}", dirs["merged"]],
+                   check=True)
+    try:
+        backing = os.path.join(dirs["merged"], "backing")
+        done = vswapfs_once(dirs["mnt"], backing)
+        assert done.returncode == 1 and "overlay" in done.stderr and "--allow-backing-fs" in done.stderr
+        assert not os.path.exists(backing)
+        proc = subprocess.Popen([sys.executable, "-m", "vswapfs", dirs["mnt"], "--backing", backing, "--size", "1M",
+                                 "--host", "unix:/nonexistent", "--allow-backing-fs", "overlay"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: os.path.ismount(dirs["mnt"]), 15, "vswapfs on an allowed overlay")
+        finally:
+            proc.send_signal(signal.SIGTERM)  # nothing has the swap file open: it unmounts and exits
+            assert proc.wait(15) == 0
+    finally:
+        subprocess.run(["umount", dirs["merged"]], check=True)

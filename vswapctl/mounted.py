@@ -55,6 +55,7 @@ class MountedDevice:
     extra_hoststore: list[str] = field(default_factory=list)
     extra_vswapfs: list[str] = field(default_factory=list)
     hoststore_module: str = "hoststore"  # the tests run a lying store from tests.liarstore
+    backing_path: str | None = None  # default: WORKDIR/backing
     hoststore: subprocess.Popen[bytes] | None = None
     vswapfs: subprocess.Popen[bytes] | None = None
 
@@ -72,7 +73,7 @@ class MountedDevice:
 
     @property
     def backing(self) -> str:
-        return os.path.join(self.workdir, "backing")
+        return self.backing_path or os.path.join(self.workdir, "backing")
 
     def _log(self, name: str) -> IO[bytes]:
         return open(os.path.join(self.workdir, f"{name}.log"), "ab")
@@ -125,7 +126,7 @@ class MountedDevice:
                 "--size", self.size, "--host", f"unix:{self.socket}", *self.extra_vswapfs]
         with self._log("vswapfs") as log:
             self.vswapfs = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        wait_for(lambda: system.mount_type(self.mountpoint) == "fuse.vswapfs", 15, "vswapfs", self.vswapfs)
+        wait_for(lambda: system.mount_type(self.mountpoint) == "fuse.vswapfs", 60, "vswapfs", self.vswapfs)
 
     def start(self) -> "MountedDevice":
         self.start_hoststore()

@@ -65,7 +65,7 @@ class ProcessId:
         except ProcessLookupError:
             return False
         try:
-            if start_time(self.pid) != self.start:  # the pidfd pins a process: this check cannot race
+            if not self.alive():  # the pidfd pins a process: this check cannot race with a reused pid
                 return False
             try:
                 signal.pidfd_send_signal(fd, sig)
