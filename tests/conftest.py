@@ -56,8 +56,11 @@ def disk_dir() -> Iterator[str]:
 def fuse_unavailable() -> str | None:
     if not os.path.exists("/dev/fuse"):
         return "no /dev/fuse"
-    if os.geteuid() != 0 and not shutil.which("fusermount3"):
-        return "not root and no fusermount3"
+    if os.geteuid() != 0:
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            return "not root, and /dev/fuse is not open to this user"
+        if not shutil.which("fusermount3"):
+            return "not root and no fusermount3"
     try:
         import pyfuse3  # noqa: F401
     except ImportError as exc:

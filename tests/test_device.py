@@ -185,3 +185,12 @@ def test_the_kernel_may_keep_many_swap_requests_in_flight(state_dir: str, disk_d
         connection = next(int(line.split()[2].split(":")[1]) for line in f if line.split()[4] == state.mountpoint)
     assert fusectl.read_limit(connection, "max_background") == 256
     assert fusectl.read_limit(connection, "congestion_threshold") == 192
+
+
+@needs_root_fuse
+def test_up_fails_at_once_when_its_daemon_exits(state_dir: str, disk_dir: str) -> None:
+    start = time.monotonic()
+    done = up_no_swap(state_dir, disk_dir, "--pressure-source", "bogus")  # the store refuses it and exits
+    assert done.returncode == 1 and time.monotonic() - start < 10  # not the 20 s readiness timeout
+    assert "hoststore exited with status 2 during start-up" in done.stderr and "pressure source" in done.stderr
+    assert State.load(state_dir) is None and not os.path.exists(os.path.join(disk_dir, "backing"))

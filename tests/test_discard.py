@@ -104,7 +104,9 @@ async def test_discard_while_the_store_is_down_is_retried(backing: Backing) -> N
 
 # -- mounted ----------------------------------------------------------------------------------
 
-fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+def fuse(test):
+    """A test that mounts a vswapfs: marked `fuse`, skipped with the reason where FUSE is unusable."""
+    return pytest.mark.fuse(pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))(test))
 
 
 @pytest.fixture

@@ -27,22 +27,49 @@ def vswapctl(state_dir: str, *args: str, timeout: float = 600) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout)
 
 
+STARTED: list[State] = []
+
+
+def our_cgroups() -> list[str]:
+    from vswapctl import cgroup
+
+    found = []
+    for root in (cgroup.V1_ROOT, *cgroup.V2_ROOTS):
+        if os.path.isdir(root):
+            found += [name for name in os.listdir(root) if name.startswith("vswapctl-")]
+    return found
+
+
 @pytest.fixture
 def state_dir(disk_dir: str):
+    """A state directory; afterwards (pass or fail) the device is down and nothing is
+    left behind: no swap, loop device, mount, memory cgroup or daemon of ours."""
     path = os.path.join(disk_dir, "state")
+    swaps_before = set(system.swaps())
+    STARTED.clear()
     try:
         yield path
     finally:
         if State.load(path) is not None:
             vswapctl(path, "down", timeout=1800)
         assert State.load(path) is None
+        assert set(system.swaps()) == swaps_before
+        assert system.loops_under(disk_dir) == []
+        with open("/proc/mounts") as f:
+            assert not [line for line in f if line.split()[1].startswith(disk_dir)]
+        assert our_cgroups() == []
+        for state in STARTED:
+            for ident in (state.hoststore_id, state.vswapfs_id):
+                assert ident is None or not ident.alive(), f"{ident} is still running"
 
 
 def up(state_dir: str, disk_dir: str, *extra: str, capacity: str = "64M") -> None:
     done = vswapctl(state_dir, "up", "--size", "512M", "--capacity", capacity,
                     "--backing", os.path.join(disk_dir, "backing"), *extra)
-    assert done.returncode == 0, done.stdout + done.stderr
     state = State.load(state_dir)
+    if state is not None:
+        STARTED.append(state)
+    assert done.returncode == 0, done.stdout + done.stderr
     assert state is not None and state.loop in system.swaps()
     assert system.loop_dio(state.loop)
 
@@ -199,13 +226,41 @@ def test_store_gives_pages_back_after_the_workload_exits(state_dir: str, disk_di
 
 def test_bench_reports_medians_and_ratios(tmp_path) -> None:
     """A small bench run: the report's shape and sanity, not its speed."""
+    swaps_before = set(system.swaps())
     done = subprocess.run([sys.executable, "-m", "vswapctl", "bench", "--runs", "1", "--size", "48M",
                            "--limit", "16M", "--device-size", "128M", "--capacity", "16M", "--baseline",
                            "loop", "--json"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(done.stdout[done.stdout.index("{"):])
+    report = json.loads(done.stdout)  # nothing but the report on stdout
     for target in ("vswapfs", "loop"):
         assert report[target]["runs"] == 1
         assert all(report[target][phase] > 0 for phase in ("fill", "verify_seq", "verify_random"))
     assert set(report["ratio_vs_loop"]) == {"fill", "verify_seq", "verify_random"}
-    assert system.swaps() == {k: v for k, v in system.swaps().items() if "zram" in k}
+    assert set(system.swaps()) == swaps_before  # it left the machine as it found it
+    assert our_cgroups() == []
+
+
+def test_down_stops_at_a_failed_swapoff_and_leaves_everything_running(state_dir: str, disk_dir: str,
+                                                                      tmp_path) -> None:
+    """swapoff fails (ENOMEM, when RAM cannot take the pages back; here a failing swapoff
+    first on PATH): down stops right there, says why and what to do, exits non-zero."""
+    up(state_dir, disk_dir)
+    state = State.load(state_dir)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "swapoff").write_text("#!/bin/sh\necho \"swapoff: $1: swapoff failed: Cannot allocate memory\" >&2\n"
+                                  "exit 255\n")
+    (fake / "swapoff").chmod(0o755)
+    done = subprocess.run([sys.executable, "-m", "vswapctl", "--state-dir", state_dir, "down"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}"))
+    assert done.returncode == 1
+    assert "Cannot allocate memory" in done.stdout and "Nothing was stopped, unmounted or detached" in done.stdout
+    assert "free memory" in done.stdout and "down stopped" in done.stderr
+    assert state.loop in system.swaps() and system.loops_for(state.swapfile) == [state.loop]
+    assert system.mount_type(state.mountpoint) == "fuse.vswapfs"
+    assert state.vswapfs_id.alive() and state.hoststore_id.alive()
+    assert State.load(state_dir) is not None
+    assert stats(state_dir)["vswapfs"]["host_connected"]  # still serving
+    done = vswapctl(state_dir, "down")  # the real swapoff: down goes all the way
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -394,6 +394,9 @@ def _detach_loops(state: State, say: Say) -> None:
     for loop in our_loops(state):
         system.run(["losetup", "-d", loop])
         say(f"detached {loop}")
+    left = system.wait_detached(state.swapfile)
+    if left:
+        raise system.CommandFailed(f"{', '.join(left)} still holds {state.swapfile} after losetup -d")
 
 
 def _stop_vswapfs(state: State, say: Say) -> None:

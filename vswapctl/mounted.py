@@ -153,10 +153,10 @@ class MountedDevice:
                 except system.CommandFailed as exc:
                     raise StillSwappedOn(f"{loop} is still swapped on ({exc}); leaving it all running") from None
             system.run(["losetup", "-d", loop])
+        system.wait_detached(self.swapfile)
         if system.mount_type(self.mountpoint):
-            if self.vswapfs and self.vswapfs.poll() is None and not stopped(self.vswapfs.pid):
-                subprocess.run(["umount", self.mountpoint], check=False)
-            else:
+            clean = self.vswapfs and self.vswapfs.poll() is None and not stopped(self.vswapfs.pid)
+            if not clean or subprocess.run(["umount", self.mountpoint], capture_output=True).returncode:
                 subprocess.run(["umount", "-l", self.mountpoint], check=False)
         if self.vswapfs:
             if stopped(self.vswapfs.pid):

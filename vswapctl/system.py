@@ -70,6 +70,17 @@ def loops_for(path: str) -> list[str]:
     return sorted(found)
 
 
+def wait_detached(path: str, timeout: float = 10.0) -> list[str]:
+    """After ``losetup -d``: the loop driver lets go of its file asynchronously.
+    Waits until no loop device holds ``path``; returns those that still do."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := loops_for(path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 def loops_under(directory: str) -> list[str]:
     """Loop devices whose backing file lies under ``directory``."""
     root = os.path.realpath(directory).rstrip("/") + "/"

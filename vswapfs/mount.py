@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                 os.path.realpath(os.path.dirname(args.control)) == args.mountpoint:
             ap.error(f"--control {args.control} is inside the mount point")
     setup_logging(args.verbose, "vswapfs")
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        print("vswapfs: error: cannot mount: /dev/fuse is not open to this user (run as root, or make /dev/fuse "
+              "accessible and install fusermount3)", file=sys.stderr)
+        return 1
     if args.control:
         try:
             remove_stale(args.control)
