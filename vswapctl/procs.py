@@ -1,10 +1,11 @@
 """Daemons known by more than their pid.
 
 A pid saved in a state file may belong to another process by the time
-``vswapctl down`` runs (the daemon died, the pid was reused).  A daemon is
-therefore recorded as its pid *and* its start time (``/proc/PID/stat`` field
-22, clock ticks since boot), and every signal goes through a pidfd opened and
-then checked against that start time: the signal reaches exactly the process
+``vswapctl down`` runs (the daemon died, the pid was reused, the machine
+rebooted).  A daemon is therefore recorded as its pid, its start time
+(``/proc/PID/stat`` field 22, clock ticks since boot) and the boot it belongs
+to (``/proc/sys/kernel/random/boot_id``), and every signal goes through a pidfd
+opened and then checked against those: the signal reaches exactly the process
 ``up`` started, or nobody.
 """
 
@@ -25,6 +26,14 @@ def _stat_fields(pid: int) -> list[str] | None:
     return data.rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces and parentheses
 
 
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def start_time(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[19]) if fields else None  # field 22 of the whole line
@@ -34,29 +43,33 @@ def start_time(pid: int) -> int | None:
 class ProcessId:
     pid: int
     start: int
+    boot: str = ""
 
     @classmethod
     def of(cls, pid: int) -> "ProcessId | None":
         start = start_time(pid)
-        return None if start is None else cls(pid, start)
+        return None if start is None else cls(pid, start, boot_id())
 
     @classmethod
     def from_dict(cls, data: object) -> "ProcessId | None":
         if isinstance(data, dict) and isinstance(data.get("pid"), int) and isinstance(data.get("start"), int):
-            return cls(data["pid"], data["start"])
+            return cls(data["pid"], data["start"], str(data.get("boot", "")))
         return None
 
-    def to_dict(self) -> dict[str, int]:
-        return {"pid": self.pid, "start": self.start}
+    def to_dict(self) -> dict[str, int | str]:
+        return {"pid": self.pid, "start": self.start, "boot": self.boot}
+
+    def _same(self, fields: list[str] | None) -> bool:
+        return fields is not None and int(fields[19]) == self.start and self.boot == boot_id()
 
     def alive(self) -> bool:
-        """Running, and the very process recorded (not a zombie, not a reused pid)."""
+        """Running, and the very process recorded (not a zombie, not a reused pid, this boot)."""
         fields = _stat_fields(self.pid)
-        return fields is not None and int(fields[19]) == self.start and fields[0] != "Z"
+        return self._same(fields) and fields[0] != "Z"  # type: ignore[index]
 
     def stopped(self) -> bool:
         fields = _stat_fields(self.pid)
-        return fields is not None and int(fields[19]) == self.start and fields[0] == "T"
+        return self._same(fields) and fields[0] == "T"  # type: ignore[index]
 
     def signal(self, sig: int) -> bool:
         """Send ``sig`` to this process and no other; False if it is gone (or the pid is someone else's)."""

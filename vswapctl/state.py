@@ -26,7 +26,17 @@ def default_backing(state_dir: str) -> str:
 
 
 class Busy(Exception):
-    """Another vswapctl holds the state directory."""
+    """Another vswapctl holds the state directory (or it is not safe to use)."""
+
+
+def check_private(state_dir: str) -> None:
+    """The state directory names what gets signalled and unmounted: only its owner may write it."""
+    st = os.lstat(state_dir)
+    if not os.path.isdir(state_dir) or os.path.islink(state_dir):
+        raise Busy(f"state directory {state_dir} is not a directory")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise Busy(f"state directory {state_dir} is writable by others or not ours (mode {st.st_mode & 0o777:o}, "
+                   f"owner {st.st_uid}): use a private one")
 
 
 class StateLock:
@@ -38,7 +48,9 @@ class StateLock:
 
     def __enter__(self) -> "StateLock":
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        self.fd = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        check_private(self.state_dir)
+        self.fd = os.open(os.path.join(self.state_dir, "lock"),
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -67,8 +79,9 @@ class State:
     vswapfs: dict[str, int] | None = None
     created_mountpoint: bool = False
     created_backing: bool = False  # this up created the backing file (and may remove it)
-    created_backing_dir: bool = False
+    created_dirs: list[str] = field(default_factory=list)  # made for the backing file, outermost first
     mounted: bool = False  # this up's vswapfs is mounted at mountpoint
+    mount_dev: str = ""  # major:minor of that mount, from mountinfo
     swapon_options: list[str] = field(default_factory=list)
 
     @property
@@ -101,7 +114,8 @@ class State:
     def save(self) -> None:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
             json.dump(asdict(self), f, indent=1)
         os.replace(tmp, self.path)
 
