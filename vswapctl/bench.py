@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import cgroup, device, system
+from .state import State
 
 PHASES = ("fill", "verify_seq", "verify_random")
 
@@ -93,7 +94,8 @@ def loop_swap(size: int, workdir: str) -> Iterator[str]:
 def vswapfs_swap(size: int, capacity: int, workdir: str, say: Callable[[str], None]) -> Iterator[str]:
     state_dir = os.path.join(workdir, "state")
     cfg = device.UpConfig(size=size, backing=os.path.join(workdir, "backing"),
-                          mountpoint=os.path.join(state_dir, "mnt"), capacity=capacity, priority=32767)
+                          mountpoint=system.resolve_mountpoint(os.path.join(state_dir, "mnt")),
+                          capacity=capacity, priority=32767)
     try:
         state = device.bring_up(state_dir, cfg, say)
     except device.UpFailed as exc:
@@ -122,7 +124,7 @@ def bench(size: int, limit: int, runs: int, device_size: int, capacity: int, bas
           say: Callable[[str], None]) -> dict[str, Any]:
     if baseline == "zram" and not os.path.exists("/sys/class/zram-control/hot_add"):
         raise BenchError("no zram here (modprobe zram, or use --baseline loop)")
-    workdir = tempfile.mkdtemp(prefix="vswapctl-bench-", dir="/var/tmp")
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="vswapctl-bench-", dir="/var/tmp"))
     quiet = (lambda m: None)
     targets: dict[str, Callable[[], Any]] = {"vswapfs": lambda: vswapfs_swap(device_size, capacity, workdir, quiet)}
     if baseline == "zram":
@@ -138,10 +140,14 @@ def bench(size: int, limit: int, runs: int, device_size: int, capacity: int, bas
                 samples[name].append(result)
                 say(f"run {i + 1}/{runs} {name} ({dev}): " + ", ".join(f"{k} {v:.2f}s" for k, v in result.items()))
     finally:
-        if any(loop in system.swaps() for loop in system.loops_under(workdir)):
-            say(f"leaving {workdir} in place: a device there is still swapped on")
-        else:
+        # Removed only when nothing lives there any more: a live device's state and
+        # backing file are what a later `vswapctl down` needs.
+        if State.load(os.path.join(workdir, "state")) is None and not system.loops_under(workdir) \
+                and not system.mounts_under(workdir):
             shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            say(f"leaving {workdir} in place: a device there is still up (vswapctl --state-dir "
+                f"{workdir}/state down)")
     report = summarize(samples, baseline if baseline != "none" else None)
     report["params"] = {"size": size, "limit": limit, "device_size": device_size, "capacity": capacity,
                         "runs": runs}

@@ -74,6 +74,21 @@ def _v2_root() -> str | None:
     return None
 
 
+def leave_memory_limit() -> None:
+    """Move the calling process to the root memory cgroup (v1 memory hierarchy, or
+    v2), where no limit applies.  Best effort: as non-root, or where the root is
+    not writable, nothing changes."""
+    for root in (V1_ROOT, *V2_ROOTS):
+        procs = os.path.join(root, "cgroup.procs")
+        if root != V1_ROOT and not os.path.exists(os.path.join(root, "cgroup.controllers")):
+            continue
+        try:
+            _write(procs, str(os.getpid()))
+        except OSError:
+            continue
+        return
+
+
 def detect() -> tuple[int, str]:
     """(version, root) of a usable memory controller, or CgroupUnavailable."""
     if os.geteuid() != 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -38,18 +39,27 @@ def up_config(args: argparse.Namespace) -> device.UpConfig:
     capacity = args.capacity or size or (os.path.getsize(backing) if os.path.isfile(backing) else 0)
     return device.UpConfig(
         size=size, backing=backing,
-        mountpoint=os.path.abspath(args.mountpoint or os.path.join(args.state_dir, "mnt")),
+        mountpoint=system.resolve_mountpoint(args.mountpoint or os.path.join(args.state_dir, "mnt")),
         capacity=capacity, host=str(args.host) if args.host else None, writethrough=args.writethrough,
         pressure_source=args.pressure_source, priority=args.priority, discard=args.discard,
         swap=args.swap, verbose=args.verbose,
     )
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    # SIGTERM or a closed terminal mid-up: undo what was done, as for ^C.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         state = device.bring_up(args.state_dir, up_config(args), say)
     except (device.UpFailed, Busy) as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted; what up had done was undone")
     if state.loop:
         say(f"up: `cat /proc/swaps` lists {state.loop}; `vswapctl status` shows where pages live")
     else:

@@ -46,8 +46,12 @@ class UpFailed(Exception):
     """``up`` could not finish; what it did has been undone (the message says what failed)."""
 
 
-class StillSwappedOn(Exception):
-    """A device of ours is still in /proc/swaps: nothing more was touched."""
+class Stopped(Exception):
+    """Taking the device down stopped here, by the rule: nothing more was touched."""
+
+
+class StillSwappedOn(Stopped):
+    """A device of ours is still in /proc/swaps."""
 
 
 @dataclass
@@ -70,25 +74,25 @@ class UpConfig:
 
 
 def our_loops(state: State) -> list[str]:
-    """Loop devices attached to our swap file (from /sys: nothing here probes a device)."""
-    loops = set(system.loops_for(state.swapfile)) if state.mountpoint else set()
-    return sorted(loops)
+    """Loop devices attached to our swap file: matched against the path ``up`` resolved
+    before mounting (from /sys; nothing here stats the mount or probes a device)."""
+    return system.loops_for(state.swapfile) if state.mountpoint else []
 
 
 def guard(state: State, what: str) -> None:
     """Refuse ``what`` while any loop device on our swap file is swapped on."""
-    active = system.swaps()
-    live = [loop for loop in our_loops(state) if loop in active]
+    active = system.swapped_on_devices()
+    live = [loop for loop in our_loops(state) if system.swapped_on(loop, active)]
     if live:
         raise StillSwappedOn(f"{', '.join(live)} is still swapped on: not going to {what}")
 
 
-def still_swapped_on_advice(state: State, reason: str) -> str:
+def stopped_advice(state: State, reason: str) -> str:
     return (
-        f"{reason}.\nNothing was stopped, unmounted or detached: the device keeps serving its pages, and "
-        f"every process with pages there keeps working.\nswapoff fails with ENOMEM when RAM cannot take the "
-        f"swapped-out pages back: free memory (end the workload, or swapon another device), then run "
-        f"`vswapctl --state-dir {state.state_dir} down` again."
+        f"{reason}.\nNothing more was stopped, unmounted or detached: the device keeps serving its pages, and "
+        f"every process with pages there keeps working.\nIf swapoff failed with ENOMEM, RAM cannot take the "
+        f"swapped-out pages back: free memory (end the workload, or swapon another device); if vswapfs does "
+        f"not answer, SIGCONT it.  Then run `vswapctl --state-dir {state.state_dir} down` again."
     )
 
 
@@ -103,17 +107,20 @@ def preflight(state_dir: str, cfg: UpConfig) -> list[str]:
     if os.geteuid() != 0:
         problems.append("up needs root (FUSE mount, loop device, swapon)")
     mnt = cfg.mountpoint
-    if os.path.lexists(mnt):
+    if os.path.islink(mnt):
+        problems.append(f"mountpoint {mnt} is a symlink: give the real path")
+    elif os.path.lexists(mnt):
         if system.mount_type(mnt) is not None or os.path.ismount(mnt):
             problems.append(f"mountpoint {mnt} is already mounted")
         elif not os.path.isdir(mnt):
             problems.append(f"mountpoint {mnt} is not a directory")
         elif os.listdir(mnt):
             problems.append(f"mountpoint {mnt} is not empty")
-    try:
-        check_location(cfg.backing, mnt)
+    try:  # where the backing file's directory will be made, if it does not exist yet
+        check_location(os.path.join(_nearest_existing(os.path.dirname(cfg.backing)), "backing"), mnt)
     except BackingError as exc:
-        problems.append(str(exc))
+        problems.append(str(exc).replace(os.path.join(_nearest_existing(os.path.dirname(cfg.backing)), "backing"),
+                                         cfg.backing))
     if os.path.islink(cfg.backing):
         problems.append(f"backing file {cfg.backing} is a symlink: give the real path")
     elif os.path.exists(cfg.backing):
@@ -125,6 +132,12 @@ def preflight(state_dir: str, cfg: UpConfig) -> list[str]:
     elif cfg.size is None:
         problems.append(f"--size is needed to create the backing file {cfg.backing}")
     return problems
+
+
+def _nearest_existing(directory: str) -> str:
+    while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    return directory
 
 
 def _locked(path: str) -> bool:
@@ -151,17 +164,19 @@ class Undo:
         self.steps.append((what, action))
 
     def run(self, say: Say) -> None:
-        """Undo in reverse order; stop at the first step the rule forbids (StillSwappedOn)."""
+        """Undo in reverse order.  At the first step that fails, stop (Stopped): what
+        comes before it in the list may depend on it (a store serving a mounted vswapfs,
+        a backing file a live vswapfs holds)."""
         while self.steps:
-            what, action = self.steps.pop()
+            what, action = self.steps[-1]
             try:
                 action()
-            except StillSwappedOn:
+            except Stopped:
                 raise
-            except Exception as exc:  # noqa: BLE001 - report and go on undoing the rest
-                say(f"could not {what}: {exc}")
-            else:
-                say(f"undone: {what}")
+            except Exception as exc:  # noqa: BLE001 - whatever it was, nothing below it is touched
+                raise Stopped(f"could not {what}: {exc}") from None
+            self.steps.pop()
+            say(f"undone: {what}")
 
 
 def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
@@ -176,7 +191,7 @@ def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
         state.save()
         undo = Undo()
         try:
-            _make_places(state, undo)
+            _make_places(state, cfg, undo)
             if cfg.host:
                 state.host = cfg.host
             else:
@@ -189,9 +204,9 @@ def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
             say("undoing what was set up:")
             try:
                 undo.run(say)
-            except StillSwappedOn as stuck:
-                state.save()
-                raise UpFailed(still_swapped_on_advice(state, str(stuck))) from None
+            except Stopped as stuck:
+                state.save()  # down can finish the job
+                raise UpFailed(f"{exc}; then undoing stopped: " + stopped_advice(state, str(stuck))) from None
             state.remove()
             if isinstance(exc, (UpFailed, system.CommandFailed, OSError)):
                 raise UpFailed(str(exc)) from None
@@ -200,27 +215,46 @@ def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
         return state
 
 
-def _make_places(state: State, undo: Undo) -> None:
+def _make_places(state: State, cfg: UpConfig, undo: Undo) -> None:
     if not os.path.isdir(state.mountpoint):
-        os.makedirs(state.mountpoint, mode=0o700)
+        undo.push(f"remove {state.mountpoint}", lambda: _rmdir_if_empty(state.mountpoint))
+        os.mkdir(state.mountpoint, mode=0o700)
         state.created_mountpoint = True
         state.save()
-        undo.push(f"remove {state.mountpoint}", lambda: os.rmdir(state.mountpoint))
+    missing = []
     directory = os.path.dirname(state.backing)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700)
-        state.created_backing_dir = True
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for directory in reversed(missing):  # outermost first
+        undo.push(f"remove {directory}", lambda d=directory: _rmdir_if_empty(d))  # type: ignore[misc]
+        os.mkdir(directory, mode=0o700)
+        state.created_dirs.append(directory)
         state.save()
-        undo.push(f"remove {directory}", lambda: _rmdir_if_empty(directory))
-    if not os.path.exists(state.backing):
-        state.created_backing = True  # vswapfs creates it; removed with it
-        state.save()
+    if cfg.size is not None and not os.path.exists(state.backing):
+        # Made here, exclusively: if another up races for the same path, only one of us
+        # made it, and only that one may ever remove it.  vswapfs allocates it in full.
+        try:
+            fd = os.open(state.backing, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise UpFailed(f"backing file {state.backing} appeared while up was starting: another up?") from None
         undo.push(f"remove {state.backing}", lambda: _unlink_missing_ok(state.backing))
+        state.created_backing = True
+        state.save()
+        try:
+            os.ftruncate(fd, cfg.size)
+        finally:
+            os.close(fd)
 
 
 def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    """A daemon in a session of its own, and out of the caller's memory cgroup: a
+    memory limit on whoever ran up must never push a swap daemon into swap or OOM."""
+    from .cgroup import leave_memory_limit
+
     with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                preexec_fn=leave_memory_limit)
 
 
 def _log_tail(path: str, lines: int = 5) -> str:
@@ -277,12 +311,12 @@ def _start_hoststore(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
     argv += cfg.extra_hoststore
     if cfg.verbose:
         argv.append("-v")
+    undo.push("stop hoststore", lambda: _stop_hoststore(state, say))
     proc = _spawn(argv, state.log("hoststore"))
     ident = _identify(proc, "hoststore")
     state.hoststore = ident.to_dict()
     state.host = f"unix:{state.socket}"
     state.save()
-    undo.push(f"stop hoststore {ident}", lambda: _stop_hoststore(state, say))
     _wait_ready(proc, lambda: _store_pid(state.socket) == proc.pid, "hoststore", state.log("hoststore"))
     say(f"hoststore pid {proc.pid} on {state.host}, capacity {format_size(cfg.capacity)}")
 
@@ -305,11 +339,11 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
         argv.append("--writethrough")
     if cfg.verbose:
         argv.append("-v")
+    undo.push("stop vswapfs", lambda: _stop_vswapfs(state, say))
     proc = _spawn(argv, state.log("vswapfs"))
     ident = _identify(proc, "vswapfs")
     state.vswapfs = ident.to_dict()
     state.save()
-    undo.push(f"stop vswapfs {ident}", lambda: _stop_vswapfs(state, say))
 
     def ready() -> bool:
         stats = _vswapfs_stats(state)
@@ -318,6 +352,7 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
 
     _wait_ready(proc, ready, "vswapfs", state.log("vswapfs"))
     state.mounted = True
+    state.mount_dev = system.mount_device(state.mountpoint) or ""
     state.size = os.stat(state.backing).st_size
     state.save()
     say(f"vswapfs pid {proc.pid} serving {state.swapfile} ({format_size(state.size)}), backing {state.backing}")
@@ -331,12 +366,12 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
 
 
 def _attach_swap(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
+    undo.push("detach the loop device", lambda: _detach_loops(state, say))
     loop = system.run(["losetup", "--direct-io=on", "--find", "--show", state.swapfile]).strip()
     if not loop.startswith("/dev/loop") or loop not in system.loops_for(state.swapfile):
         raise UpFailed(f"losetup printed {loop!r}, not a loop device on {state.swapfile}")
     state.loop = loop
     state.save()
-    undo.push(f"detach {loop}", lambda: _detach_loops(state, say))
     if not system.loop_dio(loop):
         say(f"warning: {loop} does not use direct I/O; swap pages will pass through the page cache")
     system.run(["mkswap", loop])
@@ -348,7 +383,7 @@ def _attach_swap(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
             say("warning: this vswapfs cannot take discards (unpatched pyfuse3): swapping on without discard")
     state.swapon_options = options
     state.save()
-    undo.push(f"swapoff {loop}", lambda: _swap_off(state, say))
+    undo.push("swapoff", lambda: _swap_off(state, say))
     system.run(["swapon", *options, loop])
     say(f"swap on {loop} ({format_size(state.size)}, direct I/O {'on' if system.loop_dio(loop) else 'off'}, "
         f"discard {'on' if '--discard=pages' in options else 'off'})")
@@ -370,8 +405,8 @@ def take_down(state_dir: str, say: Say) -> bool:
             _detach_loops(state, say)
             _stop_vswapfs(state, say)
             _stop_hoststore(state, say)
-        except StillSwappedOn as exc:
-            say(still_swapped_on_advice(state, str(exc)))
+        except (Stopped, system.CommandFailed) as exc:
+            say(stopped_advice(state, str(exc)))
             return False
         _remove_created(state, say)
         state.remove()
@@ -379,9 +414,9 @@ def take_down(state_dir: str, say: Say) -> bool:
 
 
 def _swap_off(state: State, say: Say) -> None:
-    active = system.swaps()
+    active = system.swapped_on_devices()
     for loop in our_loops(state):
-        if loop in active:
+        if system.swapped_on(loop, active):
             try:
                 system.run(["swapoff", loop], timeout=1800)
             except system.CommandFailed as exc:
@@ -396,28 +431,35 @@ def _detach_loops(state: State, say: Say) -> None:
         say(f"detached {loop}")
     left = system.wait_detached(state.swapfile)
     if left:
-        raise system.CommandFailed(f"{', '.join(left)} still holds {state.swapfile} after losetup -d")
+        raise Stopped(f"{', '.join(left)} still holds {state.swapfile} after losetup -d")
 
 
 def _stop_vswapfs(state: State, say: Say) -> None:
-    """Unmount (only our vswapfs mount), then make sure our vswapfs is gone."""
+    """Unmount our vswapfs mount, then see our vswapfs exit.  vswapfs is never killed:
+    if anything still holds its file, or it cannot be asked, this stops (Stopped)."""
     guard(state, "unmount vswapfs")
     if our_loops(state):
-        raise StillSwappedOn(f"a loop device is still attached to {state.swapfile}: not going to unmount")
+        raise Stopped(f"a loop device is still attached to {state.swapfile}: not going to unmount")
     ident = state.vswapfs_id
     alive = ident is not None and ident.alive()
-    if system.mount_type(state.mountpoint) == "fuse.vswapfs" and state.mounted:
-        if alive and not ident.stopped():  # type: ignore[union-attr]
+    ours = state.mounted and state.mount_dev and system.mount_device(state.mountpoint) == state.mount_dev
+    if ours and system.mount_type(state.mountpoint) == "fuse.vswapfs":
+        if alive:
+            stats = _vswapfs_stats(state, timeout=2.0)
+            if stats is None:
+                raise Stopped(f"vswapfs {ident} does not answer on {state.control} (stopped?): cannot tell "
+                              "whether its file is in use; not going to unmount")
+            if stats.get("swap_opens"):
+                raise Stopped(f"{state.swapfile} is still open ({stats['swap_opens']} opener(s)): "
+                              "not going to unmount")
             try:
                 system.run(["umount", state.mountpoint], timeout=UMOUNT_TIMEOUT)
-                say(f"unmounted {state.mountpoint}")
             except system.CommandFailed as exc:
-                say(f"umount failed ({exc}); lazy unmount instead")
-                system.run(["umount", "-l", state.mountpoint], timeout=UMOUNT_TIMEOUT)
-        else:
+                raise Stopped(f"umount {state.mountpoint} failed: {exc}") from None
+            say(f"unmounted {state.mountpoint}")
+        else:  # nobody serves it any more: a lazy unmount takes nothing from anyone
             system.run(["umount", "-l", state.mountpoint], timeout=UMOUNT_TIMEOUT)
-            why = "had died" if not alive else "is stopped"
-            say(f"lazily unmounted {state.mountpoint} (vswapfs {ident} {why})")
+            say(f"lazily unmounted {state.mountpoint} (vswapfs {ident} had died)")
     state.mounted = False
     state.save()
     if ident is None:
@@ -428,7 +470,11 @@ def _stop_vswapfs(state: State, say: Say) -> None:
     if ident.wait_gone(15):
         say(f"vswapfs {ident} exited")
         return
-    say(f"vswapfs {ident}: {_stop(ident)}")
+    ident.signal(signal.SIGTERM)  # it refuses, and says so, if its file is still open
+    if ident.wait_gone(10):
+        say(f"vswapfs {ident} stopped")
+        return
+    raise Stopped(f"vswapfs {ident} did not exit after its unmount (see {state.log('vswapfs')})")
 
 
 def _stop_hoststore(state: State, say: Say) -> None:
@@ -451,31 +497,18 @@ def _stop_hoststore(state: State, say: Say) -> None:
     if ident.wait_gone(10):
         say(f"hoststore {ident}: stopped after a second SIGTERM (see {state.log('hoststore')})")
         return
-    ident.signal(signal.SIGKILL)
-    ident.wait_gone(5)
+    ident.signal(signal.SIGKILL)  # our vswapfs is gone: the store serves no page of ours now
+    if not ident.wait_gone(5):
+        raise Stopped(f"hoststore {ident} does not go away, even on SIGKILL")
     say(f"hoststore {ident}: killed (it did not stop on SIGTERM)")
-
-
-def _stop(ident: ProcessId, timeout: float = 10.0) -> str:
-    """SIGTERM, then SIGKILL if it lingers; only ever to this very process."""
-    if not ident.alive():
-        return "not running"
-    if ident.stopped():
-        ident.signal(signal.SIGCONT)
-    ident.signal(signal.SIGTERM)
-    if ident.wait_gone(timeout):
-        return "stopped"
-    ident.signal(signal.SIGKILL)
-    ident.wait_gone(5)
-    return "killed (did not stop on SIGTERM)"
 
 
 def _remove_created(state: State, say: Say) -> None:
     if state.created_backing:
         _unlink_missing_ok(state.backing)
         say(f"removed {state.backing} (this up created it)")
-    if state.created_backing_dir:
-        _rmdir_if_empty(os.path.dirname(state.backing))
+    for directory in reversed(state.created_dirs):
+        _rmdir_if_empty(directory)
     if state.created_mountpoint:
         _rmdir_if_empty(state.mountpoint)
 

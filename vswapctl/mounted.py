@@ -8,7 +8,6 @@ stopped, unmounted or detached.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -65,7 +64,11 @@ class MountedDevice:
 
     @property
     def mountpoint(self) -> str:
-        return os.path.join(self.workdir, "mnt")
+        return os.path.join(os.path.realpath(self.workdir), "mnt")
+
+    @property
+    def control(self) -> str:
+        return os.path.join(self.workdir, "vswapfs.sock")
 
     @property
     def swapfile(self) -> str:
@@ -123,19 +126,32 @@ class MountedDevice:
     def start_vswapfs(self) -> None:
         os.makedirs(self.mountpoint, exist_ok=True)
         argv = [sys.executable, "-m", "vswapfs", self.mountpoint, "--backing", self.backing,
-                "--size", self.size, "--host", f"unix:{self.socket}", *self.extra_vswapfs]
+                "--size", self.size, "--host", f"unix:{self.socket}", "--control", self.control,
+                *self.extra_vswapfs]
         with self._log("vswapfs") as log:
             self.vswapfs = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        wait_for(lambda: system.mount_type(self.mountpoint) == "fuse.vswapfs", 60, "vswapfs", self.vswapfs)
+        wait_for(lambda: system.mount_type(self.mountpoint) == "fuse.vswapfs" and self._answers(), 60, "vswapfs",
+                 self.vswapfs)
+
+    def _answers(self) -> bool:
+        from vswapfs.control import ControlUnavailable
+
+        try:
+            self.stats(timeout=1)
+        except ControlUnavailable:
+            return False
+        return True
 
     def start(self) -> "MountedDevice":
         self.start_hoststore()
         self.start_vswapfs()
         return self
 
-    def stats(self) -> dict[str, Any]:
-        with open(os.path.join(self.mountpoint, "stats")) as f:
-            return json.load(f)
+    def stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        """vswapfs's counters, from its control socket (never from inside the mount)."""
+        from vswapfs.control import query
+
+        return query(self.control, timeout)
 
     def wait_host_connected(self, timeout: float = 10) -> None:
         wait_for(lambda: self.stats()["host_connected"], timeout, "vswapfs connected to the store")
@@ -143,27 +159,38 @@ class MountedDevice:
     # -- teardown -------------------------------------------------------------------
 
     def stop(self) -> None:
-        """swapoff -> losetup -d -> unmount -> stop the daemons.  If a loop device on
-        our file is still swapped on after swapoff, stop right there (StillSwappedOn):
-        stopping anything more would take pages from under live swap."""
+        """swapoff -> losetup -d -> unmount -> stop the daemons, by the rule: if a loop
+        device on our file stays swapped on or attached, or vswapfs's file is still
+        open, stop right there (StillSwappedOn) and leave everything running."""
+        from vswapfs.control import ControlUnavailable
+
         for loop in system.loops_for(self.swapfile):
-            if loop in system.swaps():
+            if system.swapped_on(loop):
                 try:
                     system.run(["swapoff", loop], timeout=1800)
                 except system.CommandFailed as exc:
                     raise StillSwappedOn(f"{loop} is still swapped on ({exc}); leaving it all running") from None
             system.run(["losetup", "-d", loop])
-        system.wait_detached(self.swapfile)
-        if system.mount_type(self.mountpoint):
-            clean = self.vswapfs and self.vswapfs.poll() is None and not stopped(self.vswapfs.pid)
-            if not clean or subprocess.run(["umount", self.mountpoint], capture_output=True).returncode:
-                subprocess.run(["umount", "-l", self.mountpoint], check=False)
-        if self.vswapfs:
-            if stopped(self.vswapfs.pid):
-                self.vswapfs.send_signal(signal.SIGCONT)
+        left = system.wait_detached(self.swapfile)
+        if left:
+            raise StillSwappedOn(f"{', '.join(left)} still holds {self.swapfile}; leaving it all running")
+        alive = self.vswapfs is not None and self.vswapfs.poll() is None
+        if system.mount_type(self.mountpoint) == "fuse.vswapfs":
+            if alive:
+                if stopped(self.vswapfs.pid):  # type: ignore[union-attr]
+                    self.vswapfs.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                try:
+                    opens = self.stats(timeout=5).get("swap_opens")
+                except ControlUnavailable as exc:
+                    raise StillSwappedOn(f"vswapfs does not answer ({exc}); leaving it all running") from None
+                if opens:
+                    raise StillSwappedOn(f"{self.swapfile} is still open; leaving it all running")
+                system.run(["umount", self.mountpoint], timeout=60)
+            else:
+                system.run(["umount", "-l", self.mountpoint], timeout=60)
+        if self.vswapfs is not None and alive:
             try:
                 self.vswapfs.wait(15)
             except subprocess.TimeoutExpired:
-                self.vswapfs.kill()
-                self.vswapfs.wait()
+                raise StillSwappedOn("vswapfs did not exit after its unmount; leaving it running") from None
         self.stop_hoststore()

@@ -86,8 +86,10 @@ def remove_stale(path: str) -> None:
     probe.settimeout(1.0)
     try:
         probe.connect(path)
-    except OSError:
-        os.unlink(path)  # left by a vswapfs that is gone
+    except ConnectionRefusedError:
+        os.unlink(path)  # left by a vswapfs that is gone: nobody listens
+    except OSError as exc:  # EAGAIN (a full backlog: a stopped vswapfs), a timeout...: someone is there
+        raise OSError(errno.EADDRINUSE, f"{path} is in use ({exc.strerror or exc})") from None
     else:
         raise OSError(errno.EADDRINUSE, f"a vswapfs already serves {path}")
     finally:

@@ -88,11 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-async def watch_signals(ops: Operations) -> None:
+async def watch_signals(ops: Operations, mountpoint: str) -> None:
     """Stop on SIGTERM/SIGINT, but never while the swap file is open.
 
     Stopping then would take away pages that live swap still needs: every
-    process with pages on the device would get SIGBUS or hang."""
+    process with pages on the device would get SIGBUS or hang.  The stop is an
+    ordinary unmount, run beside the FUSE loop: the kernel refuses it (EBUSY) if
+    anything opened the file meanwhile, so there is no window between checking
+    and stopping; once it succeeds the FUSE loop ends by itself."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
@@ -101,7 +104,12 @@ async def watch_signals(ops: Operations) -> None:
                             "or run `vswapctl down`)", name)
                 continue
             log.info("%s: unmounting", name)
-            pyfuse3.terminate()
+            argv = ["umount", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-u", mountpoint]
+            done = await trio.to_thread.run_sync(
+                lambda: subprocess.run(argv, capture_output=True, text=True, timeout=60))
+            if done.returncode:
+                log.warning("%s ignored: %s", name, (done.stderr or done.stdout).strip() or "unmount refused")
+                continue
             return
 
 
@@ -131,7 +139,7 @@ async def serve(ops: Operations, pager: Pager, client: HostClient, args: argpars
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         nursery.start_soon(pager.drop_orphans)
-        nursery.start_soon(watch_signals, ops)
+        nursery.start_soon(watch_signals, ops, args.mountpoint)
         if args.control:
             await nursery.start(serve_control, args.control, ops.stats)
         nursery.start_soon(raise_background_limit, args.mountpoint, args.max_background)
@@ -140,12 +148,13 @@ async def serve(ops: Operations, pager: Pager, client: HostClient, args: argpars
         nursery.cancel_scope.cancel()
 
 
-def combined_stats(pager: Pager, client: HostClient) -> dict[str, Any]:
+def combined_stats(pager: Pager, client: HostClient, ops: Operations) -> dict[str, Any]:
     stats = pager.stats()
     stats.update(client.counters.as_dict())
     stats["host_address"] = str(client.address)
     stats["backing_file"] = pager.backing.path
     stats["pid"] = os.getpid()
+    stats["swap_opens"] = ops.swap_opens
     stats["discard_supported"] = DISCARD_SUPPORTED
     return stats
 
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     client = HostClient(address, name, backing.size)
     pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout,
                   writethrough=args.writethrough)
-    ops = Operations(pager, stats=lambda: combined_stats(pager, client))
+    ops = Operations(pager)
+    ops.stats = lambda: combined_stats(pager, client, ops)
     harden(log)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the swap device with it
     if not DISCARD_SUPPORTED:
