@@ -194,3 +194,153 @@ def test_up_fails_at_once_when_its_daemon_exits(state_dir: str, disk_dir: str) -
     assert done.returncode == 1 and time.monotonic() - start < 10  # not the 20 s readiness timeout
     assert "hoststore exited with status 2 during start-up" in done.stderr and "pressure source" in done.stderr
     assert State.load(state_dir) is None and not os.path.exists(os.path.join(disk_dir, "backing"))
+
+
+# -- review findings: the rule holds when steps fail ---------------------------------------
+
+
+def fake_command(tmp_path, name: str, script: str) -> dict[str, str]:
+    """An environment whose PATH finds a stand-in for ``name`` first."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / name).write_text("#!/bin/sh\n" + script)
+    (fake / name).chmod(0o755)
+    return dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+
+
+@needs_root_fuse
+def test_a_failed_unmount_stops_down_and_vswapfs_is_never_killed(state_dir: str, disk_dir: str, tmp_path) -> None:
+    done = up_no_swap(state_dir, disk_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = State.load(state_dir)
+    env = fake_command(tmp_path, "umount", "echo \"umount: $1: target is busy.\" >&2\nexit 32\n")
+    done = vswapctl(state_dir, "down", env=env)
+    assert done.returncode == 1 and "target is busy" in done.stdout and "Nothing more was" in done.stdout
+    assert state.vswapfs_id.alive() and state.hoststore_id.alive()
+    assert system.mount_type(state.mountpoint) == "fuse.vswapfs" and State.load(state_dir) is not None
+    done = vswapctl(state_dir, "down")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_root_fuse
+def test_a_failed_undo_step_stops_the_undo_and_keeps_the_state(state_dir: str, disk_dir: str, tmp_path) -> None:
+    """swapon fails, and then so does the unmount of the undo: up stops undoing (the
+    store still serves the mounted vswapfs), keeps its state, and down finishes later."""
+    env = fake_command(tmp_path, "swapon", "exit 1\n")
+    fake_command(tmp_path, "umount", "echo \"umount: $1: target is busy.\" >&2\nexit 32\n")
+    done = vswapctl(state_dir, "up", "--size", "16M", "--capacity", "4M", "--backing",
+                    os.path.join(disk_dir, "backing"), env=env)
+    assert done.returncode == 1 and "undoing stopped" in done.stderr, done.stdout + done.stderr
+    state = State.load(state_dir)
+    assert state is not None and state.vswapfs_id.alive() and state.hoststore_id.alive()
+    assert system.mount_type(state.mountpoint) == "fuse.vswapfs"
+    assert os.path.exists(os.path.join(disk_dir, "backing"))  # a live vswapfs holds it: not removed
+    done = vswapctl(state_dir, "down")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not os.path.exists(os.path.join(disk_dir, "backing"))
+
+
+@needs_root_fuse
+def test_status_and_down_never_stat_the_mount(state_dir: str, disk_dir: str) -> None:
+    import shutil
+
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    done = up_no_swap(state_dir, disk_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = State.load(state_dir)
+    trace = os.path.join(disk_dir, "trace")
+    for command in (["status"], ["stats"]):
+        subprocess.run(["strace", "-f", "-qq", "-e", "trace=%file", "-o", trace, sys.executable, "-m", "vswapctl",
+                        "--state-dir", state_dir, *command], capture_output=True, timeout=60, check=True)
+        with open(trace) as f:
+            touching = [line for line in f if f'"{state.mountpoint}' in line]
+        assert touching == [], f"{command} touched the mount: {touching[:3]}"
+
+
+@needs_root_fuse
+def test_a_symlinked_mountpoint_is_refused_and_paths_are_recorded_resolved(state_dir: str, disk_dir: str) -> None:
+    real = os.path.join(disk_dir, "real")
+    os.mkdir(real)
+    os.symlink(real, os.path.join(disk_dir, "alias"))
+    done = up_no_swap(state_dir, disk_dir, "--mountpoint", os.path.join(disk_dir, "alias"))
+    assert done.returncode == 1 and "symlink" in done.stderr
+    os.mkdir(os.path.join(real, "mnt"))
+    done = up_no_swap(state_dir, disk_dir, "--mountpoint", os.path.join(disk_dir, "alias", "mnt"))
+    assert done.returncode == 0, done.stderr
+    assert State.load(state_dir).mountpoint == os.path.join(os.path.realpath(real), "mnt")
+    os.unlink(os.path.join(disk_dir, "alias"))
+    os.symlink("/nonexistent", os.path.join(disk_dir, "alias"))  # re-pointed after up: down is not fooled
+    done = vswapctl(state_dir, "down")
+    assert done.returncode == 0 and "unmounted" in done.stdout, done.stdout + done.stderr
+
+
+@needs_root_fuse
+def test_up_with_the_default_backing_file_on_a_fresh_machine(state_dir: str, disk_dir: str) -> None:
+    from vswapctl.state import BACKING_ROOT, default_backing
+
+    backing = default_backing(state_dir)
+    root_existed = os.path.isdir(BACKING_ROOT)
+    done = vswapctl(state_dir, "up", "--no-swap", "--size", "16M", "--capacity", "4M")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert os.path.getsize(backing) == 16 << 20 and os.stat(backing).st_blocks * 512 >= 16 << 20
+    done = vswapctl(state_dir, "down")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not os.path.exists(os.path.dirname(backing))  # every directory up made is gone
+    assert os.path.isdir(BACKING_ROOT) == root_existed
+
+
+@needs_root_fuse
+def test_the_daemons_leave_the_memory_cgroup_of_whoever_ran_up(state_dir: str, disk_dir: str) -> None:
+    from vswapctl import cgroup
+
+    try:
+        cg = cgroup.create(f"vswapctl-test-{os.getpid()}", 256 << 20)
+    except cgroup.CgroupUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        done = cg.run([sys.executable, "-m", "vswapctl", "--state-dir", state_dir, "up", "--no-swap",
+                       "--size", "16M", "--capacity", "4M", "--backing", os.path.join(disk_dir, "backing")],
+                      timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        state = State.load(state_dir)
+        for ident in (state.vswapfs_id, state.hoststore_id):
+            with open(f"/proc/{ident.pid}/cgroup") as f:
+                memory = [line.strip() for line in f if ":memory:" in line or line.startswith("0::")]
+            assert memory and all(line.endswith(":/") for line in memory), memory
+    finally:
+        if State.load(state_dir) is not None:
+            vswapctl(state_dir, "down")
+        cg.remove()
+
+
+@needs_root_fuse
+def test_sigterm_to_up_midway_undoes_what_it_did(state_dir: str, disk_dir: str, tmp_path) -> None:
+    env = fake_command(tmp_path, "losetup", "sleep 30\n")  # up stops here, a daemon or two started
+    proc = subprocess.Popen([sys.executable, "-m", "vswapctl", "--state-dir", state_dir, "up", "--size", "16M",
+                             "--capacity", "4M", "--backing", os.path.join(disk_dir, "backing")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 30
+    while "serving" not in (open(os.path.join(state_dir, "vswapfs.log")).read()
+                            if os.path.exists(os.path.join(state_dir, "vswapfs.log")) else ""):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "interrupted" in err, out + err
+    assert State.load(state_dir) is None and not os.path.exists(os.path.join(disk_dir, "backing"))
+    assert system.mounts_under(disk_dir) == []
+
+
+def test_a_process_of_another_boot_is_never_ours() -> None:
+    ident = ProcessId.of(os.getpid())
+    assert ident.alive()
+    assert not ProcessId(ident.pid, ident.start, "another-boot").alive()
+
+
+def test_a_command_that_overruns_its_timeout_is_stopped() -> None:
+    start = time.monotonic()
+    with pytest.raises(system.CommandFailed, match="did not finish"):
+        system.run(["sleep", "30"], timeout=0.5)
+    assert time.monotonic() - start < 5

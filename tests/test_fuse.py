@@ -189,15 +189,9 @@ def test_an_existing_sparse_backing_file_is_allocated_in_full(disk_dir: str) -> 
     with open(backing, "wb") as f:
         f.truncate(NPAGES * PAGE_SIZE)  # all holes: a refused page could meet ENOSPC
     assert os.stat(backing).st_blocks == 0
-    d = Daemons(disk_dir, capacity="1M", size=f"{NPAGES * 4}K")
-    d.start_hoststore()
-    d.extra_vswapfs = []
+    d = Daemons(disk_dir, capacity="1M", size=f"{NPAGES * 4}K", backing_path=backing)
     try:
-        os.makedirs(d.mountpoint)
-        d.vswapfs = subprocess.Popen([sys.executable, "-m", "vswapfs", d.mountpoint, "--backing", backing,
-                                      "--host", f"unix:{d.socket}"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_for(lambda: os.path.ismount(d.mountpoint), 15, "vswapfs")
+        d.start()
         assert os.stat(backing).st_blocks * 512 >= NPAGES * PAGE_SIZE
     finally:
         d.stop()
