@@ -61,6 +61,7 @@ class UpConfig:
     mountpoint: str
     capacity: int
     host: str | None = None
+    token_file: str | None = None  # the token of the store at --host
     writethrough: bool = False
     pressure_source: str | None = None
     priority: int | None = None
@@ -194,6 +195,7 @@ def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
             _make_places(state, cfg, undo)
             if cfg.host:
                 state.host = cfg.host
+                state.token_file = os.path.abspath(cfg.token_file) if cfg.token_file else ""
             else:
                 _start_hoststore(state, cfg, undo, say)
             _start_vswapfs(state, cfg, undo, say)
@@ -337,6 +339,8 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
         argv += ["--size", str(cfg.size)]
     if cfg.writethrough:
         argv.append("--writethrough")
+    if state.token_file:
+        argv += ["--token-file", state.token_file]
     if cfg.verbose:
         argv.append("-v")
     undo.push("stop vswapfs", lambda: _stop_vswapfs(state, say))

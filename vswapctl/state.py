@@ -73,6 +73,7 @@ class State:
     mountpoint: str = ""
     backing: str = ""
     host: str = ""
+    token_file: str = ""  # the store's token, when --host needs one
     size: int = 0
     loop: str = ""
     hoststore: dict[str, int] | None = None  # ProcessId of the store up started (None: --host)

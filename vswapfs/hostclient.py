@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import secrets
 from array import array
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import trio
 
 from hoststore import auth
 from hoststore import protocol as p
+from hoststore.access import peer_uid
 from hoststore.address import Address
 from hoststore.counters import Counters
 from hoststore.endpoint import Endpoint, PeerGone, RemoteError
@@ -46,7 +49,7 @@ from hoststore.messages import (
     Welcome,
 )
 
-from .pagestore import HandBackHandler, PagesLostHandler, StoreError, StoreUnavailable
+from .pagestore import HandBackHandler, PagesLostHandler, StoreAuthError, StoreError, StoreUnavailable
 
 log = logging.getLogger("vswapfs.hostclient")
 
@@ -66,12 +69,25 @@ class LinkCounter(enum.StrEnum):
     HANDBACK_REQUESTS = "link_handback_requests"
     HANDBACKS_DEFERRED = "link_handbacks_deferred"  # answered "failed" at once: too many already in hand
     HANDBACK_ANSWERS_LOST = "link_handback_answers_lost"  # pages taken whose answer could not be sent
+    STORE_AUTH_FAILED = "link_store_auth_failed"  # peers that could not prove they are the store: sent nothing
+    KEEPALIVES = "link_keepalives"
+
+
+KEEPALIVE_INTERVAL = 60.0  # well inside the store's idle timeout (300 s by default)
 
 
 async def open_stream(address: Address) -> trio.abc.Stream:
     if address.kind == "unix":
         return await trio.open_unix_socket(address.path)
     return await trio.open_tcp_stream(address.host, address.port)
+
+
+def check_store_peer(stream: trio.abc.Stream) -> None:
+    """On a unix socket the kernel names the store's uid: only root or our own user
+    may hold our pages (someone else may have bound the path while the store was down)."""
+    uid = peer_uid(stream)
+    if uid is not None and uid not in (0, os.geteuid()):
+        raise StoreAuthError(f"the process listening there runs as uid {uid}, not root or our own user")
 
 
 class HostClient:
@@ -84,6 +100,8 @@ class HostClient:
         device_size: int,
         *,
         role: str = ROLE_PAGER,
+        token: bytes | None = None,
+        keepalive: float = KEEPALIVE_INTERVAL,
         connect_timeout: float = 2.0,
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
@@ -92,6 +110,8 @@ class HostClient:
         self.name = name
         self.device_size = device_size
         self.role = role
+        self.token = token
+        self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
@@ -176,6 +196,11 @@ class HostClient:
                     if await self._serve_link(report_started):
                         backoff = self.backoff_min
                         down_logged = False
+                except StoreAuthError as exc:
+                    self.counters.add(LinkCounter.CONNECT_FAILURES)
+                    self.counters.add(LinkCounter.STORE_AUTH_FAILED)
+                    log.error("not using %s: %s; no page was sent", self.address, exc)
+                    down_logged = True
                 except (StoreUnavailable, StoreError) as exc:
                     self.counters.add(LinkCounter.CONNECT_FAILURES)
                     if not down_logged:
@@ -191,9 +216,15 @@ class HostClient:
     async def _open(self) -> Endpoint:
         with trio.move_on_after(self.connect_timeout):
             try:
-                return Endpoint(await open_stream(self.address), p.Connection("client"))
+                stream = await open_stream(self.address)
             except OSError as exc:
                 raise StoreUnavailable(f"cannot connect to {self.address}: {exc.strerror or exc}") from None
+            try:
+                check_store_peer(stream)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            return Endpoint(stream, p.Connection("client"))
         raise StoreUnavailable(f"cannot connect to {self.address} in {self.connect_timeout}s")
 
     async def _serve_link(self, on_connected: Callable[[], None]) -> bool:
@@ -217,6 +248,7 @@ class HostClient:
                     self._connected.set()
                     on_connected()
                     self._tell_untold_soon()
+                    nursery.start_soon(self._keep_alive, endpoint)
                     await endpoint.closed.wait()
                     self._disconnected(endpoint)
                     self.counters.add(LinkCounter.DISCONNECTS)
@@ -227,6 +259,18 @@ class HostClient:
         if failure is not None:
             raise failure
         return served
+
+    async def _keep_alive(self, endpoint: Endpoint) -> None:
+        """A small request now and then, so that the store's idle timeout never
+        closes a connection that is only quiet (no swapping for a while)."""
+        while not endpoint.closed.is_set():
+            await trio.sleep(self.keepalive)
+            with trio.move_on_after(self.connect_timeout):
+                try:
+                    await endpoint.request(Stats())
+                    self.counters.add(LinkCounter.KEEPALIVES)
+                except (PeerGone, RemoteError):
+                    pass
 
     def _disconnected(self, endpoint: Endpoint) -> None:
         if self._endpoint is endpoint:
@@ -240,12 +284,17 @@ class HostClient:
         welcome = endpoint.conn.welcome
         if welcome is None:
             raise StoreUnavailable(f"no welcome from {self.address} in {self.connect_timeout}s")
+        if welcome.auth_required and self.token is None:
+            raise StoreError(f"the store at {self.address} needs a token (--token-file)")
         nonce = auth.nonce()
         proof = None
         if self.secret is not None and welcome.instance == self.store_instance:
             proof = auth.reconnect_proof(self.secret, self.name, welcome.nonce, nonce)
+        token_proof = None
+        if self.token is not None:
+            token_proof = auth.token_proof(self.token, "client", self.name, welcome.nonce, nonce)
         hello = Hello(p.PROTOCOL_VERSION, self.name, self.role, self.device_size if self.role == ROLE_PAGER else 0,
-                      self.instance, nonce, proof)
+                      self.instance, nonce, proof, token_proof)
         answer: HelloAnswer | None = None
         with trio.move_on_after(self.connect_timeout):
             try:
@@ -257,6 +306,15 @@ class HostClient:
                 raise StoreError(f"hello refused: {exc}") from None
         if answer is None:
             raise StoreUnavailable(f"no hello answer from {self.address} in {self.connect_timeout}s")
+        if self.token is not None:
+            # Nothing is sent, and nothing it says is believed, until the store has
+            # proven it holds the token too.
+            expected = auth.token_proof(self.token, "server", self.name, welcome.nonce, nonce)
+            if not auth.check(expected, answer.auth):
+                endpoint.close()
+                raise StoreAuthError("it did not prove it holds our token" if answer.auth is None
+                                     else "it proved a different token")
+            answer = replace(answer, secret=auth.wrap_secret(self.token, answer.secret, welcome.nonce, nonce))
         self._welcomed(welcome, answer)
 
     def _welcomed(self, welcome: Welcome, answer: HelloAnswer) -> None:
@@ -370,9 +428,9 @@ class HostClient:
         return await self.call(Stats())
 
 
-async def query(address: Address, message: Request, timeout: float = 5.0) -> Any:
+async def query(address: Address, message: Request, timeout: float = 5.0, token: bytes | None = None) -> Any:
     """One request on a fresh observer connection (for tools: ``vswapctl stats``)."""
-    client = HostClient(address, "vswapctl", 0, role=ROLE_OBSERVER, connect_timeout=timeout)
+    client = HostClient(address, "vswapctl", 0, role=ROLE_OBSERVER, token=token, connect_timeout=timeout)
     endpoint = await client._open()
     answer: Any = None
     failure: Exception | None = None

@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from hoststore.address import Address, parse_address
+from hoststore.auth import TokenError, load_token
 from hoststore.cliutil import argtype
 from hoststore.hardening import harden
 from hoststore.logsetup import setup_logging
@@ -62,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "an existing file's size is used")
     ap.add_argument("--host", type=argtype(parse_address), required=True, metavar="ADDR",
                     help="host store address: unix:PATH or tcp:HOST:PORT")
-    ap.add_argument("--name", help="client name at the store (default: HOSTNAME:MOUNTPOINT)")
+    ap.add_argument("--name", help="client name at the store (default: HOSTNAME/MACHINE-ID:MOUNTPOINT, unique "
+                                   "per device)")
+    ap.add_argument("--token-file", metavar="PATH",
+                    help="the store's shared token (a file of mode 0600): this end proves it holds it, and "
+                         "sends no page to a store that cannot prove the same")
     ap.add_argument("--write-timeout", type=argtype(_seconds), default=1.0, metavar="SECONDS",
                     help="a batch the store has not answered by then goes to the backing file (default 1)")
     ap.add_argument("--read-timeout", type=argtype(_seconds), default=30.0, metavar="SECONDS",
@@ -159,14 +164,30 @@ def combined_stats(pager: Pager, client: HostClient, ops: Operations) -> dict[st
     return stats
 
 
+def machine_id(paths: tuple[str, ...] = ("/etc/machine-id", "/var/lib/dbus/machine-id")) -> str:
+    """This machine's id (systemd's, unique per installation), or "" where there is none."""
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text:
+            return text[:32]
+    return ""
+
+
 def default_name(mountpoint: str) -> str:
-    """HOSTNAME:MOUNTPOINT, shortened with a hash where that would be too long a name."""
-    name = f"{socket.gethostname()}:{os.path.realpath(mountpoint)}"
+    """HOSTNAME/MACHINE-ID:MOUNTPOINT: cloned VMs share a hostname, and often a
+    mountpoint, but not a machine id.  Shortened with a hash where too long."""
+    host, mid = socket.gethostname(), machine_id()
+    who = f"{host}/{mid[:12]}" if mid else host
+    name = f"{who}:{os.path.realpath(mountpoint)}"
     try:
         return check_client_name(name)
     except MessageError:
         digest = hashlib.sha256(name.encode(errors="surrogateescape")).hexdigest()[:24]
-        return f"{socket.gethostname()[:64]}:{digest}"
+        return f"{who[:64]}:{digest}"
 
 
 def check_mountpoint(path: str) -> str | None:
@@ -213,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"vswapfs: error: --control {args.control}: {exc.strerror or exc}", file=sys.stderr)
             return 1
+    token = None
+    if args.token_file:
+        try:
+            token = load_token(args.token_file)
+        except TokenError as exc:
+            print(f"vswapfs: error: {exc}", file=sys.stderr)
+            return 1
     try:
         backing = Backing.open(args.backing, args.size, args.mountpoint, frozenset(args.allow_backing_fs))
     except BackingError as exc:
@@ -220,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     name = args.name or default_name(args.mountpoint)
     address: Address = args.host
-    client = HostClient(address, name, backing.size)
+    client = HostClient(address, name, backing.size, token=token)
     pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout,
                   writethrough=args.writethrough)
     ops = Operations(pager)

@@ -42,6 +42,10 @@ HandBackHandler = Callable[[HandBack], Awaitable[bytes]]
 PagesLostHandler = Callable[[], None]
 
 
+class StoreAuthError(StoreError):
+    """The peer at the store's address could not prove it is the store: nothing is sent to it."""
+
+
 class PageStore(Protocol):
     @property
     def connected(self) -> bool: ...

@@ -1,0 +1,119 @@
+"""Who may use the store, and how each side proves it is who it says.
+
+* Unix socket: the kernel tells us the peer's uid (SO_PEERCRED).  Root and the
+  store's own user may always connect, others only when ``--allow-uid`` names
+  them; admin requests (``drain``, every client's stats) are for root and the
+  store's own user alone.
+* TCP: nobody is known by address.  With ``--token-file`` both sides prove at
+  hello that they hold the shared token (HMAC over both connection nonces, see
+  ``hoststore.auth``), so vswapfs also knows it reached the real store.  A TCP
+  listener on anything but loopback is refused at start without a token.
+
+The token proves who is at each end; it does not hide the pages on the wire.
+Across a network nobody should be able to watch, use a tunnel (ssh, WireGuard)
+as well.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass, field
+
+import trio
+
+from .address import Address
+
+
+@dataclass(frozen=True)
+class Access:
+    token: bytes | None = None
+    allowed_uids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def own_uids(self) -> frozenset[int]:
+        return frozenset((0, os.geteuid()))
+
+    def uid_allowed(self, uid: int) -> bool:
+        return uid in self.own_uids or uid in self.allowed_uids
+
+    def is_admin(self, uid: int | None) -> bool:
+        return uid is not None and uid in self.own_uids
+
+
+def peer_uid(stream: trio.abc.Stream) -> int | None:
+    """The uid of a unix-socket peer (SO_PEERCRED), None for TCP."""
+    sock = getattr(stream, "socket", None)
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def peer_key(stream: trio.abc.Stream) -> str:
+    """Whom a connection counts against for the per-peer limit: a uid or an address."""
+    uid = peer_uid(stream)
+    if uid is not None:
+        return f"uid {uid}"
+    sock = getattr(stream, "socket", None)
+    try:
+        return f"address {sock.getpeername()[0]}" if sock is not None else "unknown peer"
+    except OSError:
+        return "unknown peer"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address ("" is every interface: no)."""
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+class AccessError(Exception):
+    """A listener the store refuses to open as configured; the message says why."""
+
+
+def check_listener(address: Address, access: Access) -> None:
+    """Refuse, before anything is bound, a listener that would let strangers in."""
+    if address.kind == "tcp":
+        if access.token is None and not is_loopback(address.host):
+            raise AccessError(
+                f"{address} is not a loopback address and no --token-file is given: anyone who can reach it "
+                f"could read and write every client's pages.  Give a --token-file (and the same to vswapfs), "
+                f"or listen on 127.0.0.1"
+            )
+        return
+    check_socket_dir(os.path.dirname(os.path.abspath(address.path)), bool(access.allowed_uids))
+
+
+def check_socket_dir(directory: str, others_enter: bool) -> None:
+    """The socket's directory must belong to root or us and be writable by nobody
+    else (nobody can put another socket in its place); without ``--allow-uid``
+    nobody else may even enter it."""
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise AccessError(f"socket directory {directory}: {exc.strerror}") from None
+    if st.st_uid not in (0, os.geteuid()):
+        raise AccessError(f"socket directory {directory} belongs to uid {st.st_uid}, not to root or to us")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise AccessError(f"socket directory {directory} is writable by others (mode {mode:04o}): another "
+                          f"process could put its own socket there.  Use a directory of mode 0700 "
+                          f"(0711 with --allow-uid)")
+    if mode & 0o055 and not others_enter:
+        raise AccessError(f"socket directory {directory} can be entered or listed by others (mode {mode:04o}): "
+                          f"use a directory of mode 0700, or name the users who may connect with --allow-uid")
+
+
+def socket_mode(access: Access) -> int:
+    """Mode of the socket file: others need write permission to connect, and get it
+    only when ``--allow-uid`` lets some in (the uid check then decides)."""
+    return 0o666 if access.allowed_uids else 0o600
