@@ -17,6 +17,11 @@ import trio
 from . import protocol as p
 
 RECEIVE_SIZE = 1 << 18
+# Answers to one read's requests leave together, but never more than this
+# waits in memory: a read full of small requests for large answers (gets)
+# is answered as it goes, so the peer's reading pace bounds what we hold.
+SEND_BATCH_BYTES = 1 << 20
+SEND_SLICE = 1 << 18  # larger writes go out in slices, each a checkpoint
 
 
 class PeerGone(Exception):
@@ -73,7 +78,12 @@ class Endpoint:
             if self.closed.is_set():
                 raise PeerGone("connection closed")
             try:
-                await self.stream.send_all(data)
+                if len(data) <= SEND_SLICE:
+                    await self.stream.send_all(data)
+                else:  # one large answer must not hold the loop: other connections go in between
+                    with memoryview(data) as view:
+                        for at in range(0, len(view), SEND_SLICE):
+                            await self.stream.send_all(view[at : at + SEND_SLICE])
             except trio.Cancelled:
                 # A send cut short leaves part of a frame on the wire: nothing
                 # after it could be understood, so the connection is done.
@@ -83,12 +93,20 @@ class Endpoint:
                 self.close()
                 raise PeerGone(f"send failed: {exc}") from None
 
-    async def receive_loop(self, handle: Handler, on_event: Callable[[p.Event], None] | None = None) -> None:
+    async def receive_loop(self, handle: Handler, on_event: Callable[[p.Event], None] | None = None,
+                           on_progress: Callable[[], None] | None = None,
+                           on_wait: Callable[[], None] | None = None) -> None:
         """Read until the peer hangs up.  Requests go to ``handle``; what it returns
-        is sent once the read's events are all handled.  Raises ProtocolError for a
-        peer that broke the protocol; returns on EOF or a broken transport."""
+        is sent once the read's events are all handled (or sooner, past
+        SEND_BATCH_BYTES).  ``on_progress`` is called for every complete message,
+        ``on_wait`` whenever the loop is about to wait for the peer (to read or to
+        take what we send).
+        Raises ProtocolError for a peer that broke the protocol; returns on EOF or
+        a broken transport."""
         try:
             while not self.conn.closed:
+                if on_wait is not None:
+                    on_wait()
                 try:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -97,22 +115,42 @@ class Endpoint:
                     return
                 self.conn.receive_data(data)
                 out: list[bytes] = []
+                out_bytes = 0
                 while not self.conn.closed and (event := self.conn.next_event()) is not None:
+                    if on_progress is not None:
+                        on_progress()
                     if isinstance(event, p.Response):
                         self._deliver(event)
                     elif isinstance(event, p.RequestReceived | p.BadRequest):
                         answer = await handle(event)
                         if answer:
                             out.append(answer)
+                            out_bytes += len(answer)
+                            if out_bytes >= SEND_BATCH_BYTES:
+                                if on_wait is not None:
+                                    on_wait()
+                                if not await self._flush(out):
+                                    return
+                                out_bytes = 0
                     elif on_event is not None:
                         on_event(event)
                 if out:
-                    try:
-                        await self.send(b"".join(out))
-                    except PeerGone:
+                    if on_wait is not None:
+                        on_wait()
+                    if not await self._flush(out):
                         return
         finally:
             self.close()
+
+    async def _flush(self, out: list[bytes]) -> bool:
+        """Send and empty ``out``; False if the peer is gone."""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        try:
+            await self.send(data)
+        except PeerGone:
+            return False
+        return True
 
     def _deliver(self, response: p.Response) -> None:
         waiter = self._waiters.get(response.msgid)
