@@ -10,9 +10,13 @@ import sys
 
 import trio
 
+from types import MappingProxyType
+
+from .access import Access, AccessError, check_listener
 from .address import Address, parse_address
+from .auth import TokenError, load_token
 from .cliutil import argtype
-from .hardening import harden
+from .hardening import harden, return_large_buffers
 from .logsetup import setup_logging
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
 from .messages import PAGE_SIZE
@@ -33,9 +37,17 @@ backing file, so refusing is always safe.
 EPILOG = """\
 examples:
   hoststore --listen unix:/run/vswapfs/host.sock --capacity 2G
-  hoststore --listen unix:/run/h.sock --listen tcp:127.0.0.1:7070 --capacity 512M --quota 256M
+  hoststore --listen unix:/run/vswapfs/host.sock --listen tcp:127.0.0.1:7070 --capacity 512M \\
+            --quota 256M --quota vm1=1G --weight vm1=2
+  hoststore --listen tcp:0.0.0.0:7070 --token-file /etc/vswapfs/token --capacity 8G
 
-The TCP listener has no authentication: bind it to loopback or a trusted network.
+Who may connect: on a unix socket, root and this daemon's user (and the uids
+named by --allow-uid), checked by the kernel's peer credentials; the socket's
+directory must be writable by nobody else (it is made 0700 if missing).  On
+TCP, with --token-file, both ends prove at hello that they hold the token, so
+a client also knows it reached the real store; without a token only loopback
+addresses are accepted.  The token does not encrypt: across a network others
+can watch, tunnel the connection (ssh, WireGuard).
 """
 
 
@@ -47,6 +59,33 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise ValueError(f"{text} is not positive")
     return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{text} is not at least 1")
+    return value
+
+
+def _quota(text: str) -> tuple[str | None, int]:
+    name, sep, size = text.rpartition("=")
+    if sep and not name:
+        raise ValueError(f"quota {text!r} has an empty client name")
+    value = parse_size(size)
+    if value % PAGE_SIZE:
+        raise ValueError(f"quota {text!r} is not a multiple of {PAGE_SIZE}")
+    return (name if sep else None), value
+
+
+def _weight(text: str) -> tuple[str, float]:
+    name, sep, weight = text.rpartition("=")
+    if not sep or not name:
+        raise ValueError(f"weight {text!r} is not NAME=W")
+    return name, _positive(weight)
 
 
 def _percent(text: str) -> float:
@@ -70,8 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unix:PATH or tcp:HOST:PORT; repeat to listen on several")
     ap.add_argument("--capacity", type=argtype(parse_size), default=parse_size("1G"), metavar="SIZE",
                     help="most page data held for all clients together (K/M/G suffixes; default 1G)")
-    ap.add_argument("--quota", type=argtype(parse_size), default=None, metavar="SIZE",
-                    help="most page data held for any one client (default: no quota)")
+    ap.add_argument("--quota", type=argtype(_quota), action="append", default=[], metavar="[NAME=]SIZE",
+                    help="most page data held for client NAME, or without NAME for any client that has no "
+                         "quota of its own (default: no quota); repeat for several clients")
+    ap.add_argument("--weight", type=argtype(_weight), action="append", default=[], metavar="NAME=W",
+                    help="client NAME's weight (default 1): once the store is 90%% full, a client holding its "
+                         "weighted share of the capacity gets no more pages, and under pressure clients above "
+                         "their share hand pages back first")
+    ap.add_argument("--token-file", metavar="PATH",
+                    help="a shared secret (at least 16 bytes, mode 0600) that clients must prove they hold, "
+                         "and that this store proves back; needed to listen on a non-loopback TCP address")
+    ap.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                    help="let this uid connect to the unix socket too (root and our own user always may); "
+                         "repeat for several")
+    ap.add_argument("--max-connections", type=argtype(_count), default=256, metavar="N",
+                    help="close new connections beyond N at once (default 256)")
+    ap.add_argument("--max-connections-per-peer", type=argtype(_count), default=64, metavar="N",
+                    help="at most N connections per uid (unix socket) or address (TCP) (default 64)")
+    ap.add_argument("--connection-rate", type=argtype(_positive), default=50.0, metavar="N",
+                    help="new connections per second per uid or address, in bursts of up to 2N; more are "
+                         "closed at once (default 50)")
+    ap.add_argument("--hello-timeout", type=argtype(_positive), default=10.0, metavar="SECONDS",
+                    help="close a connection that has not said hello within this long (default 10)")
+    ap.add_argument("--idle-timeout", type=argtype(_positive), default=300.0, metavar="SECONDS",
+                    help="close a connection silent for this long (default 300; vswapfs keeps its own alive)")
     ap.add_argument("--high-watermark", type=argtype(_percent), default=90.0, metavar="PCT",
                     help="refuse pages once used memory reaches PCT%% of RAM (default 90)")
     ap.add_argument("--low-watermark", type=argtype(_percent), default=80.0, metavar="PCT",
@@ -102,24 +163,57 @@ def limits_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> L
         ap.error(f"--low-watermark {args.low_watermark} is above --high-watermark {args.high_watermark}")
     if args.capacity % PAGE_SIZE:
         ap.error(f"--capacity {args.capacity} is not a multiple of {PAGE_SIZE}")
-    if args.quota is not None and args.quota % PAGE_SIZE:
-        ap.error(f"--quota {args.quota} is not a multiple of {PAGE_SIZE}")
     if args.pressure_interval < 0:
         ap.error("--pressure-interval must not be negative")
+    defaults = [size for name, size in args.quota if name is None]
+    if len(defaults) > 1:
+        ap.error("--quota SIZE (the default quota) is given more than once")
     return Limits(
         high_percent=args.high_watermark,
         low_percent=args.low_watermark,
         capacity_pages=args.capacity // PAGE_SIZE,
-        quota_pages=None if args.quota is None else args.quota // PAGE_SIZE,
+        quota_pages=defaults[0] // PAGE_SIZE if defaults else None,
         max_device_size=args.max_device_size,
+        quotas=MappingProxyType({name: size // PAGE_SIZE for name, size in args.quota if name is not None}),
+        weights=MappingProxyType(dict(args.weight)),
     )
+
+
+def access_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Access:
+    """Who may connect; refuses, before anything is bound, a listener open to strangers."""
+    token = None
+    if args.token_file:
+        try:
+            token = load_token(args.token_file)
+        except TokenError as exc:
+            ap.error(str(exc))
+    if any(uid < 0 for uid in args.allow_uid):
+        ap.error("--allow-uid takes a uid (a number of 0 or more)")
+    access = Access(token, frozenset(args.allow_uid))
+    for address in args.listen:
+        if address.kind == "unix":
+            make_socket_dir(os.path.dirname(os.path.abspath(address.path)), access)
+        try:
+            check_listener(address, access)
+        except AccessError as exc:
+            ap.error(str(exc))
+    return access
+
+
+def make_socket_dir(directory: str, access: Access) -> None:
+    """Create a missing socket directory, private (0700, or 0711 when others may connect)."""
+    if not os.path.exists(directory):
+        try:
+            os.makedirs(directory, mode=0o711 if access.allowed_uids else 0o700)
+        except OSError:
+            pass  # check_listener names the problem
 
 
 async def run(addresses: list[Address], server: Server) -> None:
     """Serve until a drain finishes.  The first SIGTERM/SIGINT starts the drain;
     a second one exits at once, saying which pages it drops."""
     try:
-        listeners = [await open_listener(a) for a in addresses]
+        listeners = [await open_listener(a, server.access) for a in addresses]
     except OSError as exc:
         raise SystemExit(f"hoststore: error: cannot listen: {exc.strerror or exc}") from None
     # Our socket files, by inode: at exit, remove them only if no newer daemon took the path.
@@ -162,14 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     limits = limits_from_args(ap, args)
+    access = access_from_args(ap, args)
     setup_logging(args.verbose, "hoststore")
+    return_large_buffers()  # a burst of hostile large requests must not leave the daemon larger
     harden(log)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
     store = Store(limits, Sampler(args.pressure_interval, source=args.pressure_source),
                   away_timeout=args.away_timeout)
     server = Server(store, ServerConfig(
         handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
-    ))
+        max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,
+        hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout, connection_rate=args.connection_rate,
+    ), access)
     try:
         trio.run(run, args.listen, server)
     finally:

@@ -29,6 +29,9 @@ SECRET_SIZE = 32
 # The kernel sends FUSE writes of at most 1 MiB (256 pages); 1024 pages per
 # message leaves room without letting a peer make anyone buffer without bound.
 MAX_BATCH_PAGES = 1024
+# A get answer carries its pages' data: at most 1 MiB, so that a small request
+# cannot make the store build (and buffer) a large answer.
+MAX_GET_PAGES = 256
 MAX_DEVICE_PAGES = 1 << 36  # 256 TiB: a protocol bound; a store caps lower (--max-device-size)
 MAX_SEQ = (1 << 63) - 1
 MAX_NAME_LEN = 256
@@ -53,6 +56,7 @@ class PageStatus(enum.IntEnum):
     MISSING = 5  # get: the store does not hold this page
     REFUSED_NOMEM = 6  # the store could not allocate memory for it
     REFUSED_DRAINING = 7  # the store is shutting down and hands pages back
+    REFUSED_SHARE = 8  # the store is nearly full and this client holds its weighted share
 
 
 REFUSALS = frozenset(s for s in PageStatus if s not in (PageStatus.STORED, PageStatus.MISSING))
@@ -179,8 +183,9 @@ def _batch(n: int, name: str) -> None:
         raise MessageError(f"{name} of {n} pages is outside 1..{MAX_BATCH_PAGES}")
 
 
-def _page_list(pages: array, name: str) -> None:
-    _batch(len(pages), name)
+def _page_list(pages: array, name: str, cap: int = MAX_BATCH_PAGES) -> None:
+    if not 1 <= len(pages) <= cap:
+        raise MessageError(f"{name} of {len(pages)} pages is outside 1..{cap}")
     if max(pages) >= MAX_DEVICE_PAGES:
         raise MessageError(f"{name} has a page number past the protocol's limit")
 
@@ -368,7 +373,7 @@ class Get:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pages", u64s(self.pages, "pages"))
-        _page_list(self.pages, "get")
+        _page_list(self.pages, "get", MAX_GET_PAGES)
 
     def to_wire(self) -> list[Any]:
         return [u64s_to_wire(self.pages)]

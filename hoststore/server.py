@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 import stat
-import struct
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,9 +28,12 @@ import trio
 
 from . import auth
 from . import protocol as p
+from .access import Access, peer_key, peer_uid, socket_mode
 from .address import Address
 from .clientpages import ClientPages
 from .endpoint import Endpoint, PeerGone, RemoteError
+from .fairshare import FairShare
+from .logsetup import RateLimited
 from .messages import (
     Drain,
     Get,
@@ -45,14 +49,18 @@ from .messages import (
 from .store import HostCounter, RequestError, Store
 
 log = logging.getLogger("hoststore")
+# Lines a peer can cause by connecting, one per connection: rate-limited.
+peer_log = RateLimited(log)
 
 SERVER_NAME = "hoststore"
-INVALIDATE_SLICE = 1 << 16  # pages dropped between two yields to other connections
+INVALIDATE_SLICE = 1 << 14
+ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))  # pages dropped between two yields to other connections
 
 
-async def open_listener(address: Address) -> trio.SocketListener:
+async def open_listener(address: Address, access: Access | None = None) -> trio.SocketListener:
     """Bind one listener.  A unix socket file left by a dead daemon is replaced;
     one a live daemon answers on is an error."""
+    access = access or Access()
     if address.kind == "tcp":
         listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
         return listeners[0]
@@ -75,6 +83,7 @@ async def open_listener(address: Address) -> trio.SocketListener:
         await sock.bind(path)
     finally:
         os.umask(old_umask)
+    os.chmod(path, socket_mode(access))  # others may connect only if --allow-uid lets some in
     sock.listen(128)
     return trio.SocketListener(sock)
 
@@ -87,15 +96,6 @@ def listener_address(listener: trio.SocketListener) -> Address:
     return Address("tcp", host=name[0], port=name[1])
 
 
-def peer_uid(stream: trio.abc.Stream) -> int | None:
-    """The uid of a unix-socket peer (SO_PEERCRED), None for TCP."""
-    sock = getattr(stream, "socket", None)
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     handback_batch: int = 256  # pages per hand-back request
@@ -105,6 +105,25 @@ class ServerConfig:
     drain_timeout: float = 60.0  # how long a drain waits for clients that are not connected
     drain_window: int = 4  # hand-back requests in flight per client while draining
     handback_rest: float = 5.0  # a client that took nothing back is left alone this long under pressure
+    max_connections: int = 256  # beyond this, new connections are closed at once
+    max_connections_per_peer: int = 64  # per uid (unix socket) or address (TCP)
+    hello_timeout: float = 10.0  # from connect to an answered hello
+    idle_timeout: float = 300.0  # no complete message for this long: closed (clients keep alive)
+    connection_rate: float = 50.0  # new connections per second per peer (burst: twice that)
+
+
+# What serving any one request costs, in pages' worth of the store's time
+# (parsing, dispatch, framing: about what copying 16 pages costs).
+REQUEST_COST = 16
+
+
+def request_cost(msg: Any) -> int:
+    """A request's charge to its connection's fair share (see FairShare)."""
+    if isinstance(msg, Put):
+        return REQUEST_COST + msg.n
+    if isinstance(msg, Get):
+        return REQUEST_COST + len(msg.pages)
+    return REQUEST_COST
 
 
 class _Superseded(Exception):
@@ -117,39 +136,70 @@ class Session:
     def __init__(self, server: "Server", stream: trio.abc.Stream) -> None:
         self.server = server
         self.store = server.store
+        self.access = server.access
         self.endpoint = Endpoint(stream, p.Connection("server"))
         self.nonce = auth.nonce()
-        uid = peer_uid(stream)
-        self.admin = uid is not None and uid in (0, os.geteuid())
+        self.uid = peer_uid(stream)
+        self.admin = self.access.is_admin(self.uid)
         self.client: ClientPages | None = None
         self.superseded = False
+        self.hello_done = False
         self._scope: trio.CancelScope | None = None
+        self._deadline: trio.CancelScope | None = None
 
     async def run(self) -> None:
-        store = self.store
+        store, cfg = self.store, self.server.config
         store.counters.add(HostCounter.CONNECTIONS)
         store.connections_active += 1
         try:
             with trio.CancelScope() as self._scope:
                 if self.superseded:
                     return
-                welcome = Welcome(p.PROTOCOL_VERSION, SERVER_NAME, store.instance, self.nonce)
-                await self.endpoint.send(self.endpoint.conn.send_welcome(welcome))
-                await self.endpoint.receive_loop(self._handle)
+                welcome = Welcome(p.PROTOCOL_VERSION, SERVER_NAME, store.instance, self.nonce,
+                                  auth_required=self.access.token is not None)
+                with trio.CancelScope(deadline=trio.current_time() + cfg.hello_timeout) as self._deadline:
+                    await self.endpoint.send(self.endpoint.conn.send_welcome(welcome))
+                    await self.endpoint.receive_loop(self._handle, on_progress=self._progress,
+                                                     on_wait=self._waiting)
+                if self._deadline.cancelled_caught:
+                    established = self.hello_done
+                    store.counters.add(HostCounter.CLOSED_IDLE if established else HostCounter.CLOSED_HELLO_TIMEOUT)
+                    peer_log("timeout", logging.INFO, "closing a connection%s: %s", self._who(),
+                             f"nothing received for {cfg.idle_timeout:g}s" if established
+                             else f"no hello in {cfg.hello_timeout:g}s")
+        except p.FrameTooLarge as exc:
+            store.counters.add(HostCounter.PROTOCOL_ERRORS)
+            store.counters.add(HostCounter.CLOSED_OVERSIZED)
+            peer_log("oversized", logging.WARNING, "closing a connection%s: %s", self._who(), exc)
         except p.ProtocolError as exc:
             store.counters.add(HostCounter.PROTOCOL_ERRORS)
-            log.warning("closing a connection%s: %s", self._who(), exc)
+            peer_log("protocol", logging.WARNING, "closing a connection%s: %s", self._who(), exc)
         except (PeerGone, _Superseded):
             pass
         except Exception:  # noqa: BLE001 - one connection's failure must not reach the listener
             store.counters.add(HostCounter.CONNECTION_ERRORS)
-            log.exception("closing a connection%s after an error", self._who())
+            peer_log("error", logging.ERROR, "closing a connection%s after an error", self._who(), exc_info=True)
         finally:
+            self.server.fair.forget(self)
             if self.client is not None:
                 store.detach(self.client, self)
                 self.server.client_changed()
             store.connections_active -= 1
             await self.endpoint.aclose()
+
+    def _waiting(self) -> None:
+        """Waiting for the peer: this connection must not hold the others' turns."""
+        self.server.fair.idle(self)
+
+    def _progress(self) -> None:
+        """A complete message came: once the hello is done, the idle clock starts over
+        (moved at most once a second, or a quarter of the timeout: a stream of small
+        requests need not pay for it)."""
+        if self._deadline is not None and self.hello_done:
+            idle = self.server.config.idle_timeout
+            deadline = trio.current_time() + idle
+            if deadline - self._deadline.deadline >= min(1.0, idle / 4):
+                self._deadline.deadline = deadline
 
     def _who(self) -> str:
         return f" of client {self.client.name!r}" if self.client is not None else ""
@@ -171,12 +221,23 @@ class Session:
             if not conn.established:  # a bad hello: refused, and the connection closes
                 self.store.counters.add(HostCounter.HELLO_REFUSED)
                 return conn.refuse_hello(event.msgid, event.reason)
+            await self.server.fair.turn(self, REQUEST_COST)
             self.store.counters.add(HostCounter.BAD_REQUESTS)
             return conn.send_error(event.msgid, event.reason)
         msg = event.message
         if isinstance(msg, Hello):
             return self._hello(event.msgid, msg)
+        if not isinstance(msg, Invalidate):  # charged by the slice, as it goes
+            await self.server.fair.turn(self, request_cost(msg))
         try:
+            if self._deadline is not None and isinstance(msg, Drain):
+                self._deadline.deadline = math.inf  # a drain may take longer than the idle timeout
+            if isinstance(msg, Get) and self.client is not None:
+                frame = p.get_answer_frame(event.msgid, len(msg.pages))
+                if frame is not None:  # filled in place: one copy of the pages, not three
+                    self.store.get_into(self.client, msg, frame.statuses, frame.seqs, frame.data)
+                    await trio.lowlevel.checkpoint()
+                    return conn.send_get_answer(frame)
             answer = await self._serve(msg)
         except RequestError as exc:
             self.store.counters.add(HostCounter.BAD_REQUESTS)
@@ -184,14 +245,35 @@ class Session:
         await trio.lowlevel.checkpoint()  # let other connections in between requests
         return conn.send_answer(event.msgid, msg, answer)
 
+    def _refuse(self, msgid: int, hello: Hello, cause: HostCounter | None, reason: str) -> bytes:
+        self.store.counters.add(HostCounter.HELLO_REFUSED)
+        if cause is not None:
+            self.store.counters.add(cause)
+        peer_log("hello refused", logging.INFO, "hello from %r refused: %s", hello.client, reason)
+        return self.endpoint.conn.refuse_hello(msgid, reason)
+
+    def _authenticate(self, hello: Hello) -> tuple[HostCounter, str] | None:
+        """Why this peer may not say hello at all, or None."""
+        if self.uid is not None and not self.access.uid_allowed(self.uid):
+            return HostCounter.REFUSED_UID, f"uid {self.uid} may not use this store (see hoststore --allow-uid)"
+        token = self.access.token
+        if token is not None:
+            expected = auth.token_proof(token, "client", hello.client, self.nonce, hello.nonce)
+            if not auth.check(expected, hello.auth):
+                return HostCounter.REFUSED_AUTH, ("authentication failed: this store needs the token of its "
+                                                  "--token-file" if hello.auth is None else
+                                                  "authentication failed: wrong token")
+        return None
+
     def _hello(self, msgid: int, hello: Hello) -> bytes:
         conn = self.endpoint.conn
+        refusal = self._authenticate(hello)
+        if refusal is not None:
+            return self._refuse(msgid, hello, *refusal)
         try:
             client, answer, superseded = self.store.attach(hello, self.nonce)
         except RequestError as exc:
-            self.store.counters.add(HostCounter.HELLO_REFUSED)
-            log.info("hello from %r refused: %s", hello.client, exc)
-            return conn.refuse_hello(msgid, str(exc))
+            return self._refuse(msgid, hello, None, str(exc))
         if isinstance(superseded, Session):
             log.info("client %r reconnected: closing its old connection", hello.client)
             superseded.supersede()
@@ -200,7 +282,15 @@ class Session:
             self.client = client
             self.server.client_changed()
         log.info("hello from %s %r (%s)", hello.role, hello.client, "resumed" if answer.resumed else "new")
-        return conn.accept_hello(msgid, replace(answer, admin=self.admin))
+        answer = replace(answer, admin=self.admin)
+        token = self.access.token
+        if token is not None:
+            answer = replace(answer, secret=auth.wrap_secret(token, answer.secret, self.nonce, hello.nonce),
+                             auth=auth.token_proof(token, "server", hello.client, self.nonce, hello.nonce))
+        self.hello_done = True
+        if self._deadline is not None:
+            self._deadline.deadline = trio.current_time() + self.server.config.idle_timeout
+        return conn.accept_hello(msgid, answer)
 
     async def _serve(self, msg: Any) -> Any:
         store = self.store
@@ -222,17 +312,22 @@ class Session:
         raise RequestError(f"{msg.method!r} is not served here")
 
     async def _invalidate(self, client: ClientPages, msg: Invalidate) -> int:
-        """A long range is dropped in slices, yielding in between, so that one
-        client's huge invalidate cannot hold the store for everyone else."""
-        dropped = 0
+        """The stored pages of the range are dropped in slices, each charged to this
+        connection's fair share, so that one client's huge invalidate cannot hold
+        the store for everyone else.  The work follows the pages stored in the
+        range, not its length: a 4 TiB range with nothing stored is one step."""
         end = msg.first + msg.count
         if end > client.npages:
             raise RequestError(f"pages {msg.first}..{end - 1} outside the device's {client.npages} pages")
-        for first in range(msg.first, end, INVALIDATE_SLICE):
-            part = Invalidate(first, min(INVALIDATE_SLICE, end - first), msg.seq)
-            dropped += self.store.invalidate(client, part)
-            if end - first > INVALIDATE_SLICE:
+        await self.server.fair.turn(self, REQUEST_COST)
+        pages = self.store.stored_pages(client, msg.first, msg.count)
+        dropped = 0
+        for at in range(0, len(pages), INVALIDATE_SLICE):
+            if at:
+                await self.server.fair.turn(self, INVALIDATE_SLICE)
                 await trio.sleep(0)
+            dropped += self.store.invalidate_pages(client, pages[at : at + INVALIDATE_SLICE], msg.seq)
+        self.store.counters.add(HostCounter.INVALIDATE_REQUESTS)
         return dropped
 
     async def hand_back(self, handback: HandBack, timeout: float) -> bytes:
@@ -244,9 +339,14 @@ class Session:
 class Server:
     """The store behind its listeners, with the hand-back and drain machinery."""
 
-    def __init__(self, store: Store, config: ServerConfig | None = None) -> None:
+    def __init__(self, store: Store, config: ServerConfig | None = None, access: Access | None = None) -> None:
         self.store = store
         self.config = config or ServerConfig()
+        self.access = access or Access()
+        self.fair = FairShare(on_wait=lambda: store.counters.add(HostCounter.FAIR_WAITS))
+        self._per_peer: Counter[str] = Counter()
+        self._open = 0  # connections admitted and not closed yet
+        self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
         self._changed = trio.Event()
         self._drain_started = False
         self._drain_done = trio.Event()
@@ -258,20 +358,90 @@ class Server:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept, and close at once (synchronously, no task) what a limit refuses:
+        a peer opening connections as fast as it can costs us an accept and a close."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_RESOURCE_ERRORS:  # out of descriptors or memory: wait, go on
+                    peer_log("accept", logging.ERROR, "accept failed (%s); pausing 0.1s", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            try:
+                key = self._admit_connection(stream)
+            except Exception:  # noqa: BLE001
+                peer_log("setup error", logging.ERROR, "error admitting a connection", exc_info=True)
+                key = None
+            if key is None:
+                stream.socket.close()
+                continue
+            self._open += 1
+            nursery.start_soon(self._handle_stream, stream, key)
+
+    async def _handle_stream(self, stream: trio.SocketStream, key: str) -> None:
         try:
             await Session(self, stream).run()
-        except Exception:  # noqa: BLE001 - never let a connection reach serve_listeners
-            log.exception("error setting up a connection")
+        except Exception:  # noqa: BLE001 - never let a connection reach the accept loop
+            peer_log("setup error", logging.ERROR, "error setting up a connection", exc_info=True)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
+        finally:
+            self._open -= 1
+            self._per_peer[key] -= 1
+            if not self._per_peer[key]:
+                del self._per_peer[key]
+
+    def _admit_connection(self, stream: trio.abc.Stream) -> str | None:
+        """The peer key this connection counts against, or None if a limit closes it."""
+        cfg, counters = self.config, self.store.counters
+        key = peer_key(stream)
+        if self._open >= cfg.max_connections:
+            counters.add(HostCounter.REFUSED_CONNECTIONS)
+            peer_log("max connections", logging.WARNING,
+                     "closing a connection from %s: %d connections already (--max-connections)", key,
+                     self._open)
+            return None
+        if not self._take_token(key):
+            counters.add(HostCounter.REFUSED_CONNECTION_RATE)
+            peer_log("connection rate", logging.WARNING,
+                     "closing a connection from %s: more than %g new connections a second", key,
+                     cfg.connection_rate)
+            return None
+        if self._per_peer[key] >= cfg.max_connections_per_peer:
+            counters.add(HostCounter.REFUSED_PEER_CONNECTIONS)
+            peer_log("max per peer", logging.WARNING,
+                     "closing a connection from %s: it has %d already (--max-connections-per-peer)", key,
+                     self._per_peer[key])
+            return None
+        self._per_peer[key] += 1
+        return key
+
+    def _take_token(self, key: str) -> bool:
+        """A token bucket per peer: reconnecting is cheap for a client, and a peer
+        opening connections as fast as it can gets no more than its rate of our time."""
+        rate = self.config.connection_rate
+        burst = 2 * rate
+        now = trio.current_time()
+        tokens, when = self._buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - when) * rate)
+        if len(self._buckets) > 4096:  # many peers: forget those whose bucket is full again
+            self._buckets = {k: v for k, v in self._buckets.items() if v[0] + (now - v[1]) * rate < burst}
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1, now)
+        return True
 
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled, or until a drain has finished."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
             nursery.start_soon(self._pressure_loop)
             bound = [listener_address(lst) for lst in listeners]
             log.info("listening on %s; capacity %d pages", ", ".join(map(str, bound)),

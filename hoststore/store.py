@@ -39,7 +39,7 @@ from .messages import (
     TakeStatus,
     ROLE_PAGER,
 )
-from .policy import Limits, admit, under_pressure
+from .policy import ClientTerms, Limits, admit, share, under_pressure
 from .pressure import Sampler
 from .slab import SlabFull
 
@@ -57,6 +57,7 @@ class HostCounter(enum.StrEnum):
     REFUSED_OUTDATED = "refused_outdated"
     REFUSED_NOMEM = "refused_nomem"
     REFUSED_DRAINING = "refused_draining"
+    REFUSED_SHARE = "refused_share"  # the store was nearly full and the client held its weighted share
     STALE_DROPPED = "stale_dropped"  # stored copies dropped because their new version was refused
     READS = "reads"
     MISSES = "misses"
@@ -77,6 +78,16 @@ class HostCounter(enum.StrEnum):
     CONNECTION_ERRORS = "connection_errors"  # connections closed by an unexpected error in serving them
     TAKEOVERS = "takeovers"  # a client's reconnect superseded its old connection
     HANDBACK_ERRORS = "handback_errors"  # unexpected errors while handing back (pages kept)
+    # Limits and access: each refusal by its cause (connections unless the name says pages).
+    REFUSED_AUTH = "refused_auth"  # hellos without the token's proof, or a wrong one
+    REFUSED_UID = "refused_uid"  # hellos from a unix-socket peer whose uid is not allowed
+    REFUSED_CONNECTIONS = "refused_connections"  # closed at once: --max-connections reached
+    REFUSED_PEER_CONNECTIONS = "refused_peer_connections"  # closed at once: --max-connections-per-peer
+    REFUSED_CONNECTION_RATE = "refused_connection_rate"  # closed at once: --connection-rate
+    CLOSED_HELLO_TIMEOUT = "closed_hello_timeout"  # no answered hello within --hello-timeout
+    CLOSED_IDLE = "closed_idle"  # no complete message within --idle-timeout
+    CLOSED_OVERSIZED = "closed_oversized_frame"  # a length prefix above any legal message
+    FAIR_WAITS = "fair_waits"  # requests held back while other connections had their turn
 
 
 REFUSAL_COUNTER = {
@@ -86,6 +97,7 @@ REFUSAL_COUNTER = {
     PageStatus.REFUSED_OUTDATED: HostCounter.REFUSED_OUTDATED,
     PageStatus.REFUSED_NOMEM: HostCounter.REFUSED_NOMEM,
     PageStatus.REFUSED_DRAINING: HostCounter.REFUSED_DRAINING,
+    PageStatus.REFUSED_SHARE: HostCounter.REFUSED_SHARE,
 }
 HANDBACK_COUNTER = {
     HandBackCause.PRESSURE: HostCounter.HANDED_BACK_PRESSURE,
@@ -190,6 +202,7 @@ class Store:
         out = bytearray(n)
         view = memoryview(msg.data)
         index, seq_of, limits = client.index, client.seq_of, self.limits
+        terms = self.terms(client)
         accepted = replaced = 0
         for i in range(n):
             page = first + i
@@ -201,7 +214,7 @@ class Store:
             if self.draining:
                 status = PageStatus.REFUSED_DRAINING
             else:
-                status = admit(limits, self.pressure, self.pages, client.count, slot != NIL)
+                status = admit(limits, self.pressure, self.pages, client.count, slot != NIL, terms)
             data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             if status == PageStatus.STORED:
                 if slot != NIL:
@@ -232,14 +245,21 @@ class Store:
 
     def get(self, client: ClientPages, msg: Get) -> GetAnswer:
         """Status, version and data of each page asked for (zeros where missing)."""
+        n = len(msg.pages)
+        status = bytearray(n)
+        seqs = array("Q", bytes(8 * n))
+        data = bytearray(n * PAGE_SIZE)
+        self.get_into(client, msg, status, memoryview(seqs), memoryview(data))
+        return GetAnswer(bytes(status), seqs, data)
+
+    def get_into(self, client: ClientPages, msg: Get, status: bytearray | memoryview, seqs: memoryview,
+                 data: bytearray | memoryview) -> None:
+        """As :meth:`get`, written into the caller's zeroed buffers (an answer frame)."""
         pages = msg.pages
         n = len(pages)
         if max(pages) >= client.npages:
             raise RequestError(f"get asks for pages outside the device's {client.npages} pages")
         self.counters.add(HostCounter.GET_REQUESTS)
-        status = bytearray(n)
-        seqs = array("Q", bytes(8 * n))
-        data = bytearray(n * PAGE_SIZE)
         stamp = self._next_stamp()
         index, slab, seq_of = client.index, client.slab, client.seq_of
         hits = 0
@@ -255,17 +275,26 @@ class Store:
         self._count(client, HostCounter.READS, hits)
         if hits < n:
             self._count(client, HostCounter.MISSES, n - hits)
-        return GetAnswer(bytes(status), seqs, data)
 
     def invalidate(self, client: ClientPages, msg: Invalidate) -> int:
         """Drop stored pages in the range whose version is not newer than ``msg.seq``."""
         self._check_range(client, msg.first, msg.count)
         self.counters.add(HostCounter.INVALIDATE_REQUESTS)
+        return self.invalidate_pages(client, self.stored_pages(client, msg.first, msg.count), msg.seq)
+
+    def stored_pages(self, client: ClientPages, first: int, count: int) -> list[int]:
+        """The client's stored pages in ``first .. first + count`` (work follows what is stored)."""
+        self._check_range(client, first, count)
+        return [page for page, _ in client.index.stored_in(first, count)]
+
+    def invalidate_pages(self, client: ClientPages, pages: list[int], seq: int) -> int:
+        """Drop those of ``pages`` still stored whose version is not newer than ``seq``.
+        Pages may have left since the list was made (a hand-back, between two slices)."""
         dropped = 0
         seq_of = client.seq_of
-        for page, _ in client.index.stored_in(msg.first, msg.count):
+        for page in pages:
             slot = client.index.get(page)  # slots move as pages leave: look each one up again
-            if seq_of[slot] <= msg.seq:
+            if slot != NIL and seq_of[slot] <= seq:
                 client.remove(slot)
                 dropped += 1
         self.pages -= dropped
@@ -321,15 +350,26 @@ class Store:
         self.pressure = under_pressure(self.sampler.get(), self.limits, self.pressure)
         return self.pressure
 
+    def terms(self, client: ClientPages) -> ClientTerms:
+        """The client's quota, and its weighted share of the capacity among the
+        clients that count now (connected, or holding pages)."""
+        limits = self.limits
+        total = sum(limits.weight_of(c.name) for c in self.clients.values() if c.connected or c.count)
+        if not (client.connected or client.count):
+            total += limits.weight_of(client.name)
+        return ClientTerms(limits.quota_of(client.name),
+                           share(limits.capacity_pages, limits.weight_of(client.name), total))
+
     def handback_order(self) -> Iterator[ClientPages]:
         """Connected clients holding pages, in the order pressure should take from them:
-        clients above their quota first, then the one whose oldest page is oldest."""
-        quota = self.limits.quota_pages
+        clients above their quota first, then by how far they are above their weighted
+        share, then the one whose oldest page is oldest."""
         candidates = [c for c in self.clients.values() if c.connected and c.count > c.lent_count]
 
-        def key(c: ClientPages) -> tuple[int, int]:
-            over = quota is not None and c.count > quota
-            return (0 if over else 1, c.oldest_stamp or 0)
+        def key(c: ClientPages) -> tuple[int, int, int]:
+            terms = self.terms(c)
+            over_quota = terms.quota_pages is not None and c.count > terms.quota_pages
+            return (0 if over_quota else 1, -max(0, c.count - terms.share_pages), c.oldest_stamp or 0)
 
         return iter(sorted(candidates, key=key))
 
@@ -340,8 +380,12 @@ class Store:
         return {c.name: c.count for c in self.clients.values() if c.count}
 
     def client_stats(self, client: ClientPages) -> dict[str, object]:
+        terms = self.terms(client)
         stats: dict[str, object] = {
             "pages": client.count,
+            "quota_pages": terms.quota_pages,
+            "weight": self.limits.weight_of(client.name),
+            "share_pages": terms.share_pages,
             "device_pages": client.npages,
             "connected": client.connected,
             "lent": client.lent_count,

@@ -35,7 +35,7 @@ from typing import Any
 import trio
 
 from hoststore.counters import Counters
-from hoststore.messages import MAX_BATCH_PAGES, PAGE_SIZE, HandBack, PageStatus, TakeStatus
+from hoststore.messages import MAX_BATCH_PAGES, MAX_GET_PAGES, PAGE_SIZE, HandBack, PageStatus, TakeStatus
 
 from .backing import Backing
 from .integrity import checksum, checksums
@@ -114,6 +114,7 @@ class PagerCounter(enum.StrEnum):
     REFUSED_OUTDATED = "refused_outdated"
     REFUSED_NOMEM = "refused_nomem"
     REFUSED_DRAINING = "refused_draining"
+    REFUSED_SHARE = "refused_share"
     STALE_DROPPED = "stale_dropped"  # pages whose store copy was superseded by a backing write
     ORPHAN_INVALIDATIONS = "orphan_invalidations"  # timed-out batches the store was asked to drop
     DISCARD_REQUESTS = "discard_requests"
@@ -140,6 +141,7 @@ REFUSAL_COUNTER = {
     PageStatus.REFUSED_OUTDATED: PagerCounter.REFUSED_OUTDATED,
     PageStatus.REFUSED_NOMEM: PagerCounter.REFUSED_NOMEM,
     PageStatus.REFUSED_DRAINING: PagerCounter.REFUSED_DRAINING,
+    PageStatus.REFUSED_SHARE: PagerCounter.REFUSED_SHARE,
 }
 
 
@@ -411,8 +413,8 @@ class Pager:
             else:
                 c.add(PagerCounter.ZERO_READS, count)
         failed = 0
-        for at in range(0, len(from_store), MAX_BATCH_PAGES):
-            batch = from_store[at : at + MAX_BATCH_PAGES]
+        for at in range(0, len(from_store), MAX_GET_PAGES):
+            batch = from_store[at : at + MAX_GET_PAGES]
             bad, fallback = await self._read_from_store(batch, view, first)
             failed += bad
             from_backing.extend((page, 1) for page in fallback)
