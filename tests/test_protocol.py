@@ -270,3 +270,31 @@ def test_a_full_batch_fits_behind_a_partial_message() -> None:
     events = feed_all(server, first[:-10])
     events += feed_all(server, first[-10:] + second)
     assert [e.message.seq for e in events] == [1, 2]
+
+
+def test_a_get_answer_built_in_place_decodes_as_the_packed_one() -> None:
+    """The server fills get answers in their frame; the client must read them exactly
+    as it reads the generically packed ones."""
+    from hoststore.messages import GetAnswer
+
+    for n in (1, 7, 255, 256):
+        client, server = handshake()
+        msgid, data = client.send_request(Get(array("Q", range(n))))
+        server.receive_data(data)
+        event = server.next_event()
+        frame = p.get_answer_frame(event.msgid, n)
+        assert frame is not None
+        statuses = bytes(i % 2 * PageStatus.MISSING for i in range(n))
+        seqs = array("Q", [0 if i % 2 else i + 5 for i in range(n)])
+        pages = b"".join((bytes(PAGE_SIZE) if i % 2 else i.to_bytes(2, "little") * (PAGE_SIZE // 2)) for i in range(n))
+        frame.statuses[:] = statuses
+        frame.seqs[:] = seqs
+        frame.data[:] = pages
+        packed = server.send_answer(event.msgid, event.message, GetAnswer(statuses, seqs, pages))
+        for wire in (bytes(server.send_get_answer(frame)), packed):
+            client2, _ = handshake()
+            mid, _ = client2.send_request(Get(array("Q", range(n))))
+            assert mid == msgid
+            client2.receive_data(wire)
+            answer = client2.next_event().answer
+            assert (answer.statuses, list(answer.seqs), bytes(answer.data)) == (statuses, list(seqs), pages)

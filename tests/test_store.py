@@ -245,8 +245,9 @@ def test_slab_gives_memory_back_as_pages_leave() -> None:
     for p in range(0, 1024, 2):
         store.invalidate(c, Invalidate(p, 1, 1))
     c.check()
-    ans = get(store, c, *range(1, 1024, 2))
-    assert ans.data == b"".join(page(p) for p in range(1, 1024, 2))
+    odd = range(1, 1024, 2)
+    data = b"".join(get(store, c, *odd[i : i + 256]).data for i in range(0, len(odd), 256))
+    assert data == b"".join(page(p) for p in odd)
     assert c.slab.mapped_bytes <= (512 + 2 * 64) * PAGE_SIZE
     store.invalidate(c, Invalidate(0, 1024, 1))
     assert c.count == 0 and c.slab.mapped_bytes <= 64 * PAGE_SIZE and c.index.nbytes == 0

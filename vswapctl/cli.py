@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import sys
 from typing import Any
 
@@ -40,7 +41,8 @@ def up_config(args: argparse.Namespace) -> device.UpConfig:
     return device.UpConfig(
         size=size, backing=backing,
         mountpoint=system.resolve_mountpoint(args.mountpoint or os.path.join(args.state_dir, "mnt")),
-        capacity=capacity, host=str(args.host) if args.host else None, writethrough=args.writethrough,
+        capacity=capacity, host=str(args.host) if args.host else None, token_file=args.token_file,
+        writethrough=args.writethrough,
         pressure_source=args.pressure_source, priority=args.priority, discard=args.discard,
         swap=args.swap, verbose=args.verbose,
     )
@@ -51,6 +53,15 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.token_file and not args.host:
+        return _fail("--token-file is for a store at --host; the store up starts listens on a private unix socket")
+    if args.token_file:
+        from hoststore.auth import TokenError, load_token
+
+        try:
+            load_token(args.token_file)  # refused now, before anything is changed
+        except TokenError as exc:
+            return _fail(str(exc))
     # SIGTERM or a closed terminal mid-up: undo what was done, as for ^C.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
@@ -102,13 +113,15 @@ def read_vswapfs_stats(state: State) -> dict[str, Any] | str:
         return str(exc)
 
 
-def read_host_stats(address: str) -> dict[str, Any] | str:
+def read_host_stats(address: str, token_file: str = "") -> dict[str, Any] | str:
+    from hoststore.auth import TokenError, load_token
     from vswapfs.hostclient import query
     from vswapfs.pagestore import StoreError, StoreUnavailable
 
     try:
-        return trio.run(query, parse_address(address), Stats(), CONTROL_TIMEOUT)
-    except (StoreUnavailable, StoreError, OSError, ValueError) as exc:
+        token = load_token(token_file) if token_file else None
+        return trio.run(query, parse_address(address), Stats(), CONTROL_TIMEOUT, token)
+    except (StoreUnavailable, StoreError, OSError, ValueError, TokenError) as exc:
         return f"unreachable: {exc}"
 
 
@@ -171,7 +184,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     state = _need_state(args)
     fs = read_vswapfs_stats(state)
-    host = read_host_stats(state.host)
+    host = read_host_stats(state.host, state.token_file)
     if args.json:
         print(json.dumps({"vswapfs": fs, "hoststore": host}, indent=1, sort_keys=True))
         return 0
@@ -250,6 +263,34 @@ def cmd_microbench(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
     print(f"1-page read: p50 {report['1']['read_p50_us']} us, p99 {report['1']['read_p99_us']} us")
     return 0
+
+
+# -- attack -------------------------------------------------------------------------
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from . import attack
+
+    reports = [attack.run(args.seconds) for _ in range(args.runs)]
+    if args.json:
+        print(json.dumps(reports if args.runs > 1 else reports[0], indent=1))
+        return 0
+
+    def median(path: tuple[str, str]) -> float:
+        return statistics.median(r[path[0]][path[1]] for r in reports)
+
+    print(f"a hoststore under {sum(attack.KINDS.values())} hostile loopback connections "
+          f"({', '.join(f'{n} {k}' for k, n in attack.KINDS.items())}); medians of {args.runs} run(s) "
+          f"of {args.seconds:g}s")
+    for label, key in (("good client alone", "good_alone"), ("good client under attack", "good_under_attack")):
+        print(f"  {label:<26} p50 {median((key, 'p50_ms')):.2f} ms  p99 {median((key, 'p99_ms')):.2f} ms  "
+              f"requests {median((key, 'requests')):.0f}")
+    print(f"  store RSS growth           {median(('rss_kib', 'growth')) / 1024:.1f} MiB")
+    print(f"  store CPU under attack     {statistics.median(r['cpu_percent_under_attack']['store'] for r in reports):.0f}%")
+    print("  closed or refused, by reason (last run):")
+    for reason, n in reports[-1]["closed_by_reason"].items():
+        print(f"    {reason:<26} {n}")
+    return 0 if all(r["store_alive"] for r in reports) else 1
 
 
 # -- faults -------------------------------------------------------------------------
@@ -364,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "file exists")
     up.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
                     help="use a running hoststore (unix:PATH or tcp:HOST:PORT) instead of starting one")
+    up.add_argument("--token-file", metavar="PATH",
+                    help="with --host: the store's shared token (mode 0600), proven both ways at hello")
     up.add_argument("--backing", metavar="FILE",
                     help="backing file on a disk filesystem, one per device (default: "
                          "/var/lib/vswapfs/<the state dir's path>/backing, created, and removed by down)")
@@ -419,6 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--seconds", type=float, default=1.0, help="per measurement (default 1)")
     mb.add_argument("--json", action="store_true")
     mb.set_defaults(func=cmd_microbench)
+
+    atk = sub.add_parser("attack", help="hostile connections against a hoststore while a good client works",
+                         description="Start a hoststore on a private unix socket and loopback TCP; time a good "
+                                     "client's 8-page puts and gets alone, then while about 50 hostile "
+                                     "connections (garbage, oversized frames, a byte a second, half-open, "
+                                     "connection floods, get floods, invalidate streams) run from another "
+                                     "process; report latencies, RSS growth and connections closed by reason.")
+    atk.add_argument("--seconds", type=float, default=10.0, help="per measurement (default 10)")
+    atk.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
+    atk.add_argument("--json", action="store_true")
+    atk.set_defaults(func=cmd_attack)
 
     flt = sub.add_parser("faults", help="inject faults into a store and account for every page",
                          description="On a mounted vswapfs file (no swap), write random pages, inject a fault "

@@ -1,0 +1,517 @@
+"""Many clients, some hostile: isolation, authentication both ways, limits.
+
+Servers run in the test's nursery (``nursery.start``); hand-made peers play
+whichever side is being attacked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from array import array
+
+import msgpack
+import pytest
+import trio
+
+from hoststore import auth
+from hoststore import protocol as p
+from hoststore.access import Access, AccessError, check_listener, check_socket_dir, is_loopback
+from hoststore.address import Address
+from hoststore.messages import (
+    MAX_GET_PAGES,
+    MAX_SEQ,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    ROLE_PAGER,
+    Get,
+    Hello,
+    HelloAnswer,
+    Invalidate,
+    PageStatus,
+    Put,
+    Stats,
+    Welcome,
+)
+from hoststore.policy import Limits
+from hoststore.pressure import Sampler, Snapshot
+from hoststore.server import Server, ServerConfig, open_listener
+from hoststore.store import HostCounter, Store
+from vswapfs.hostclient import HostClient, LinkCounter, query
+from vswapfs.pagestore import StoreAuthError, StoreError
+
+TOKEN = b"correct horse battery staple 123"
+
+
+def page(n: int) -> bytes:
+    return n.to_bytes(8, "little") * (PAGE_SIZE // 8)
+
+
+def new_store(capacity: int = 256, **limits) -> Store:
+    return Store(Limits(capacity_pages=capacity, **limits), Sampler(0, source=lambda: Snapshot.fake(10.0)))
+
+
+async def start_server(nursery: trio.Nursery, address: Address, store: Store, access: Access | None = None,
+                       **config) -> tuple[Address, Server]:
+    listener = await open_listener(address, access)
+    server = Server(store, ServerConfig(**config), access)
+    [bound] = await nursery.start(server.serve, [listener])
+    return bound, server
+
+
+async def start_client(nursery: trio.Nursery, address: Address, name: str, npages: int = 128,
+                       token: bytes | None = None, **kw) -> HostClient:
+    client = HostClient(address, name, npages * PAGE_SIZE, token=token, backoff_min=0.01, backoff_max=0.05, **kw)
+    await nursery.start(client.run)
+    return client
+
+
+async def open_raw(address: Address) -> tuple[trio.abc.Stream, p.Connection, Welcome]:
+    if address.kind == "unix":
+        stream: trio.abc.Stream = await trio.open_unix_socket(address.path)
+    else:
+        stream = await trio.open_tcp_stream(address.host, address.port)
+    conn = p.Connection("client")
+    with trio.fail_after(5):
+        while (event := conn.next_event()) is None:
+            conn.receive_data(await stream.receive_some(65536))
+    assert isinstance(event, Welcome)
+    return stream, conn, event
+
+
+async def answer_of(stream: trio.abc.Stream, conn: p.Connection) -> p.Response:
+    with trio.fail_after(5):
+        while (event := conn.next_event()) is None:
+            data = await stream.receive_some(1 << 20)
+            if not data:
+                raise EOFError("closed")
+            conn.receive_data(data)
+    assert isinstance(event, p.Response)
+    return event
+
+
+async def closed_by_server(stream: trio.abc.Stream, within: float = 5.0) -> bool:
+    with trio.fail_after(within):
+        while True:
+            try:
+                if not await stream.receive_some(1 << 20):
+                    return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return True
+
+
+def hello(name: str, welcome: Welcome, nonce: bytes, token: bytes | None = None,
+          secret: bytes | None = None, instance: str = "i1", npages: int = 128) -> Hello:
+    proof = auth.reconnect_proof(secret, name, welcome.nonce, nonce) if secret else None
+    tok = auth.token_proof(token, "client", name, welcome.nonce, nonce) if token else None
+    return Hello(PROTOCOL_VERSION, name, ROLE_PAGER, npages * PAGE_SIZE, instance, nonce, proof, tok)
+
+
+# -- isolation --------------------------------------------------------------------------
+
+
+async def test_a_client_can_neither_read_overwrite_drop_nor_list_anothers_pages(tmp_path) -> None:
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
+        a = await start_client(nursery, address, "alice")
+        b = await start_client(nursery, address, "bob")
+        assert await a.put(0, 5, page(0) + page(1)) == bytes(2)
+        got = await b.get(array("Q", [0, 1]))  # the same page numbers: bob's own device
+        assert got.statuses == bytes([PageStatus.MISSING]) * 2
+        assert await b.put(0, 9, page(100) + page(101)) == bytes(2)  # bob's pages 0, 1
+        assert await b.invalidate(0, 128, MAX_SEQ) == 2  # drops bob's two, not alice's
+        ans = await a.get(array("Q", [0, 1]))
+        assert ans.statuses == bytes(2) and ans.data == page(0) + page(1) and list(ans.seqs) == [5, 5]
+        assert store.client_counters["alice"][HostCounter.INVALIDATED] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_stats_list_other_clients_only_to_an_admin(tmp_path) -> None:
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        unix, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store)
+        a = await start_client(nursery, unix, "alice")
+        b = await start_client(nursery, tcp, "bob")
+        await a.put(0, 1, page(0))
+        assert list((await b.stats())["clients"]) == ["bob"]  # TCP peers are never admins
+        assert not b.hello_answer.admin
+        assert sorted((await a.stats())["clients"]) == ["alice", "bob"]  # root on the unix socket
+        observer = await query(tcp, Stats())
+        assert "clients" not in observer
+        nursery.cancel_scope.cancel()
+
+
+async def test_name_in_use_is_refused_a_reconnect_keeps_its_pages_a_replay_does_not(tmp_path) -> None:
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
+        a = await start_client(nursery, address, "alice")
+        await a.put(3, 1, page(3))
+        # Someone else under alice's name, while alice is connected: refused.
+        stream, conn, welcome = await open_raw(address)
+        _, data = conn.send_request(hello("alice", welcome, b"x" * 16, instance="thief"))
+        await stream.send_all(data)
+        assert "in use" in (await answer_of(stream, conn)).error
+        await stream.aclose()
+        # A third party that saw alice's reconnect hello replays it on its own connection:
+        # the proof covers the nonce of the connection it was made for, so it fails.
+        old_welcome = welcome
+        seen = hello("alice", old_welcome, b"n" * 16, secret=a.secret, instance=a.instance)
+        stream, conn, welcome = await open_raw(address)
+        _, data = conn.send_request(seen)
+        await stream.send_all(data)
+        assert (await answer_of(stream, conn)).error is not None
+        await stream.aclose()
+        # Alice's own reconnect (the connection dropped) keeps her pages.
+        assert a._endpoint is not None
+        a._endpoint.close()
+        with trio.fail_after(5):
+            while a.counters[LinkCounter.CONNECTS] < 2 or not a.connected:
+                await trio.sleep(0.01)
+        assert a.counters[LinkCounter.SESSIONS_LOST] == 0
+        assert (await a.get(array("Q", [3]))).data == page(3)
+        assert store.counters[HostCounter.DROPPED_SESSIONS] == 0
+        nursery.cancel_scope.cancel()
+
+
+# -- authentication ------------------------------------------------------------------------
+
+
+async def test_tcp_token_is_proven_both_ways_and_the_secret_never_crosses_in_clear(tmp_path) -> None:
+    store = new_store()
+    access = Access(TOKEN)
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, access)
+        good = await start_client(nursery, address, "good", token=TOKEN)
+        assert good.connected and await good.put(0, 1, page(0)) == bytes(1)
+        # The secret the client holds is not what went over the wire.
+        client_secret = store.clients["good"].secret
+        assert good.secret == client_secret
+        # No token: the client knows before it says hello, and sends nothing.
+        with pytest.raises(StoreError, match="needs a token"):
+            await query(address, Stats())
+        # A wrong token: refused at hello, counted.
+        with pytest.raises(StoreError, match="wrong token"):
+            await query(address, Stats(), token=b"x" * 32)
+        # A hand-made hello without any proof: refused, counted.
+        stream, conn, welcome = await open_raw(address)
+        assert welcome.auth_required
+        _, data = conn.send_request(hello("mallory", welcome, b"m" * 16))
+        await stream.send_all(data)
+        assert "token" in (await answer_of(stream, conn)).error
+        assert await closed_by_server(stream)
+        assert store.counters[HostCounter.REFUSED_AUTH] == 2
+        assert set(store.clients) == {"good"}
+        nursery.cancel_scope.cancel()
+
+
+async def fake_store(listener: trio.SocketListener, answer_auth: bytes | None, received: list[bytes]) -> None:
+    """Plays a store that does not know the token: welcomes, answers the hello with
+    ``answer_auth`` as its proof, then records every byte the client sends."""
+    async with await listener.accept() as stream:
+        conn = p.Connection("server")
+        await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "fake", "f1", b"w" * 16, True)))
+        while (event := conn.next_event()) is None:
+            conn.receive_data(await stream.receive_some(65536))
+        await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("f1", False, b"s" * 32, auth=answer_auth)))
+        with trio.move_on_after(1.0):
+            while data := await stream.receive_some(65536):
+                received.append(data)
+
+
+@pytest.mark.parametrize("answer_auth", [None, b"\x01" * 32], ids=["no-proof", "wrong-proof"])
+async def test_a_store_without_the_token_gets_no_page(tmp_path, answer_auth) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_store, listeners[0], answer_auth, received)
+        client = HostClient(Address("tcp", host="127.0.0.1", port=port), "c", 128 * PAGE_SIZE, token=TOKEN,
+                            backoff_min=0.5, backoff_max=1.0)
+        await nursery.start(client.run)
+        assert not client.connected
+        assert client.counters[LinkCounter.STORE_AUTH_FAILED] == 1
+        with pytest.raises(Exception):
+            await client.put(0, 1, page(0))
+        await trio.sleep(1.1)
+        assert received == []  # not a byte after the hello: no page, no request
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_unix_socket_held_by_another_uid_gets_no_page(tmp_path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a fake store as another uid")
+    path = str(tmp_path / "s")
+    # Bound by root (the path is root's), listening as nobody: the kernel names the
+    # uid of whoever called listen().
+    script = textwrap.dedent(f"""
+        import os, socket
+        s = socket.socket(socket.AF_UNIX); s.bind({path!r})
+        os.setgid(65534); os.setuid(65534)
+        s.listen(1)
+        print("ready", flush=True)
+        c, _ = s.accept(); c.settimeout(2)
+        try:
+            print(len(c.recv(65536)), flush=True)
+        except OSError as e:
+            print("error", e, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        async with trio.open_nursery() as nursery:
+            client = HostClient(Address("unix", path=path), "c", 128 * PAGE_SIZE, backoff_min=5, backoff_max=5)
+            await nursery.start(client.run)
+            assert not client.connected and client.counters[LinkCounter.STORE_AUTH_FAILED] == 1
+            nursery.cancel_scope.cancel()
+        out, _ = proc.communicate(timeout=10)
+        assert out.strip() == "0"  # the client hung up without sending a byte
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_unix_peers_are_checked_against_the_allowed_uids(tmp_path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as other uids")
+    directory = tempfile.mkdtemp(prefix="vswapfs-access-", dir="/tmp")  # other uids can reach it
+    os.chmod(directory, 0o711)
+    store = new_store()
+    access = Access(None, frozenset({12345}))
+    script = textwrap.dedent("""
+        import os, sys, trio
+        from hoststore.address import Address
+        from hoststore.messages import Stats
+        from vswapfs.hostclient import query
+        uid = int(sys.argv[2]); os.setgid(uid); os.setuid(uid)
+        try:
+            trio.run(query, Address("unix", path=sys.argv[1]), Stats())
+            print("served")
+        except Exception as e:
+            print("refused:", e)
+    """)
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, Address("unix", path=os.path.join(directory, "s")), store, access)
+        assert os.stat(address.path).st_mode & 0o777 == 0o666  # the uid check decides, not the file mode
+        results = {}
+        for uid in (12345, 65534):
+            done = await trio.run_process([sys.executable, "-c", script, address.path, str(uid)],
+                                          capture_stdout=True, cwd=os.getcwd(), check=False)
+            results[uid] = done.stdout.decode().strip()
+        assert results[12345] == "served"
+        assert results[65534].startswith("refused:") and "uid 65534" in results[65534]
+        assert store.counters[HostCounter.REFUSED_UID] == 1
+        nursery.cancel_scope.cancel()
+    shutil.rmtree(directory)
+
+
+def test_listeners_open_to_strangers_are_refused_at_start(tmp_path) -> None:
+    with pytest.raises(AccessError, match="not a loopback"):
+        check_listener(Address("tcp", host="0.0.0.0", port=7070), Access())
+    with pytest.raises(AccessError, match="not a loopback"):
+        check_listener(Address("tcp", host="", port=7070), Access())
+    check_listener(Address("tcp", host="0.0.0.0", port=7070), Access(TOKEN))
+    check_listener(Address("tcp", host="127.0.0.1", port=7070), Access())
+    assert is_loopback("localhost") and is_loopback("::1") and not is_loopback("192.0.2.1")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    with pytest.raises(AccessError, match="writable by others"):
+        check_socket_dir(str(shared), False)
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    os.chmod(listed, 0o755)
+    with pytest.raises(AccessError, match="entered or listed"):
+        check_socket_dir(str(listed), False)
+    check_socket_dir(str(listed), True)  # --allow-uid: others may enter, the uid check decides
+    private = tmp_path / "private"
+    private.mkdir()
+    os.chmod(private, 0o700)
+    check_socket_dir(str(private), False)
+
+
+def test_the_daemon_refuses_a_public_listener_and_a_bad_token_file(tmp_path) -> None:
+    run = lambda *a: subprocess.run([sys.executable, "-m", "hoststore", *a], capture_output=True, text=True,
+                                    timeout=30)
+    done = run("--listen", "tcp:0.0.0.0:0")
+    assert done.returncode == 2 and "not a loopback address" in done.stderr
+    token = tmp_path / "token"
+    token.write_bytes(TOKEN)
+    os.chmod(token, 0o644)
+    done = run("--listen", "tcp:0.0.0.0:0", "--token-file", str(token))
+    assert done.returncode == 2 and "chmod 600" in done.stderr
+    os.chmod(token, 0o600)
+    token.write_bytes(b"short")
+    done = run("--listen", "tcp:0.0.0.0:0", "--token-file", str(token))
+    assert done.returncode == 2 and "shorter than 16 bytes" in done.stderr
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    done = run("--listen", f"unix:{shared}/s")
+    assert done.returncode == 2 and "writable by others" in done.stderr and not os.path.exists(shared / "s")
+    done = run("--listen", f"unix:{tmp_path}/new/s", "--capacity", "1x")  # refused: the directory is not made
+    assert done.returncode == 2 and not os.path.exists(tmp_path / "new")
+
+
+# -- limits --------------------------------------------------------------------------------
+
+
+async def test_connection_caps_close_at_once_and_are_counted(tmp_path) -> None:
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        listeners = [await open_listener(Address("tcp", host="127.0.0.1", port=0)),
+                     await open_listener(Address("unix", path=str(tmp_path / "s")))]
+        server = Server(store, ServerConfig(max_connections=6, max_connections_per_peer=3))
+        tcp, unix = await nursery.start(server.serve, listeners)
+        held = [await open_raw(tcp) for _ in range(3)]
+        extra = await trio.open_tcp_stream("127.0.0.1", tcp.port)  # a 4th from the same address
+        assert await closed_by_server(extra)
+        assert store.counters[HostCounter.REFUSED_PEER_CONNECTIONS] == 1
+        held += [await open_raw(unix) for _ in range(3)]  # another peer (uid 0) has its own 3
+        extra = await trio.open_unix_socket(unix.path)
+        assert await closed_by_server(extra)
+        assert store.counters[HostCounter.REFUSED_CONNECTIONS] == 1
+        for stream, _, _ in held[:1]:
+            await stream.aclose()
+        with trio.fail_after(5):
+            while store.connections_active > 5:
+                await trio.sleep(0.01)
+        held.append(await open_raw(tcp))  # a slot freed: served again
+        nursery.cancel_scope.cancel()
+
+
+async def test_hello_and_idle_timeouts_close_silent_connections_not_quiet_clients(tmp_path) -> None:
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store,
+                                        hello_timeout=0.3, idle_timeout=0.6)
+        quiet = await start_client(nursery, address, "quiet", keepalive=0.2)
+        await quiet.put(0, 1, page(0))
+        half_open, _, _ = await open_raw(address)  # never says hello
+        assert await closed_by_server(half_open, within=3)
+        assert store.counters[HostCounter.CLOSED_HELLO_TIMEOUT] == 1
+        slow = await trio.open_unix_socket(address.path)  # a byte at a time, never a whole hello
+        cut = False
+        for b in p.HEADER.pack(100) + b"\x94" * 8:
+            try:
+                await slow.send_all(bytes([b]))
+            except trio.BrokenResourceError:
+                cut = True  # the store hung up on it
+                break
+            await trio.sleep(0.1)
+        assert cut or await closed_by_server(slow, within=3)
+        assert store.counters[HostCounter.CLOSED_HELLO_TIMEOUT] == 2
+        stream, conn, welcome = await open_raw(address)  # says hello, then nothing
+        _, data = conn.send_request(hello("idle", welcome, b"i" * 16))
+        await stream.send_all(data)
+        assert (await answer_of(stream, conn)).error is None
+        assert await closed_by_server(stream, within=3)
+        assert store.counters[HostCounter.CLOSED_IDLE] == 1
+        await trio.sleep(1.0)  # past the idle timeout again: the keepalives hold "quiet" up
+        assert quiet.connected and quiet.counters[LinkCounter.CONNECTS] == 1
+        assert quiet.counters[LinkCounter.KEEPALIVES] >= 3
+        assert (await quiet.get(array("Q", [0]))).data == page(0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_answers_are_bounded_and_a_flood_of_gets_does_not_buffer_them(tmp_path) -> None:
+    """A get of more than MAX_GET_PAGES is refused at parsing; a peer that pipelines
+    thousands of the largest gets and never reads makes the store stop reading it,
+    not build gigabytes of answers; another client is served meanwhile."""
+    store = new_store(capacity=4096)
+    async with trio.open_nursery() as nursery:
+        address, server = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
+        stream, conn, welcome = await open_raw(address)
+        _, data = conn.send_request(hello("flood", welcome, b"f" * 16, npages=4096))
+        await stream.send_all(data)
+        assert (await answer_of(stream, conn)).error is None
+        with pytest.raises(Exception, match="outside 1..256"):
+            Get(array("Q", range(MAX_GET_PAGES + 1)))
+        raw_too_big = p._frame([p.REQUEST, 999, "get", [array("Q", range(1024)).tobytes()]])
+        await stream.send_all(raw_too_big)
+        with trio.fail_after(5):
+            raw = await stream.receive_some(65536)
+        kind, msgid, error, _ = msgpack.unpackb(raw[p.HEADER.size :])
+        assert (kind, msgid) == (p.RESPONSE, 999) and "outside 1..256" in error
+        request = b"".join(conn.send_request(Get(array("Q", range(MAX_GET_PAGES))))[1] for _ in range(4000))
+        sent = 0
+        with trio.move_on_after(2.0):  # the store stops reading once its answers back up
+            for at in range(0, len(request), 65536):
+                await stream.send_all(request[at : at + 65536])
+                sent = at
+        assert sent < len(request) - 65536  # it did stop reading: 4000 answers would be 4 GiB
+        other = await start_client(nursery, address, "other")
+        with trio.fail_after(2):
+            assert await other.put(0, 1, page(0)) == bytes(1)
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_huge_invalidate_stream_does_not_hold_the_store(tmp_path) -> None:
+    store = new_store(capacity=4096)
+    npages = 1 << 30  # a 4 TiB device, legal under the default cap
+    async with trio.open_nursery() as nursery:
+        address, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
+        stream, conn, welcome = await open_raw(address)
+        _, data = conn.send_request(hello("inv", welcome, b"v" * 16, npages=npages))
+        await stream.send_all(data)
+        assert (await answer_of(stream, conn)).error is None
+        flood = b"".join(conn.send_request(Invalidate(0, npages, MAX_SEQ))[1] for _ in range(200))
+
+        async def send_flood() -> None:
+            with trio.move_on_after(5):
+                await stream.send_all(flood)
+
+        nursery.start_soon(send_flood)
+        good = await start_client(nursery, address, "good")
+        worst = 0.0
+        for i in range(50):
+            start = trio.current_time()
+            assert await good.put(i, 1, page(i)) == bytes(1)
+            worst = max(worst, trio.current_time() - start)
+        assert worst < 1.0, worst  # sliced and yielding: not seconds behind 200 * 2**30 pages
+        nursery.cancel_scope.cancel()
+
+
+# -- quotas and fairness -----------------------------------------------------------------------
+
+
+def test_quotas_by_name_a_default_and_weighted_shares() -> None:
+    from types import MappingProxyType
+
+    from .test_store import attach
+
+    store = new_store(capacity=100, quota_pages=30, quotas=MappingProxyType({"big": 60}),
+                      weights=MappingProxyType({"big": 3.0}))
+    big, small = attach(store, "big", 256), attach(store, "small", 256)
+    assert store.terms(big).quota_pages == 60 and store.terms(small).quota_pages == 30
+    assert store.terms(big).share_pages == 75 and store.terms(small).share_pages == 25
+    out = store.put(small, Put(0, 1, b"".join(page(i) for i in range(40))))
+    assert out.count(PageStatus.STORED) == 30 and out.count(PageStatus.REFUSED_QUOTA) == 10
+    out = store.put(big, Put(0, 1, b"".join(page(i) for i in range(70))))
+    # The store reaches 90 % (the fair reserve) at 60 + 30: big, above its share of 75? no, so its quota
+    # of 60 stops it first.
+    assert out.count(PageStatus.STORED) == 60 and out.count(PageStatus.REFUSED_QUOTA) == 10
+    stats = store.client_stats(big)
+    assert stats["quota_pages"] == 60 and stats["share_pages"] == 75 and stats["weight"] == 3.0
+
+
+def test_near_capacity_a_client_at_its_share_yields_to_one_below() -> None:
+    from .test_store import attach
+
+    store = new_store(capacity=100)
+    greedy, late = attach(store, "greedy", 256), attach(store, "late", 256)
+    out = store.put(greedy, Put(0, 1, b"".join(page(i) for i in range(100))))
+    # Shares are 50/50; up to 90 pages anyone may grow, past that only a client below its share.
+    assert out.count(PageStatus.STORED) == 90 and out.count(PageStatus.REFUSED_SHARE) == 10
+    assert store.counters[HostCounter.REFUSED_SHARE] == 10
+    out = store.put(late, Put(0, 1, b"".join(page(i) for i in range(20))))
+    assert out.count(PageStatus.STORED) == 10 and out.count(PageStatus.REFUSED_CAPACITY) == 10
+    # Under pressure, hand-back takes from the one furthest above its share first.
+    assert [c.name for c in store.handback_order()] == ["greedy", "late"]
