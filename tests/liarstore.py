@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from array import array
-
 import trio
 
 from hoststore.address import parse_address
-from hoststore.messages import GetAnswer, PageStatus
+from hoststore.messages import PageStatus
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler
 from hoststore.server import Server, open_listener
@@ -28,16 +26,15 @@ class LyingStore(Store):
         super().__init__(*args, **kwargs)
         self.lie = lie
 
-    def get(self, client, msg):  # type: ignore[override]
-        answer = super().get(client, msg)
-        data, seqs = bytearray(answer.data), array("Q", answer.seqs)
+    def get_into(self, client, msg, statuses, seqs, data) -> None:  # type: ignore[override]
+        """The store builds get answers in place: lie there, after the truth is written."""
+        super().get_into(client, msg, statuses, seqs, data)
         for i, page in enumerate(msg.pages):
-            if page % 2 and answer.statuses[i] == PageStatus.STORED:
+            if page % 2 and statuses[i] == PageStatus.STORED:
                 if self.lie == "data":
                     data[i * 4096 + 123] ^= 0xFF
                 else:
                     seqs[i] += 1
-        return GetAnswer(answer.statuses, seqs, bytes(data))
 
 
 async def main(listen: str, lie: str) -> None:
