@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="close new connections beyond N at once (default 256)")
     ap.add_argument("--max-connections-per-peer", type=argtype(_count), default=64, metavar="N",
                     help="at most N connections per uid (unix socket) or address (TCP) (default 64)")
+    ap.add_argument("--max-clients", type=argtype(_count), default=1024, metavar="N",
+                    help="client names kept at once; names away and holding no page are forgotten to make "
+                         "room, and beyond that new names are refused (default 1024)")
     ap.add_argument("--connection-rate", type=argtype(_positive), default=50.0, metavar="N",
                     help="new connections per second per uid or address, in bursts of up to 2N; more are "
                          "closed at once (default 50)")
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     harden(log)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
     store = Store(limits, Sampler(args.pressure_interval, source=args.pressure_source),
-                  away_timeout=args.away_timeout)
+                  away_timeout=args.away_timeout, max_clients=args.max_clients)
     server = Server(store, ServerConfig(
         handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
         max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,

@@ -31,6 +31,7 @@ from . import protocol as p
 from .access import Access, peer_key, peer_uid, socket_mode
 from .address import Address
 from .clientpages import ClientPages
+from .slab import INDEX_BLOCK
 from .endpoint import Endpoint, PeerGone, RemoteError
 from .fairshare import FairShare
 from .logsetup import RateLimited
@@ -53,8 +54,8 @@ log = logging.getLogger("hoststore")
 peer_log = RateLimited(log)
 
 SERVER_NAME = "hoststore"
-INVALIDATE_SLICE = 1 << 14
-ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))  # pages dropped between two yields to other connections
+INVALIDATE_BLOCKS = 64  # index blocks (64 * 256 pages) scanned between two yields to other connections
+ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 
 
 async def open_listener(address: Address, access: Access | None = None) -> trio.SocketListener:
@@ -230,8 +231,6 @@ class Session:
         if not isinstance(msg, Invalidate):  # charged by the slice, as it goes
             await self.server.fair.turn(self, request_cost(msg))
         try:
-            if self._deadline is not None and isinstance(msg, Drain):
-                self._deadline.deadline = math.inf  # a drain may take longer than the idle timeout
             if isinstance(msg, Get) and self.client is not None:
                 frame = p.get_answer_frame(event.msgid, len(msg.pages))
                 if frame is not None:  # filled in place: one copy of the pages, not three
@@ -299,6 +298,11 @@ class Session:
         if isinstance(msg, Drain):
             if not self.admin:
                 raise RequestError("drain needs an admin connection (root or the store's own user)")
+            if self._deadline is not None:
+                self._deadline.deadline = math.inf  # a drain may take longer than the idle timeout
+            # Waiting for the drain is not waiting for the store's time: this connection
+            # must not hold the others' turns (they have hand-backs to answer).
+            self.server.fair.idle(self)
             return await self.server.drain()
         client = self.client
         if client is None:
@@ -320,13 +324,16 @@ class Session:
         if end > client.npages:
             raise RequestError(f"pages {msg.first}..{end - 1} outside the device's {client.npages} pages")
         await self.server.fair.turn(self, REQUEST_COST)
-        pages = self.store.stored_pages(client, msg.first, msg.count)
+        index = client.index
+        blocks = index.blocks_in(msg.first, msg.count)  # only the stored parts of the range
         dropped = 0
-        for at in range(0, len(pages), INVALIDATE_SLICE):
+        for at in range(0, len(blocks), INVALIDATE_BLOCKS):
             if at:
-                await self.server.fair.turn(self, INVALIDATE_SLICE)
                 await trio.sleep(0)
-            dropped += self.store.invalidate_pages(client, pages[at : at + INVALIDATE_SLICE], msg.seq)
+            window = blocks[at : at + INVALIDATE_BLOCKS]
+            await self.server.fair.turn(self, len(window) * INDEX_BLOCK)
+            pages = [page for page, _ in index.stored_in_blocks(window, msg.first, end)]
+            dropped += self.store.invalidate_pages(client, pages, msg.seq)
         self.store.counters.add(HostCounter.INVALIDATE_REQUESTS)
         return dropped
 

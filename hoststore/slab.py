@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import mmap
 from array import array
-from collections.abc import Iterator
 
 from .messages import PAGE_SIZE
 
@@ -117,15 +116,21 @@ class PageIndex:
         if not self._counts[key]:
             del self._blocks[key], self._counts[key]
 
-    def stored_in(self, first: int, count: int) -> list[tuple[int, int]]:
-        """(page, slot) of every stored page in ``first .. first + count``."""
+    def blocks_in(self, first: int, count: int) -> list[int]:
+        """The index blocks holding pages of ``first .. first + count``, in order: the
+        work of a range follows what is stored in it, not its length."""
         lo, hi = first >> INDEX_SHIFT, (first + count - 1) >> INDEX_SHIFT
         if hi - lo + 1 > len(self._blocks):
-            keys: Iterator[int] | range = iter(sorted(k for k in self._blocks if lo <= k <= hi))
-        else:
-            keys = range(lo, hi + 1)
+            return sorted(k for k in self._blocks if lo <= k <= hi)
+        return [k for k in range(lo, hi + 1) if k in self._blocks]
+
+    def stored_in(self, first: int, count: int) -> list[tuple[int, int]]:
+        """(page, slot) of every stored page in ``first .. first + count``."""
+        return self.stored_in_blocks(self.blocks_in(first, count), first, first + count)
+
+    def stored_in_blocks(self, keys: list[int], first: int, end: int) -> list[tuple[int, int]]:
+        """(page, slot) of the stored pages in blocks ``keys`` within ``first .. end``."""
         out = []
-        end = first + count
         for key in keys:
             block = self._blocks.get(key)
             if block is None:

@@ -84,6 +84,7 @@ class HostCounter(enum.StrEnum):
     REFUSED_CONNECTIONS = "refused_connections"  # closed at once: --max-connections reached
     REFUSED_PEER_CONNECTIONS = "refused_peer_connections"  # closed at once: --max-connections-per-peer
     REFUSED_CONNECTION_RATE = "refused_connection_rate"  # closed at once: --connection-rate
+    REFUSED_CLIENTS = "refused_clients"  # hellos of new names beyond --max-clients
     CLOSED_HELLO_TIMEOUT = "closed_hello_timeout"  # no answered hello within --hello-timeout
     CLOSED_IDLE = "closed_idle"  # no complete message within --idle-timeout
     CLOSED_OVERSIZED = "closed_oversized_frame"  # a length prefix above any legal message
@@ -110,12 +111,14 @@ class RequestError(Exception):
 
 
 DEFAULT_AWAY_TIMEOUT = 300.0
+DEFAULT_MAX_CLIENTS = 1024
 
 
 class Store:
     def __init__(self, limits: Limits, sampler: Sampler, *, away_timeout: float = DEFAULT_AWAY_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_clients: int = DEFAULT_MAX_CLIENTS, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
+        self.max_clients = max_clients
         self.sampler = sampler
         self.away_timeout = away_timeout
         self.clock = clock
@@ -168,10 +171,24 @@ class Store:
                         name, old.count)
             self._count(old, HostCounter.DROPPED_SESSIONS, old.count)
             self.pages -= old.drop_all()
+        if old is None and len(self.clients) >= self.max_clients:
+            self._forget_empty_clients()
+            if len(self.clients) >= self.max_clients:
+                self.counters.add(HostCounter.REFUSED_CLIENTS)
+                raise RequestError(f"this store keeps {len(self.clients)} clients already (--max-clients)")
         client = ClientPages(name, hello.npages, hello.instance, auth.new_secret())
         self.clients[name] = client
         self.client_counters[name] = Counters(HostCounter)
         return client, HelloAnswer(self.instance, False, client.secret), None
+
+    def _forget_empty_clients(self) -> None:
+        """Names that are away and hold no page cost memory and nothing else: forget
+        them (their counters with them), so that no peer can grow the store by
+        inventing names.  One that comes back starts as a new client, with nothing
+        lost: it had nothing here."""
+        for name in [n for n, c in self.clients.items() if not c.connected and not c.count]:
+            self.clients.pop(name).slab.close()
+            self.client_counters.pop(name, None)
 
     def bind(self, client: ClientPages, session: object) -> None:
         client.session = session
@@ -352,7 +369,8 @@ class Store:
 
     def terms(self, client: ClientPages) -> ClientTerms:
         """The client's quota, and its weighted share of the capacity among the
-        clients that count now (connected, or holding pages)."""
+        clients that count now: connected (a newcomer gets the reserve kept near
+        capacity), or holding pages.  Names away with nothing take no share."""
         limits = self.limits
         total = sum(limits.weight_of(c.name) for c in self.clients.values() if c.connected or c.count)
         if not (client.connected or client.count):

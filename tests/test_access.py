@@ -31,18 +31,20 @@ from hoststore.messages import (
     Get,
     Hello,
     HelloAnswer,
+    Drain,
     Invalidate,
     PageStatus,
     Put,
     Stats,
+    TakeStatus,
     Welcome,
 )
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
 from hoststore.server import Server, ServerConfig, open_listener
-from hoststore.store import HostCounter, Store
+from hoststore.store import HostCounter, RequestError, Store
 from vswapfs.hostclient import HostClient, LinkCounter, query
-from vswapfs.pagestore import StoreAuthError, StoreError
+from vswapfs.pagestore import StoreError, StoreUnavailable
 
 TOKEN = b"correct horse battery staple 123"
 
@@ -237,7 +239,7 @@ async def test_a_store_without_the_token_gets_no_page(tmp_path, answer_auth) -> 
         await nursery.start(client.run)
         assert not client.connected
         assert client.counters[LinkCounter.STORE_AUTH_FAILED] == 1
-        with pytest.raises(Exception):
+        with pytest.raises(StoreUnavailable):
             await client.put(0, 1, page(0))
         await trio.sleep(1.1)
         assert received == []  # not a byte after the hello: no page, no request
@@ -515,3 +517,71 @@ def test_near_capacity_a_client_at_its_share_yields_to_one_below() -> None:
     assert out.count(PageStatus.STORED) == 10 and out.count(PageStatus.REFUSED_CAPACITY) == 10
     # Under pressure, hand-back takes from the one furthest above its share first.
     assert [c.name for c in store.handback_order()] == ["greedy", "late"]
+
+
+async def test_a_refused_drain_does_not_lift_the_idle_timeout(tmp_path) -> None:
+    """Only an admin's drain may outlast the idle timeout; a refused one changes nothing."""
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, idle_timeout=0.5)
+        stream, conn, welcome = await open_raw(tcp)
+        _, data = conn.send_request(hello("nosy", welcome, b"d" * 16))
+        await stream.send_all(data)
+        assert (await answer_of(stream, conn)).error is None
+        await stream.send_all(conn.send_request(Drain())[1])
+        assert "admin" in (await answer_of(stream, conn)).error
+        assert await closed_by_server(stream, within=3)
+        assert store.counters[HostCounter.CLOSED_IDLE] == 1
+        nursery.cancel_scope.cancel()
+
+
+def test_names_holding_nothing_are_forgotten_and_new_names_capped() -> None:
+    from .test_store import attach
+
+    store = Store(Limits(capacity_pages=64), Sampler(0, source=lambda: Snapshot.fake(10.0)), max_clients=2)
+    a, b = attach(store, "a"), attach(store, "b")
+    store.put(b, Put(0, 1, page(0)))
+    store.detach(a, a.session)
+    store.detach(b, b.session)
+    attach(store, "c")  # room made by forgetting "a" (away, nothing stored); "b" keeps its page
+    assert set(store.clients) == {"b", "c"} and store.clients["b"].count == 1
+    with pytest.raises(RequestError, match="max-clients"):
+        attach(store, "d")
+    assert store.counters[HostCounter.REFUSED_CLIENTS] == 1
+
+
+async def test_a_drain_completes_while_a_pager_keeps_reading(tmp_path) -> None:
+    """The admin's drain request waits a long time; it must not hold the other
+    connections' turns, or a busy pager could not answer its hand-backs and its
+    pages would be dropped when the drain times out."""
+    store = new_store(capacity=1024)
+
+    async def take_back(handback) -> bytes:
+        return bytes([TakeStatus.TAKEN]) * len(handback.pages)
+
+    async with trio.open_nursery() as nursery:
+        listener = await open_listener(Address("unix", path=str(tmp_path / "s")))
+        server = Server(store, ServerConfig(handback_batch=16, handback_timeout=1.0, drain_timeout=5.0))
+        [address] = await nursery.start(server.serve, [listener])
+        client = await start_client(nursery, address, "busy", npages=1024)
+        client.set_handlers(take_back, lambda: None)
+        for first in range(0, 512, 256):
+            await client.put(first, 1, b"".join(page(first + i) for i in range(256)))
+        reads = 0
+
+        async def keep_reading() -> None:
+            nonlocal reads
+            while True:
+                try:
+                    await client.get(array("Q", range(256)))
+                    reads += 1
+                except (StoreError, StoreUnavailable):
+                    return
+
+        nursery.start_soon(keep_reading)
+        await trio.sleep(0.1)
+        with trio.fail_after(20):
+            report = await query(address, Drain(), timeout=20)
+        assert report == {"handed_back": {"busy": 512}, "dropped": {}}
+        assert reads > 10
+        nursery.cancel_scope.cancel()
