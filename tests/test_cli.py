@@ -41,6 +41,13 @@ def test_help(module: str) -> None:
         ("vswapctl", ["up", "--size", "1000"], "multiple of 4096"),
         ("vswapctl", ["up", "--host", "ftp:x"], "unknown kind"),
         ("vswapctl", ["bogus"], "invalid choice"),
+        ("vswapctl", ["up", "--token-file", "/etc/hostname"], "--host"),
+        ("hoststore", ["--listen", "tcp:0.0.0.0:7070"], "not a loopback address"),
+        ("hoststore", ["--listen", "unix:/x"], "socket directory / can be entered"),
+        ("hoststore", ["--listen", "unix:/x", "--weight", "a"], "NAME=W"),
+        ("hoststore", ["--listen", "unix:/x", "--quota", "=5M"], "empty client name"),
+        ("hoststore", ["--listen", "unix:/x", "--max-connections", "0"], "at least 1"),
+        ("hoststore", ["--listen", "tcp:127.0.0.1:0", "--token-file", "/nonexistent"], "cannot open token file"),
     ],
 )
 def test_bad_arguments(module: str, args: list[str], needle: str) -> None:
@@ -89,3 +96,14 @@ def test_microbench_runs_and_reports_the_checksum_cost() -> None:
         assert report[batch]["write_pages_per_s"] > 0 and report[batch]["read_pages_per_s"] > 0
         assert 0 < report[batch]["checksum_read_us_per_page"] < 1000
     assert report["checksum_errors"] == 0 and report["host_pages"] > 0
+
+
+def test_vswapfs_refuses_a_token_file_others_can_read(tmp_path) -> None:
+    token = tmp_path / "token"
+    token.write_text("a token long enough to be one\n")
+    token.chmod(0o644)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = run("vswapfs", str(mnt), "--backing", str(tmp_path / "b"), "--size", "1M", "--host", "tcp:127.0.0.1:9",
+               "--token-file", str(token))
+    assert done.returncode != 0 and "chmod 600" in done.stderr and not (tmp_path / "b").exists()

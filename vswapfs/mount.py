@@ -223,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.realpath(os.path.dirname(args.control)).startswith(args.mountpoint.rstrip("/") + "/") or \
                 os.path.realpath(os.path.dirname(args.control)) == args.mountpoint:
             ap.error(f"--control {args.control} is inside the mount point")
+    token = None
+    if args.token_file:
+        try:
+            token = load_token(args.token_file)
+        except TokenError as exc:
+            print(f"vswapfs: error: {exc}", file=sys.stderr)
+            return 1
     setup_logging(args.verbose, "vswapfs")
     if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
         print("vswapfs: error: cannot mount: /dev/fuse is not open to this user (run as root, or make /dev/fuse "
@@ -233,13 +240,6 @@ def main(argv: list[str] | None = None) -> int:
             remove_stale(args.control)
         except OSError as exc:
             print(f"vswapfs: error: --control {args.control}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-    token = None
-    if args.token_file:
-        try:
-            token = load_token(args.token_file)
-        except TokenError as exc:
-            print(f"vswapfs: error: {exc}", file=sys.stderr)
             return 1
     try:
         backing = Backing.open(args.backing, args.size, args.mountpoint, frozenset(args.allow_backing_fs))
