@@ -16,7 +16,7 @@ from .access import Access, AccessError, check_listener
 from .address import Address, parse_address
 from .auth import TokenError, load_token
 from .cliutil import argtype
-from .hardening import harden, return_large_buffers
+from .hardening import harden
 from .logsetup import setup_logging
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
 from .messages import PAGE_SIZE
@@ -261,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     limits = limits_from_args(ap, args)
     access = access_from_args(ap, args)
     setup_logging(args.verbose, "hoststore")
-    return_large_buffers()  # a burst of hostile large requests must not leave the daemon larger
     harden(log)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
     store = Store(limits, Sampler(args.pressure_interval, source=args.pressure_source),

@@ -59,21 +59,6 @@ def set_io_flusher() -> str | None:
     return None
 
 
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 256 << 10
-
-
-def return_large_buffers() -> None:
-    """Large buffers (page batches, answers) straight from mmap, and back to the
-    kernel when freed.  glibc otherwise raises its mmap threshold after the first
-    such buffer is freed, serves the next ones from the heap, and keeps that heap:
-    a burst of large requests would leave a locked (mlockall) daemon larger for
-    good.  Fixing the threshold turns that adjustment off."""
-    _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    _libc.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD)
-
-
 def harden(log: logging.Logger) -> list[str]:
     """Apply all three; warn once about what could not be set.  Returns the problems."""
     problems = [p for p in (lock_memory(), protect_from_oom(), set_io_flusher()) if p]

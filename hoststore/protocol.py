@@ -27,6 +27,7 @@ parameters is answered with an error and the connection goes on
 
 from __future__ import annotations
 
+import mmap
 import struct
 import sys
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ class Connection:
         self._check_open()
         return _frame([RESPONSE, msgid, None, message.answer_to_wire(answer)])
 
-    def send_get_answer(self, frame: "GetAnswerFrame") -> bytearray:
+    def send_get_answer(self, frame: "GetAnswerFrame") -> bytearray | mmap.mmap:
         """A get answer built in place (:func:`get_answer_frame`), once it is filled."""
         self._check_open()
         return frame.frame
@@ -319,13 +320,14 @@ class GetAnswerFrame:
     copy out of the slab, not three (the data, msgpack's buffer, the framing).
     Non-minimal msgpack (uint32 msgid, bin32 everywhere) is still msgpack."""
 
-    frame: bytearray
+    frame: bytearray | mmap.mmap
     statuses: memoryview  # n bytes
     seqs: memoryview  # n uint64, native order ("Q")
     data: memoryview  # n * PAGE_SIZE
 
 
 _LITTLE = sys.byteorder == "little"
+OWN_MAPPING_BYTES = 512 << 10
 
 
 def get_answer_frame(msgid: int, n: int) -> GetAnswerFrame | None:
@@ -340,7 +342,12 @@ def get_answer_frame(msgid: int, n: int) -> GetAnswerFrame | None:
         size += 5
         offsets.append((size, length))
         size += length
-    frame = bytearray(HEADER.size + size)
+    # Large answers get memory of their own, returned to the kernel once sent: from
+    # the heap, a burst of them (a peer flooding the largest gets) would leave the
+    # daemon that much larger for good.  Swap's own reads (at most 32 pages) stay
+    # on the heap, where there is no page fault to pay.
+    frame: bytearray | mmap.mmap = (mmap.mmap(-1, HEADER.size + size) if HEADER.size + size >= OWN_MAPPING_BYTES
+                                    else bytearray(HEADER.size + size))
     HEADER.pack_into(frame, 0, size)
     at = HEADER.size
     for part in parts:
