@@ -40,13 +40,26 @@ class _Waiter:
         self.response: p.Response | None = None
 
 
-Handler = Callable[[p.RequestReceived | p.BadRequest], Awaitable[bytes | None]]
+class Lent:
+    """An answer in a pooled buffer: ``release`` gives the buffer back once it is
+    sent (or once it never will be)."""
+
+    __slots__ = ("data", "release")
+
+    def __init__(self, data: memoryview, release: Callable[[], None]) -> None:
+        self.data = data
+        self.release = release
+
+
+Handler = Callable[[p.RequestReceived | p.BadRequest], Awaitable[bytes | Lent | None]]
 
 
 class Endpoint:
-    def __init__(self, stream: trio.abc.Stream, conn: p.Connection) -> None:
+    def __init__(self, stream: trio.abc.Stream, conn: p.Connection,
+                 pace: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.stream = stream
         self.conn = conn
+        self.pace = pace  # awaited before each slice of a large write, with its size
         self._waiters: dict[int, _Waiter] = {}
         self._send_lock = trio.Lock()
         self.closed = trio.Event()
@@ -83,6 +96,8 @@ class Endpoint:
                 else:  # one large answer must not hold the loop: other connections go in between
                     with memoryview(data) as view:
                         for at in range(0, len(view), SEND_SLICE):
+                            if self.pace is not None:
+                                await self.pace(min(SEND_SLICE, len(view) - at))
                             await self.stream.send_all(view[at : at + SEND_SLICE])
             except trio.Cancelled:
                 # A send cut short leaves part of a frame on the wire: nothing
@@ -103,6 +118,7 @@ class Endpoint:
         take what we send).
         Raises ProtocolError for a peer that broke the protocol; returns on EOF or
         a broken transport."""
+        lent: list[Callable[[], None]] = []
         try:
             while not self.conn.closed:
                 if on_wait is not None:
@@ -123,13 +139,16 @@ class Endpoint:
                         self._deliver(event)
                     elif isinstance(event, p.RequestReceived | p.BadRequest):
                         answer = await handle(event)
+                        if isinstance(answer, Lent):
+                            lent.append(answer.release)
+                            answer = answer.data
                         if answer:
                             out.append(answer)
                             out_bytes += len(answer)
                             if out_bytes >= SEND_BATCH_BYTES:
                                 if on_wait is not None:
                                     on_wait()
-                                if not await self._flush(out):
+                                if not await self._flush(out, lent):
                                     return
                                 out_bytes = 0
                     elif on_event is not None:
@@ -137,19 +156,25 @@ class Endpoint:
                 if out:
                     if on_wait is not None:
                         on_wait()
-                    if not await self._flush(out):
+                    if not await self._flush(out, lent):
                         return
         finally:
+            for release in lent:  # never to be sent now
+                release()
             self.close()
 
-    async def _flush(self, out: list[bytes]) -> bool:
-        """Send and empty ``out``; False if the peer is gone."""
+    async def _flush(self, out: list[Any], lent: list[Callable[[], None]]) -> bool:
+        """Send and empty ``out``, then give pooled buffers back; False if the peer is gone."""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         try:
             await self.send(data)
         except PeerGone:
             return False
+        finally:
+            del data
+            while lent:
+                lent.pop()()
         return True
 
     def _deliver(self, response: p.Response) -> None:

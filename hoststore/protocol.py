@@ -27,6 +27,7 @@ parameters is answered with an error and the connection goes on
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import struct
 import sys
@@ -37,6 +38,7 @@ import msgpack
 
 from .messages import (  # noqa: F401  (re-exported: the protocol's vocabulary)
     MAX_BATCH_PAGES,
+    MAX_GET_PAGES,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     REQUESTS,
@@ -188,7 +190,7 @@ class Connection:
         self._check_open()
         return _frame([RESPONSE, msgid, None, message.answer_to_wire(answer)])
 
-    def send_get_answer(self, frame: "GetAnswerFrame") -> bytearray | mmap.mmap:
+    def send_get_answer(self, frame: "GetAnswerFrame") -> bytearray | mmap.mmap | memoryview:
         """A get answer built in place (:func:`get_answer_frame`), once it is filled."""
         self._check_open()
         return frame.frame
@@ -320,7 +322,7 @@ class GetAnswerFrame:
     copy out of the slab, not three (the data, msgpack's buffer, the framing).
     Non-minimal msgpack (uint32 msgid, bin32 everywhere) is still msgpack."""
 
-    frame: bytearray | mmap.mmap
+    frame: bytearray | mmap.mmap | memoryview
     statuses: memoryview  # n bytes
     seqs: memoryview  # n uint64, native order ("Q")
     data: memoryview  # n * PAGE_SIZE
@@ -330,9 +332,43 @@ _LITTLE = sys.byteorder == "little"
 OWN_MAPPING_BYTES = 512 << 10
 
 
-def get_answer_frame(msgid: int, n: int) -> GetAnswerFrame | None:
+def get_answer_size(n: int) -> int:
+    """Bytes of the frame of a get answer of ``n`` pages (see get_answer_frame)."""
+    return HEADER.size + 24 + n * (1 + 8 + PAGE_SIZE)
+
+
+class FramePool:
+    """A few buffers for the largest answers, used again and again: no page faults
+    and no heap growth for a stream of large gets, and a fixed amount of memory
+    for them however many come at once (beyond the pool, answers get mappings of
+    their own, returned to the kernel once sent)."""
+
+    def __init__(self, count: int = 8, size: int = 0) -> None:
+        self.size = size or get_answer_size(MAX_GET_PAGES)
+        self.count = count
+        self._free: list[bytearray] = []
+        self._made = 0
+
+    def take(self) -> bytearray | None:
+        if self._free:
+            return self._free.pop()
+        if self._made < self.count:
+            self._made += 1
+            return bytearray(self.size)
+        return None
+
+    def give(self, buf: bytearray) -> None:
+        self._free.append(buf)
+
+    @property
+    def in_use(self) -> int:
+        return self._made - len(self._free)
+
+
+def get_answer_frame(msgid: int, n: int, buffer: bytearray | None = None) -> GetAnswerFrame | None:
     """Room for the answer to a get of ``n`` pages, or None where the layout does
-    not apply (a big-endian host: versions go little-endian on the wire)."""
+    not apply (a big-endian host: versions go little-endian on the wire).  In
+    ``buffer`` (from a FramePool, zeroed here) when one is given."""
     if not _LITTLE:
         return None
     parts = [b"\x94\x01\xce", msgid.to_bytes(4, "big"), b"\xc0\x93"]
@@ -346,8 +382,15 @@ def get_answer_frame(msgid: int, n: int) -> GetAnswerFrame | None:
     # the heap, a burst of them (a peer flooding the largest gets) would leave the
     # daemon that much larger for good.  Swap's own reads (at most 32 pages) stay
     # on the heap, where there is no page fault to pay.
-    frame: bytearray | mmap.mmap = (mmap.mmap(-1, HEADER.size + size) if HEADER.size + size >= OWN_MAPPING_BYTES
-                                    else bytearray(HEADER.size + size))
+    total = HEADER.size + size
+    frame: bytearray | mmap.mmap | memoryview
+    if buffer is not None and len(buffer) >= total:
+        frame = memoryview(buffer)[:total]
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(buffer)), 0, total)
+    elif total >= OWN_MAPPING_BYTES:
+        frame = mmap.mmap(-1, total)
+    else:
+        frame = bytearray(total)
     HEADER.pack_into(frame, 0, size)
     at = HEADER.size
     for part in parts:

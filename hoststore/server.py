@@ -32,7 +32,7 @@ from .access import Access, peer_key, peer_uid, socket_mode
 from .address import Address
 from .clientpages import ClientPages
 from .slab import INDEX_BLOCK
-from .endpoint import Endpoint, PeerGone, RemoteError
+from .endpoint import Endpoint, Lent, PeerGone, RemoteError
 from .fairshare import FairShare
 from .logsetup import RateLimited
 from .messages import (
@@ -138,7 +138,7 @@ class Session:
         self.server = server
         self.store = server.store
         self.access = server.access
-        self.endpoint = Endpoint(stream, p.Connection("server"))
+        self.endpoint = Endpoint(stream, p.Connection("server"), pace=self._pace)
         self.nonce = auth.nonce()
         self.uid = peer_uid(stream)
         self.admin = self.access.is_admin(self.uid)
@@ -188,6 +188,13 @@ class Session:
             store.connections_active -= 1
             await self.endpoint.aclose()
 
+    async def _pace(self, nbytes: int) -> None:
+        """Before each slice of a large answer: sending is the store's time too, so it
+        takes turns like serving does; then, about to wait for the peer to read, this
+        connection stops holding the others' turns."""
+        await self.server.fair.turn(self, nbytes // p.PAGE_SIZE)
+        self.server.fair.idle(self)
+
     def _waiting(self) -> None:
         """Waiting for the peer: this connection must not hold the others' turns."""
         self.server.fair.idle(self)
@@ -232,11 +239,7 @@ class Session:
             await self.server.fair.turn(self, request_cost(msg))
         try:
             if isinstance(msg, Get) and self.client is not None:
-                frame = p.get_answer_frame(event.msgid, len(msg.pages))
-                if frame is not None:  # filled in place: one copy of the pages, not three
-                    self.store.get_into(self.client, msg, frame.statuses, frame.seqs, frame.data)
-                    await trio.lowlevel.checkpoint()
-                    return conn.send_get_answer(frame)
+                return await self._get(event.msgid, msg, self.client)
             answer = await self._serve(msg)
         except RequestError as exc:
             self.store.counters.add(HostCounter.BAD_REQUESTS)
@@ -290,6 +293,25 @@ class Session:
         if self._deadline is not None:
             self._deadline.deadline = trio.current_time() + self.server.config.idle_timeout
         return conn.accept_hello(msgid, answer)
+
+    async def _get(self, msgid: int, msg: Get, client: ClientPages) -> bytes | Lent | bytearray | memoryview:
+        """A get answered from a frame filled in place: one copy of the pages, not
+        three; a large one in a pooled buffer (no page faults, no heap growth)."""
+        conn, pool = self.endpoint.conn, self.server.frames
+        n = len(msg.pages)
+        buf = pool.take() if p.get_answer_size(n) >= p.OWN_MAPPING_BYTES else None
+        try:
+            frame = p.get_answer_frame(msgid, n, buf)
+            if frame is None:  # a big-endian host: the generic path
+                return conn.send_answer(msgid, msg, self.store.get(client, msg))
+            self.store.get_into(client, msg, frame.statuses, frame.seqs, frame.data)
+            await trio.lowlevel.checkpoint()
+            data = conn.send_get_answer(frame)
+        except BaseException:
+            if buf is not None:
+                pool.give(buf)
+            raise
+        return data if buf is None else Lent(data, lambda: pool.give(buf))
 
     async def _serve(self, msg: Any) -> Any:
         store = self.store
@@ -351,6 +373,7 @@ class Server:
         self.config = config or ServerConfig()
         self.access = access or Access()
         self.fair = FairShare(on_wait=lambda: store.counters.add(HostCounter.FAIR_WAITS))
+        self.frames = p.FramePool()
         self._per_peer: Counter[str] = Counter()
         self._open = 0  # connections admitted and not closed yet
         self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)

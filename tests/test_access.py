@@ -441,6 +441,9 @@ async def test_answers_are_bounded_and_a_flood_of_gets_does_not_buffer_them(tmp_
             raw = await stream.receive_some(65536)
         kind, msgid, error, _ = msgpack.unpackb(raw[p.HEADER.size :])
         assert (kind, msgid) == (p.RESPONSE, 999) and "outside 1..256" in error
+        await stream.send_all(conn.send_request(Get(array("Q", range(4096, 4096 + MAX_GET_PAGES))))[1])
+        assert "outside" in (await answer_of(stream, conn)).error
+        assert server.frames.in_use == 0  # a refused get gives its buffer back at once
         request = b"".join(conn.send_request(Get(array("Q", range(MAX_GET_PAGES))))[1] for _ in range(4000))
         sent = 0
         with trio.move_on_after(2.0):  # the store stops reading once its answers back up
@@ -451,7 +454,11 @@ async def test_answers_are_bounded_and_a_flood_of_gets_does_not_buffer_them(tmp_
         other = await start_client(nursery, address, "other")
         with trio.fail_after(2):
             assert await other.put(0, 1, page(0)) == bytes(1)
+        assert server.frames.in_use >= 1  # the flood's answers sit in pooled buffers
         await stream.aclose()
+        with trio.fail_after(5):  # its connection gone, every pooled buffer is back
+            while server.frames.in_use:
+                await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
 
 

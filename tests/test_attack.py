@@ -20,7 +20,7 @@ def test_a_good_client_is_served_through_an_attack_and_the_store_stays_small() -
     alone, attacked = report["good_alone"], report["good_under_attack"]
     # The good client checks every page it reads back (the harness raises otherwise).
     assert attacked["requests"] >= 100
-    assert attacked["p99_ms"] <= max(30 * alone["p99_ms"], 100.0), report
+    assert attacked["p99_ms"] <= max(10 * alone["p99_ms"], 30.0), report
     assert report["rss_kib"]["growth"] < 16 * 1024, report
     closed = report["closed_by_reason"]
     assert closed["closed_oversized_frame"] > 0  # oversized length prefixes, refused at the header
