@@ -86,7 +86,10 @@ class Endpoint:
             raise RemoteError(response.error)
         return response.answer
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, paced: bool = False) -> None:
+        """Write ``data`` whole.  ``paced``: large writes await ``self.pace`` before each
+        slice (only the receive loop's own answers: a request this end sends, such as
+        a hand-back, comes from another task and must not take that loop's turns)."""
         async with self._send_lock:
             if self.closed.is_set():
                 raise PeerGone("connection closed")
@@ -96,7 +99,9 @@ class Endpoint:
                 else:  # one large answer must not hold the loop: other connections go in between
                     with memoryview(data) as view:
                         for at in range(0, len(view), SEND_SLICE):
-                            if self.pace is not None:
+                            if paced and self.pace is not None:
+                                if self.closed.is_set():
+                                    raise PeerGone("connection closed")
                                 await self.pace(min(SEND_SLICE, len(view) - at))
                             await self.stream.send_all(view[at : at + SEND_SLICE])
             except trio.Cancelled:
@@ -168,7 +173,7 @@ class Endpoint:
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         try:
-            await self.send(data)
+            await self.send(data, paced=True)
         except PeerGone:
             return False
         finally:

@@ -57,13 +57,15 @@ class FairShare:
             if self._resting.pop(who, None) is None:  # back from idle: no credit for the time away
                 self._vtime[who] = max(self._vtime.get(who, 0.0), self.floor())
             self._ready.add(who)
-        while self._vtime[who] > self.floor() + self.quantum:
+        while self._vtime.get(who, 0.0) > self.floor() + self.quantum:
             self.waits += 1
             if self.on_wait is not None:
                 self.on_wait()
             changed = self._changed
             with trio.move_on_after(self.grace if self._resting else float("inf")):
                 await changed.wait()
+        if who not in self._vtime:  # forgotten while it waited: its connection is gone
+            return
         before = self._vtime[who]
         self._vtime[who] = before + cost
         if before <= self._floor:  # it held the floor: others may go now

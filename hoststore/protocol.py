@@ -329,6 +329,7 @@ class GetAnswerFrame:
 
 
 _LITTLE = sys.byteorder == "little"
+IN_PLACE = _LITTLE  # get answers can be built in their frame (versions are little-endian on the wire)
 OWN_MAPPING_BYTES = 512 << 10
 
 

@@ -192,8 +192,10 @@ class Session:
         """Before each slice of a large answer: sending is the store's time too, so it
         takes turns like serving does; then, about to wait for the peer to read, this
         connection stops holding the others' turns."""
-        await self.server.fair.turn(self, nbytes // p.PAGE_SIZE)
-        self.server.fair.idle(self)
+        try:
+            await self.server.fair.turn(self, nbytes // p.PAGE_SIZE)
+        finally:
+            self.server.fair.idle(self)
 
     def _waiting(self) -> None:
         """Waiting for the peer: this connection must not hold the others' turns."""
@@ -299,11 +301,12 @@ class Session:
         three; a large one in a pooled buffer (no page faults, no heap growth)."""
         conn, pool = self.endpoint.conn, self.server.frames
         n = len(msg.pages)
+        if not p.IN_PLACE:  # a big-endian host: the generic path
+            return conn.send_answer(msgid, msg, self.store.get(client, msg))
         buf = pool.take() if p.get_answer_size(n) >= p.OWN_MAPPING_BYTES else None
         try:
             frame = p.get_answer_frame(msgid, n, buf)
-            if frame is None:  # a big-endian host: the generic path
-                return conn.send_answer(msgid, msg, self.store.get(client, msg))
+            assert frame is not None
             self.store.get_into(client, msg, frame.statuses, frame.seqs, frame.data)
             await trio.lowlevel.checkpoint()
             data = conn.send_get_answer(frame)

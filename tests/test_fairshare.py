@@ -74,3 +74,19 @@ async def test_a_client_back_from_idle_gets_no_credit() -> None:
     await fair.turn("old", 1)  # new: starts at the floor, not at 0
     fair.idle("busy")
     assert fair.floor() >= 900
+
+
+async def test_a_connection_forgotten_while_it_waits_is_let_go() -> None:
+    fair = FairShare(quantum=8, grace=0.0)
+    await fair.turn("low", 1)
+    await fair.turn("high", 100)  # now far ahead of "low"
+
+    async def waiter() -> None:
+        await fair.turn("high", 1)
+
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            fair.forget("high")  # its connection closed while it waited
+            fair.forget("low")
