@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -344,3 +345,16 @@ def test_a_command_that_overruns_its_timeout_is_stopped() -> None:
     with pytest.raises(system.CommandFailed, match="did not finish"):
         system.run(["sleep", "30"], timeout=0.5)
     assert time.monotonic() - start < 5
+
+
+@needs_root_fuse
+def test_up_makes_a_readable_state_directory_private_for_the_stores_socket(state_dir: str, disk_dir: str) -> None:
+    """The store refuses a socket directory others can enter; a state directory made
+    0755 by hand (ours, not writable by others) is made private rather than failing."""
+    os.makedirs(state_dir, mode=0o755)
+    os.chmod(state_dir, 0o755)
+    done = vswapctl(state_dir, "up", "--no-swap", "--size", "16M", "--capacity", "4M",
+                    "--backing", os.path.join(disk_dir, "backing"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "made" in done.stdout and stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
+    assert vswapctl(state_dir, "down").returncode == 0

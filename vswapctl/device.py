@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -86,6 +87,15 @@ def guard(state: State, what: str) -> None:
     live = [loop for loop in our_loops(state) if system.swapped_on(loop, active)]
     if live:
         raise StillSwappedOn(f"{', '.join(live)} is still swapped on: not going to {what}")
+
+
+def _make_private(state_dir: str, say: Say) -> None:
+    """The store's socket lives in the state directory, and the store accepts only a
+    directory nobody else can enter (ours already: check_private)."""
+    mode = stat.S_IMODE(os.stat(state_dir).st_mode)
+    if mode & 0o077:
+        os.chmod(state_dir, mode & 0o700)
+        say(f"made {state_dir} private (mode {mode:04o} -> {mode & 0o700:04o}): the store's socket lives there")
 
 
 def stopped_advice(state: State, reason: str) -> str:
@@ -188,6 +198,8 @@ def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
         problems = preflight(state_dir, cfg)
         if problems:
             raise UpFailed("; ".join(problems))
+        if not cfg.host:
+            _make_private(state_dir, say)
         state = State(state_dir, mountpoint=cfg.mountpoint, backing=cfg.backing)
         state.save()
         undo = Undo()
