@@ -179,6 +179,7 @@ def test_status_answers_in_time_when_vswapfs_is_stopped(state_dir: str, disk_dir
 def test_the_kernel_may_keep_many_swap_requests_in_flight(state_dir: str, disk_dir: str) -> None:
     from vswapfs import fusectl
 
+    was_mounted = fusectl.is_mounted()
     done = up_no_swap(state_dir, disk_dir)
     assert done.returncode == 0, done.stdout + done.stderr
     state = State.load(state_dir)
@@ -186,6 +187,7 @@ def test_the_kernel_may_keep_many_swap_requests_in_flight(state_dir: str, disk_d
         connection = next(int(line.split()[2].split(":")[1]) for line in f if line.split()[4] == state.mountpoint)
     assert fusectl.read_limit(connection, "max_background") == 256
     assert fusectl.read_limit(connection, "congestion_threshold") == 192
+    assert fusectl.is_mounted() == was_mounted  # fusectl is left as vswapfs found it
 
 
 @needs_root_fuse

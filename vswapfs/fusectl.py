@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 CONNECTIONS = "/sys/fs/fuse/connections"
 
@@ -32,13 +34,27 @@ def connection_of(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> i
     return found
 
 
-def ensure_mounted() -> bool:
-    """fusectl at /sys/fs/fuse/connections (systemd mounts it; a bare machine may not)."""
-    if os.path.isdir(CONNECTIONS) and os.listdir(CONNECTIONS):
-        return True
+def is_mounted(mounts: str = "/proc/self/mounts") -> bool:
+    with open(mounts) as f:
+        return any(line.split()[1:3] == [CONNECTIONS, "fusectl"] for line in f if len(line.split()) > 2)
+
+
+@contextmanager
+def mounted() -> Iterator[None]:
+    """fusectl at /sys/fs/fuse/connections for the duration: systemd mounts it, a bare
+    machine may not.  What we mount we unmount again, so that nothing of ours stays
+    behind (a busy unmount, another vswapfs using it at that moment, leaves it)."""
+    if is_mounted():
+        yield
+        return
     done = subprocess.run(["mount", "-t", "fusectl", "fusectl", CONNECTIONS], capture_output=True, text=True,
                           timeout=10)
-    return done.returncode == 0
+    if done.returncode != 0:
+        raise OSError(f"cannot mount fusectl at {CONNECTIONS}: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", CONNECTIONS], capture_output=True, timeout=10)
 
 
 def set_limits(connection: int, max_background: int, congestion_threshold: int) -> None:
@@ -51,6 +67,11 @@ def set_limits(connection: int, max_background: int, congestion_threshold: int) 
             os.close(fd)
 
 
+def set_limits_mounted(connection: int, max_background: int, congestion_threshold: int) -> None:
+    with mounted():
+        set_limits(connection, max_background, congestion_threshold)
+
+
 def read_limit(connection: int, name: str) -> int:
-    with open(os.path.join(CONNECTIONS, str(connection), name)) as f:
+    with mounted(), open(os.path.join(CONNECTIONS, str(connection), name)) as f:
         return int(f.read())

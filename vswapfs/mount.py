@@ -130,9 +130,8 @@ async def raise_background_limit(mountpoint: str, max_background: int) -> None:
         connection = fusectl.connection_of(mountpoint)
         if connection is None:
             raise OSError(f"no FUSE mount at {mountpoint} in /proc/self/mountinfo")
-        if not await trio.to_thread.run_sync(fusectl.ensure_mounted):
-            raise OSError(f"cannot mount fusectl at {fusectl.CONNECTIONS}")
-        await trio.to_thread.run_sync(fusectl.set_limits, connection, max_background, max_background * 3 // 4)
+        await trio.to_thread.run_sync(fusectl.set_limits_mounted, connection, max_background,
+                                      max_background * 3 // 4)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("cannot raise the FUSE background limit to %d (%s): reads waiting for the store may "
                     "hold up swap-out writes", max_background, exc)
