@@ -283,34 +283,36 @@ async def test_unix_peers_are_checked_against_the_allowed_uids(tmp_path) -> None
     if os.geteuid() != 0:
         pytest.skip("needs root to connect as other uids")
     directory = tempfile.mkdtemp(prefix="vswapfs-access-", dir="/tmp")  # other uids can reach it
-    os.chmod(directory, 0o711)
-    store = new_store()
-    access = Access(None, frozenset({12345}))
-    script = textwrap.dedent("""
-        import os, sys, trio
-        from hoststore.address import Address
-        from hoststore.messages import Stats
-        from vswapfs.hostclient import query
-        uid = int(sys.argv[2]); os.setgid(uid); os.setuid(uid)
-        try:
-            trio.run(query, Address("unix", path=sys.argv[1]), Stats())
-            print("served")
-        except Exception as e:
-            print("refused:", e)
-    """)
-    async with trio.open_nursery() as nursery:
-        address, _ = await start_server(nursery, Address("unix", path=os.path.join(directory, "s")), store, access)
-        assert os.stat(address.path).st_mode & 0o777 == 0o666  # the uid check decides, not the file mode
-        results = {}
-        for uid in (12345, 65534):
-            done = await trio.run_process([sys.executable, "-c", script, address.path, str(uid)],
-                                          capture_stdout=True, cwd=os.getcwd(), check=False)
-            results[uid] = done.stdout.decode().strip()
-        assert results[12345] == "served"
-        assert results[65534].startswith("refused:") and "uid 65534" in results[65534]
-        assert store.counters[HostCounter.REFUSED_UID] == 1
-        nursery.cancel_scope.cancel()
-    shutil.rmtree(directory)
+    try:
+        os.chmod(directory, 0o711)
+        store = new_store()
+        access = Access(None, frozenset({12345}))
+        script = textwrap.dedent("""
+            import os, sys, trio
+            from hoststore.address import Address
+            from hoststore.messages import Stats
+            from vswapfs.hostclient import query
+            uid = int(sys.argv[2]); os.setgid(uid); os.setuid(uid)
+            try:
+                trio.run(query, Address("unix", path=sys.argv[1]), Stats())
+                print("served")
+            except Exception as e:
+                print("refused:", e)
+        """)
+        async with trio.open_nursery() as nursery:
+            address, _ = await start_server(nursery, Address("unix", path=os.path.join(directory, "s")), store, access)
+            assert os.stat(address.path).st_mode & 0o777 == 0o666  # the uid check decides, not the file mode
+            results = {}
+            for uid in (12345, 65534):
+                done = await trio.run_process([sys.executable, "-c", script, address.path, str(uid)],
+                                              capture_stdout=True, cwd=os.getcwd(), check=False)
+                results[uid] = done.stdout.decode().strip()
+            assert results[12345] == "served"
+            assert results[65534].startswith("refused:") and "uid 65534" in results[65534]
+            assert store.counters[HostCounter.REFUSED_UID] == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_listeners_open_to_strangers_are_refused_at_start(tmp_path) -> None:

@@ -15,12 +15,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from array import array
 from typing import Any
@@ -43,6 +41,8 @@ from hoststore.messages import (
     Welcome,
 )
 
+from .benchstore import bench_store
+
 # Hostile connections by kind; 50 in all.
 KINDS = {
     "garbage": 6,
@@ -64,6 +64,16 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 # -- the hostile side (its own process) ---------------------------------------------------
+
+
+async def _next_event(stream: trio.SocketStream, conn: p.Connection) -> p.Event:
+    """The next message from the store; BrokenResourceError if it hung up first."""
+    while (event := conn.next_event()) is None:
+        data = await stream.receive_some(1 << 20)
+        if not data:
+            raise trio.BrokenResourceError("closed by the store")
+        conn.receive_data(data)
+    return event
 
 
 class _Hostile:
@@ -94,23 +104,37 @@ class _Hostile:
         conn = p.Connection("client")
         try:
             with trio.fail_after(5):
-                while (event := conn.next_event()) is None:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return None
-                    conn.receive_data(data)
-                assert isinstance(event, Welcome)
+                if not isinstance(await _next_event(stream, conn), Welcome):
+                    return None
                 hello = Hello(PROTOCOL_VERSION, name, ROLE_PAGER, npages * PAGE_SIZE, os.urandom(8).hex(),
                               os.urandom(16))
                 await stream.send_all(conn.send_request(hello)[1])
-                while (event := conn.next_event()) is None:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return None
-                    conn.receive_data(data)
+                event = await _next_event(stream, conn)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, p.ProtocolError):
             return None
         return conn if isinstance(event, p.Response) and event.error is None else None
+
+    async def _pipeline(self, name: str, npages: int, first: list[Any], request: Any) -> None:
+        """Say hello, send ``first``, then ``request`` 64 at a time for ever, reading the
+        answers as fast as they come (at most 8 + 64 unanswered); again on a new
+        connection whenever the store closes this one."""
+        while True:
+            if (stream := await self._connect()) is None:
+                continue
+            async with stream:
+                conn = await self._hello(stream, f"{name}-{random.random()}", npages)
+                if conn is None:
+                    await trio.sleep(0.1)
+                    continue
+                try:
+                    for message in first:
+                        await stream.send_all(conn.send_request(message)[1])
+                    while True:
+                        await stream.send_all(b"".join(conn.send_request(request)[1] for _ in range(64)))
+                        while conn.pending > 8:
+                            await _next_event(stream, conn)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, p.ProtocolError):
+                    pass
 
     async def garbage(self, i: int) -> None:
         while True:
@@ -161,54 +185,13 @@ class _Hostile:
             await trio.sleep(0.005)
 
     async def get_flood(self, i: int) -> None:
-        """The largest legal gets, pipelined 64 at a time; answers read as fast as they come."""
-        while True:
-            if (stream := await self._connect()) is None:
-                continue
-            async with stream:
-                conn = await self._hello(stream, f"hostile-get-{i}-{random.random()}", 4096)
-                if conn is None:
-                    await trio.sleep(0.1)
-                    continue
-                try:
-                    await stream.send_all(conn.send_request(Put(0, 1, os.urandom(64 * PAGE_SIZE)))[1])
-                    get = Get(array("Q", range(MAX_GET_PAGES)))
-                    while True:
-                        await stream.send_all(b"".join(conn.send_request(get)[1] for _ in range(64)))
-                        while conn.pending > 8:
-                            data = await stream.receive_some(1 << 20)
-                            if not data:
-                                raise trio.BrokenResourceError
-                            conn.receive_data(data)
-                            while conn.next_event() is not None:
-                                pass
-                except (trio.BrokenResourceError, trio.ClosedResourceError, p.ProtocolError):
-                    pass
+        """The largest legal gets, pipelined."""
+        await self._pipeline(f"hostile-get-{i}", 4096, [Put(0, 1, os.urandom(64 * PAGE_SIZE))],
+                             Get(array("Q", range(MAX_GET_PAGES))))
 
     async def invalidate_stream(self, i: int) -> None:
-        """Invalidates of a whole 4 TiB device, pipelined 64 at a time."""
-        npages = 1 << 30
-        while True:
-            if (stream := await self._connect()) is None:
-                continue
-            async with stream:
-                conn = await self._hello(stream, f"hostile-inv-{i}-{random.random()}", npages)
-                if conn is None:
-                    await trio.sleep(0.1)
-                    continue
-                try:
-                    inv = Invalidate(0, npages, MAX_SEQ)
-                    while True:
-                        await stream.send_all(b"".join(conn.send_request(inv)[1] for _ in range(64)))
-                        while conn.pending > 8:
-                            data = await stream.receive_some(1 << 20)
-                            if not data:
-                                raise trio.BrokenResourceError
-                            conn.receive_data(data)
-                            while conn.next_event() is not None:
-                                pass
-                except (trio.BrokenResourceError, trio.ClosedResourceError, p.ProtocolError):
-                    pass
+        """Invalidates of a whole 4 TiB device, pipelined."""
+        await self._pipeline(f"hostile-inv-{i}", 1 << 30, [], Invalidate(0, 1 << 30, MAX_SEQ))
 
 
 async def _hostile_main(host: str, port: int, seconds: float, kinds: dict[str, int]) -> int:
@@ -284,50 +267,35 @@ def _summary(latencies: list[float]) -> dict[str, float]:
 def run(seconds: float = 10.0, hello_timeout: float = 2.0, kinds: dict[str, int] | None = None) -> dict[str, Any]:
     from vswapfs.hostclient import query
 
-    workdir = tempfile.mkdtemp(prefix="vswapctl-attack-")
-    sock = os.path.join(workdir, "host.sock")
     port = _free_port()
-    store = subprocess.Popen([sys.executable, "-m", "hoststore", "--listen", f"unix:{sock}",
-                              "--listen", f"tcp:127.0.0.1:{port}", "--capacity", "256M",
-                              "--hello-timeout", str(hello_timeout), "--idle-timeout", str(hello_timeout * 3),
-                              "--drain-timeout", "1"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     attacker: subprocess.Popen[str] | None = None
-    try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(sock):
-            if store.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("hoststore did not start")
-            time.sleep(0.02)
-        address = Address("unix", path=sock)
-        trio.run(_good_client, address, 1.0)  # warm up: the store's slab and index exist
-        base = trio.run(_good_client, address, seconds)
-        rss_before = _rss_kib(store.pid)
-        kinds = kinds or KINDS
-        attacker = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "vswapctl.attack", "127.0.0.1", str(port),
-                                     str(seconds + 4), json.dumps(kinds)], stdout=subprocess.PIPE, text=True)
-        time.sleep(2.0)  # every kind of attack under way
-        cpu_start, wall_start = (_cpu_seconds(store.pid), _cpu_seconds(attacker.pid)), time.monotonic()
-        attacked = trio.run(_good_client, address, seconds)
-        wall = time.monotonic() - wall_start
-        cpu = {"store": round((_cpu_seconds(store.pid) - cpu_start[0]) / wall * 100),
-               "attackers": round((_cpu_seconds(attacker.pid) - cpu_start[1]) / wall * 100)}
-        rss_peak = _rss_kib(store.pid)
-        out, _ = attacker.communicate(timeout=60)
-        stats = trio.run(query, address, Stats())
-        rss_after = _rss_kib(store.pid)
-        alive = store.poll() is None
-    finally:
-        if attacker is not None and attacker.poll() is None:
-            attacker.kill()
-            attacker.wait()
-        store.terminate()
+    with bench_store("vswapctl-attack-", "--listen", f"tcp:127.0.0.1:{port}", "--capacity", "256M",
+                     "--hello-timeout", str(hello_timeout), "--idle-timeout", str(hello_timeout * 3),
+                     "--drain-timeout", "1") as (store, sock, _):
         try:
-            store.wait(30)
-        except subprocess.TimeoutExpired:
-            store.kill()
-            store.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+            address = Address("unix", path=sock)
+            trio.run(_good_client, address, 1.0)  # warm up: the store's slab and index exist
+            base = trio.run(_good_client, address, seconds)
+            rss_before = _rss_kib(store.pid)
+            kinds = kinds or KINDS
+            attacker = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "vswapctl.attack", "127.0.0.1",
+                                         str(port), str(seconds + 4), json.dumps(kinds)],
+                                        stdout=subprocess.PIPE, text=True)
+            time.sleep(2.0)  # every kind of attack under way
+            cpu_start, wall_start = (_cpu_seconds(store.pid), _cpu_seconds(attacker.pid)), time.monotonic()
+            attacked = trio.run(_good_client, address, seconds)
+            wall = time.monotonic() - wall_start
+            cpu = {"store": round((_cpu_seconds(store.pid) - cpu_start[0]) / wall * 100),
+                   "attackers": round((_cpu_seconds(attacker.pid) - cpu_start[1]) / wall * 100)}
+            rss_peak = _rss_kib(store.pid)
+            out, _ = attacker.communicate(timeout=60)
+            stats = trio.run(query, address, Stats())
+            rss_after = _rss_kib(store.pid)
+            alive = store.poll() is None
+        finally:
+            if attacker is not None and attacker.poll() is None:
+                attacker.kill()
+                attacker.wait()
     return {
         "seconds": seconds,
         "hostile_connections_at_once": sum(kinds.values()),

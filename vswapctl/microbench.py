@@ -11,11 +11,7 @@ each path, measured on the same batches.
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from typing import Any
 
@@ -23,6 +19,8 @@ import trio
 
 from hoststore.address import Address
 from hoststore.messages import PAGE_SIZE
+
+from .benchstore import bench_store
 
 BATCHES = (1, 8, 64, 256)
 
@@ -113,25 +111,8 @@ async def _page_path(socket_path: str, backing_path: str, seconds: float) -> dic
 
 
 def run(seconds: float = 1.0, capacity: str = "512M") -> dict[str, Any]:
-    workdir = tempfile.mkdtemp(prefix="vswapctl-microbench-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
-    sock = os.path.join(workdir, "host.sock")
-    store = subprocess.Popen([sys.executable, "-m", "hoststore", "--listen", f"unix:{sock}", "--capacity", capacity],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(sock):
-            if store.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("hoststore did not start")
-            time.sleep(0.02)
+    with bench_store("vswapctl-microbench-", "--capacity", capacity) as (_, sock, workdir):
         result = trio.run(_page_path, sock, os.path.join(workdir, "backing"), seconds)
-    finally:
-        store.terminate()  # it drains: we released everything, so it has nothing to hand back
-        try:
-            store.wait(30)
-        except subprocess.TimeoutExpired:
-            store.terminate()  # a second SIGTERM: exit at once
-            store.wait(30)
-        shutil.rmtree(workdir, ignore_errors=True)
     result["params"] = {"seconds_per_measurement": seconds, "store_capacity": capacity,
                         "transport": "unix socket, msgpack"}
     return result
