@@ -228,7 +228,11 @@ def test_a_failed_unmount_stops_down_and_vswapfs_is_never_killed(state_dir: str,
 @needs_root_fuse
 def test_a_failed_undo_step_stops_the_undo_and_keeps_the_state(state_dir: str, disk_dir: str, tmp_path) -> None:
     """swapon fails, and then so does the unmount of the undo: up stops undoing (the
-    store still serves the mounted vswapfs), keeps its state, and down finishes later."""
+    store still serves the mounted vswapfs), keeps its state, and down finishes later.
+    The failing umount first on PATH must not keep vswapfs from unmounting fusectl."""
+    from vswapfs import fusectl
+
+    was_mounted = fusectl.is_mounted()
     env = fake_command(tmp_path, "swapon", "exit 1\n")
     fake_command(tmp_path, "umount", "echo \"umount: $1: target is busy.\" >&2\nexit 32\n")
     done = vswapctl(state_dir, "up", "--size", "16M", "--capacity", "4M", "--backing",
@@ -241,6 +245,7 @@ def test_a_failed_undo_step_stops_the_undo_and_keeps_the_state(state_dir: str, d
     done = vswapctl(state_dir, "down")
     assert done.returncode == 0, done.stdout + done.stderr
     assert not os.path.exists(os.path.join(disk_dir, "backing"))
+    assert fusectl.is_mounted() == was_mounted
 
 
 @needs_root_fuse

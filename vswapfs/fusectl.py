@@ -10,12 +10,18 @@ minor number of the mount's device.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import fcntl
+import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 CONNECTIONS = "/sys/fs/fuse/connections"
+log = logging.getLogger("vswapfs.fusectl")
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+LOCK = "/run/vswapfs-fusectl.lock" if os.path.isdir("/run") else "/tmp/vswapfs-fusectl.lock"
 
 
 def connection_of(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> int | None:
@@ -40,21 +46,32 @@ def is_mounted(mounts: str = "/proc/self/mounts") -> bool:
 
 
 @contextmanager
-def mounted() -> Iterator[None]:
+def mounted(lock_path: str = LOCK) -> Iterator[None]:
     """fusectl at /sys/fs/fuse/connections for the duration: systemd mounts it, a bare
     machine may not.  What we mount we unmount again, so that nothing of ours stays
-    behind (a busy unmount, another vswapfs using it at that moment, leaves it)."""
-    if is_mounted():
-        yield
-        return
-    done = subprocess.run(["mount", "-t", "fusectl", "fusectl", CONNECTIONS], capture_output=True, text=True,
-                          timeout=10)
-    if done.returncode != 0:
-        raise OSError(f"cannot mount fusectl at {CONNECTIONS}: {done.stderr.strip()}")
+    behind.  vswapfs processes take turns (a lock file), so that one never unmounts
+    it under another, nor finds it busy and leaves it mounted."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        yield
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if is_mounted():
+            yield
+            return
+        # The system calls, not mount(8)/umount(8) through PATH: a pseudo filesystem of
+        # the kernel's, mounted for a moment, must come off whatever stands in for
+        # umount (the tests put a failing one first on PATH).
+        if _libc.mount(b"fusectl", CONNECTIONS.encode(), b"fusectl", 0, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot mount fusectl at {CONNECTIONS}: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            if _libc.umount2(CONNECTIONS.encode(), 0) != 0:
+                err = ctypes.get_errno()
+                log.warning("could not unmount fusectl at %s again (%s): it stays mounted", CONNECTIONS,
+                            os.strerror(err))
     finally:
-        subprocess.run(["umount", CONNECTIONS], capture_output=True, timeout=10)
+        os.close(fd)
 
 
 def set_limits(connection: int, max_background: int, congestion_threshold: int) -> None:
