@@ -21,7 +21,7 @@ from contextlib import contextmanager
 CONNECTIONS = "/sys/fs/fuse/connections"
 log = logging.getLogger("vswapfs.fusectl")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-LOCK = "/run/vswapfs-fusectl.lock" if os.path.isdir("/run") else "/tmp/vswapfs-fusectl.lock"
+LOCK = "/run/lock/vswapfs-fusectl.lock" if os.path.isdir("/run/lock") else "/tmp/vswapfs-fusectl.lock"
 
 
 def connection_of(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> int | None:
