@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+INPROC = "inproc"
+
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    kind: str  # "unix" or "tcp"
+    kind: str  # "unix", "tcp", or "inproc" (a client's own in-process store; nothing listens there)
     path: str = ""
     host: str = ""
     port: int = 0
 
     def __str__(self) -> str:
+        if self.kind == "inproc":
+            return INPROC
         if self.kind == "unix":
             return f"unix:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -39,3 +43,9 @@ def parse_address(text: str) -> Address:
             raise ValueError(f"address {text!r}: port {port} out of range")
         return Address("tcp", host=host, port=port)
     raise ValueError(f"address {text!r}: unknown kind {kind!r} (use unix: or tcp:)")
+
+
+def parse_store_address(text: str) -> Address:
+    """Where a client keeps its pages: an address as :func:`parse_address` reads
+    it, or ``inproc`` (a store inside the client itself)."""
+    return Address(INPROC) if text == INPROC else parse_address(text)

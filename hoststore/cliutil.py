@@ -21,3 +21,14 @@ def argtype(parse: Callable[[str], T]) -> Callable[[str], T]:
 
     convert.__name__ = getattr(parse, "__name__", "value")
     return convert
+
+
+def percent(text: str) -> float:
+    """A percentage in (0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a percentage") from None
+    if not 0 < value <= 100:
+        raise ValueError(f"{text} is not within (0, 100]")
+    return value

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from .access import Access, AccessError, check_listener
 from .address import Address, parse_address
 from .auth import TokenError, load_token
-from .cliutil import argtype
+from .cliutil import argtype, percent
 from .hardening import harden
 from .logsetup import setup_logging
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
@@ -88,15 +88,6 @@ def _weight(text: str) -> tuple[str, float]:
     return name, _positive(weight)
 
 
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a percentage") from None
-    if not 0 < value <= 100:
-        raise ValueError(f"{text} is not within (0, 100]")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
@@ -136,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="close a connection that has not said hello within this long (default 10)")
     ap.add_argument("--idle-timeout", type=argtype(_positive), default=300.0, metavar="SECONDS",
                     help="close a connection silent for this long (default 300; vswapfs keeps its own alive)")
-    ap.add_argument("--high-watermark", type=argtype(_percent), default=90.0, metavar="PCT",
+    ap.add_argument("--high-watermark", type=argtype(percent), default=90.0, metavar="PCT",
                     help="refuse pages once used memory reaches PCT%% of RAM (default 90)")
-    ap.add_argument("--low-watermark", type=argtype(_percent), default=80.0, metavar="PCT",
+    ap.add_argument("--low-watermark", type=argtype(percent), default=80.0, metavar="PCT",
                     help="after refusing, accept again once used memory falls to PCT%% (default 80)")
     ap.add_argument("--pressure-interval", type=float, default=0.005, metavar="SECONDS",
                     help="read memory pressure at most this often (default 0.005)")

@@ -99,6 +99,27 @@ def test_workload_through_host_and_backing_has_no_bad_pages(state_dir: str, disk
     assert status.returncode == 0 and "host" in status.stdout and "backing" in status.stdout
 
 
+def test_workload_through_the_in_process_store_and_backing(state_dir: str, disk_dir: str) -> None:
+    """--host inproc: no store daemon; vswapfs keeps up to --capacity in its own memory."""
+    up(state_dir, disk_dir, "--host", "inproc", "--priority", "32000")
+    state = State.load(state_dir)
+    assert state is not None and state.hoststore_id is None and state.host == "inproc"
+    done = vswapctl(state_dir, "workload", "--size", "256M", "--limit", "64M")
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pages"] == 65536 and result["bad_pages"] == 0
+    after = stats(state_dir)
+    fs, store = after["vswapfs"], after["hoststore"]
+    assert fs["host_address"] == "inproc" and "inproc_store" not in fs
+    assert store["accepted"] == fs["host_writes"] > 0 and store["refused_capacity"] > 0
+    assert fs["backing_writes"] > 0 and fs["host_reads"] > 0 and fs["backing_reads"] > 0
+    assert fs["io_errors"] == 0 and fs["read_failures"] == 0
+    status = vswapctl(state_dir, "status")
+    assert status.returncode == 0 and "inproc (in vswapfs)" in status.stdout
+    drain = vswapctl(state_dir, "drain")
+    assert drain.returncode == 1 and "no store daemon" in drain.stderr
+
+
 def start_workload(state_dir: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "vswapctl", "--state-dir", state_dir, "workload",
                              "--size", "256M", "--limit", "64M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from hoststore.address import parse_address
+from hoststore.address import INPROC, parse_address, parse_store_address
 from hoststore.cliutil import argtype
 from hoststore.messages import PAGE_SIZE, Drain, Stats
 from hoststore.sizes import format_size, parse_size
@@ -55,6 +55,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.token_file and not args.host:
         return _fail("--token-file is for a store at --host; the store up starts listens on a private unix socket")
+    if args.token_file and args.host.kind == INPROC:
+        return _fail("--token-file is for a store at an address; --host inproc has none")
     if args.token_file:
         from hoststore.auth import TokenError, load_token
 
@@ -146,7 +148,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "mounted": system.mount_type(state.mountpoint) == "fuse.vswapfs",
         "vswapfs": _running(state.vswapfs_id),
         "host": state.host,
-        "hoststore": _running(state.hoststore_id) if state.hoststore_id else "external",
+        "hoststore": _running(state.hoststore_id) if state.hoststore_id else
+        "in vswapfs" if state.host == INPROC else "external",
         "backing": state.backing,
         "pages": {k: fs[f"pages_{k}"] for k in ("host", "host_and_backing", "backing", "unwritten", "lost_now")}
         if fs_ok else None,
@@ -184,7 +187,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     state = _need_state(args)
     fs = read_vswapfs_stats(state)
-    host = read_host_stats(state.host, state.token_file)
+    if state.host == INPROC:  # the store lives in vswapfs: its counters came with vswapfs's
+        host = fs.pop("inproc_store", "not reported") if isinstance(fs, dict) else "inside vswapfs, which " + fs
+    else:
+        host = read_host_stats(state.host, state.token_file)
     if args.json:
         print(json.dumps({"vswapfs": fs, "hoststore": host}, indent=1, sort_keys=True))
         return 0
@@ -224,6 +230,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
         address = args.host
     else:
         state = _need_state(args)
+        if state.host == INPROC:
+            return _fail("this device has no store daemon (--host inproc): its pages leave vswapfs's memory "
+                         "as swapoff reads them back (`vswapctl down`)")
         address = parse_address(state.host)
     say(f"draining the host store at {address}: it hands every page back to its clients, then exits")
     try:
@@ -403,8 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with direct I/O, mkswap and swapon it.")
     up.add_argument("--size", type=argtype(_page_size), help="device size (K/M/G); needed unless the backing "
                                                            "file exists")
-    up.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
-                    help="use a running hoststore (unix:PATH or tcp:HOST:PORT) instead of starting one")
+    up.add_argument("--host", type=argtype(parse_store_address), metavar="ADDR",
+                    help="use a running hoststore (unix:PATH or tcp:HOST:PORT) instead of starting one, or "
+                         "`inproc`: keep admitted pages in vswapfs's own memory, no store daemon (--capacity "
+                         "then bounds that memory)")
     up.add_argument("--token-file", metavar="PATH",
                     help="with --host: the store's shared token (mode 0600), proven both ways at hello")
     up.add_argument("--backing", metavar="FILE",

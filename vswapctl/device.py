@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hoststore.address import INPROC
 from hoststore.sizes import format_size
 
 from . import system
@@ -198,14 +199,17 @@ def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
         problems = preflight(state_dir, cfg)
         if problems:
             raise UpFailed("; ".join(problems))
-        if not cfg.host:
+        if not cfg.host or cfg.host == INPROC:
             _make_private(state_dir, say)
         state = State(state_dir, mountpoint=cfg.mountpoint, backing=cfg.backing)
         state.save()
         undo = Undo()
         try:
             _make_places(state, cfg, undo)
-            if cfg.host:
+            if cfg.host == INPROC:
+                state.host = INPROC
+                say(f"no store daemon: vswapfs keeps up to {format_size(cfg.capacity)} of pages in its own memory")
+            elif cfg.host:
                 state.host = cfg.host
                 state.token_file = os.path.abspath(cfg.token_file) if cfg.token_file else ""
             else:
@@ -353,6 +357,10 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
         argv.append("--writethrough")
     if state.token_file:
         argv += ["--token-file", state.token_file]
+    if state.host == INPROC:
+        argv += ["--capacity", str(cfg.capacity)]
+        if cfg.pressure_source:
+            argv += ["--pressure-source", cfg.pressure_source]
     if cfg.verbose:
         argv.append("-v")
     undo.push("stop vswapfs", lambda: _stop_vswapfs(state, say))

@@ -15,12 +15,14 @@ from typing import Any
 import pyfuse3
 import trio
 
-from hoststore.address import Address, parse_address
+from hoststore.address import INPROC, Address, parse_store_address
 from hoststore.auth import TokenError, load_token
-from hoststore.cliutil import argtype
+from hoststore.cliutil import argtype, percent
 from hoststore.hardening import harden
 from hoststore.logsetup import setup_logging
-from hoststore.messages import MessageError, check_client_name
+from hoststore.messages import PAGE_SIZE, MessageError, check_client_name
+from hoststore.policy import Limits
+from hoststore.pressure import Sampler, parse_source
 from hoststore.sizes import parse_size
 
 from . import fusectl
@@ -28,6 +30,7 @@ from .backing import Backing, BackingError
 from .control import remove_stale, serve_control
 from .fs import DISCARD_SUPPORTED, Operations
 from .hostclient import HostClient
+from .inproc import InprocStore
 from .pager import Pager
 
 log = logging.getLogger("vswapfs")
@@ -61,8 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=argtype(parse_size), metavar="SIZE",
                     help="device size when creating the backing file (K/M/G suffixes); "
                          "an existing file's size is used")
-    ap.add_argument("--host", type=argtype(parse_address), required=True, metavar="ADDR",
-                    help="host store address: unix:PATH or tcp:HOST:PORT")
+    ap.add_argument("--host", type=argtype(parse_store_address), required=True, metavar="ADDR",
+                    help="host store address: unix:PATH or tcp:HOST:PORT; or `inproc` to keep admitted pages "
+                         "in this process's own memory, under the same admission rules (no store daemon)")
+    inproc = ap.add_argument_group("with --host inproc", "the in-process store's limits, as hoststore's")
+    inproc.add_argument("--capacity", type=argtype(parse_size), metavar="SIZE",
+                        help="most page data kept in memory (default: the device size)")
+    inproc.add_argument("--high-watermark", type=argtype(percent), default=None, metavar="PCT",
+                        help="refuse pages once used memory reaches PCT%% of RAM (default 90)")
+    inproc.add_argument("--low-watermark", type=argtype(percent), default=None, metavar="PCT",
+                        help="after refusing, accept again once used memory falls to PCT%% (default 80)")
+    inproc.add_argument("--pressure-source", type=argtype(parse_source), metavar="SOURCE",
+                        help="psutil (this machine, the default) or file:PATH (a used-memory "
+                                               "percentage read from PATH)")
     ap.add_argument("--name", help="client name at the store (default: HOSTNAME/MACHINE-ID:MOUNTPOINT, unique "
                                    "per device)")
     ap.add_argument("--token-file", metavar="PATH",
@@ -139,7 +153,10 @@ async def raise_background_limit(mountpoint: str, max_background: int) -> None:
     log.info("FUSE connection %d: max_background %d", connection, max_background)
 
 
-async def serve(ops: Operations, pager: Pager, client: HostClient, args: argparse.Namespace) -> None:
+StoreClient = HostClient | InprocStore
+
+
+async def serve(ops: Operations, pager: Pager, client: StoreClient, args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         nursery.start_soon(pager.drop_orphans)
@@ -152,9 +169,12 @@ async def serve(ops: Operations, pager: Pager, client: HostClient, args: argpars
         nursery.cancel_scope.cancel()
 
 
-def combined_stats(pager: Pager, client: HostClient, ops: Operations) -> dict[str, Any]:
+def combined_stats(pager: Pager, client: StoreClient, ops: Operations) -> dict[str, Any]:
     stats = pager.stats()
-    stats.update(client.counters.as_dict())
+    if isinstance(client, InprocStore):
+        stats["inproc_store"] = client.stats()  # its counters share names with the pager's: kept apart
+    else:
+        stats.update(client.counters.as_dict())
     stats["host_address"] = str(client.address)
     stats["backing_file"] = pager.backing.path
     stats["pid"] = os.getpid()
@@ -199,6 +219,36 @@ def check_mountpoint(path: str) -> str | None:
     return None
 
 
+INPROC_OPTIONS = ("capacity", "high_watermark", "low_watermark", "pressure_source")
+
+
+def check_inproc_options(args: argparse.Namespace, inproc: bool) -> str | None:
+    """The in-process store's options mean nothing with a store elsewhere: say so rather than ignore them."""
+    if inproc:
+        if args.token_file:
+            return "--token-file is for a store at an address; --host inproc has none"
+        high = args.high_watermark if args.high_watermark is not None else 90.0
+        low = args.low_watermark if args.low_watermark is not None else min(80.0, high)
+        if low > high:
+            return f"--low-watermark {low} is above --high-watermark {high}"
+        if args.capacity is not None and args.capacity % PAGE_SIZE:
+            return f"--capacity {args.capacity} is not a multiple of {PAGE_SIZE}"
+        args.high_watermark, args.low_watermark = high, low
+        return None
+    given = [name for name in INPROC_OPTIONS if getattr(args, name) is not None]
+    if given:
+        return f"--{given[0].replace('_', '-')} is for --host inproc; a store daemon has its own limits"
+    return None
+
+
+def inproc_store(args: argparse.Namespace, name: str, device_size: int) -> InprocStore:
+    capacity = args.capacity if args.capacity is not None else device_size
+    limits = Limits(high_percent=args.high_watermark, low_percent=args.low_watermark,
+                    capacity_pages=capacity // PAGE_SIZE)
+    sampler = Sampler(source=args.pressure_source or parse_source("psutil"))
+    return InprocStore(name, device_size, limits, sampler)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -222,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.realpath(os.path.dirname(args.control)).startswith(args.mountpoint.rstrip("/") + "/") or \
                 os.path.realpath(os.path.dirname(args.control)) == args.mountpoint:
             ap.error(f"--control {args.control} is inside the mount point")
+    inproc = args.host.kind == INPROC
+    problem = check_inproc_options(args, inproc)
+    if problem:
+        ap.error(problem)
     token = None
     if args.token_file:
         try:
@@ -247,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     name = args.name or default_name(args.mountpoint)
     address: Address = args.host
-    client = HostClient(address, name, backing.size, token=token)
+    client: StoreClient
+    if inproc:
+        client = inproc_store(args, name, backing.size)
+    else:
+        client = HostClient(address, name, backing.size, token=token)
     pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout,
                   writethrough=args.writethrough)
     ops = Operations(pager)
@@ -277,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         pyfuse3.close()
     finally:
         backing.close()
+        if isinstance(client, InprocStore):
+            client.close()
     log.info("unmounted %s", args.mountpoint)
     return 0
 

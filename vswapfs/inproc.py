@@ -1,0 +1,146 @@
+"""The in-process store: admitted pages kept in vswapfs's own memory.
+
+``vswapfs --host inproc`` runs hoststore's :class:`~hoststore.store.Store`
+inside vswapfs, with its one client attached, so the same admission rules
+(watermarks with hysteresis, capacity), the same counters and the same
+pressure hand-back apply, with no process, socket or message in between.
+It is a daemon-less userspace RAM swap for quick experiments, and the floor
+every other store is measured against (``vswapctl bench``'s ``inproc``).
+
+What is different from a store daemon, by nature:
+
+* it is always connected, and its pages never outlive the vswapfs holding
+  them: there is no reconnect, no epoch change, and nothing to drain;
+* a page it hands back under pressure goes straight to the pager's
+  :meth:`~vswapfs.pager.Pager.take_back`, then is freed as the answer says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from array import array
+from typing import Any
+
+import trio
+
+from hoststore.address import INPROC, Address
+from hoststore.messages import (
+    PROTOCOL_VERSION,
+    ROLE_PAGER,
+    Get,
+    GetAnswer,
+    HandBackCause,
+    Hello,
+    Invalidate,
+    NONCE_SIZE,
+    MessageError,
+    Put,
+)
+from hoststore.policy import Limits
+from hoststore.pressure import Sampler
+from hoststore.store import HostCounter, RequestError, Store
+
+from .pagestore import HandBackHandler, PagesLostHandler, StoreError
+
+log = logging.getLogger("vswapfs.inproc")
+
+
+class InprocStore:
+    """A :class:`~vswapfs.pagestore.PageStore` holding the pages in this process."""
+
+    address = Address(INPROC)
+
+    def __init__(self, name: str, device_size: int, limits: Limits, sampler: Sampler | None = None, *,
+                 handback_interval: float = 0.05, handback_batch: int = 256,
+                 handback_rate: float = 25600.0) -> None:
+        self.store = Store(limits, sampler or Sampler())
+        hello = Hello(PROTOCOL_VERSION, name, ROLE_PAGER, device_size, secrets.token_hex(8),
+                      os.urandom(NONCE_SIZE))
+        client, _answer, _old = self.store.attach(hello, os.urandom(NONCE_SIZE))
+        assert client is not None
+        self.client = client
+        self.store.bind(client, self)
+        self.store.connections_active = 1
+        self.handback_interval = handback_interval
+        self.handback_batch = handback_batch
+        self.handback_rate = handback_rate
+        self._on_handback: HandBackHandler | None = None
+
+    # -- the PageStore contract -------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    @property
+    def epoch(self) -> int:
+        return 0
+
+    async def wait_connected(self) -> None:
+        return None
+
+    def set_handlers(self, on_handback: HandBackHandler, on_pages_lost: PagesLostHandler) -> None:
+        self._on_handback = on_handback  # pages are never lost behind our back: nothing to tell
+
+    async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes:
+        try:
+            return self.store.put(self.client, Put(first, seq, data))
+        except (RequestError, MessageError) as exc:
+            raise StoreError(str(exc)) from None
+
+    async def get(self, pages: array) -> GetAnswer:
+        try:
+            return self.store.get(self.client, Get(pages))
+        except (RequestError, MessageError) as exc:
+            raise StoreError(str(exc)) from None
+
+    async def invalidate(self, first: int, count: int, seq: int) -> int:
+        try:
+            return self.store.invalidate(self.client, Invalidate(first, count, seq))
+        except (RequestError, MessageError) as exc:
+            raise StoreError(str(exc)) from None
+
+    # -- pressure -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """While the host is under pressure, hand the least recently used pages back
+        to the pager (to the backing file) at a bounded rate, as a store daemon does."""
+        task_status.started()
+        per_round = max(1, int(self.handback_rate * self.handback_interval))
+        while True:
+            await trio.sleep(self.handback_interval)
+            budget = per_round
+            while budget > 0 and self.store.pages and self.store.update_pressure():
+                freed = await self.hand_back(HandBackCause.PRESSURE, min(budget, self.handback_batch))
+                if not freed:
+                    break
+                budget -= freed
+
+    async def hand_back(self, cause: HandBackCause, limit: int) -> int:
+        """Lend up to ``limit`` of the oldest pages to the pager, free what it took;
+        pages it could not take stay here.  Pages freed."""
+        store, client = self.store, self.client
+        if self._on_handback is None:
+            return 0
+        handback = store.lend(client, cause, limit)
+        if handback is None:
+            return 0
+        try:
+            statuses = await self._on_handback(handback)
+            return store.settle(client, handback, statuses)
+        except Exception:  # noqa: BLE001 - the pages stay here; the next round tries again
+            store.counters.add(HostCounter.HANDBACK_ERRORS)
+            log.exception("error handing %d pages back to the backing file: they stay in memory",
+                          len(handback.pages))
+            return 0
+        finally:
+            store.unlend(client, handback)
+
+    def stats(self) -> dict[str, Any]:
+        """The store's counters, as a hoststore reports them to its client."""
+        return self.store.stats(self.client)
+
+    def close(self) -> None:
+        self.store.close()
