@@ -42,6 +42,8 @@ def test_help(module: str) -> None:
         ("vswapctl", ["up", "--host", "ftp:x"], "unknown kind"),
         ("vswapctl", ["bogus"], "invalid choice"),
         ("vswapctl", ["up", "--token-file", "/etc/hostname"], "--host"),
+        ("vswapctl", ["bench", "--runs", "2"], "at least 3 runs"),
+        ("vswapctl", ["bench", "--targets", "zram,nfs"], "unknown target 'nfs'"),
         ("hoststore", ["--listen", "tcp:0.0.0.0:7070"], "not a loopback address"),
         ("hoststore", ["--listen", "unix:/x"], "socket directory / can be entered"),
         ("hoststore", ["--listen", "unix:/x", "--weight", "a"], "NAME=W"),

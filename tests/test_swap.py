@@ -248,15 +248,19 @@ def test_store_gives_pages_back_after_the_workload_exits(state_dir: str, disk_di
 def test_bench_reports_medians_and_ratios(tmp_path) -> None:
     """A small bench run: the report's shape and sanity, not its speed."""
     swaps_before = set(system.swaps())
-    done = subprocess.run([sys.executable, "-m", "vswapctl", "bench", "--runs", "1", "--size", "48M",
-                           "--limit", "16M", "--device-size", "128M", "--capacity", "16M", "--baseline",
-                           "loop", "--json"], capture_output=True, text=True, timeout=600)
+    targets = ("loop", "inproc", "hoststore-small")
+    done = subprocess.run([sys.executable, "-m", "vswapctl", "bench", "--runs", "3", "--size", "48M",
+                           "--limit", "16M", "--device-size", "128M", "--small-capacity", "16M",
+                           "--targets", ",".join(targets), "--json"], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)  # nothing but the report on stdout
-    for target in ("vswapfs", "loop"):
-        assert report[target]["runs"] == 1
-        assert all(report[target][phase] > 0 for phase in ("fill", "verify_seq", "verify_random"))
-    assert set(report["ratio_vs_loop"]) == {"fill", "verify_seq", "verify_random"}
+    for target in targets:
+        assert report["medians"][target]["runs"] == 3
+        assert all(report["medians"][target][phase] > 0 for phase in ("fill", "verify_seq", "verify_random"))
+    assert set(report["ratios"]) == {"vs_inproc"}
+    assert set(report["ratios"]["vs_inproc"]["loop"]) == {"fill", "verify_seq", "verify_random"}
+    assert report["medians"]["hoststore-small"]["pages_to_backing"] > 0
+    assert report["medians"]["inproc"]["pages_to_store"] > 0
     assert set(system.swaps()) == swaps_before  # it left the machine as it found it
     assert our_cgroups() == []
 

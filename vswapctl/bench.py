@@ -1,10 +1,11 @@
-"""``vswapctl bench``: the verifying workload through vswapfs against a baseline swap
-device, measured in the same run, runs interleaved (A B A B ...) so drift hits both.
+"""``vswapctl bench``: the verifying workload through several swap devices, measured in
+one invocation, runs interleaved (A B C A B C ...) so that drift hits every target.
 
 Three phases per run, from the workload's own clock: fill (swap-out), a
 sequential verify pass (swap-in with readahead) and a random-order verify pass
-(swap-in, page by page).  Reports the median of each phase over the runs and
-the ratio vs the baseline (lower is better; 1.0 = as fast as the baseline).
+(swap-in, page by page).  Each target is set up fresh for every run and taken
+down after it (``vswapctl.benchtargets``); the report (``vswapctl.benchreport``)
+has each phase's median per target and the ratios to zram and to ``inproc``.
 """
 
 from __future__ import annotations
@@ -12,27 +13,123 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-from collections.abc import Callable
-from contextlib import contextmanager
-from typing import Any, Iterator
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from . import cgroup, device, system
+from . import benchreport, cgroup, system
+from .benchtargets import (
+    TARGETS,
+    BenchError,
+    check_workdir,
+    open_target,
+    state_dirs,
+    zram_missing,
+)
 from .state import State
+from .workload import DATA_KINDS
 
-PHASES = ("fill", "verify_seq", "verify_random")
+__all__ = [
+    "DATA_KINDS",
+    "MIN_RUNS",
+    "TARGETS",
+    "BenchConfig",
+    "BenchError",
+    "bench",
+    "check_config",
+    "choose_targets",
+    "parse_runs",
+    "parse_targets",
+    "run_workload",
+]
+
+PAGE = 4096
+MIN_RUNS = 3
+WORKDIR_PARENT = "/var/tmp"  # on disk on any sane system; checked (never tmpfs) before anything is made there
+
+Say = Callable[[str], None]
 
 
-class BenchError(Exception):
-    pass
+@dataclass(frozen=True)
+class BenchConfig:
+    size: int  # the workload's memory
+    limit: int  # its memory cgroup's limit
+    device_size: int  # every target's size; the capacity of inproc and hoststore
+    small_capacity: int  # hoststore-small's store capacity, below the workload
+    runs: int = MIN_RUNS
+    targets: tuple[str, ...] | None = None  # None: every target this machine has
+    data: str = "incompressible"
 
 
-def run_workload(size: int, limit: int) -> dict[str, float]:
+# -- arguments -----------------------------------------------------------------------
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``--targets a,b,...``: known names, in the order given, each once."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"no target named; choose from {','.join(TARGETS)}")
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown target {', '.join(map(repr, unknown))}; choose from {','.join(TARGETS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_runs(text: str) -> int:
+    try:
+        runs = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of runs") from None
+    if runs < MIN_RUNS:
+        raise ValueError(f"at least {MIN_RUNS} runs (got {runs}): a median of fewer is one run's noise")
+    return runs
+
+
+def check_config(cfg: BenchConfig) -> list[str]:
+    """What makes this configuration pointless or unsafe, before anything runs."""
+    problems = []
+    if cfg.runs < MIN_RUNS:
+        problems.append(f"--runs must be at least {MIN_RUNS}")
+    if cfg.data not in DATA_KINDS:
+        problems.append(f"--data must be one of {', '.join(DATA_KINDS)}")
+    if cfg.limit >= cfg.size:
+        problems.append("--limit must be below --size, or nothing is swapped")
+    if cfg.device_size < cfg.size:
+        problems.append("--device-size must be at least --size: every page the workload swaps must fit")
+    targets = cfg.targets if cfg.targets is not None else TARGETS
+    if "hoststore-small" in targets and not 0 < cfg.small_capacity < cfg.size:
+        problems.append("--small-capacity must be above 0 and below --size (the point of hoststore-small)")
+    for name, value in (("--size", cfg.size), ("--limit", cfg.limit), ("--device-size", cfg.device_size),
+                        ("--small-capacity", cfg.small_capacity)):
+        if value <= 0 or value % PAGE:
+            problems.append(f"{name} must be a positive multiple of {PAGE}")
+    return problems
+
+
+def choose_targets(asked: Sequence[str] | None, zram_reason: str | None) -> tuple[list[str], dict[str, str]]:
+    """(targets to run, {skipped target: why}).  By default every target, zram skipped
+    where there is none; zram asked for by name where there is none is an error."""
+    if asked is None:
+        if zram_reason:
+            return [t for t in TARGETS if t != "zram"], {"zram": zram_reason}
+        return list(TARGETS), {}
+    if "zram" in asked and zram_reason:
+        raise BenchError(f"target zram: {zram_reason}")
+    return list(asked), {}
+
+
+# -- running -------------------------------------------------------------------------
+
+
+def run_workload(size: int, limit: int, data: str) -> dict[str, float]:
+    """The workload in a fresh memory cgroup of ``limit``: seconds per phase."""
     cg = cgroup.create(f"vswapctl-bench-{os.getpid()}", limit)
     try:
-        done = cg.run([sys.executable, "-m", "vswapctl.workload", "--size", str(size), "--passes", "2"])
+        done = cg.run([sys.executable, "-m", "vswapctl.workload", "--size", str(size), "--passes", "2",
+                       "--data", data])
     finally:
         cg.remove()
     if done.returncode != 0:
@@ -44,111 +141,59 @@ def run_workload(size: int, limit: int) -> dict[str, float]:
     return {"fill": result["fill_seconds"], "verify_seq": seq, "verify_random": rnd}
 
 
-@contextmanager
-def swap_on(dev: str) -> Iterator[str]:
-    system.run(["mkswap", dev])
-    system.run(["swapon", "--priority", "32767", dev])
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(run: int, runs: int, name: str, sample: dict[str, Any], step: int, steps: int,
+                  elapsed: float) -> str:
+    line = f"run {run}/{runs} {name} ({sample.get('device', '?')}): " + \
+        "  ".join(f"{phase} {sample[phase]:.2f}s" for phase in benchreport.PHASES)
+    if "pages_to_store" in sample and "pages_to_backing" in sample:
+        line += f"; pages to store {sample['pages_to_store']}, to backing file {sample['pages_to_backing']}"
+    if "zram_mem_used_max" in sample:
+        line += f"; zram used at most {sample['zram_mem_used_max'] / (1 << 20):.0f}M of RAM"
+    left = (steps - step) * elapsed / step
+    return line + f"  [{step}/{steps}, {_clock(elapsed)}" + (f", about {_clock(left)} left]" if left else "]")
+
+
+def bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
+    """Every chosen target, ``cfg.runs`` times, interleaved; the report.  ``say``: progress."""
+    problems = check_config(cfg)
+    if problems:
+        raise BenchError("; ".join(problems))
+    targets, skipped = choose_targets(cfg.targets, zram_missing())
+    for name, reason in skipped.items():
+        say(f"skipping {name}: {reason}")
+    if not targets:
+        raise BenchError("no target to run")
+    check_workdir(WORKDIR_PARENT)
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="vswapctl-bench-", dir=WORKDIR_PARENT))
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    steps = cfg.runs * len(targets)
+    started = time.monotonic()
     try:
-        yield dev
-    finally:
-        system.run(["swapoff", dev], timeout=1800)  # if this fails, nothing below is torn down
-
-
-def _not_swapped_on(dev: str) -> None:
-    if dev in system.swaps():
-        raise BenchError(f"{dev} is still swapped on: leaving it in place")
-
-
-@contextmanager
-def zram_swap(size: int) -> Iterator[str]:
-    with open("/sys/class/zram-control/hot_add") as f:
-        index = f.read().strip()
-    dev = f"/dev/zram{index}"
-    try:
-        with open(f"/sys/block/zram{index}/disksize", "w") as f:
-            f.write(str(size))
-        with swap_on(dev):
-            yield dev
-    finally:
-        _not_swapped_on(dev)
-        with open("/sys/class/zram-control/hot_remove", "w") as f:
-            f.write(index)
-
-
-@contextmanager
-def loop_swap(size: int, workdir: str) -> Iterator[str]:
-    path = os.path.join(workdir, "baseline-loop")
-    with open(path, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, size)
-    loop = system.run(["losetup", "--direct-io=on", "--find", "--show", path]).strip()
-    try:
-        with swap_on(loop):
-            yield loop
-    finally:
-        _not_swapped_on(loop)
-        system.run(["losetup", "-d", loop])
-        os.unlink(path)
-
-
-@contextmanager
-def vswapfs_swap(size: int, capacity: int, workdir: str, say: Callable[[str], None]) -> Iterator[str]:
-    state_dir = os.path.join(workdir, "state")
-    cfg = device.UpConfig(size=size, backing=os.path.join(workdir, "backing"),
-                          mountpoint=system.resolve_mountpoint(os.path.join(state_dir, "mnt")),
-                          capacity=capacity, priority=32767)
-    try:
-        state = device.bring_up(state_dir, cfg, say)
-    except device.UpFailed as exc:
-        raise BenchError(f"vswapfs did not come up: {exc}") from None
-    try:
-        yield state.loop
-    finally:
-        if not device.take_down(state_dir, say):
-            raise BenchError(f"vswapfs device in {state_dir} is still swapped on: left running")
-
-
-def summarize(samples: dict[str, list[dict[str, float]]], baseline: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for target, runs in samples.items():
-        out[target] = {phase: statistics.median(r[phase] for r in runs) for phase in PHASES}
-        out[target]["runs"] = len(runs)
-    if baseline and baseline in out:
-        out["ratio_vs_" + baseline] = {
-            phase: round(out["vswapfs"][phase] / out[baseline][phase], 2) if out[baseline][phase] else None
-            for phase in PHASES
-        }
-    return out
-
-
-def bench(size: int, limit: int, runs: int, device_size: int, capacity: int, baseline: str,
-          say: Callable[[str], None]) -> dict[str, Any]:
-    if baseline == "zram" and not os.path.exists("/sys/class/zram-control/hot_add"):
-        raise BenchError("no zram here (modprobe zram, or use --baseline loop)")
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="vswapctl-bench-", dir="/var/tmp"))
-    quiet = (lambda m: None)
-    targets: dict[str, Callable[[], Any]] = {"vswapfs": lambda: vswapfs_swap(device_size, capacity, workdir, quiet)}
-    if baseline == "zram":
-        targets["zram"] = lambda: zram_swap(device_size)
-    elif baseline == "loop":
-        targets["loop"] = lambda: loop_swap(device_size, workdir)
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-    try:
-        for i in range(runs):
-            for name, target in targets.items():
-                with target() as dev:
-                    result = run_workload(size, limit)
-                samples[name].append(result)
-                say(f"run {i + 1}/{runs} {name} ({dev}): " + ", ".join(f"{k} {v:.2f}s" for k, v in result.items()))
+        for i in range(cfg.runs):
+            for name in targets:
+                say(f"run {i + 1}/{cfg.runs} {name}: setting up")
+                with open_target(name, workdir, cfg.device_size, cfg.small_capacity, say) as target:
+                    sample: dict[str, Any] = dict(run_workload(cfg.size, cfg.limit, cfg.data))
+                    sample["device"] = target.device
+                    sample.update(target.report())
+                samples[name].append(sample)
+                step = i * len(targets) + targets.index(name) + 1
+                say(progress_line(i + 1, cfg.runs, name, sample, step, steps, time.monotonic() - started))
     finally:
         # Removed only when nothing lives there any more: a live device's state and
         # backing file are what a later `vswapctl down` needs.
-        if State.load(os.path.join(workdir, "state")) is None and not system.loops_under(workdir) \
-                and not system.mounts_under(workdir):
+        live = [d for d in state_dirs(workdir) if State.load(d) is not None]
+        if not live and not system.loops_under(workdir) and not system.mounts_under(workdir):
             shutil.rmtree(workdir, ignore_errors=True)
         else:
-            say(f"leaving {workdir} in place: a device there is still up (vswapctl --state-dir "
-                f"{workdir}/state down)")
-    report = summarize(samples, baseline if baseline != "none" else None)
-    report["params"] = {"size": size, "limit": limit, "device_size": device_size, "capacity": capacity,
-                        "runs": runs}
-    return report
+            say(f"leaving {workdir} in place: a device there is still up"
+                + "".join(f" (vswapctl --state-dir {d} down)" for d in live))
+    params = asdict(cfg)
+    params["targets"] = targets
+    params["seconds"] = round(time.monotonic() - started, 1)
+    return benchreport.build(samples, params, skipped)

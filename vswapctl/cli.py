@@ -353,31 +353,37 @@ def cmd_workload(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench, cgroup
+    from . import bench, benchreport, cgroup
 
+    small = args.small_capacity or args.size // 4 // PAGE_SIZE * PAGE_SIZE
+    cfg = bench.BenchConfig(size=args.size, limit=args.limit, device_size=args.device_size, small_capacity=small,
+                            runs=args.runs, targets=args.targets, data=args.data)
+    problems = bench.check_config(cfg)
+    if problems:
+        return _fail("; ".join(problems))
     if os.geteuid() != 0:
-        return _fail("bench needs root (swap devices, memory cgroup)")
-    if args.runs < 1:
-        return _fail("--runs must be at least 1")
+        return _fail("bench needs root (swap devices, loop devices, memory cgroups)")
+
+    def progress(message: str) -> None:  # with --json, stdout is the report's alone
+        print(f"vswapctl: {message}", file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    # SIGTERM or a closed terminal mid-run: the running target is taken down, as for ^C.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
-        report = bench.bench(args.size, args.limit, args.runs, args.device_size, args.capacity, args.baseline,
-                             say=(lambda m: None) if args.json else say)
+        report = bench.bench(cfg, progress)
     except (bench.BenchError, cgroup.CgroupUnavailable, system.CommandFailed) as exc:
         return _fail(str(exc))
-    if args.json:
-        print(json.dumps(report, indent=1))
-        return 0
-    base = None if args.baseline == "none" else args.baseline
-    header = ["phase (median seconds)", "vswapfs"] + ([base, "ratio"] if base else [])
-    rows = [header]
-    for phase in bench.PHASES:
-        row = [phase, f"{report['vswapfs'][phase]:.3f}"]
-        if base:
-            row += [f"{report[base][phase]:.3f}", f"{report['ratio_vs_' + base][phase]}x"]
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+    except KeyboardInterrupt:
+        return _fail("interrupted; the target that was running has been taken down (unless a message above "
+                     "says what was left)")
+    print(json.dumps(report, indent=1) if args.json else benchreport.format_table(report), flush=True)
+    if args.chart:
+        try:
+            benchreport.write_chart(report, args.chart)
+        except (OSError, ValueError) as exc:
+            return _fail(f"chart not written: {exc}")
+        progress(f"chart written to {args.chart}")
     return 0
 
 
@@ -505,19 +511,49 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--passes", type=int, default=2)
     work.set_defaults(func=cmd_workload)
 
-    bench = sub.add_parser("bench", help="the workload through vswapfs vs a baseline swap device",
-                           description="Run the verifying workload RUNS times through a fresh vswapfs device "
-                                       "and through a baseline device (zram, or a loop device on a disk file), "
-                                       "interleaved, and report median fill (swap-out), sequential and random "
-                                       "verify (swap-in) times and their ratios to the baseline.")
-    bench.add_argument("--size", type=argtype(_page_size), default=parse_size("256M"), help="workload size")
-    bench.add_argument("--limit", type=argtype(_page_size), default=parse_size("64M"), help="its memory cgroup limit")
-    bench.add_argument("--device-size", type=argtype(_page_size), default=parse_size("512M"))
-    bench.add_argument("--capacity", type=argtype(_page_size), default=parse_size("512M"),
-                       help="store capacity (default: all pages fit; lower it to bench the backing path)")
-    bench.add_argument("--runs", type=int, default=3)
-    bench.add_argument("--baseline", choices=["zram", "loop", "none"], default="zram")
-    bench.add_argument("--json", action="store_true")
+    from . import bench as benchlib
+    from . import benchreport
+
+    bench = sub.add_parser(
+        "bench", help="the workload through zram, a loop device and vswapfs: medians and ratios",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the verifying workload (SIZE of memory in a memory cgroup of LIMIT, so most of it is\n"
+                    "swapped) through each target, RUNS times, interleaved (zram loop inproc ... zram loop ...),\n"
+                    "each target set up fresh for every run and taken down after it.  Reports each phase's\n"
+                    "median: fill (swap-out), sequential verify and random verify (swap-in), in seconds, and\n"
+                    "the ratios to zram and to inproc.  Needs root.\n\n"
+                    "targets:\n"
+                    "  zram             a zram device (compresses each page, in RAM); skipped if there is none\n"
+                    "  loop             a file in /var/tmp on a loop device with direct I/O\n"
+                    "  inproc           vswapfs keeping pages in its own memory (up --host inproc), capacity\n"
+                    "                   DEVICE_SIZE\n"
+                    "  hoststore        vswapfs with its own hoststore, capacity DEVICE_SIZE: every page admitted\n"
+                    "  hoststore-small  vswapfs with a hoststore of SMALL_CAPACITY: the rest goes to the backing\n"
+                    "                   file\n\n"
+                    "If a swapoff fails (RAM cannot take the pages back), bench stops there, leaves that device\n"
+                    "in place and says how to finish.")
+    bench.add_argument("--size", type=argtype(_page_size), default=parse_size("256M"),
+                       help="the workload's memory (default 256M)")
+    bench.add_argument("--limit", type=argtype(_page_size), default=parse_size("64M"),
+                       help="its memory cgroup's limit (default 64M)")
+    bench.add_argument("--device-size", type=argtype(_page_size), default=parse_size("512M"),
+                       help="every target's size, and the store capacity of inproc and hoststore (default 512M)")
+    bench.add_argument("--small-capacity", type=argtype(_page_size), metavar="SIZE",
+                       help="hoststore-small's store capacity, below --size (default: a quarter of --size)")
+    bench.add_argument("--targets", type=argtype(benchlib.parse_targets), metavar="LIST",
+                       help=f"comma-separated, run in this order (default: {','.join(benchlib.TARGETS)}, "
+                            "zram only where there is one)")
+    bench.add_argument("--data", choices=benchlib.DATA_KINDS, default="incompressible",
+                       help="page contents: incompressible (default; random, no page compresses) or "
+                            "compressible (one 16-byte pattern per page)")
+    bench.add_argument("--runs", type=argtype(benchlib.parse_runs), default=benchlib.MIN_RUNS, metavar="N",
+                       help=f"runs per target, at least {benchlib.MIN_RUNS}; medians are reported (default "
+                            f"{benchlib.MIN_RUNS})")
+    bench.add_argument("--json", action="store_true",
+                       help="print the report as JSON (progress goes to stderr)")
+    bench.add_argument("--chart", type=argtype(benchreport.chart_path), metavar="FILE.png",
+                       help="also draw the medians as grouped bars (.png, .svg or .pdf); needs matplotlib: "
+                            "pip install 'vswapfs[chart]'")
     bench.set_defaults(func=cmd_bench)
     return ap
 

@@ -1,13 +1,24 @@
 #!/usr/bin/env python3
-"""Verifying swap workload: fill memory with per-page patterns, then check every page.
+"""Verifying swap workload: fill memory with per-page contents, then check every page.
 
 Run it inside a memory cgroup smaller than --size and its pages must go
 through swap and come back intact.  Prints one JSON line:
 {"pages": N, "bad_pages": B, "fill_seconds": .., "verify_seconds": .., ...}
 and exits 1 if any page came back wrong.
 
-Each page holds its own index and a per-run seed in every 16-byte cell, so a
-page that comes back from the wrong slot, an older run, or as zeros is caught.
+Every page is built from its own index and a per-run seed, so a page that comes
+back from the wrong slot, from an older run, or as zeros is caught:
+
+  incompressible (default)  a 16-byte header (index, seed), then a 4080-byte
+                            window, chosen by the index, of a random pool of a
+                            few MiB made from the seed.  zram compresses page by
+                            page, and no page compresses: swap has to carry
+                            every byte, as it would for real data.
+  compressible              one 16-byte cell (index ^ seed, a random number)
+                            repeated: compresses to almost nothing.
+
+Making and checking a page is a slice and a compare at C speed either way: the
+workload's own time is part of what the benchmark measures.
 """
 
 from __future__ import annotations
@@ -20,12 +31,44 @@ import random
 import struct
 import sys
 import time
+from collections.abc import Callable
 
 PAGE = 4096
+DATA_KINDS = ("incompressible", "compressible")
+HEADER = 16
+WINDOW = PAGE - HEADER
+POOL_SIZE = 4 << 20  # random bytes made once per run; each page is a window of it
+STRIDE = 4099  # a prime above WINDOW: neighbouring pages take windows that do not overlap
+_MASK64 = (1 << 64) - 1
 
 
-def pattern(index: int, seed: int, rnd: int) -> bytes:
-    return struct.pack("<QQ", index ^ seed, rnd) * (PAGE // 16)
+class Pages:
+    """What every page of one run must hold: ``expected(index)`` is the page's 4096 bytes."""
+
+    expected: Callable[[int], bytes]
+
+    def __init__(self, seed: int, npages: int, data: str = "incompressible") -> None:
+        if data not in DATA_KINDS:
+            raise ValueError(f"data {data!r} is not one of {', '.join(DATA_KINDS)}")
+        self.seed = seed & _MASK64
+        self.data = data
+        if data == "incompressible":
+            self._pool = random.Random(seed).randbytes(POOL_SIZE)
+            self.expected = self._incompressible
+        else:
+            rng = random.Random(seed)
+            self._rnds = [rng.getrandbits(64) for _ in range(npages)]
+            self.expected = self._compressible
+
+    def _incompressible(self, index: int) -> bytes:
+        offset = (index * STRIDE) % (POOL_SIZE - WINDOW)
+        return struct.pack("<QQ", index, self.seed) + self._pool[offset : offset + WINDOW]
+
+    def _compressible(self, index: int) -> bytes:
+        return struct.pack("<QQ", (index ^ self.seed) & _MASK64, self._rnds[index]) * (PAGE // 16)
+
+    def check(self, page: bytes, index: int) -> bool:
+        return page == self.expected(index)
 
 
 def parse_size(text: str) -> int:
@@ -40,17 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="256M", help="memory to fill (K/M/G; default 256M)")
     ap.add_argument("--passes", type=int, default=2, help="verification passes (the second in random order)")
+    ap.add_argument("--data", choices=DATA_KINDS, default="incompressible",
+                    help="page contents (default incompressible; see above)")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     npages = size // PAGE
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    rng = random.Random(seed)
-    rnds = [rng.getrandbits(64) for _ in range(npages)]
+    pages = Pages(seed, npages, args.data)
+    expected = pages.expected
+    rng = random.Random(seed ^ 0x5EED)
     mem = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     t0 = time.monotonic()
     for i in range(npages):
-        mem[i * PAGE : (i + 1) * PAGE] = pattern(i, seed, rnds[i])
+        mem[i * PAGE : (i + 1) * PAGE] = expected(i)
     t1 = time.monotonic()
     bad = 0
     bad_examples: list[int] = []
@@ -61,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             rng.shuffle(order)
         start = time.monotonic()
         for i in order:
-            if mem[i * PAGE : (i + 1) * PAGE] != pattern(i, seed, rnds[i]):
+            if mem[i * PAGE : (i + 1) * PAGE] != expected(i):
                 bad += 1
                 if len(bad_examples) < 10:
                     bad_examples.append(i)
@@ -71,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "bad_pages": bad,
         "bad_examples": bad_examples,
         "seed": seed,
+        "data": args.data,
         "fill_seconds": round(t1 - t0, 3),
         "verify_seconds": pass_times,
     }

@@ -1,0 +1,358 @@
+"""``vswapctl bench``'s pure parts: the workload's pages, arguments, medians and ratios, the
+table, the JSON, the chart, and the run loop with fake targets.
+
+Nothing here touches swap, loop devices, zram, FUSE or cgroups: an autouse fixture
+makes every path that would fail the test instead.  The live bench is in test_swap.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vswapctl import bench, benchreport, benchtargets, cgroup, cli, system
+from vswapctl.benchtargets import BenchError, Target
+from vswapctl.workload import PAGE, Pages
+
+M = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def nothing_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a test gets wrong, no real device, command or cgroup is ever touched."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"a pure test tried to touch the machine: {args!r}")
+
+    for name in ("zram_swap", "loop_swap", "vswapfs_swap", "swap_on"):
+        monkeypatch.setattr(benchtargets, name, refuse)
+    monkeypatch.setattr(bench, "run_workload", refuse)
+    monkeypatch.setattr(system, "run", refuse)
+    monkeypatch.setattr(cgroup, "create", refuse)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # cmd_bench's handlers stay out of pytest
+
+
+# -- the workload's pages ---------------------------------------------------------------
+
+
+def test_incompressible_pages_do_not_compress() -> None:
+    pages = Pages(seed=1234, npages=64, data="incompressible")
+    for i in (0, 1, 2, 31, 63, 5000):
+        page = pages.expected(i)
+        assert len(page) == PAGE
+        assert len(zlib.compress(page, 9)) >= 0.95 * PAGE, i
+    # neighbours are different pages, not the same window
+    assert pages.expected(0)[16:] != pages.expected(1)[16:]
+
+
+def test_compressible_pages_compress_to_almost_nothing() -> None:
+    pages = Pages(seed=1234, npages=64, data="compressible")
+    assert all(len(zlib.compress(pages.expected(i))) < PAGE // 20 for i in range(64))
+
+
+@pytest.mark.parametrize("data", ["incompressible", "compressible"])
+def test_verify_catches_wrong_old_and_zero_pages(data: str) -> None:
+    pages = Pages(seed=77, npages=64, data=data)
+    older_run = Pages(seed=78, npages=64, data=data)
+    assert pages.check(pages.expected(5), 5)
+    assert not pages.check(pages.expected(6), 5)  # from another slot
+    assert not pages.check(older_run.expected(5), 5)  # from an older run
+    assert not pages.check(bytes(PAGE), 5)  # zeros
+    assert not pages.check(bytes(PAGE), 0)
+    flipped = bytearray(pages.expected(5))
+    flipped[PAGE - 1] ^= 1
+    assert not pages.check(bytes(flipped), 5)  # one bit, anywhere in the page
+
+
+def test_pages_refuse_an_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="incompressible"):
+        Pages(seed=1, npages=1, data="random")
+
+
+@pytest.mark.parametrize("data", ["incompressible", "compressible"])
+def test_workload_runs_standalone(data: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "vswapctl.workload", "--size", "1M", "--data", data],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["pages"] == 256 and result["bad_pages"] == 0 and result["data"] == data
+    assert result["fill_seconds"] >= 0 and len(result["verify_seconds"]) == 2
+
+
+# -- arguments --------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return cli.build_parser().parse_args(["bench", *argv])
+
+
+def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        parse(*argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_defaults() -> None:
+    args = parse()
+    assert args.runs == 3 and args.targets is None and args.data == "incompressible"
+    assert args.chart is None and args.small_capacity is None and not args.json
+
+
+def test_targets_keep_their_order_once_each() -> None:
+    assert parse("--targets", "loop, zram,loop").targets == ("loop", "zram")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--runs", "2"], "at least 3 runs"),
+    (["--runs", "x"], "not a number of runs"),
+    (["--targets", "zram,nfs"], "unknown target 'nfs'"),
+    (["--targets", ","], "no target named"),
+    (["--data", "zip"], "invalid choice"),
+    (["--small-capacity", "1000"], "multiple of 4096"),
+])
+def test_argument_errors(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
+    line = parse_error(capsys, *argv)
+    assert line.startswith("vswapctl bench: error:") and needle in line, line
+
+
+def test_chart_without_matplotlib_fails_when_the_arguments_are_read(capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    line = parse_error(capsys, "--chart", str(tmp_path / "bench.png"))
+    assert "pip install 'vswapfs[chart]'" in line and "argument --chart" in line, line
+
+
+def test_chart_path_checks_the_format_and_the_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    assert "end it in .png" in parse_error(capsys, "--chart", str(tmp_path / "bench.jpg"))
+    assert "cannot write in" in parse_error(capsys, "--chart", str(tmp_path / "nowhere" / "bench.png"))
+    assert parse("--chart", str(tmp_path / "bench.png")).chart == str(tmp_path / "bench.png")
+
+
+def config(**changes: Any) -> bench.BenchConfig:
+    base: dict[str, Any] = {"size": 256 * M, "limit": 64 * M, "device_size": 512 * M, "small_capacity": 64 * M}
+    base.update(changes)
+    return bench.BenchConfig(**base)
+
+
+def test_check_config() -> None:
+    assert bench.check_config(config()) == []
+    assert any("--limit" in p for p in bench.check_config(config(limit=256 * M)))
+    assert any("--device-size" in p for p in bench.check_config(config(device_size=128 * M)))
+    assert any("--small-capacity" in p for p in bench.check_config(config(small_capacity=256 * M)))
+    assert bench.check_config(config(small_capacity=256 * M, targets=("zram", "loop"))) == []
+    assert any("--runs" in p for p in bench.check_config(config(runs=1)))
+
+
+def test_cmd_bench_refuses_a_bad_configuration_before_running(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--size", "64M", "--limit", "64M"]) == 1
+    assert "--limit must be below --size" in capsys.readouterr().err
+
+
+def test_choose_targets() -> None:
+    assert bench.choose_targets(None, None) == (list(bench.TARGETS), {})
+    chosen, skipped = bench.choose_targets(None, "no zram here")
+    assert "zram" not in chosen and len(chosen) == 4 and skipped == {"zram": "no zram here"}
+    assert bench.choose_targets(("loop", "inproc"), "no zram here") == (["loop", "inproc"], {})
+    with pytest.raises(BenchError, match="no zram here"):
+        bench.choose_targets(("zram", "loop"), "no zram here")
+
+
+# -- medians, ratios, the report --------------------------------------------------------
+
+
+def sample(fill: float, seq: float, rnd: float, **extra: Any) -> dict[str, Any]:
+    return {"fill": fill, "verify_seq": seq, "verify_random": rnd, "device": "/dev/x", **extra}
+
+
+SAMPLES = {
+    "zram": [sample(1.0, 0.5, 2.0), sample(3.0, 0.7, 2.2), sample(2.0, 0.6, 9.0)],
+    "loop": [sample(4.0, 1.0, 4.0), sample(4.0, 2.0, 5.0), sample(5.0, 1.5, 4.5)],
+    "inproc": [sample(2.0, 1.0, 4.0), sample(2.0, 1.0, 4.0), sample(2.0, 1.0, 4.0)],
+    "hoststore-small": [sample(8.0, 3.0, 8.0, pages_to_store=10, pages_to_backing=30),
+                        sample(6.0, 2.0, 6.0, pages_to_store=12, pages_to_backing=28),
+                        sample(7.0, 2.5, 7.0, pages_to_store=11, pages_to_backing=29)],
+}
+PARAMS = {"size": 256 * M, "limit": 64 * M, "device_size": 512 * M, "small_capacity": 64 * M, "runs": 3,
+          "data": "incompressible", "targets": list(SAMPLES)}
+
+
+def test_medians() -> None:
+    meds = benchreport.medians(SAMPLES)
+    assert list(meds) == list(SAMPLES)  # the order the targets ran in
+    assert meds["zram"] == {"fill": 2.0, "verify_seq": 0.6, "verify_random": 2.2, "runs": 3}
+    assert meds["loop"]["verify_seq"] == 1.5
+    assert meds["hoststore-small"]["pages_to_store"] == 11 and meds["hoststore-small"]["pages_to_backing"] == 29
+    assert "pages_to_store" not in meds["zram"]
+    even = benchreport.medians({"t": [sample(1.0, 1.0, 1.0), sample(2.0, 3.0, 5.0)], "none": []})
+    assert even == {"t": {"fill": 1.5, "verify_seq": 2.0, "verify_random": 3.0, "runs": 2}}
+
+
+def test_ratios_to_zram_and_inproc() -> None:
+    ratios = benchreport.ratios(benchreport.medians(SAMPLES))
+    assert set(ratios) == {"vs_zram", "vs_inproc"}
+    assert ratios["vs_zram"]["zram"] == {"fill": 1.0, "verify_seq": 1.0, "verify_random": 1.0}
+    assert ratios["vs_zram"]["loop"] == {"fill": 2.0, "verify_seq": 2.5, "verify_random": round(4.5 / 2.2, 3)}
+    assert ratios["vs_inproc"]["hoststore-small"] == {"fill": 3.5, "verify_seq": 2.5, "verify_random": 1.75}
+    assert ratios["vs_inproc"]["zram"]["fill"] == 1.0
+
+
+def test_ratios_without_a_baseline_and_with_a_zero_one() -> None:
+    no_zram = {k: v for k, v in SAMPLES.items() if k != "zram"}
+    assert set(benchreport.ratios(benchreport.medians(no_zram))) == {"vs_inproc"}
+    assert benchreport.ratios(benchreport.medians({"loop": SAMPLES["loop"]})) == {}
+    zero = benchreport.medians({"zram": [sample(0.0, 0.5, 1.0)], "loop": [sample(1.0, 1.0, 1.0)]})
+    assert benchreport.ratios(zero)["vs_zram"]["loop"] == {"fill": None, "verify_seq": 2.0, "verify_random": 1.0}
+
+
+def test_report_json_shape() -> None:
+    report = benchreport.build(SAMPLES, PARAMS, {"hoststore": "because"})
+    again = json.loads(json.dumps(report))
+    assert again == report
+    assert set(report) == {"params", "skipped", "medians", "ratios", "runs"}
+    assert report["skipped"] == {"hoststore": "because"}
+    assert report["params"]["data"] == "incompressible"
+    assert set(report["medians"]) == set(SAMPLES)
+    for target in SAMPLES:
+        assert set(benchreport.PHASES) | {"runs"} <= set(report["medians"][target])
+        assert set(report["ratios"]["vs_zram"][target]) == set(benchreport.PHASES)
+        assert len(report["runs"][target]) == 3 and report["runs"][target][0]["device"] == "/dev/x"
+
+
+def test_table() -> None:
+    table = benchreport.format_table(benchreport.build(SAMPLES, PARAMS, {"hoststore": "because"}))
+    lines = table.splitlines()
+    assert lines[0].startswith("median seconds over 3 interleaved runs (256M of incompressible data in a 64M")
+    assert lines[1].split() == ["target", "fill", "verify_seq", "verify_random"]
+    assert lines[2].split() == ["zram", "2.000", "0.600", "2.200"]
+    assert "skipped hoststore: because" in lines
+    assert "hoststore-small: 11 pages to the store, 29 to the backing file (median per run)" in lines
+    zram_at = lines.index(next(line for line in lines if line.startswith("ratio to zram")))
+    assert lines[zram_at + 2].split() == ["zram", "1.00x", "1.00x", "1.00x"]
+    assert lines[zram_at + 3].split() == ["loop", "2.00x", "2.50x", f"{round(4.5 / 2.2, 3):.2f}x"]
+    assert any(line.startswith("ratio to inproc") for line in lines)
+    # columns line up: every row of a table as wide as its header
+    assert len({len(line) for line in lines[1:6]}) == 1
+
+
+def test_table_without_baselines() -> None:
+    table = benchreport.format_table(benchreport.build({"loop": SAMPLES["loop"]}, PARAMS))
+    assert "ratio to" not in table and "loop" in table
+
+
+def test_chart(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    for name in ("bench.png", "bench.svg"):
+        path = tmp_path / name
+        benchreport.write_chart(benchreport.build(SAMPLES, PARAMS), str(path))
+        assert path.stat().st_size > 1000
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bare = tmp_path / "bare.png"  # no baseline, no samples: still a chart
+    benchreport.write_chart({"medians": benchreport.medians({"loop": SAMPLES["loop"]})}, str(bare))
+    assert bare.stat().st_size > 1000
+
+
+# -- the run loop, with fake targets ----------------------------------------------------
+
+
+@pytest.fixture
+def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    events: list[str] = []
+
+    @contextmanager
+    def fake_target(name: str, workdir: str, device_size: int, small_capacity: int, say: Any) -> Iterator[Target]:
+        assert workdir.startswith(str(tmp_path))
+        events.append(f"up {name}")
+        try:
+            yield Target(f"/dev/fake-{name}", lambda: {"pages_to_store": 1, "pages_to_backing": 2}
+                         if name.startswith("hoststore") else {})
+        finally:
+            events.append(f"down {name}")
+
+    calls = iter(range(1000))
+
+    def fake_workload(size: int, limit: int, data: str) -> dict[str, float]:
+        n = next(calls)
+        events.append(f"workload {data}")
+        if n == 4 and "fail" in events:  # the fifth: run 3 of the first target
+            raise BenchError("workload failed (1): boom")
+        return {"fill": 1.0 + n, "verify_seq": 0.5, "verify_random": 2.0}
+
+    monkeypatch.setattr(bench, "open_target", fake_target)
+    monkeypatch.setattr(bench, "run_workload", fake_workload)
+    monkeypatch.setattr(bench, "check_workdir", lambda d: None)
+    monkeypatch.setattr(bench, "WORKDIR_PARENT", str(tmp_path))
+    monkeypatch.setattr(bench, "zram_missing", lambda: "no zram here")
+    return events
+
+
+def test_runs_are_interleaved_and_every_target_is_taken_down(fake_run: list[str], tmp_path: Path) -> None:
+    said: list[str] = []
+    report = bench.bench(config(targets=None), said.append)
+    targets = ["loop", "inproc", "hoststore", "hoststore-small"]  # zram: none here
+    ups = [e.split()[1] for e in fake_run if e.startswith("up ")]
+    assert ups == targets * 3
+    assert fake_run.count("workload incompressible") == 12
+    assert all(fake_run[i].startswith("up") and fake_run[i + 2].startswith("down") for i in range(0, 36, 3))
+    assert said[0] == "skipping zram: no zram here"
+    assert said[1] == "run 1/3 loop: setting up"
+    assert said[2].startswith("run 1/3 loop (/dev/fake-loop): fill 1.00s  verify_seq 0.50s  verify_random 2.00s")
+    assert "[1/12," in said[2]
+    assert "pages to store 1, to backing file 2" in said[8]
+    assert report["skipped"] == {"zram": "no zram here"} and report["params"]["targets"] == targets
+    assert report["medians"]["loop"]["fill"] == 5.0  # runs 1, 5, 9
+    assert set(report["ratios"]) == {"vs_inproc"}
+    assert report["medians"]["hoststore"]["pages_to_backing"] == 2
+    assert list(tmp_path.iterdir()) == []  # its work directory is gone
+
+
+def test_a_failed_run_still_takes_its_target_down(fake_run: list[str], tmp_path: Path) -> None:
+    fake_run.append("fail")
+    with pytest.raises(BenchError, match="boom"):
+        bench.bench(config(targets=("loop", "inproc"), data="compressible"), lambda m: None)
+    assert fake_run[-3:] == ["up loop", "workload compressible", "down loop"]
+    assert fake_run.count("up loop") + fake_run.count("up inproc") == \
+        fake_run.count("down loop") + fake_run.count("down inproc")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cmd_bench_json_keeps_stdout_for_the_report(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_bench(cfg: bench.BenchConfig, say: Any) -> dict[str, Any]:
+        seen["cfg"] = cfg
+        say("run 1/3 loop: setting up")
+        return benchreport.build(SAMPLES, PARAMS)
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert cli.main(["bench", "--json", "--targets", "loop,inproc", "--size", "128M", "--limit", "32M"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["medians"]["zram"]["fill"] == 2.0
+    assert "vswapctl: run 1/3 loop: setting up" in err
+    assert seen["cfg"].small_capacity == 32 * M and seen["cfg"].targets == ("loop", "inproc")
+    assert seen["cfg"].runs == 3 and seen["cfg"].data == "incompressible"
+
+    assert cli.main(["bench", "--data", "compressible"]) == 0  # the table, progress on stdout
+    out, err = capsys.readouterr()
+    assert "vswapctl: run 1/3 loop: setting up" in out and "ratio to zram" in out and err == ""
+    assert seen["cfg"].small_capacity == 64 * M and seen["cfg"].targets is None
+
+    if benchreport.matplotlib_missing() is None:
+        chart = tmp_path / "bench.png"
+        assert cli.main(["bench", "--json", "--chart", str(chart)]) == 0
+        assert chart.read_bytes()[:4] == b"\x89PNG" and "chart written to" in capsys.readouterr().err

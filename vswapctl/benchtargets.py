@@ -1,0 +1,278 @@
+"""The swap devices ``vswapctl bench`` measures, each a context manager that sets one
+up, yields it swapped on, and takes it down again in ``finally``:
+
+  zram             a zram device (compresses each page in RAM)
+  loop             a file on disk (the bench's directory under /var/tmp, never tmpfs)
+                   on a loop device with direct I/O
+  inproc           vswapfs with its in-process store (``up --host inproc``), capacity
+                   the device size
+  hoststore        vswapfs with its own hoststore, capacity the device size: every page admitted
+  hoststore-small  the same with a store capacity below the workload: the rest goes to
+                   the backing file
+
+Taking down always runs swapoff -> losetup -d -> remove files (``device.take_down``
+for vswapfs).  If swapoff fails (ENOMEM: RAM cannot take the pages back) nothing
+under the device is touched: :class:`BenchError` says what was left and how to
+finish.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from hoststore.address import INPROC
+
+from . import device, system
+from .state import Busy, State
+
+TARGETS = ("zram", "loop", "inproc", "hoststore", "hoststore-small")
+VSWAPFS_TARGETS = ("inproc", "hoststore", "hoststore-small")
+ZRAM_CONTROL = "/sys/class/zram-control"
+PRIORITY = 32767  # above any swap the machine already has: the workload's pages go here
+SWAPOFF_TIMEOUT = 1800
+
+Say = Callable[[str], None]
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass
+class Target:
+    """A target swapped on: its device, and what it can tell after the workload
+    (read before it is taken down)."""
+
+    device: str
+    report: Callable[[], dict[str, Any]] = field(default=dict)
+
+
+def zram_missing() -> str | None:
+    """Why there is no zram target here, or None."""
+    if not os.path.exists(os.path.join(ZRAM_CONTROL, "hot_add")):
+        return f"no {ZRAM_CONTROL} (modprobe zram to bench against it)"
+    return None
+
+
+def check_workdir(workdir: str) -> None:
+    """Files of the loop and vswapfs targets live here: on a disk filesystem, never tmpfs
+    (a tmpfs page can be swapped to the device it backs, and swapoff then hangs for good)."""
+    from vswapfs.backing import BackingError, check_location
+
+    try:
+        check_location(os.path.join(workdir, "probe"), None)
+    except BackingError as exc:
+        raise BenchError(f"{workdir}: {exc}") from None
+
+
+def _still_swapped_on(dev: str) -> bool:
+    return dev in system.swaps() or system.swapped_on(dev)
+
+
+def _left_in_place(dev: str, finish: str, cause: BaseException | None) -> BenchError | None:
+    if not _still_swapped_on(dev):
+        return None
+    why = f" ({cause})" if isinstance(cause, (system.CommandFailed, BenchError)) else ""
+    return BenchError(f"{dev} is still swapped on{why}: leaving it and everything under it in place; free "
+                      f"memory, then finish by hand: {finish}")
+
+
+@contextmanager
+def _undo_unless_swapped_on(dev: str, finish: str, undo: Callable[[], None]) -> Iterator[None]:
+    """When the block ends, however it ends, ``undo`` (what lies under ``dev``), unless
+    ``dev`` is still swapped on: then nothing is touched, and BenchError says how to
+    finish by hand."""
+    try:
+        yield
+    except BaseException as exc:
+        stuck = _left_in_place(dev, finish, exc)
+        if stuck:
+            raise stuck from None
+        undo()
+        raise
+    stuck = _left_in_place(dev, finish, None)
+    if stuck:
+        raise stuck
+    undo()
+
+
+@contextmanager
+def swap_on(dev: str) -> Iterator[str]:
+    """mkswap and swapon ``dev`` (an explicit device, never empty); swapoff when the block
+    ends.  A swapoff that fails raises system.CommandFailed: the device stays on."""
+    if not dev:
+        raise BenchError("no device to swap on")
+    system.run(["mkswap", dev])
+    system.run(["swapon", "--priority", str(PRIORITY), dev])
+    try:
+        yield dev
+    finally:
+        system.run(["swapoff", dev], timeout=SWAPOFF_TIMEOUT)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _zram_report(name: str) -> dict[str, Any]:
+    """The compressor, and the most RAM the device ever used (mm_stat's mem_used_max):
+    the workload's pages are gone from it by now."""
+    out: dict[str, Any] = {}
+    algorithms = _read(f"/sys/block/{name}/comp_algorithm").split()
+    chosen = [a.strip("[]") for a in algorithms if a.startswith("[")]
+    if chosen:
+        out["zram_comp_algorithm"] = chosen[0]
+    mm_stat = _read(f"/sys/block/{name}/mm_stat").split()
+    if len(mm_stat) >= 5 and mm_stat[4].isdigit():
+        out["zram_mem_used_max"] = int(mm_stat[4])
+    return out
+
+
+@contextmanager
+def zram_swap(size: int) -> Iterator[Target]:
+    missing = zram_missing()
+    if missing:
+        raise BenchError(missing)
+    index = _read(os.path.join(ZRAM_CONTROL, "hot_add"))
+    if not index.isdigit():
+        raise BenchError(f"{ZRAM_CONTROL}/hot_add gave {index!r}, not a device number")
+    name = f"zram{index}"
+    dev = f"/dev/{name}"
+    finish = f"swapoff {dev}; echo {index} > {ZRAM_CONTROL}/hot_remove"
+    with _undo_unless_swapped_on(dev, finish, lambda: _write(os.path.join(ZRAM_CONTROL, "hot_remove"), index)):
+        _write(f"/sys/block/{name}/disksize", str(size))
+        with swap_on(dev):
+            yield Target(dev, lambda: _zram_report(name))
+
+
+def _detach(loop: str, path: str) -> None:
+    system.run(["losetup", "-d", loop])
+    left = system.wait_detached(path)
+    if left:
+        raise BenchError(f"{', '.join(left)} still holds {path} after losetup -d; finish by hand: "
+                         f"losetup -d {' '.join(left)}; rm {path}")
+
+
+@contextmanager
+def loop_swap(size: int, workdir: str) -> Iterator[Target]:
+    path = os.path.join(workdir, "loop-swapfile")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+        loop = system.run(["losetup", "--direct-io=on", "--find", "--show", path]).strip()
+        if not loop.startswith("/dev/loop") or loop not in system.loops_for(path):
+            raise BenchError(f"losetup printed {loop!r}, not a loop device on {path}; see losetup -j {path}")
+        finish = f"swapoff {loop}; losetup -d {loop}; rm {path}"
+        with _undo_unless_swapped_on(loop, finish, lambda: _detach(loop, path)):
+            if not system.loop_dio(loop):
+                raise BenchError(f"{loop} has no direct I/O on {path} (its filesystem refuses O_DIRECT?): the "
+                                 "loop target would measure the page cache")
+            with swap_on(loop):
+                yield Target(loop, lambda: {"direct_io": system.loop_dio(loop)})
+    finally:
+        if not system.loops_for(path):  # a loop device still on it: it stays, as the error says
+            _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _vswapfs_report(state_dir: str) -> dict[str, Any]:
+    """Pages written to the store and to the backing file in this run (vswapfs is new each
+    run, so its counters are this run's), from its control socket; {} if it does not answer."""
+    from vswapfs.control import ControlUnavailable, query
+
+    state = State.load(state_dir)
+    if state is None:
+        return {}
+    try:
+        stats = query(state.control, 2.0)
+    except ControlUnavailable:
+        return {}
+    out = {}
+    for key, name in (("pages_to_store", "host_writes"), ("pages_to_backing", "backing_writes")):
+        if isinstance(stats.get(name), int):
+            out[key] = stats[name]
+    return out
+
+
+@contextmanager
+def vswapfs_swap(name: str, size: int, capacity: int, host: str | None, workdir: str,
+                 say: Say) -> Iterator[Target]:
+    """A vswapfs device brought up as ``vswapctl up`` does, in a state directory of its own
+    under ``workdir``.  A store it starts (a hoststore, or vswapfs's own in-process one)
+    has its pressure source pinned at 0 % used:
+    admission depends on its capacity alone, the same on every run.  ``up``'s and
+    ``down``'s messages are kept back, but for warnings, and all of them if down stops."""
+    state_dir = os.path.join(workdir, f"state-{name}")
+    cfg = device.UpConfig(size=size, backing=os.path.join(workdir, f"{name}.backing"),
+                          mountpoint=system.resolve_mountpoint(os.path.join(state_dir, "mnt")),
+                          capacity=capacity, host=host, priority=PRIORITY)
+    if host is None or host == INPROC:
+        pressure = os.path.join(workdir, "pressure-off")
+        _write(pressure, "0\n")
+        cfg.pressure_source = f"file:{pressure}"
+    log: list[str] = []
+
+    def keep(message: str) -> None:
+        log.append(message)
+        if message.startswith("warning"):
+            say(f"{name}: {message}")
+
+    try:
+        state = device.bring_up(state_dir, cfg, keep)
+    except (device.UpFailed, Busy) as exc:
+        raise BenchError(f"{name}: vswapfs did not come up: {exc}") from None
+    try:
+        yield Target(state.loop, lambda: _vswapfs_report(state_dir))
+    finally:
+        log.clear()
+        try:
+            done = device.take_down(state_dir, keep)
+        except (Busy, system.CommandFailed, OSError) as exc:
+            log.append(f"down stopped: {exc}")
+            done = False
+        if not done:
+            for message in log:
+                say(f"{name}: {message}")
+            raise BenchError(f"{name}: the vswapfs device in {state_dir} was not taken down (see above): left "
+                             f"running; free memory, then: vswapctl --state-dir {state_dir} down")
+
+
+def open_target(name: str, workdir: str, device_size: int, small_capacity: int,
+                say: Say) -> AbstractContextManager[Target]:
+    if name == "zram":
+        return zram_swap(device_size)
+    if name == "loop":
+        return loop_swap(device_size, workdir)
+    if name == "inproc":
+        return vswapfs_swap(name, device_size, device_size, "inproc", workdir, say)
+    if name == "hoststore":
+        return vswapfs_swap(name, device_size, device_size, None, workdir, say)
+    if name == "hoststore-small":
+        return vswapfs_swap(name, device_size, small_capacity, None, workdir, say)
+    raise ValueError(f"unknown target {name!r}")
+
+
+def state_dirs(workdir: str) -> list[str]:
+    return [os.path.join(workdir, f"state-{name}") for name in VSWAPFS_TARGETS]
