@@ -11,27 +11,35 @@ number of pages stored.
 
 from __future__ import annotations
 
+import logging
 from array import array
 
 from .messages import PAGE_SIZE
+from .sharedpages import SharedError, SharedSlab
 from .slab import PageIndex, Slab, SlabFull
+
+log = logging.getLogger("hoststore")
 
 NIL = -1
 
 
 class ClientPages:
-    def __init__(self, name: str, npages: int, instance: str, secret: bytes) -> None:
+    def __init__(self, name: str, npages: int, instance: str, secret: bytes, shared_slots: int = 0) -> None:
+        """``shared_slots``: keep the data in memory shared with the client (that many
+        slots at most; see ``hoststore.sharedpages``), or 0 for private memory.  Where
+        shared memory cannot be had, private memory serves (``shared`` tells)."""
         self.name = name
         self.npages = npages
         self.instance = instance
         self.secret = secret
+        self.shared_slots = shared_slots
         self.session: object | None = None  # the connection serving this client, if any
         self.away_since: float | None = None  # when its last connection ended
         self._reset()
 
     def _reset(self) -> None:
         self.index = PageIndex()
-        self.slab = Slab()
+        self.slab: Slab | SharedSlab = self._new_slab()
         self.page_of = array("Q")
         self.seq_of = array("Q")
         self.stamp = array("Q")
@@ -41,6 +49,18 @@ class ClientPages:
         self.head = NIL  # most recently used
         self.tail = NIL  # least recently used: handed back first
         self.lent_count = 0
+
+    def _new_slab(self) -> Slab | SharedSlab:
+        if self.shared_slots:
+            try:
+                return SharedSlab(self.npages, self.shared_slots)
+            except SharedError as exc:
+                log.warning("client %r: no shared page memory (%s); its pages travel on the wire", self.name, exc)
+        return Slab()
+
+    @property
+    def shared(self) -> SharedSlab | None:
+        return self.slab if isinstance(self.slab, SharedSlab) else None
 
     @property
     def count(self) -> int:
@@ -90,6 +110,7 @@ class ClientPages:
         slot = self.slab.grow()
         try:
             self.slab.write(slot, data)
+            self.slab.publish(slot, page, seq)
             self.page_of.append(page)
             self.seq_of.append(seq)
             self.stamp.append(stamp)
@@ -102,6 +123,7 @@ class ClientPages:
                 del arr[slot:]
             if self.index.get(page) == slot:
                 self.index.clear(page)
+            self.slab.retract(slot, page)
             self.slab.shrink()
             if isinstance(exc, MemoryError):
                 raise SlabFull(f"out of memory for the page index: {exc}") from None
@@ -111,7 +133,10 @@ class ClientPages:
 
     def replace(self, slot: int, seq: int, data: memoryview | bytes, stamp: int) -> None:
         """A newer version over a stored one; a page being handed back is taken back from the hand-back."""
+        page = self.page_of[slot]
+        self.slab.retract(slot, page)
         self.slab.write(slot, data)
+        self.slab.publish(slot, page, seq)
         self.seq_of[slot] = seq
         if self.lent[slot]:
             self.lent[slot] = 0
@@ -126,16 +151,21 @@ class ClientPages:
         else:
             self._unlink(slot)
         self.index.clear(self.page_of[slot])
+        self.slab.retract(slot, self.page_of[slot])
         last = self.slab.used - 1
         if slot != last:
             self._move(last, slot)
+            self.slab.retract(last, self.page_of[slot])  # its page now reads from ``slot``
         for arr in (self.page_of, self.seq_of, self.stamp, self.prev, self.next):
             arr.pop()
         self.lent.pop()
         self.slab.shrink()
 
     def _move(self, src: int, dst: int) -> None:
+        """The page in ``src`` moves to ``dst`` (already retracted): readers of the old
+        slot keep reading it until ``src`` is retracted, then find it in ``dst``."""
         self.slab.copy(src, dst)
+        self.slab.publish(dst, self.page_of[src], self.seq_of[src])
         self.page_of[dst] = self.page_of[src]
         self.seq_of[dst] = self.seq_of[src]
         self.stamp[dst] = self.stamp[src]

@@ -9,6 +9,9 @@ worth of requests is handled leave in one write.
 
 from __future__ import annotations
 
+import os
+import socket
+from array import array
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +25,7 @@ RECEIVE_SIZE = 1 << 18
 # is answered as it goes, so the peer's reading pace bounds what we hold.
 SEND_BATCH_BYTES = 1 << 20
 SEND_SLICE = 1 << 18  # larger writes go out in slices, each a checkpoint
+MAX_FDS = 4  # file descriptors a peer may pass us, in all (we expect one)
 
 
 class PeerGone(Exception):
@@ -56,9 +60,13 @@ Handler = Callable[[p.RequestReceived | p.BadRequest], Awaitable[bytes | Lent | 
 
 class Endpoint:
     def __init__(self, stream: trio.abc.Stream, conn: p.Connection,
-                 pace: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 pace: Callable[[int], Awaitable[None]] | None = None, accept_fds: bool = False) -> None:
+        """``accept_fds``: read with recvmsg and keep file descriptors the peer passes
+        (a client's shared page memory); otherwise the kernel closes any it sends."""
         self.stream = stream
         self.conn = conn
+        self.accept_fds = accept_fds
+        self.received_fds: list[int] = []
         self.pace = pace  # awaited before each slice of a large write, with its size
         self._waiters: dict[int, _Waiter] = {}
         self._send_lock = trio.Lock()
@@ -86,15 +94,21 @@ class Endpoint:
             raise RemoteError(response.error)
         return response.answer
 
-    async def send(self, data: bytes, paced: bool = False) -> None:
+    async def send(self, data: bytes, paced: bool = False, fds: list[int] | None = None) -> None:
         """Write ``data`` whole.  ``paced``: large writes await ``self.pace`` before each
         slice (only the receive loop's own answers: a request this end sends, such as
-        a hand-back, comes from another task and must not take that loop's turns)."""
+        a hand-back, comes from another task and must not take that loop's turns).
+        ``fds``: file descriptors passed along with the first bytes (unix sockets)."""
         async with self._send_lock:
             if self.closed.is_set():
                 raise PeerGone("connection closed")
             try:
-                if len(data) <= SEND_SLICE:
+                if fds:
+                    sock = self.stream.socket  # type: ignore[attr-defined]
+                    sent = await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))])
+                    if sent < len(data):
+                        await self.stream.send_all(memoryview(data)[sent:])
+                elif len(data) <= SEND_SLICE:
                     await self.stream.send_all(data)
                 else:  # one large answer must not hold the loop: other connections go in between
                     with memoryview(data) as view:
@@ -129,7 +143,8 @@ class Endpoint:
                 if on_wait is not None:
                     on_wait()
                 try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    data = await (self._receive_with_fds() if self.accept_fds
+                                  else self.stream.receive_some(RECEIVE_SIZE))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return
                 if not data:
@@ -182,6 +197,28 @@ class Endpoint:
                 lent.pop()()
         return True
 
+    async def _receive_with_fds(self) -> bytes:
+        sock = self.stream.socket  # type: ignore[attr-defined]
+        data, ancdata, _flags, _addr = await sock.recvmsg(RECEIVE_SIZE, socket.CMSG_SPACE(4 * MAX_FDS),
+                                                          socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.received_fds.extend(fds)
+        while len(self.received_fds) > MAX_FDS:  # a peer cannot make us hold more
+            os.close(self.received_fds.pop())
+        return data
+
+    def take_fds(self) -> list[int]:
+        """The file descriptors received so far, now the caller's to close."""
+        fds, self.received_fds = self.received_fds, []
+        return fds
+
+    def _close_fds(self) -> None:
+        for fd in self.take_fds():
+            os.close(fd)
+
     def _deliver(self, response: p.Response) -> None:
         waiter = self._waiters.get(response.msgid)
         if waiter is not None:  # None: its caller gave up (timeout) and left
@@ -198,5 +235,6 @@ class Endpoint:
 
     async def aclose(self) -> None:
         self.close()
+        self._close_fds()
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self.stream)

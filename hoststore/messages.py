@@ -225,6 +225,64 @@ class Welcome:
             raise MessageError(f"welcome lacks {exc}") from None
 
 
+def _round_up(n: int, to: int = PAGE_SIZE) -> int:
+    return -(-n // to) * to
+
+
+SHARED_HEADER_BYTES = 16  # per slot: (version, page), two uint64
+MAX_STAGING_PAGES = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class SharedLayout:
+    """Where things are in a client's shared page memory (``hoststore.sharedpages``):
+    a header per slot, an index entry per device page, then the slots' data.
+    Both ends compute it from the two counts, so a peer cannot describe a
+    layout whose parts overlap or run past the end."""
+
+    npages: int  # device pages: entries in the index
+    slots: int  # page slots: the most pages the store can keep for this client
+    staging: int = 0  # pages of the second memfd, the client's to write pages to put there
+
+    def __post_init__(self) -> None:
+        _int(self.npages, "shared npages", 1, MAX_DEVICE_PAGES)
+        _int(self.slots, "shared slots", 1, self.npages)
+        _int(self.staging, "shared staging", 0, MAX_STAGING_PAGES)
+
+    @property
+    def header_offset(self) -> int:
+        return 0
+
+    @property
+    def index_offset(self) -> int:
+        return _round_up(self.slots * SHARED_HEADER_BYTES)
+
+    @property
+    def data_offset(self) -> int:
+        return self.index_offset + _round_up(self.npages * 4)
+
+    @property
+    def size(self) -> int:
+        return self.data_offset + self.slots * PAGE_SIZE
+
+    @property
+    def staging_size(self) -> int:
+        return self.staging * PAGE_SIZE
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"npages": self.npages, "slots": self.slots, "staging": self.staging}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "SharedLayout | None":
+        if value is None:
+            return None
+        m = _map(value, "shared layout")
+        try:
+            return cls(m["npages"], m["slots"], m.get("staging", 0))
+        except KeyError as exc:
+            raise MessageError(f"shared layout lacks {exc}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class HelloAnswer:
     instance: str  # the store's instance: a new one means its pages are gone
@@ -234,6 +292,9 @@ class HelloAnswer:
     max_batch_pages: int = MAX_BATCH_PAGES
     admin: bool = False
     auth: bytes | None = None  # the server's token proof, when a token is configured
+    # The client's shared page memory, when it asked for it and the store gives it (its
+    # memfd travels with this answer's bytes, SCM_RIGHTS); None: pages only on the wire.
+    shared: SharedLayout | None = None
 
     def __post_init__(self) -> None:
         _text(self.instance, "instance", 64)
@@ -247,7 +308,8 @@ class HelloAnswer:
     def to_wire(self) -> dict[str, Any]:
         return {"instance": self.instance, "resumed": self.resumed, "secret": self.secret,
                 "page_size": self.page_size, "max_batch_pages": self.max_batch_pages,
-                "admin": self.admin, "auth": self.auth}
+                "admin": self.admin, "auth": self.auth,
+                "shared": None if self.shared is None else self.shared.to_wire()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,9 +327,11 @@ class Hello:
     nonce: bytes
     proof: bytes | None = None
     auth: bytes | None = None
+    shared: bool = False  # asks for shared page memory (only on a unix socket, where an fd can pass)
 
     def __post_init__(self) -> None:
         _int(self.version, "version", 0, 1 << 16)
+        _bool(self.shared, "shared")
         check_client_name(self.client)
         if self.role not in ROLES:
             raise MessageError(f"unknown role {self.role!r}")
@@ -286,7 +350,7 @@ class Hello:
     def to_wire(self) -> dict[str, Any]:
         return {"version": self.version, "client": self.client, "role": self.role,
                 "device_size": self.device_size, "instance": self.instance, "nonce": self.nonce,
-                "proof": self.proof, "auth": self.auth}
+                "proof": self.proof, "auth": self.auth, "shared": self.shared}
 
     @classmethod
     def from_wire(cls, params: Any) -> "Hello":
@@ -297,7 +361,7 @@ class Hello:
             raise MessageError(f"protocol version {version!r} not supported (this end speaks {PROTOCOL_VERSION})")
         try:
             return cls(version, m["client"], m["role"], m["device_size"], m["instance"], m["nonce"],
-                       m.get("proof"), m.get("auth"))
+                       m.get("proof"), m.get("auth"), m.get("shared", False))
         except KeyError as exc:
             raise MessageError(f"hello lacks {exc}") from None
 
@@ -308,7 +372,8 @@ class Hello:
         m = _map(result, "hello answer")
         try:
             return HelloAnswer(m["instance"], m["resumed"], m["secret"], m.get("page_size", PAGE_SIZE),
-                               m.get("max_batch_pages", MAX_BATCH_PAGES), m.get("admin", False), m.get("auth"))
+                               m.get("max_batch_pages", MAX_BATCH_PAGES), m.get("admin", False), m.get("auth"),
+                               SharedLayout.from_wire(m.get("shared")))
         except KeyError as exc:
             raise MessageError(f"hello answer lacks {exc}") from None
 
@@ -345,6 +410,38 @@ class Put:
     def from_wire(cls, params: Any) -> "Put":
         first, seq, data = _fields(params, 3, cls.method)
         return cls(first, seq, data)
+
+    def answer_to_wire(self, statuses: bytes) -> Any:
+        return statuses
+
+    def answer_from_wire(self, result: Any) -> bytes:
+        return _statuses(result, self.n, _PUT_STATUSES, self.method)
+
+
+@dataclass(frozen=True, slots=True)
+class PutStaged:
+    """As :class:`Put`, the pages' data already in the client's staging memory
+    (shared, ``SharedLayout.staging``) at page ``at``: the message carries none."""
+
+    method: ClassVar[str] = "put_staged"
+    sent_by: ClassVar[str] = "client"
+    first: int
+    seq: int
+    at: int
+    n: int
+
+    def __post_init__(self) -> None:
+        _int(self.first, "first page", 0, MAX_DEVICE_PAGES)
+        _int(self.seq, "seq", 1, MAX_SEQ)
+        _int(self.at, "staging page", 0, MAX_STAGING_PAGES)
+        _batch(self.n, "put")
+
+    def to_wire(self) -> list[Any]:
+        return [self.first, self.seq, self.at, self.n]
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "PutStaged":
+        return cls(*_fields(params, 4, cls.method))
 
     def answer_to_wire(self, statuses: bytes) -> Any:
         return statuses
@@ -506,5 +603,5 @@ class Drain(_Parameterless):
     method: ClassVar[str] = "drain"
 
 
-Request = Hello | Put | Get | Invalidate | HandBack | Stats | Drain
-REQUESTS: dict[str, type[Request]] = {cls.method: cls for cls in (Hello, Put, Get, Invalidate, HandBack, Stats, Drain)}  # type: ignore[misc]
+Request = Hello | Put | PutStaged | Get | Invalidate | HandBack | Stats | Drain
+REQUESTS: dict[str, type[Request]] = {cls.method: cls for cls in (Hello, Put, PutStaged, Get, Invalidate, HandBack, Stats, Drain)}  # type: ignore[misc]

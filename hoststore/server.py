@@ -44,6 +44,7 @@ from .messages import (
     Invalidate,
     MessageError,
     Put,
+    PutStaged,
     Stats,
     Welcome,
 )
@@ -120,7 +121,7 @@ REQUEST_COST = 16
 
 def request_cost(msg: Any) -> int:
     """A request's charge to its connection's fair share (see FairShare)."""
-    if isinstance(msg, Put):
+    if isinstance(msg, Put | PutStaged):
         return REQUEST_COST + msg.n
     if isinstance(msg, Get):
         return REQUEST_COST + len(msg.pages)
@@ -236,7 +237,13 @@ class Session:
             return conn.send_error(event.msgid, event.reason)
         msg = event.message
         if isinstance(msg, Hello):
-            return self._hello(event.msgid, msg)
+            answer = self._hello(event.msgid, msg)
+            shared = self.client.shared if self.client is not None and self.hello_done else None
+            if shared is None:
+                return answer
+            # The memfd rides on the answer's bytes: nothing is queued before a hello's answer.
+            await self.endpoint.send(answer, fds=shared.fds)
+            return None
         if not isinstance(msg, Invalidate):  # charged by the slice, as it goes
             await self.server.fair.turn(self, request_cost(msg))
         try:
@@ -275,7 +282,7 @@ class Session:
         if refusal is not None:
             return self._refuse(msgid, hello, *refusal)
         try:
-            client, answer, superseded = self.store.attach(hello, self.nonce)
+            client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self.uid is not None)
         except RequestError as exc:
             return self._refuse(msgid, hello, None, str(exc))
         if isinstance(superseded, Session):
@@ -332,6 +339,8 @@ class Session:
         client = self.client
         if client is None:
             raise RequestError(f"{msg.method!r} needs a pager connection")
+        if isinstance(msg, PutStaged):
+            return store.put_staged(client, msg)
         if isinstance(msg, Put):
             return store.put(client, msg)
         if isinstance(msg, Get):

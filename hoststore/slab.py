@@ -66,6 +66,12 @@ class Slab:
     def copy(self, src: int, dst: int) -> None:
         self.write(dst, self.view(src))
 
+    def publish(self, slot: int, page: int, seq: int) -> None:
+        """Nobody reads this slab but the store: nothing to tell (see SharedSlab)."""
+
+    def retract(self, slot: int, page: int) -> None:
+        """As :meth:`publish`."""
+
     @property
     def mapped_bytes(self) -> int:
         return len(self._chunks) * self.chunk_pages * PAGE_SIZE

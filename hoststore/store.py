@@ -36,8 +36,10 @@ from .messages import (
     Invalidate,
     PageStatus,
     Put,
+    PutStaged,
     TakeStatus,
     ROLE_PAGER,
+    SharedLayout,
 )
 from .policy import ClientTerms, Limits, admit, share, under_pressure
 from .pressure import Sampler
@@ -106,6 +108,11 @@ HANDBACK_COUNTER = {
 }
 
 
+def _layout(client: ClientPages) -> SharedLayout | None:
+    shared = client.shared
+    return None if shared is None else shared.layout
+
+
 class RequestError(Exception):
     """A request the store will not serve (answered with an error; the connection stays)."""
 
@@ -134,12 +141,14 @@ class Store:
 
     # -- clients --------------------------------------------------------------------
 
-    def attach(self, hello: Hello, server_nonce: bytes) -> tuple[ClientPages | None, HelloAnswer, object | None]:
+    def attach(self, hello: Hello, server_nonce: bytes, can_share: bool = False
+               ) -> tuple[ClientPages | None, HelloAnswer, object | None]:
         """Admit a hello: (the client's pages, the answer, a connection this one supersedes).
 
         A reconnect that proves it is the instance holding the client's secret
         keeps the pages (and replaces a connection the store still thinks is
-        up).  A name in use is refused, and so is a new instance under the name
+        up).  ``can_share``: the connection can pass a memfd, so a new client that asks
+        for shared page memory gets it.  A name in use is refused, and so is a new instance under the name
         of a client that is away with pages, until it has been away for
         ``away_timeout``: its owner may be on its way back.  After that, or if it
         holds no pages, the new instance replaces it (its pages are dropped).
@@ -157,7 +166,7 @@ class Store:
             superseded = old.session
             if superseded is not None:
                 self.counters.add(HostCounter.TAKEOVERS)
-            return old, HelloAnswer(self.instance, True, old.secret), superseded
+            return old, HelloAnswer(self.instance, True, old.secret, shared=_layout(old)), superseded
         if old is not None:
             if old.connected:
                 raise RequestError(f"client name {name!r} is in use by another connection")
@@ -176,10 +185,11 @@ class Store:
             if len(self.clients) >= self.max_clients:
                 self.counters.add(HostCounter.REFUSED_CLIENTS)
                 raise RequestError(f"this store keeps {len(self.clients)} clients already (--max-clients)")
-        client = ClientPages(name, hello.npages, hello.instance, auth.new_secret())
+        slots = min(hello.npages, self.limits.capacity_pages) if can_share and hello.shared else 0
+        client = ClientPages(name, hello.npages, hello.instance, auth.new_secret(), shared_slots=slots)
         self.clients[name] = client
         self.client_counters[name] = Counters(HostCounter)
-        return client, HelloAnswer(self.instance, False, client.secret), None
+        return client, HelloAnswer(self.instance, False, client.secret, shared=_layout(client)), None
 
     def _forget_empty_clients(self) -> None:
         """Names that are away and hold no page cost memory and nothing else: forget
@@ -259,6 +269,18 @@ class Store:
         if replaced:
             self._count(client, HostCounter.REPLACED, replaced)
         return bytes(out)
+
+    def put_staged(self, client: ClientPages, msg: PutStaged) -> bytes:
+        """A put whose pages are in the client's staging memory."""
+        shared = client.shared
+        if shared is None:
+            raise RequestError("put_staged needs shared memory, which this client does not have")
+        try:
+            view = shared.staged(msg.at, msg.n)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        with view:
+            return self.put(client, Put(msg.first, msg.seq, view))
 
     def get(self, client: ClientPages, msg: Get) -> GetAnswer:
         """Status, version and data of each page asked for (zeros where missing)."""
@@ -409,6 +431,7 @@ class Store:
             "lent": client.lent_count,
             "slab_bytes_mapped": client.slab.mapped_bytes,
             "index_bytes": client.index.nbytes,
+            "shared_memory": client.shared is not None,
         }
         stats.update(self.client_counters[client.name].as_dict())
         return stats

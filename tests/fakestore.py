@@ -164,6 +164,9 @@ class FakeStore:
         msg = Invalidate(first, count, seq)
         return await self._call(lambda: self.store.invalidate(self.client, msg))
 
+    def read_shared(self, page: int, seq: int, out: memoryview) -> bool:
+        return False  # every page travels on the (fake) wire
+
     # -- the wire -------------------------------------------------------------------------
 
     async def _call(self, apply: Callable[[], Any]) -> Any:

@@ -2,7 +2,8 @@
 ``python -m tests.liarstore --listen unix:PATH --lie data|seq``.
 
 It stores pages like the real one, but for every odd page number it returns
-damaged bytes (``data``) or the wrong version (``seq``).  vswapfs must answer
+damaged bytes (``data``) or the wrong version (``seq``), in its ``get``
+answers and in the memory it shares with the client.  vswapfs must answer
 reads of those pages with EIO, and of the others with their data.
 """
 
@@ -25,6 +26,21 @@ class LyingStore(Store):
     def __init__(self, lie: str, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lie = lie
+
+    def put(self, client, msg) -> bytes:  # type: ignore[override]
+        """Where the client reads pages from shared memory, lie there too: damaged
+        bytes (at another offset than the get answer's), or a header naming the wrong version."""
+        statuses = super().put(client, msg)
+        if client.shared is not None:
+            for i, status in enumerate(statuses):
+                page = msg.first + i
+                if page % 2 and status == PageStatus.STORED:
+                    slot = client.index.get(page)
+                    if self.lie == "data":
+                        client.slab.view(slot)[77] ^= 0xFF
+                    else:
+                        client.slab.publish(slot, page, client.seq_of[slot] + 1)
+        return statuses
 
     def get_into(self, client, msg, statuses, seqs, data) -> None:  # type: ignore[override]
         """The store builds get answers in place: lie there, after the truth is written."""

@@ -88,16 +88,21 @@ def test_format_size_and_addresses() -> None:
     assert parse_address("unix:/run/x.sock").path == "/run/x.sock"
 
 
-def test_microbench_runs_and_reports_the_checksum_cost() -> None:
+def test_microbench_runs_every_transport_and_reports_the_checksum_cost() -> None:
     import json
 
     done = run("vswapctl", "microbench", "--seconds", "0.1", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
+    assert set(report["transports"]) == {"inproc", "unix+shared", "unix", "tcp"}
+    for name, result in report["transports"].items():
+        for batch in ("1", "8", "64", "256"):
+            assert result[batch]["write_pages_per_s"] > 0 and result[batch]["read_pages_per_s"] > 0
+        assert result["checksum_errors"] == 0 and result["host_pages"] > 0
+        # Only the shared-memory transports read without asking the store.
+        assert (result["shared_reads"] > 0) == (name in ("inproc", "unix+shared")), name
     for batch in ("1", "8", "64", "256"):
-        assert report[batch]["write_pages_per_s"] > 0 and report[batch]["read_pages_per_s"] > 0
-        assert 0 < report[batch]["checksum_read_us_per_page"] < 1000
-    assert report["checksum_errors"] == 0 and report["host_pages"] > 0
+        assert 0 < report["checksum"][batch]["read_us_per_page"] < 1000
 
 
 def test_vswapfs_refuses_a_token_file_others_can_read(tmp_path) -> None:

@@ -30,7 +30,8 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 def page(n: int, version: int = 1) -> bytes:
-    return (n.to_bytes(4, "little") + version.to_bytes(4, "little")) * (PAGE_SIZE // 8)
+    """Not same-filled (its last word differs): it must travel to the store."""
+    return (n.to_bytes(4, "little") + version.to_bytes(4, "little")) * (PAGE_SIZE // 8 - 1) + b"not same"
 
 
 # -- byte ranges -> pages ------------------------------------------------------------------

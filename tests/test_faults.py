@@ -110,7 +110,8 @@ def test_sigkill_in_write_through_loses_nothing(make_daemons) -> None:
 
 
 def test_sigstop_writes_still_answered_in_time_and_reads_recover(make_daemons) -> None:
-    d, dev = make_daemons(extra_vswapfs=["--write-timeout", "0.5"])
+    # Reads over the wire: with shared memory they would not wait at all (the next test).
+    d, dev = make_daemons(extra_vswapfs=["--write-timeout", "0.5", "--no-shared-memory"])
     fill(dev, 128)
     d.signal_hoststore(signal.SIGSTOP)
     try:
@@ -133,6 +134,23 @@ def test_sigstop_writes_still_answered_in_time_and_reads_recover(make_daemons) -
         assert dev.read(200 + i * 8) == pattern(200 + i * 8, 2)
     # The late puts reached the store after all; vswapfs had them dropped again.
     wait_for(lambda: d.host_stats()["pages_stored"] == d.stats()["pages_host"], 10, "late puts dropped")
+
+
+def test_a_stopped_store_still_serves_reads_from_shared_memory(make_daemons) -> None:
+    d, dev = make_daemons(extra_vswapfs=["--write-timeout", "0.5"])
+    fill(dev, 128)
+    before = d.stats()["shared_reads"]
+    d.signal_hoststore(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        for page in range(128):
+            assert dev.read(page) == pattern(page, 1)
+        elapsed = time.monotonic() - start
+    finally:
+        d.signal_hoststore(signal.SIGCONT)
+    stats = d.stats()
+    assert stats["shared_reads"] - before == 128 and stats["read_failures"] == 0
+    assert elapsed < 5.0  # no read waited for the stopped store (--read-timeout is 30 s)
 
 
 def test_sigterm_drains_and_a_restarted_store_loses_nothing(make_daemons) -> None:
@@ -209,7 +227,12 @@ def test_a_store_answering_wrong_pages_gets_eio_never_wrong_data(make_daemons, l
             assert got is None, f"page {page}: the store lied, yet it read back"
         else:
             assert got == pattern(page, 1)
-    assert d.stats()["checksum_errors"] == 32
+    stats = d.stats()
+    assert stats["checksum_errors"] == 32
+    # The honest pages came straight from shared memory; the lies there were caught too:
+    # a damaged copy fails its checksum, a wrong version its header.
+    assert stats["shared_memory"] and stats["shared_reads"] == 32
+    assert stats["shared_retries"] == (32 if lie == "data" else 0)
 
 
 def test_the_fault_tool_accounts_for_every_page(tmp_path) -> None:

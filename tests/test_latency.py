@@ -132,7 +132,8 @@ def test_store_writes_stay_fast_while_the_backing_disk_is_slow(disk_dir: str, sl
 
 
 def test_writes_are_answered_while_many_reads_wait_for_a_stopped_store(disk_dir: str) -> None:
-    d = Daemons(disk_dir, capacity="1M", size="16M", extra_vswapfs=["--write-timeout", "0.5"])
+    # Reads over the wire, which wait for the store (with shared memory they would not).
+    d = Daemons(disk_dir, capacity="1M", size="16M", extra_vswapfs=["--write-timeout", "0.5", "--no-shared-memory"])
     d.start()
     try:
         d.wait_host_connected()

@@ -19,7 +19,8 @@ NPAGES = 256
 
 
 def page(n: int, version: int) -> bytes:
-    return (n.to_bytes(4, "little") + version.to_bytes(4, "little")) * (PAGE_SIZE // 8)
+    """A page naming its number and version, not same-filled (its last word differs)."""
+    return (n.to_bytes(4, "little") + version.to_bytes(4, "little")) * (PAGE_SIZE // 8 - 1) + b"not same"
 
 
 @pytest.fixture

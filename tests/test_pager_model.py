@@ -1,11 +1,12 @@
 """Model-based test of the page rules: hypothesis drives the pager against the
-fake store through writes, reads, discards, refusals, stalls with late
-arrivals, disconnects, store death, hand-backs, drains and a store that
-damages pages, in write-back and write-through mode; every read is checked
-against a plain dict.
+fake store through writes (of data, zero and other same-filled pages, mixed in
+one batch), reads, discards, refusals, stalls with late arrivals, disconnects,
+store death, hand-backs, drains and a store that damages pages, in write-back
+and write-through mode; every read is checked against a plain dict.
 
 What a read may return:
 * a page never written (or discarded): zeros;
+* a same-filled page: its fill, whatever happens to the store (it lives in the map);
 * a page whose only copy died with the store: EIO, and never anything else;
 * a page whose store copy was damaged: its data, or EIO (never other bytes);
   in write-through mode always its data;
@@ -30,7 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from hoststore.messages import PAGE_SIZE, HandBackCause
 from vswapfs.backing import Backing
-from vswapfs.pagemap import HOST, HOST_WT, IN_STORE
+from vswapfs.pagemap import HOST, HOST_WT, IN_STORE, SAME
 from vswapfs.pager import Pager, PageUnavailable
 
 from .conftest import disk_base
@@ -39,8 +40,18 @@ from .fakestore import FakeStore
 NPAGES = 24
 
 
-def data_for(page: int, version: int) -> bytes:
-    return (page.to_bytes(4, "little") + version.to_bytes(4, "little")) * (PAGE_SIZE // 8)
+def data_for(page: int, version: int, kind: str = "data") -> bytes:
+    """A page naming its number and version ("data", not same-filled: its last word
+    differs), or a same-filled page: "zero", or "fill" (a word naming the version)."""
+    if kind == "zero":
+        return bytes(PAGE_SIZE)
+    if kind == "fill":
+        return (version.to_bytes(4, "little") * 2) * (PAGE_SIZE // 8)
+    return (page.to_bytes(4, "little") + version.to_bytes(4, "little")) * (PAGE_SIZE // 8 - 1) + b"not same"
+
+
+def is_same_filled(data: bytes) -> bool:
+    return data == data[:8] * (PAGE_SIZE // 8)
 
 
 class TrioThread:
@@ -78,13 +89,14 @@ class TrioThread:
 
 class PagerMachine(RuleBasedStateMachine):
     pages = st.integers(0, NPAGES - 1)
+    kinds = st.lists(st.sampled_from(["data", "data", "zero", "fill"]), min_size=1, max_size=6)  # half data
 
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="vswapfs-model-", dir=disk_base())
         self.backing = Backing.open(os.path.join(self.dir, "backing"), NPAGES * PAGE_SIZE)
         self.trio = TrioThread()
-        self.model: dict[int, int] = {}  # page -> version last written
+        self.model: dict[int, bytes] = {}  # page -> what was last written
         self.lost: set[int] = set()  # pages whose only copy died with the store
         self.suspect: set[int] = set()  # pages whose store copy was damaged
         self.version = 0
@@ -136,25 +148,37 @@ class PagerMachine(RuleBasedStateMachine):
 
     # -- the device ---------------------------------------------------------------------
 
-    @rule(first=pages, n=st.integers(1, 6))
-    def write(self, first: int, n: int) -> None:
-        n = min(n, NPAGES - first)
+    @rule(first=pages, kinds=kinds)
+    def write(self, first: int, kinds: list[str]) -> None:
+        kinds = kinds[: NPAGES - first]
         self.version += 1
-        data = b"".join(data_for(first + i, self.version) for i in range(n))
+        pages = [data_for(first + i, self.version, kind) for i, kind in enumerate(kinds)]
+        data = b"".join(pages)
         assert self.call(self.pager.write, first * PAGE_SIZE, data) == len(data)
-        for p in range(first, first + n):
-            self.model[p] = self.version
-        self._rewritten(range(first, first + n))
+        for i, kind in enumerate(kinds):
+            self.model[first + i] = pages[i]
+            if kind != "data":
+                event(f"wrote a same-filled page ({kind})")
+                assert self.pager.map.get(first + i) == SAME
+        if len(set(kinds)) > 1 and "data" in kinds:
+            event("wrote a batch mixing same-filled pages and data")
+        self._rewritten(range(first, first + len(kinds)))
 
     @precondition(lambda self: self.quiet)
-    @rule(first=pages, n=st.integers(1, 6))
-    def write_as_the_store_dies(self, first: int, n: int) -> None:
+    @rule(first=pages, kinds=kinds)
+    def write_as_the_store_dies(self, first: int, kinds: list[str]) -> None:
         """The store answers the next request and dies at once, a new one taking its
-        place: a write in flight must still end up somewhere that survives."""
-        self._mark_lost()
+        place: a write in flight must still end up somewhere that survives.  (A write
+        of same-filled pages alone may send nothing, or only a drop request.)"""
+        would_be_lost = self._only_in_store()
+        instances = self.store.instances
         self.store.die_after_next_answer = True
-        self.write(first, n)
+        self.write(first, kinds)
         self.store.die_after_next_answer = False
+        if self.store.instances == instances:
+            event("a write sent nothing, and the store lived on")
+            return
+        self._lose(would_be_lost - set(range(first, first + len(kinds))))
         self.suspect.clear()
         event("a write raced the store's death")
 
@@ -162,8 +186,7 @@ class PagerMachine(RuleBasedStateMachine):
     @rule(first=pages, n=st.integers(1, 8))
     def read(self, first: int, n: int) -> None:
         n = min(n, NPAGES - first)
-        expected = b"".join(data_for(p, self.model[p]) if p in self.model else bytes(PAGE_SIZE)
-                            for p in range(first, first + n))
+        expected = b"".join(self.model.get(p, bytes(PAGE_SIZE)) for p in range(first, first + n))
         try:
             got = self.call(self.pager.read, first * PAGE_SIZE, n * PAGE_SIZE)
         except PageUnavailable:
@@ -232,19 +255,28 @@ class PagerMachine(RuleBasedStateMachine):
     @rule()
     def kill_store(self) -> None:
         """The store dies: pages whose newest version only it had are lost (in write-back)."""
-        self._mark_lost()
+        self._lose(self._only_in_store())
         self.trio.run_sync(self.store.kill)
         self.suspect.clear()
 
-    def _mark_lost(self) -> None:
-        """Pages whose newest version is not in the backing file die with the store."""
-        for p, version in self.model.items():
+    def _lose(self, pages: set[int]) -> None:
+        if pages:
+            event("store death lost a page")
+        self.lost |= pages
+
+    def _only_in_store(self) -> set[int]:
+        """Pages that would die with the store: their newest version is not in the backing
+        file, and they are not same-filled (those live in the page map)."""
+        only = set()
+        for p, expected in self.model.items():
+            if is_same_filled(expected) or p in self.lost:
+                continue
             raw = bytearray(PAGE_SIZE)
             self.backing.pread_into(p * PAGE_SIZE, memoryview(raw))
-            if bytes(raw) != data_for(p, version) and p not in self.lost:
+            if bytes(raw) != expected:
                 assert not self.pager.writethrough, f"page {p} missing from the backing file in write-through"
-                self.lost.add(p)
-                event("store death lost a page")
+                only.add(p)
+        return only
 
     @precondition(lambda self: self.quiet)
     @rule(limit=st.integers(1, 10))
@@ -306,6 +338,10 @@ class PagerMachine(RuleBasedStateMachine):
             return
         in_store = sum(self.pager.map.states.count(state) for state in IN_STORE)
         assert self.store.pages_stored == in_store, "the store holds pages the map does not place there"
+        states, index = self.pager.map.states, self.store.client.index
+        for p in range(NPAGES):
+            if states[p] == SAME:
+                assert index.get(p) < 0, f"same-filled page {p}: the store still holds an old copy"
 
     @invariant()
     def lost_pages_are_marked(self) -> None:

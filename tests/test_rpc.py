@@ -31,6 +31,9 @@ from vswapfs.pagestore import StoreError, StoreUnavailable
 PAGE = PAGE_SIZE
 
 
+ELEVENS = b"\x11" * (PAGE - 8) + b"\x22" * 8  # not same-filled: it goes to the store
+
+
 def page(n: int) -> bytes:
     return n.to_bytes(8, "little") * (PAGE // 8)
 
@@ -554,7 +557,7 @@ async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnec
             client = HostClient(address, "c", 64 * PAGE, backoff_min=0.01, backoff_max=0.05)
             pager = Pager(backing, client, read_timeout=5.0)
             await nursery.start(client.run)
-            await pager.write(0, b"\x11" * (4 * PAGE))
+            await pager.write(0, ELEVENS * 4)
             Session._serve = serve  # type: ignore[method-assign]
             slow_get[0] = True
             got: list[bytes] = []
@@ -572,14 +575,14 @@ async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnec
             with trio.fail_after(4):
                 while not got:
                     await trio.sleep(0.01)
-            assert got == [b"\x11" * PAGE] and trio.current_time() - start < 2
+            assert got == [ELEVENS] and trio.current_time() - start < 2
             # The hand-back went on after the reconnect; its answer was lost with the old
             # connection, so the client told the store on the new one.
             with trio.fail_after(5):
                 while store.pages:
                     await trio.sleep(0.01)
             assert pager.map.counts()["backing"] == 4
-            assert await pager.read(0, 4 * PAGE) == b"\x11" * (4 * PAGE)
+            assert await pager.read(0, 4 * PAGE) == ELEVENS * 4
             nursery.cancel_scope.cancel()
     finally:
         Session._serve = real_serve  # type: ignore[method-assign]

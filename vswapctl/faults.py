@@ -51,7 +51,9 @@ class Round:
 
 
 def pattern(page: int, version: int) -> bytes:
-    return struct.pack("<QQ", page, version) * (PAGE // 16)
+    """Names its page and version; never same-filled (its last word differs), so that
+    it travels to the store or the backing file like real data."""
+    return struct.pack("<QQ", page, version) * (PAGE // 16 - 1) + struct.pack("<QQ", ~page & (2**64 - 1), 1)
 
 
 class Device:

@@ -33,6 +33,7 @@ from hoststore.access import peer_uid
 from hoststore.address import Address
 from hoststore.counters import Counters
 from hoststore.endpoint import Endpoint, PeerGone, RemoteError
+from hoststore.sharedpages import SharedError, SharedPages
 from hoststore.messages import (
     ROLE_OBSERVER,
     ROLE_PAGER,
@@ -42,7 +43,9 @@ from hoststore.messages import (
     Hello,
     HelloAnswer,
     Invalidate,
+    PAGE_SIZE,
     Put,
+    PutStaged,
     Request,
     Stats,
     TakeStatus,
@@ -71,6 +74,9 @@ class LinkCounter(enum.StrEnum):
     HANDBACK_ANSWERS_LOST = "link_handback_answers_lost"  # pages taken whose answer could not be sent
     STORE_AUTH_FAILED = "link_store_auth_failed"  # peers that could not prove they are the store: sent nothing
     KEEPALIVES = "link_keepalives"
+    SHARED_MAPS = "link_shared_maps"  # shared page memory mapped (at each hello that offered it)
+    SHARED_UNUSABLE = "link_shared_unusable"  # offered, but not usable: pages are read over the wire
+    STAGED_PUT_PAGES = "link_staged_put_pages"  # pages put through the shared staging area, not the socket
 
 
 KEEPALIVE_INTERVAL = 60.0  # well inside the store's idle timeout (300 s by default)
@@ -105,7 +111,10 @@ class HostClient:
         connect_timeout: float = 2.0,
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
+        share: bool = True,
     ) -> None:
+        """``share``: on a unix socket, ask the store for shared page memory, so that
+        reads of pages it holds need no round trip (see ``hoststore.sharedpages``)."""
         self.address = address
         self.name = name
         self.device_size = device_size
@@ -115,6 +124,8 @@ class HostClient:
         self.connect_timeout = connect_timeout
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
+        self.share = share and address.kind == "unix" and role == ROLE_PAGER
+        self._shared: SharedPages | None = None
         self.instance = secrets.token_hex(16)  # this process, as the store knows it
         self.secret: bytes | None = None
         self.store_instance: str | None = None
@@ -152,13 +163,34 @@ class HostClient:
         self._on_pages_lost = on_pages_lost
 
     async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes:
-        return await self.call(Put(first, seq, data))
+        """Through the staging area shared with the store where there is one and it has
+        room (the data does not travel on the socket), on the wire otherwise."""
+        shared = self._shared
+        staging = shared.staging if shared is not None else None
+        n = len(data) // PAGE_SIZE
+        at = staging.take(n) if staging is not None else None
+        if at is None:
+            return await self.call(Put(first, seq, data))
+        assert staging is not None
+        try:
+            staging.view[at * PAGE_SIZE : (at + n) * PAGE_SIZE] = data
+            statuses = await self.call(PutStaged(first, seq, at, n))
+            self.counters.add(LinkCounter.STAGED_PUT_PAGES, n)
+            return statuses
+        finally:
+            # At once, even if the answer never came: a late put reading reused staging
+            # stores a version the pager has since written elsewhere and asked to drop.
+            staging.give(at, n)
 
     async def get(self, pages: array) -> GetAnswer:
         return await self.call(Get(pages))
 
     async def invalidate(self, first: int, count: int, seq: int) -> int:
         return await self.call(Invalidate(first, count, seq))
+
+    def read_shared(self, page: int, seq: int, out: memoryview) -> bool:
+        shared = self._shared
+        return shared is not None and shared.read(page, seq, out)
 
     async def call(self, message: Request) -> Any:
         endpoint = self._endpoint
@@ -224,7 +256,7 @@ class HostClient:
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
-            return Endpoint(stream, p.Connection("client"))
+            return Endpoint(stream, p.Connection("client"), accept_fds=self.share)
         raise StoreUnavailable(f"cannot connect to {self.address} in {self.connect_timeout}s")
 
     async def _serve_link(self, on_connected: Callable[[], None]) -> bool:
@@ -294,7 +326,7 @@ class HostClient:
         if self.token is not None:
             token_proof = auth.token_proof(self.token, "client", self.name, welcome.nonce, nonce)
         hello = Hello(p.PROTOCOL_VERSION, self.name, self.role, self.device_size if self.role == ROLE_PAGER else 0,
-                      self.instance, nonce, proof, token_proof)
+                      self.instance, nonce, proof, token_proof, shared=self.share)
         answer: HelloAnswer | None = None
         with trio.move_on_after(self.connect_timeout):
             try:
@@ -316,6 +348,36 @@ class HostClient:
                                      else "it proved a different token")
             answer = replace(answer, secret=auth.wrap_secret(self.token, answer.secret, welcome.nonce, nonce))
         self._welcomed(welcome, answer)
+        self._map_shared(answer, endpoint.take_fds())
+
+    def _map_shared(self, answer: HelloAnswer, fds: list[int]) -> None:
+        """Map the shared page memory that came with the hello answer, in place of
+        any earlier one (a resumed session passes the same memory again; a new
+        store instance passes new memory, and the old one is let go)."""
+        old, self._shared = self._shared, None
+        if old is not None:
+            old.close()
+        fd = fds.pop(0) if fds and answer.shared is not None else None
+        staging_fd = fds.pop(0) if fd is not None and fds and answer.shared.staging else None
+        for extra in fds:
+            os.close(extra)
+        if answer.shared is None:
+            return
+        if fd is None:
+            self.counters.add(LinkCounter.SHARED_UNUSABLE)
+            log.warning("the store offered shared page memory but passed no memory: reads go over the wire")
+            return
+        try:
+            self._shared = SharedPages(fd, answer.shared, staging_fd)
+        except SharedError as exc:
+            self.counters.add(LinkCounter.SHARED_UNUSABLE)
+            log.warning("not using the store's shared page memory (%s): reads go over the wire", exc)
+            return
+        self.counters.add(LinkCounter.SHARED_MAPS)
+
+    @property
+    def sharing(self) -> bool:
+        return self._shared is not None
 
     def _welcomed(self, welcome: Welcome, answer: HelloAnswer) -> None:
         """Note who answered; if the pages the store held for us are gone, say so

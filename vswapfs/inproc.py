@@ -38,6 +38,7 @@ from hoststore.messages import (
     MessageError,
     Put,
 )
+from hoststore.clientpages import NIL
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler
 from hoststore.store import HostCounter, RequestError, Store
@@ -101,6 +102,16 @@ class InprocStore:
             return self.store.invalidate(self.client, Invalidate(first, count, seq))
         except (RequestError, MessageError) as exc:
             raise StoreError(str(exc)) from None
+
+    def read_shared(self, page: int, seq: int, out: memoryview) -> bool:
+        """Straight from the slab, as a client of a store daemon reads shared memory
+        (and, as there, unseen by the store's read counters and LRU order)."""
+        client = self.client
+        slot = client.index.get(page)
+        if slot == NIL or client.seq_of[slot] != seq:
+            return False
+        out[:] = client.slab.view(slot)
+        return True
 
     # -- pressure -----------------------------------------------------------------------
 

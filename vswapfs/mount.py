@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", type=argtype(parse_store_address), required=True, metavar="ADDR",
                     help="host store address: unix:PATH or tcp:HOST:PORT; or `inproc` to keep admitted pages "
                          "in this process's own memory, under the same admission rules (no store daemon)")
+    ap.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                    help="on a unix socket, do not ask the store for shared page memory: every page read "
+                         "then travels on the socket (the default reads pages the store holds straight from "
+                         "memory it shares with this process alone)")
     inproc = ap.add_argument_group("with --host inproc", "the in-process store's limits, as hoststore's")
     inproc.add_argument("--capacity", type=argtype(parse_size), metavar="SIZE",
                         help="most page data kept in memory (default: the device size)")
@@ -176,6 +180,7 @@ def combined_stats(pager: Pager, client: StoreClient, ops: Operations) -> dict[s
     else:
         stats.update(client.counters.as_dict())
     stats["host_address"] = str(client.address)
+    stats["shared_memory"] = isinstance(client, InprocStore) or client.sharing
     stats["backing_file"] = pager.backing.path
     stats["pid"] = os.getpid()
     stats["swap_opens"] = ops.swap_opens
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if inproc:
         client = inproc_store(args, name, backing.size)
     else:
-        client = HostClient(address, name, backing.size, token=token)
+        client = HostClient(address, name, backing.size, token=token, share=args.shared_memory)
     pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout,
                   writethrough=args.writethrough)
     ops = Operations(pager)

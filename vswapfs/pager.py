@@ -11,10 +11,17 @@
 * Never stale: a page's map entry moves to the backing file whenever its
   newest version is there, and the store drops an older copy it refuses to
   replace.
+* Same-filled pages (every 8-byte word equal, zero pages included), as zram
+  keeps them: the map holds the fill word, and the page goes neither to the
+  store nor to the backing file, in either mode; the rest of the batch is
+  offered as contiguous runs.  If the store held an older version, a drop
+  request is queued for it with a fresh sequence number, so it can never
+  drop a newer one; until it lands, the map already reads the fill.
 * A read goes where the map says, and what it returns is checked: the
   version the store names and the page's checksum must match the map's.  A
-  page never written reads as zeros; a page that cannot be produced is an I/O
-  error, never zeros and never another version.
+  page never written reads as zeros, a same-filled page as its fill word; a
+  page that cannot be produced is an I/O error, never zeros and never another
+  version.
 * Pages known to be gone (the store came back without them, or says it does
   not hold them) are marked lost: reads of them fail at once, until rewritten.
 * The store may hand pages back: they are checked, written to the backing
@@ -45,11 +52,14 @@ from .pagemap import (
     HOST_WT,
     IN_STORE,
     LOST,
+    SAME,
     STORED_TO_HOST,
     STORED_TO_HOST_WT,
     UNWRITTEN,
     PageMap,
+    filled_page,
     refused_runs,
+    same_filled,
 )
 from .pagestore import PageStore, StoreError, StoreUnavailable
 from .rangelock import RangeLock
@@ -69,6 +79,7 @@ _HOST_TO_BACKING = _table({HOST: BACKING})
 _HOST_TO_LOST = _table({HOST: LOST})
 _IS_HOST = bytes(1 if i == HOST else 0 for i in range(256))
 _ONES = re.compile(rb"\x01+")
+_TO_PLACE = re.compile(rb"\x00+")  # pages of a batch still to place (not same-filled)
 
 
 class PagerError(Exception):
@@ -101,8 +112,13 @@ class PagerCounter(enum.StrEnum):
     HOST_WRITES = "host_writes"
     BACKING_WRITES = "backing_writes"
     HOST_READS = "host_reads"
+    SHARED_READS = "shared_reads"  # of those, read straight from memory the store shares with us (no round trip)
+    SHARED_RETRIES = "shared_retries"  # shared copies that failed their check (changed meanwhile): asked for
     BACKING_READS = "backing_reads"
     ZERO_READS = "zero_reads"  # never-written pages read back as zeros
+    SAME_FILLED_WRITES = "same_filled_writes"  # pages kept in the map as their fill word
+    SAME_FILLED_READS = "same_filled_reads"  # pages read back from their fill word
+    SAME_FILLED_STORE_DROPS = "same_filled_store_drops"  # store copies dropped: their page became same-filled
     FALLBACK_REFUSED = "fallback_refused"
     FALLBACK_TIMEOUT = "fallback_timeout"
     FALLBACK_UNREACHABLE = "fallback_unreachable"
@@ -133,6 +149,10 @@ class PagerCounter(enum.StrEnum):
     HANDBACK_NOT_NEEDED = "handback_not_needed"  # handed back, but the map had moved on
     HANDBACK_FAILED = "handback_failed"  # handed back, but the backing file failed: left in the store
 
+
+# A drop request for the orphan task: first page, count, sequence number, and the
+# counter that adds the pages dropped (None: a timed-out batch, counted per request).
+_Orphan = tuple[int, int, int, PagerCounter | None]
 
 REFUSAL_COUNTER = {
     PageStatus.REFUSED_PRESSURE: PagerCounter.REFUSED_PRESSURE,
@@ -197,7 +217,7 @@ class Pager:
         self.writethrough = writethrough
         self.counters: Counters[PagerCounter] = Counters(PagerCounter)
         self._seq = 0
-        self._orphans_send, self._orphans_recv = trio.open_memory_channel[tuple[int, int, int, bool]](math.inf)
+        self._orphans_send, self._orphans_recv = trio.open_memory_channel[_Orphan](math.inf)
         self.orphans_pending = 0  # drop requests the store has yet to receive
         self._bad_pages = BurstLog(log)
         self._lost_reads = BurstLog(log)
@@ -236,9 +256,70 @@ class Pager:
 
     async def _write_batch(self, first: int, data: memoryview) -> int:
         """Store one batch; returns how many of its pages found no home (they are marked lost)."""
-        n = len(data) // PAGE_SIZE
         seq = self._next_seq()
-        sums = checksums(data, first, seq)
+        fills = same_filled(data)
+        if fills:
+            states, sums = await self._place_mixed(first, data, seq, fills)
+        else:
+            sums = checksums(data, first, seq)
+            states = await self._place(first, data, seq)
+        return self._record(first, states, seq, sums)
+
+    async def _place_mixed(self, first: int, data: memoryview, seq: int,
+                           fills: dict[int, int]) -> tuple[bytes, array]:
+        """A batch with same-filled pages: they stay in the map as their fill word; the
+        runs between them are placed concurrently (pipelined), so a batch costs one
+        round trip however its same-filled pages split it, and none if all are."""
+        n = len(data) // PAGE_SIZE
+        states = bytearray(n)
+        sums = array("Q", bytes(8 * n))
+        for i, word in fills.items():
+            states[i] = SAME
+            sums[i] = word
+        self.counters.add(PagerCounter.SAME_FILLED_WRITES, len(fills))
+
+        async def place(start: int, count: int) -> None:
+            part = data[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
+            sums[start : start + count] = checksums(part, first + start, seq)
+            states[start : start + count] = await self._place(first + start, part, seq)
+
+        runs = [(m.start(), m.end() - m.start()) for m in _TO_PLACE.finditer(bytes(states))]
+        if len(runs) == 1:
+            await place(*runs[0])
+        elif runs:
+            async with trio.open_nursery() as nursery:
+                for start, count in runs:
+                    nursery.start_soon(place, start, count)
+        return bytes(states), sums
+
+    def _record(self, first: int, states: bytes, seq: int, sums: array) -> int:
+        """Put a batch's outcome in the map; how many of its pages found no home."""
+        c = self.counters
+        self._drop_now_same(first, states)
+        c.add(PagerCounter.HOST_WRITES, states.count(HOST) + states.count(HOST_WT))
+        c.add(PagerCounter.STALE_DROPPED, self.map.record(first, states, seq, sums))
+        homeless = states.count(LOST)
+        if homeless:
+            c.add(PagerCounter.PAGES_LOST, homeless)
+        return homeless
+
+    def _drop_now_same(self, first: int, states: bytes) -> None:
+        """Pages the store holds that just became same-filled: their store copies are
+        stale, so the orphan task asks the store to drop them.  The write does not wait
+        for that round trip: the map reads the fill from now on, a hand-back of the old
+        copy is answered NOT_NEEDED, and the fresh sequence number (newer than the old
+        copy, older than any later write of these pages) keeps the drop from ever
+        reaching a newer version."""
+        runs = self.map.store_runs_now_same(first, states)
+        if runs:
+            seq = self._next_seq()
+            for start, count in runs:
+                self._queue_orphan(start, count, seq, PagerCounter.SAME_FILLED_STORE_DROPS)
+
+    async def _place(self, first: int, data: memoryview, seq: int) -> bytes:
+        """Offer a run of pages to the store, refused ones to the backing file (all of them
+        too in write-through mode); the new state of each page."""
+        n = len(data) // PAGE_SIZE
         epoch = self.store.epoch
         c = self.counters
         if self.writethrough:
@@ -275,13 +356,7 @@ class Pager:
                     states = bytes(HOST if s == _STORED else LOST for s in statuses)
                 else:
                     c.add(PagerCounter.BACKING_WRITES, refused)
-        states = await self._rehome_if_store_lost(first, data, states, epoch)
-        c.add(PagerCounter.HOST_WRITES, states.count(HOST) + states.count(HOST_WT))
-        c.add(PagerCounter.STALE_DROPPED, self.map.record(first, states, seq, sums))
-        homeless = states.count(LOST)
-        if homeless:
-            c.add(PagerCounter.PAGES_LOST, homeless)
-        return homeless
+        return await self._rehome_if_store_lost(first, data, states, epoch)
 
     async def _rehome_if_store_lost(self, first: int, data: memoryview, states: bytes, epoch: int) -> bytes:
         """If the store lost its pages while this batch was being written (the refused
@@ -349,26 +424,30 @@ class Pager:
         self.counters.add(cause, n)
         states = self.map.states[first : first + n]
         if sent or HOST in states or HOST_WT in states:
-            self._queue_orphan(first, n, seq, False)
+            self._queue_orphan(first, n, seq, None)
         return _ALL_REFUSED * n
 
-    def _queue_orphan(self, first: int, n: int, seq: int, discard: bool) -> None:
+    def _queue_orphan(self, first: int, n: int, seq: int, dropped_counter: PagerCounter | None) -> None:
+        """Ask the store (via the orphan task) to drop versions up to ``seq`` of pages
+        ``first ..``; ``dropped_counter`` adds the pages it dropped (None: a timed-out
+        batch, counted once per request in ORPHAN_INVALIDATIONS)."""
         self.orphans_pending += 1
-        self._orphans_send.send_nowait((first, n, seq, discard))
+        self._orphans_send.send_nowait((first, n, seq, dropped_counter))
 
     async def drop_orphans(self) -> None:
         """Background task: ask the store to drop batches whose put timed out,
-        and discards it could not take at the time.
+        discards it could not take at the time, and old copies of pages that
+        became same-filled.
 
         The store drops a page only if its stored version is not newer than
         the request's, so this can never drop a page the map points at."""
-        async for first, n, seq, discard in self._orphans_recv:
+        async for first, n, seq, dropped_counter in self._orphans_recv:
             while True:
                 try:
                     await self.store.wait_connected()
                     dropped = await self.store.invalidate(first, n, seq)
-                    if discard:
-                        self.counters.add(PagerCounter.DISCARD_HOST_PAGES, dropped)
+                    if dropped_counter is not None:
+                        self.counters.add(dropped_counter, dropped)
                     else:
                         self.counters.add(PagerCounter.ORPHAN_INVALIDATIONS)
                     break
@@ -410,6 +489,8 @@ class Pager:
                 from_backing.append((start, count))
             elif state in IN_STORE:
                 from_store.extend(range(start, start + count))
+            elif state == SAME:
+                self._fill(start, count, view, first)
             else:
                 c.add(PagerCounter.ZERO_READS, count)
         failed = 0
@@ -424,6 +505,17 @@ class Pager:
             c.add(PagerCounter.READ_FAILURES, failed)
             raise PageUnavailable(f"{failed} page(s) in {first}..{first + n - 1} could not be read")
         return bytes(out)
+
+    def _fill(self, start: int, count: int, view: memoryview, first: int) -> None:
+        """Rebuild a run of same-filled pages from their fill words (zero fills are
+        already there: the read buffer starts zeroed)."""
+        sums = self.map.sums
+        for page in range(start, start + count):
+            word = sums[page]
+            if word:
+                at = (page - first) * PAGE_SIZE
+                view[at : at + PAGE_SIZE] = filled_page(word)
+        self.counters.add(PagerCounter.SAME_FILLED_READS, count)
 
     async def _read_from_backing(self, start: int, count: int, view: memoryview, first: int) -> int:
         """Read and check a run from the backing file; how many pages failed."""
@@ -446,9 +538,37 @@ class Pager:
         self.counters.add(PagerCounter.BACKING_READS, count - bad)
         return bad
 
+    def _read_shared(self, pages: array, view: memoryview, first: int) -> array:
+        """Read what we can straight from memory the store shares with us, checked as
+        any copy is; returns the pages still to ask the store for."""
+        read_shared = self.store.read_shared
+        seqs, sums = self.map.seqs, self.map.sums
+        rest = array("Q")
+        retried = 0
+        for page in pages:
+            at = (page - first) * PAGE_SIZE
+            part = view[at : at + PAGE_SIZE]
+            seq = seqs[page]
+            if read_shared(page, seq, part):
+                if checksum(part, page, seq) == sums[page]:
+                    continue
+                retried += 1  # changed under the copy, or damaged: the store's answer decides
+            rest.append(page)
+        hits = len(pages) - len(rest)
+        if hits:
+            self.counters.add(PagerCounter.SHARED_READS, hits)
+            self.counters.add(PagerCounter.HOST_READS, hits)
+        if retried:
+            self.counters.add(PagerCounter.SHARED_RETRIES, retried)
+        return rest
+
     async def _read_from_store(self, pages: array, view: memoryview, first: int) -> tuple[int, list[int]]:
-        """Fetch pages from the store into ``view`` and check each one.  Returns
-        (pages that failed, write-through pages to read from the backing file instead)."""
+        """Fetch pages from the store into ``view`` and check each one: from shared
+        memory where the store shares it, by asking otherwise.  Returns (pages that
+        failed, write-through pages to read from the backing file instead)."""
+        pages = self._read_shared(pages, view, first)
+        if not pages:
+            return 0, []
         states, seqs, sums = self.map.states, self.map.seqs, self.map.sums
         # The states as they are now: the store's notice that our pages are gone
         # may change the map while we wait, but not what this read must do.
@@ -636,7 +756,7 @@ class Pager:
                 except (StoreUnavailable, StoreError):
                     pass
         if dropped is None:
-            self._queue_orphan(first, n, seq, True)
+            self._queue_orphan(first, n, seq, PagerCounter.DISCARD_HOST_PAGES)
         else:
             self.counters.add(PagerCounter.DISCARD_HOST_PAGES, dropped)
 

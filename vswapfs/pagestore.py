@@ -16,6 +16,11 @@ The contract, beyond the method signatures:
   gone (the store came back as a new instance, or forgot this client).  The
   store calls the ``on_pages_lost`` handler *before* it serves anything on
   the new connection, so the pager can mark exactly those pages lost.
+* ``read_shared`` copies one page's given version straight from memory the
+  store shares with us, without a round trip, or says it cannot (False: the
+  page is not there in that version, or it changed during the copy); the
+  pager still checks the copy's checksum, and asks with ``get`` otherwise.
+  A store without shared memory always says False.
 * The store may ask for pages back (``on_handback``); the handler answers
   one :class:`~hoststore.messages.TakeStatus` per page, and the store frees a
   page only after that answer.
@@ -60,5 +65,7 @@ class PageStore(Protocol):
     async def get(self, pages: array) -> GetAnswer: ...
 
     async def invalidate(self, first: int, count: int, seq: int) -> int: ...
+
+    def read_shared(self, page: int, seq: int, out: memoryview) -> bool: ...
 
     def set_handlers(self, on_handback: HandBackHandler, on_pages_lost: PagesLostHandler) -> None: ...
