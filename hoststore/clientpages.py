@@ -37,9 +37,9 @@ class ClientPages:
         self.away_since: float | None = None  # when its last connection ended
         self._reset()
 
-    def _reset(self) -> None:
+    def _reset(self, slab: bool = True) -> None:
         self.index = PageIndex()
-        self.slab: Slab | SharedSlab = self._new_slab()
+        self.slab: Slab | SharedSlab = self._new_slab() if slab else Slab()
         self.page_of = array("Q")
         self.seq_of = array("Q")
         self.stamp = array("Q")
@@ -183,10 +183,12 @@ class ClientPages:
                 self.tail = dst
         self.index.set(self.page_of[src], dst)
 
-    def drop_all(self) -> int:
+    def close(self) -> int:
+        """This client is done with (replaced by a new instance, or forgotten): its
+        memory and file descriptors go now.  Returns the pages it held."""
         dropped = self.count
         self.slab.close()
-        self._reset()
+        self._reset(slab=False)
         return dropped
 
     # -- hand-back ------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -246,6 +247,23 @@ async def run(addresses: list[Address], server: Server) -> None:
                 pass
 
 
+def raise_fd_limit(wanted: int) -> None:
+    """Each client with shared page memory holds 4 file descriptors here (two memfds,
+    and the duplicates mmap keeps); with every connection, that can pass a soft limit
+    of 1024.  Raised towards the hard limit; said if that is not enough."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open-file limit %d is below the %d that --max-connections and --max-clients may need",
+                    soft, wanted)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -253,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     access = access_from_args(ap, args)
     setup_logging(args.verbose, "hoststore")
     harden(log)
+    raise_fd_limit(args.max_connections + 4 * args.max_clients + 64)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
     store = Store(limits, Sampler(args.pressure_interval, source=args.pressure_source),
                   away_timeout=args.away_timeout, max_clients=args.max_clients)

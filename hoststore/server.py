@@ -212,6 +212,14 @@ class Session:
             if deadline - self._deadline.deadline >= min(1.0, idle / 4):
                 self._deadline.deadline = deadline
 
+    @property
+    def _can_share(self) -> bool:
+        """Shared page memory only for a unix-socket peer that is root or the store's own
+        user: it could stop or trace the store anyway.  A peer let in with --allow-uid
+        keeps to the wire: a client holding the store's memfds can make the store fault
+        on pages of its choosing (punch, rewrite, page out), stalling everyone."""
+        return self.admin
+
     def _who(self) -> str:
         return f" of client {self.client.name!r}" if self.client is not None else ""
 
@@ -239,7 +247,7 @@ class Session:
         if isinstance(msg, Hello):
             answer = self._hello(event.msgid, msg)
             shared = self.client.shared if self.client is not None and self.hello_done else None
-            if shared is None:
+            if shared is None or not self._can_share:
                 return answer
             # The memfd rides on the answer's bytes: nothing is queued before a hello's answer.
             await self.endpoint.send(answer, fds=shared.fds)
@@ -282,7 +290,7 @@ class Session:
         if refusal is not None:
             return self._refuse(msgid, hello, *refusal)
         try:
-            client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self.uid is not None)
+            client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self._can_share)
         except RequestError as exc:
             return self._refuse(msgid, hello, None, str(exc))
         if isinstance(superseded, Session):

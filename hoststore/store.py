@@ -166,7 +166,8 @@ class Store:
             superseded = old.session
             if superseded is not None:
                 self.counters.add(HostCounter.TAKEOVERS)
-            return old, HelloAnswer(self.instance, True, old.secret, shared=_layout(old)), superseded
+            shared = _layout(old) if can_share else None  # its memfds cannot travel on this connection
+            return old, HelloAnswer(self.instance, True, old.secret, shared=shared), superseded
         if old is not None:
             if old.connected:
                 raise RequestError(f"client name {name!r} is in use by another connection")
@@ -179,13 +180,15 @@ class Store:
             log.warning("client %r came back as a new instance: dropping the %d pages of the old one",
                         name, old.count)
             self._count(old, HostCounter.DROPPED_SESSIONS, old.count)
-            self.pages -= old.drop_all()
+            self.pages -= old.close()
         if old is None and len(self.clients) >= self.max_clients:
             self._forget_empty_clients()
             if len(self.clients) >= self.max_clients:
                 self.counters.add(HostCounter.REFUSED_CLIENTS)
                 raise RequestError(f"this store keeps {len(self.clients)} clients already (--max-clients)")
+        # Slot numbers are uint32 in the shared index (slot + 1): a store that large shares nothing.
         slots = min(hello.npages, self.limits.capacity_pages) if can_share and hello.shared else 0
+        slots = slots if slots < (1 << 32) - 1 else 0
         client = ClientPages(name, hello.npages, hello.instance, auth.new_secret(), shared_slots=slots)
         self.clients[name] = client
         self.client_counters[name] = Counters(HostCounter)
@@ -197,7 +200,7 @@ class Store:
         inventing names.  One that comes back starts as a new client, with nothing
         lost: it had nothing here."""
         for name in [n for n, c in self.clients.items() if not c.connected and not c.count]:
-            self.clients.pop(name).slab.close()
+            self.clients.pop(name).close()
             self.client_counters.pop(name, None)
 
     def bind(self, client: ClientPages, session: object) -> None:

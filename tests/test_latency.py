@@ -135,19 +135,23 @@ def test_writes_are_answered_while_many_reads_wait_for_a_stopped_store(disk_dir:
     # Reads over the wire, which wait for the store (with shared memory they would not).
     d = Daemons(disk_dir, capacity="1M", size="16M", extra_vswapfs=["--write-timeout", "0.5", "--no-shared-memory"])
     d.start()
+    readers: list[threading.Thread] = []
+    devices: list[Device] = []
     try:
         d.wait_host_connected()
         loop = attach(d)
         dev = Device(loop)
+        devices.append(dev)
         for first in range(0, 256, 64):
             dev.write(first, [1] * 64)
-        readers: list[threading.Thread] = []
         results: dict[int, bytes | None] = {}
 
         def read(page: int) -> None:
             reader = Device(loop)
-            results[page] = reader.read(page)
-            reader.close()
+            try:
+                results[page] = reader.read(page)
+            finally:
+                reader.close()
 
         d.signal_hoststore(signal.SIGSTOP)
         try:
@@ -167,6 +171,12 @@ def test_writes_are_answered_while_many_reads_wait_for_a_stopped_store(disk_dir:
         assert results == {page: pattern(page, 1) for page in range(96)}
         for i in range(20):
             assert dev.read(512 + i * 8) == pattern(512 + i * 8, 3)
-        dev.close()
     finally:
+        # Whatever failed, nothing of ours may keep the device open, or the teardown
+        # (rightly) leaves everything running.
+        d.signal_hoststore(signal.SIGCONT)
+        for t in readers:
+            t.join(60)
+        for device in devices:
+            device.close()
         d.stop()

@@ -200,3 +200,48 @@ async def test_same_filled_pages_survive_the_store_losing_its_pages(backing: Bac
     store.reconnect()
     assert pager.map.get(0) == SAME and stat(pager, "pages_lost") == 1  # page 1 only
     assert await pager.read(0, PAGE_SIZE) == FILL
+
+
+async def test_a_store_lost_while_a_later_run_is_out_does_not_keep_the_earlier_runs(backing: Backing) -> None:
+    """Runs of one batch are answered at different times: if the store comes back
+    without its pages meanwhile, the runs it took earlier must go to the backing file
+    too, not be recorded in a store that no longer has them (write-back: its only copy)."""
+
+    class DiesDuringRunB(FakeStore):
+        async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes:
+            if first == 2:
+                await trio.sleep(0.05)
+                self.kill()
+                self.reconnect()
+                from vswapfs.pagestore import StoreUnavailable
+
+                raise StoreUnavailable("gone")
+            return await super().put(first, seq, data)
+
+    store = DiesDuringRunB(NPAGES)
+    pager = Pager(backing, store, write_timeout=1.0, read_timeout=0.5)
+    await pager.write(0, page(0, 1) + ZERO + page(2, 1))  # runs [0] and [2]
+    assert list(pager.map.states[:3]) == [BACKING, SAME, BACKING]
+    assert await pager.read(0, 3 * PAGE_SIZE) == page(0, 1) + ZERO + page(2, 1)
+    assert stat(pager, "fallback_store_lost") >= 1 and stat(pager, "pages_lost") == 0
+
+
+async def test_a_batch_cut_into_many_runs_is_placed_whole(backing: Backing) -> None:
+    pager, store = make(backing)
+    data = b"".join(page(i, 1) if i % 2 else ZERO for i in range(64))  # 32 runs of one page
+    await pager.write(0, data)
+    assert puts(store) == 1 and stat(pager, "same_filled_writes") == 0
+    assert await pager.read(0, 64 * PAGE_SIZE) == data
+    data = b"".join(ZERO if i in (10, 11, 40) else page(i, 2) for i in range(64))  # 3 runs
+    await pager.write(0, data)
+    assert puts(store) == 1 + 3 and stat(pager, "same_filled_writes") == 3
+    assert await pager.read(0, 64 * PAGE_SIZE) == data
+
+
+async def test_release_at_unmount_also_clears_pending_drops(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, page(0, 1))
+    await pager.write(0, ZERO)  # the store's copy is to be dropped (queued: no orphan task runs)
+    assert pager.orphans_pending == 1 and store.pages_stored == 1
+    await pager.release_all()
+    assert store.pages_stored == 0

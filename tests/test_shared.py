@@ -363,3 +363,68 @@ async def test_a_staged_put_outside_the_staging_area_or_without_one_is_an_error(
         assert await plain.put(0, 2, page(0, 2)) == bytes(1)
         assert store.counters["bad_requests"] == 2 and store.pages == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_connection_lets_the_shared_memory_go_until_the_reconnect(tmp_path) -> None:
+    """Once the store may be gone, its memory is no longer locked by it and could be
+    swapped out (perhaps to a device we serve): never touched while disconnected."""
+    from vswapfs.hostclient import HostClient, LinkCounter
+
+    store = new_store(capacity=256)
+    out = memoryview(bytearray(PAGE_SIZE))
+    async with trio.open_nursery() as nursery:
+        address, server = await start_server(nursery, str(tmp_path / "s.sock"), store)
+        client = HostClient(address, "c", 128 * PAGE_SIZE, backoff_min=0.5, backoff_max=0.5)
+        await nursery.start(client.run)
+        await client.wait_connected()
+        await client.put(3, 1, page(3, 1))
+        store.clients["c"].session.supersede()
+        with trio.fail_after(5):
+            while client.connected:
+                await trio.sleep(0.005)
+        assert not client.sharing and not client.read_shared(3, 1, out)
+        await client.wait_connected()
+        assert client.counters[LinkCounter.SHARED_MAPS] == 2 and client.read_shared(3, 1, out)
+        nursery.cancel_scope.cancel()
+
+
+def test_a_client_replaced_again_and_again_leaks_no_file_descriptor() -> None:
+    from hoststore.messages import PROTOCOL_VERSION, ROLE_PAGER, Hello
+
+    store: Store = new_store(capacity=32)
+    counts = []
+    for i in range(40):
+        hello = Hello(PROTOCOL_VERSION, "c", ROLE_PAGER, 64 * PAGE_SIZE, f"instance-{i}", os.urandom(16),
+                      shared=True)
+        client, answer, _ = store.attach(hello, os.urandom(16), can_share=True)
+        assert answer.shared is not None
+        store.bind(client, object())
+        store.detach(client, client.session)  # away with nothing: the next instance replaces it
+        counts.append(len(os.listdir("/proc/self/fd")))
+    assert counts[-1] == counts[5], counts  # steady, not 2 more per instance
+    store.close()
+
+
+async def test_a_peer_let_in_by_allow_uid_gets_no_shared_memory(tmp_path, monkeypatch) -> None:
+    """Only root or the store's own user get the store's memfds: a client holding them
+    could make the store fault on pages of its choosing."""
+    from hoststore import access
+    from vswapfs.hostclient import HostClient
+
+    me = os.geteuid()
+    monkeypatch.setattr(access.Access, "own_uids", property(lambda self: frozenset({me + 4242})))
+    store = new_store(capacity=256)
+    async with trio.open_nursery() as nursery:
+        listener_access = access.Access(allowed_uids=frozenset({me}))
+        from hoststore.server import Server, ServerConfig, open_listener
+
+        listener = await open_listener(Address("unix", path=str(tmp_path / "s.sock")), listener_access)
+        server = Server(store, ServerConfig(), access=listener_access)
+        [address] = await nursery.start(server.serve, [listener])
+        client = HostClient(address, "c", 128 * PAGE_SIZE)
+        await nursery.start(client.run)
+        await client.wait_connected()
+        assert not client.sharing
+        assert await client.put(0, 1, page(0, 1)) == bytes(1)  # on the wire, as ever
+        assert store.stats(admin=True)["clients"]["c"]["shared_memory"] is False
+        nursery.cancel_scope.cancel()

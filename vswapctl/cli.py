@@ -276,6 +276,25 @@ def cmd_microbench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_membench(args: argparse.Namespace) -> int:
+    from . import membench
+
+    report = membench.run(args.device_size, args.size // PAGE_SIZE)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"memory for {format_size(args.size)} of pages stored, device {format_size(args.device_size)}")
+    rows = [["layout", "store bytes per byte stored", "store memory given back", "vswapfs RSS (own + store's "
+             "shared pages mapped)"]]
+    for name, r in report.items():
+        rows.append([name, f"{r['store_bytes_per_byte_stored']:.4f}", f"{r['store_given_back']:.0%}",
+                     f"{format_size(r['pager_rss_own'])} + {format_size(r['pager_rss_shared_pages'])}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+    return 0
+
+
 # -- attack -------------------------------------------------------------------------
 
 
@@ -483,6 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--seconds", type=float, default=1.0, help="per measurement (default 1)")
     mb.add_argument("--json", action="store_true")
     mb.set_defaults(func=cmd_microbench)
+
+    mem = sub.add_parser("membench", help="memory per page stored in the store, and vswapfs's own RSS",
+                         description="Store SIZE of pages from a pager process (a device of DEVICE_SIZE) in a "
+                                     "hoststore process, read them back, release them; report the store's "
+                                     "resident memory per byte of pages stored and how much of it it gives "
+                                     "back, and the pager's resident memory.  Packed runs (swap's clusters), "
+                                     "runs spread over the whole device, and packed without shared memory.")
+    mem.add_argument("--device-size", type=argtype(_page_size), default=parse_size("4G"),
+                     help="the pager's device (a backing file this big is made in /var/tmp; default 4G)")
+    mem.add_argument("--size", type=argtype(_page_size), default=parse_size("256M"),
+                     help="page data stored (default 256M)")
+    mem.add_argument("--json", action="store_true")
+    mem.set_defaults(func=cmd_membench)
 
     atk = sub.add_parser("attack", help="hostile connections against a hoststore while a good client works",
                          description="Start a hoststore on a private unix socket and loopback TCP; time a good "

@@ -190,7 +190,7 @@ class HostClient:
 
     def read_shared(self, page: int, seq: int, out: memoryview) -> bool:
         shared = self._shared
-        return shared is not None and shared.read(page, seq, out)
+        return shared is not None and self.connected and shared.read(page, seq, out)
 
     async def call(self, message: Request) -> Any:
         endpoint = self._endpoint
@@ -307,6 +307,12 @@ class HostClient:
     def _disconnected(self, endpoint: Endpoint) -> None:
         if self._endpoint is endpoint:
             self._endpoint = None
+            # The store may be gone: its memory is then no longer locked by it, may be
+            # swapped out (perhaps to a device we serve), and must not be touched.  A
+            # reconnect maps it again.
+            if self._shared is not None:
+                self._shared.close()
+                self._shared = None
         if self._connected.is_set() and not self.connected:
             self._connected = trio.Event()
 

@@ -80,6 +80,15 @@ _HOST_TO_LOST = _table({HOST: LOST})
 _IS_HOST = bytes(1 if i == HOST else 0 for i in range(256))
 _ONES = re.compile(rb"\x01+")
 _TO_PLACE = re.compile(rb"\x00+")  # pages of a batch still to place (not same-filled)
+MAX_RUNS = 4  # a batch that same-filled pages cut into more runs is placed whole
+
+
+def _fragments(fills: dict[int, int], n: int) -> int:
+    """How many runs of pages that are not same-filled a batch of ``n`` pages has."""
+    marks = bytearray(n)
+    for i in fills:
+        marks[i] = 1
+    return len(_TO_PLACE.findall(marks))
 
 
 class PagerError(Exception):
@@ -258,6 +267,8 @@ class Pager:
         """Store one batch; returns how many of its pages found no home (they are marked lost)."""
         seq = self._next_seq()
         fills = same_filled(data)
+        if fills and _fragments(fills, len(data) // PAGE_SIZE) > MAX_RUNS:
+            fills = {}  # a put per run would cost more than storing the few same-filled pages
         if fills:
             states, sums = await self._place_mixed(first, data, seq, fills)
         else:
@@ -271,6 +282,7 @@ class Pager:
         runs between them are placed concurrently (pipelined), so a batch costs one
         round trip however its same-filled pages split it, and none if all are."""
         n = len(data) // PAGE_SIZE
+        epoch = self.store.epoch
         states = bytearray(n)
         sums = array("Q", bytes(8 * n))
         for i, word in fills.items():
@@ -290,7 +302,9 @@ class Pager:
             async with trio.open_nursery() as nursery:
                 for start, count in runs:
                     nursery.start_soon(place, start, count)
-        return bytes(states), sums
+        # A run answered early was checked against the store's epoch when it was
+        # answered; the store may have lost its pages while a later run was out.
+        return await self._rehome_if_store_lost(first, data, bytes(states), epoch), sums
 
     def _record(self, first: int, states: bytes, seq: int, sums: array) -> int:
         """Put a batch's outcome in the map; how many of its pages found no home."""
@@ -764,7 +778,7 @@ class Pager:
 
     async def release_all(self) -> None:
         """On clean shutdown: tell the store it may drop everything we left there."""
-        if self.store.connected and any(state in self.map.states for state in IN_STORE):
+        if self.store.connected and (self.orphans_pending or any(state in self.map.states for state in IN_STORE)):
             with trio.move_on_after(self.write_timeout):
                 try:
                     await self.store.invalidate(0, self.npages, self._next_seq())
