@@ -164,3 +164,24 @@ def test_inproc_defaults_to_the_device_size_and_the_usual_watermarks() -> None:
     store = mount.inproc_store(args, "n", 1 << 20)
     limits = store.store.limits
     assert (limits.capacity_pages, limits.high_percent, limits.low_percent) == (256, 90.0, 80.0)
+
+
+async def test_a_one_page_read_is_served_at_once_unless_a_writer_holds_the_page(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, page(0, 1))
+    assert await pager.read(0, PAGE_SIZE) == page(0, 1)
+    assert pager.stats()["shared_reads"] == 1
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        async with pager.locks.exclusive(0, 1):  # a write of page 0 in progress
+            nursery.start_soon(lambda: _append(got, pager.read(0, PAGE_SIZE)))
+            await trio.sleep(0.05)
+            assert not got  # the read waits for the writer, as on the general path
+        with trio.fail_after(2):
+            while not got:
+                await trio.sleep(0.01)
+    assert got == [page(0, 1)]
+
+
+async def _append(out: list[bytes], read) -> None:
+    out.append(await read)

@@ -52,6 +52,10 @@ class RangeLock:
     def exclusive(self, first: int, count: int) -> AbstractAsyncContextManager[None]:
         return self._hold(first, count, True)
 
+    def free(self, first: int, count: int) -> bool:
+        """No writer holds any of these pages now (a reader could take them at once)."""
+        return not self._conflicts(first, first + count, False)
+
     @property
     def held(self) -> int:
         return len(self._holders)
