@@ -128,6 +128,9 @@ def test_sigterm_is_ignored_while_the_swap_file_is_open(daemons: Daemons) -> Non
         assert os.pread(fd, PAGE_SIZE, 0) == bytes(PAGE_SIZE)
     finally:
         os.close(fd)
+    # The kernel tells vswapfs of the close (RELEASE) on its own time: a SIGTERM before
+    # that is rightly ignored too.
+    wait_for(lambda: daemons.stats()["swap_opens"] == 0, 10, "vswapfs seeing the file closed")
     daemons.vswapfs.send_signal(signal.SIGTERM)
     assert daemons.vswapfs.wait(10) == 0
     assert not os.path.ismount(daemons.mountpoint)

@@ -151,7 +151,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "hoststore": _running(state.hoststore_id) if state.hoststore_id else
         "in vswapfs" if state.host == INPROC else "external",
         "backing": state.backing,
-        "pages": {k: fs[f"pages_{k}"] for k in ("host", "host_and_backing", "backing", "unwritten", "lost_now")}
+        "pages": {k: fs.get(f"pages_{k}", 0) for k in ("host", "host_and_backing", "backing", "same_filled",
+                                                       "unwritten", "lost_now")}
         if fs_ok else None,
         "host_connected": fs["host_connected"] if fs_ok else None,
         "vswapfs_stats": None if fs_ok else fs,
@@ -177,6 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append(("pages", f"host {pages['host']} ({format_size(pages['host'] * PAGE_SIZE)})  "
                               f"host+backing {pages['host_and_backing']}  "
                               f"backing {pages['backing']} ({format_size(pages['backing'] * PAGE_SIZE)})  "
+                              f"same-filled {pages['same_filled']}  "
                               f"never written {pages['unwritten']}  lost {pages['lost_now']}"))
     else:
         rows.append(("pages", f"unknown: {fs}"))
