@@ -59,7 +59,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing vswapfs and its dependencies into $venv"
   quiet "$venv/bin/python" -m pip install -q trio
   install_patched_pyfuse3
-  quiet "$venv/bin/python" -m pip install -q -e "$top[test]"
+  quiet "$venv/bin/python" -m pip install -q -e "$top[test,chart]"  # chart: vswapctl bench --chart
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"
