@@ -19,9 +19,10 @@ from .auth import TokenError, load_token
 from .cliutil import argtype, percent
 from .hardening import harden
 from .logsetup import setup_logging
+from .policies import parse_policy
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
 from .messages import PAGE_SIZE
-from .pressure import Sampler, parse_source
+from .pressure import Sampler, parse_source, read_psi
 from .server import Server, ServerConfig, fmt_pages, open_listener
 from .sizes import parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
@@ -128,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="close a connection that has not said hello within this long (default 10)")
     ap.add_argument("--idle-timeout", type=argtype(_positive), default=300.0, metavar="SECONDS",
                     help="close a connection silent for this long (default 300; vswapfs keeps its own alive)")
+    ap.add_argument("--policy", type=argtype(_policy), default=None, metavar="SPEC",
+                    help="admission policy (default pressure): pressure, psi[:HIGH[:LOW]], accept-all, refuse-all, "
+                         "refuse-fraction:P[:SEED], refuse-every:N, MODULE:CALLABLE, a name under the "
+                         "vswapfs.policies entry points, or delay:MS,SPEC; the limits still apply.  `vswapctl "
+                         "policy SPEC` changes it at run time")
     ap.add_argument("--high-watermark", type=argtype(percent), default=90.0, metavar="PCT",
                     help="refuse pages once used memory reaches PCT%% of RAM (default 90)")
     ap.add_argument("--low-watermark", type=argtype(percent), default=80.0, metavar="PCT",
@@ -247,6 +253,11 @@ async def run(addresses: list[Address], server: Server) -> None:
                 pass
 
 
+def _policy(text: str) -> str:
+    parse_policy(text, psi_available=lambda: read_psi() is not None)  # PolicyError: what is wrong, at once
+    return text
+
+
 def raise_fd_limit(wanted: int) -> None:
     """Each client with shared page memory holds 4 file descriptors here (two memfds,
     and the duplicates mmap keeps); with every connection, that can pass a soft limit
@@ -273,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     harden(log)
     raise_fd_limit(args.max_connections + 4 * args.max_clients + 64)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
-    store = Store(limits, Sampler(args.pressure_interval, source=args.pressure_source),
-                  away_timeout=args.away_timeout, max_clients=args.max_clients)
+    sampler = Sampler(args.pressure_interval, source=args.pressure_source)
+    policy = parse_policy(args.policy, psi_available=lambda: read_psi() is not None) if args.policy else None
+    store = Store(limits, sampler, away_timeout=args.away_timeout, max_clients=args.max_clients, policy=policy)
     server = Server(store, ServerConfig(
         handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
         max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,

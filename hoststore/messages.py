@@ -57,6 +57,8 @@ class PageStatus(enum.IntEnum):
     REFUSED_NOMEM = 6  # the store could not allocate memory for it
     REFUSED_DRAINING = 7  # the store is shutting down and hands pages back
     REFUSED_SHARE = 8  # the store is nearly full and this client holds its weighted share
+    REFUSED_POLICY = 9  # the store's admission policy (``hoststore.policies``) said no
+    REFUSED_POLICY_ERROR = 10  # the store's policy plug-in failed: refused, to be safe
 
 
 REFUSALS = frozenset(s for s in PageStatus if s not in (PageStatus.STORED, PageStatus.MISSING))
@@ -603,5 +605,57 @@ class Drain(_Parameterless):
     method: ClassVar[str] = "drain"
 
 
-Request = Hello | Put | PutStaged | Get | Invalidate | HandBack | Stats | Drain
-REQUESTS: dict[str, type[Request]] = {cls.method: cls for cls in (Hello, Put, PutStaged, Get, Invalidate, HandBack, Stats, Drain)}  # type: ignore[misc]
+@dataclass(frozen=True, slots=True)
+class Configure:
+    """Admin: change a running store's admission policy and limits (what is None
+    stays as it is); answered with the policy and limits now in force.  Empty, it
+    only asks for them."""
+
+    method: ClassVar[str] = "configure"
+    sent_by: ClassVar[str] = "client"
+    policy: str | None = None  # a SPEC (hoststore.policies)
+    capacity: int | None = None  # bytes, all clients together
+    high_percent: float | None = None
+    low_percent: float | None = None
+    quotas: dict[str, int] | None = None  # bytes by client name; "" sets the default quota
+
+    def __post_init__(self) -> None:
+        if self.policy is not None:
+            _text(self.policy, "policy", MAX_TEXT_LEN)
+        if self.capacity is not None:
+            _int(self.capacity, "capacity", 0, MAX_DEVICE_PAGES * PAGE_SIZE)
+        for name in ("high_percent", "low_percent"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
+                                      or not 0 < value <= 100):
+                raise MessageError(f"{name} must be a percentage in (0, 100]")
+        if self.quotas is not None:
+            m = _map(self.quotas, "quotas")
+            if len(m) > 1024:
+                raise MessageError("at most 1024 quotas at once")
+            for name, size in m.items():
+                if name != "":
+                    check_client_name(name)
+                _int(size, f"quota of {name!r}", 0, MAX_DEVICE_PAGES * PAGE_SIZE)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"policy": self.policy, "capacity": self.capacity, "high_percent": self.high_percent,
+                "low_percent": self.low_percent, "quotas": self.quotas}
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Configure":
+        m = _map(params, cls.method)
+        return cls(m.get("policy"), m.get("capacity"), m.get("high_percent"), m.get("low_percent"),
+                   m.get("quotas"))
+
+    def answer_to_wire(self, answer: dict[str, Any]) -> Any:
+        return answer
+
+    def answer_from_wire(self, result: Any) -> dict[str, Any]:
+        return _map(result, "configure answer")
+
+
+Request = Hello | Put | PutStaged | Get | Invalidate | HandBack | Stats | Drain | Configure
+REQUESTS: dict[str, type[Request]] = {  # type: ignore[misc]
+    cls.method: cls for cls in (Hello, Put, PutStaged, Get, Invalidate, HandBack, Stats, Drain, Configure)
+}

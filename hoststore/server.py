@@ -36,6 +36,7 @@ from .endpoint import Endpoint, Lent, PeerGone, RemoteError
 from .fairshare import FairShare
 from .logsetup import RateLimited
 from .messages import (
+    Configure,
     Drain,
     Get,
     HandBack,
@@ -344,13 +345,20 @@ class Session:
             # must not hold the others' turns (they have hand-backs to answer).
             self.server.fair.idle(self)
             return await self.server.drain()
+        if isinstance(msg, Configure):
+            if not self.admin:
+                raise RequestError("configure needs an admin connection (root or the store's own user)")
+            return store.configure(msg)
         client = self.client
         if client is None:
             raise RequestError(f"{msg.method!r} needs a pager connection")
-        if isinstance(msg, PutStaged):
-            return store.put_staged(client, msg)
-        if isinstance(msg, Put):
-            return store.put(client, msg)
+        if isinstance(msg, Put | PutStaged):
+            statuses = store.put_staged(client, msg) if isinstance(msg, PutStaged) else store.put(client, msg)
+            delay = store.policy.delay
+            if delay:  # a slow or distant host, as the policy asks: this connection waits, no other
+                self.server.fair.idle(self)
+                await trio.sleep(delay)
+            return statuses
         if isinstance(msg, Get):
             return store.get(client, msg)
         if isinstance(msg, Invalidate):

@@ -14,6 +14,7 @@ a request sent before another is never applied after it.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -21,12 +22,14 @@ import secrets
 import time
 from array import array
 from collections.abc import Callable, Iterator
+from types import MappingProxyType
 
 from . import auth
 from .clientpages import NIL, ClientPages
 from .counters import Counters
 from .messages import (
     PAGE_SIZE,
+    Configure,
     Get,
     GetAnswer,
     HandBack,
@@ -41,6 +44,7 @@ from .messages import (
     ROLE_PAGER,
     SharedLayout,
 )
+from .policies import DecisionContext, Policy, PolicyError, Pressure, parse_policy
 from .policy import ClientTerms, Limits, admit, share, under_pressure
 from .pressure import Sampler
 from .slab import SlabFull
@@ -60,6 +64,9 @@ class HostCounter(enum.StrEnum):
     REFUSED_NOMEM = "refused_nomem"
     REFUSED_DRAINING = "refused_draining"
     REFUSED_SHARE = "refused_share"  # the store was nearly full and the client held its weighted share
+    REFUSED_POLICY = "refused_policy"  # the admission policy said no
+    REFUSED_POLICY_ERROR = "refused_policy_error"  # the policy plug-in failed
+    POLICY_CHANGES = "policy_changes"  # requests: the policy or the limits changed at run time
     STALE_DROPPED = "stale_dropped"  # stored copies dropped because their new version was refused
     READS = "reads"
     MISSES = "misses"
@@ -101,6 +108,8 @@ REFUSAL_COUNTER = {
     PageStatus.REFUSED_NOMEM: HostCounter.REFUSED_NOMEM,
     PageStatus.REFUSED_DRAINING: HostCounter.REFUSED_DRAINING,
     PageStatus.REFUSED_SHARE: HostCounter.REFUSED_SHARE,
+    PageStatus.REFUSED_POLICY: HostCounter.REFUSED_POLICY,
+    PageStatus.REFUSED_POLICY_ERROR: HostCounter.REFUSED_POLICY_ERROR,
 }
 HANDBACK_COUNTER = {
     HandBackCause.PRESSURE: HostCounter.HANDED_BACK_PRESSURE,
@@ -123,8 +132,10 @@ DEFAULT_MAX_CLIENTS = 1024
 
 class Store:
     def __init__(self, limits: Limits, sampler: Sampler, *, away_timeout: float = DEFAULT_AWAY_TIMEOUT,
-                 max_clients: int = DEFAULT_MAX_CLIENTS, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_clients: int = DEFAULT_MAX_CLIENTS, clock: Callable[[], float] = time.monotonic,
+                 policy: Policy | None = None) -> None:
         self.limits = limits
+        self.policy: Policy = policy or Pressure()
         self.max_clients = max_clients
         self.sampler = sampler
         self.away_timeout = away_timeout
@@ -187,7 +198,9 @@ class Store:
                 self.counters.add(HostCounter.REFUSED_CLIENTS)
                 raise RequestError(f"this store keeps {len(self.clients)} clients already (--max-clients)")
         # Slot numbers are uint32 in the shared index (slot + 1): a store that large shares nothing.
-        slots = min(hello.npages, self.limits.capacity_pages) if can_share and hello.shared else 0
+        # Room for the capacity, or 4 GiB if that is more (the capacity may grow at run
+        # time; unused slots cost address space only).
+        slots = min(hello.npages, max(self.limits.capacity_pages, 1 << 20)) if can_share and hello.shared else 0
         slots = slots if slots < (1 << 32) - 1 else 0
         client = ClientPages(name, hello.npages, hello.instance, auth.new_secret(), shared_slots=slots)
         self.clients[name] = client
@@ -227,12 +240,16 @@ class Store:
         first, n, seq = msg.first, msg.n, msg.seq
         self._check_range(client, first, n)
         self.counters.add(HostCounter.PUT_REQUESTS)
-        self.pressure = under_pressure(self.sampler.get(), self.limits, self.pressure)
+        snapshot = self.sampler.get()
+        self.pressure = under_pressure(snapshot, self.limits, self.pressure)
         stamp = self._next_stamp()
         out = bytearray(n)
         view = memoryview(msg.data)
         index, seq_of, limits = client.index, client.seq_of, self.limits
         terms = self.terms(client)
+        verdict = self.policy.decide(DecisionContext(
+            client.name, first, n, snapshot, self.pages, limits.capacity_pages, client.count, terms.quota_pages,
+            terms.share_pages, self.pressure))
         accepted = replaced = 0
         for i in range(n):
             page = first + i
@@ -243,8 +260,10 @@ class Store:
                 continue
             if self.draining:
                 status = PageStatus.REFUSED_DRAINING
+            elif verdict is not None and verdict[i] != PageStatus.STORED:
+                status = PageStatus(verdict[i])
             else:
-                status = admit(limits, self.pressure, self.pages, client.count, slot != NIL, terms)
+                status = admit(limits, False, self.pages, client.count, slot != NIL, terms)
             data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             if status == PageStatus.STORED:
                 if slot != NIL:
@@ -439,6 +458,48 @@ class Store:
         stats.update(self.client_counters[client.name].as_dict())
         return stats
 
+    def configure(self, msg: Configure) -> dict[str, object]:
+        """Change the policy and limits now (an admin's request); all or nothing."""
+        policy, limits = self.policy, self.limits
+        try:
+            if msg.policy is not None:
+                policy = parse_policy(msg.policy, psi_available=lambda: self.sampler.get().psi_some_avg10 is not None)
+            changes: dict[str, object] = {}
+            if msg.capacity is not None:
+                if msg.capacity % PAGE_SIZE:
+                    raise ValueError(f"capacity {msg.capacity} is not a multiple of {PAGE_SIZE}")
+                changes["capacity_pages"] = msg.capacity // PAGE_SIZE
+            if msg.high_percent is not None:
+                changes["high_percent"] = float(msg.high_percent)
+            if msg.low_percent is not None:
+                changes["low_percent"] = float(msg.low_percent)
+            if msg.quotas:
+                if any(size % PAGE_SIZE for size in msg.quotas.values()):
+                    raise ValueError(f"quotas must be multiples of {PAGE_SIZE}")
+                named = dict(limits.quotas)
+                named.update({k: v // PAGE_SIZE for k, v in msg.quotas.items() if k})
+                changes["quotas"] = MappingProxyType(named)
+                if "" in msg.quotas:
+                    changes["quota_pages"] = msg.quotas[""] // PAGE_SIZE
+            if changes:
+                limits = dataclasses.replace(limits, **changes)  # type: ignore[arg-type]
+        except (PolicyError, ValueError) as exc:
+            raise RequestError(str(exc)) from None
+        if policy is not self.policy or limits is not self.limits:
+            self.counters.add(HostCounter.POLICY_CHANGES)
+            log.info("admission now: policy %s, capacity %d pages, watermarks %g/%g%%, quota %s, quotas %s",
+                     policy.spec, limits.capacity_pages, limits.high_percent, limits.low_percent,
+                     limits.quota_pages, dict(limits.quotas))
+        self.policy, self.limits = policy, limits
+        return self.configuration()
+
+    def configuration(self) -> dict[str, object]:
+        limits = self.limits
+        return {"policy": self.policy.spec, "delay_ms": self.policy.delay * 1000,
+                "capacity_pages": limits.capacity_pages, "high_percent": limits.high_percent,
+                "low_percent": limits.low_percent, "quota_pages": limits.quota_pages,
+                "quotas": dict(limits.quotas), "weights": dict(limits.weights)}
+
     def stats(self, client: ClientPages | None = None, admin: bool = False) -> dict[str, object]:
         """The store's counters; per-client detail for an admin, or only the asking client's own."""
         snap = self.sampler.get()
@@ -451,6 +512,7 @@ class Store:
             "capacity_pages": self.limits.capacity_pages,
             "quota_pages": self.limits.quota_pages,
             "under_pressure": self.pressure,
+            "policy": self.policy.spec,
             "draining": self.draining,
             "used_percent": snap.used_percent,
             "high_percent": self.limits.high_percent,

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from hoststore.address import INPROC, parse_address, parse_store_address
-from hoststore.cliutil import argtype
+from hoststore.cliutil import argtype, percent
 from hoststore.messages import PAGE_SIZE, Drain, Stats
 from hoststore.sizes import format_size, parse_size
 
@@ -224,6 +224,52 @@ def _table(rows: list[tuple[str, Any]], indent: str = "") -> None:
 # -- drain --------------------------------------------------------------------------
 
 
+def _store_address(args: argparse.Namespace, what: str) -> Any:
+    """The store to talk to: --host, or the one in the state directory; a str is a refusal."""
+    if args.host is not None:
+        return args.host
+    state = _need_state(args)
+    if state.host == INPROC:
+        return f"this device has no store daemon (--host inproc): {what} needs one"
+    return parse_address(state.host)
+
+
+def _configure(args: argparse.Namespace, message: Any, what: str) -> int:
+    from vswapfs.hostclient import StoreError, StoreUnavailable, query
+
+    address = _store_address(args, what)
+    if isinstance(address, str):
+        return _fail(address)
+    try:
+        answer = trio.run(query, address, message, CONTROL_TIMEOUT)
+    except (StoreUnavailable, StoreError, OSError) as exc:
+        return _fail(f"{what} at {address}: {exc}")
+    if args.json:
+        print(json.dumps(answer, indent=1, sort_keys=True))
+        return 0
+    quotas = ", ".join(f"{k} {format_size(v * PAGE_SIZE)}" for k, v in sorted(answer["quotas"].items())) or "none"
+    default = "none" if answer["quota_pages"] is None else format_size(answer["quota_pages"] * PAGE_SIZE)
+    _table([("policy", answer["policy"]),
+            ("capacity", format_size(answer["capacity_pages"] * PAGE_SIZE)),
+            ("watermarks", f"high {answer['high_percent']:g}%, low {answer['low_percent']:g}%"),
+            ("quota", f"default {default}; by client: {quotas}")])
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from hoststore.messages import Configure
+
+    return _configure(args, Configure(policy=args.spec), "the store's policy")
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    from hoststore.messages import Configure
+
+    quotas = {name or "": size for name, size in args.quota} or None
+    return _configure(args, Configure(capacity=args.capacity, high_percent=args.high_watermark,
+                                      low_percent=args.low_watermark, quotas=quotas), "the store's limits")
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     """Ask a hoststore to hand every page back to its clients and exit."""
     from vswapfs.hostclient import StoreError, StoreUnavailable, query
@@ -425,6 +471,17 @@ def _page_size(text: str) -> int:
     return size
 
 
+def _named_size(text: str) -> tuple[str | None, int]:
+    """``NAME=SIZE`` or ``SIZE``: a whole number of pages, zero allowed (a quota of nothing)."""
+    name, sep, size_text = text.rpartition("=")
+    if sep and not name:
+        raise ValueError(f"{text!r} has an empty client name")
+    size = parse_size(size_text)
+    if size < 0 or size % PAGE_SIZE:
+        raise ValueError(f"{size_text} is not a multiple of {PAGE_SIZE} bytes")
+    return (name if sep else None), size
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="vswapctl",
@@ -494,6 +551,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long to wait for the drain to finish (default 600)")
     drain.add_argument("--json", action="store_true", help="print the store's report as JSON")
     drain.set_defaults(func=cmd_drain)
+
+    pol = sub.add_parser(
+        "policy", help="show or change a running store's admission policy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Without SPEC, show the store's admission policy and limits; with SPEC, change the policy "
+                    "now (root or the store's own user only; logged and counted as policy_changes).\n\n"
+                    "SPEC: pressure (the watermarks, the default), psi[:HIGH[:LOW]] (on /proc/pressure/memory\n"
+                    "some avg10), accept-all, refuse-all, refuse-fraction:P[:SEED], refuse-every:N,\n"
+                    "MODULE:CALLABLE or a vswapfs.policies entry point (a plug-in), delay:MS,SPEC.\n"
+                    "The store's limits (capacity, quotas, shares) apply to whatever the policy takes.")
+    pol.add_argument("spec", nargs="?", metavar="SPEC")
+    pol.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
+                     help="the store's address (default: the one in the state directory)")
+    pol.add_argument("--json", action="store_true")
+    pol.set_defaults(func=cmd_policy)
+
+    lim = sub.add_parser("limits", help="show or change a running store's capacity, watermarks and quotas",
+                         description="Change what is given (root or the store's own user only); show them all.")
+    lim.add_argument("--capacity", type=argtype(_page_size), metavar="SIZE")
+    lim.add_argument("--high-watermark", type=argtype(percent), metavar="PCT")
+    lim.add_argument("--low-watermark", type=argtype(percent), metavar="PCT")
+    lim.add_argument("--quota", type=argtype(_named_size), action="append", default=[], metavar="[NAME=]SIZE",
+                     help="a client's quota (NAME=SIZE) or the default one (SIZE); repeatable")
+    lim.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
+                     help="the store's address (default: the one in the state directory)")
+    lim.add_argument("--json", action="store_true")
+    lim.set_defaults(func=cmd_limits)
 
     mb = sub.add_parser("microbench", help="the page path without the kernel: pages/s per batch size and transport",
                         description="Write and read batches of 1, 8, 64 and 256 pages through the pager (no "

@@ -87,9 +87,12 @@ class InprocStore:
 
     async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes:
         try:
-            return self.store.put(self.client, Put(first, seq, data))
+            statuses = self.store.put(self.client, Put(first, seq, data))
         except (RequestError, MessageError) as exc:
             raise StoreError(str(exc)) from None
+        if self.store.policy.delay:
+            await trio.sleep(self.store.policy.delay)
+        return statuses
 
     async def get(self, pages: array) -> GetAnswer:
         try:

@@ -140,6 +140,8 @@ class PagerCounter(enum.StrEnum):
     REFUSED_NOMEM = "refused_nomem"
     REFUSED_DRAINING = "refused_draining"
     REFUSED_SHARE = "refused_share"
+    REFUSED_POLICY = "refused_policy"
+    REFUSED_POLICY_ERROR = "refused_policy_error"
     STALE_DROPPED = "stale_dropped"  # pages whose store copy was superseded by a backing write
     ORPHAN_INVALIDATIONS = "orphan_invalidations"  # timed-out batches the store was asked to drop
     DISCARD_REQUESTS = "discard_requests"
@@ -171,6 +173,8 @@ REFUSAL_COUNTER = {
     PageStatus.REFUSED_NOMEM: PagerCounter.REFUSED_NOMEM,
     PageStatus.REFUSED_DRAINING: PagerCounter.REFUSED_DRAINING,
     PageStatus.REFUSED_SHARE: PagerCounter.REFUSED_SHARE,
+    PageStatus.REFUSED_POLICY: PagerCounter.REFUSED_POLICY,
+    PageStatus.REFUSED_POLICY_ERROR: PagerCounter.REFUSED_POLICY_ERROR,
 }
 
 
