@@ -19,6 +19,7 @@ from .auth import TokenError, load_token
 from .cliutil import argtype, percent
 from .hardening import harden
 from .logsetup import setup_logging
+from . import metrics
 from .policies import parse_policy
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
 from .messages import PAGE_SIZE
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "refuse-fraction:P[:SEED], refuse-every:N, MODULE:CALLABLE, a name under the "
                          "vswapfs.policies entry points, or delay:MS,SPEC; the limits still apply.  `vswapctl "
                          "policy SPEC` changes it at run time")
+    ap.add_argument("--metrics", type=argtype(metrics.parse_metrics_address), metavar="[HOST:]PORT",
+                    help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1; "
+                         "anyone who can reach it sees every client's counters)")
     ap.add_argument("--high-watermark", type=argtype(percent), default=90.0, metavar="PCT",
                     help="refuse pages once used memory reaches PCT%% of RAM (default 90)")
     ap.add_argument("--low-watermark", type=argtype(percent), default=80.0, metavar="PCT",
@@ -210,7 +214,7 @@ def make_socket_dir(directory: str, access: Access) -> None:
             pass  # check_listener names the problem
 
 
-async def run(addresses: list[Address], server: Server) -> None:
+async def run(addresses: list[Address], server: Server, metrics_at: tuple[str, int] | None = None) -> None:
     """Serve until a drain finishes.  The first SIGTERM/SIGINT starts the drain;
     a second one exits at once, saying which pages it drops."""
     try:
@@ -242,6 +246,14 @@ async def run(addresses: list[Address], server: Server) -> None:
                         return
 
                 nursery.start_soon(watch_signals)
+                if metrics_at is not None:
+                    try:
+                        snapshot = metrics.start(metrics_at, metrics.store_families)
+                    except OSError as exc:
+                        raise SystemExit(f"hoststore: error: --metrics {metrics_at[0]}:{metrics_at[1]}: "
+                                         f"{exc.strerror or exc}") from None
+                    nursery.start_soon(metrics.publish_forever, snapshot, lambda: server.store.stats(admin=True))
+                    log.info("metrics on http://%s:%d/metrics", *metrics_at)
                 await server.serve(listeners)  # returns once a drain has finished
                 nursery.cancel_scope.cancel()
     finally:
@@ -293,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout, connection_rate=args.connection_rate,
     ), access)
     try:
-        trio.run(run, args.listen, server)
+        trio.run(run, args.listen, server, args.metrics)
     finally:
         store.close()
     return 0

@@ -19,6 +19,7 @@ from hoststore.address import INPROC, Address, parse_store_address
 from hoststore.auth import TokenError, load_token
 from hoststore.cliutil import argtype, percent
 from hoststore.hardening import harden
+from hoststore import metrics
 from hoststore.logsetup import setup_logging
 from hoststore.messages import PAGE_SIZE, MessageError, check_client_name
 from hoststore.policy import Limits
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--control", metavar="PATH",
                     help="serve the counters on a unix socket at PATH too, so that tools can read them "
                          "without touching the mount (vswapctl up uses STATE_DIR/vswapfs.sock)")
+    ap.add_argument("--metrics", type=argtype(metrics.parse_metrics_address), metavar="[HOST:]PORT",
+                    help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
@@ -167,6 +170,8 @@ async def serve(ops: Operations, pager: Pager, client: StoreClient, args: argpar
         nursery.start_soon(watch_signals, ops, args.mountpoint)
         if args.control:
             await nursery.start(serve_control, args.control, ops.stats)
+        if args.metrics_snapshot is not None:
+            nursery.start_soon(metrics.publish_forever, args.metrics_snapshot, ops.stats)
         nursery.start_soon(raise_background_limit, args.mountpoint, args.max_background)
         await pyfuse3.main(min_tasks=4, max_tasks=args.max_tasks)
         await pager.release_all()
@@ -320,6 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     if not DISCARD_SUPPORTED:
         log.warning("this pyfuse3 has no fallocate handler: discard is unavailable, so freed swap slots "
                     "stay in the store (install pyfuse3 with tools/bootstrap.sh to get it)")
+    args.metrics_snapshot = None
+    if args.metrics:  # before the mount: a port in use must not leave a mount behind
+        try:
+            args.metrics_snapshot = metrics.start(args.metrics, metrics.pager_families)
+        except OSError as exc:
+            backing.close()
+            print(f"vswapfs: error: --metrics {args.metrics[0]}:{args.metrics[1]}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
     options = set(pyfuse3.default_options)
     options |= {"fsname=vswapfs", "subtype=vswapfs"}
     try:
