@@ -6,4 +6,5 @@ set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=$("$top/tools/bootstrap.sh" | tail -n 1)
 cd "$top"
-exec "$python" -m pytest "${@:-tests}"
+[ $# -gt 0 ] || set -- tests examples  # the project's tests, and the plugin's example suite
+exec "$python" -m pytest "$@"

@@ -11,6 +11,7 @@ import os
 import subprocess
 import time
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 
 V1_ROOT = "/sys/fs/cgroup/memory"
@@ -30,15 +31,19 @@ class MemoryCgroup:
     def procs(self) -> str:
         return os.path.join(self.path, "cgroup.procs")
 
-    def run(self, argv: Sequence[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` inside the cgroup (it joins before exec), capturing its output."""
+    def run(self, argv: Sequence[str], timeout: float | None = None, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run ``argv`` inside the cgroup (it joins before exec), capturing its output as
+        text unless ``kwargs`` (subprocess.run's) say otherwise."""
         procs = self.procs
 
         def join() -> None:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
 
-        return subprocess.run(argv, preexec_fn=join, capture_output=True, text=True, timeout=timeout)
+        if not any(k in kwargs for k in ("stdout", "stderr", "capture_output")):
+            kwargs["capture_output"] = True
+        kwargs.setdefault("text", True)
+        return subprocess.run(argv, preexec_fn=join, timeout=timeout, **kwargs)
 
     def remove(self, wait: float = 10.0) -> None:
         """rmdir, retrying while the last tasks finish exiting."""
