@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -130,3 +131,30 @@ def test_membench_reports_the_memory_of_both_daemons() -> None:
         assert 0.5 < r["store_bytes_per_byte_stored"] < 1.5 and r["store_given_back"] > 0.3, (name, r)
         assert r["pager_rss_own"] > 0
     assert report["packed"]["shared_reads"] > 0 and report["packed_no_shared_memory"]["shared_reads"] == 0
+
+
+def test_bootstrap_says_one_line_per_step_and_names_its_log_when_a_step_fails(tmp_path) -> None:
+    """A failing step (here: making the venv, with a python whose venv module fails)
+    stops bootstrap with the step, the log's path and the end of that log."""
+    import shutil
+    import subprocess
+    import sys
+
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = tmp_path / "tree"
+    (tree / "tools").mkdir(parents=True)
+    (tree / "patches").mkdir()
+    shutil.copy(os.path.join(top, "tools", "bootstrap.sh"), tree / "tools")
+    for name in ("setup.cfg", "pyproject.toml"):
+        shutil.copy(os.path.join(top, name), tree)
+    stub = tmp_path / "python"
+    stub.write_text(f"#!/bin/sh\nif [ \"$1\" = -m ] && [ \"$2\" = venv ]; then echo 'venv exploded'; exit 3; fi\n"
+                    f"exec {sys.executable} \"$@\"\n")
+    stub.chmod(0o755)
+    done = subprocess.run(["bash", str(tree / "tools" / "bootstrap.sh")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHON": str(stub), "TMPDIR": str(tmp_path)})
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"bootstrap: creating {tree}/.venv"
+    assert lines[1].startswith("bootstrap: failed:") and str(tmp_path / "vswapfs-bootstrap.log") in lines[1]
+    assert "venv exploded" in done.stderr

@@ -10,6 +10,17 @@ venv="$top/.venv"
 py=${PYTHON:-python3}
 
 log() { echo "bootstrap: $*" >&2; }
+# One line per step here; what the package managers print goes to this log,
+# which is named (and its end shown) if a step fails.
+logfile="${TMPDIR:-/tmp}/vswapfs-bootstrap.log"
+: > "$logfile"
+quiet() {
+  "$@" >>"$logfile" 2>&1 || {
+    log "failed: $* (its output: $logfile)"
+    tail -n 15 "$logfile" | grep -v '^WARNING: Location' >&2 || true
+    exit 1
+  }
+}
 
 missing=()
 command -v fusermount3 >/dev/null || missing+=(fuse3)
@@ -24,9 +35,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
     log "missing system packages: ${missing[*]} (install them as root)"; exit 1
   fi
-  log "installing ${missing[*]}"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+  log "installing ${missing[*]} with apt-get"
+  quiet apt-get update
+  quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
 
 "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -34,15 +45,13 @@ fi
 
 if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
-  "$py" -m venv "$venv"
+  quiet "$py" -m venv "$venv"
 fi
 
 # Reinstall only when what we install from changed.
 stamp="$venv/.vswapfs-stamp"
 want=$(find "$top/setup.cfg" "$top/pyproject.toml" "$top/patches" "$top/tools/bootstrap.sh" -type f -print0 \
        | sort -z | xargs -0 cat | sha256sum | cut -d' ' -f1)
-# pip's output, less the noise of index locations this machine does not have.
-quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; } >&2; }
 # pyfuse3 from its sdist with our fallocate patch (see the patch's header for why).
 pyfuse3_version=3.5.0
 install_patched_pyfuse3() {
@@ -50,13 +59,13 @@ install_patched_pyfuse3() {
   work=$(mktemp -d)
   log "building pyfuse3 $pyfuse3_version with patches/pyfuse3-$pyfuse3_version-fallocate.patch"
   quiet "$venv/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$work" "pyfuse3==$pyfuse3_version"
-  tar -xzf "$work/pyfuse3-$pyfuse3_version.tar.gz" -C "$work"
-  patch -s -d "$work/pyfuse3-$pyfuse3_version" -p1 < "$top/patches/pyfuse3-$pyfuse3_version-fallocate.patch"
+  quiet tar -xzf "$work/pyfuse3-$pyfuse3_version.tar.gz" -C "$work"
+  quiet patch -s -d "$work/pyfuse3-$pyfuse3_version" -p1 -i "$top/patches/pyfuse3-$pyfuse3_version-fallocate.patch"
   quiet "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$pyfuse3_version"
   rm -rf "$work"
 }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  log "installing vswapfs and its dependencies into $venv"
+  log "installing trio, then vswapfs and its dependencies into $venv"
   quiet "$venv/bin/python" -m pip install -q trio
   install_patched_pyfuse3
   quiet "$venv/bin/python" -m pip install -q -e "$top[test,chart]"  # chart: vswapctl bench --chart
