@@ -655,7 +655,42 @@ class Configure:
         return _map(result, "configure answer")
 
 
-Request = Hello | Put | PutStaged | Get | Invalidate | HandBack | Stats | Drain | Configure
+@dataclass(frozen=True, slots=True)
+class TraceRead:
+    """Admin: the store's decisions since the last read (waiting up to ``wait`` seconds
+    for one), every ``sample``-th of them; answered {"events": [...], "dropped": N}."""
+
+    method: ClassVar[str] = "trace_read"
+    sent_by: ClassVar[str] = "client"
+    sample: int = 1
+    wait: float = 1.0
+    max_events: int = 256
+
+    def __post_init__(self) -> None:
+        _int(self.sample, "sample", 1, 1 << 20)
+        _int(self.max_events, "max_events", 1, 4096)
+        if not isinstance(self.wait, int | float) or isinstance(self.wait, bool) or not 0 <= self.wait <= 30:
+            raise MessageError("wait must be 0..30 seconds")
+
+    def to_wire(self) -> list[Any]:
+        return [self.sample, self.wait, self.max_events]
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "TraceRead":
+        return cls(*_fields(params, 3, cls.method))
+
+    def answer_to_wire(self, answer: dict[str, Any]) -> Any:
+        return answer
+
+    def answer_from_wire(self, result: Any) -> dict[str, Any]:
+        m = _map(result, "trace answer")
+        if not isinstance(m.get("events"), list) or not isinstance(m.get("dropped"), int):
+            raise MessageError("trace answer lacks events or dropped")
+        return m
+
+
+Request = Hello | Put | PutStaged | Get | Invalidate | HandBack | Stats | Drain | Configure | TraceRead
 REQUESTS: dict[str, type[Request]] = {  # type: ignore[misc]
-    cls.method: cls for cls in (Hello, Put, PutStaged, Get, Invalidate, HandBack, Stats, Drain, Configure)
+    cls.method: cls for cls in (Hello, Put, PutStaged, Get, Invalidate, HandBack, Stats, Drain, Configure,
+                                TraceRead)
 }

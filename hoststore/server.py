@@ -47,6 +47,7 @@ from .messages import (
     Put,
     PutStaged,
     Stats,
+    TraceRead,
     Welcome,
 )
 from .store import HostCounter, RequestError, Store
@@ -184,6 +185,7 @@ class Session:
             peer_log("error", logging.ERROR, "closing a connection%s after an error", self._who(), exc_info=True)
         finally:
             self.server.fair.forget(self)
+            store.trace.forget(self)
             if self.client is not None:
                 store.detach(self.client, self)
                 self.server.client_changed()
@@ -345,6 +347,10 @@ class Session:
             # must not hold the others' turns (they have hand-backs to answer).
             self.server.fair.idle(self)
             return await self.server.drain()
+        if isinstance(msg, TraceRead):
+            if not self.admin:
+                raise RequestError("the trace needs an admin connection (root or the store's own user)")
+            return await self._trace_read(msg)
         if isinstance(msg, Configure):
             if not self.admin:
                 raise RequestError("configure needs an admin connection (root or the store's own user)")
@@ -364,6 +370,18 @@ class Session:
         if isinstance(msg, Invalidate):
             return await self._invalidate(client, msg)
         raise RequestError(f"{msg.method!r} is not served here")
+
+    async def _trace_read(self, msg: TraceRead) -> dict[str, Any]:
+        """Events since the last read; waiting for one holds up only this connection."""
+        reader = self.store.trace.reader(self, msg.sample)
+        if not reader.events and msg.wait:
+            self.server.fair.idle(self)
+            if self._deadline is not None:
+                self._deadline.deadline = max(self._deadline.deadline, trio.current_time() + msg.wait + 1)
+            with trio.move_on_after(msg.wait):
+                await reader.arrived.wait()
+        events, dropped = reader.take(msg.max_events)
+        return {"events": events, "dropped": dropped}
 
     async def _invalidate(self, client: ClientPages, msg: Invalidate) -> int:
         """The stored pages of the range are dropped in slices, each charged to this

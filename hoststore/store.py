@@ -48,6 +48,7 @@ from .policies import DecisionContext, Policy, PolicyError, Pressure, parse_poli
 from .policy import ClientTerms, Limits, admit, share, under_pressure
 from .pressure import Sampler
 from .slab import SlabFull
+from .trace import Trace
 
 log = logging.getLogger("hoststore")
 
@@ -136,6 +137,7 @@ class Store:
                  policy: Policy | None = None) -> None:
         self.limits = limits
         self.policy: Policy = policy or Pressure()
+        self.trace = Trace()
         self.max_clients = max_clients
         self.sampler = sampler
         self.away_timeout = away_timeout
@@ -290,6 +292,10 @@ class Store:
             self._count(client, HostCounter.ACCEPTED, accepted)
         if replaced:
             self._count(client, HostCounter.REPLACED, replaced)
+        if self.trace.active:
+            refused = {PageStatus(s).name.lower().removeprefix("refused_"): out.count(s) for s in set(out) if s}
+            self.trace.emit("put", client=client.name, first=first, pages=n, stored=n - sum(refused.values()),
+                            refused=refused, used_percent=snapshot.used_percent, policy=self.policy.spec)
         return bytes(out)
 
     def put_staged(self, client: ClientPages, msg: PutStaged) -> bytes:
@@ -360,6 +366,8 @@ class Store:
                 dropped += 1
         self.pages -= dropped
         self._count(client, HostCounter.INVALIDATED, dropped)
+        if self.trace.active and dropped:
+            self.trace.emit("invalidate", client=client.name, pages=dropped)
         return dropped
 
     @staticmethod
@@ -394,6 +402,9 @@ class Store:
             not_needed += status == TakeStatus.NOT_NEEDED
         self.pages -= freed
         self._count(client, HANDBACK_COUNTER[HandBackCause(handback.cause)], freed)
+        if self.trace.active:
+            self.trace.emit("handback", client=client.name, cause=str(handback.cause), pages=len(handback.pages),
+                            freed=freed, not_needed=not_needed, failed=failed)
         if not_needed:
             self._count(client, HostCounter.HANDBACK_NOT_NEEDED, not_needed)
         if failed:

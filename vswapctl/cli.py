@@ -12,6 +12,7 @@ import os
 import signal
 import statistics
 import sys
+import time
 from typing import Any
 
 import trio
@@ -270,6 +271,45 @@ def cmd_limits(args: argparse.Namespace) -> int:
                                       low_percent=args.low_watermark, quotas=quotas), "the store's limits")
 
 
+def format_event(event: dict[str, Any]) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(event["time"])) + f".{int(event['time'] * 1000) % 1000:03d}"
+    kind, client = event["event"], event.get("client", "?")
+    if kind == "put":
+        refused = ", ".join(f"{reason} {n}" for reason, n in sorted(event["refused"].items()))
+        return (f"{when} put        {client}: pages {event['first']}+{event['pages']}: stored {event['stored']}"
+                + (f", refused {refused}" if refused else "") + f"  (used {event['used_percent']:.1f}%, "
+                f"policy {event['policy']})")
+    if kind == "handback":
+        return (f"{when} handback   {client}: {event['pages']} pages ({event['cause']}): freed {event['freed']}, "
+                f"not needed {event['not_needed']}, failed {event['failed']}")
+    return f"{when} {kind:<10} {client}: {event.get('pages', '?')} pages"
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from hoststore.messages import TraceRead
+    from vswapfs.hostclient import StoreError, StoreUnavailable, follow
+
+    address = _store_address(args, "the trace")
+    if isinstance(address, str):
+        return _fail(address)
+
+    def show(answer: dict[str, Any]) -> None:
+        if answer["dropped"]:
+            print(json.dumps({"event": "dropped", "events": answer["dropped"]}) if args.json
+                  else f"... {answer['dropped']} events dropped (this reader was too slow)", flush=True)
+        for event in answer["events"]:
+            print(json.dumps(event, sort_keys=True) if args.json else format_event(event), flush=True)
+
+    try:
+        try:
+            trio.run(follow, address, TraceRead(sample=args.sample, wait=1.0), show, CONTROL_TIMEOUT)
+        except* KeyboardInterrupt:  # ^C is how a trace ends (trio may hand it over in a group)
+            pass
+    except (StoreUnavailable, StoreError, OSError) as exc:
+        return _fail(f"trace of {address}: {exc}")
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     """Ask a hoststore to hand every page back to its clients and exit."""
     from vswapfs.hostclient import StoreError, StoreUnavailable, query
@@ -471,6 +511,16 @@ def _page_size(text: str) -> int:
     return size
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{value} is not at least 1")
+    return value
+
+
 def _named_size(text: str) -> tuple[str | None, int]:
     """``NAME=SIZE`` or ``SIZE``: a whole number of pages, zero allowed (a quota of nothing)."""
     name, sep, size_text = text.rpartition("=")
@@ -578,6 +628,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the store's address (default: the one in the state directory)")
     lim.add_argument("--json", action="store_true")
     lim.set_defaults(func=cmd_limits)
+
+    tr = sub.add_parser("trace", help="follow the store's decisions as they happen",
+                        description="Print the store's admission decisions, hand-backs and invalidations as "
+                                    "they happen (root or the store's own user only), until ^C.  Bounded: a "
+                                    "reader that falls behind loses the oldest events (and is told how many); "
+                                    "the store never waits for it.")
+    tr.add_argument("--json", action="store_true", help="one JSON object per line")
+    tr.add_argument("--sample", type=argtype(_positive_int), default=1,
+                    metavar="N", help="every Nth event only (default 1: all)")
+    tr.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
+                    help="the store's address (default: the one in the state directory)")
+    tr.set_defaults(func=cmd_trace)
 
     mb = sub.add_parser("microbench", help="the page path without the kernel: pages/s per batch size and transport",
                         description="Write and read batches of 1, 8, 64 and 256 pages through the pager (no "

@@ -524,3 +524,36 @@ async def query(address: Address, message: Request, timeout: float = 5.0, token:
     if failure is not None:
         raise failure
     return answer
+
+
+async def follow(address: Address, message: Request, on_answer: Callable[[Any], None], timeout: float = 5.0,
+                 token: bytes | None = None) -> None:
+    """Send ``message`` again and again on one observer connection, handing each answer
+    to ``on_answer`` (for tools that follow the store: ``vswapctl trace``), until
+    cancelled; StoreUnavailable or StoreError when the store goes or refuses."""
+    client = HostClient(address, "vswapctl", 0, role=ROLE_OBSERVER, token=token, connect_timeout=timeout)
+    endpoint = await client._open()
+    failure: Exception | None = None
+    welcomed = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._receive, endpoint, welcomed, nursery)
+            try:  # caught inside the nursery body, so it is not wrapped in an ExceptionGroup
+                with trio.fail_after(timeout):
+                    await client._handshake(endpoint, welcomed)
+                while True:
+                    with trio.fail_after(timeout + 30):
+                        on_answer(await endpoint.request(message))
+            except trio.TooSlowError:
+                failure = StoreUnavailable(f"{address} did not answer in time")
+            except PeerGone as exc:
+                failure = StoreUnavailable(str(exc))
+            except RemoteError as exc:
+                failure = StoreError(str(exc))
+            except (StoreUnavailable, StoreError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+    finally:
+        await endpoint.aclose()
+    if failure is not None:
+        raise failure
