@@ -310,6 +310,88 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readers(args: argparse.Namespace) -> tuple[Any, Any, str] | str:
+    """(read vswapfs's stats, read the store's, a title); a str says why not."""
+    if args.host is not None:
+        return (lambda: None), (lambda: read_host_stats(str(args.host))), f"store {args.host}"
+    state = State.load(args.state_dir)
+    if state is None:
+        return f"no device is up in {args.state_dir} (give --host ADDR to watch a store alone)"
+    if state.host == INPROC:
+        def store() -> Any:
+            fs = read_vswapfs_stats(state)
+            return fs.get("inproc_store") if isinstance(fs, dict) else None
+        return (lambda: read_vswapfs_stats(state)), store, f"vswapfs {state.mountpoint} (inproc store)"
+    return ((lambda: read_vswapfs_stats(state)), (lambda: read_host_stats(state.host, state.token_file)),
+            f"vswapfs {state.mountpoint}, store {state.host}")
+
+
+def _samples(args: argparse.Namespace, readers: tuple[Any, Any, str]) -> Any:
+    from . import watch
+
+    n = 0
+    while args.count is None or n < args.count:
+        if n:
+            time.sleep(args.interval)
+        yield watch.take(readers[0], readers[1])
+        n += 1
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from . import watch
+
+    readers = _readers(args)
+    if isinstance(readers, str):
+        return _fail(readers)
+    clear = "\033[H\033[2J" if sys.stdout.isatty() else "\n"
+    previous = None
+    try:
+        for sample in _samples(args, readers):
+            per_second = watch.rates(previous, sample) if previous else {}
+            print(clear + watch.render(sample, per_second, readers[2]), flush=True)
+            previous = sample
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from . import watch
+
+    readers = _readers(args)
+    if isinstance(readers, str):
+        return _fail(readers)
+    fmt = "csv" if args.file.endswith(".csv") else "json"
+    header = None
+    n = 0
+    try:
+        with open(args.file, "a", newline="") as out:
+            for sample in _samples(args, readers):
+                header = watch.write_sample(out, sample, fmt, header)
+                out.flush()
+                n += 1
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        return _fail(f"{args.file}: {exc.strerror or exc}")
+    say(f"recorded {n} samples to {args.file}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from . import watch
+
+    try:
+        samples = watch.read_recording(args.file)
+        watch.plot(samples, args.output)
+    except ImportError:
+        return _fail("plot needs matplotlib, an optional extra: pip install 'vswapfs[chart]'")
+    except (OSError, ValueError, KeyError) as exc:
+        return _fail(f"cannot plot {args.file}: {exc}")
+    say(f"plotted {len(samples)} samples to {args.output}")
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     """Ask a hoststore to hand every page back to its clients and exit."""
     from vswapfs.hostclient import StoreError, StoreUnavailable, query
@@ -640,6 +722,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
                     help="the store's address (default: the one in the state directory)")
     tr.set_defaults(func=cmd_trace)
+
+    for name, helptext in (("top", "a live view of both daemons, refreshed in place"),
+                           ("record", "sample both daemons' counters to a file (JSON lines, or CSV for .csv)")):
+        w = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ", every "
+                           "INTERVAL seconds until ^C (or COUNT samples); from the device in the state "
+                           "directory, or a store alone with --host.")
+        if name == "record":
+            w.add_argument("file", metavar="FILE")
+        w.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="default 1")
+        w.add_argument("--count", type=argtype(_positive_int), metavar="N", help="stop after N samples")
+        w.add_argument("--host", type=argtype(parse_address), metavar="ADDR", help="watch this store alone")
+        w.set_defaults(func=cmd_top if name == "top" else cmd_record)
+    pl = sub.add_parser("plot", help="draw a recording (vswapctl record) as a chart",
+                        description="Pages by where they live, and the rates of pages in and out, over time "
+                                    "(matplotlib: pip install 'vswapfs[chart]').")
+    pl.add_argument("file", metavar="FILE")
+    pl.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    pl.set_defaults(func=cmd_plot)
 
     mb = sub.add_parser("microbench", help="the page path without the kernel: pages/s per batch size and transport",
                         description="Write and read batches of 1, 8, 64 and 256 pages through the pager (no "
