@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 from array import array
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -496,8 +496,10 @@ class HostClient:
         return await self.call(Stats())
 
 
-async def query(address: Address, message: Request, timeout: float = 5.0, token: bytes | None = None) -> Any:
-    """One request on a fresh observer connection (for tools: ``vswapctl stats``)."""
+async def _observe(address: Address, token: bytes | None, timeout: float,
+                   body: Callable[[Endpoint], Awaitable[Any]]) -> Any:
+    """A fresh observer connection (for tools): the handshake, then ``body`` with the
+    endpoint; every way the store can fail becomes StoreUnavailable or StoreError."""
     client = HostClient(address, "vswapctl", 0, role=ROLE_OBSERVER, token=token, connect_timeout=timeout)
     endpoint = await client._open()
     answer: Any = None
@@ -509,7 +511,7 @@ async def query(address: Address, message: Request, timeout: float = 5.0, token:
             try:  # caught inside the nursery body, so it is not wrapped in an ExceptionGroup
                 with trio.fail_after(timeout):
                     await client._handshake(endpoint, welcomed)
-                    answer = await endpoint.request(message)
+                answer = await body(endpoint)
             except trio.TooSlowError:
                 failure = StoreUnavailable(f"{address} did not answer in {timeout}s")
             except PeerGone as exc:
@@ -526,34 +528,25 @@ async def query(address: Address, message: Request, timeout: float = 5.0, token:
     return answer
 
 
+async def query(address: Address, message: Request, timeout: float = 5.0, token: bytes | None = None) -> Any:
+    """One request on a fresh observer connection (for tools: ``vswapctl stats``)."""
+
+    async def once(endpoint: Endpoint) -> Any:
+        with trio.fail_after(timeout):
+            return await endpoint.request(message)
+
+    return await _observe(address, token, timeout, once)
+
+
 async def follow(address: Address, message: Request, on_answer: Callable[[Any], None], timeout: float = 5.0,
                  token: bytes | None = None) -> None:
     """Send ``message`` again and again on one observer connection, handing each answer
     to ``on_answer`` (for tools that follow the store: ``vswapctl trace``), until
     cancelled; StoreUnavailable or StoreError when the store goes or refuses."""
-    client = HostClient(address, "vswapctl", 0, role=ROLE_OBSERVER, token=token, connect_timeout=timeout)
-    endpoint = await client._open()
-    failure: Exception | None = None
-    welcomed = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._receive, endpoint, welcomed, nursery)
-            try:  # caught inside the nursery body, so it is not wrapped in an ExceptionGroup
-                with trio.fail_after(timeout):
-                    await client._handshake(endpoint, welcomed)
-                while True:
-                    with trio.fail_after(timeout + 30):
-                        on_answer(await endpoint.request(message))
-            except trio.TooSlowError:
-                failure = StoreUnavailable(f"{address} did not answer in time")
-            except PeerGone as exc:
-                failure = StoreUnavailable(str(exc))
-            except RemoteError as exc:
-                failure = StoreError(str(exc))
-            except (StoreUnavailable, StoreError) as exc:
-                failure = exc
-            nursery.cancel_scope.cancel()
-    finally:
-        await endpoint.aclose()
-    if failure is not None:
-        raise failure
+
+    async def forever(endpoint: Endpoint) -> None:
+        while True:
+            with trio.fail_after(timeout + 30):  # a trace read waits up to 30 s for an event
+                on_answer(await endpoint.request(message))
+
+    await _observe(address, token, timeout, forever)
