@@ -232,7 +232,10 @@ def test_store_gives_pages_back_after_the_workload_exits(state_dir: str, disk_di
         s = stats(state_dir)
         fs, host = s["vswapfs"], s["hoststore"]
         held = fs["pages_host"] + fs["pages_backing"]
-        if host["pages_stored"] <= used_pages + margin and held <= used_pages + margin:
+        # The kernel discards a freed slot once its whole cluster (256 slots) is free: each
+        # slot still in use may keep up to 255 freed neighbours in the map (seen: 1541 held
+        # for 99 used).  Without discards reaching the map it would hold the whole workload.
+        if host["pages_stored"] <= used_pages + margin and held <= 256 * used_pages + margin:
             break
         assert time.monotonic() < deadline, (
             f"store holds {host['pages_stored']} pages, device map {held}, swap used {used_pages} pages"
