@@ -6,6 +6,9 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
+from .messages import PAGE_SIZE
+from .sizes import parse_size
+
 T = TypeVar("T")
 
 
@@ -32,3 +35,25 @@ def percent(text: str) -> float:
     if not 0 < value <= 100:
         raise ValueError(f"{text} is not within (0, 100]")
     return value
+
+
+def count(text: str) -> int:
+    """A whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{text} is not at least 1")
+    return value
+
+
+def quota(text: str) -> tuple[str | None, int]:
+    """``NAME=SIZE`` or ``SIZE`` (the default quota): whole pages, zero allowed."""
+    name, sep, size = text.rpartition("=")
+    if sep and not name:
+        raise ValueError(f"quota {text!r} has an empty client name")
+    value = parse_size(size)
+    if value % PAGE_SIZE:
+        raise ValueError(f"quota {text!r} is not a multiple of {PAGE_SIZE}")
+    return (name if sep else None), value

@@ -16,7 +16,7 @@ from types import MappingProxyType
 from .access import Access, AccessError, check_listener
 from .address import Address, parse_address
 from .auth import TokenError, load_token
-from .cliutil import argtype, percent
+from .cliutil import argtype, count, percent, quota
 from .hardening import harden
 from .logsetup import setup_logging
 from . import metrics
@@ -64,26 +64,6 @@ def _positive(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"{text} is not at least 1")
-    return value
-
-
-def _quota(text: str) -> tuple[str | None, int]:
-    name, sep, size = text.rpartition("=")
-    if sep and not name:
-        raise ValueError(f"quota {text!r} has an empty client name")
-    value = parse_size(size)
-    if value % PAGE_SIZE:
-        raise ValueError(f"quota {text!r} is not a multiple of {PAGE_SIZE}")
-    return (name if sep else None), value
-
-
 def _weight(text: str) -> tuple[str, float]:
     name, sep, weight = text.rpartition("=")
     if not sep or not name:
@@ -103,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unix:PATH or tcp:HOST:PORT; repeat to listen on several")
     ap.add_argument("--capacity", type=argtype(parse_size), default=parse_size("1G"), metavar="SIZE",
                     help="most page data held for all clients together (K/M/G suffixes; default 1G)")
-    ap.add_argument("--quota", type=argtype(_quota), action="append", default=[], metavar="[NAME=]SIZE",
+    ap.add_argument("--quota", type=argtype(quota), action="append", default=[], metavar="[NAME=]SIZE",
                     help="most page data held for client NAME, or without NAME for any client that has no "
                          "quota of its own (default: no quota); repeat for several clients")
     ap.add_argument("--weight", type=argtype(_weight), action="append", default=[], metavar="NAME=W",
@@ -116,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                     help="let this uid connect to the unix socket too (root and our own user always may); "
                          "repeat for several")
-    ap.add_argument("--max-connections", type=argtype(_count), default=256, metavar="N",
+    ap.add_argument("--max-connections", type=argtype(count), default=256, metavar="N",
                     help="close new connections beyond N at once (default 256)")
-    ap.add_argument("--max-connections-per-peer", type=argtype(_count), default=64, metavar="N",
+    ap.add_argument("--max-connections-per-peer", type=argtype(count), default=64, metavar="N",
                     help="at most N connections per uid (unix socket) or address (TCP) (default 64)")
-    ap.add_argument("--max-clients", type=argtype(_count), default=1024, metavar="N",
+    ap.add_argument("--max-clients", type=argtype(count), default=1024, metavar="N",
                     help="client names kept at once; names away and holding no page are forgotten to make "
                          "room, and beyond that new names are refused (default 1024)")
     ap.add_argument("--connection-rate", type=argtype(_positive), default=50.0, metavar="N",

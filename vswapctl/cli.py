@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from hoststore.address import INPROC, parse_address, parse_store_address
-from hoststore.cliutil import argtype, percent
+from hoststore.cliutil import argtype, count, percent, quota
 from hoststore.messages import PAGE_SIZE, Drain, Stats
 from hoststore.sizes import format_size, parse_size
 
@@ -593,27 +593,6 @@ def _page_size(text: str) -> int:
     return size
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"{value} is not at least 1")
-    return value
-
-
-def _named_size(text: str) -> tuple[str | None, int]:
-    """``NAME=SIZE`` or ``SIZE``: a whole number of pages, zero allowed (a quota of nothing)."""
-    name, sep, size_text = text.rpartition("=")
-    if sep and not name:
-        raise ValueError(f"{text!r} has an empty client name")
-    size = parse_size(size_text)
-    if size < 0 or size % PAGE_SIZE:
-        raise ValueError(f"{size_text} is not a multiple of {PAGE_SIZE} bytes")
-    return (name if sep else None), size
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="vswapctl",
@@ -704,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--capacity", type=argtype(_page_size), metavar="SIZE")
     lim.add_argument("--high-watermark", type=argtype(percent), metavar="PCT")
     lim.add_argument("--low-watermark", type=argtype(percent), metavar="PCT")
-    lim.add_argument("--quota", type=argtype(_named_size), action="append", default=[], metavar="[NAME=]SIZE",
+    lim.add_argument("--quota", type=argtype(quota), action="append", default=[], metavar="[NAME=]SIZE",
                      help="a client's quota (NAME=SIZE) or the default one (SIZE); repeatable")
     lim.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
                      help="the store's address (default: the one in the state directory)")
@@ -717,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "reader that falls behind loses the oldest events (and is told how many); "
                                     "the store never waits for it.")
     tr.add_argument("--json", action="store_true", help="one JSON object per line")
-    tr.add_argument("--sample", type=argtype(_positive_int), default=1,
+    tr.add_argument("--sample", type=argtype(count), default=1,
                     metavar="N", help="every Nth event only (default 1: all)")
     tr.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
                     help="the store's address (default: the one in the state directory)")
@@ -731,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "record":
             w.add_argument("file", metavar="FILE")
         w.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="default 1")
-        w.add_argument("--count", type=argtype(_positive_int), metavar="N", help="stop after N samples")
+        w.add_argument("--count", type=argtype(count), metavar="N", help="stop after N samples")
         w.add_argument("--host", type=argtype(parse_address), metavar="ADDR", help="watch this store alone")
         w.set_defaults(func=cmd_top if name == "top" else cmd_record)
     pl = sub.add_parser("plot", help="draw a recording (vswapctl record) as a chart",
