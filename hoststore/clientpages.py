@@ -16,7 +16,7 @@ from array import array
 
 from .messages import PAGE_SIZE
 from .sharedpages import SharedError, SharedSlab
-from .slab import PageIndex, Slab, SlabFull
+from .slab import CountSlab, PageIndex, Slab, SlabFull
 
 log = logging.getLogger("hoststore")
 
@@ -24,11 +24,15 @@ NIL = -1
 
 
 class ClientPages:
-    def __init__(self, name: str, npages: int, instance: str, secret: bytes, shared_slots: int = 0) -> None:
+    def __init__(self, name: str, npages: int, instance: str, secret: bytes, shared_slots: int = 0,
+                 tier_id: int = 0) -> None:
         """``shared_slots``: keep the data in memory shared with the client (that many
         slots at most; see ``hoststore.sharedpages``), or 0 for private memory.  Where
-        shared memory cannot be had, private memory serves (``shared`` tells)."""
+        shared memory cannot be had, private memory serves (``shared`` tells).
+        ``tier_id``: a page tier keeps the data under this number (see
+        ``hoststore.redistier``), and this object keeps only the pages' versions."""
         self.name = name
+        self.tier_id = tier_id
         self.npages = npages
         self.instance = instance
         self.secret = secret
@@ -39,7 +43,7 @@ class ClientPages:
 
     def _reset(self, slab: bool = True) -> None:
         self.index = PageIndex()
-        self.slab: Slab | SharedSlab = self._new_slab() if slab else Slab()
+        self.slab: Slab | SharedSlab | CountSlab = self._new_slab() if slab else Slab()
         self.page_of = array("Q")
         self.seq_of = array("Q")
         self.stamp = array("Q")
@@ -50,7 +54,9 @@ class ClientPages:
         self.tail = NIL  # least recently used: handed back first
         self.lent_count = 0
 
-    def _new_slab(self) -> Slab | SharedSlab:
+    def _new_slab(self) -> Slab | SharedSlab | CountSlab:
+        if self.tier_id:
+            return CountSlab()
         if self.shared_slots:
             try:
                 return SharedSlab(self.npages, self.shared_slots)
@@ -104,12 +110,14 @@ class ClientPages:
 
     # -- pages ----------------------------------------------------------------------
 
-    def add(self, page: int, seq: int, data: memoryview | bytes, stamp: int) -> int:
-        """Store a page not stored yet; raises SlabFull when no memory can be had.
+    def add(self, page: int, seq: int, data: memoryview | bytes | None, stamp: int) -> int:
+        """Store a page not stored yet (its version only, where ``data`` is None: a
+        tier holds the data); raises SlabFull when no memory can be had.
         All or nothing: a failure half-way leaves everything as it was."""
         slot = self.slab.grow()
         try:
-            self.slab.write(slot, data)
+            if data is not None:
+                self.slab.write(slot, data)
             self.slab.publish(slot, page, seq)
             self.page_of.append(page)
             self.seq_of.append(seq)
@@ -131,11 +139,12 @@ class ClientPages:
         self._link_front(slot)
         return slot
 
-    def replace(self, slot: int, seq: int, data: memoryview | bytes, stamp: int) -> None:
+    def replace(self, slot: int, seq: int, data: memoryview | bytes | None, stamp: int) -> None:
         """A newer version over a stored one; a page being handed back is taken back from the hand-back."""
         page = self.page_of[slot]
         self.slab.retract(slot, page)
-        self.slab.write(slot, data)
+        if data is not None:
+            self.slab.write(slot, data)
         self.slab.publish(slot, page, seq)
         self.seq_of[slot] = seq
         if self.lent[slot]:
@@ -193,19 +202,20 @@ class ClientPages:
 
     # -- hand-back ------------------------------------------------------------------
 
-    def lend_oldest(self, limit: int) -> tuple[array, array, bytearray]:
+    def lend_oldest(self, limit: int, with_data: bool = True) -> tuple[array, array, bytearray]:
         """Take up to ``limit`` least recently used pages off the list to hand back:
-        their page numbers, versions and data (copied)."""
+        their page numbers, versions and data (copied; none without ``with_data``)."""
         pages, seqs = array("Q"), array("Q")
         slot = self.tail
         while slot != NIL and len(pages) < limit:
             pages.append(self.page_of[slot])
             seqs.append(self.seq_of[slot])
             slot = self.prev[slot]
-        data = bytearray(len(pages) * PAGE_SIZE)
+        data = bytearray(len(pages) * PAGE_SIZE if with_data else 0)
         for i, page in enumerate(pages):
             s = self.index.get(page)
-            data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self.slab.view(s)
+            if with_data:
+                data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self.slab.view(s)
             self._unlink(s)
             self.lent[s] = 1
         self.lent_count += len(pages)

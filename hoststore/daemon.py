@@ -6,8 +6,10 @@ import argparse
 import logging
 import os
 import resource
+import secrets
 import signal
 import sys
+from dataclasses import replace
 
 import trio
 
@@ -20,13 +22,15 @@ from .cliutil import argtype, count, percent, quota
 from .hardening import harden
 from .logsetup import setup_logging
 from . import metrics
-from .policies import parse_policy
+from .policies import Policy, parse_policy
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
 from .messages import PAGE_SIZE
-from .pressure import Sampler, parse_source, read_psi
+from .pressure import Sampler, parse_source, read_psi, sample
+from .redistier import TierUnavailable, connect, parse_tier
 from .server import Server, ServerConfig, fmt_pages, open_listener
 from .sizes import parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
+from .tieredstore import TieredStore
 
 log = logging.getLogger("hoststore")
 
@@ -124,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after refusing, accept again once used memory falls to PCT%% (default 80)")
     ap.add_argument("--pressure-interval", type=float, default=0.005, metavar="SECONDS",
                     help="read memory pressure at most this often (default 0.005)")
-    ap.add_argument("--pressure-source", type=argtype(parse_source), default=parse_source("psutil"),
-                    metavar="SOURCE",
+    ap.add_argument("--pressure-source", type=argtype(parse_source), metavar="SOURCE",
                     help="where memory pressure comes from: psutil (this machine, the default) or file:PATH "
-                         "(a used-memory percentage read from PATH, for experiments and tests)")
+                         "(a used-memory percentage read from PATH, for experiments and tests); with --tier, "
+                         "the cluster's memory")
     ap.add_argument("--max-device-size", type=argtype(parse_size), default=DEFAULT_MAX_DEVICE_SIZE,
                     metavar="SIZE", help="refuse clients whose device is larger (default 16T)")
     ap.add_argument("--handback-rate", type=argtype(parse_size), default=100 << 20, metavar="SIZE",
@@ -139,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--away-timeout", type=argtype(_positive), default=DEFAULT_AWAY_TIMEOUT, metavar="SECONDS",
                     help="a client that disconnected keeps its name (and its pages) this long against a new "
                          "client under the same name (default 300); its own reconnect is always accepted")
+    tier = ap.add_argument_group(
+        "page tier", "keep page data in a Redis Cluster instead of this machine's memory (see the README, "
+        "'A page tier on Redis Cluster'); admission then follows the masters' memory (used_memory against "
+        "maxmemory) with the same watermarks")
+    tier.add_argument("--tier", type=argtype(parse_tier), metavar="redis-cluster://HOST:PORT[,HOST:PORT...]",
+                      help="the cluster's nodes (any of them; the rest are found); nodes should run with "
+                           "maxmemory, maxmemory-policy noeviction and a replica each")
+    tier.add_argument("--tier-replicas", type=argtype(count), default=1, metavar="N",
+                      help="a page is stored only once N replicas acknowledged it (default 1)")
+    tier.add_argument("--tier-wait-timeout", type=argtype(_positive), default=0.5, metavar="SECONDS",
+                      help="how long a write waits for the replicas; pages not acknowledged by then are refused "
+                           "and go to the client's backing file (default 0.5)")
+    tier.add_argument("--tier-read-timeout", type=argtype(_positive), default=20.0, metavar="SECONDS",
+                      help="how long a read keeps asking while a node is down (a failover takes a few seconds; "
+                           "keep it below vswapfs --read-timeout, 30 by default) (default 20)")
+    tier.add_argument("--tier-prefix", default="vswap", metavar="PREFIX",
+                      help="the start of every key the store writes (default vswap)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
@@ -197,6 +218,21 @@ def make_socket_dir(directory: str, access: Access) -> None:
 async def run(addresses: list[Address], server: Server, metrics_at: tuple[str, int] | None = None) -> None:
     """Serve until a drain finishes.  The first SIGTERM/SIGINT starts the drain;
     a second one exits at once, saying which pages it drops."""
+    store = server.store
+    if isinstance(store, TieredStore):
+        try:
+            async with trio.open_nursery() as tier_nursery:
+                await tier_nursery.start(store.run)
+                await _serve(addresses, server, metrics_at)
+                tier_nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+        return
+    await _serve(addresses, server, metrics_at)
+
+
+async def _serve(addresses: list[Address], server: Server, metrics_at: tuple[str, int] | None) -> None:
     try:
         listeners = [await open_listener(a, server.access) for a in addresses]
     except OSError as exc:
@@ -267,6 +303,30 @@ def raise_fd_limit(wanted: int) -> None:
                     soft, wanted)
 
 
+def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: Limits, policy: Policy | None
+                ) -> Store:
+    """The store: pages in our memory, or in the cluster of --tier (reached now: a
+    cluster that cannot be reached is an error before anything listens)."""
+    options = dict(away_timeout=args.away_timeout, max_clients=args.max_clients, policy=policy)
+    if args.tier is None:
+        return Store(limits, Sampler(args.pressure_interval, source=args.pressure_source or sample), **options)
+    if args.pressure_source is not None:
+        ap.error("--pressure-source does not go with --tier: the cluster's memory is the pressure")
+    if not args.tier_prefix or any(c in args.tier_prefix for c in "{}*?[] "):
+        ap.error(f"--tier-prefix {args.tier_prefix!r} must be a non-empty name without braces, spaces or globs")
+    config = replace(args.tier, replicas=args.tier_replicas, wait_timeout=args.tier_wait_timeout,
+                     read_timeout=args.tier_read_timeout, prefix=args.tier_prefix)
+    try:
+        tier = connect(config, secrets.token_hex(8))
+    except TierUnavailable as exc:
+        raise SystemExit(f"hoststore: error: --tier: {exc}") from None
+    store = TieredStore(limits, tier=tier, **options)
+    tier.instance = store.instance  # the keys name the store instance clients see
+    log.info("pages go to the cluster at %s (%d masters; a replica must acknowledge each write within %gs)",
+             config, len(tier.memory), config.wait_timeout)
+    return store
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -276,9 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     harden(log)
     raise_fd_limit(args.max_connections + 4 * args.max_clients + 64)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
-    sampler = Sampler(args.pressure_interval, source=args.pressure_source)
     policy = parse_policy(args.policy, psi_available=lambda: read_psi() is not None) if args.policy else None
-    store = Store(limits, sampler, away_timeout=args.away_timeout, max_clients=args.max_clients, policy=policy)
+    store = build_store(ap, args, limits, policy)
     server = Server(store, ServerConfig(
         handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
         max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,

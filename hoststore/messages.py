@@ -59,6 +59,8 @@ class PageStatus(enum.IntEnum):
     REFUSED_SHARE = 8  # the store is nearly full and this client holds its weighted share
     REFUSED_POLICY = 9  # the store's admission policy (``hoststore.policies``) said no
     REFUSED_POLICY_ERROR = 10  # the store's policy plug-in failed: refused, to be safe
+    REFUSED_REPLICATION = 11  # the store's page tier: no replica acknowledged the page in time
+    REFUSED_TIER = 12  # the store's page tier: the node for the page failed or could not be reached
 
 
 REFUSALS = frozenset(s for s in PageStatus if s not in (PageStatus.STORED, PageStatus.MISSING))

@@ -319,8 +319,8 @@ class Session:
         three; a large one in a pooled buffer (no page faults, no heap growth)."""
         conn, pool = self.endpoint.conn, self.server.frames
         n = len(msg.pages)
-        if not p.IN_PLACE:  # a big-endian host: the generic path
-            return conn.send_answer(msgid, msg, self.store.get(client, msg))
+        if not (p.IN_PLACE and self.store.in_place_get):  # a big-endian host, or a page tier: the generic path
+            return conn.send_answer(msgid, msg, await self.store.get_async(client, msg))
         buf = pool.take() if p.get_answer_size(n) >= p.OWN_MAPPING_BYTES else None
         try:
             frame = p.get_answer_frame(msgid, n, buf)
@@ -359,14 +359,14 @@ class Session:
         if client is None:
             raise RequestError(f"{msg.method!r} needs a pager connection")
         if isinstance(msg, Put | PutStaged):
-            statuses = store.put_staged(client, msg) if isinstance(msg, PutStaged) else store.put(client, msg)
+            statuses = await store.put_async(client, msg)
             delay = store.policy.delay
             if delay:  # a slow or distant host, as the policy asks: this connection waits, no other
                 self.server.fair.idle(self)
                 await trio.sleep(delay)
             return statuses
         if isinstance(msg, Get):
-            return store.get(client, msg)
+            return await store.get_async(client, msg)
         if isinstance(msg, Invalidate):
             return await self._invalidate(client, msg)
         raise RequestError(f"{msg.method!r} is not served here")
@@ -537,7 +537,7 @@ class Server:
             return 0
         store = self.store
         try:
-            handback = store.lend(client, cause, limit)
+            handback = await store.lend_async(client, cause, limit)
         except Exception:  # noqa: BLE001 - a bug here must not take every client's pages down
             store.counters.add(HostCounter.HANDBACK_ERRORS)
             log.exception("could not pick pages of client %r to hand back", client.name)

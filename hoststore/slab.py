@@ -86,6 +86,41 @@ class Slab:
         self.used = 0
 
 
+class CountSlab:
+    """Slots without data, for a store whose page data lives in a tier elsewhere
+    (``hoststore.redistier``): it counts slots, and holds nothing to read."""
+
+    mapped_bytes = 0
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def grow(self) -> int:
+        self.used += 1
+        return self.used - 1
+
+    def shrink(self) -> None:
+        self.used -= 1
+
+    def view(self, slot: int) -> memoryview:
+        raise LookupError("this store's page data is in its tier, not here")
+
+    def write(self, slot: int, page: memoryview | bytes) -> None:
+        raise LookupError("this store's page data is in its tier, not here")
+
+    def copy(self, src: int, dst: int) -> None:
+        """Slots move as pages leave; there is no data here to move."""
+
+    def publish(self, slot: int, page: int, seq: int) -> None:
+        """Nobody reads this slab."""
+
+    def retract(self, slot: int, page: int) -> None:
+        """Nobody reads this slab."""
+
+    def close(self) -> None:
+        self.used = 0
+
+
 class PageIndex:
     """page -> slot (-1: not stored), in 256-page blocks that exist only while used."""
 

@@ -46,7 +46,7 @@ from .messages import (
 )
 from .policies import DecisionContext, Policy, PolicyError, Pressure, parse_policy
 from .policy import ClientTerms, Limits, admit, share, under_pressure
-from .pressure import Sampler
+from .pressure import Sampler, Snapshot
 from .slab import SlabFull
 from .trace import Trace
 
@@ -67,6 +67,8 @@ class HostCounter(enum.StrEnum):
     REFUSED_SHARE = "refused_share"  # the store was nearly full and the client held its weighted share
     REFUSED_POLICY = "refused_policy"  # the admission policy said no
     REFUSED_POLICY_ERROR = "refused_policy_error"  # the policy plug-in failed
+    REFUSED_REPLICATION = "refused_replication"  # the page tier: no replica acknowledged them in time
+    REFUSED_TIER = "refused_tier"  # the page tier: their node failed or was unreachable
     POLICY_CHANGES = "policy_changes"  # requests: the policy or the limits changed at run time
     STALE_DROPPED = "stale_dropped"  # stored copies dropped because their new version was refused
     READS = "reads"
@@ -111,6 +113,8 @@ REFUSAL_COUNTER = {
     PageStatus.REFUSED_SHARE: HostCounter.REFUSED_SHARE,
     PageStatus.REFUSED_POLICY: HostCounter.REFUSED_POLICY,
     PageStatus.REFUSED_POLICY_ERROR: HostCounter.REFUSED_POLICY_ERROR,
+    PageStatus.REFUSED_REPLICATION: HostCounter.REFUSED_REPLICATION,
+    PageStatus.REFUSED_TIER: HostCounter.REFUSED_TIER,
 }
 HANDBACK_COUNTER = {
     HandBackCause.PRESSURE: HostCounter.HANDED_BACK_PRESSURE,
@@ -121,6 +125,17 @@ HANDBACK_COUNTER = {
 def _layout(client: ClientPages) -> SharedLayout | None:
     shared = client.shared
     return None if shared is None else shared.layout
+
+
+@dataclasses.dataclass
+class PutPlan:
+    """A put's decisions: a status per page, and which pages were recorded as stored."""
+
+    msg: Put
+    out: bytearray
+    snapshot: Snapshot
+    accepted: list[int] = dataclasses.field(default_factory=list)  # batch indices recorded as stored
+    replaced: list[int] = dataclasses.field(default_factory=list)  # of those, over an older version
 
 
 class RequestError(Exception):
@@ -193,7 +208,7 @@ class Store:
             log.warning("client %r came back as a new instance: dropping the %d pages of the old one",
                         name, old.count)
             self._count(old, HostCounter.DROPPED_SESSIONS, old.count)
-            self.pages -= old.close()
+            self.pages -= self.close_client(old)
         if old is None and len(self.clients) >= self.max_clients:
             self._forget_empty_clients()
             if len(self.clients) >= self.max_clients:
@@ -204,7 +219,7 @@ class Store:
         # time; unused slots cost address space only).
         slots = min(hello.npages, max(self.limits.capacity_pages, 1 << 20)) if can_share and hello.shared else 0
         slots = slots if slots < (1 << 32) - 1 else 0
-        client = ClientPages(name, hello.npages, hello.instance, auth.new_secret(), shared_slots=slots)
+        client = self.new_client(name, hello.npages, hello.instance, slots)
         self.clients[name] = client
         self.client_counters[name] = Counters(HostCounter)
         return client, HelloAnswer(self.instance, False, client.secret, shared=_layout(client)), None
@@ -215,8 +230,15 @@ class Store:
         inventing names.  One that comes back starts as a new client, with nothing
         lost: it had nothing here."""
         for name in [n for n, c in self.clients.items() if not c.connected and not c.count]:
-            self.clients.pop(name).close()
+            self.close_client(self.clients.pop(name))
             self.client_counters.pop(name, None)
+
+    def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
+        return ClientPages(name, npages, instance, auth.new_secret(), shared_slots=shared_slots)
+
+    def close_client(self, client: ClientPages) -> int:
+        """A client is done with: its pages go.  Returns how many it held."""
+        return client.close()
 
     def bind(self, client: ClientPages, session: object) -> None:
         client.session = session
@@ -239,20 +261,25 @@ class Store:
 
     def put(self, client: ClientPages, msg: Put) -> bytes:
         """Offer a batch; one status per page.  A refused page's older stored copy is dropped."""
+        return self.finish_put(client, self.admit_put(client, msg, msg.data))
+
+    def admit_put(self, client: ClientPages, msg: Put, data: bytes | memoryview | None) -> PutPlan:
+        """Decide each page of a put and record the accepted ones (with ``data``, or
+        their versions only when ``data`` is None: a page tier holds the data)."""
         first, n, seq = msg.first, msg.n, msg.seq
         self._check_range(client, first, n)
         self.counters.add(HostCounter.PUT_REQUESTS)
         snapshot = self.sampler.get()
         self.pressure = under_pressure(snapshot, self.limits, self.pressure)
         stamp = self._next_stamp()
-        out = bytearray(n)
-        view = memoryview(msg.data)
+        plan = PutPlan(msg, bytearray(n), snapshot)
+        out = plan.out
+        view = memoryview(data) if data is not None else None
         index, seq_of, limits = client.index, client.seq_of, self.limits
         terms = self.terms(client)
         verdict = self.policy.decide(DecisionContext(
             client.name, first, n, snapshot, self.pages, limits.capacity_pages, client.count, terms.quota_pages,
             terms.share_pages, self.pressure))
-        accepted = replaced = 0
         for i in range(n):
             page = first + i
             slot = index.get(page)
@@ -266,36 +293,54 @@ class Store:
                 status = PageStatus(verdict[i])
             else:
                 status = admit(limits, False, self.pages, client.count, slot != NIL, terms)
-            data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            page_data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] if view is not None else None
             if status == PageStatus.STORED:
                 if slot != NIL:
-                    client.replace(slot, seq, data, stamp)
-                    replaced += 1
-                    accepted += 1
+                    client.replace(slot, seq, page_data, stamp)
+                    plan.replaced.append(i)
+                    plan.accepted.append(i)
                     continue
                 try:
-                    client.add(page, seq, data, stamp)
+                    client.add(page, seq, page_data, stamp)
                 except SlabFull as exc:
                     status = PageStatus.REFUSED_NOMEM
                     log.warning("cannot map memory for a page (%s): refusing with reason nomem", exc)
                 else:
                     self.pages += 1
-                    accepted += 1
+                    plan.accepted.append(i)
                     continue
-            out[i] = status
-            self._count(client, REFUSAL_COUNTER[status])
-            if slot != NIL:  # never stale: the old version must not outlive a refused new one
-                client.remove(slot)
-                self.pages -= 1
-                self._count(client, HostCounter.STALE_DROPPED)
+            self.refuse(client, plan, i, status)
+        return plan
+
+    def refuse(self, client: ClientPages, plan: PutPlan, i: int, status: PageStatus) -> None:
+        """Page ``i`` of the plan is refused; an older stored copy must not outlive the refusal, and goes."""
+        plan.out[i] = status
+        self._count(client, REFUSAL_COUNTER[status])
+        slot = client.index.get(plan.msg.first + i)
+        if slot != NIL:  # never stale: the old version must not outlive a refused new one
+            self.drop(client, slot)
+            self._count(client, HostCounter.STALE_DROPPED)
+
+    def drop(self, client: ClientPages, slot: int) -> None:
+        """Forget one stored page."""
+        client.remove(slot)
+        self.pages -= 1
+
+    def finish_put(self, client: ClientPages, plan: PutPlan) -> bytes:
+        """Count what a put stored, and trace it."""
+        out = plan.out
+        accepted = sum(1 for i in plan.accepted if out[i] == PageStatus.STORED)
+        replaced = sum(1 for i in plan.replaced if out[i] == PageStatus.STORED)
         if accepted:
             self._count(client, HostCounter.ACCEPTED, accepted)
         if replaced:
             self._count(client, HostCounter.REPLACED, replaced)
         if self.trace.active:
+            msg = plan.msg
             refused = {PageStatus(s).name.lower().removeprefix("refused_"): out.count(s) for s in set(out) if s}
-            self.trace.emit("put", client=client.name, first=first, pages=n, stored=n - sum(refused.values()),
-                            refused=refused, used_percent=snapshot.used_percent, policy=self.policy.spec)
+            self.trace.emit("put", client=client.name, first=msg.first, pages=msg.n,
+                            stored=msg.n - sum(refused.values()), refused=refused,
+                            used_percent=plan.snapshot.used_percent, policy=self.policy.spec)
         return bytes(out)
 
     def put_staged(self, client: ClientPages, msg: PutStaged) -> bytes:
@@ -362,9 +407,8 @@ class Store:
         for page in pages:
             slot = client.index.get(page)  # slots move as pages leave: look each one up again
             if slot != NIL and seq_of[slot] <= seq:
-                client.remove(slot)
+                self.drop(client, slot)
                 dropped += 1
-        self.pages -= dropped
         self._count(client, HostCounter.INVALIDATED, dropped)
         if self.trace.active and dropped:
             self.trace.emit("invalidate", client=client.name, pages=dropped)
@@ -376,6 +420,19 @@ class Store:
             raise RequestError(f"pages {first}..{first + count - 1} outside the device's {client.npages} pages")
 
     # -- hand-back ------------------------------------------------------------------
+
+    # The server's entry points for pages.  Here they are served at once; a store
+    # whose page data is in a tier elsewhere waits for it (hoststore.tieredstore).
+    in_place_get = True  # get answers may be written straight into a frame (get_into)
+
+    async def put_async(self, client: ClientPages, msg: Put | PutStaged) -> bytes:
+        return self.put_staged(client, msg) if isinstance(msg, PutStaged) else self.put(client, msg)
+
+    async def get_async(self, client: ClientPages, msg: Get) -> GetAnswer:
+        return self.get(client, msg)
+
+    async def lend_async(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
+        return self.lend(client, cause, limit)
 
     def lend(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
         """The client's least recently used pages, to be handed back; None if it has none to lend."""
@@ -397,10 +454,9 @@ class Store:
                 client.unlend(slot)
                 failed += 1
                 continue
-            client.remove(slot)
+            self.drop(client, slot)
             freed += 1
             not_needed += status == TakeStatus.NOT_NEEDED
-        self.pages -= freed
         self._count(client, HANDBACK_COUNTER[HandBackCause(handback.cause)], freed)
         if self.trace.active:
             self.trace.emit("handback", client=client.name, cause=str(handback.cause), pages=len(handback.pages),

@@ -86,6 +86,9 @@ def swap_unavailable() -> str | None:
     return None
 
 
+from .rediscluster import redis_cluster, redis_cluster_session  # noqa: E402,F401 (fixtures)
+
+
 @pytest.fixture
 def autojump_clock():
     """pytest-trio's autojump clock, but one that waits 50 ms of real idleness

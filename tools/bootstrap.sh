@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what vswapfs needs, skipping what is already there:
-#   Debian packages (fuse3, libfuse3-dev, pkg-config, util-linux) when missing,
+#   Debian packages (fuse3, libfuse3-dev, pkg-config, util-linux, redis-server) when missing,
 #   and a virtualenv in .venv holding pyfuse3 (built from source, with our patch
 #   patches/pyfuse3-*-fallocate.patch applied) and this project.
 # Safe to run again; prints the venv's python on the last line.
@@ -31,8 +31,14 @@ command -v mkswap >/dev/null || missing+=(util-linux)
 command -v gcc >/dev/null || missing+=(gcc)
 command -v patch >/dev/null || missing+=(patch)
 "$py" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+can_install=0
+[ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && can_install=1
+# The page tier's local cluster (tools/redis-cluster.sh): wanted, not needed; its tests skip without it.
+if ! command -v redis-server >/dev/null; then
+  if [ $can_install = 1 ]; then missing+=(redis-server); else log "note: no redis-server (the page tier's tests will skip)"; fi
+fi
 if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+  if [ $can_install = 0 ]; then
     log "missing system packages: ${missing[*]} (install them as root)"; exit 1
   fi
   log "installing ${missing[*]} with apt-get"

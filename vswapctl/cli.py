@@ -35,6 +35,13 @@ def say(message: str) -> None:
 # -- up and down -------------------------------------------------------------------------
 
 
+def _tier(text: str) -> str:
+    from hoststore.redistier import parse_tier
+
+    parse_tier(text)  # what is wrong with it, before anything starts
+    return text
+
+
 def up_config(args: argparse.Namespace) -> device.UpConfig:
     backing = os.path.abspath(args.backing or default_backing(args.state_dir))
     size = args.size
@@ -46,6 +53,7 @@ def up_config(args: argparse.Namespace) -> device.UpConfig:
         writethrough=args.writethrough,
         pressure_source=args.pressure_source, priority=args.priority, discard=args.discard,
         swap=args.swap, verbose=args.verbose,
+        extra_hoststore=["--tier", args.tier] if args.tier else [],
     )
 
 
@@ -56,6 +64,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.token_file and not args.host:
         return _fail("--token-file is for a store at --host; the store up starts listens on a private unix socket")
+    if args.tier and args.host:
+        return _fail("--tier is for the hoststore up starts; a store at --host has its own")
+    if args.tier and args.pressure_source:
+        return _fail("--pressure-source does not go with --tier: the cluster's memory is the pressure")
     if args.token_file and args.host.kind == INPROC:
         return _fail("--token-file is for a store at an address; --host inproc has none")
     if args.token_file:
@@ -627,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pressure-source", metavar="SOURCE",
                     help="the started hoststore's pressure source: psutil (default) or file:PATH, a used-memory "
                          "percentage read from PATH (to steer hand-back in experiments and tests)")
+    up.add_argument("--tier", type=argtype(_tier), metavar="redis-cluster://HOST:PORT[,...]",
+                    help="the started hoststore keeps its pages in this Redis Cluster instead of its own memory "
+                         "(tools/redis-cluster.sh up DIR starts a local one)")
     up.add_argument("--priority", type=int, metavar="N", help="swap priority (swapon --priority)")
     up.add_argument("--no-discard", dest="discard", action="store_false",
                     help="do not swapon with --discard=pages (freed swap slots then stay in the store "

@@ -142,6 +142,8 @@ class PagerCounter(enum.StrEnum):
     REFUSED_SHARE = "refused_share"
     REFUSED_POLICY = "refused_policy"
     REFUSED_POLICY_ERROR = "refused_policy_error"
+    REFUSED_REPLICATION = "refused_replication"
+    REFUSED_TIER = "refused_tier"
     STALE_DROPPED = "stale_dropped"  # pages whose store copy was superseded by a backing write
     ORPHAN_INVALIDATIONS = "orphan_invalidations"  # timed-out batches the store was asked to drop
     DISCARD_REQUESTS = "discard_requests"
@@ -175,6 +177,8 @@ REFUSAL_COUNTER = {
     PageStatus.REFUSED_SHARE: PagerCounter.REFUSED_SHARE,
     PageStatus.REFUSED_POLICY: PagerCounter.REFUSED_POLICY,
     PageStatus.REFUSED_POLICY_ERROR: PagerCounter.REFUSED_POLICY_ERROR,
+    PageStatus.REFUSED_REPLICATION: PagerCounter.REFUSED_REPLICATION,
+    PageStatus.REFUSED_TIER: PagerCounter.REFUSED_TIER,
 }
 
 

@@ -1,0 +1,475 @@
+"""Pages kept in a Redis Cluster: the key layout, writes a replica acknowledged,
+reads, deletes, and each node's memory.
+
+Everything here is synchronous (redis-py's cluster client); the store calls it in
+worker threads (``hoststore.tieredstore``).  The store keeps each page's metadata
+(which pages it holds, their versions, their age) in its own memory, as it does
+for its slab; only page data lives in the cluster.
+
+Key layout.  A client's pages are cut into *runs* of 256 pages (1 MiB), and each
+run is one Redis hash, ``PREFIX:{STORE.CLIENT.RUN}``, whose fields are the pages'
+offsets in the run.  Only the part in braces picks the hash slot (a Redis Cluster
+hash tag), so a client's runs spread over all slots, and so over all masters,
+while the pages of one run sit together: one FUSE write (at most 1 MiB, page
+aligned) touches one or two runs, and is one command per run and one pipelined
+round trip per node.  The store's instance id is in every key, so a store never
+reads what another store (or an earlier run of itself) left behind.
+
+Each value is the page's version (16 hex digits) followed by the page: a read
+returns data only when the version is the one the store expects, so a late or
+lost write can never be served as a page's current contents.  Writes go through
+a script that stores a version only over an older one, and deletes through one
+that deletes only versions not newer than the store's; the order in which
+requests reach a node therefore cannot matter.
+
+A write counts only once it reached a replica: each node's pipeline ends with
+``WAIT 1 TIMEOUT``, which answers how many replicas acknowledged the connection's
+writes so far (https://redis.io/docs/latest/commands/wait/).  Fewer than asked
+for by the deadline, and the pages are refused (they go to the client's backing
+file); a master that dies after that has them on the replica its failover
+promotes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
+
+from .counters import Counters
+from .logsetup import RateLimited
+from .messages import PAGE_SIZE, PageStatus
+from .pressure import Snapshot
+from .slab import INDEX_SHIFT
+
+log = logging.getLogger("hoststore")
+# What the cluster client raises when a node or the cluster fails us.
+FAILURES = (RedisError, RedisClusterException, OSError)
+# A node that is down fails every batch: a few lines say so, not one per batch.
+limited = RateLimited(log)
+
+SCHEME = "redis-cluster://"
+RUN_SHIFT = INDEX_SHIFT  # 256 pages per run: the store's index blocks, so its blocks name its runs
+RUN_PAGES = 1 << RUN_SHIFT
+SEQ_DIGITS = 16  # the version, in hex, before each page's data
+VALUE_SIZE = SEQ_DIGITS + PAGE_SIZE
+
+# Store a field's new version only over an older one (or none).  ARGV: field, value, ...
+_PUT = """
+for i = 1, #ARGV, 2 do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if (not old) or string.sub(old, 1, 16) < string.sub(ARGV[i + 1], 1, 16) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+# Delete a field only if its version is not newer than the one given.  ARGV: field, version, ...
+_DELETE = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if old and string.sub(old, 1, 16) <= ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
+
+
+class TierCounter(enum.StrEnum):
+    """What the tier counts (pages unless the name says otherwise)."""
+
+    WRITTEN = "tier_written"  # pages a replica acknowledged
+    REFUSED_REPLICATION = "tier_refused_replication"  # no replica acknowledged them in time
+    REFUSED_UNREACHABLE = "tier_refused_unreachable"  # their node did not answer, or had moved them
+    REFUSED_OOM = "tier_refused_oom"  # their node answered OOM (at maxmemory)
+    READ = "tier_read"
+    READ_RETRIES = "tier_read_retries"  # reads asked again after a node failed to answer
+    READ_FAILURES = "tier_read_failures"  # requests whose read gave up (the cluster never answered)
+    LOST = "tier_lost"  # pages the store held that the cluster no longer had
+    DELETED = "tier_deleted"
+    DELETE_RETRIES = "tier_delete_retries"  # delete batches kept for later after a failure
+    TOPOLOGY_REFRESHES = "tier_topology_refreshes"
+    FAILOVERS = "tier_failovers"  # slot ranges seen served by a new master after a refresh
+
+
+class TierUnavailable(Exception):
+    """A node could not be reached, or no longer serves the slot (try again after a refresh)."""
+
+
+class TierConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    nodes: tuple[tuple[str, int], ...]
+    replicas: int = 1  # replicas that must acknowledge a write
+    wait_timeout: float = 0.5  # seconds: how long a write waits for them
+    read_timeout: float = 20.0  # seconds: how long a read keeps trying (a failover takes a few)
+    prefix: str = "vswap"
+    socket_timeout: float = 5.0
+
+    def __str__(self) -> str:
+        return SCHEME + ",".join(f"{h}:{p}" for h, p in self.nodes)
+
+
+def parse_tier(text: str) -> TierConfig:
+    """``redis-cluster://HOST:PORT[,HOST:PORT...]``; TierConfigError names the problem."""
+    if not text.startswith(SCHEME):
+        raise TierConfigError(f"tier {text!r} is not {SCHEME}HOST:PORT[,HOST:PORT...]")
+    nodes = []
+    for part in text[len(SCHEME):].split(","):
+        host, sep, port_text = part.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host:
+            raise TierConfigError(f"tier node {part!r} is not HOST:PORT")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise TierConfigError(f"tier node {part!r}: port {port_text!r} is not a number") from None
+        if not 0 < port <= 65535:
+            raise TierConfigError(f"tier node {part!r}: port {port} out of range")
+        nodes.append((host, port))
+    return TierConfig(tuple(nodes))
+
+
+def encode_seq(seq: int) -> bytes:
+    return b"%016x" % seq
+
+
+@dataclass
+class NodeMemory:
+    name: str
+    used: int
+    maxmemory: int  # 0 where the node has no maxmemory (then its machine's RAM counts)
+    limit: int
+
+    @property
+    def used_percent(self) -> float:
+        return 100.0 * self.used / self.limit if self.limit else 0.0
+
+
+@dataclass
+class _NodeBatch:
+    """One node's share of a request: its keys in order, with the batch indices of their pages."""
+
+    node: ClusterNode
+    keys: list[bytes] = field(default_factory=list)
+    items: list[list[int]] = field(default_factory=list)
+
+
+class RedisClusterTier:
+    def __init__(self, config: TierConfig, instance: str) -> None:
+        self.config = config
+        self.instance = instance
+        self.counters: Counters[TierCounter] = Counters(TierCounter)
+        self._counter_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._refreshed_at = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tier")
+        self.memory: list[NodeMemory] = []
+        self._cluster = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
+            socket_timeout=config.socket_timeout, socket_connect_timeout=min(config.socket_timeout, 2.0),
+            require_full_coverage=False)
+        self._primaries = self._slot_primaries()
+
+    # -- layout ---------------------------------------------------------------------
+
+    def key(self, client: int, run: int) -> bytes:
+        return f"{self.config.prefix}:{{{self.instance}.{client}.{run}}}".encode()
+
+    def _node_of(self, key: bytes) -> ClusterNode:
+        try:
+            return self._cluster.get_node_from_key(key)
+        except FAILURES as exc:
+            raise TierUnavailable(f"no master serves key {key!r}: {exc}") from None
+
+    def _group(self, client: int, pages: Sequence[int]) -> list[_NodeBatch]:
+        """Pages by node, then by run (key), in the order given."""
+        by_node: dict[str, _NodeBatch] = {}
+        by_key: dict[int, list[int]] = {}
+        for i, page in enumerate(pages):
+            run = page >> RUN_SHIFT
+            items = by_key.get(run)
+            if items is None:
+                key = self.key(client, run)
+                node = self._node_of(key)
+                batch = by_node.setdefault(node.name, _NodeBatch(node))
+                items = by_key[run] = []
+                batch.keys.append(key)
+                batch.items.append(items)
+            items.append(i)
+        return list(by_node.values())
+
+    def _count(self, cause: TierCounter, n: int = 1) -> None:
+        if n:
+            with self._counter_lock:
+                self.counters.add(cause, n)
+
+    def _each_node(self, batches: list[_NodeBatch], work) -> list:  # type: ignore[no-untyped-def]
+        """``work(batch)`` for every node's batch, in parallel when there are several."""
+        if len(batches) == 1:
+            return [_outcome(work, batches[0])]
+        return list(self._pool.map(lambda b: _outcome(work, b), batches))
+
+    # -- pages ----------------------------------------------------------------------
+
+    def write(self, client: int, seq: int, pages: Sequence[int], data: Sequence[bytes | memoryview]
+              ) -> list[PageStatus]:
+        """Store ``data[i]`` as version ``seq`` of ``pages[i]``; a status per page, STORED
+        only where a replica acknowledged it.  Never raises for the cluster's sake:
+        whatever a node does, its pages are refused with the reason."""
+        out = [PageStatus.REFUSED_TIER] * len(pages)
+        try:
+            batches = self._group(client, pages)
+        except TierUnavailable as exc:
+            limited("no master", logging.WARNING, "page tier: %s; refusing %d pages", exc, len(pages))
+            self._count(TierCounter.REFUSED_UNREACHABLE, len(pages))
+            self.refresh()
+            return out
+        prefix = encode_seq(seq)
+        replicas, wait_ms = self.config.replicas, max(1, int(self.config.wait_timeout * 1000))
+
+        def work(batch: _NodeBatch) -> list:  # type: ignore[type-arg]
+            pipe = self._cluster.get_redis_connection(batch.node).pipeline(transaction=False)
+            for key, items in zip(batch.keys, batch.items):
+                args: list[bytes] = []
+                for i in items:
+                    args.append(b"%d" % (pages[i] & (RUN_PAGES - 1)))
+                    args.append(prefix + bytes(data[i]))
+                pipe.execute_command("EVAL", _PUT, 1, key, *args)
+            pipe.execute_command("WAIT", replicas, wait_ms)
+            return pipe.execute(raise_on_error=False)
+
+        refresh = False
+        for batch, result in zip(batches, self._each_node(batches, work)):
+            n = sum(len(items) for items in batch.items)
+            if isinstance(result, BaseException):
+                limited("write failed", logging.WARNING, "page tier: node %s failed a write (%s); refusing %d "
+                        "pages", batch.node.name, _why(result), n)
+                self._count(TierCounter.REFUSED_UNREACHABLE, n)
+                refresh = True
+                continue
+            *scripts, acked = result
+            replicated = isinstance(acked, int) and acked >= replicas
+            if not replicated:
+                limited("replication", logging.WARNING, "page tier: %s of %d replica(s) of %s acknowledged a write "
+                        "within %gs; refusing its pages", acked, replicas, batch.node.name, self.config.wait_timeout)
+            for items, answer in zip(batch.items, scripts):
+                if isinstance(answer, BaseException):
+                    oom = isinstance(answer, OutOfMemoryError)
+                    status = PageStatus.REFUSED_NOMEM if oom else PageStatus.REFUSED_TIER
+                    self._count(TierCounter.REFUSED_OOM if oom else TierCounter.REFUSED_UNREACHABLE, len(items))
+                    refresh |= not oom
+                elif not replicated:
+                    status = PageStatus.REFUSED_REPLICATION
+                    self._count(TierCounter.REFUSED_REPLICATION, len(items))
+                else:
+                    status = PageStatus.STORED
+                    self._count(TierCounter.WRITTEN, len(items))
+                for i in items:
+                    out[i] = status
+        if refresh:
+            self.refresh()
+        return out
+
+    def read(self, client: int, pages: Sequence[int], seqs: Sequence[int]) -> list[bytes | None]:
+        """Each page's data where the cluster holds exactly version ``seqs[i]``, else
+        None.  Raises TierUnavailable if a node did not answer (nothing is lost by
+        asking again once the cluster has settled)."""
+        batches = self._group(client, pages)
+
+        def work(batch: _NodeBatch) -> list:  # type: ignore[type-arg]
+            pipe = self._cluster.get_redis_connection(batch.node).pipeline(transaction=False)
+            for key, items in zip(batch.keys, batch.items):
+                pipe.execute_command("HMGET", key, *(b"%d" % (pages[i] & (RUN_PAGES - 1)) for i in items))
+            return pipe.execute(raise_on_error=False)
+
+        out: list[bytes | None] = [None] * len(pages)
+        for batch, result in zip(batches, self._each_node(batches, work)):
+            failure = result if isinstance(result, BaseException) else next(
+                (r for r in result if isinstance(r, BaseException)), None)
+            if failure is not None:
+                self.refresh()
+                raise TierUnavailable(f"node {batch.node.name}: {_why(failure)}")
+            for items, values in zip(batch.items, result):
+                for i, value in zip(items, values):
+                    if value is not None and len(value) == VALUE_SIZE and value[:SEQ_DIGITS] == encode_seq(seqs[i]):
+                        out[i] = value[SEQ_DIGITS:]
+        self._count(TierCounter.READ, sum(v is not None for v in out))
+        return out
+
+    def delete(self, client: int, pages: Sequence[int], seqs: Sequence[int]) -> int:
+        """Delete each page's stored version if it is not newer than ``seqs[i]``.
+        Raises TierUnavailable if a node did not answer (the caller tries again later)."""
+        batches = self._group(client, pages)
+
+        def work(batch: _NodeBatch) -> list:  # type: ignore[type-arg]
+            pipe = self._cluster.get_redis_connection(batch.node).pipeline(transaction=False)
+            for key, items in zip(batch.keys, batch.items):
+                args: list[bytes] = []
+                for i in items:
+                    args += [b"%d" % (pages[i] & (RUN_PAGES - 1)), encode_seq(seqs[i])]
+                pipe.execute_command("EVAL", _DELETE, 1, key, *args)
+            return pipe.execute(raise_on_error=False)
+
+        deleted = 0
+        failure: str | None = None
+        for batch, result in zip(batches, self._each_node(batches, work)):
+            bad = result if isinstance(result, BaseException) else next(
+                (r for r in result if isinstance(r, BaseException)), None)
+            if bad is not None:
+                failure = f"node {batch.node.name}: {_why(bad)}"
+                continue
+            deleted += sum(int(r) for r in result)
+        self._count(TierCounter.DELETED, deleted)
+        if failure is not None:
+            self.refresh()
+            raise TierUnavailable(failure)
+        return deleted
+
+    def drop_runs(self, client: int, runs: Sequence[int]) -> None:
+        """Delete whole runs (a client that is gone for good).  Raises TierUnavailable."""
+        first_pages = [run << RUN_SHIFT for run in runs]
+        batches = self._group(client, first_pages)
+
+        def work(batch: _NodeBatch) -> list:  # type: ignore[type-arg]
+            pipe = self._cluster.get_redis_connection(batch.node).pipeline(transaction=False)
+            for key in batch.keys:
+                pipe.execute_command("UNLINK", key)
+            return pipe.execute(raise_on_error=False)
+
+        for batch, result in zip(batches, self._each_node(batches, work)):
+            bad = result if isinstance(result, BaseException) else next(
+                (r for r in result if isinstance(r, BaseException)), None)
+            if bad is not None:
+                self.refresh()
+                raise TierUnavailable(f"node {batch.node.name}: {_why(bad)}")
+
+    def sweep(self) -> int:
+        """Delete every key of this store instance (at exit, after the drain): whatever
+        a failed delete left behind.  Returns keys deleted; raises TierUnavailable."""
+        pattern = f"{self.config.prefix}:{{{self.instance}.*".encode()
+        deleted = 0
+        for node in self._cluster.get_primaries():
+            conn = self._cluster.get_redis_connection(node)
+            try:
+                for key in conn.scan_iter(match=pattern, count=1000):
+                    deleted += conn.unlink(key)
+            except FAILURES as exc:
+                raise TierUnavailable(f"node {node.name}: {_why(exc)}") from None
+        return deleted
+
+    # -- the cluster ----------------------------------------------------------------
+
+    def _slot_primaries(self) -> dict[int, str]:
+        """The master serving each slot range (by its first slot)."""
+        out = {}
+        for slot, nodes in self._cluster.nodes_manager.slots_cache.items():
+            if nodes and (slot == 0 or self._cluster.nodes_manager.slots_cache.get(slot - 1) != nodes):
+                out[slot] = nodes[0].name
+        return out
+
+    def refresh(self) -> None:
+        """Learn the cluster's slots again (a node failed, or a failover moved them); at
+        most every 0.2 s, whoever asks."""
+        with self._refresh_lock:
+            now = time.monotonic()
+            if now - self._refreshed_at < 0.2:
+                return
+            self._refreshed_at = now
+            try:
+                self._cluster.nodes_manager.initialize()
+            except FAILURES as exc:
+                log.warning("page tier: cannot learn the cluster's slots now (%s)", _why(exc))
+                return
+            self._count(TierCounter.TOPOLOGY_REFRESHES)
+            before, self._primaries = self._primaries, self._slot_primaries()
+            moved = sum(1 for slot, name in self._primaries.items() if before.get(slot, name) != name)
+            if moved:
+                log.warning("page tier: %d slot range(s) now served by a new master (failover)", moved)
+                self._count(TierCounter.FAILOVERS, moved)
+
+    def poll_memory(self) -> list[NodeMemory]:
+        """INFO memory of every master; a master that does not answer is left out."""
+        out = []
+        failed = False
+        for node in self._cluster.get_primaries():
+            try:
+                info = self._cluster.get_redis_connection(node).info("memory")
+            except FAILURES:
+                failed = True
+                continue
+            maxmemory = int(info.get("maxmemory", 0))
+            limit = maxmemory or int(info.get("total_system_memory", 0))
+            out.append(NodeMemory(node.name, int(info["used_memory"]), maxmemory, limit))
+        if failed:
+            self.refresh()
+        if out:
+            self.memory = out
+        return out
+
+    def snapshot(self) -> Snapshot:
+        """The cluster's memory as admission sees it: the fullest master decides (a
+        client's pages spread evenly over the slots, so every master fills alike)."""
+        memory = self.memory
+        if not memory:
+            return Snapshot(0, 0, 0.0)
+        total = sum(m.limit for m in memory)
+        used = sum(m.used for m in memory)
+        return Snapshot(total, max(0, total - used), max(m.used_percent for m in memory))
+
+    def stats(self) -> dict[str, object]:
+        with self._counter_lock:
+            counters = self.counters.as_dict()
+        return {
+            "address": str(self.config),
+            "replicas": self.config.replicas,
+            "wait_timeout": self.config.wait_timeout,
+            "masters": {m.name: {"used_bytes": m.used, "maxmemory": m.maxmemory,
+                                 "used_percent": round(m.used_percent, 1)} for m in self.memory},
+            **counters,
+        }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        try:
+            self._cluster.close()
+        except FAILURES:
+            pass
+
+
+def _outcome(work, batch: _NodeBatch):  # type: ignore[no-untyped-def]
+    """A node's result, or the exception that stood for it."""
+    try:
+        return work(batch)
+    except FAILURES as exc:
+        return exc
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def connect(config: TierConfig, instance: str) -> RedisClusterTier:
+    """A tier on a reachable cluster; TierUnavailable names why not."""
+    try:
+        tier = RedisClusterTier(config, instance)
+        tier.poll_memory()
+    except FAILURES as exc:
+        raise TierUnavailable(f"cannot reach the cluster at {config}: {_why(exc)}") from None
+    if not tier.memory:
+        raise TierUnavailable(f"no master of the cluster at {config} answered")
+    return tier
+
+

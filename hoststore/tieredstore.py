@@ -1,0 +1,287 @@
+"""A store whose page data lives in a Redis Cluster (``hoststore --tier``).
+
+The store keeps its whole role: clients, admission, counters, hand-back, all as
+in :class:`~hoststore.store.Store`, whose metadata (which pages, which version,
+how old) stays here.  Only the data moves to the tier, and admission reads the
+cluster's memory instead of this machine's.
+
+How a page is never lost or served wrong:
+
+* A put records its accepted pages at once (so that capacity and quotas count
+  them), writes them to the cluster, and answers STORED only for pages a replica
+  acknowledged.  Any other page is refused with the reason, and the version just
+  recorded goes, with any older one: the client writes it to its backing file.
+* A read asks the cluster for the exact version recorded here.  While a node is
+  unreachable (a master died and its replica is not promoted yet) it asks again,
+  for up to ``read_timeout``; the client waits longer than that.  A page the
+  cluster no longer has, at the version recorded, is answered missing and
+  counted (``tier_lost``): the client then knows, instead of reading garbage.
+* What the store forgets (invalidated, handed back, replaced by a refused
+  version, a client that is gone) is deleted in the background by version, so
+  a delete that arrives late can never remove a newer write.
+
+No request waits on another client's: each waits on the cluster in a worker
+thread, and the metadata is checked again after every wait (the sequence
+numbers of a page only grow, so a check by version is enough).
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from . import auth
+from .clientpages import NIL, ClientPages
+from .messages import PAGE_SIZE, Get, GetAnswer, HandBack, HandBackCause, PageStatus, Put, PutStaged
+from .pressure import Sampler
+from .redistier import RedisClusterTier, TierCounter, TierUnavailable
+from .store import REFUSAL_COUNTER, HostCounter, RequestError, Store
+
+log = logging.getLogger("hoststore")
+T = TypeVar("T")
+
+MEMORY_INTERVAL = 0.1  # seconds between reads of the masters' memory
+DELETE_INTERVAL = 0.05  # seconds between delete batches
+DELETE_BATCH = 4096  # pages per delete batch
+
+
+class TieredStore(Store):
+    in_place_get = False
+
+    def __init__(self, *args: Any, tier: RedisClusterTier, **kwargs: Any) -> None:
+        kwargs.setdefault("sampler", Sampler(0.0, source=tier.snapshot))
+        super().__init__(*args, **kwargs)
+        self.tier = tier
+        self._ids = 0
+        self._limiter = trio.CapacityLimiter(16)
+        self._deletes: list[tuple[int, int, int]] = []  # (tier id, page, version): to delete
+        self._drops: list[tuple[int, list[int]]] = []  # (tier id, runs): whole runs of clients gone
+        self._wake = trio.Event()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # -- clients --------------------------------------------------------------------
+
+    def attach(self, hello: Any, server_nonce: bytes, can_share: bool = False) -> Any:
+        return super().attach(hello, server_nonce, can_share=False)  # no page is in our memory to share
+
+    def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
+        self._ids += 1
+        return ClientPages(name, npages, instance, auth.new_secret(), tier_id=self._ids)
+
+    def close_client(self, client: ClientPages) -> int:
+        runs = client.index.blocks_in(0, client.npages)  # a run is an index block (redistier.RUN_SHIFT)
+        if runs:
+            self._drops.append((client.tier_id, runs))
+            self._wake.set()
+        return super().close_client(client)
+
+    # -- pages ----------------------------------------------------------------------
+
+    def drop(self, client: ClientPages, slot: int) -> None:
+        self._forget(client, client.page_of[slot], client.seq_of[slot])
+        super().drop(client, slot)
+
+    def _forget(self, client: ClientPages, page: int, seq: int) -> None:
+        self._deletes.append((client.tier_id, page, seq))
+        self._wake.set()
+
+    def put(self, client: ClientPages, msg: Put) -> bytes:
+        raise RequestError("this store keeps pages in its tier: puts are served by put_async")
+
+    async def put_async(self, client: ClientPages, msg: Put | PutStaged) -> bytes:
+        if isinstance(msg, PutStaged):
+            raise RequestError("put_staged needs shared memory, which a store on a page tier does not give")
+        plan = self.admit_put(client, msg, None)
+        if plan.accepted:
+            first, seq = msg.first, msg.seq
+            view = memoryview(msg.data)
+            pages = [first + i for i in plan.accepted]
+            data = [view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in plan.accepted]
+            statuses = await self._call(self.tier.write, client.tier_id, seq, pages, data)
+            replaced = set(plan.replaced)
+            for i, status in zip(plan.accepted, statuses):
+                if status != PageStatus.STORED:
+                    self._unrecord(client, plan.out, i, first + i, seq, status, i in replaced)
+        return self.finish_put(client, plan)
+
+    def _unrecord(self, client: ClientPages, out: bytearray, i: int, page: int, seq: int, status: PageStatus,
+                  replaced: bool) -> None:
+        """The tier did not take version ``seq`` of ``page``: refused, and forgotten here
+        (unless something newer came meanwhile).  What it may have written goes too."""
+        out[i] = status
+        self._count(client, REFUSAL_COUNTER[status])
+        slot = client.index.get(page)
+        if slot != NIL and client.seq_of[slot] == seq:
+            self.drop(client, slot)
+            if replaced:  # the older version went when this one was recorded
+                self._count(client, HostCounter.STALE_DROPPED)
+        else:
+            self._forget(client, page, seq)
+
+    async def _read(self, client: ClientPages, pages: list[int], seqs: list[int]) -> list[bytes | None]:
+        """The pages' data at those versions, asking again while the cluster settles;
+        RequestError once ``read_timeout`` has passed."""
+        deadline = trio.current_time() + self.tier.config.read_timeout
+        backoff = 0.05
+        while True:
+            try:
+                return await self._call(self.tier.read, client.tier_id, pages, seqs)
+            except TierUnavailable as exc:
+                if trio.current_time() + backoff > deadline:
+                    self.tier._count(TierCounter.READ_FAILURES)
+                    log.error("page tier: a read of %d pages of client %r gave up after %.0fs: %s", len(pages),
+                              client.name, self.tier.config.read_timeout, exc)
+                    raise RequestError(f"the page tier did not answer: {exc}") from None
+                self.tier._count(TierCounter.READ_RETRIES)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    def _lost(self, client: ClientPages, page: int, seq: int) -> None:
+        """The tier no longer has a version this store holds: say so once, and forget it."""
+        slot = client.index.get(page)
+        if slot != NIL and client.seq_of[slot] == seq:
+            self.tier._count(TierCounter.LOST)
+            log.error("page tier: page %d of client %r (version %d) is not in the cluster any more", page,
+                      client.name, seq)
+            self.drop(client, slot)
+
+    async def get_async(self, client: ClientPages, msg: Get) -> GetAnswer:
+        pages = msg.pages
+        n = len(pages)
+        if max(pages) >= client.npages:
+            raise RequestError(f"get asks for pages outside the device's {client.npages} pages")
+        self.counters.add(HostCounter.GET_REQUESTS)
+        status = bytearray([PageStatus.MISSING]) * n
+        seqs = array("Q", bytes(8 * n))
+        data = bytearray(n * PAGE_SIZE)
+        want: list[int] = []
+        for i, page in enumerate(pages):
+            slot = client.index.get(page)
+            if slot != NIL:
+                want.append(i)
+                seqs[i] = client.seq_of[slot]
+        if want:
+            found = await self._read(client, [pages[i] for i in want], [seqs[i] for i in want])
+            stamp = self._next_stamp()
+            for i, value in zip(want, found):
+                if value is None:
+                    self._lost(client, pages[i], seqs[i])
+                    seqs[i] = 0
+                    continue
+                status[i] = PageStatus.STORED
+                data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = value
+                slot = client.index.get(pages[i])
+                if slot != NIL and client.seq_of[slot] == seqs[i]:
+                    client.touch(slot, stamp)
+        hits = status.count(PageStatus.STORED)
+        self._count(client, HostCounter.READS, hits)
+        if hits < n:
+            self._count(client, HostCounter.MISSES, n - hits)
+        return GetAnswer(bytes(status), seqs, data)
+
+    def get(self, client: ClientPages, msg: Get) -> GetAnswer:
+        raise RequestError("this store keeps pages in its tier: gets are served by get_async")
+
+    def get_into(self, *args: Any) -> None:
+        raise RequestError("this store keeps pages in its tier: gets are served by get_async")
+
+    async def lend_async(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
+        """The oldest pages, read from the tier; pages it cannot give now stay stored."""
+        pages, seqs, _ = client.lend_oldest(limit, with_data=False)
+        if not pages:
+            return None
+        try:
+            found = await self._read(client, list(pages), list(seqs))
+        except BaseException:
+            self.unlend(client, HandBack(cause, pages, seqs, b""))
+            raise
+        kept_pages, kept_seqs = array("Q"), array("Q")
+        data = bytearray()
+        for page, seq, value in zip(pages, seqs, found):
+            slot = client.lent_slot(page, seq)
+            if slot == NIL:  # rewritten or dropped while we read
+                continue
+            if value is None:
+                client.unlend(slot)
+                self._lost(client, page, seq)
+                continue
+            kept_pages.append(page)
+            kept_seqs.append(seq)
+            data += value
+        if not kept_pages:
+            return None
+        self.counters.add(HostCounter.HANDBACK_REQUESTS)
+        return HandBack(cause, kept_pages, kept_seqs, data)
+
+    # -- the cluster's upkeep -------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch the masters' memory and delete what the store forgot, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_memory)
+            nursery.start_soon(self._delete_loop)
+            task_status.started()
+
+    async def _watch_memory(self) -> None:
+        while True:
+            try:
+                await self._call(self.tier.poll_memory)
+            except Exception:  # noqa: BLE001 - admission keeps the last reading meanwhile
+                log.exception("page tier: reading the masters' memory failed")
+            await trio.sleep(MEMORY_INTERVAL)
+
+    async def _delete_loop(self) -> None:
+        backoff = DELETE_INTERVAL
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            try:
+                await self.flush_deletes()
+                backoff = DELETE_INTERVAL
+            except TierUnavailable as exc:
+                self.tier._count(TierCounter.DELETE_RETRIES)
+                log.warning("page tier: deleting forgotten pages failed (%s); trying again", exc)
+                self._wake.set()
+                backoff = min(backoff * 2, 2.0)
+            await trio.sleep(backoff)
+
+    async def flush_deletes(self) -> None:
+        """Delete what is waiting; what fails stays queued (TierUnavailable is raised)."""
+        while self._drops:
+            tier_id, runs = self._drops[0]
+            await self._call(self.tier.drop_runs, tier_id, runs)
+            self._drops.pop(0)
+        while self._deletes:
+            batch = self._deletes[:DELETE_BATCH]
+            by_client: dict[int, tuple[list[int], list[int]]] = {}
+            for tier_id, page, seq in batch:
+                pages, seqs = by_client.setdefault(tier_id, ([], []))
+                pages.append(page)
+                seqs.append(seq)
+            for tier_id, (pages, seqs) in by_client.items():
+                await self._call(self.tier.delete, tier_id, pages, seqs)
+            del self._deletes[: len(batch)]
+
+    def stats(self, client: ClientPages | None = None, admin: bool = False) -> dict[str, object]:
+        stats = super().stats(client, admin)
+        stats["tier"] = {**self.tier.stats(), "deletes_waiting": len(self._deletes) + len(self._drops)}
+        return stats
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """At exit: delete what is waiting, then every key this store instance left."""
+        with trio.move_on_after(timeout):
+            try:
+                await self.flush_deletes()
+                swept = await self._call(self.tier.sweep)
+                if swept:
+                    log.info("page tier: deleted %d keys left by this store", swept)
+            except TierUnavailable as exc:
+                log.warning("page tier: could not clean up the cluster at exit (%s)", exc)
+        self.tier.close()
+

@@ -1,0 +1,137 @@
+"""A local Redis Cluster (3 masters, 3 replicas) for the page tier's tests, started
+and stopped by ``tools/redis-cluster.sh``; tests skip with the reason where
+redis-server cannot be had."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from .conftest import disk_base
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "redis-cluster.sh")
+
+
+def redis_unavailable() -> str | None:
+    if shutil.which("redis-server") and shutil.which("redis-cli"):
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "redis-server is not installed, and only root with apt-get can install it"
+    return None  # the script installs it
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port() -> int:
+    """Six free ports, and their cluster bus ports (+10000)."""
+    for base in range(7100 + (os.getpid() % 40) * 10, 7900, 10):
+        if all(_free(base + i) and _free(base + 10000 + i) for i in range(6)):
+            return base
+    raise RuntimeError("no six free ports in 7100..7900")
+
+
+@dataclass
+class LocalCluster:
+    directory: str
+    address: str
+    base: int
+
+    def cli(self, port: int, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                              timeout=10).stdout
+
+    def nodes(self) -> str:
+        """CLUSTER NODES from the first node that answers."""
+        for port in range(self.base, self.base + 6):
+            out = self.cli(port, "cluster", "nodes")
+            if out.strip():
+                return out
+        return ""
+
+    def masters(self) -> list[int]:
+        """The ports of the masters that serve (not failed)."""
+        return [int(line.split()[1].split(":")[1].split("@")[0]) for line in self.nodes().splitlines()
+                if "master" in line.split()[2] and "fail" not in line.split()[2]]
+
+    def pid(self, port: int) -> int:
+        with open(os.path.join(self.directory, str(port), "redis.pid")) as f:
+            return int(f.read())
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node: no goodbye to anyone."""
+        os.kill(self.pid(port), signal.SIGKILL)
+
+    def set_maxmemory(self, value: str) -> None:
+        for port in range(self.base, self.base + 6):
+            self.cli(port, "config", "set", "maxmemory", value)
+
+    def keys(self, pattern: str = "*") -> int:
+        return sum(int(self.cli(p, "eval", f"return #redis.call('keys', '{pattern}')", "0").strip() or 0)
+                   for p in self.masters())
+
+    def wait_failover(self, dead: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            masters = self.masters()
+            if len(masters) == 3 and dead not in masters:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"no failover of {dead} in {timeout}s")
+
+
+def start_cluster(maxmemory: str = "256mb") -> LocalCluster:
+    reason = redis_unavailable()
+    if reason:
+        pytest.skip(reason)
+    directory = tempfile.mkdtemp(prefix="vswap-redis-", dir=disk_base())
+    base = free_base_port()
+    done = subprocess.run([SCRIPT, "up", directory, "--port", str(base), "--maxmemory", maxmemory],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        subprocess.run([SCRIPT, "down", directory], capture_output=True, timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+        if "apt-get install redis-server failed" in done.stderr or "is not installed" in done.stderr:
+            pytest.skip(f"redis-server cannot be installed here: {done.stderr.strip()}")
+        raise RuntimeError(f"tools/redis-cluster.sh up failed: {done.stderr}")
+    return LocalCluster(directory, done.stdout.strip().splitlines()[-1], base)
+
+
+def stop_cluster(cluster: LocalCluster) -> None:
+    subprocess.run([SCRIPT, "down", cluster.directory], capture_output=True, timeout=60)
+    shutil.rmtree(cluster.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session() -> Iterator[LocalCluster]:
+    """One cluster for the tests that leave it as they found it."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A cluster of the test's own (it may kill a node)."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)

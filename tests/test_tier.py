@@ -1,0 +1,290 @@
+"""The page tier on Redis Cluster: a store whose page data lives in a real local
+3+3 cluster.  Put, get, invalidate and hand-back; refusals when a replica does not
+acknowledge, a node does not answer or is full; admission from the masters'
+memory; reads through a master's death."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+from array import array
+
+import pytest
+import trio
+from redis.cluster import RedisCluster
+
+from hoststore.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
+from hoststore.policy import Limits
+from hoststore.redistier import RUN_PAGES, TierConfigError, TierCounter, connect, parse_tier
+from hoststore.store import HostCounter
+from hoststore.tieredstore import TieredStore
+
+from .rediscluster import LocalCluster
+from .test_store import hello, page
+
+S = PageStatus
+
+
+def data(first: int, n: int, version: int) -> bytes:
+    return b"".join(page(first + i, version) for i in range(n))
+
+
+def make(cluster: LocalCluster, capacity: int = 1 << 20, **tier: object) -> TieredStore:
+    config = dataclasses.replace(parse_tier(cluster.address), **tier)  # type: ignore[arg-type]
+    store = TieredStore(Limits(capacity_pages=capacity), tier=connect(config, "pending"))
+    store.tier.instance = store.instance
+    return store
+
+
+def attach(store: TieredStore, name: str = "a", npages: int = 1 << 16, instance: str = "i1"):  # type: ignore[no-untyped-def]
+    client, _, _ = store.attach(hello(name, npages, instance), b"s" * 16)
+    store.bind(client, object())
+    return client
+
+
+async def read_back(store: TieredStore, client, first: int, n: int):  # type: ignore[no-untyped-def]
+    status, seqs, got = b"", array("Q"), b""
+    for at in range(first, first + n, 256):  # a get asks for 256 pages at most
+        answer = await store.get_async(client, Get(array("Q", range(at, min(at + 256, first + n)))))
+        status, seqs, got = status + answer.statuses, seqs + answer.seqs, got + bytes(answer.data)
+    return status, seqs, got
+
+
+def fields(cluster: LocalCluster, store: TieredStore, client, pages: range) -> int:  # type: ignore[no-untyped-def]
+    """How many of these pages have a field in the cluster (any version), asked by a
+    client of the test's own."""
+    host, port = parse_tier(cluster.address).nodes[0]
+    probe = RedisCluster(host=host, port=port)
+    try:
+        return sum(probe.hexists(store.tier.key(client.tier_id, p // RUN_PAGES), str(p % RUN_PAGES)) for p in pages)
+    finally:
+        probe.close()
+
+
+# -- no cluster needed ------------------------------------------------------------------
+
+
+def test_parse_tier() -> None:
+    config = parse_tier("redis-cluster://127.0.0.1:7000,[::1]:7001,node-b:7002")
+    assert config.nodes == (("127.0.0.1", 7000), ("::1", 7001), ("node-b", 7002))
+    assert str(parse_tier("redis-cluster://h:1")) == "redis-cluster://h:1"
+    for bad, why in [("redis://h:1", "is not redis-cluster://"), ("redis-cluster://h", "is not HOST:PORT"),
+                     ("redis-cluster://h:x", "not a number"), ("redis-cluster://h:0", "out of range"),
+                     ("redis-cluster://h:1,", "is not HOST:PORT")]:
+        with pytest.raises(TierConfigError, match=why):
+            parse_tier(bad)
+
+
+def test_hoststore_refuses_an_unreachable_cluster_before_listening(tmp_path) -> None:
+    sock = tmp_path / "s.sock"
+    done = subprocess.run([sys.executable, "-m", "hoststore", "--listen", f"unix:{sock}",
+                           "--tier", "redis-cluster://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--tier: cannot reach the cluster" in done.stderr
+    assert not sock.exists()
+    done = subprocess.run([sys.executable, "-m", "hoststore", "--listen", f"unix:{sock}", "--tier",
+                           "redis-cluster://127.0.0.1:1", "--pressure-source", "psutil"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "does not go with --tier" in done.stderr
+
+
+# -- a shared cluster ---------------------------------------------------------------------
+
+
+async def test_put_get_invalidate_against_the_cluster(redis_cluster_session: LocalCluster) -> None:
+    cluster = redis_cluster_session
+    store = make(cluster)
+    try:
+        client = attach(store)
+        first, n = 200, 112  # two runs
+        statuses = await store.put_async(client, Put(first, 5, data(first, n, 1)))
+        assert statuses == bytes(n) and store.pages == n == client.count
+        status, seqs, got = await read_back(store, client, first, n)
+        assert status == bytes(n) and set(seqs) == {5} and got == data(first, n, 1)
+        assert fields(cluster, store, client, range(first, first + n)) == n
+        assert store.counters[HostCounter.ACCEPTED] == n and store.tier.counters[TierCounter.WRITTEN] == n
+        # A newer version replaces; an older one is refused as outdated.
+        assert await store.put_async(client, Put(first, 7, data(first, 10, 2))) == bytes(10)
+        assert await store.put_async(client, Put(first, 6, data(first, 10, 3))) == bytes([S.REFUSED_OUTDATED]) * 10
+        status, seqs, got = await read_back(store, client, first, 10)
+        assert set(seqs) == {7} and got == data(first, 10, 2)
+        # Invalidate drops what is not newer than its version, here and (soon) in the cluster.
+        assert store.invalidate(client, Invalidate(first, 80, 6)) == 70
+        await store.flush_deletes()
+        status, _, _ = await read_back(store, client, first, 80)
+        assert status == bytes(10) + bytes([S.MISSING]) * 70
+        assert fields(cluster, store, client, range(first, first + 80)) == 10
+        assert store.pages == n - 70
+    finally:
+        await store.aclose()
+    assert cluster.keys(f"vswap:{{{store.instance}.*") == 0  # the exit swept what was left
+
+
+async def test_a_late_delete_never_removes_a_newer_write(redis_cluster_session: LocalCluster) -> None:
+    store = make(redis_cluster_session)
+    try:
+        tier = store.tier
+        assert tier.write(9, 10, [1], [page(1, 10)]) == [S.STORED]
+        assert tier.write(9, 8, [1], [page(1, 8)]) == [S.STORED]  # an older write, arriving late: ignored
+        assert tier.read(9, [1], [10]) == [page(1, 10)] and tier.read(9, [1], [8]) == [None]
+        assert tier.delete(9, [1], [9]) == 0  # a delete of an older version, arriving late
+        assert tier.read(9, [1], [10]) == [page(1, 10)]
+        assert tier.delete(9, [1], [10]) == 1 and tier.read(9, [1], [10]) == [None]
+    finally:
+        await store.aclose()
+
+
+async def test_pages_no_replica_acknowledged_are_refused_and_the_old_copy_goes(
+        redis_cluster_session: LocalCluster) -> None:
+    cluster = redis_cluster_session
+    store = make(cluster, wait_timeout=0.1)
+    try:
+        client = attach(store)
+        assert await store.put_async(client, Put(0, 1, data(0, 8, 1))) == bytes(8)
+        store.tier.config = dataclasses.replace(store.tier.config, replicas=2)  # each master has one
+        statuses = await store.put_async(client, Put(0, 2, data(0, 8, 2)))
+        assert statuses == bytes([S.REFUSED_REPLICATION]) * 8
+        assert store.pages == 0 and client.count == 0  # neither the new version nor the old one is kept
+        assert store.counters[HostCounter.REFUSED_REPLICATION] == 8
+        assert store.counters[HostCounter.STALE_DROPPED] == 8
+        assert store.tier.counters[TierCounter.REFUSED_REPLICATION] == 8
+        status, _, _ = await read_back(store, client, 0, 8)
+        assert status == bytes([S.MISSING]) * 8
+        await store.flush_deletes()
+        assert fields(cluster, store, client, range(8)) == 0  # what reached the master alone was deleted
+    finally:
+        await store.aclose()
+
+
+async def test_a_node_that_does_not_answer_in_time_gets_its_pages_refused(
+        redis_cluster_session: LocalCluster) -> None:
+    cluster = redis_cluster_session
+    store = make(cluster, socket_timeout=0.3)
+    try:
+        client = attach(store)
+        for port in cluster.masters():
+            cluster.cli(port, "client", "pause", "1500", "write")
+        statuses = await store.put_async(client, Put(0, 1, data(0, 4, 1)))
+        assert statuses == bytes([S.REFUSED_TIER]) * 4 and store.pages == 0
+        assert store.tier.counters[TierCounter.REFUSED_UNREACHABLE] == 4
+        await trio.sleep(1.6)  # the paused write now lands on the master...
+        await store.flush_deletes()
+        assert fields(cluster, store, client, range(4)) == 0  # ...and is deleted by version
+        assert await store.put_async(client, Put(0, 2, data(0, 4, 2))) == bytes(4)
+    finally:
+        await store.aclose()
+
+
+async def test_a_full_node_answers_oom_which_is_a_refusal(redis_cluster_session: LocalCluster) -> None:
+    cluster = redis_cluster_session
+    store = make(cluster)  # the memory watch is not running: the write reaches the node
+    try:
+        client = attach(store)
+        cluster.set_maxmemory("1")
+        statuses = await store.put_async(client, Put(0, 1, data(0, 4, 1)))
+        assert statuses == bytes([S.REFUSED_NOMEM]) * 4 and store.pages == 0
+        assert store.tier.counters[TierCounter.REFUSED_OOM] == 4
+    finally:
+        cluster.set_maxmemory("256mb")
+        await store.aclose()
+
+
+async def test_admission_follows_the_masters_memory_with_hysteresis(redis_cluster_session: LocalCluster) -> None:
+    cluster = redis_cluster_session
+    store = make(cluster)
+    try:
+        client = attach(store)
+        used = max(m.used for m in store.tier.poll_memory())
+        cluster.set_maxmemory(str(int(used / 0.95)))  # about 95 % used: above the high watermark (90)
+        store.tier.poll_memory()
+        assert store.tier.snapshot().used_percent > 90
+        statuses = await store.put_async(client, Put(0, 1, data(0, 4, 1)))
+        assert statuses == bytes([S.REFUSED_PRESSURE]) * 4
+        assert store.counters[HostCounter.REFUSED_PRESSURE] == 4 and store.pressure
+        cluster.set_maxmemory(str(int(used / 0.85)))  # 85 %: between the watermarks, still refusing
+        store.tier.poll_memory()
+        assert await store.put_async(client, Put(0, 2, data(0, 4, 1))) == bytes([S.REFUSED_PRESSURE]) * 4
+        cluster.set_maxmemory("256mb")  # far below the low watermark: accepting again
+        store.tier.poll_memory()
+        assert await store.put_async(client, Put(0, 3, data(0, 4, 1))) == bytes(4)
+        assert not store.pressure
+        assert store.stats(admin=True)["tier"]["masters"]  # type: ignore[index]
+    finally:
+        cluster.set_maxmemory("256mb")
+        await store.aclose()
+
+
+async def test_hand_back_reads_from_the_cluster_and_frees_there(redis_cluster_session: LocalCluster) -> None:
+    cluster = redis_cluster_session
+    store = make(cluster)
+    try:
+        client = attach(store)
+        assert await store.put_async(client, Put(0, 1, data(0, 64, 1))) == bytes(64)
+        handback = await store.lend_async(client, HandBackCause.PRESSURE, 16)
+        assert handback is not None and len(handback.pages) == 16
+        for i, p in enumerate(handback.pages):
+            assert handback.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] == page(p, 1)
+        answer = bytes([TakeStatus.TAKEN]) * 15 + bytes([TakeStatus.FAILED])
+        assert store.settle(client, handback, answer) == 15
+        await store.flush_deletes()
+        assert store.pages == 49 and fields(cluster, store, client, range(64)) == 49
+        assert store.counters[HostCounter.HANDED_BACK_PRESSURE] == 15
+    finally:
+        await store.aclose()
+
+
+async def test_a_client_replaced_by_a_new_instance_leaves_nothing_in_the_cluster(
+        redis_cluster_session: LocalCluster) -> None:
+    cluster = redis_cluster_session
+    store = make(cluster)
+    try:
+        old = attach(store, instance="old")
+        for first in (1000, 5000, 9000):
+            assert await store.put_async(old, Put(first, 1, data(first, 200, 1))) == bytes(200)
+        store.detach(old, old.session)
+        store.clock = lambda: 1e12  # long after --away-timeout
+        new = attach(store, instance="new")
+        assert new.tier_id != old.tier_id and store.pages == 0
+        await store.flush_deletes()
+        assert cluster.keys(f"vswap:{{{store.instance}.{old.tier_id}.*") == 0
+    finally:
+        await store.aclose()
+
+
+# -- a cluster of the test's own: a master dies ----------------------------------------------
+
+
+async def test_reads_go_on_through_a_masters_death(redis_cluster: LocalCluster) -> None:
+    cluster = redis_cluster
+    store = make(cluster)
+    try:
+        client = attach(store)
+        n = 16 * RUN_PAGES  # 16 runs: every master holds some
+        for first in range(0, n, RUN_PAGES):
+            assert await store.put_async(client, Put(first, 1, data(first, RUN_PAGES, 1))) == bytes(RUN_PAGES)
+        victim = cluster.masters()[0]
+        cluster.kill(victim)
+        started = time.monotonic()
+        status, _, got = await read_back(store, client, 0, n)  # waits out the failover
+        assert status == bytes(n) and got == data(0, n, 1)
+        assert time.monotonic() - started < store.tier.config.read_timeout
+        counters = store.tier.counters
+        assert counters[TierCounter.READ_RETRIES] >= 1 and counters[TierCounter.FAILOVERS] >= 1
+        assert counters[TierCounter.LOST] == 0
+        cluster.wait_failover(victim)
+        # The promoted master takes new pages (it has no replica left: they are refused, not lost).
+        store.tier.config = dataclasses.replace(store.tier.config, wait_timeout=0.1)
+        statuses = b"".join([await store.put_async(client, Put(first, 2, data(first, RUN_PAGES, 2)))
+                             for first in range(0, n, RUN_PAGES)])
+        assert set(statuses) <= {S.STORED, S.REFUSED_REPLICATION, S.REFUSED_TIER}
+        assert S.STORED in set(statuses)
+        status, seqs, got = await read_back(store, client, 0, n)
+        for i in range(n):
+            if statuses[i] == S.STORED:
+                assert status[i] == S.STORED and seqs[i] == 2
+                assert got[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] == page(i, 2)
+            else:
+                assert status[i] == S.MISSING
+    finally:
+        await store.aclose()

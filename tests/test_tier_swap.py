@@ -1,0 +1,44 @@
+"""Live swap, as root, through a hoststore whose pages live on a local Redis Cluster
+(3 masters, 3 replicas): a verifying workload while one master is killed with
+SIGKILL.  Teardown always runs (``vswapctl down``, then the cluster)."""
+
+from __future__ import annotations
+
+from vswapctl.state import State
+
+from .rediscluster import LocalCluster
+from .test_swap import finish_workload, pytestmark, start_workload, stats, up, wait_until  # noqa: F401
+from .test_swap import state_dir  # noqa: F401 (the fixture)
+
+
+# The cluster comes first, so that it goes last: the device is down before it stops.
+def test_live_swap_on_the_cluster_survives_a_masters_sigkill(redis_cluster: LocalCluster, state_dir: str,  # noqa: F811
+                                                            disk_dir: str) -> None:
+    up(state_dir, disk_dir, "--priority", "32000", "--tier", redis_cluster.address, capacity="512M")
+    state = State.load(state_dir)
+    assert state is not None
+    work = start_workload(state_dir)
+    try:
+        wait_until(lambda: stats(state_dir)["hoststore"]["pages_stored"] > 8192, 120, "pages on the cluster", work)
+        victim = redis_cluster.masters()[0]
+        redis_cluster.kill(victim)
+        result = finish_workload(work)  # 0 bad pages, or it fails here
+    finally:
+        if work.poll() is None:
+            work.kill()
+            work.wait()
+    assert result["bad_pages"] == 0
+    redis_cluster.wait_failover(victim)
+    s = stats(state_dir)
+    fs, host = s["vswapfs"], s["hoststore"]
+    tier = host["tier"]
+    assert tier["tier_failovers"] >= 1, tier  # the store saw a master replaced
+    assert tier["tier_lost"] == 0 and tier["tier_written"] > 8192
+    assert fs["pages_lost"] == 0 and fs["checksum_errors"] == 0
+    assert fs["io_errors"] == 0 and fs["read_failures"] == 0
+    assert fs["host_reads"] > 0
+    # While a read waits out the failover, later puts on the connection wait too: past
+    # vswapfs's write timeout their pages go to the backing file (and are invalidated
+    # here), though the store may accept them afterwards.
+    late = fs["fallback_timeout"] + fs["fallback_unreachable"]
+    assert fs["host_writes"] <= host["accepted"] <= fs["host_writes"] + late
