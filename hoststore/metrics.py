@@ -21,6 +21,8 @@ import trio
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .messages import REFUSALS
+
 DEFAULT_HOST = "127.0.0.1"
 PUBLISH_INTERVAL = 1.0
 
@@ -31,9 +33,9 @@ _CONNECTION_COUNTERS = frozenset({
     "refused_clients", "closed_hello_timeout", "closed_idle", "closed_oversized_frame",
 })
 _EVENT_COUNTERS = frozenset({"bad_requests", "handback_errors", "fair_waits", "policy_changes", "io_errors",
-                             "orphan_invalidations", "checksum_errors"})
-_PAGE_REFUSALS = ("pressure", "capacity", "quota", "outdated", "nomem", "draining", "share", "policy",
-                  "policy_error")
+                             "orphan_invalidations", "checksum_errors", "tier_read_retries", "tier_read_failures",
+                             "tier_delete_retries", "tier_topology_refreshes", "tier_failovers"})
+_PAGE_REFUSALS = tuple(sorted(s.name.lower().removeprefix("refused_") for s in REFUSALS))
 
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
@@ -112,6 +114,9 @@ def store_families(stats: dict[str, Any]) -> Iterator[Metric]:
         value = stats.get(key)
         if isinstance(value, int | float):  # bools too: 1 or 0
             yield GaugeMetricFamily(name, help_text, value=float(value) * scale)
+    tier = stats.get("tier")
+    if isinstance(tier, dict):  # a store on a page tier (hoststore --tier): its counters by cause
+        yield from counter_families("vswap_store", {k: v for k, v in tier.items() if k.startswith("tier_")})
     clients = stats.get("clients") or {}
     pages = GaugeMetricFamily("vswap_store_client_pages", "Pages a client holds in the store", labels=["client"])
     for name, client in sorted(clients.items()):

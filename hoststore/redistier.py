@@ -370,6 +370,22 @@ class RedisClusterTier:
                 raise TierUnavailable(f"node {node.name}: {_why(exc)}") from None
         return deleted
 
+    def instances(self) -> dict[str, int]:
+        """Keys under this tier's prefix, by the store instance that wrote them (to find
+        what a store that died left behind).  Raises TierUnavailable."""
+        pattern = f"{self.config.prefix}:{{*".encode()
+        found: dict[str, int] = {}
+        for node in self._cluster.get_primaries():
+            conn = self._cluster.get_redis_connection(node)
+            try:
+                for key in conn.scan_iter(match=pattern, count=1000):
+                    tag = key.decode(errors="replace").partition("{")[2]
+                    instance = tag.partition(".")[0]
+                    found[instance] = found.get(instance, 0) + 1
+            except FAILURES as exc:
+                raise TierUnavailable(f"node {node.name}: {_why(exc)}") from None
+        return found
+
     # -- the cluster ----------------------------------------------------------------
 
     def _slot_primaries(self) -> dict[int, str]:

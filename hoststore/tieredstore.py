@@ -108,6 +108,10 @@ class TieredStore(Store):
             for i, status in zip(plan.accepted, statuses):
                 if status != PageStatus.STORED:
                     self._unrecord(client, plan.out, i, first + i, seq, status, i in replaced)
+                    continue
+                slot = client.index.get(first + i)
+                if slot == NIL or client.seq_of[slot] != seq:  # forgotten while it was being written:
+                    self._forget(client, first + i, seq)  # its delete may have run before the write landed
         return self.finish_put(client, plan)
 
     def _unrecord(self, client: ClientPages, out: bytearray, i: int, page: int, seq: int, status: PageStatus,
@@ -199,7 +203,10 @@ class TieredStore(Store):
         try:
             found = await self._read(client, list(pages), list(seqs))
         except BaseException:
-            self.unlend(client, HandBack(cause, pages, seqs, b""))
+            for page, seq in zip(pages, seqs):  # none goes: every page still lent stays stored
+                slot = client.lent_slot(page, seq)
+                if slot != NIL:
+                    client.unlend(slot)
             raise
         kept_pages, kept_seqs = array("Q"), array("Q")
         data = bytearray()

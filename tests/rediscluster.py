@@ -1,13 +1,12 @@
 """A local Redis Cluster (3 masters, 3 replicas) for the page tier's tests, started
-and stopped by ``tools/redis-cluster.sh``; tests skip with the reason where
-redis-server cannot be had."""
+and stopped by ``tools/redis-cluster.sh`` (``vswapctl.rediscluster``); tests skip
+with the reason where redis-server cannot be had."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,35 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from vswapctl import rediscluster
+
 from .conftest import disk_base
-
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "redis-cluster.sh")
-
-
-def redis_unavailable() -> str | None:
-    if shutil.which("redis-server") and shutil.which("redis-cli"):
-        return None
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "redis-server is not installed, and only root with apt-get can install it"
-    return None  # the script installs it
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_base_port() -> int:
-    """Six free ports, and their cluster bus ports (+10000)."""
-    for base in range(7100 + (os.getpid() % 40) * 10, 7900, 10):
-        if all(_free(base + i) and _free(base + 10000 + i) for i in range(6)):
-            return base
-    raise RuntimeError("no six free ports in 7100..7900")
-
 
 @dataclass
 class LocalCluster:
@@ -96,24 +69,22 @@ class LocalCluster:
 
 
 def start_cluster(maxmemory: str = "256mb") -> LocalCluster:
-    reason = redis_unavailable()
+    reason = rediscluster.redis_missing()
     if reason:
         pytest.skip(reason)
     directory = tempfile.mkdtemp(prefix="vswap-redis-", dir=disk_base())
-    base = free_base_port()
-    done = subprocess.run([SCRIPT, "up", directory, "--port", str(base), "--maxmemory", maxmemory],
-                          capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        subprocess.run([SCRIPT, "down", directory], capture_output=True, timeout=60)
+    try:
+        address, base = rediscluster.start(directory, maxmemory)
+    except rediscluster.ClusterError as exc:
         shutil.rmtree(directory, ignore_errors=True)
-        if "apt-get install redis-server failed" in done.stderr or "is not installed" in done.stderr:
-            pytest.skip(f"redis-server cannot be installed here: {done.stderr.strip()}")
-        raise RuntimeError(f"tools/redis-cluster.sh up failed: {done.stderr}")
-    return LocalCluster(directory, done.stdout.strip().splitlines()[-1], base)
+        if "apt-get install redis-server failed" in str(exc):
+            pytest.skip(f"redis-server cannot be installed here: {exc}")
+        raise
+    return LocalCluster(directory, address, base)
 
 
 def stop_cluster(cluster: LocalCluster) -> None:
-    subprocess.run([SCRIPT, "down", cluster.directory], capture_output=True, timeout=60)
+    rediscluster.stop(cluster.directory)
     shutil.rmtree(cluster.directory, ignore_errors=True)
 
 

@@ -163,12 +163,15 @@ def test_cmd_bench_refuses_a_bad_configuration_before_running(capsys: pytest.Cap
 
 
 def test_choose_targets() -> None:
-    assert bench.choose_targets(None, None) == (list(bench.TARGETS), {})
-    chosen, skipped = bench.choose_targets(None, "no zram here")
-    assert "zram" not in chosen and len(chosen) == 4 and skipped == {"zram": "no zram here"}
-    assert bench.choose_targets(("loop", "inproc"), "no zram here") == (["loop", "inproc"], {})
+    assert bench.choose_targets(None, {"zram": None}) == (list(bench.TARGETS), {})
+    missing = {"zram": "no zram here", "redis-cluster": "no redis-server"}
+    chosen, skipped = bench.choose_targets(None, missing)
+    assert chosen == ["loop", "inproc", "hoststore", "hoststore-small"] and skipped == missing
+    assert bench.choose_targets(("loop", "inproc"), missing) == (["loop", "inproc"], {})
     with pytest.raises(BenchError, match="no zram here"):
-        bench.choose_targets(("zram", "loop"), "no zram here")
+        bench.choose_targets(("zram", "loop"), missing)
+    with pytest.raises(BenchError, match="target redis-cluster: no redis-server"):
+        bench.choose_targets(("redis-cluster",), missing)
 
 
 # -- medians, ratios, the report --------------------------------------------------------
@@ -296,6 +299,7 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     monkeypatch.setattr(bench, "check_workdir", lambda d: None)
     monkeypatch.setattr(bench, "WORKDIR_PARENT", str(tmp_path))
     monkeypatch.setattr(bench, "zram_missing", lambda: "no zram here")
+    monkeypatch.setattr(bench, "redis_missing", lambda: "no redis-server here")
     return events
 
 
@@ -308,13 +312,16 @@ def test_runs_are_interleaved_and_every_target_is_taken_down(fake_run: list[str]
     assert fake_run.count("workload incompressible") == 12
     assert all(fake_run[i].startswith("up") and fake_run[i + 2].startswith("down") for i in range(0, 36, 3))
     assert said[0] == "skipping zram: no zram here"
+    assert said[1] == "skipping redis-cluster: no redis-server here"
+    said.pop(1)
     assert said[1] == "run 1/3 loop: setting up"
     assert said[2].startswith("run 1/3 loop (/dev/fake-loop): fill 1.00s  verify_seq 0.50s  verify_random 2.00s")
     assert "[1/12," in said[2]
     assert "pages to store 1, to backing file 2" in said[8]
-    assert report["skipped"] == {"zram": "no zram here"} and report["params"]["targets"] == targets
+    assert report["skipped"] == {"zram": "no zram here", "redis-cluster": "no redis-server here"}
+    assert report["params"]["targets"] == targets
     assert report["medians"]["loop"]["fill"] == 5.0  # runs 1, 5, 9
-    assert set(report["ratios"]) == {"vs_inproc"}
+    assert set(report["ratios"]) == {"vs_inproc", "vs_hoststore"}
     assert report["medians"]["hoststore"]["pages_to_backing"] == 2
     assert list(tmp_path.iterdir()) == []  # its work directory is gone
 

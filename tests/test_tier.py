@@ -252,6 +252,25 @@ async def test_a_client_replaced_by_a_new_instance_leaves_nothing_in_the_cluster
         await store.aclose()
 
 
+async def test_tier_sweep_lists_and_deletes_what_a_dead_store_left(redis_cluster_session: LocalCluster,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from vswapctl import cli
+
+    cluster = redis_cluster_session
+    store = make(cluster)
+    client = attach(store)
+    assert await store.put_async(client, Put(0, 1, data(0, 8, 1))) == bytes(8)
+    store.tier.close()  # as if killed: nothing swept
+    assert cli.main(["tier-sweep", cluster.address]) == 0
+    assert f"{store.instance}  1 keys" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # only an instance id, never a pattern
+        cli.main(["tier-sweep", cluster.address, "*"])
+    assert "is not a store instance" in capsys.readouterr().err
+    assert cli.main(["tier-sweep", cluster.address, store.instance]) == 0
+    assert f"deleted 1 keys of store instance {store.instance}" in capsys.readouterr().out
+    assert cluster.keys(f"vswap:{{{store.instance}.*") == 0
+
+
 # -- a cluster of the test's own: a master dies ----------------------------------------------
 
 

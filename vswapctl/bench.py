@@ -29,6 +29,7 @@ from .benchtargets import (
     state_dirs,
     zram_missing,
 )
+from .rediscluster import redis_missing
 from .state import State
 from .workload import DATA_KINDS
 
@@ -109,15 +110,18 @@ def check_config(cfg: BenchConfig) -> list[str]:
     return problems
 
 
-def choose_targets(asked: Sequence[str] | None, zram_reason: str | None) -> tuple[list[str], dict[str, str]]:
-    """(targets to run, {skipped target: why}).  By default every target, zram skipped
-    where there is none; zram asked for by name where there is none is an error."""
+def choose_targets(asked: Sequence[str] | None, missing: dict[str, str | None]
+                   ) -> tuple[list[str], dict[str, str]]:
+    """(targets to run, {skipped target: why}).  By default every target, those this
+    machine lacks (``missing``: target -> why, or None) skipped; one asked for by name
+    that is missing is an error."""
     if asked is None:
-        if zram_reason:
-            return [t for t in TARGETS if t != "zram"], {"zram": zram_reason}
-        return list(TARGETS), {}
-    if "zram" in asked and zram_reason:
-        raise BenchError(f"target zram: {zram_reason}")
+        skipped = {name: why for name, why in missing.items() if why}
+        return [t for t in TARGETS if t not in skipped], skipped
+    for name in asked:
+        why = missing.get(name)
+        if why:
+            raise BenchError(f"target {name}: {why}")
     return list(asked), {}
 
 
@@ -163,7 +167,7 @@ def bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     problems = check_config(cfg)
     if problems:
         raise BenchError("; ".join(problems))
-    targets, skipped = choose_targets(cfg.targets, zram_missing())
+    targets, skipped = choose_targets(cfg.targets, {"zram": zram_missing(), "redis-cluster": redis_missing()})
     for name, reason in skipped.items():
         say(f"skipping {name}: {reason}")
     if not targets:

@@ -16,7 +16,7 @@ from typing import Any
 PHASES = ("fill", "verify_seq", "verify_random")
 PHASE_LABELS = {"fill": "fill (swap-out)", "verify_seq": "sequential verify (swap-in)",
                 "verify_random": "random verify (swap-in)"}
-BASELINES = ("zram", "inproc")  # ratios are taken to these, when they ran
+BASELINES = ("zram", "inproc", "hoststore")  # ratios are taken to these, when they ran
 COUNTERS = ("pages_to_store", "pages_to_backing")  # vswapfs targets: where the pages went, per run
 CHART_FORMATS = ("png", "svg", "pdf")
 CHART_EXTRA = "pip install 'vswapfs[chart]'"

@@ -9,6 +9,9 @@ up, yields it swapped on, and takes it down again in ``finally``:
   hoststore        vswapfs with its own hoststore, capacity the device size: every page admitted
   hoststore-small  the same with a store capacity below the workload: the rest goes to
                    the backing file
+  redis-cluster    vswapfs with its own hoststore keeping its pages on a local Redis
+                   Cluster (3 masters, 3 replicas; ``hoststore --tier``), started for
+                   each run with tools/redis-cluster.sh and stopped after the device
 
 Taking down always runs swapoff -> losetup -d -> remove files (``device.take_down``
 for vswapfs).  If swapoff fails (ENOMEM: RAM cannot take the pages back) nothing
@@ -29,8 +32,8 @@ from hoststore.address import INPROC
 from . import device, system
 from .state import Busy, State
 
-TARGETS = ("zram", "loop", "inproc", "hoststore", "hoststore-small")
-VSWAPFS_TARGETS = ("inproc", "hoststore", "hoststore-small")
+TARGETS = ("zram", "loop", "inproc", "hoststore", "hoststore-small", "redis-cluster")
+VSWAPFS_TARGETS = ("inproc", "hoststore", "hoststore-small", "redis-cluster")
 ZRAM_CONTROL = "/sys/class/zram-control"
 PRIORITY = 32767  # above any swap the machine already has: the workload's pages go here
 SWAPOFF_TIMEOUT = 1800
@@ -218,17 +221,19 @@ def _vswapfs_report(state_dir: str) -> dict[str, Any]:
 
 @contextmanager
 def vswapfs_swap(name: str, size: int, capacity: int, host: str | None, workdir: str,
-                 say: Say) -> Iterator[Target]:
+                 say: Say, tier: str | None = None) -> Iterator[Target]:
     """A vswapfs device brought up as ``vswapctl up`` does, in a state directory of its own
     under ``workdir``.  A store it starts (a hoststore, or vswapfs's own in-process one)
     has its pressure source pinned at 0 % used:
-    admission depends on its capacity alone, the same on every run.  ``up``'s and
+    admission depends on its capacity alone, the same on every run (on a ``tier``, the
+    cluster's memory is the pressure: its masters are sized to hold the workload).  ``up``'s and
     ``down``'s messages are kept back, but for warnings, and all of them if down stops."""
     state_dir = os.path.join(workdir, f"state-{name}")
     cfg = device.UpConfig(size=size, backing=os.path.join(workdir, f"{name}.backing"),
                           mountpoint=system.resolve_mountpoint(os.path.join(state_dir, "mnt")),
-                          capacity=capacity, host=host, priority=PRIORITY)
-    if host is None or host == INPROC:
+                          capacity=capacity, host=host, priority=PRIORITY,
+                          extra_hoststore=["--tier", tier] if tier else [])
+    if tier is None and (host is None or host == INPROC):
         pressure = os.path.join(workdir, "pressure-off")
         _write(pressure, "0\n")
         cfg.pressure_source = f"file:{pressure}"
@@ -259,6 +264,31 @@ def vswapfs_swap(name: str, size: int, capacity: int, host: str | None, workdir:
                              f"running; free memory, then: vswapctl --state-dir {state_dir} down")
 
 
+@contextmanager
+def redis_cluster_swap(size: int, workdir: str, say: Say) -> Iterator[Target]:
+    """A local cluster whose every master could hold the whole device (no refusal by
+    memory), vswapfs on it; the cluster stops only once the device is down."""
+    from . import rediscluster
+
+    missing = rediscluster.redis_missing()
+    if missing:
+        raise BenchError(f"redis-cluster: {missing}")
+    directory = os.path.join(workdir, "redis-cluster")
+    try:
+        address, _ = rediscluster.start(directory, maxmemory=str(2 * size))
+    except rediscluster.ClusterError as exc:
+        raise BenchError(f"redis-cluster: {exc}") from None
+    try:
+        with vswapfs_swap("redis-cluster", size, size, None, workdir, say, tier=address) as target:
+            yield target
+    finally:
+        if State.load(os.path.join(workdir, "state-redis-cluster")) is None:
+            rediscluster.stop(directory)
+        else:
+            say(f"redis-cluster: the device is still up: its cluster keeps running in {directory} "
+                f"(tools/redis-cluster.sh down {directory} once the device is down)")
+
+
 def open_target(name: str, workdir: str, device_size: int, small_capacity: int,
                 say: Say) -> AbstractContextManager[Target]:
     if name == "zram":
@@ -271,6 +301,8 @@ def open_target(name: str, workdir: str, device_size: int, small_capacity: int,
         return vswapfs_swap(name, device_size, device_size, None, workdir, say)
     if name == "hoststore-small":
         return vswapfs_swap(name, device_size, small_capacity, None, workdir, say)
+    if name == "redis-cluster":
+        return redis_cluster_swap(device_size, workdir, say)
     raise ValueError(f"unknown target {name!r}")
 
 

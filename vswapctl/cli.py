@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -477,6 +478,40 @@ def cmd_membench(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the page tier --------------------------------------------------------------------
+
+
+def _instance(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{16}", text):
+        raise ValueError(f"{text!r} is not a store instance (16 hex digits, as `vswapctl tier-sweep URL` lists)")
+    return text
+
+
+def cmd_tier_sweep(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from hoststore.redistier import TierUnavailable, connect
+
+    config = replace(args.tier, prefix=args.prefix)
+    try:
+        tier = connect(config, args.instance or "")
+        try:
+            if not args.instance:
+                found = tier.instances()
+                if not found:
+                    say(f"no keys under {args.prefix}: in {config}")
+                for instance, keys in sorted(found.items()):
+                    print(f"{instance}  {keys} keys")
+                return 0
+            deleted = tier.sweep()
+        finally:
+            tier.close()
+    except TierUnavailable as exc:
+        return _fail(str(exc))
+    say(f"deleted {deleted} keys of store instance {args.instance}")
+    return 0
+
+
 # -- attack -------------------------------------------------------------------------
 
 
@@ -757,6 +792,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="page data stored (default 256M)")
     mem.add_argument("--json", action="store_true")
     mem.set_defaults(func=cmd_membench)
+
+    from hoststore.redistier import parse_tier
+
+    sw = sub.add_parser("tier-sweep", help="list or delete what stores left in a Redis Cluster page tier",
+                        description="Without INSTANCE: list the store instances that have keys in the cluster, "
+                                    "with how many.  With INSTANCE: delete every key of that store instance.  A "
+                                    "store deletes its own keys when it exits; a store that was killed leaves "
+                                    "them (its clients lost those pages with it).  Never give the instance of "
+                                    "a store that is running (`vswapctl stats` shows a store's instance): its "
+                                    "clients' pages would be lost.")
+    sw.add_argument("tier", type=argtype(parse_tier), metavar="redis-cluster://HOST:PORT[,...]")
+    sw.add_argument("instance", nargs="?", type=argtype(_instance), metavar="INSTANCE")
+    sw.add_argument("--prefix", default="vswap", help="the stores' --tier-prefix (default vswap)")
+    sw.set_defaults(func=cmd_tier_sweep)
 
     atk = sub.add_parser("attack", help="hostile connections against a hoststore while a good client works",
                          description="Start a hoststore on a private unix socket and loopback TCP; time a good "
