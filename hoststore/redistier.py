@@ -61,11 +61,13 @@ RUN_PAGES = 1 << RUN_SHIFT
 SEQ_DIGITS = 16  # the version, in hex, before each page's data
 VALUE_SIZE = SEQ_DIGITS + PAGE_SIZE
 
-# Store a field's new version only over an older one (or none).  ARGV: field, value, ...
+# Store a field's version over an older one, or the same one again (same version, same
+# data: a write sent twice still writes, so the WAIT after it always waits for it),
+# never over a newer one.  ARGV: field, value, ...
 _PUT = """
 for i = 1, #ARGV, 2 do
   local old = redis.call('HGET', KEYS[1], ARGV[i])
-  if (not old) or string.sub(old, 1, 16) < string.sub(ARGV[i + 1], 1, 16) then
+  if (not old) or string.sub(old, 1, 16) <= string.sub(ARGV[i + 1], 1, 16) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
@@ -179,7 +181,7 @@ class RedisClusterTier:
         self.memory: list[NodeMemory] = []
         self._cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
-            socket_timeout=config.socket_timeout, socket_connect_timeout=min(config.socket_timeout, 2.0),
+            socket_timeout=config.socket_timeout, socket_connect_timeout=min(config.socket_timeout, 0.5),
             require_full_coverage=False)
         self._primaries = self._slot_primaries()
 
@@ -211,7 +213,7 @@ class RedisClusterTier:
             items.append(i)
         return list(by_node.values())
 
-    def _count(self, cause: TierCounter, n: int = 1) -> None:
+    def count(self, cause: TierCounter, n: int = 1) -> None:
         if n:
             with self._counter_lock:
                 self.counters.add(cause, n)
@@ -234,7 +236,7 @@ class RedisClusterTier:
             batches = self._group(client, pages)
         except TierUnavailable as exc:
             limited("no master", logging.WARNING, "page tier: %s; refusing %d pages", exc, len(pages))
-            self._count(TierCounter.REFUSED_UNREACHABLE, len(pages))
+            self.count(TierCounter.REFUSED_UNREACHABLE, len(pages))
             self.refresh()
             return out
         prefix = encode_seq(seq)
@@ -257,7 +259,7 @@ class RedisClusterTier:
             if isinstance(result, BaseException):
                 limited("write failed", logging.WARNING, "page tier: node %s failed a write (%s); refusing %d "
                         "pages", batch.node.name, _why(result), n)
-                self._count(TierCounter.REFUSED_UNREACHABLE, n)
+                self.count(TierCounter.REFUSED_UNREACHABLE, n)
                 refresh = True
                 continue
             *scripts, acked = result
@@ -269,14 +271,14 @@ class RedisClusterTier:
                 if isinstance(answer, BaseException):
                     oom = isinstance(answer, OutOfMemoryError)
                     status = PageStatus.REFUSED_NOMEM if oom else PageStatus.REFUSED_TIER
-                    self._count(TierCounter.REFUSED_OOM if oom else TierCounter.REFUSED_UNREACHABLE, len(items))
+                    self.count(TierCounter.REFUSED_OOM if oom else TierCounter.REFUSED_UNREACHABLE, len(items))
                     refresh |= not oom
                 elif not replicated:
                     status = PageStatus.REFUSED_REPLICATION
-                    self._count(TierCounter.REFUSED_REPLICATION, len(items))
+                    self.count(TierCounter.REFUSED_REPLICATION, len(items))
                 else:
                     status = PageStatus.STORED
-                    self._count(TierCounter.WRITTEN, len(items))
+                    self.count(TierCounter.WRITTEN, len(items))
                 for i in items:
                     out[i] = status
         if refresh:
@@ -306,7 +308,7 @@ class RedisClusterTier:
                 for i, value in zip(items, values):
                     if value is not None and len(value) == VALUE_SIZE and value[:SEQ_DIGITS] == encode_seq(seqs[i]):
                         out[i] = value[SEQ_DIGITS:]
-        self._count(TierCounter.READ, sum(v is not None for v in out))
+        self.count(TierCounter.READ, sum(v is not None for v in out))
         return out
 
     def delete(self, client: int, pages: Sequence[int], seqs: Sequence[int]) -> int:
@@ -332,7 +334,7 @@ class RedisClusterTier:
                 failure = f"node {batch.node.name}: {_why(bad)}"
                 continue
             deleted += sum(int(r) for r in result)
-        self._count(TierCounter.DELETED, deleted)
+        self.count(TierCounter.DELETED, deleted)
         if failure is not None:
             self.refresh()
             raise TierUnavailable(failure)
@@ -409,12 +411,12 @@ class RedisClusterTier:
             except FAILURES as exc:
                 log.warning("page tier: cannot learn the cluster's slots now (%s)", _why(exc))
                 return
-            self._count(TierCounter.TOPOLOGY_REFRESHES)
+            self.count(TierCounter.TOPOLOGY_REFRESHES)
             before, self._primaries = self._primaries, self._slot_primaries()
             moved = sum(1 for slot, name in self._primaries.items() if before.get(slot, name) != name)
             if moved:
                 log.warning("page tier: %d slot range(s) now served by a new master (failover)", moved)
-                self._count(TierCounter.FAILOVERS, moved)
+                self.count(TierCounter.FAILOVERS, moved)
 
     def poll_memory(self) -> list[NodeMemory]:
         """INFO memory of every master; a master that does not answer is left out."""

@@ -20,9 +20,11 @@ How a page is never lost or served wrong:
   version, a client that is gone) is deleted in the background by version, so
   a delete that arrives late can never remove a newer write.
 
-No request waits on another client's: each waits on the cluster in a worker
-thread, and the metadata is checked again after every wait (the sequence
-numbers of a page only grow, so a check by version is enough).
+Requests wait on the cluster in worker threads (a pool shared by all clients:
+a node that hangs slows everyone until its socket times out), and the metadata
+is checked again after every wait: the sequence numbers of a page only grow,
+so a check by version is enough.  A version on its way to the cluster is never
+taken for lost, nor handed back before it is there.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class TieredStore(Store):
         self._ids = 0
         self._limiter = trio.CapacityLimiter(16)
         self._deletes: list[tuple[int, int, int]] = []  # (tier id, page, version): to delete
+        self._writing: dict[int, dict[int, int]] = {}  # tier id -> {page: version} of writes in flight
         self._drops: list[tuple[int, list[int]]] = []  # (tier id, runs): whole runs of clients gone
         self._wake = trio.Event()
 
@@ -103,16 +106,35 @@ class TieredStore(Store):
             view = memoryview(msg.data)
             pages = [first + i for i in plan.accepted]
             data = [view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in plan.accepted]
-            statuses = await self._call(self.tier.write, client.tier_id, seq, pages, data)
+            writing = self._writing.setdefault(client.tier_id, {})
+            for page in pages:
+                writing[page] = seq
             replaced = set(plan.replaced)
+            try:
+                statuses = await self._call(self.tier.write, client.tier_id, seq, pages, data)
+            except BaseException:  # cancelled (a reconnect superseded us) or a bug: nothing is kept
+                for i in plan.accepted:
+                    self._unrecord(client, plan.out, i, first + i, seq, PageStatus.REFUSED_TIER, i in replaced)
+                raise
+            finally:
+                for page in pages:
+                    if writing.get(page) == seq:
+                        del writing[page]
+                if not writing:
+                    self._writing.pop(client.tier_id, None)
             for i, status in zip(plan.accepted, statuses):
-                if status != PageStatus.STORED:
-                    self._unrecord(client, plan.out, i, first + i, seq, status, i in replaced)
-                    continue
                 slot = client.index.get(first + i)
-                if slot == NIL or client.seq_of[slot] != seq:  # forgotten while it was being written:
-                    self._forget(client, first + i, seq)  # its delete may have run before the write landed
+                if status == PageStatus.STORED and slot != NIL and client.seq_of[slot] == seq:
+                    continue
+                # Refused by the tier, or forgotten while it was written (a newer put from a
+                # connection that superseded this one): either way not ours to answer stored.
+                self._unrecord(client, plan.out, i, first + i, seq,
+                               status if status != PageStatus.STORED else PageStatus.REFUSED_TIER, i in replaced)
         return self.finish_put(client, plan)
+
+    def _being_written(self, client: ClientPages, page: int, seq: int) -> bool:
+        """Version ``seq`` of ``page`` is recorded and on its way to the tier, not there yet."""
+        return self._writing.get(client.tier_id, {}).get(page) == seq
 
     def _unrecord(self, client: ClientPages, out: bytearray, i: int, page: int, seq: int, status: PageStatus,
                   replaced: bool) -> None:
@@ -130,27 +152,32 @@ class TieredStore(Store):
 
     async def _read(self, client: ClientPages, pages: list[int], seqs: list[int]) -> list[bytes | None]:
         """The pages' data at those versions, asking again while the cluster settles;
-        RequestError once ``read_timeout`` has passed."""
-        deadline = trio.current_time() + self.tier.config.read_timeout
+        RequestError once ``read_timeout`` has passed, however long one attempt would take
+        (a read changes nothing: an attempt past the deadline is left to finish alone)."""
+        timeout = self.tier.config.read_timeout
         backoff = 0.05
-        while True:
-            try:
-                return await self._call(self.tier.read, client.tier_id, pages, seqs)
-            except TierUnavailable as exc:
-                if trio.current_time() + backoff > deadline:
-                    self.tier._count(TierCounter.READ_FAILURES)
-                    log.error("page tier: a read of %d pages of client %r gave up after %.0fs: %s", len(pages),
-                              client.name, self.tier.config.read_timeout, exc)
-                    raise RequestError(f"the page tier did not answer: {exc}") from None
-                self.tier._count(TierCounter.READ_RETRIES)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+        failure = "no answer"
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    return await trio.to_thread.run_sync(self.tier.read, client.tier_id, pages, seqs,
+                                                         limiter=self._limiter, abandon_on_cancel=True)
+                except TierUnavailable as exc:
+                    failure = str(exc)
+                    self.tier.count(TierCounter.READ_RETRIES)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+        self.tier.count(TierCounter.READ_FAILURES)
+        log.error("page tier: a read of %d pages of client %r gave up after %gs: %s", len(pages), client.name,
+                  timeout, failure)
+        raise RequestError(f"the page tier did not answer in {timeout:g}s: {failure}")
 
     def _lost(self, client: ClientPages, page: int, seq: int) -> None:
-        """The tier no longer has a version this store holds: say so once, and forget it."""
+        """The tier no longer has a version this store holds: say so once, and forget it.
+        (Not one on its way there: its put answers for it.)"""
         slot = client.index.get(page)
-        if slot != NIL and client.seq_of[slot] == seq:
-            self.tier._count(TierCounter.LOST)
+        if slot != NIL and client.seq_of[slot] == seq and not self._being_written(client, page, seq):
+            self.tier.count(TierCounter.LOST)
             log.error("page tier: page %d of client %r (version %d) is not in the cluster any more", page,
                       client.name, seq)
             self.drop(client, slot)
@@ -214,9 +241,9 @@ class TieredStore(Store):
             slot = client.lent_slot(page, seq)
             if slot == NIL:  # rewritten or dropped while we read
                 continue
-            if value is None:
+            if value is None or self._being_written(client, page, seq):  # not there, or not acknowledged yet
                 client.unlend(slot)
-                self._lost(client, page, seq)
+                self._lost(client, page, seq)  # unless it is still on its way there
                 continue
             kept_pages.append(page)
             kept_seqs.append(seq)
@@ -251,9 +278,12 @@ class TieredStore(Store):
             try:
                 await self.flush_deletes()
                 backoff = DELETE_INTERVAL
-            except TierUnavailable as exc:
-                self.tier._count(TierCounter.DELETE_RETRIES)
-                log.warning("page tier: deleting forgotten pages failed (%s); trying again", exc)
+            except Exception as exc:  # noqa: BLE001 - deletes wait; the store (and every page) must not go
+                self.tier.count(TierCounter.DELETE_RETRIES)
+                if isinstance(exc, TierUnavailable):
+                    log.warning("page tier: deleting forgotten pages failed (%s); trying again", exc)
+                else:
+                    log.exception("page tier: error while deleting forgotten pages; trying again")
                 self._wake.set()
                 backoff = min(backoff * 2, 2.0)
             await trio.sleep(backoff)

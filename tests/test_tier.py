@@ -6,6 +6,8 @@ memory; reads through a master's death."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,8 +20,9 @@ from redis.cluster import RedisCluster
 from hoststore.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
 from hoststore.policy import Limits
 from hoststore.redistier import RUN_PAGES, TierConfigError, TierCounter, connect, parse_tier
-from hoststore.store import HostCounter
+from hoststore.store import HostCounter, RequestError
 from hoststore.tieredstore import TieredStore
+from vswapctl import rediscluster
 
 from .rediscluster import LocalCluster
 from .test_store import hello, page
@@ -87,6 +90,39 @@ def test_hoststore_refuses_an_unreachable_cluster_before_listening(tmp_path) -> 
                            "redis-cluster://127.0.0.1:1", "--pressure-source", "psutil"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "does not go with --tier" in done.stderr
+
+
+def _our_nodes(directory: str) -> list[str]:
+    """redis-server processes started with files under ``directory``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if directory.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("trouble", ["a node that cannot start", "a busy cluster bus port"])
+def test_the_cluster_script_stops_what_it_started_when_up_fails(tmp_path, trouble: str) -> None:
+    reason = rediscluster.redis_missing()
+    if reason:
+        pytest.skip(reason)
+    directory = str(tmp_path / "rc")
+    base = rediscluster.free_base_port()
+    args = [rediscluster.SCRIPT, "up", directory, "--port", str(base)]
+    with socket.socket() as busy:
+        if trouble == "a busy cluster bus port":
+            busy.bind(("127.0.0.1", base + 10003))
+            busy.listen()
+        else:
+            args += ["--maxmemory", "bogus"]  # the nodes refuse it
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert ("in use" if trouble == "a busy cluster bus port" else "start failed; stopping") in done.stderr
+    assert _our_nodes(directory) == [] and not os.path.exists(directory)
 
 
 # -- a shared cluster ---------------------------------------------------------------------
@@ -269,6 +305,101 @@ async def test_tier_sweep_lists_and_deletes_what_a_dead_store_left(redis_cluster
     assert cli.main(["tier-sweep", cluster.address, store.instance]) == 0
     assert f"deleted 1 keys of store instance {store.instance}" in capsys.readouterr().out
     assert cluster.keys(f"vswap:{{{store.instance}.*") == 0
+
+
+async def test_a_page_on_its_way_to_the_cluster_is_neither_lost_nor_handed_back(
+        redis_cluster_session: LocalCluster) -> None:
+    """A hand-back that picks a page whose write is still in flight (its node paused)
+    finds nothing there yet: the page stays, its put answers stored, and it reads back."""
+    cluster = redis_cluster_session
+    store = make(cluster)
+    try:
+        client = attach(store)
+        for port in cluster.masters():
+            cluster.cli(port, "client", "pause", "700", "write")
+        async with trio.open_nursery() as nursery:
+            answers: list[bytes] = []
+
+            async def put() -> None:
+                answers.append(await store.put_async(client, Put(0, 1, data(0, 4, 1))))
+
+            nursery.start_soon(put)
+            await trio.sleep(0.2)  # recorded, the write waiting at the node
+            assert client.count == 4
+            assert await store.lend_async(client, HandBackCause.DRAIN, 256) is None
+            assert client.lent_count == 0 and client.count == 4
+        assert answers == [bytes(4)]
+        assert store.tier.counters[TierCounter.LOST] == 0
+        status, _, got = await read_back(store, client, 0, 4)
+        assert status == bytes(4) and got == data(0, 4, 1)
+    finally:
+        await store.aclose()
+
+
+async def test_a_put_cancelled_before_its_write_keeps_nothing(redis_cluster_session: LocalCluster) -> None:
+    """A reconnect cancels the old session's put while it waits for a worker: the
+    versions it recorded go, with the older ones they replaced."""
+    store = make(redis_cluster_session)
+    try:
+        client = attach(store)
+        assert await store.put_async(client, Put(0, 1, data(0, 4, 1))) == bytes(4)
+        store._limiter = trio.CapacityLimiter(1)
+        async with store._limiter:  # every worker busy
+            with trio.move_on_after(0.2):
+                await store.put_async(client, Put(0, 2, data(0, 8, 2)))
+        assert client.count == 0 and store.pages == 0
+        assert store.counters[HostCounter.REFUSED_TIER] == 8 and store.counters[HostCounter.STALE_DROPPED] == 4
+        status, _, _ = await read_back(store, client, 0, 8)
+        assert status == bytes([S.MISSING]) * 8
+    finally:
+        await store.aclose()
+
+
+async def test_reads_give_up_at_the_deadline_however_long_an_attempt_takes(
+        redis_cluster_session: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = make(redis_cluster_session, read_timeout=0.5)
+    try:
+        client = attach(store)
+        assert await store.put_async(client, Put(0, 1, data(0, 4, 1))) == bytes(4)
+        monkeypatch.setattr(store.tier, "read", lambda *a: time.sleep(3))  # a node that hangs
+        started = trio.current_time()
+        with pytest.raises(RequestError, match="did not answer in 0.5s"):
+            await read_back(store, client, 0, 4)
+        assert trio.current_time() - started < 1.5
+        assert store.tier.counters[TierCounter.READ_FAILURES] == 1
+        assert client.count == 4  # a page not read is not a page lost
+    finally:
+        await store.aclose()
+
+
+async def test_the_delete_loop_outlives_an_unexpected_error(redis_cluster_session: LocalCluster,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = redis_cluster_session
+    store = make(cluster)
+    real_delete = store.tier.delete
+    calls = []
+
+    def flaky(*args: object) -> int:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in a dependency")
+        return real_delete(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.tier, "delete", flaky)
+    try:
+        client = attach(store)
+        assert await store.put_async(client, Put(0, 1, data(0, 4, 1))) == bytes(4)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            assert store.invalidate(client, Invalidate(0, 4, 1)) == 4
+            with trio.fail_after(10):
+                while store._deletes:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert len(calls) >= 2 and store.tier.counters[TierCounter.DELETE_RETRIES] >= 1
+        assert fields(cluster, store, client, range(4)) == 0
+    finally:
+        await store.aclose()
 
 
 # -- a cluster of the test's own: a master dies ----------------------------------------------

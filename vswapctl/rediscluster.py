@@ -47,8 +47,12 @@ def free_base_port(start: int = 7100) -> int:
 def start(directory: str, maxmemory: str = "256mb") -> tuple[str, int]:
     """Start a cluster with its files in ``directory``: (its tier address, its first port)."""
     base = free_base_port()
-    done = subprocess.run([SCRIPT, "up", directory, "--port", str(base), "--maxmemory", maxmemory],
-                          capture_output=True, text=True, timeout=300)
+    try:
+        done = subprocess.run([SCRIPT, "up", directory, "--port", str(base), "--maxmemory", maxmemory],
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        stop(directory)
+        raise ClusterError("tools/redis-cluster.sh up did not finish in 300s") from None
     if done.returncode != 0:
         stop(directory)
         raise ClusterError(f"tools/redis-cluster.sh up failed: {done.stderr.strip()[-500:]}")
