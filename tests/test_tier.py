@@ -125,6 +125,19 @@ def test_the_cluster_script_stops_what_it_started_when_up_fails(tmp_path, troubl
     assert _our_nodes(directory) == [] and not os.path.exists(directory)
 
 
+@pytest.mark.parametrize("other, why", [
+    (["--host", "unix:/run/x.sock"], "--tier is for the hoststore up starts"),
+    (["--pressure-source", "file:/tmp/p"], "--pressure-source does not go with --tier"),
+])
+def test_up_refuses_a_tier_with_what_it_cannot_go_with(tmp_path, capsys: pytest.CaptureFixture[str],
+                                                        other: list[str], why: str) -> None:
+    from vswapctl import cli
+
+    argv = ["--state-dir", str(tmp_path / "state"), "up", "--size", "64M", "--tier", "redis-cluster://h:1", *other]
+    assert cli.main(argv) == 1
+    assert why in capsys.readouterr().err and not (tmp_path / "state").exists()
+
+
 # -- a shared cluster ---------------------------------------------------------------------
 
 
@@ -139,6 +152,9 @@ async def test_put_get_invalidate_against_the_cluster(redis_cluster_session: Loc
         status, seqs, got = await read_back(store, client, first, n)
         assert status == bytes(n) and set(seqs) == {5} and got == data(first, n, 1)
         assert fields(cluster, store, client, range(first, first + n)) == n
+        # A client's runs spread over every master; the pages of one run stay on one.
+        nodes = {store.tier._node_of(store.tier.key(client.tier_id, run)).name for run in range(16)}
+        assert len(nodes) == 3
         assert store.counters[HostCounter.ACCEPTED] == n and store.tier.counters[TierCounter.WRITTEN] == n
         # A newer version replaces; an older one is refused as outdated.
         assert await store.put_async(client, Put(first, 7, data(first, 10, 2))) == bytes(10)
