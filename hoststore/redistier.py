@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 
+from .address import parse_address
 from .counters import Counters
 from .logsetup import RateLimited
 from .messages import PAGE_SIZE, PageStatus
@@ -130,17 +131,15 @@ def parse_tier(text: str) -> TierConfig:
         raise TierConfigError(f"tier {text!r} is not {SCHEME}HOST:PORT[,HOST:PORT...]")
     nodes = []
     for part in text[len(SCHEME):].split(","):
-        host, sep, port_text = part.rpartition(":")
-        host = host.removeprefix("[").removesuffix("]")
-        if not sep or not host:
-            raise TierConfigError(f"tier node {part!r} is not HOST:PORT")
+        if not part:
+            raise TierConfigError(f"tier {text!r} has an empty node: each is HOST:PORT")
         try:
-            port = int(port_text)
-        except ValueError:
-            raise TierConfigError(f"tier node {part!r}: port {port_text!r} is not a number") from None
-        if not 0 < port <= 65535:
-            raise TierConfigError(f"tier node {part!r}: port {port} out of range")
-        nodes.append((host, port))
+            address = parse_address(f"tcp:{part}")
+        except ValueError as exc:
+            raise TierConfigError(f"tier node {part!r} is not HOST:PORT ({str(exc).replace('tcp:', '')})") from None
+        if not address.port:
+            raise TierConfigError(f"tier node {part!r}: port 0 out of range")
+        nodes.append((address.host, address.port))
     return TierConfig(tuple(nodes))
 
 
@@ -299,8 +298,7 @@ class RedisClusterTier:
 
         out: list[bytes | None] = [None] * len(pages)
         for batch, result in zip(batches, self._each_node(batches, work)):
-            failure = result if isinstance(result, BaseException) else next(
-                (r for r in result if isinstance(r, BaseException)), None)
+            failure = _failure(result)
             if failure is not None:
                 self.refresh()
                 raise TierUnavailable(f"node {batch.node.name}: {_why(failure)}")
@@ -328,8 +326,7 @@ class RedisClusterTier:
         deleted = 0
         failure: str | None = None
         for batch, result in zip(batches, self._each_node(batches, work)):
-            bad = result if isinstance(result, BaseException) else next(
-                (r for r in result if isinstance(r, BaseException)), None)
+            bad = _failure(result)
             if bad is not None:
                 failure = f"node {batch.node.name}: {_why(bad)}"
                 continue
@@ -352,8 +349,7 @@ class RedisClusterTier:
             return pipe.execute(raise_on_error=False)
 
         for batch, result in zip(batches, self._each_node(batches, work)):
-            bad = result if isinstance(result, BaseException) else next(
-                (r for r in result if isinstance(r, BaseException)), None)
+            bad = _failure(result)
             if bad is not None:
                 self.refresh()
                 raise TierUnavailable(f"node {batch.node.name}: {_why(bad)}")
@@ -473,6 +469,13 @@ def _outcome(work, batch: _NodeBatch):  # type: ignore[no-untyped-def]
         return work(batch)
     except FAILURES as exc:
         return exc
+
+
+def _failure(result: object) -> BaseException | None:
+    """What went wrong with a node's pipeline: its own exception, or its first failed command's."""
+    if isinstance(result, BaseException):
+        return result
+    return next((r for r in result if isinstance(r, BaseException)), None)  # type: ignore[attr-defined]
 
 
 def _why(exc: BaseException) -> str:

@@ -75,7 +75,7 @@ def test_parse_tier() -> None:
     assert str(parse_tier("redis-cluster://h:1")) == "redis-cluster://h:1"
     for bad, why in [("redis://h:1", "is not redis-cluster://"), ("redis-cluster://h", "is not HOST:PORT"),
                      ("redis-cluster://h:x", "not a number"), ("redis-cluster://h:0", "out of range"),
-                     ("redis-cluster://h:1,", "is not HOST:PORT")]:
+                     ("redis-cluster://h:1,", "has an empty node"), ("redis-cluster://h:70000", "out of range")]:
         with pytest.raises(TierConfigError, match=why):
             parse_tier(bad)
 
