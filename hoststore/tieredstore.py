@@ -59,7 +59,10 @@ class TieredStore(Store):
         super().__init__(*args, **kwargs)
         self.tier = tier
         self._ids = 0
-        self._limiter = trio.CapacityLimiter(16)
+        self._limiter = trio.CapacityLimiter(16)  # writes, deletes, upkeep
+        # Reads of their own: one abandoned at its deadline keeps its worker until its
+        # socket gives up, and must not hold up writes meanwhile.
+        self._read_limiter = trio.CapacityLimiter(16)
         self._deletes: list[tuple[int, int, int]] = []  # (tier id, page, version): to delete
         self._writing: dict[int, dict[int, int]] = {}  # tier id -> {page: version} of writes in flight
         self._drops: list[tuple[int, list[int]]] = []  # (tier id, runs): whole runs of clients gone
@@ -120,8 +123,8 @@ class TieredStore(Store):
                 for page in pages:
                     if writing.get(page) == seq:
                         del writing[page]
-                if not writing:
-                    self._writing.pop(client.tier_id, None)
+                if not writing and self._writing.get(client.tier_id) is writing:
+                    del self._writing[client.tier_id]
             for i, status in zip(plan.accepted, statuses):
                 slot = client.index.get(first + i)
                 if status == PageStatus.STORED and slot != NIL and client.seq_of[slot] == seq:
@@ -161,7 +164,7 @@ class TieredStore(Store):
             while True:
                 try:
                     return await trio.to_thread.run_sync(self.tier.read, client.tier_id, pages, seqs,
-                                                         limiter=self._limiter, abandon_on_cancel=True)
+                                                         limiter=self._read_limiter, abandon_on_cancel=True)
                 except TierUnavailable as exc:
                     failure = str(exc)
                     self.tier.count(TierCounter.READ_RETRIES)
@@ -198,11 +201,15 @@ class TieredStore(Store):
                 want.append(i)
                 seqs[i] = client.seq_of[slot]
         if want:
+            # A version on its way to the tier when the read leaves may not be there yet,
+            # and may be by the time the read is back: missing then, never lost.
+            in_flight = {i for i in want if self._being_written(client, pages[i], seqs[i])}
             found = await self._read(client, [pages[i] for i in want], [seqs[i] for i in want])
             stamp = self._next_stamp()
             for i, value in zip(want, found):
                 if value is None:
-                    self._lost(client, pages[i], seqs[i])
+                    if i not in in_flight:
+                        self._lost(client, pages[i], seqs[i])
                     seqs[i] = 0
                     continue
                 status[i] = PageStatus.STORED
@@ -224,7 +231,14 @@ class TieredStore(Store):
 
     async def lend_async(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
         """The oldest pages, read from the tier; pages it cannot give now stay stored."""
-        pages, seqs, _ = client.lend_oldest(limit, with_data=False)
+        lent_pages, lent_seqs, _ = client.lend_oldest(limit, with_data=False)
+        pages, seqs = array("Q"), array("Q")
+        for page, seq in zip(lent_pages, lent_seqs):
+            if self._being_written(client, page, seq):  # not acknowledged yet: not ours to hand back
+                client.unlend(client.lent_slot(page, seq))
+            else:
+                pages.append(page)
+                seqs.append(seq)
         if not pages:
             return None
         try:
@@ -241,9 +255,9 @@ class TieredStore(Store):
             slot = client.lent_slot(page, seq)
             if slot == NIL:  # rewritten or dropped while we read
                 continue
-            if value is None or self._being_written(client, page, seq):  # not there, or not acknowledged yet
+            if value is None:
                 client.unlend(slot)
-                self._lost(client, page, seq)  # unless it is still on its way there
+                self._lost(client, page, seq)
                 continue
             kept_pages.append(page)
             kept_seqs.append(seq)

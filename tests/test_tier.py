@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from array import array
 
@@ -349,6 +350,81 @@ async def test_a_page_on_its_way_to_the_cluster_is_neither_lost_nor_handed_back(
         status, _, got = await read_back(store, client, 0, 4)
         assert status == bytes(4) and got == data(0, 4, 1)
     finally:
+        await store.aclose()
+
+
+async def test_a_write_that_lands_while_a_hand_back_reads_is_not_taken_for_lost(
+        redis_cluster_session: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race a pause cannot order: the hand-back's read misses the page, the write
+    then lands and its put answers stored, and only then does the read come back."""
+    store = make(redis_cluster_session)
+    tier = store.tier
+    real_write, gate = tier.write, threading.Event()
+
+    def gated_write(*args):  # type: ignore[no-untyped-def]
+        gate.wait(5)
+        return real_write(*args)
+
+    def early_read(client_id, pages, seqs):  # type: ignore[no-untyped-def]
+        gate.set()  # the write goes on now...
+        time.sleep(0.3)  # ...and is answered before this read, which missed it
+        return [None] * len(pages)
+
+    monkeypatch.setattr(tier, "write", gated_write)
+    monkeypatch.setattr(tier, "read", early_read)
+    try:
+        client = attach(store)
+        answers: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def put() -> None:
+                answers.append(await store.put_async(client, Put(0, 1, data(0, 4, 1))))
+
+            nursery.start_soon(put)
+            await trio.sleep(0.1)
+            handback = await store.lend_async(client, HandBackCause.PRESSURE, 256)
+            gate.set()
+        assert handback is None and answers == [bytes(4)]
+        assert tier.counters[TierCounter.LOST] == 0 and client.count == 4 and client.lent_count == 0
+        monkeypatch.setattr(tier, "read", type(tier).read.__get__(tier))
+        status, _, got = await read_back(store, client, 0, 4)
+        assert status == bytes(4) and got == data(0, 4, 1)
+    finally:
+        await store.aclose()
+
+
+async def test_overlapping_puts_keep_each_others_writes_marked_in_flight(
+        redis_cluster_session: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An old session's put and a new session's put of the same page, then a put of
+    another page: the old put finishing last must not unmark the other page's write."""
+    store = make(redis_cluster_session)
+    real_write = store.tier.write
+    gates = {seq: threading.Event() for seq in (1, 2, 3)}
+
+    def gated_write(client_id, seq, pages, data):  # type: ignore[no-untyped-def]
+        gates[seq].wait(5)
+        return real_write(client_id, seq, pages, data)
+
+    monkeypatch.setattr(store.tier, "write", gated_write)
+    try:
+        client = attach(store)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.put_async, client, Put(0, 1, data(0, 1, 1)))  # the old session's
+            await trio.sleep(0.05)
+            nursery.start_soon(store.put_async, client, Put(0, 2, data(0, 1, 2)))  # the new session's
+            await trio.sleep(0.05)
+            gates[2].set()
+            await trio.sleep(0.3)
+            nursery.start_soon(store.put_async, client, Put(9, 3, data(9, 1, 3)))
+            await trio.sleep(0.05)
+            gates[1].set()
+            await trio.sleep(0.3)
+            assert store._being_written(client, 9, 3)
+            gates[3].set()
+        assert not store._writing
+    finally:
+        for gate in gates.values():
+            gate.set()
         await store.aclose()
 
 
