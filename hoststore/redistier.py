@@ -92,6 +92,7 @@ class TierCounter(enum.StrEnum):
 
     WRITTEN = "tier_written"  # pages a replica acknowledged
     REFUSED_REPLICATION = "tier_refused_replication"  # no replica acknowledged them in time
+    REFUSED_NO_REPLICA = "tier_refused_no_replica"  # their master has too few replicas: not even sent
     REFUSED_UNREACHABLE = "tier_refused_unreachable"  # their node did not answer, or had moved them
     REFUSED_OOM = "tier_refused_oom"  # their node answered OOM (at maxmemory)
     READ = "tier_read"
@@ -178,6 +179,7 @@ class RedisClusterTier:
         self._refreshed_at = 0.0
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tier")
         self.memory: list[NodeMemory] = []
+        self._replicas: dict[str, int] = {}  # master -> replicas connected, as its last INFO said
         self._cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
             socket_timeout=config.socket_timeout, socket_connect_timeout=min(config.socket_timeout, 0.5),
@@ -253,7 +255,20 @@ class RedisClusterTier:
             return pipe.execute(raise_on_error=False)
 
         refresh = False
-        for batch, result in zip(batches, self._each_node(batches, work)):
+        # A master left without enough replicas (its own died and it was promoted) would
+        # take each write and time out its WAIT: its pages are refused without the wait.
+        # (As its last INFO said; a master not polled yet is tried, and WAIT decides.)
+        for batch in [b for b in batches if self._replicas.get(b.node.name, replicas) < replicas]:
+            batches.remove(batch)
+            n = sum(len(items) for items in batch.items)
+            limited("no replica", logging.WARNING, "page tier: master %s has fewer than %d replica(s); refusing "
+                    "its pages", batch.node.name, replicas)
+            self.count(TierCounter.REFUSED_NO_REPLICA, n)
+            self.count(TierCounter.REFUSED_REPLICATION, n)
+            for items in batch.items:
+                for i in items:
+                    out[i] = PageStatus.REFUSED_REPLICATION
+        for batch, result in zip(batches, self._each_node(batches, work) if batches else []):
             n = sum(len(items) for items in batch.items)
             if isinstance(result, BaseException):
                 limited("write failed", logging.WARNING, "page tier: node %s failed a write (%s); refusing %d "
@@ -415,15 +430,17 @@ class RedisClusterTier:
                 self.count(TierCounter.FAILOVERS, moved)
 
     def poll_memory(self) -> list[NodeMemory]:
-        """INFO memory of every master; a master that does not answer is left out."""
+        """INFO memory (and replication: how many replicas each has) of every master; a
+        master that does not answer is left out."""
         out = []
         failed = False
         for node in self._cluster.get_primaries():
             try:
-                info = self._cluster.get_redis_connection(node).info("memory")
+                info = self._cluster.get_redis_connection(node).info("memory", "replication")
             except FAILURES:
                 failed = True
                 continue
+            self._replicas[node.name] = int(info.get("connected_slaves", 0))
             maxmemory = int(info.get("maxmemory", 0))
             limit = maxmemory or int(info.get("total_system_memory", 0))
             out.append(NodeMemory(node.name, int(info["used_memory"]), maxmemory, limit))

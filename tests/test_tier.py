@@ -515,12 +515,15 @@ async def test_reads_go_on_through_a_masters_death(redis_cluster: LocalCluster) 
         assert counters[TierCounter.READ_RETRIES] >= 1 and counters[TierCounter.FAILOVERS] >= 1
         assert counters[TierCounter.LOST] == 0
         cluster.wait_failover(victim)
+        store.tier.poll_memory()  # what the store's memory watch does ten times a second
         # The promoted master takes new pages (it has no replica left: they are refused, not lost).
         store.tier.config = dataclasses.replace(store.tier.config, wait_timeout=0.1)
         statuses = b"".join([await store.put_async(client, Put(first, 2, data(first, RUN_PAGES, 2)))
                              for first in range(0, n, RUN_PAGES)])
         assert set(statuses) <= {S.STORED, S.REFUSED_REPLICATION, S.REFUSED_TIER}
         assert S.STORED in set(statuses)
+        # The promoted master has no replica left: its pages are refused without a wait.
+        assert counters[TierCounter.REFUSED_NO_REPLICA] > 0
         status, seqs, got = await read_back(store, client, 0, n)
         for i in range(n):
             if statuses[i] == S.STORED:
