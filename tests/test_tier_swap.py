@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from .test_swap import pytestmark, stats, up, wait_until  # noqa: F401
+from .test_swap import pytestmark, stats, up, vswapctl, wait_until  # noqa: F401
 from .test_swap import state_dir  # noqa: F401 (the fixture)
 
 
@@ -51,3 +51,8 @@ def test_live_swap_on_the_cluster_survives_a_masters_sigkill(redis_cluster: Loca
     # here), though the store may accept them afterwards.
     late = fs["fallback_timeout"] + fs["fallback_unreachable"]
     assert fs["host_writes"] <= host["accepted"] <= fs["host_writes"] + late
+    # Down: swap off (pages come back from the cluster), then the store drains and, at
+    # exit, deletes every key it left.
+    done = vswapctl(state_dir, "down", timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert redis_cluster.keys("vswap:*") == 0
