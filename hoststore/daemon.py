@@ -313,7 +313,8 @@ def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: L
     if args.pressure_source is not None:
         ap.error("--pressure-source does not go with --tier: the cluster's memory is the pressure")
     if not args.tier_prefix or any(c in args.tier_prefix for c in "{}*?[]\\ "):
-        ap.error(f"--tier-prefix {args.tier_prefix!r} must be a non-empty name without braces, spaces, backslashes or globs")
+        ap.error(f"--tier-prefix {args.tier_prefix!r} must be a non-empty name without braces, spaces, "
+                 "backslashes or globs")
     config = replace(args.tier, replicas=args.tier_replicas, wait_timeout=args.tier_wait_timeout,
                      read_timeout=args.tier_read_timeout, prefix=args.tier_prefix)
     try:
