@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import resource
-import secrets
 import signal
 import sys
 from dataclasses import replace
@@ -26,7 +25,8 @@ from .policies import Policy, parse_policy
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
 from .messages import PAGE_SIZE
 from .pressure import Sampler, parse_source, read_psi, sample
-from .redistier import TierUnavailable, connect, parse_tier
+from .redistier import TierUnavailable, connect
+from .tierconfig import parse_tier
 from .server import Server, ServerConfig, fmt_pages, open_listener
 from .sizes import parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
@@ -318,11 +318,10 @@ def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: L
     config = replace(args.tier, replicas=args.tier_replicas, wait_timeout=args.tier_wait_timeout,
                      read_timeout=args.tier_read_timeout, prefix=args.tier_prefix)
     try:
-        tier = connect(config, secrets.token_hex(8))
+        tier = connect(config)
     except TierUnavailable as exc:
         raise SystemExit(f"hoststore: error: --tier: {exc}") from None
     store = TieredStore(limits, tier=tier, **options)
-    tier.instance = store.instance  # the keys name the store instance clients see
     log.info("pages go to the cluster at %s (%d masters; a replica must acknowledge each write within %gs)",
              config, len(tier.memory), config.wait_timeout)
     return store

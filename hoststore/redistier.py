@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 
-from .address import parse_address
 from .counters import Counters
 from .logsetup import RateLimited
 from .messages import PAGE_SIZE, PageStatus
 from .pressure import Snapshot
 from .slab import INDEX_SHIFT
+from .tierconfig import TierConfig
 
 log = logging.getLogger("hoststore")
 # What the cluster client raises when a node or the cluster fails us.
@@ -56,7 +56,6 @@ FAILURES = (RedisError, RedisClusterException, OSError)
 # A node that is down fails every batch: a few lines say so, not one per batch.
 limited = RateLimited(log)
 
-SCHEME = "redis-cluster://"
 RUN_SHIFT = INDEX_SHIFT  # 256 pages per run: the store's index blocks, so its blocks name its runs
 RUN_PAGES = 1 << RUN_SHIFT
 SEQ_DIGITS = 16  # the version, in hex, before each page's data
@@ -107,41 +106,6 @@ class TierCounter(enum.StrEnum):
 
 class TierUnavailable(Exception):
     """A node could not be reached, or no longer serves the slot (try again after a refresh)."""
-
-
-class TierConfigError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class TierConfig:
-    nodes: tuple[tuple[str, int], ...]
-    replicas: int = 1  # replicas that must acknowledge a write
-    wait_timeout: float = 0.5  # seconds: how long a write waits for them
-    read_timeout: float = 20.0  # seconds: how long a read keeps trying (a failover takes a few)
-    prefix: str = "vswap"
-    socket_timeout: float = 5.0
-
-    def __str__(self) -> str:
-        return SCHEME + ",".join(f"{h}:{p}" for h, p in self.nodes)
-
-
-def parse_tier(text: str) -> TierConfig:
-    """``redis-cluster://HOST:PORT[,HOST:PORT...]``; TierConfigError names the problem."""
-    if not text.startswith(SCHEME):
-        raise TierConfigError(f"tier {text!r} is not {SCHEME}HOST:PORT[,HOST:PORT...]")
-    nodes = []
-    for part in text[len(SCHEME):].split(","):
-        if not part:
-            raise TierConfigError(f"tier {text!r} has an empty node: each is HOST:PORT")
-        try:
-            address = parse_address(f"tcp:{part}")
-        except ValueError as exc:
-            raise TierConfigError(f"tier node {part!r} is not HOST:PORT ({str(exc).replace('tcp:', '')})") from None
-        if not address.port:
-            raise TierConfigError(f"tier node {part!r}: port 0 out of range")
-        nodes.append((address.host, address.port))
-    return TierConfig(tuple(nodes))
 
 
 def encode_seq(seq: int) -> bytes:
@@ -249,7 +213,7 @@ class RedisClusterTier:
                 args: list[bytes] = []
                 for i in items:
                     args.append(b"%d" % (pages[i] & (RUN_PAGES - 1)))
-                    args.append(prefix + bytes(data[i]))
+                    args.append(prefix + data[i])  # one copy: into the command
                 pipe.execute_command("EVAL", _PUT, 1, key, *args)
             pipe.execute_command("WAIT", replicas, wait_ms)
             return pipe.execute(raise_on_error=False)
@@ -299,7 +263,7 @@ class RedisClusterTier:
             self.refresh()
         return out
 
-    def read(self, client: int, pages: Sequence[int], seqs: Sequence[int]) -> list[bytes | None]:
+    def read(self, client: int, pages: Sequence[int], seqs: Sequence[int]) -> list[memoryview | None]:
         """Each page's data where the cluster holds exactly version ``seqs[i]``, else
         None.  Raises TierUnavailable if a node did not answer (nothing is lost by
         asking again once the cluster has settled)."""
@@ -311,7 +275,7 @@ class RedisClusterTier:
                 pipe.execute_command("HMGET", key, *(b"%d" % (pages[i] & (RUN_PAGES - 1)) for i in items))
             return pipe.execute(raise_on_error=False)
 
-        out: list[bytes | None] = [None] * len(pages)
+        out: list[memoryview | None] = [None] * len(pages)
         for batch, result in zip(batches, self._each_node(batches, work)):
             failure = _failure(result)
             if failure is not None:
@@ -320,7 +284,7 @@ class RedisClusterTier:
             for items, values in zip(batch.items, result):
                 for i, value in zip(items, values):
                     if value is not None and len(value) == VALUE_SIZE and value[:SEQ_DIGITS] == encode_seq(seqs[i]):
-                        out[i] = value[SEQ_DIGITS:]
+                        out[i] = memoryview(value)[SEQ_DIGITS:]  # no copy; the caller copies once
         self.count(TierCounter.READ, sum(v is not None for v in out))
         return out
 
@@ -499,8 +463,9 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def connect(config: TierConfig, instance: str) -> RedisClusterTier:
-    """A tier on a reachable cluster; TierUnavailable names why not."""
+def connect(config: TierConfig, instance: str = "") -> RedisClusterTier:
+    """A tier on a reachable cluster; TierUnavailable names why not.  ``instance``: the
+    store whose keys it reads and writes (a TieredStore sets its own)."""
     try:
         tier = RedisClusterTier(config, instance)
         tier.poll_memory()

@@ -58,6 +58,7 @@ class TieredStore(Store):
         kwargs.setdefault("sampler", Sampler(0.0, source=tier.snapshot))
         super().__init__(*args, **kwargs)
         self.tier = tier
+        tier.instance = self.instance  # every key names the store instance its clients see
         self._ids = 0
         self._limiter = trio.CapacityLimiter(16)  # writes, deletes, upkeep
         # Reads of their own: one abandoned at its deadline keeps its worker until its
@@ -153,7 +154,7 @@ class TieredStore(Store):
         else:
             self._forget(client, page, seq)
 
-    async def _read(self, client: ClientPages, pages: list[int], seqs: list[int]) -> list[bytes | None]:
+    async def _read(self, client: ClientPages, pages: list[int], seqs: list[int]) -> list[memoryview | None]:
         """The pages' data at those versions, asking again while the cluster settles;
         RequestError once ``read_timeout`` has passed, however long one attempt would take
         (a read changes nothing: an attempt past the deadline is left to finish alone)."""

@@ -55,8 +55,13 @@ class LocalCluster:
             self.cli(port, "config", "set", "maxmemory", value)
 
     def keys(self, pattern: str = "*") -> int:
-        return sum(int(self.cli(p, "eval", f"return #redis.call('keys', '{pattern}')", "0").strip() or 0)
-                   for p in self.masters())
+        """Keys matching ``pattern`` on every serving master; an answer that is not a
+        count fails (a zero must mean no key, not no answer)."""
+        masters = self.masters()
+        assert len(masters) == 3, f"the cluster serves from {masters}"
+        counts = [self.cli(p, "eval", f"return #redis.call('keys', '{pattern}')", "0").strip() for p in masters]
+        assert all(c.isdigit() for c in counts), counts
+        return sum(map(int, counts))
 
     def wait_failover(self, dead: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

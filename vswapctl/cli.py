@@ -37,7 +37,7 @@ def say(message: str) -> None:
 
 
 def _tier(text: str) -> str:
-    from hoststore.redistier import parse_tier
+    from hoststore.tierconfig import parse_tier
 
     parse_tier(text)  # what is wrong with it, before anything starts
     return text
@@ -793,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--json", action="store_true")
     mem.set_defaults(func=cmd_membench)
 
-    from hoststore.redistier import parse_tier
+    from hoststore.tierconfig import parse_tier
 
     sw = sub.add_parser("tier-sweep", help="list or delete what stores left in a Redis Cluster page tier",
                         description="Without INSTANCE: list the store instances that have keys in the cluster, "
