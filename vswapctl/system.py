@@ -1,12 +1,12 @@
 """The system side of a swap device: commands, loop devices, swap, mounts.
 
 Everything here reads /proc and /sys rather than probing block devices: once a
-loop device hangs, ``swapon --show``, ``blkid`` and ``lsblk -f`` hang with it
-(HAZARDS.md, item 3).  Nothing here resolves a path at or below a vswapfs
-mount point either: a ``stat`` there (``realpath`` does one) is a request to
-vswapfs, which may be stopped.  Paths are resolved once, by ``up``, before
-anything is mounted, and compared as strings afterwards.  Every command gets an
-explicit device and a timeout that really bounds it.
+loop device hangs, ``swapon --show``, ``blkid`` and ``lsblk -f`` hang with it.
+Nothing here resolves a path at or below a vswapfs mount point either: a
+``stat`` there (``realpath`` does one) is a request to vswapfs, which may be
+stopped.  Paths are resolved once, by ``up``, before anything is mounted, and
+compared as strings afterwards.  Every command gets an explicit device and a
+timeout that really bounds it.
 """
 
 from __future__ import annotations
