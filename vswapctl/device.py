@@ -9,8 +9,9 @@ when RAM cannot take the pages back), everything is left running and
 
 ``up`` checks everything it can before it changes anything, records each step
 in the state directory as it completes it, and if a later step fails undoes
-exactly the steps it completed, in reverse order.  Daemons are known by pid and
-start time (``vswapctl.procs``): nothing but the process ``up`` started is ever
+exactly the steps it completed, in reverse order.  Daemons are started
+isolated, in ``/`` (``vswapctl.launch``), and known by pid and start time
+(``vswapctl.procs``): nothing but the process ``up`` started is ever
 signalled.  util-linux's ``losetup``, ``mkswap``, ``swapon`` and ``swapoff``
 are run through PATH, so that users' wrappers (and tests) can stand in for them.
 """
@@ -22,7 +23,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from hoststore.address import INPROC
 from hoststore.sizes import format_size
 
-from . import system
+from . import launch, system
 from .procs import ProcessId
 from .state import State, StateLock
 
@@ -192,6 +192,7 @@ class Undo:
 
 
 def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
+    state_dir = os.path.abspath(state_dir)  # the daemons run in /: every path they get is absolute
     with StateLock(state_dir):
         old = State.load(state_dir)
         if old is not None:
@@ -265,14 +266,15 @@ def _make_places(state: State, cfg: UpConfig, undo: Undo) -> None:
             os.close(fd)
 
 
-def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
-    """A daemon in a session of its own, and out of the caller's memory cgroup: a
-    memory limit on whoever ran up must never push a swap daemon into swap or OOM."""
+def _spawn(module: str, args: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    """``python -m module args`` as a daemon: isolated and in / (no code from the caller's
+    directory: ``vswapctl.launch``), in a session of its own, and out of the caller's memory
+    cgroup (a memory limit on whoever ran up must never push a swap daemon into swap or OOM)."""
     from .cgroup import leave_memory_limit
 
     with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                preexec_fn=leave_memory_limit)
+        return launch.popen(module, *args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            start_new_session=True, preexec_fn=leave_memory_limit)
 
 
 def _log_tail(path: str, lines: int = 5) -> str:
@@ -323,14 +325,14 @@ def _store_pid(socket_path: str) -> int | None:
 
 
 def _start_hoststore(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
-    argv = [sys.executable, "-m", "hoststore", "--listen", f"unix:{state.socket}", "--capacity", str(cfg.capacity)]
+    argv = ["--listen", f"unix:{state.socket}", "--capacity", str(cfg.capacity)]
     if cfg.pressure_source:
         argv += ["--pressure-source", cfg.pressure_source]
     argv += cfg.extra_hoststore
     if cfg.verbose:
         argv.append("-v")
     undo.push("stop hoststore", lambda: _stop_hoststore(state, say))
-    proc = _spawn(argv, state.log("hoststore"))
+    proc = _spawn("hoststore", argv, state.log("hoststore"))
     ident = _identify(proc, "hoststore")
     state.hoststore = ident.to_dict()
     state.host = f"unix:{state.socket}"
@@ -349,8 +351,7 @@ def _vswapfs_stats(state: State, timeout: float = 1.0) -> dict[str, object] | No
 
 
 def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
-    argv = [sys.executable, "-m", "vswapfs", state.mountpoint, "--backing", state.backing, "--host", state.host,
-            "--control", state.control]
+    argv = [state.mountpoint, "--backing", state.backing, "--host", state.host, "--control", state.control]
     if cfg.size:
         argv += ["--size", str(cfg.size)]
     if cfg.writethrough:
@@ -364,7 +365,7 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
     if cfg.verbose:
         argv.append("-v")
     undo.push("stop vswapfs", lambda: _stop_vswapfs(state, say))
-    proc = _spawn(argv, state.log("vswapfs"))
+    proc = _spawn("vswapfs", argv, state.log("vswapfs"))
     ident = _identify(proc, "vswapfs")
     state.vswapfs = ident.to_dict()
     state.save()
