@@ -156,6 +156,36 @@ def test_a_second_up_is_refused_and_the_backing_file_is_locked(state_dir: str, d
 
 
 @needs_root_fuse
+def test_two_ups_racing_for_one_mountpoint_make_one_device(disk_dir: str) -> None:
+    """Two state directories, one mount point, started at once: without the mount point's lock
+    both passed the "not mounted" check and stacked two mounts there (and, with swap, both
+    loop devices on the top one).  Exactly one comes up; the other fails and leaves nothing
+    behind: no state, no backing file, no daemon, no second mount."""
+    mnt = os.path.join(disk_dir, "shared-mnt")
+    dirs = [os.path.join(disk_dir, f"state-{i}") for i in (0, 1)]
+    backings = [os.path.join(disk_dir, f"backing-{i}") for i in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-m", "vswapctl", "--state-dir", d, "up", "--no-swap", "--size", "16M",
+                               "--capacity", "4M", "--backing", b, "--mountpoint", mnt],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for d, b in zip(dirs, backings)]
+    try:
+        results = [proc.communicate(timeout=120) for proc in procs]
+        codes = [proc.returncode for proc in procs]
+        assert sorted(codes) == [0, 1], results
+        winner, loser = codes.index(0), codes.index(1)
+        error = results[loser][1]
+        assert "another vswapctl is bringing a device up at" in error or "already mounted" in error, error
+        assert State.load(dirs[loser]) is None and not os.path.exists(backings[loser])
+        assert "pid" not in results[loser][0]  # it started no daemon
+        assert system.mount_devices(mnt) == [State.load(dirs[winner]).mount_dev]
+    finally:
+        for d in dirs:
+            if State.load(d) is not None:
+                vswapctl(d, "down")
+    assert system.mount_devices(mnt) == []
+
+
+@needs_root_fuse
 def test_up_runs_no_code_from_the_directory_it_is_run_in(state_dir: str, disk_dir: str, tmp_path) -> None:
     """Root runs `vswapctl up` where an argparse.py and a trio.py lie: neither runs in either
     daemon (`python -m` there had put that directory first on the daemons' path); the daemons

@@ -79,15 +79,20 @@ def mount_type(target: str) -> str | None:
     return found
 
 
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def mount_devices(target: str, mountinfo: str = MOUNTINFO) -> list[str]:
+    """``major:minor`` of every mount exactly at ``target``, in mount order: the last is on top."""
+    with open(mountinfo) as f:
+        rows = [line.split() for line in f]
+    return [parts[2] for parts in rows if len(parts) > 4 and _unescape(parts[4]) == target]
+
+
 def mount_device(target: str) -> str | None:
-    """``major:minor`` of what is mounted exactly at ``target`` (from mountinfo), if anything."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 4 and _unescape(parts[4]) == target:
-                found = parts[2]
-    return found
+    """``major:minor`` of what is mounted exactly at ``target`` (the top mount), if anything."""
+    devices = mount_devices(target)
+    return devices[-1] if devices else None
 
 
 def mounts_under(directory: str) -> list[str]:
