@@ -219,6 +219,22 @@ def test_up_checks_the_mount_point_only_while_holding_its_lock(tmp_path, monkeyp
     assert calls == ["locked"] and State.load(str(tmp_path / "b")) is None
 
 
+def test_up_refuses_a_user_other_than_root_before_taking_the_mount_points_lock(tmp_path, monkeypatch) -> None:
+    """Only root can take the lock (in /run/vswapfs): anyone else is told up needs root,
+    not that a lock file could not be made."""
+    monkeypatch.setattr(state, "MOUNT_LOCK_DIR", str(tmp_path / "locks"))
+    state_dir = tmp_path / "st"
+    state_dir.mkdir(mode=0o700)
+    if os.geteuid() == 0:  # play a user: the state directory is theirs, as their own up would make it
+        os.chown(state_dir, 65534, -1)
+        monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    cfg = device.UpConfig(size=1 << 20, backing=str(tmp_path / "backing"), mountpoint=str(tmp_path / "mnt"),
+                          capacity=1 << 20)
+    with pytest.raises(device.UpFailed, match="up needs root"):
+        device.bring_up(str(state_dir), cfg, lambda message: None)
+    assert not (tmp_path / "locks").exists()
+
+
 # -- 9: the mount losetup will use is our vswapfs's ------------------------------------------------
 
 
