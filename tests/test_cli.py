@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -133,28 +136,142 @@ def test_membench_reports_the_memory_of_both_daemons() -> None:
     assert report["packed"]["shared_reads"] > 0 and report["packed_no_shared_memory"]["shared_reads"] == 0
 
 
-def test_bootstrap_says_one_line_per_step_and_names_its_log_when_a_step_fails(tmp_path) -> None:
-    """A failing step (here: making the venv, with a python whose venv module fails)
-    stops bootstrap with the step, the log's path and the end of that log."""
-    import shutil
-    import subprocess
-    import sys
+# -- tools/bootstrap.sh, on stand-ins: nothing is installed, no venv is made -----------------------
 
-    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tree = tmp_path / "tree"
-    (tree / "tools").mkdir(parents=True)
-    (tree / "patches").mkdir()
-    shutil.copy(os.path.join(top, "tools", "bootstrap.sh"), tree / "tools")
-    for name in ("setup.cfg", "pyproject.toml"):
-        shutil.copy(os.path.join(top, name), tree)
-    stub = tmp_path / "python"
-    stub.write_text(f"#!/bin/sh\nif [ \"$1\" = -m ] && [ \"$2\" = venv ]; then echo 'venv exploded'; exit 3; fi\n"
-                    f"exec {sys.executable} \"$@\"\n")
-    stub.chmod(0o755)
-    done = subprocess.run(["bash", str(tree / "tools" / "bootstrap.sh")], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHON": str(stub), "TMPDIR": str(tmp_path)})
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOBODY = 65534
+# python as bootstrap calls it: its checks pass; `-m venv DIR` fails ("venv exploded") or, with
+# VENV=ok, makes DIR/bin/python a copy of this stand-in, whose `-m pip ...` installs nothing.
+PYTHON_STAND_IN = """#!/bin/sh
+if [ "$1" = -m ] && [ "$2" = venv ]; then
+  [ "$VENV" = ok ] || { echo 'venv exploded'; exit 3; }
+  mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && exit 0
+fi
+[ "$1" = --version ] && echo 'Python 3.11.9'
+[ "$1" = -m ] && echo "stand-in: python $*"
+exit 0
+"""
+# What bootstrap looks for or runs besides python: present, and doing nothing.
+STAND_INS = ("fusermount3", "pkg-config", "losetup", "mkswap", "gcc", "patch", "redis-server", "apt-get", "tar")
+
+
+def bootstrap_tree(base: str, name: str) -> str:
+    """A checkout as far as bootstrap reads it."""
+    tree = os.path.join(base, name)
+    os.makedirs(os.path.join(tree, "tools"))
+    shutil.copytree(os.path.join(TOP, "patches"), os.path.join(tree, "patches"))
+    shutil.copy(os.path.join(TOP, "tools", "bootstrap.sh"), os.path.join(tree, "tools"))
+    for file in ("setup.cfg", "pyproject.toml"):
+        shutil.copy(os.path.join(TOP, file), tree)
+    return tree
+
+
+def stand_ins(base: str) -> dict[str, str]:
+    """bootstrap's environment: PATH finds the stand-ins first, PYTHON is one."""
+    bin_dir = os.path.join(base, "bin")
+    os.makedirs(bin_dir)
+    for name, text in [("python", PYTHON_STAND_IN), *((n, f"#!/bin/sh\necho 'stand-in: {n}'\n") for n in STAND_INS)]:
+        with open(os.path.join(bin_dir, name), "w") as f:
+            f.write(text)
+        os.chmod(os.path.join(bin_dir, name), 0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": os.path.join(bin_dir, "python"), "HOME": "/",
+            "LANG": "C.UTF-8"}
+
+
+def bootstrap(tree: str, env: dict[str, str], tmpdir: str, venv: str = "fail",
+              user: int | None = None) -> subprocess.CompletedProcess[str]:
+    """tools/bootstrap.sh in ``tree``, with TMPDIR=``tmpdir``, as ``user`` (default: us)."""
+    as_user = [] if user is None else ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+    return subprocess.run([*as_user, "bash", os.path.join(tree, "tools", "bootstrap.sh")], capture_output=True,
+                          text=True, timeout=120, env={**env, "TMPDIR": tmpdir, "VENV": venv})
+
+
+def named_log(done: subprocess.CompletedProcess[str]) -> str:
+    """The log a failed bootstrap names: `bootstrap: failed: STEP (its output: LOG)`."""
+    failed = [line for line in done.stderr.splitlines() if line.startswith("bootstrap: failed:")]
+    assert len(failed) == 1 and failed[0].endswith(")"), done.stderr
+    return failed[0].rsplit("(its output: ", 1)[1][:-1]
+
+
+def logs_in(directory: str) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith("vswapfs-bootstrap"))
+
+
+def test_bootstrap_says_one_line_per_step_and_names_its_log_when_a_step_fails(tmp_path) -> None:
+    """A failing step (here: making the venv) stops bootstrap with the step, its own private
+    log's path and the end of that log."""
+    tree, env = bootstrap_tree(str(tmp_path), "tree"), stand_ins(str(tmp_path))
+    done = bootstrap(tree, env, str(tmp_path))
     assert done.returncode == 1 and done.stdout == ""
     lines = done.stderr.splitlines()
     assert lines[0] == f"bootstrap: creating {tree}/.venv"
-    assert lines[1].startswith("bootstrap: failed:") and str(tmp_path / "vswapfs-bootstrap.log") in lines[1]
-    assert "venv exploded" in done.stderr
+    assert lines[1].startswith("bootstrap: failed:") and "venv exploded" in done.stderr
+    log = named_log(done)
+    assert os.path.dirname(log) == str(tmp_path) and logs_in(str(tmp_path)) == [os.path.basename(log)]
+    st = os.stat(log)
+    assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o600
+    with open(log) as f:
+        assert "venv exploded" in f.read()
+
+
+def test_bootstrap_leaves_no_log_behind_when_every_step_succeeds(tmp_path) -> None:
+    tree, env = bootstrap_tree(str(tmp_path), "tree"), stand_ins(str(tmp_path))
+    done = bootstrap(tree, env, str(tmp_path), venv="ok")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"{tree}/.venv/bin/python"
+    assert "installing trio, then vswapfs" in done.stderr
+    assert logs_in(str(tmp_path)) == []
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory like /tmp (world-writable, sticky) under a base other users can enter."""
+    base = tempfile.mkdtemp(prefix="vswapfs-bootstrap-test-")
+    os.chmod(base, 0o755)
+    shared = os.path.join(base, "tmp")
+    os.mkdir(shared)
+    os.chmod(shared, 0o1777)
+    try:
+        yield base, shared
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run bootstrap as root and then as nobody")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv (util-linux) to run as nobody")
+@pytest.mark.skipif(not os.path.exists("/usr/include/fuse3/fuse_lowlevel.h"),
+                    reason="no libfuse3-dev: bootstrap as nobody would stop at the missing package")
+def test_a_second_user_bootstraps_after_root_did_and_no_log_name_can_be_planted(shared_tmp) -> None:
+    """Root ran bootstrap (once well, once failing) in a shared TMPDIR where another user had
+    planted a link at the log's old fixed name; then that user runs it: root never wrote
+    through the link, and the user gets a log of their own instead of "Permission denied"."""
+    base, shared = shared_tmp
+    env = stand_ins(base)
+    victim = os.path.join(base, "victim")
+    with open(victim, "w") as f:
+        f.write("root's file\n")
+    planted = os.path.join(shared, "vswapfs-bootstrap.log")
+    os.symlink(victim, planted)
+    os.lchown(planted, NOBODY, NOBODY)
+
+    assert bootstrap(bootstrap_tree(base, "root-ok"), env, shared, venv="ok").returncode == 0
+    root_failed = bootstrap(bootstrap_tree(base, "root-failing"), env, shared)
+    root_log = named_log(root_failed)
+    with open(victim) as f:
+        assert f.read() == "root's file\n"
+
+    users = bootstrap_tree(base, "users")
+    for path in [users, *(os.path.join(d, n) for d, dirs, files in os.walk(users) for n in dirs + files)]:
+        os.lchown(path, NOBODY, NOBODY)
+    done = bootstrap(users, env, shared, user=NOBODY)
+    assert done.returncode == 1 and "Permission denied" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[0] == f"bootstrap: creating {users}/.venv"
+    log = named_log(done)
+    assert log != root_log and os.path.dirname(log) == shared
+    st = os.stat(log)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o600)
+    with open(log) as f:
+        assert "venv exploded" in f.read()
+    assert logs_in(shared) == sorted([os.path.basename(planted), os.path.basename(root_log), os.path.basename(log)])
+    assert os.stat(root_log).st_uid == 0
+

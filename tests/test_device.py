@@ -156,6 +156,59 @@ def test_a_second_up_is_refused_and_the_backing_file_is_locked(state_dir: str, d
 
 
 @needs_root_fuse
+def test_two_ups_racing_for_one_mountpoint_make_one_device(disk_dir: str) -> None:
+    """Two state directories, one mount point, started at once: without the mount point's lock
+    both passed the "not mounted" check and stacked two mounts there (and, with swap, both
+    loop devices on the top one).  Exactly one comes up; the other fails and leaves nothing
+    behind: no state, no backing file, no daemon, no second mount."""
+    mnt = os.path.join(disk_dir, "shared-mnt")
+    dirs = [os.path.join(disk_dir, f"state-{i}") for i in (0, 1)]
+    backings = [os.path.join(disk_dir, f"backing-{i}") for i in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-m", "vswapctl", "--state-dir", d, "up", "--no-swap", "--size", "16M",
+                               "--capacity", "4M", "--backing", b, "--mountpoint", mnt],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for d, b in zip(dirs, backings)]
+    try:
+        results = [proc.communicate(timeout=120) for proc in procs]
+        codes = [proc.returncode for proc in procs]
+        assert sorted(codes) == [0, 1], results
+        winner, loser = codes.index(0), codes.index(1)
+        error = results[loser][1]
+        assert "another vswapctl is bringing a device up at" in error or "already mounted" in error, error
+        assert State.load(dirs[loser]) is None and not os.path.exists(backings[loser])
+        assert "pid" not in results[loser][0]  # it started no daemon
+        assert system.mount_devices(mnt) == [State.load(dirs[winner]).mount_dev]
+    finally:
+        for d in dirs:
+            if State.load(d) is not None:
+                vswapctl(d, "down")
+    assert system.mount_devices(mnt) == []
+
+
+@needs_root_fuse
+def test_up_runs_no_code_from_the_directory_it_is_run_in(state_dir: str, disk_dir: str, tmp_path) -> None:
+    """Root runs `vswapctl up` where an argparse.py and a trio.py lie: neither runs in either
+    daemon (`python -m` there had put that directory first on the daemons' path); the daemons
+    run in /.  vswapctl itself runs as its console script does, from its own directory."""
+    from vswapctl import launch
+
+    marker, work = tmp_path / "MARKER", tmp_path / "work"
+    work.mkdir()
+    for name in ("argparse", "trio"):
+        (work / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name} ran\\n')\n")
+    done = subprocess.run(launch.module_argv("vswapctl", "--state-dir", state_dir, "up", "--no-swap", "--size", "16M",
+                                             "--capacity", "4M", "--backing", os.path.join(disk_dir, "backing")),
+                          cwd=work, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = State.load(state_dir)
+    for ident in (state.vswapfs_id, state.hoststore_id):
+        assert os.readlink(f"/proc/{ident.pid}/cwd") == "/"
+    assert not marker.exists(), marker.read_text()
+    assert vswapctl(state_dir, "down").returncode == 0
+    assert not marker.exists(), marker.read_text()
+
+
+@needs_root_fuse
 def test_status_answers_in_time_when_vswapfs_is_stopped(state_dir: str, disk_dir: str) -> None:
     done = up_no_swap(state_dir, disk_dir)
     assert done.returncode == 0, done.stdout + done.stderr

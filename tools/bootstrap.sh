@@ -11,11 +11,15 @@ py=${PYTHON:-python3}
 
 log() { echo "bootstrap: $*" >&2; }
 # One line per step here; what the package managers print goes to this log,
-# which is named (and its end shown) if a step fails.
-logfile="${TMPDIR:-/tmp}/vswapfs-bootstrap.log"
-: > "$logfile"
+# which is named (and its end shown) if a step fails, and removed if none does.
+# A fresh file of our own (mktemp: mode 0600, a name nobody could have taken or
+# linked beforehand), so that users who share a machine never share a log.
+logfile=$(mktemp "${TMPDIR:-/tmp}/vswapfs-bootstrap.XXXXXXXX")
+keep_log=0
+trap '[ "$keep_log" = 1 ] || rm -f "$logfile"' EXIT
 quiet() {
   "$@" >>"$logfile" 2>&1 || {
+    keep_log=1
     log "failed: $* (its output: $logfile)"
     tail -n 15 "$logfile" | grep -v '^WARNING: Location' >&2 || true
     exit 1

@@ -9,7 +9,8 @@ top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=$("$top/tools/bootstrap.sh" | tail -n 1)
 export VSWAPFS_STATE_DIR=${VSWAPFS_STATE_DIR:-/run/vswapfs-demo}
 backing=${DEMO_BACKING:-/var/tmp/vswapfs-demo/backing}
-vswapctl() { "$python" -m vswapctl "$@"; }
+# -I: nothing in the directory the demo is run from (as root) is imported.
+vswapctl() { "$python" -I -m vswapctl "$@"; }
 step() { printf '\n== %s\n' "$*"; }
 
 # Remove the backing file afterwards if the demo created it.
@@ -31,7 +32,7 @@ vswapctl workload --size 256M --limit 64M
 step "vswapctl status  (the workload has exited: discard gave its pages back)"
 vswapctl status
 step "where the workload's pages went"
-STATS=$(vswapctl stats --json) "$python" - <<'PY'
+STATS=$(vswapctl stats --json) "$python" -I - <<'PY'
 import json, os
 fs = json.loads(os.environ["STATS"])["vswapfs"]
 print("written to the host store: %(host_writes)d pages, to the backing file: %(backing_writes)d pages" % fs)

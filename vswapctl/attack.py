@@ -41,6 +41,7 @@ from hoststore.messages import (
     Welcome,
 )
 
+from . import launch
 from .benchstore import bench_store
 
 # Hostile connections by kind; 50 in all.
@@ -278,9 +279,9 @@ def run(seconds: float = 10.0, hello_timeout: float = 2.0, kinds: dict[str, int]
             base = trio.run(_good_client, address, seconds)
             rss_before = _rss_kib(store.pid)
             kinds = kinds or KINDS
-            attacker = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "vswapctl.attack", "127.0.0.1",
-                                         str(port), str(seconds + 4), json.dumps(kinds)],
-                                        stdout=subprocess.PIPE, text=True)
+            attacker = subprocess.Popen(["nice", "-n", "19", *launch.module_argv(
+                "vswapctl.attack", "127.0.0.1", str(port), str(seconds + 4), json.dumps(kinds))],
+                cwd=launch.WORKDIR, stdout=subprocess.PIPE, text=True)
             time.sleep(2.0)  # every kind of attack under way
             cpu_start, wall_start = (_cpu_seconds(store.pid), _cpu_seconds(attacker.pid)), time.monotonic()
             attacked = trio.run(_good_client, address, seconds)

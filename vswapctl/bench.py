@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import benchreport, cgroup, system
+from . import benchreport, cgroup, launch, system
 from .benchtargets import (
     TARGETS,
     BenchError,
@@ -132,8 +131,8 @@ def run_workload(size: int, limit: int, data: str) -> dict[str, float]:
     """The workload in a fresh memory cgroup of ``limit``: seconds per phase."""
     cg = cgroup.create(f"vswapctl-bench-{os.getpid()}", limit)
     try:
-        done = cg.run([sys.executable, "-m", "vswapctl.workload", "--size", str(size), "--passes", "2",
-                       "--data", data])
+        done = cg.run(launch.module_argv("vswapctl.workload", "--size", str(size), "--passes", "2", "--data", data),
+                      cwd=launch.WORKDIR)
     finally:
         cg.remove()
     if done.returncode != 0:

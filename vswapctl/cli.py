@@ -7,6 +7,7 @@ stopped) lives in ``vswapctl.device``; this module is the command line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -18,12 +19,12 @@ from typing import Any
 
 import trio
 
-from hoststore.address import INPROC, parse_address, parse_store_address
+from hoststore.address import INPROC, Address, parse_address, parse_store_address
 from hoststore.cliutil import argtype, count, percent, quota
 from hoststore.messages import PAGE_SIZE, Drain, Stats
 from hoststore.sizes import format_size, parse_size
 
-from . import device, system
+from . import device, launch, system
 from .state import DEFAULT_STATE_DIR, Busy, State, default_backing
 
 CONTROL_TIMEOUT = 2.0
@@ -43,6 +44,19 @@ def _tier(text: str) -> str:
     return text
 
 
+def _absolute_host(host: Address | None) -> str | None:
+    """The daemons run in / (vswapctl.launch): a socket path given relative to here is made absolute."""
+    if host is None:
+        return None
+    return str(dataclasses.replace(host, path=os.path.abspath(host.path)) if host.kind == "unix" else host)
+
+
+def _absolute_source(source: str | None) -> str | None:
+    """As for the host: ``file:PATH`` with PATH absolute."""
+    kind, sep, path = (source or "").partition(":")
+    return f"{kind}:{os.path.abspath(path)}" if kind == "file" and sep and path else source
+
+
 def up_config(args: argparse.Namespace) -> device.UpConfig:
     backing = os.path.abspath(args.backing or default_backing(args.state_dir))
     size = args.size
@@ -50,9 +64,9 @@ def up_config(args: argparse.Namespace) -> device.UpConfig:
     return device.UpConfig(
         size=size, backing=backing,
         mountpoint=system.resolve_mountpoint(args.mountpoint or os.path.join(args.state_dir, "mnt")),
-        capacity=capacity, host=str(args.host) if args.host else None, token_file=args.token_file,
+        capacity=capacity, host=_absolute_host(args.host), token_file=args.token_file,
         writethrough=args.writethrough,
-        pressure_source=args.pressure_source, priority=args.priority, discard=args.discard,
+        pressure_source=_absolute_source(args.pressure_source), priority=args.priority, discard=args.discard,
         swap=args.swap, verbose=args.verbose,
         extra_hoststore=["--tier", args.tier] if args.tier else [],
     )
@@ -576,8 +590,8 @@ def cmd_workload(args: argparse.Namespace) -> int:
     except cgroup.CgroupUnavailable as exc:
         return _fail(str(exc))
     try:
-        argv = [sys.executable, "-m", "vswapctl.workload", "--size", str(args.size), "--passes", str(args.passes)]
-        done = cg.run(argv)
+        argv = launch.module_argv("vswapctl.workload", "--size", str(args.size), "--passes", str(args.passes))
+        done = cg.run(argv, cwd=launch.WORKDIR)
     finally:
         cg.remove()
     sys.stdout.write(done.stdout)
@@ -646,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bring a vswapfs swap device up and down, and look inside it.",
         epilog="typical use: vswapctl up --size 1G; vswapctl status; vswapctl stats; vswapctl down",
     )
-    ap.add_argument("--state-dir", default=os.environ.get("VSWAPFS_STATE_DIR", DEFAULT_STATE_DIR),
+    ap.add_argument("--state-dir", type=os.path.abspath,
+                    default=os.environ.get("VSWAPFS_STATE_DIR", DEFAULT_STATE_DIR),
                     help=f"where up keeps its state, socket and logs (default {DEFAULT_STATE_DIR}, "
                          "or $VSWAPFS_STATE_DIR); one device per state dir")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -9,20 +9,25 @@ when RAM cannot take the pages back), everything is left running and
 
 ``up`` checks everything it can before it changes anything, records each step
 in the state directory as it completes it, and if a later step fails undoes
-exactly the steps it completed, in reverse order.  Daemons are known by pid and
-start time (``vswapctl.procs``): nothing but the process ``up`` started is ever
-signalled.  util-linux's ``losetup``, ``mkswap``, ``swapon`` and ``swapoff``
-are run through PATH, so that users' wrappers (and tests) can stand in for them.
+exactly the steps it completed, in reverse order.  It holds the state
+directory's lock and its mount point's (``vswapctl.state``) from the first check
+to the last step, and attaches a loop device only to a mount it has seen its own
+vswapfs serve.  Daemons are started isolated, in ``/`` (``vswapctl.launch``),
+and known by pid and start time (``vswapctl.procs``): nothing but the process
+``up`` started is ever signalled.  util-linux's ``losetup``, ``mkswap``,
+``swapon`` and ``swapoff`` are run through PATH, so that users' wrappers (and
+tests) can stand in for them.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import stat
 import subprocess
-import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +35,12 @@ from dataclasses import dataclass, field
 from hoststore.address import INPROC
 from hoststore.sizes import format_size
 
-from . import system
+from . import launch, system
 from .procs import ProcessId
-from .state import State, StateLock
+from .state import MountLock, State, StateLock
 
 READY_TIMEOUT = 20.0
+OWN_MOUNT_TIMEOUT = 5.0  # for our own vswapfs, just seen answering, to answer a read through its mount
 UMOUNT_TIMEOUT = 60.0
 # A store told to stop drains first.  When down stops it, our vswapfs is already gone (it
 # released its pages at unmount, or died with them): nobody will come for what the store
@@ -112,12 +118,11 @@ def stopped_advice(state: State, reason: str) -> str:
 
 
 def preflight(state_dir: str, cfg: UpConfig) -> list[str]:
-    """Everything that would make ``up`` fail, found before anything is changed."""
+    """Everything that would make ``up`` fail, found before anything is changed (as root,
+    holding the mount point's lock: nothing else of ours can change what is found)."""
     from vswapfs.backing import BackingError, check_location
 
     problems = []
-    if os.geteuid() != 0:
-        problems.append("up needs root (FUSE mount, loop device, swapon)")
     mnt = cfg.mountpoint
     if os.path.islink(mnt):
         problems.append(f"mountpoint {mnt} is a symlink: give the real path")
@@ -191,8 +196,17 @@ class Undo:
             say(f"undone: {what}")
 
 
+def _mount_lock(mountpoint: str) -> MountLock:
+    """The mount point's lock (``up`` holds it from preflight to the last step); only root
+    can take it, and only root can bring a device up."""
+    if os.geteuid() != 0:
+        raise UpFailed("up needs root (FUSE mount, loop device, swapon)")
+    return MountLock(mountpoint)
+
+
 def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
-    with StateLock(state_dir):
+    state_dir = os.path.abspath(state_dir)  # the daemons run in /: every path they get is absolute
+    with StateLock(state_dir), _mount_lock(cfg.mountpoint):
         old = State.load(state_dir)
         if old is not None:
             raise UpFailed(f"a device is already up (state in {old.path}); run `vswapctl down` first")
@@ -265,14 +279,15 @@ def _make_places(state: State, cfg: UpConfig, undo: Undo) -> None:
             os.close(fd)
 
 
-def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
-    """A daemon in a session of its own, and out of the caller's memory cgroup: a
-    memory limit on whoever ran up must never push a swap daemon into swap or OOM."""
+def _spawn(module: str, args: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    """``python -m module args`` as a daemon: isolated and in / (no code from the caller's
+    directory: ``vswapctl.launch``), in a session of its own, and out of the caller's memory
+    cgroup (a memory limit on whoever ran up must never push a swap daemon into swap or OOM)."""
     from .cgroup import leave_memory_limit
 
     with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                preexec_fn=leave_memory_limit)
+        return launch.popen(module, *args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            start_new_session=True, preexec_fn=leave_memory_limit)
 
 
 def _log_tail(path: str, lines: int = 5) -> str:
@@ -323,14 +338,14 @@ def _store_pid(socket_path: str) -> int | None:
 
 
 def _start_hoststore(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
-    argv = [sys.executable, "-m", "hoststore", "--listen", f"unix:{state.socket}", "--capacity", str(cfg.capacity)]
+    argv = ["--listen", f"unix:{state.socket}", "--capacity", str(cfg.capacity)]
     if cfg.pressure_source:
         argv += ["--pressure-source", cfg.pressure_source]
     argv += cfg.extra_hoststore
     if cfg.verbose:
         argv.append("-v")
     undo.push("stop hoststore", lambda: _stop_hoststore(state, say))
-    proc = _spawn(argv, state.log("hoststore"))
+    proc = _spawn("hoststore", argv, state.log("hoststore"))
     ident = _identify(proc, "hoststore")
     state.hoststore = ident.to_dict()
     state.host = f"unix:{state.socket}"
@@ -349,8 +364,7 @@ def _vswapfs_stats(state: State, timeout: float = 1.0) -> dict[str, object] | No
 
 
 def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
-    argv = [sys.executable, "-m", "vswapfs", state.mountpoint, "--backing", state.backing, "--host", state.host,
-            "--control", state.control]
+    argv = [state.mountpoint, "--backing", state.backing, "--host", state.host, "--control", state.control]
     if cfg.size:
         argv += ["--size", str(cfg.size)]
     if cfg.writethrough:
@@ -364,7 +378,7 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
     if cfg.verbose:
         argv.append("-v")
     undo.push("stop vswapfs", lambda: _stop_vswapfs(state, say))
-    proc = _spawn(argv, state.log("vswapfs"))
+    proc = _spawn("vswapfs", argv, state.log("vswapfs"))
     ident = _identify(proc, "vswapfs")
     state.vswapfs = ident.to_dict()
     state.save()
@@ -375,8 +389,8 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
             system.mount_type(state.mountpoint) == "fuse.vswapfs"
 
     _wait_ready(proc, ready, "vswapfs", state.log("vswapfs"))
+    state.mount_dev = own_mount(state.mountpoint, proc.pid)
     state.mounted = True
-    state.mount_dev = system.mount_device(state.mountpoint) or ""
     state.size = os.stat(state.backing).st_size
     state.save()
     say(f"vswapfs pid {proc.pid} serving {state.swapfile} ({format_size(state.size)}), backing {state.backing}")
@@ -387,6 +401,58 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
                 f"backing file until it is (see {state.log('vswapfs')})")
             break
         time.sleep(0.05)
+
+
+def own_mount(mountpoint: str, pid: int, mountinfo: str = system.MOUNTINFO) -> str:
+    """``major:minor`` of the mount at ``mountpoint``, once it is certain to be the one the
+    vswapfs with ``pid`` serves: the only mount there, and what answers a read of its stats
+    file (through the mount, as losetup will open the swap file) is that vswapfs, on that
+    device.  Another mount stacked there meanwhile (libfuse allows it) would otherwise get
+    our swap area.  UpFailed if not."""
+    devices = system.mount_devices(mountpoint, mountinfo)
+    if len(devices) != 1:
+        raise UpFailed(f"{len(devices)} file systems are mounted at {mountpoint}, not only our vswapfs "
+                       "(was something else mounted there meanwhile?): not using any of them")
+    stats_file = os.path.join(mountpoint, "stats")
+    device, data = _read_through_mount(stats_file, OWN_MOUNT_TIMEOUT)
+    try:
+        served_by = json.loads(data).get("pid")
+    except (ValueError, AttributeError):
+        served_by = None
+    if device != devices[0] or served_by != pid:
+        raise UpFailed(f"the file system at {mountpoint} is not the one our vswapfs (pid {pid}) serves: "
+                       f"{stats_file} is on {device} and names pid {served_by}, the mount is {devices[0]}")
+    return device
+
+
+def _read_through_mount(path: str, timeout: float) -> tuple[str, bytes]:
+    """(``major:minor`` of the file system holding ``path``, its contents), or UpFailed within
+    ``timeout``: a FUSE file system that does not answer must not hang up (the reading thread
+    is left to the kernel; a fatal signal or the process's exit ends its wait)."""
+    result: list[tuple[str, bytes] | OSError] = []
+
+    def read() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                chunks = []
+                while chunk := os.read(fd, 1 << 16):
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
+            result.append((f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", b"".join(chunks)))
+        except OSError as exc:
+            result.append(exc)
+
+    reader = threading.Thread(target=read, name="read-through-mount", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result:
+        raise UpFailed(f"{path} did not answer in {timeout:.0f}s")
+    if isinstance(result[0], OSError):
+        raise UpFailed(f"cannot read {path}: {result[0]}")
+    return result[0]
 
 
 def _attach_swap(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:

@@ -1,9 +1,9 @@
 """``vswapctl faults``: inject faults into a running store and account for every page.
 
-On a mounted vswapfs file (never live swap: HAZARDS.md), each round writes
-random runs of pages with fresh contents, injects one fault into the store,
-then reads every page back with O_DIRECT and sorts it: intact, lost (EIO), or
-wrong.  A fault may lose pages only where the design says it does (a store
+On a mounted vswapfs file (never live swap, where a lost page is a process's),
+each round writes random runs of pages with fresh contents, injects one fault
+into the store, then reads every page back with O_DIRECT and sorts it: intact,
+lost (EIO), or wrong.  A fault may lose pages only where the design says it does (a store
 killed with SIGKILL in write-back mode loses exactly the pages that lived only
 in it); wrong pages must always be 0.
 

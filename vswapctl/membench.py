@@ -27,6 +27,7 @@ from typing import Any
 
 from hoststore.messages import PAGE_SIZE
 
+from . import launch
 from .benchstore import bench_store
 
 RUN = 32
@@ -86,12 +87,9 @@ def measure(device_size: int, pages: int, stride: int, shared: bool = True) -> d
     with bench_store("vswapctl-membench-", "--capacity", str(pages * PAGE_SIZE)) as (store, sock, workdir):
         time.sleep(0.2)
         store_before = rss(store.pid)
-        child = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from vswapctl.membench import _pager_main; "
-             "_pager_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), "
-             "sys.argv[6] == 'shared')", sock, os.path.join(workdir, "backing"), str(device_size), str(pages),
-             str(stride), "shared" if shared else "wire"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        child = launch.popen("vswapctl.membench", sock, os.path.join(workdir, "backing"), str(device_size),
+                             str(pages), str(stride), "shared" if shared else "wire",
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdout is not None and child.stdin is not None
             line = child.stdout.readline()
@@ -128,3 +126,8 @@ def run(device_size: int, pages: int) -> dict[str, Any]:
     spread = max(RUN, npages // max(1, pages // RUN))
     return {"packed": measure(device_size, pages, RUN), "spread": measure(device_size, pages, spread),
             "packed_no_shared_memory": measure(device_size, pages, RUN, shared=False)}
+
+
+if __name__ == "__main__":  # the pager process of measure()
+    _pager_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+                sys.argv[6] == "shared")

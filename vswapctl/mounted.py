@@ -1,5 +1,5 @@
 """A hoststore and a mounted vswapfs as child processes, without swap: the file
-level, where faults can be injected without hurting anyone (HAZARDS.md).
+level, where faults can be injected without hurting anyone (no process has pages there).
 
 Used by ``vswapctl faults`` (tools/faults.sh) and by the test suite.  Teardown
 follows the one rule: nothing that serves a page listed in /proc/swaps is

@@ -1,12 +1,12 @@
 """The system side of a swap device: commands, loop devices, swap, mounts.
 
 Everything here reads /proc and /sys rather than probing block devices: once a
-loop device hangs, ``swapon --show``, ``blkid`` and ``lsblk -f`` hang with it
-(HAZARDS.md, item 3).  Nothing here resolves a path at or below a vswapfs
-mount point either: a ``stat`` there (``realpath`` does one) is a request to
-vswapfs, which may be stopped.  Paths are resolved once, by ``up``, before
-anything is mounted, and compared as strings afterwards.  Every command gets an
-explicit device and a timeout that really bounds it.
+loop device hangs, ``swapon --show``, ``blkid`` and ``lsblk -f`` hang with it.
+Nothing here resolves a path at or below a vswapfs mount point either: a
+``stat`` there (``realpath`` does one) is a request to vswapfs, which may be
+stopped.  Paths are resolved once, by ``up``, before anything is mounted, and
+compared as strings afterwards.  Every command gets an explicit device and a
+timeout that really bounds it.
 """
 
 from __future__ import annotations
@@ -79,15 +79,20 @@ def mount_type(target: str) -> str | None:
     return found
 
 
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def mount_devices(target: str, mountinfo: str = MOUNTINFO) -> list[str]:
+    """``major:minor`` of every mount exactly at ``target``, in mount order: the last is on top."""
+    with open(mountinfo) as f:
+        rows = [line.split() for line in f]
+    return [parts[2] for parts in rows if len(parts) > 4 and _unescape(parts[4]) == target]
+
+
 def mount_device(target: str) -> str | None:
-    """``major:minor`` of what is mounted exactly at ``target`` (from mountinfo), if anything."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 4 and _unescape(parts[4]) == target:
-                found = parts[2]
-    return found
+    """``major:minor`` of what is mounted exactly at ``target`` (the top mount), if anything."""
+    devices = mount_devices(target)
+    return devices[-1] if devices else None
 
 
 def mounts_under(directory: str) -> list[str]:
