@@ -37,6 +37,17 @@ def percent(text: str) -> float:
     return value
 
 
+def positive(text: str) -> float:
+    """A number above 0 (seconds, rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{text} is not positive")
+    return value
+
+
 def count(text: str) -> int:
     """A whole number, at least 1."""
     try:

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from hoststore.address import INPROC, Address, parse_address, parse_store_address
-from hoststore.cliutil import argtype, count, percent, quota
+from hoststore.cliutil import argtype, count, percent, positive, quota
 from hoststore.messages import PAGE_SIZE, Drain, Stats
 from hoststore.sizes import format_size, parse_size
 
@@ -67,7 +67,7 @@ def up_config(args: argparse.Namespace) -> device.UpConfig:
         capacity=capacity, host=_absolute_host(args.host), token_file=args.token_file,
         writethrough=args.writethrough,
         pressure_source=_absolute_source(args.pressure_source), priority=args.priority, discard=args.discard,
-        swap=args.swap, verbose=args.verbose,
+        swap=args.swap, verbose=args.verbose, start_timeout=args.start_timeout,
         extra_hoststore=["--tier", args.tier] if args.tier else [],
     )
 
@@ -698,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "until rewritten)")
     up.add_argument("--no-swap", dest="swap", action="store_false",
                     help="mount vswapfs and stop there: no loop device, no swap (the file, for experiments)")
+    up.add_argument("--start-timeout", type=argtype(positive), default=device.READY_TIMEOUT, metavar="SECONDS",
+                    help=f"how long each daemon may take to say it is ready before up gives up and undoes "
+                         f"what it did (default {device.READY_TIMEOUT:g}; more on a slow or emulated machine)")
     up.add_argument("-v", "--verbose", action="store_true", help="debug logging in the daemons' logs")
     up.set_defaults(func=cmd_up)
 

@@ -76,6 +76,7 @@ class UpConfig:
     discard: bool = True
     swap: bool = True  # False: mount only (the file, for experiments with fio and the like)
     verbose: bool = False
+    start_timeout: float = READY_TIMEOUT  # for each daemon to say it is ready
     extra_hoststore: list[str] = field(default_factory=list)
 
 
@@ -298,16 +299,17 @@ def _log_tail(path: str, lines: int = 5) -> str:
         return ""
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, log_path: str) -> None:
+def _wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, log_path: str,
+                timeout: float) -> None:
     """Until *this* child says it is ready; at once if it exits."""
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise UpFailed(f"{what} exited with status {proc.returncode} during start-up: {_log_tail(log_path)}")
         if ready():
             return
         if time.monotonic() > deadline:
-            raise UpFailed(f"{what} not ready after {READY_TIMEOUT:.0f}s: {_log_tail(log_path)}")
+            raise UpFailed(f"{what} not ready after {timeout:g}s (see --start-timeout): {_log_tail(log_path)}")
         time.sleep(0.05)
 
 
@@ -350,7 +352,8 @@ def _start_hoststore(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
     state.hoststore = ident.to_dict()
     state.host = f"unix:{state.socket}"
     state.save()
-    _wait_ready(proc, lambda: _store_pid(state.socket) == proc.pid, "hoststore", state.log("hoststore"))
+    _wait_ready(proc, lambda: _store_pid(state.socket) == proc.pid, "hoststore", state.log("hoststore"),
+                cfg.start_timeout)
     say(f"hoststore pid {proc.pid} on {state.host}, capacity {format_size(cfg.capacity)}")
 
 
@@ -388,7 +391,7 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
         return stats is not None and stats.get("pid") == proc.pid and \
             system.mount_type(state.mountpoint) == "fuse.vswapfs"
 
-    _wait_ready(proc, ready, "vswapfs", state.log("vswapfs"))
+    _wait_ready(proc, ready, "vswapfs", state.log("vswapfs"), cfg.start_timeout)
     state.mount_dev = own_mount(state.mountpoint, proc.pid)
     state.mounted = True
     state.size = os.stat(state.backing).st_size
