@@ -138,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="under pressure, hand pages back to their clients at most this fast, per second "
                          "(default 100M)")
     ap.add_argument("--drain-timeout", type=argtype(_positive), default=60.0, metavar="SECONDS",
-                    help="on SIGTERM/SIGINT or `vswapctl drain`, how long to wait for clients that are "
-                         "not connected to come and take their pages back (default 60)")
+                    help="on SIGTERM/SIGINT or `vswapctl drain`, how long to wait for a client that makes no "
+                         "progress before giving up on its pages: a client that is away gets this long from the "
+                         "start of the drain to come back, a connected one this long from the last page it took "
+                         "back (or from its return).  A client that keeps taking pages back is drained to the "
+                         "end, however slow its disk (default 60)")
     ap.add_argument("--away-timeout", type=argtype(_positive), default=DEFAULT_AWAY_TIMEOUT, metavar="SECONDS",
                     help="a client that disconnected keeps its name (and its pages) this long against a new "
                          "client under the same name (default 300); its own reconnect is always accepted")

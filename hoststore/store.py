@@ -90,6 +90,7 @@ class HostCounter(enum.StrEnum):
     CONNECTION_ERRORS = "connection_errors"  # connections closed by an unexpected error in serving them
     TAKEOVERS = "takeovers"  # a client's reconnect superseded its old connection
     HANDBACK_ERRORS = "handback_errors"  # unexpected errors while handing back (pages kept)
+    DRAIN_GAVE_UP = "drain_gave_up"  # clients a drain stopped waiting for: no page taken back in --drain-timeout
     # Limits and access: each refusal by its cause (connections unless the name says pages).
     REFUSED_AUTH = "refused_auth"  # hellos without the token's proof, or a wrong one
     REFUSED_UID = "refused_uid"  # hellos from a unix-socket peer whose uid is not allowed

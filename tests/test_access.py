@@ -561,20 +561,22 @@ def test_names_holding_nothing_are_forgotten_and_new_names_capped() -> None:
 
 async def test_a_drain_completes_while_a_pager_keeps_reading(tmp_path) -> None:
     """The admin's drain request waits a long time; it must not hold the other
-    connections' turns, or a busy pager could not answer its hand-backs and its
-    pages would be dropped when the drain times out."""
+    connections' turns, or a busy pager could not answer its hand-backs.  Its disk
+    is slow too: 0.25 s per batch, two at a time, 2 s for all, twice the drain
+    timeout (which bounds only a client that makes no progress)."""
     store = new_store(capacity=1024)
 
     async def take_back(handback) -> bytes:
+        await trio.sleep(0.25)
         return bytes([TakeStatus.TAKEN]) * len(handback.pages)
 
     async with trio.open_nursery() as nursery:
         listener = await open_listener(Address("unix", path=str(tmp_path / "s")))
-        server = Server(store, ServerConfig(handback_batch=16, handback_timeout=1.0, drain_timeout=5.0))
+        server = Server(store, ServerConfig(handback_batch=64, handback_timeout=5.0, drain_timeout=1.0))
         [address] = await nursery.start(server.serve, [listener])
         client = await start_client(nursery, address, "busy", npages=1024)
         client.set_handlers(take_back, lambda: None)
-        for first in range(0, 512, 256):
+        for first in range(0, 1024, 256):
             await client.put(first, 1, b"".join(page(first + i) for i in range(256)))
         reads = 0
 
@@ -588,9 +590,13 @@ async def test_a_drain_completes_while_a_pager_keeps_reading(tmp_path) -> None:
                     return
 
         nursery.start_soon(keep_reading)
-        await trio.sleep(0.1)
+        with trio.fail_after(5):
+            while reads < 10:
+                await trio.sleep(0.01)
+        start = trio.current_time()
         with trio.fail_after(20):
             report = await query(address, Drain(), timeout=20)
-        assert report == {"handed_back": {"busy": 512}, "dropped": {}}
-        assert reads > 10
+        assert trio.current_time() - start >= 2 * server.config.drain_timeout
+        assert report == {"handed_back": {"busy": 1024}, "dropped": {}}
+        assert reads > 20
         nursery.cancel_scope.cancel()
