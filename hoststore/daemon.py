@@ -14,7 +14,7 @@ import trio
 
 from types import MappingProxyType
 
-from .access import Access, AccessError, check_listener
+from .access import INSECURE_TCP_GIVES_UP, Access, AccessError, check_listener, check_tcp_options
 from .address import Address, parse_address
 from .auth import TokenError, load_token
 from .cliutil import argtype, count, percent, quota
@@ -44,17 +44,18 @@ backing file, so refusing is always safe.
 EPILOG = """\
 examples:
   hoststore --listen unix:/run/vswapfs/host.sock --capacity 2G
-  hoststore --listen unix:/run/vswapfs/host.sock --listen tcp:127.0.0.1:7070 --capacity 512M \\
-            --quota 256M --quota vm1=1G --weight vm1=2
+  hoststore --listen unix:/run/vswapfs/host.sock --listen tcp:127.0.0.1:7070 --token-file /etc/vswapfs/token \\
+            --capacity 512M --quota 256M --quota vm1=1G --weight vm1=2
   hoststore --listen tcp:0.0.0.0:7070 --token-file /etc/vswapfs/token --capacity 8G
 
 Who may connect: on a unix socket, root and this daemon's user (and the uids
 named by --allow-uid), checked by the kernel's peer credentials; the socket's
 directory must be writable by nobody else (it is made 0700 if missing).  On
 TCP, with --token-file, both ends prove at hello that they hold the token, so
-a client also knows it reached the real store; without a token only loopback
-addresses are accepted.  The token does not encrypt: across a network others
-can watch, tunnel the connection (ssh, WireGuard).
+a client also knows it reached the real store.  TCP without a token is refused
+unless --insecure-tcp accepts it, and then on loopback addresses only.  The
+token does not encrypt: across a network others can watch, tunnel the
+connection (ssh, WireGuard).
 """
 
 
@@ -96,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "their share hand pages back first")
     ap.add_argument("--token-file", metavar="PATH",
                     help="a shared secret (at least 16 bytes, mode 0600) that clients must prove they hold, "
-                         "and that this store proves back; needed to listen on a non-loopback TCP address")
+                         "and that this store proves back; needed to listen on TCP (but see --insecure-tcp)")
+    ap.add_argument("--insecure-tcp", action="store_true",
+                    help="accept tcp: listeners without --token-file, on loopback addresses only, giving up "
+                         f"what the token proves: {INSECURE_TCP_GIVES_UP}")
     ap.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                     help="let this uid connect to the unix socket too (root and our own user always may); "
                          "repeat for several")
@@ -198,7 +202,10 @@ def access_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> A
             ap.error(str(exc))
     if any(uid < 0 for uid in args.allow_uid):
         ap.error("--allow-uid takes a uid (a number of 0 or more)")
-    access = Access(token, frozenset(args.allow_uid))
+    problem = check_tcp_options(args.listen, token is not None, args.insecure_tcp)
+    if problem is not None:
+        ap.error(problem)
+    access = Access(token, frozenset(args.allow_uid), args.insecure_tcp)
     for address in args.listen:
         if address.kind == "unix":
             make_socket_dir(os.path.dirname(os.path.abspath(address.path)), access)

@@ -28,7 +28,7 @@ import trio
 
 from . import auth
 from . import protocol as p
-from .access import Access, peer_key, peer_uid, socket_mode
+from .access import Access, check_listener, peer_key, peer_uid, socket_mode
 from .address import Address
 from .clientpages import ClientPages
 from .slab import INDEX_BLOCK
@@ -63,9 +63,11 @@ ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 
 async def open_listener(address: Address, access: Access | None = None) -> trio.SocketListener:
     """Bind one listener.  A unix socket file left by a dead daemon is replaced;
-    one a live daemon answers on is an error."""
+    one a live daemon answers on is an error.  TCP without a token only as
+    ``access.insecure_tcp`` accepts it (AccessError otherwise)."""
     access = access or Access()
     if address.kind == "tcp":
+        check_listener(address, access)
         listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
         return listeners[0]
     path = address.path

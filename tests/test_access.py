@@ -6,6 +6,7 @@ whichever side is being attacked.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from array import array
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from hoststore import auth
 from hoststore import protocol as p
@@ -44,9 +46,10 @@ from hoststore.pressure import Sampler, Snapshot
 from hoststore.server import Server, ServerConfig, open_listener
 from hoststore.store import HostCounter, RequestError, Store
 from vswapfs.hostclient import HostClient, LinkCounter, query
-from vswapfs.pagestore import StoreError, StoreUnavailable
+from vswapfs.pagestore import StoreAuthError, StoreError, StoreUnavailable
 
 TOKEN = b"correct horse battery staple 123"
+INSECURE = Access(insecure_tcp=True)  # loopback TCP without a token, as --insecure-tcp accepts it
 
 
 def page(n: int) -> bytes:
@@ -137,14 +140,14 @@ async def test_stats_list_other_clients_only_to_an_admin(tmp_path) -> None:
     store = new_store()
     async with trio.open_nursery() as nursery:
         unix, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
-        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store)
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
         a = await start_client(nursery, unix, "alice")
-        b = await start_client(nursery, tcp, "bob")
+        b = await start_client(nursery, tcp, "bob", insecure_tcp=True)
         await a.put(0, 1, page(0))
         assert list((await b.stats())["clients"]) == ["bob"]  # TCP peers are never admins
         assert not b.hello_answer.admin
         assert sorted((await a.stats())["clients"]) == ["alice", "bob"]  # root on the unix socket
-        observer = await query(tcp, Stats())
+        observer = await query(tcp, Stats(), insecure_tcp=True)
         assert "clients" not in observer
         nursery.cancel_scope.cancel()
 
@@ -182,6 +185,12 @@ async def test_name_in_use_is_refused_a_reconnect_keeps_its_pages_a_replay_does_
         nursery.cancel_scope.cancel()
 
 
+async def vswapctl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """The command line, run beside the store this test serves (never blocking its loop)."""
+    return await trio.run_process([sys.executable, "-m", "vswapctl", *args], capture_stdout=True,
+                                  capture_stderr=True, cwd=os.getcwd(), check=False)
+
+
 # -- authentication ------------------------------------------------------------------------
 
 
@@ -195,9 +204,12 @@ async def test_tcp_token_is_proven_both_ways_and_the_secret_never_crosses_in_cle
         # The secret the client holds is not what went over the wire.
         client_secret = store.clients["good"].secret
         assert good.secret == client_secret
-        # No token: the client knows before it says hello, and sends nothing.
-        with pytest.raises(StoreError, match="needs a token"):
+        # No token: refused before connecting; told --insecure-tcp, it learns from the
+        # welcome that the store needs one, and sends nothing.
+        with pytest.raises(StoreError, match="without a --token-file"):
             await query(address, Stats())
+        with pytest.raises(StoreError, match="needs a token"):
+            await query(address, Stats(), insecure_tcp=True)
         # A wrong token: refused at hello, counted.
         with pytest.raises(StoreError, match="wrong token"):
             await query(address, Stats(), token=b"x" * 32)
@@ -243,6 +255,134 @@ async def test_a_store_without_the_token_gets_no_page(tmp_path, answer_auth) -> 
             await client.put(0, 1, page(0))
         await trio.sleep(1.1)
         assert received == []  # not a byte after the hello: no page, no request
+        nursery.cancel_scope.cancel()
+
+
+async def tokenless_store(listener: trio.SocketListener, connections: list[bytes]) -> None:
+    """Plays a store on TCP without a token (anyone who got the port first could): it
+    welcomes every connection, answers its hello, and records every byte it is sent."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            stream = await listener.accept()
+            connections.append(b"")
+            nursery.start_soon(_record, stream, connections, len(connections) - 1)
+
+
+async def _record(stream: trio.abc.Stream, connections: list[bytes], at: int) -> None:
+    conn = p.Connection("server")
+    async with stream:
+        await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "fake", "f1", b"w" * 16)))
+        while data := await stream.receive_some(65536):
+            connections[at] += data
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not None:
+                if isinstance(event, p.RequestReceived) and isinstance(event.message, Hello):
+                    await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("f1", False, b"s" * 32)))
+                elif isinstance(event, p.RequestReceived) and isinstance(event.message, Put):
+                    answer = bytes(event.message.n)  # "stored", as the issue's fake store answered
+                    await stream.send_all(conn.send_answer(event.msgid, event.message, answer))
+
+
+async def test_a_tokenless_tcp_store_is_never_sent_a_page_unless_insecure_tcp_accepts_it(tmp_path) -> None:
+    """The issue's reproduction: without a token nothing checked who held the port, and a
+    fake store received the pages and answered them stored.  Now vswapfs's client refuses
+    TCP without a token before connecting; with --insecure-tcp (loopback) it goes ahead,
+    and the fake store shows what that gives up."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    address = Address("tcp", host="127.0.0.1", port=listeners[0].socket.getsockname()[1])
+    connections: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tokenless_store, listeners[0], connections)
+        with pytest.raises(StoreAuthError, match="accept that with --insecure-tcp"):
+            HostClient(address, "c", 128 * PAGE_SIZE)
+        with pytest.raises(StoreAuthError, match="loopback addresses only"):
+            HostClient(Address("tcp", host="192.0.2.1", port=address.port), "c", 128 * PAGE_SIZE, insecure_tcp=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert connections == []  # not even a connection
+        client = await start_client(nursery, address, "c", insecure_tcp=True)
+        assert await client.put(0, 1, page(7)) == bytes(1)
+        assert len(connections) == 1 and page(7) in connections[0]  # what --insecure-tcp gives up
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_insecure_tcp_pages_go_to_a_loopback_store_and_come_back(tmp_path, disk_dir) -> None:
+    """A pager on a real store over loopback TCP without a token, both sides told
+    --insecure-tcp: pages stored there, read back checked."""
+    from vswapfs.backing import Backing
+    from vswapfs.pager import Pager
+
+    store = new_store(capacity=64)
+    backing = Backing.open(f"{disk_dir}/backing", 64 * PAGE_SIZE)
+    pages = b"".join((i.to_bytes(8, "little") + b"insecure") * (PAGE_SIZE // 16) for i in range(16))
+    try:
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(AccessError, match="--insecure-tcp"):
+                await open_listener(Address("tcp", host="127.0.0.1", port=0))  # the store refuses too
+            tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
+            client = HostClient(tcp, "tcp-pager", 64 * PAGE_SIZE, insecure_tcp=True)
+            pager = Pager(backing, client)
+            await nursery.start(client.run)
+            await pager.write(0, pages)
+            assert store.pages == 16 and pager.map.counts()["host"] == 16
+            assert await pager.read(0, 16 * PAGE_SIZE) == pages
+            assert store.counters[HostCounter.READS] == 16
+            nursery.cancel_scope.cancel()
+    finally:
+        backing.close()
+
+
+async def test_vswapfs_refuses_a_tokenless_tcp_store_at_start(tmp_path, disk_dir) -> None:
+    """vswapfs --host tcp:... without --token-file or --insecure-tcp stops before anything:
+    no connection to whatever holds the port, no backing file, no mount.  (Its backing file
+    is in a directory that does not exist, so that were the check ever missing, vswapfs
+    would still stop before mounting, failing this test for the right reason.)"""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    connections: list[bytes] = []
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    backing = f"{disk_dir}/missing/backing"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tokenless_store, listeners[0], connections)
+        done = await trio.run_process([sys.executable, "-m", "vswapfs", str(mnt), "--backing", backing, "--size", "1M",
+                                       "--host", f"tcp:127.0.0.1:{port}"], capture_stderr=True, cwd=os.getcwd(),
+                                      check=False)
+        stderr = done.stderr.decode()
+        assert done.returncode == 2 and "without a --token-file" in stderr and "--insecure-tcp" in stderr, stderr
+        assert connections == [] and not os.path.ismount(mnt)
+        nursery.cancel_scope.cancel()
+
+
+async def test_vswapctl_reaches_a_devices_tcp_store_as_up_was_told(tmp_path) -> None:
+    """stats, drain and the rest ask the store of the device in the state directory with
+    the token `up` was given, or without one only if `up` was told --insecure-tcp."""
+    from vswapctl.state import State
+
+    token_file = tmp_path / "token"
+    token_file.write_bytes(TOKEN)
+    token_file.chmod(0o600)
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        with_token, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, Access(TOKEN))
+        without, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
+        devices = {
+            "token": State(str(tmp_path / "token-dev"), host=str(with_token), token_file=str(token_file)),
+            "insecure": State(str(tmp_path / "insecure-dev"), host=str(without), insecure_tcp=True),
+            "unasked": State(str(tmp_path / "unasked-dev"), host=str(without)),
+        }
+        for state in devices.values():
+            state.save()
+        stats = {}
+        for name, state in devices.items():
+            done = await vswapctl("--state-dir", state.state_dir, "stats", "--json")
+            assert done.returncode == 0, done.stderr
+            stats[name] = json.loads(done.stdout)["hoststore"]
+        assert stats["token"]["instance"] == stats["insecure"]["instance"] == store.instance
+        assert "unreachable" in stats["unasked"] and "--insecure-tcp" in stats["unasked"]
+        # The admin requests go with the token too (and are refused: TCP peers are never admins).
+        done = await vswapctl("--state-dir", devices["token"].state_dir, "drain", "--timeout", "5")
+        assert done.returncode == 1 and b"needs an admin connection" in done.stderr, done.stderr
+        assert store.counters[HostCounter.REFUSED_AUTH] == 0 and not store.draining
         nursery.cancel_scope.cancel()
 
 
@@ -320,8 +460,12 @@ def test_listeners_open_to_strangers_are_refused_at_start(tmp_path) -> None:
         check_listener(Address("tcp", host="0.0.0.0", port=7070), Access())
     with pytest.raises(AccessError, match="not a loopback"):
         check_listener(Address("tcp", host="", port=7070), Access())
+    with pytest.raises(AccessError, match="not a loopback"):
+        check_listener(Address("tcp", host="0.0.0.0", port=7070), INSECURE)  # loopback only, even so
     check_listener(Address("tcp", host="0.0.0.0", port=7070), Access(TOKEN))
-    check_listener(Address("tcp", host="127.0.0.1", port=7070), Access())
+    with pytest.raises(AccessError, match="accept that with --insecure-tcp"):
+        check_listener(Address("tcp", host="127.0.0.1", port=7070), Access())
+    check_listener(Address("tcp", host="127.0.0.1", port=7070), INSECURE)
     assert is_loopback("localhost") and is_loopback("::1") and not is_loopback("192.0.2.1")
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -369,9 +513,9 @@ def test_the_daemon_refuses_a_public_listener_and_a_bad_token_file(tmp_path) -> 
 async def test_connection_caps_close_at_once_and_are_counted(tmp_path) -> None:
     store = new_store()
     async with trio.open_nursery() as nursery:
-        listeners = [await open_listener(Address("tcp", host="127.0.0.1", port=0)),
-                     await open_listener(Address("unix", path=str(tmp_path / "s")))]
-        server = Server(store, ServerConfig(max_connections=6, max_connections_per_peer=3))
+        listeners = [await open_listener(Address("tcp", host="127.0.0.1", port=0), INSECURE),
+                     await open_listener(Address("unix", path=str(tmp_path / "s")), INSECURE)]
+        server = Server(store, ServerConfig(max_connections=6, max_connections_per_peer=3), INSECURE)
         tcp, unix = await nursery.start(server.serve, listeners)
         held = [await open_raw(tcp) for _ in range(3)]
         extra = await trio.open_tcp_stream("127.0.0.1", tcp.port)  # a 4th from the same address
@@ -532,7 +676,8 @@ async def test_a_refused_drain_does_not_lift_the_idle_timeout(tmp_path) -> None:
     """Only an admin's drain may outlast the idle timeout; a refused one changes nothing."""
     store = new_store()
     async with trio.open_nursery() as nursery:
-        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, idle_timeout=0.5)
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE,
+                                    idle_timeout=0.5)
         stream, conn, welcome = await open_raw(tcp)
         _, data = conn.send_request(hello("nosy", welcome, b"d" * 16))
         await stream.send_all(data)
