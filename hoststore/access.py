@@ -52,6 +52,18 @@ class Access:
         return uid is not None and uid in self.own_uids
 
 
+IN_PROCESS = "this process"  # the one client of a store inside its own process (vswapfs --host inproc)
+
+
+def peer_identity(uid: int | None, token: bytes | None) -> str:
+    """Who a peer is, as the owner of the client names it creates: its uid on the unix
+    socket; on TCP, a holder of the store's token, or, without one, any TCP peer at all
+    (all alike: nothing tells them apart)."""
+    if uid is not None:
+        return f"uid {uid}"
+    return "a holder of the token on TCP" if token is not None else "an unauthenticated TCP peer"
+
+
 def peer_uid(stream: trio.abc.Stream) -> int | None:
     """The uid of a unix-socket peer (SO_PEERCRED), None for TCP."""
     sock = getattr(stream, "socket", None)

@@ -56,6 +56,12 @@ a client also knows it reached the real store.  TCP without a token is refused
 unless --insecure-tcp accepts it, and then on loopback addresses only.  The
 token does not encrypt: across a network others can watch, tunnel the
 connection (ssh, WireGuard).
+
+A client name belongs to the identity that created it: its uid on the unix
+socket, on TCP the token (or, with --insecure-tcp, every tokenless peer as
+one).  Another identity can never take it over; `vswapctl evict NAME` (root or
+this daemon's user) drops the pages of a client that is away, and frees its
+name.
 """
 
 
@@ -148,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "back (or from its return).  A client that keeps taking pages back is drained to the "
                          "end, however slow its disk (default 60)")
     ap.add_argument("--away-timeout", type=argtype(_positive), default=DEFAULT_AWAY_TIMEOUT, metavar="SECONDS",
-                    help="a client that disconnected keeps its name (and its pages) this long against a new "
-                         "client under the same name (default 300); its own reconnect is always accepted")
+                    help="a client that disconnected keeps its pages this long against a new instance of the "
+                         "same identity under its name (a restarted vswapfs: same uid, or the token on TCP), "
+                         "which then replaces it (default 300).  Its own reconnect is always accepted, and "
+                         "another identity never gets the name (see `vswapctl evict`)")
     tier = ap.add_argument_group(
         "page tier", "keep page data in a Redis Cluster instead of this machine's memory (see the README, "
         "'A page tier on Redis Cluster'); admission then follows the masters' memory (used_memory against "

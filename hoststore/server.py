@@ -28,7 +28,7 @@ import trio
 
 from . import auth
 from . import protocol as p
-from .access import Access, check_listener, peer_key, peer_uid, socket_mode
+from .access import Access, check_listener, peer_identity, peer_key, peer_uid, socket_mode
 from .address import Address
 from .clientpages import ClientPages
 from .slab import INDEX_BLOCK
@@ -38,6 +38,7 @@ from .logsetup import RateLimited
 from .messages import (
     Configure,
     Drain,
+    Evict,
     Get,
     HandBack,
     HandBackCause,
@@ -150,6 +151,7 @@ class Session:
         self.nonce = auth.nonce()
         self.uid = peer_uid(stream)
         self.admin = self.access.is_admin(self.uid)
+        self.identity = peer_identity(self.uid, self.access.token)  # who owns the names it creates
         self.client: ClientPages | None = None
         self.superseded = False
         self.hello_done = False
@@ -298,7 +300,8 @@ class Session:
         if refusal is not None:
             return self._refuse(msgid, hello, *refusal)
         try:
-            client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self._can_share)
+            client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self._can_share,
+                                                           owner=self.identity)
         except RequestError as exc:
             return self._refuse(msgid, hello, None, str(exc))
         if isinstance(superseded, Session):
@@ -353,6 +356,13 @@ class Session:
             # must not hold the others' turns (they have hand-backs to answer).
             self.server.fair.idle(self)
             return await self.server.drain()
+        if isinstance(msg, Evict):
+            if not self.admin:
+                raise RequestError("evict needs an admin connection (root or the store's own user, on the unix "
+                                   "socket)")
+            dropped = store.evict(msg.client)
+            self.server.client_changed()  # a drain may have been waiting for that client
+            return {"client": msg.client, "dropped": dropped}
         if isinstance(msg, TraceRead):
             if not self.admin:
                 raise RequestError("the trace needs an admin connection (root or the store's own user)")

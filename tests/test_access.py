@@ -185,10 +185,145 @@ async def test_name_in_use_is_refused_a_reconnect_keeps_its_pages_a_replay_does_
         nursery.cancel_scope.cancel()
 
 
+# -- names belong to their identity --------------------------------------------------------
+
+AWAY = 0.2  # the stores here let a name go after this long away, to the same identity (--away-timeout)
+
+
+def away_store() -> Store:
+    return Store(Limits(capacity_pages=256), Sampler(0, source=lambda: Snapshot.fake(10.0)), away_timeout=AWAY)
+
+
+async def owner_away_with_pages(nursery: trio.Nursery, address: Address, name: str, store: Store) -> HostClient:
+    """A client of ours (root, on the unix socket) that stores 10 pages, then goes away for
+    longer than the away timeout; its HostClient, to come back with later."""
+    async with trio.open_nursery() as gone:
+        owner = await start_client(gone, address, name)
+        assert await owner.put(0, 1, b"".join(page(i) for i in range(10))) == bytes(10)
+        gone.cancel_scope.cancel()
+    with trio.fail_after(5):
+        while store.clients[name].connected:
+            await trio.sleep(0.01)
+    await trio.sleep(2 * AWAY)  # the scenario: away longer than --away-timeout
+    return owner
+
+
+async def comes_back_with_its_pages(nursery: trio.Nursery, owner: HostClient, store: Store) -> None:
+    """The owner reconnects, proves who it is, and finds its 10 pages (read back)."""
+    await nursery.start(owner.run)
+    with trio.fail_after(5):
+        await owner.wait_connected()
+    assert owner.hello_answer.resumed and owner.counters[LinkCounter.SESSIONS_LOST] == 0
+    got = await owner.get(array("Q", range(10)))
+    assert got.statuses == bytes(10) and got.data == b"".join(page(i) for i in range(10))
+
+
+CLAIM_NAME = textwrap.dedent("""
+    import os, sys, trio
+    from hoststore.address import Address
+    from vswapfs.hostclient import HostClient, LinkCounter
+    uid = int(sys.argv[2]); os.setgid(uid); os.setuid(uid)
+
+    async def main():
+        client = HostClient(Address("unix", path=sys.argv[1]), sys.argv[3], 128 * 4096, backoff_min=60)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            print("connected" if client.connected else
+                  f"refused {client.counters[LinkCounter.HELLO_REFUSED]}", flush=True)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+""")
+
+
+async def test_another_uid_cannot_take_over_a_name_nor_drop_its_pages(tmp_path) -> None:
+    """The issue's reproduction: once its owner had been away for --away-timeout, any peer
+    that could say hello under its name replaced it and the store dropped its pages."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    directory = tempfile.mkdtemp(prefix="vswapfs-names-", dir="/tmp")  # other uids can reach it
+    try:
+        os.chmod(directory, 0o711)
+        store = away_store()
+        async with trio.open_nursery() as nursery:
+            address, _ = await start_server(nursery, Address("unix", path=os.path.join(directory, "s")), store,
+                                            Access(None, frozenset({65534})))
+            owner = await owner_away_with_pages(nursery, address, "victim", store)
+            done = await trio.run_process([sys.executable, "-c", CLAIM_NAME, address.path, "65534", "victim"],
+                                          capture_stdout=True, cwd=os.getcwd(), check=False)
+            assert done.stdout.decode().strip() == "refused 1"
+            assert store.counters[HostCounter.REFUSED_NAME_OWNER] == 1
+            assert store.pages == 10 and store.counters[HostCounter.DROPPED_SESSIONS] == 0
+            await comes_back_with_its_pages(nursery, owner, store)
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(directory)
+
+
+async def test_an_unauthenticated_tcp_peer_cannot_take_a_name_nor_hold_it_against_its_owner(tmp_path) -> None:
+    """A tokenless TCP peer (a store with --insecure-tcp) under the name of a unix-socket
+    client that has been away for long: refused, while connected and while not; and
+    the owner's own reconnect is accepted while the squatter's connection is still open."""
+    store = away_store()
+    async with trio.open_nursery() as nursery:
+        unix, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
+        owner = await owner_away_with_pages(nursery, unix, "victim", store)
+        squatter, conn, welcome = await open_raw(tcp)
+        _, data = conn.send_request(hello("victim", welcome, b"q" * 16, instance="squatter"))
+        await squatter.send_all(data)
+        error = (await answer_of(squatter, conn)).error
+        assert "belongs to uid 0, not to an unauthenticated TCP peer" in error
+        assert store.counters[HostCounter.REFUSED_NAME_OWNER] == 1 and store.pages == 10
+        other, conn2, welcome2 = await open_raw(tcp)  # a second squatter stays connected, under its own name
+        _, data = conn2.send_request(hello("squatter", welcome2, b"r" * 16, instance="squatter"))
+        await other.send_all(data)
+        assert (await answer_of(other, conn2)).error is None
+        await comes_back_with_its_pages(nursery, owner, store)
+        # And while the owner is connected, the squatter is told whose name it is, not "in use".
+        stream, conn3, welcome3 = await open_raw(tcp)
+        _, data = conn3.send_request(hello("victim", welcome3, b"s" * 16, instance="squatter"))
+        await stream.send_all(data)
+        assert "belongs to uid 0" in (await answer_of(stream, conn3)).error
+        assert store.counters[HostCounter.REFUSED_NAME_OWNER] == 2
+        nursery.cancel_scope.cancel()
+
+
 async def vswapctl(*args: str) -> subprocess.CompletedProcess[bytes]:
     """The command line, run beside the store this test serves (never blocking its loop)."""
     return await trio.run_process([sys.executable, "-m", "vswapctl", *args], capture_stdout=True,
                                   capture_stderr=True, cwd=os.getcwd(), check=False)
+
+
+async def test_vswapctl_evict_frees_an_away_clients_name_and_only_an_admin_may(tmp_path) -> None:
+    store = away_store()
+    async with trio.open_nursery() as nursery:
+        unix, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
+        here = await start_client(nursery, unix, "here")
+        await here.put(0, 1, page(0))
+        await owner_away_with_pages(nursery, unix, "gone", store)
+        done = await vswapctl("evict", "here", "--host", str(unix))  # connected: its pages are in use
+        assert done.returncode == 1 and b"is connected" in done.stderr
+        done = await vswapctl("evict", "gone", "--host", str(tcp), "--insecure-tcp")  # TCP: never an admin
+        assert done.returncode == 1 and b"needs an admin connection" in done.stderr
+        done = await vswapctl("evict", "gone", "--host", str(tcp))  # and not over tokenless TCP unasked
+        assert done.returncode == 1 and b"--insecure-tcp" in done.stderr
+        done = await vswapctl("evict", "nobody", "--host", str(unix))
+        assert done.returncode == 1 and b"no client named 'nobody'" in done.stderr
+        assert store.pages == 11 and store.counters[HostCounter.EVICT_REQUESTS] == 0
+        done = await vswapctl("evict", "gone", "--host", str(unix), "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"client": "gone", "dropped": 10}
+        assert store.counters[HostCounter.EVICT_REQUESTS] == 1 and store.counters[HostCounter.EVICTED] == 10
+        assert store.pages == 1 and "gone" not in store.clients
+        assert (await here.get(array("Q", [0]))).data == page(0)  # nobody else's page went
+        # The name is free now, for any identity.
+        stream, conn, welcome = await open_raw(tcp)
+        _, data = conn.send_request(hello("gone", welcome, b"g" * 16, instance="new"))
+        await stream.send_all(data)
+        assert (await answer_of(stream, conn)).error is None
+        nursery.cancel_scope.cancel()
 
 
 # -- authentication ------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def test_help(module: str) -> None:
         ("vswapctl", ["policy", "--host", "tcp:127.0.0.1:9"], "accept that with --insecure-tcp"),
         ("vswapctl", ["drain", "--host", "tcp:127.0.0.1:9"], "accept that with --insecure-tcp"),
         ("vswapctl", ["top", "--host", "tcp:127.0.0.1:9", "--count", "1"], "accept that with --insecure-tcp"),
+        ("vswapctl", ["evict", "x", "--host", "tcp:127.0.0.1:9"], "accept that with --insecure-tcp"),
+        ("vswapctl", ["evict", "x" * 300, "--host", "unix:/x"], "NAME"),
     ],
 )
 def test_bad_arguments(module: str, args: list[str], needle: str) -> None:

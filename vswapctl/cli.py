@@ -501,6 +501,31 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 1 if dropped else 0
 
 
+def cmd_evict(args: argparse.Namespace) -> int:
+    """Drop the pages of a client that is away, and free its name."""
+    from hoststore.auth import TokenError
+    from hoststore.messages import Evict, MessageError, check_client_name
+    from vswapfs.hostclient import StoreError, StoreUnavailable
+
+    try:
+        check_client_name(args.name)
+    except MessageError as exc:
+        return _fail(f"NAME: {exc}")
+    target = _store_target(args, "its only client is vswapfs itself")
+    if isinstance(target, str):
+        return _fail(target)
+    try:
+        answer = target.ask(Evict(args.name))
+    except (StoreUnavailable, StoreError, OSError, TokenError) as exc:
+        return _fail(f"evict of {args.name!r} at {target.address}: {exc}")
+    if args.json:
+        print(json.dumps(answer, indent=1, sort_keys=True))
+    else:
+        say(f"evicted client {answer['client']!r}: dropped {answer['dropped']} pages "
+            f"({format_size(answer['dropped'] * PAGE_SIZE)}); its name is free")
+    return 0
+
+
 # -- microbench ---------------------------------------------------------------------
 
 
@@ -790,6 +815,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "--drain-timeout)")
     drain.add_argument("--json", action="store_true", help="print the store's report as JSON")
     drain.set_defaults(func=cmd_drain)
+
+    ev = sub.add_parser(
+        "evict", help="drop the pages of a client that is away, and free its name",
+        description="Drop every page the store holds for client NAME and forget it, so that its name is free "
+                    "again (root or the store's own user, on the unix socket; logged, and counted as "
+                    "evict_requests and evicted).  A client name belongs to the identity that created it (its "
+                    "uid on the unix socket, the token on TCP) and no other identity can take it over, whatever "
+                    "it holds: this is how an admin frees one.  Only a client that is away: a connected client "
+                    "is refused, since its pages are in use (stop it first; a client that stops cleanly leaves "
+                    "nothing behind).  The client loses those pages: a vswapfs still running reads them as "
+                    "lost (EIO) when it comes back.")
+    ev.add_argument("name", metavar="NAME", help="the client's name (`vswapctl stats` lists them under clients)")
+    _store_options(ev)
+    ev.add_argument("--json", action="store_true", help="print the store's answer as JSON")
+    ev.set_defaults(func=cmd_evict)
 
     pol = sub.add_parser(
         "policy", help="show or change a running store's admission policy",
