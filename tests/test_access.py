@@ -880,3 +880,28 @@ async def test_a_drain_completes_while_a_pager_keeps_reading(tmp_path) -> None:
         assert report == {"handed_back": {"busy": 1024}, "dropped": {}}
         assert reads > 20
         nursery.cancel_scope.cancel()
+
+
+async def test_vswapctl_drain_waits_for_the_whole_drain_and_reports_it(tmp_path) -> None:
+    """Without --timeout, `vswapctl drain` waits for the store's report as long as the
+    drain goes on (here 1.5 s of a slow disk against a 1 s drain timeout)."""
+    store = new_store()
+
+    async def take_back(handback) -> bytes:
+        await trio.sleep(0.5)
+        return bytes([TakeStatus.TAKEN]) * len(handback.pages)
+
+    async with trio.open_nursery() as nursery:
+        unix, server = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store,
+                                          handback_batch=16, drain_timeout=1.0)
+        client = await start_client(nursery, unix, "slow")
+        client.set_handlers(take_back, lambda: None)
+        await client.put(0, 1, b"".join(page(i) for i in range(96)))
+        start = trio.current_time()
+        done = await vswapctl("drain", "--host", str(unix), "--json")
+        assert trio.current_time() - start >= 1.5
+        assert done.returncode == 0, done.stderr
+        text = done.stdout.decode()  # a line saying what it does, the report, a line saying what was done
+        assert json.loads(text[text.index("{") : text.rindex("}") + 1]) == {"dropped": {}, "handed_back": {"slow": 96}}
+        assert "handed back 96 pages" in text and store.pages == 0
+        nursery.cancel_scope.cancel()
