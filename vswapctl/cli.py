@@ -163,15 +163,19 @@ class StoreTarget:
         """The store of the device in ``state``, reached as `up` was told to."""
         return cls(parse_address(state.host), state.token_file, state.insecure_tcp)
 
+    def token(self) -> bytes | None:
+        """The token, read from its file now (TokenError if it cannot be used)."""
+        from hoststore.auth import load_token
+
+        return load_token(self.token_file) if self.token_file else None
+
     def ask(self, message: Any, wait: float | None = None) -> Any:
         """One request on a fresh observer connection, its answer waited for ``wait``
         seconds (default CONTROL_TIMEOUT).  Raises StoreUnavailable, StoreError (a
         TCP store refused by the --insecure-tcp rule too), TokenError or OSError."""
-        from hoststore.auth import load_token
         from vswapfs.hostclient import query
 
-        token = load_token(self.token_file) if self.token_file else None
-        return trio.run(partial(query, self.address, message, CONTROL_TIMEOUT, token,
+        return trio.run(partial(query, self.address, message, CONTROL_TIMEOUT, self.token(),
                                 insecure_tcp=self.insecure_tcp, wait=wait))
 
 
@@ -282,6 +286,9 @@ def _table(rows: list[tuple[str, Any]], indent: str = "") -> None:
 # -- drain --------------------------------------------------------------------------
 
 
+WITH_HOST_ONLY = "--token-file and --insecure-tcp go with --host; the device's store is reached as `up` was told"
+
+
 def _store_target(args: argparse.Namespace, inproc: str) -> StoreTarget | str:
     """The store a command talks to: --host (with --token-file or --insecure-tcp), or
     the device's in the state directory, reached as `up` was told to.  A str says
@@ -289,7 +296,7 @@ def _store_target(args: argparse.Namespace, inproc: str) -> StoreTarget | str:
     if args.host is not None:
         target = StoreTarget(args.host, args.token_file or "", args.insecure_tcp)
     elif args.token_file or args.insecure_tcp:
-        return "--token-file and --insecure-tcp go with --host; the device's store is reached as `up` was told"
+        return WITH_HOST_ONLY
     else:
         state = _need_state(args)
         if state.host == INPROC:
@@ -362,7 +369,7 @@ def format_event(event: dict[str, Any]) -> str:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from hoststore.auth import TokenError, load_token
+    from hoststore.auth import TokenError
     from hoststore.messages import TraceRead
     from vswapfs.hostclient import StoreError, StoreUnavailable, follow
 
@@ -379,7 +386,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(json.dumps(event, sort_keys=True) if args.json else format_event(event), flush=True)
 
     try:
-        token = load_token(target.token_file) if target.token_file else None
+        token = target.token()
         try:
             trio.run(partial(follow, address, TraceRead(sample=args.sample, wait=1.0), show, CONTROL_TIMEOUT,
                              token, insecure_tcp=target.insecure_tcp))
@@ -398,7 +405,7 @@ def _readers(args: argparse.Namespace) -> tuple[Any, Any, str] | str:
             return target
         return (lambda: None), (lambda: read_host_stats(target)), f"store {args.host}"
     if args.token_file or args.insecure_tcp:
-        return "--token-file and --insecure-tcp go with --host; the device's store is reached as `up` was told"
+        return WITH_HOST_ONLY
     state = State.load(args.state_dir)
     if state is None:
         return f"no device is up in {args.state_dir} (give --host ADDR to watch a store alone)"
