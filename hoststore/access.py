@@ -6,8 +6,10 @@
   store's own user alone.
 * TCP: nobody is known by address.  With ``--token-file`` both sides prove at
   hello that they hold the shared token (HMAC over both connection nonces, see
-  ``hoststore.auth``), so vswapfs also knows it reached the real store.  A TCP
-  listener on anything but loopback is refused at start without a token.
+  ``hoststore.auth``), so vswapfs also knows it reached the real store.  Without
+  a token both sides refuse TCP unless told ``--insecure-tcp``, and even then
+  only on loopback (:func:`tcp_refusal`: one rule for the store, vswapfs and
+  vswapctl).
 
 The token proves who is at each end; it does not hide the pages on the wire.
 Across a network nobody should be able to watch, use a tunnel (ssh, WireGuard)
@@ -28,10 +30,16 @@ import trio
 from .address import Address
 
 
+# What TCP without a token gives up, said wherever --insecure-tcp is offered.
+INSECURE_TCP_GIVES_UP = ("anyone on this host who can bind or hold that port (while the store is down, say), or "
+                         "connect to it, can read and write the pages: nothing proves who is at either end")
+
+
 @dataclass(frozen=True)
 class Access:
     token: bytes | None = None
     allowed_uids: frozenset[int] = field(default_factory=frozenset)
+    insecure_tcp: bool = False  # TCP without a token on loopback, as --insecure-tcp accepts
 
     @property
     def own_uids(self) -> frozenset[int]:
@@ -42,6 +50,18 @@ class Access:
 
     def is_admin(self, uid: int | None) -> bool:
         return uid is not None and uid in self.own_uids
+
+
+IN_PROCESS = "this process"  # the one client of a store inside its own process (vswapfs --host inproc)
+
+
+def peer_identity(uid: int | None, token: bytes | None) -> str:
+    """Who a peer is, as the owner of the client names it creates: its uid on the unix
+    socket; on TCP, a holder of the store's token, or, without one, any TCP peer at all
+    (all alike: nothing tells them apart)."""
+    if uid is not None:
+        return f"uid {uid}"
+    return "a holder of the token on TCP" if token is not None else "an unauthenticated TCP peer"
 
 
 def peer_uid(stream: trio.abc.Stream) -> int | None:
@@ -80,15 +100,42 @@ class AccessError(Exception):
     """A listener the store refuses to open as configured; the message says why."""
 
 
+def tcp_refusal(address: Address, token: bool, insecure_tcp: bool) -> str | None:
+    """Why TCP at ``address`` may not be used, or None.  Without a token nothing proves
+    who is at the other end, on either side: refused unless ``insecure_tcp`` accepts
+    that, and even then only on loopback.  Not TCP, or with a token: None."""
+    if address.kind != "tcp" or token:
+        return None
+    if not is_loopback(address.host):
+        return (f"{address} is not a loopback address and no --token-file is given: anyone who can reach it "
+                f"could read and write the pages.  Give a --token-file (the same on both sides); --insecure-tcp "
+                f"is for loopback addresses only")
+    if not insecure_tcp:
+        return (f"{address} without a --token-file: {INSECURE_TCP_GIVES_UP}.  Give a --token-file (the same on "
+                f"both sides), use a unix socket, or accept that with --insecure-tcp")
+    return None
+
+
+def check_tcp_options(addresses: list[Address], token: bool, insecure_tcp: bool) -> str | None:
+    """What is wrong with these addresses and TCP options on a command line, or None
+    (hoststore's listeners, vswapfs's and vswapctl's --host)."""
+    if insecure_tcp and not any(a.kind == "tcp" for a in addresses):
+        return "--insecure-tcp is only for tcp:HOST:PORT addresses"
+    if insecure_tcp and token:
+        return "--insecure-tcp does not go with --token-file: with the token, TCP is authenticated"
+    for address in addresses:
+        problem = tcp_refusal(address, token, insecure_tcp)
+        if problem is not None:
+            return problem
+    return None
+
+
 def check_listener(address: Address, access: Access) -> None:
     """Refuse, before anything is bound, a listener that would let strangers in."""
     if address.kind == "tcp":
-        if access.token is None and not is_loopback(address.host):
-            raise AccessError(
-                f"{address} is not a loopback address and no --token-file is given: anyone who can reach it "
-                f"could read and write every client's pages.  Give a --token-file (and the same to vswapfs), "
-                f"or listen on 127.0.0.1"
-            )
+        problem = tcp_refusal(address, access.token is not None, access.insecure_tcp)
+        if problem is not None:
+            raise AccessError(problem)
         return
     check_socket_dir(os.path.dirname(os.path.abspath(address.path)), bool(access.allowed_uids))
 

@@ -14,7 +14,7 @@ import trio
 
 from types import MappingProxyType
 
-from .access import Access, AccessError, check_listener
+from .access import INSECURE_TCP_GIVES_UP, Access, AccessError, check_listener, check_tcp_options
 from .address import Address, parse_address
 from .auth import TokenError, load_token
 from .cliutil import argtype, count, percent, quota
@@ -44,17 +44,24 @@ backing file, so refusing is always safe.
 EPILOG = """\
 examples:
   hoststore --listen unix:/run/vswapfs/host.sock --capacity 2G
-  hoststore --listen unix:/run/vswapfs/host.sock --listen tcp:127.0.0.1:7070 --capacity 512M \\
-            --quota 256M --quota vm1=1G --weight vm1=2
+  hoststore --listen unix:/run/vswapfs/host.sock --listen tcp:127.0.0.1:7070 --token-file /etc/vswapfs/token \\
+            --capacity 512M --quota 256M --quota vm1=1G --weight vm1=2
   hoststore --listen tcp:0.0.0.0:7070 --token-file /etc/vswapfs/token --capacity 8G
 
 Who may connect: on a unix socket, root and this daemon's user (and the uids
 named by --allow-uid), checked by the kernel's peer credentials; the socket's
 directory must be writable by nobody else (it is made 0700 if missing).  On
 TCP, with --token-file, both ends prove at hello that they hold the token, so
-a client also knows it reached the real store; without a token only loopback
-addresses are accepted.  The token does not encrypt: across a network others
-can watch, tunnel the connection (ssh, WireGuard).
+a client also knows it reached the real store.  TCP without a token is refused
+unless --insecure-tcp accepts it, and then on loopback addresses only.  The
+token does not encrypt: across a network others can watch, tunnel the
+connection (ssh, WireGuard).
+
+A client name belongs to the identity that created it: its uid on the unix
+socket, on TCP the token (or, with --insecure-tcp, every tokenless peer as
+one).  Another identity can never take it over; `vswapctl evict NAME` (root or
+this daemon's user) drops the pages of a client that is away, and frees its
+name.
 """
 
 
@@ -96,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "their share hand pages back first")
     ap.add_argument("--token-file", metavar="PATH",
                     help="a shared secret (at least 16 bytes, mode 0600) that clients must prove they hold, "
-                         "and that this store proves back; needed to listen on a non-loopback TCP address")
+                         "and that this store proves back; needed to listen on TCP (but see --insecure-tcp)")
+    ap.add_argument("--insecure-tcp", action="store_true",
+                    help="accept tcp: listeners without --token-file, on loopback addresses only, giving up "
+                         f"what the token proves: {INSECURE_TCP_GIVES_UP}")
     ap.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                     help="let this uid connect to the unix socket too (root and our own user always may); "
                          "repeat for several")
@@ -138,11 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="under pressure, hand pages back to their clients at most this fast, per second "
                          "(default 100M)")
     ap.add_argument("--drain-timeout", type=argtype(_positive), default=60.0, metavar="SECONDS",
-                    help="on SIGTERM/SIGINT or `vswapctl drain`, how long to wait for clients that are "
-                         "not connected to come and take their pages back (default 60)")
+                    help="on SIGTERM/SIGINT or `vswapctl drain`, how long to wait for a client that makes no "
+                         "progress before giving up on its pages: a client that is away gets this long from the "
+                         "start of the drain to come back, a connected one this long from the last page it took "
+                         "back (or from its return).  A client that keeps taking pages back is drained to the "
+                         "end, however slow its disk (default 60)")
     ap.add_argument("--away-timeout", type=argtype(_positive), default=DEFAULT_AWAY_TIMEOUT, metavar="SECONDS",
-                    help="a client that disconnected keeps its name (and its pages) this long against a new "
-                         "client under the same name (default 300); its own reconnect is always accepted")
+                    help="a client that disconnected keeps its pages this long against a new instance of the "
+                         "same identity under its name (a restarted vswapfs: same uid, or the token on TCP), "
+                         "which then replaces it (default 300).  Its own reconnect is always accepted, and "
+                         "another identity never gets the name (see `vswapctl evict`)")
     tier = ap.add_argument_group(
         "page tier", "keep page data in a Redis Cluster instead of this machine's memory (see the README, "
         "'A page tier on Redis Cluster'); admission then follows the masters' memory (used_memory against "
@@ -195,7 +210,10 @@ def access_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> A
             ap.error(str(exc))
     if any(uid < 0 for uid in args.allow_uid):
         ap.error("--allow-uid takes a uid (a number of 0 or more)")
-    access = Access(token, frozenset(args.allow_uid))
+    problem = check_tcp_options(args.listen, token is not None, args.insecure_tcp)
+    if problem is not None:
+        ap.error(problem)
+    access = Access(token, frozenset(args.allow_uid), args.insecure_tcp)
     for address in args.listen:
         if address.kind == "unix":
             make_socket_dir(os.path.dirname(os.path.abspath(address.path)), access)

@@ -608,6 +608,37 @@ class Drain(_Parameterless):
 
 
 @dataclass(frozen=True, slots=True)
+class Evict:
+    """Admin: drop every page of client ``client``, which must be away (not connected),
+    and forget it, which frees its name; answered {"client": NAME, "dropped": PAGES}.
+    A connected client is refused: it would lose pages it is using."""
+
+    method: ClassVar[str] = "evict"
+    sent_by: ClassVar[str] = "client"
+    client: str
+
+    def __post_init__(self) -> None:
+        check_client_name(self.client)
+
+    def to_wire(self) -> list[Any]:
+        return [self.client]
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Evict":
+        (client,) = _fields(params, 1, cls.method)
+        return cls(client)
+
+    def answer_to_wire(self, answer: dict[str, Any]) -> Any:
+        return answer
+
+    def answer_from_wire(self, result: Any) -> dict[str, Any]:
+        m = _map(result, "evict answer")
+        if not isinstance(m.get("client"), str) or not isinstance(m.get("dropped"), int):
+            raise MessageError("evict answer lacks client or dropped")
+        return m
+
+
+@dataclass(frozen=True, slots=True)
 class Configure:
     """Admin: change a running store's admission policy and limits (what is None
     stays as it is); answered with the policy and limits now in force.  Empty, it
@@ -691,8 +722,8 @@ class TraceRead:
         return m
 
 
-Request = Hello | Put | PutStaged | Get | Invalidate | HandBack | Stats | Drain | Configure | TraceRead
+Request = Hello | Put | PutStaged | Get | Invalidate | HandBack | Stats | Drain | Evict | Configure | TraceRead
 REQUESTS: dict[str, type[Request]] = {  # type: ignore[misc]
-    cls.method: cls for cls in (Hello, Put, PutStaged, Get, Invalidate, HandBack, Stats, Drain, Configure,
+    cls.method: cls for cls in (Hello, Put, PutStaged, Get, Invalidate, HandBack, Stats, Drain, Evict, Configure,
                                 TraceRead)
 }

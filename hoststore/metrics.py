@@ -30,11 +30,12 @@ PUBLISH_INTERVAL = 1.0
 _CONNECTION_COUNTERS = frozenset({
     "connections", "hello_refused", "protocol_errors", "connection_errors", "takeovers", "refused_auth",
     "refused_uid", "refused_connections", "refused_peer_connections", "refused_connection_rate",
-    "refused_clients", "closed_hello_timeout", "closed_idle", "closed_oversized_frame",
+    "refused_clients", "refused_name_owner", "closed_hello_timeout", "closed_idle", "closed_oversized_frame",
 })
 _EVENT_COUNTERS = frozenset({"bad_requests", "handback_errors", "fair_waits", "policy_changes", "io_errors",
                              "orphan_invalidations", "checksum_errors", "tier_read_retries", "tier_read_failures",
-                             "tier_delete_retries", "tier_topology_refreshes", "tier_failovers"})
+                             "tier_delete_retries", "tier_topology_refreshes", "tier_failovers",
+                             "drain_gave_up"})
 _PAGE_REFUSALS = tuple(sorted(s.name.lower().removeprefix("refused_") for s in REFUSALS))
 
 

@@ -28,7 +28,7 @@ import trio
 
 from . import auth
 from . import protocol as p
-from .access import Access, peer_key, peer_uid, socket_mode
+from .access import Access, check_listener, peer_identity, peer_key, peer_uid, socket_mode
 from .address import Address
 from .clientpages import ClientPages
 from .slab import INDEX_BLOCK
@@ -38,6 +38,7 @@ from .logsetup import RateLimited
 from .messages import (
     Configure,
     Drain,
+    Evict,
     Get,
     HandBack,
     HandBackCause,
@@ -63,9 +64,11 @@ ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 
 async def open_listener(address: Address, access: Access | None = None) -> trio.SocketListener:
     """Bind one listener.  A unix socket file left by a dead daemon is replaced;
-    one a live daemon answers on is an error."""
+    one a live daemon answers on is an error.  TCP without a token only as
+    ``access.insecure_tcp`` accepts it (AccessError otherwise)."""
     access = access or Access()
     if address.kind == "tcp":
+        check_listener(address, access)
         listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
         return listeners[0]
     path = address.path
@@ -106,7 +109,10 @@ class ServerConfig:
     handback_rate: float = 25600.0  # pages per second under pressure (100 MiB/s)
     handback_timeout: float = 30.0  # a client that does not answer in time keeps its pages, for now
     handback_interval: float = 0.05  # how often pressure is checked for hand-back
-    drain_timeout: float = 60.0  # how long a drain waits for clients that are not connected
+    # A drain gives up on a client that makes no progress for this long: from the drain's start
+    # for one that is away, from the last page it took back (or its return) for a connected one.
+    # One that keeps taking pages back is drained to the end.
+    drain_timeout: float = 60.0
     drain_window: int = 4  # hand-back requests in flight per client while draining
     handback_rest: float = 5.0  # a client that took nothing back is left alone this long under pressure
     max_connections: int = 256  # beyond this, new connections are closed at once
@@ -145,6 +151,7 @@ class Session:
         self.nonce = auth.nonce()
         self.uid = peer_uid(stream)
         self.admin = self.access.is_admin(self.uid)
+        self.identity = peer_identity(self.uid, self.access.token)  # who owns the names it creates
         self.client: ClientPages | None = None
         self.superseded = False
         self.hello_done = False
@@ -293,7 +300,8 @@ class Session:
         if refusal is not None:
             return self._refuse(msgid, hello, *refusal)
         try:
-            client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self._can_share)
+            client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self._can_share,
+                                                           owner=self.identity)
         except RequestError as exc:
             return self._refuse(msgid, hello, None, str(exc))
         if isinstance(superseded, Session):
@@ -302,6 +310,7 @@ class Session:
         if client is not None:
             self.store.bind(client, self)
             self.client = client
+            self.server.drain_progress(client)
             self.server.client_changed()
         log.info("hello from %s %r (%s)", hello.role, hello.client, "resumed" if answer.resumed else "new")
         answer = replace(answer, admin=self.admin)
@@ -347,6 +356,13 @@ class Session:
             # must not hold the others' turns (they have hand-backs to answer).
             self.server.fair.idle(self)
             return await self.server.drain()
+        if isinstance(msg, Evict):
+            if not self.admin:
+                raise RequestError("evict needs an admin connection (root or the store's own user, on the unix "
+                                   "socket)")
+            dropped = store.evict(msg.client)
+            self.server.client_changed()  # a drain may have been waiting for that client
+            return {"client": msg.client, "dropped": dropped}
         if isinstance(msg, TraceRead):
             if not self.admin:
                 raise RequestError("the trace needs an admin connection (root or the store's own user)")
@@ -424,8 +440,11 @@ class Server:
         self._open = 0  # connections admitted and not closed yet
         self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
         self._changed = trio.Event()
+        self._returned = trio.Event()  # set (and replaced) whenever a hand-back's pages are no longer lent
         self._drain_started = False
         self._drain_done = trio.Event()
+        self._drain_start = 0.0
+        self._drain_progress: dict[str, float] = {}  # client name -> its last progress in the drain
         self.drain_report: dict[str, Any] | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -556,6 +575,8 @@ class Server:
                           len(handback.pages), client.name)
         finally:
             store.unlend(client, handback)  # whatever is still lent (no answer, or an error) stays stored
+            self._returned.set()
+            self._returned = trio.Event()
         return 0
 
     async def _pressure_loop(self) -> None:
@@ -610,24 +631,24 @@ class Server:
         return self.drain_report
 
     async def _drain(self) -> None:
+        """Hand every client its pages back, for as long as it makes progress.  The only
+        clock is ``drain_timeout`` without progress, per client (see ``_drain_round``):
+        a slow backing disk slows the drain down, it does not cut it short."""
         store = self.store
         store.draining = True
+        self._drain_start = trio.current_time()
         before = {name: c[HostCounter.HANDED_BACK_DRAIN] for name, c in store.client_counters.items()}
         log.info("draining: refusing new pages, handing %d pages of %d client(s) back", store.pages,
                  sum(1 for c in store.clients.values() if c.count))
-        active: set[str] = set()
+        workers: dict[str, trio.CancelScope] = {}
+        given_up: set[str] = set()
         try:
-            with trio.move_on_after(self.config.drain_timeout):
-                async with trio.open_nursery() as nursery:
-                    while store.pages:
-                        for client in list(store.clients.values()):
-                            if client.connected and client.count and client.name not in active:
-                                active.add(client.name)
-                                nursery.start_soon(self._drain_client, client, active)
-                        changed = self._changed
-                        with trio.move_on_after(0.5):
-                            await changed.wait()
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                while (deadline := self._drain_round(nursery, workers, given_up)) < math.inf:
+                    changed = self._changed
+                    with trio.move_on_at(deadline):
+                        await changed.wait()
+                nursery.cancel_scope.cancel()
         except Exception:  # noqa: BLE001 - the report, and the exit, must still come
             store.counters.add(HostCounter.HANDBACK_ERRORS)
             log.exception("error while draining")
@@ -638,31 +659,75 @@ class Server:
             self.drain_report = {"handed_back": {k: v for k, v in handed.items() if v or k in held},
                                  "dropped": held}
             for name, n in held.items():
-                log.error("DRAIN INCOMPLETE: client %r still has %s here; they are lost when the store exits",
-                          name, fmt_pages(n))
+                client = store.clients[name]
+                why = (f"connected, but it took no page back for {self.config.drain_timeout:g}s" if client.connected
+                       else f"away, and not back to take them within {self.config.drain_timeout:g}s")
+                log.error("DRAIN INCOMPLETE: client %r (%s) still has %s here; they are lost when the store exits",
+                          name, why, fmt_pages(n))
             if not held:
                 log.info("drain complete: every page was handed back")
             self._drain_done.set()
 
-    async def _drain_client(self, client: ClientPages, active: set[str]) -> None:
+    def _drain_round(self, nursery: trio.Nursery, workers: dict[str, trio.CancelScope], given_up: set[str]
+                     ) -> float:
+        """One look at every client holding pages: start handing back to those that are
+        connected, give up on those without progress for ``drain_timeout`` (their hand-backs
+        in flight are cancelled, their pages stay), and return when the next one would
+        time out (infinity: nobody left to wait for, the drain is over)."""
+        store, timeout = self.store, self.config.drain_timeout
+        now = trio.current_time()
+        next_deadline = math.inf
+        for client in list(store.clients.values()):
+            name = client.name
+            if not client.count:
+                continue
+            deadline = self._drain_progress.get(name, self._drain_start) + timeout
+            if now >= deadline:
+                scope = workers.pop(name, None)
+                if scope is not None:
+                    scope.cancel()
+                if name not in given_up:
+                    given_up.add(name)
+                    store.counters.add(HostCounter.DRAIN_GAVE_UP)
+                    log.warning("drain: giving up on client %r: no page taken back for %gs, %s still here",
+                                name, timeout, fmt_pages(client.count))
+                continue
+            given_up.discard(name)
+            next_deadline = min(next_deadline, deadline)
+            if client.connected and name not in workers:
+                scope = workers[name] = trio.CancelScope()
+                nursery.start_soon(self._drain_client, client, scope, workers)
+        return next_deadline
+
+    def drain_progress(self, client: ClientPages) -> None:
+        """While draining, the client took pages back, or came back: its clock starts over."""
+        if self.store.draining:
+            self._drain_progress[client.name] = trio.current_time()
+
+    async def _drain_client(self, client: ClientPages, scope: trio.CancelScope,
+                            workers: dict[str, trio.CancelScope]) -> None:
         """Hand one client's pages back with a few requests in flight, until it holds
-        none or its connection goes (it is picked up again when it reconnects)."""
+        none, its connection goes (it is picked up again when it reconnects), or the
+        drain gives up on it (``scope`` is cancelled)."""
         try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.config.drain_window):
-                    nursery.start_soon(self._drain_worker, client)
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self.config.drain_window):
+                        nursery.start_soon(self._drain_worker, client)
         finally:
-            active.discard(client.name)
+            if workers.get(client.name) is scope:
+                del workers[client.name]
             self.client_changed()
 
     async def _drain_worker(self, client: ClientPages) -> None:
         backoff = 0.05
         while client.connected and client.count:
-            if client.count == client.lent_count:
-                await trio.sleep(0.01)  # the other workers have the rest in flight
+            if client.count == client.lent_count:  # the other workers have the rest in flight
+                await self._returned.wait()
                 continue
             freed = await self.hand_back(client, HandBackCause.DRAIN, self.config.handback_batch)
             if freed:
+                self.drain_progress(client)
                 backoff = 0.05
             else:
                 await trio.sleep(backoff)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from types import MappingProxyType
 
 from . import auth
+from .access import IN_PROCESS
 from .clientpages import NIL, ClientPages
 from .counters import Counters
 from .messages import (
@@ -90,6 +91,9 @@ class HostCounter(enum.StrEnum):
     CONNECTION_ERRORS = "connection_errors"  # connections closed by an unexpected error in serving them
     TAKEOVERS = "takeovers"  # a client's reconnect superseded its old connection
     HANDBACK_ERRORS = "handback_errors"  # unexpected errors while handing back (pages kept)
+    DRAIN_GAVE_UP = "drain_gave_up"  # clients a drain stopped waiting for: no page taken back in --drain-timeout
+    EVICT_REQUESTS = "evict_requests"  # requests: clients that were away dropped by an admin (vswapctl evict)
+    EVICTED = "evicted"  # their pages
     # Limits and access: each refusal by its cause (connections unless the name says pages).
     REFUSED_AUTH = "refused_auth"  # hellos without the token's proof, or a wrong one
     REFUSED_UID = "refused_uid"  # hellos from a unix-socket peer whose uid is not allowed
@@ -97,6 +101,7 @@ class HostCounter(enum.StrEnum):
     REFUSED_PEER_CONNECTIONS = "refused_peer_connections"  # closed at once: --max-connections-per-peer
     REFUSED_CONNECTION_RATE = "refused_connection_rate"  # closed at once: --connection-rate
     REFUSED_CLIENTS = "refused_clients"  # hellos of new names beyond --max-clients
+    REFUSED_NAME_OWNER = "refused_name_owner"  # hellos under a name that another identity holds
     CLOSED_HELLO_TIMEOUT = "closed_hello_timeout"  # no answered hello within --hello-timeout
     CLOSED_IDLE = "closed_idle"  # no complete message within --idle-timeout
     CLOSED_OVERSIZED = "closed_oversized_frame"  # a length prefix above any legal message
@@ -159,6 +164,7 @@ class Store:
         self.clock = clock
         self.clients: dict[str, ClientPages] = {}
         self.client_counters: dict[str, Counters[HostCounter]] = {}
+        self.owners: dict[str, str] = {}  # client name -> the identity that created it (access.peer_identity)
         self.counters: Counters[HostCounter] = Counters(HostCounter)
         self.instance = secrets.token_hex(8)
         self.pressure = False
@@ -169,17 +175,22 @@ class Store:
 
     # -- clients --------------------------------------------------------------------
 
-    def attach(self, hello: Hello, server_nonce: bytes, can_share: bool = False
+    def attach(self, hello: Hello, server_nonce: bytes, can_share: bool = False, owner: str = IN_PROCESS
                ) -> tuple[ClientPages | None, HelloAnswer, object | None]:
-        """Admit a hello: (the client's pages, the answer, a connection this one supersedes).
+        """Admit a hello from a peer of identity ``owner`` (``access.peer_identity``):
+        (the client's pages, the answer, a connection this one supersedes).
 
-        A reconnect that proves it is the instance holding the client's secret
-        keeps the pages (and replaces a connection the store still thinks is
-        up).  ``can_share``: the connection can pass a memfd, so a new client that asks
-        for shared page memory gets it.  A name in use is refused, and so is a new instance under the name
-        of a client that is away with pages, until it has been away for
-        ``away_timeout``: its owner may be on its way back.  After that, or if it
-        holds no pages, the new instance replaces it (its pages are dropped).
+        A name belongs to the identity that created it: another identity is refused,
+        whatever the client holds and however long it has been away (only an admin's
+        ``evict`` frees it).  So a squatter can neither drop an owner's pages nor hold
+        its name against the owner's reconnect.  A reconnect that proves it is the
+        instance holding the client's secret keeps the pages (and replaces a connection
+        the store still thinks is up).  ``can_share``: the connection can pass a memfd,
+        so a new client that asks for shared page memory gets it.  A name in use is
+        refused, and so is a new instance of the same identity under the name of a
+        client that is away with pages, until it has been away for ``away_timeout``:
+        its owner may be on its way back.  After that, or if it holds no pages, the new
+        instance replaces it (its pages are dropped).
         """
         if hello.role != ROLE_PAGER:
             return None, HelloAnswer(self.instance, False, auth.new_secret(), admin=True), None
@@ -188,6 +199,10 @@ class Store:
                                f"{self.limits.max_device_size} bytes (--max-device-size)")
         name = hello.client
         old = self.clients.get(name)
+        if old is not None and self.owners[name] != owner:
+            self.counters.add(HostCounter.REFUSED_NAME_OWNER)
+            raise RequestError(f"client name {name!r} belongs to {self.owners[name]}, not to {owner}: no other "
+                               f"identity may take it over (an admin can free it: vswapctl evict)")
         if old is not None and old.instance == hello.instance and old.npages == hello.npages and auth.check(
             auth.reconnect_proof(old.secret, name, server_nonce, hello.nonce), hello.proof
         ):
@@ -210,7 +225,7 @@ class Store:
             self._count(old, HostCounter.DROPPED_SESSIONS, old.count)
             self.pages -= self.close_client(old)
         if old is None and len(self.clients) >= self.max_clients:
-            self._forget_empty_clients()
+            self._forget_empty_clients(owner)
             if len(self.clients) >= self.max_clients:
                 self.counters.add(HostCounter.REFUSED_CLIENTS)
                 raise RequestError(f"this store keeps {len(self.clients)} clients already (--max-clients)")
@@ -222,16 +237,49 @@ class Store:
         client = self.new_client(name, hello.npages, hello.instance, slots)
         self.clients[name] = client
         self.client_counters[name] = Counters(HostCounter)
+        self.owners[name] = owner
         return client, HelloAnswer(self.instance, False, client.secret, shared=_layout(client)), None
 
-    def _forget_empty_clients(self) -> None:
+    def _forget_empty_clients(self, owner: str) -> None:
         """Names that are away and hold no page cost memory and nothing else: forget
         them (their counters with them), so that no peer can grow the store by
         inventing names.  One that comes back starts as a new client, with nothing
-        lost: it had nothing here."""
-        for name in [n for n, c in self.clients.items() if not c.connected and not c.count]:
-            self.close_client(self.clients.pop(name))
-            self.client_counters.pop(name, None)
+        lost: it had nothing here.  The newcomer's own identity's names go first, and
+        others' only if that makes no room: a peer inventing names pushes out its own,
+        not the names of others who may come back for them."""
+        empty = [n for n, c in self.clients.items() if not c.connected and not c.count]
+        own = [n for n in empty if self.owners[n] == owner]
+        for name in own or empty:
+            self._remove(name)
+
+    def _remove(self, name: str) -> int:
+        """Forget client ``name``: its pages, counters and owner go.  Returns the pages it held."""
+        dropped = self.close_client(self.clients.pop(name))
+        self.pages -= dropped
+        self.client_counters.pop(name, None)
+        self.owners.pop(name, None)
+        return dropped
+
+    def evict(self, name: str) -> int:
+        """An admin's request: drop the pages of client ``name``, which is away, and
+        forget it, so that its name is free for anyone.  A connected client is
+        refused: its pages are in use, and it could take them back instead (a drain,
+        or its own shutdown).  Returns the pages dropped."""
+        client = self.clients.get(name)
+        if client is None:
+            raise RequestError(f"no client named {name!r} here")
+        if client.connected:
+            raise RequestError(f"client {name!r} is connected: its pages are in use, and evict drops only the "
+                               f"pages of a client that is away (stop that client first)")
+        owner = self.owners[name]
+        dropped = self._remove(name)
+        self.counters.add(HostCounter.EVICT_REQUESTS)
+        self.counters.add(HostCounter.EVICTED, dropped)
+        log.warning("client %r (of %s) evicted by an admin: %d pages dropped, its name is free", name, owner,
+                    dropped)
+        if self.trace.active:
+            self.trace.emit("evict", client=name, pages=dropped)
+        return dropped
 
     def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
         return ClientPages(name, npages, instance, auth.new_secret(), shared_slots=shared_slots)

@@ -6,6 +6,7 @@ whichever side is being attacked.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from array import array
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from hoststore import auth
 from hoststore import protocol as p
@@ -44,9 +46,10 @@ from hoststore.pressure import Sampler, Snapshot
 from hoststore.server import Server, ServerConfig, open_listener
 from hoststore.store import HostCounter, RequestError, Store
 from vswapfs.hostclient import HostClient, LinkCounter, query
-from vswapfs.pagestore import StoreError, StoreUnavailable
+from vswapfs.pagestore import StoreAuthError, StoreError, StoreUnavailable
 
 TOKEN = b"correct horse battery staple 123"
+INSECURE = Access(insecure_tcp=True)  # loopback TCP without a token, as --insecure-tcp accepts it
 
 
 def page(n: int) -> bytes:
@@ -137,14 +140,14 @@ async def test_stats_list_other_clients_only_to_an_admin(tmp_path) -> None:
     store = new_store()
     async with trio.open_nursery() as nursery:
         unix, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
-        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store)
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
         a = await start_client(nursery, unix, "alice")
-        b = await start_client(nursery, tcp, "bob")
+        b = await start_client(nursery, tcp, "bob", insecure_tcp=True)
         await a.put(0, 1, page(0))
         assert list((await b.stats())["clients"]) == ["bob"]  # TCP peers are never admins
         assert not b.hello_answer.admin
         assert sorted((await a.stats())["clients"]) == ["alice", "bob"]  # root on the unix socket
-        observer = await query(tcp, Stats())
+        observer = await query(tcp, Stats(), insecure_tcp=True)
         assert "clients" not in observer
         nursery.cancel_scope.cancel()
 
@@ -182,6 +185,147 @@ async def test_name_in_use_is_refused_a_reconnect_keeps_its_pages_a_replay_does_
         nursery.cancel_scope.cancel()
 
 
+# -- names belong to their identity --------------------------------------------------------
+
+AWAY = 0.2  # the stores here let a name go after this long away, to the same identity (--away-timeout)
+
+
+def away_store() -> Store:
+    return Store(Limits(capacity_pages=256), Sampler(0, source=lambda: Snapshot.fake(10.0)), away_timeout=AWAY)
+
+
+async def owner_away_with_pages(nursery: trio.Nursery, address: Address, name: str, store: Store) -> HostClient:
+    """A client of ours (root, on the unix socket) that stores 10 pages, then goes away for
+    longer than the away timeout; its HostClient, to come back with later."""
+    async with trio.open_nursery() as gone:
+        owner = await start_client(gone, address, name)
+        assert await owner.put(0, 1, b"".join(page(i) for i in range(10))) == bytes(10)
+        gone.cancel_scope.cancel()
+    with trio.fail_after(5):
+        while store.clients[name].connected:
+            await trio.sleep(0.01)
+    await trio.sleep(2 * AWAY)  # the scenario: away longer than --away-timeout
+    return owner
+
+
+async def comes_back_with_its_pages(nursery: trio.Nursery, owner: HostClient, store: Store) -> None:
+    """The owner reconnects, proves who it is, and finds its 10 pages (read back)."""
+    await nursery.start(owner.run)
+    with trio.fail_after(5):
+        await owner.wait_connected()
+    assert owner.hello_answer.resumed and owner.counters[LinkCounter.SESSIONS_LOST] == 0
+    got = await owner.get(array("Q", range(10)))
+    assert got.statuses == bytes(10) and got.data == b"".join(page(i) for i in range(10))
+
+
+CLAIM_NAME = textwrap.dedent("""
+    import os, sys, trio
+    from hoststore.address import Address
+    from vswapfs.hostclient import HostClient, LinkCounter
+    uid = int(sys.argv[2]); os.setgid(uid); os.setuid(uid)
+
+    async def main():
+        client = HostClient(Address("unix", path=sys.argv[1]), sys.argv[3], 128 * 4096, backoff_min=60)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            print("connected" if client.connected else
+                  f"refused {client.counters[LinkCounter.HELLO_REFUSED]}", flush=True)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+""")
+
+
+async def test_another_uid_cannot_take_over_a_name_nor_drop_its_pages(tmp_path) -> None:
+    """The issue's reproduction: once its owner had been away for --away-timeout, any peer
+    that could say hello under its name replaced it and the store dropped its pages."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    directory = tempfile.mkdtemp(prefix="vswapfs-names-", dir="/tmp")  # other uids can reach it
+    try:
+        os.chmod(directory, 0o711)
+        store = away_store()
+        async with trio.open_nursery() as nursery:
+            address, _ = await start_server(nursery, Address("unix", path=os.path.join(directory, "s")), store,
+                                            Access(None, frozenset({65534})))
+            owner = await owner_away_with_pages(nursery, address, "victim", store)
+            done = await trio.run_process([sys.executable, "-c", CLAIM_NAME, address.path, "65534", "victim"],
+                                          capture_stdout=True, cwd=os.getcwd(), check=False)
+            assert done.stdout.decode().strip() == "refused 1"
+            assert store.counters[HostCounter.REFUSED_NAME_OWNER] == 1
+            assert store.pages == 10 and store.counters[HostCounter.DROPPED_SESSIONS] == 0
+            await comes_back_with_its_pages(nursery, owner, store)
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(directory)
+
+
+async def test_an_unauthenticated_tcp_peer_cannot_take_a_name_nor_hold_it_against_its_owner(tmp_path) -> None:
+    """A tokenless TCP peer (a store with --insecure-tcp) under the name of a unix-socket
+    client that has been away for long: refused, while connected and while not; and
+    the owner's own reconnect is accepted while the squatter's connection is still open."""
+    store = away_store()
+    async with trio.open_nursery() as nursery:
+        unix, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
+        owner = await owner_away_with_pages(nursery, unix, "victim", store)
+        squatter, conn, welcome = await open_raw(tcp)
+        _, data = conn.send_request(hello("victim", welcome, b"q" * 16, instance="squatter"))
+        await squatter.send_all(data)
+        error = (await answer_of(squatter, conn)).error
+        assert "belongs to uid 0, not to an unauthenticated TCP peer" in error
+        assert store.counters[HostCounter.REFUSED_NAME_OWNER] == 1 and store.pages == 10
+        other, conn2, welcome2 = await open_raw(tcp)  # a second squatter stays connected, under its own name
+        _, data = conn2.send_request(hello("squatter", welcome2, b"r" * 16, instance="squatter"))
+        await other.send_all(data)
+        assert (await answer_of(other, conn2)).error is None
+        await comes_back_with_its_pages(nursery, owner, store)
+        # And while the owner is connected, the squatter is told whose name it is, not "in use".
+        stream, conn3, welcome3 = await open_raw(tcp)
+        _, data = conn3.send_request(hello("victim", welcome3, b"s" * 16, instance="squatter"))
+        await stream.send_all(data)
+        assert "belongs to uid 0" in (await answer_of(stream, conn3)).error
+        assert store.counters[HostCounter.REFUSED_NAME_OWNER] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def vswapctl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """The command line, run beside the store this test serves (never blocking its loop)."""
+    return await trio.run_process([sys.executable, "-m", "vswapctl", *args], capture_stdout=True,
+                                  capture_stderr=True, cwd=os.getcwd(), check=False)
+
+
+async def test_vswapctl_evict_frees_an_away_clients_name_and_only_an_admin_may(tmp_path) -> None:
+    store = away_store()
+    async with trio.open_nursery() as nursery:
+        unix, _ = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store)
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
+        here = await start_client(nursery, unix, "here")
+        await here.put(0, 1, page(0))
+        await owner_away_with_pages(nursery, unix, "gone", store)
+        done = await vswapctl("evict", "here", "--host", str(unix))  # connected: its pages are in use
+        assert done.returncode == 1 and b"is connected" in done.stderr
+        done = await vswapctl("evict", "gone", "--host", str(tcp), "--insecure-tcp")  # TCP: never an admin
+        assert done.returncode == 1 and b"needs an admin connection" in done.stderr
+        done = await vswapctl("evict", "gone", "--host", str(tcp))  # and not over tokenless TCP unasked
+        assert done.returncode == 1 and b"--insecure-tcp" in done.stderr
+        done = await vswapctl("evict", "nobody", "--host", str(unix))
+        assert done.returncode == 1 and b"no client named 'nobody'" in done.stderr
+        assert store.pages == 11 and store.counters[HostCounter.EVICT_REQUESTS] == 0
+        done = await vswapctl("evict", "gone", "--host", str(unix), "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"client": "gone", "dropped": 10}
+        assert store.counters[HostCounter.EVICT_REQUESTS] == 1 and store.counters[HostCounter.EVICTED] == 10
+        assert store.pages == 1 and "gone" not in store.clients
+        assert (await here.get(array("Q", [0]))).data == page(0)  # nobody else's page went
+        # The name is free now, for any identity.
+        stream, conn, welcome = await open_raw(tcp)
+        _, data = conn.send_request(hello("gone", welcome, b"g" * 16, instance="new"))
+        await stream.send_all(data)
+        assert (await answer_of(stream, conn)).error is None
+        nursery.cancel_scope.cancel()
+
+
 # -- authentication ------------------------------------------------------------------------
 
 
@@ -195,9 +339,12 @@ async def test_tcp_token_is_proven_both_ways_and_the_secret_never_crosses_in_cle
         # The secret the client holds is not what went over the wire.
         client_secret = store.clients["good"].secret
         assert good.secret == client_secret
-        # No token: the client knows before it says hello, and sends nothing.
-        with pytest.raises(StoreError, match="needs a token"):
+        # No token: refused before connecting; told --insecure-tcp, it learns from the
+        # welcome that the store needs one, and sends nothing.
+        with pytest.raises(StoreError, match="without a --token-file"):
             await query(address, Stats())
+        with pytest.raises(StoreError, match="needs a token"):
+            await query(address, Stats(), insecure_tcp=True)
         # A wrong token: refused at hello, counted.
         with pytest.raises(StoreError, match="wrong token"):
             await query(address, Stats(), token=b"x" * 32)
@@ -243,6 +390,134 @@ async def test_a_store_without_the_token_gets_no_page(tmp_path, answer_auth) -> 
             await client.put(0, 1, page(0))
         await trio.sleep(1.1)
         assert received == []  # not a byte after the hello: no page, no request
+        nursery.cancel_scope.cancel()
+
+
+async def tokenless_store(listener: trio.SocketListener, connections: list[bytes]) -> None:
+    """Plays a store on TCP without a token (anyone who got the port first could): it
+    welcomes every connection, answers its hello, and records every byte it is sent."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            stream = await listener.accept()
+            connections.append(b"")
+            nursery.start_soon(_record, stream, connections, len(connections) - 1)
+
+
+async def _record(stream: trio.abc.Stream, connections: list[bytes], at: int) -> None:
+    conn = p.Connection("server")
+    async with stream:
+        await stream.send_all(conn.send_welcome(Welcome(PROTOCOL_VERSION, "fake", "f1", b"w" * 16)))
+        while data := await stream.receive_some(65536):
+            connections[at] += data
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not None:
+                if isinstance(event, p.RequestReceived) and isinstance(event.message, Hello):
+                    await stream.send_all(conn.accept_hello(event.msgid, HelloAnswer("f1", False, b"s" * 32)))
+                elif isinstance(event, p.RequestReceived) and isinstance(event.message, Put):
+                    answer = bytes(event.message.n)  # "stored", as the issue's fake store answered
+                    await stream.send_all(conn.send_answer(event.msgid, event.message, answer))
+
+
+async def test_a_tokenless_tcp_store_is_never_sent_a_page_unless_insecure_tcp_accepts_it(tmp_path) -> None:
+    """The issue's reproduction: without a token nothing checked who held the port, and a
+    fake store received the pages and answered them stored.  Now vswapfs's client refuses
+    TCP without a token before connecting; with --insecure-tcp (loopback) it goes ahead,
+    and the fake store shows what that gives up."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    address = Address("tcp", host="127.0.0.1", port=listeners[0].socket.getsockname()[1])
+    connections: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tokenless_store, listeners[0], connections)
+        with pytest.raises(StoreAuthError, match="accept that with --insecure-tcp"):
+            HostClient(address, "c", 128 * PAGE_SIZE)
+        with pytest.raises(StoreAuthError, match="loopback addresses only"):
+            HostClient(Address("tcp", host="192.0.2.1", port=address.port), "c", 128 * PAGE_SIZE, insecure_tcp=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert connections == []  # not even a connection
+        client = await start_client(nursery, address, "c", insecure_tcp=True)
+        assert await client.put(0, 1, page(7)) == bytes(1)
+        assert len(connections) == 1 and page(7) in connections[0]  # what --insecure-tcp gives up
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_insecure_tcp_pages_go_to_a_loopback_store_and_come_back(tmp_path, disk_dir) -> None:
+    """A pager on a real store over loopback TCP without a token, both sides told
+    --insecure-tcp: pages stored there, read back checked."""
+    from vswapfs.backing import Backing
+    from vswapfs.pager import Pager
+
+    store = new_store(capacity=64)
+    backing = Backing.open(f"{disk_dir}/backing", 64 * PAGE_SIZE)
+    pages = b"".join((i.to_bytes(8, "little") + b"insecure") * (PAGE_SIZE // 16) for i in range(16))
+    try:
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(AccessError, match="--insecure-tcp"):
+                await open_listener(Address("tcp", host="127.0.0.1", port=0))  # the store refuses too
+            tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
+            client = HostClient(tcp, "tcp-pager", 64 * PAGE_SIZE, insecure_tcp=True)
+            pager = Pager(backing, client)
+            await nursery.start(client.run)
+            await pager.write(0, pages)
+            assert store.pages == 16 and pager.map.counts()["host"] == 16
+            assert await pager.read(0, 16 * PAGE_SIZE) == pages
+            assert store.counters[HostCounter.READS] == 16
+            nursery.cancel_scope.cancel()
+    finally:
+        backing.close()
+
+
+async def test_vswapfs_refuses_a_tokenless_tcp_store_at_start(tmp_path, disk_dir) -> None:
+    """vswapfs --host tcp:... without --token-file or --insecure-tcp stops before anything:
+    no connection to whatever holds the port, no backing file, no mount.  (Its backing file
+    is in a directory that does not exist, so that were the check ever missing, vswapfs
+    would still stop before mounting, failing this test for the right reason.)"""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    connections: list[bytes] = []
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    backing = f"{disk_dir}/missing/backing"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tokenless_store, listeners[0], connections)
+        done = await trio.run_process([sys.executable, "-m", "vswapfs", str(mnt), "--backing", backing, "--size", "1M",
+                                       "--host", f"tcp:127.0.0.1:{port}"], capture_stderr=True, cwd=os.getcwd(),
+                                      check=False)
+        stderr = done.stderr.decode()
+        assert done.returncode == 2 and "without a --token-file" in stderr and "--insecure-tcp" in stderr, stderr
+        assert connections == [] and not os.path.ismount(mnt)
+        nursery.cancel_scope.cancel()
+
+
+async def test_vswapctl_reaches_a_devices_tcp_store_as_up_was_told(tmp_path) -> None:
+    """stats, drain and the rest ask the store of the device in the state directory with
+    the token `up` was given, or without one only if `up` was told --insecure-tcp."""
+    from vswapctl.state import State
+
+    token_file = tmp_path / "token"
+    token_file.write_bytes(TOKEN)
+    token_file.chmod(0o600)
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        with_token, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, Access(TOKEN))
+        without, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE)
+        devices = {
+            "token": State(str(tmp_path / "token-dev"), host=str(with_token), token_file=str(token_file)),
+            "insecure": State(str(tmp_path / "insecure-dev"), host=str(without), insecure_tcp=True),
+            "unasked": State(str(tmp_path / "unasked-dev"), host=str(without)),
+        }
+        for state in devices.values():
+            state.save()
+        stats = {}
+        for name, state in devices.items():
+            done = await vswapctl("--state-dir", state.state_dir, "stats", "--json")
+            assert done.returncode == 0, done.stderr
+            stats[name] = json.loads(done.stdout)["hoststore"]
+        assert stats["token"]["instance"] == stats["insecure"]["instance"] == store.instance
+        assert "unreachable" in stats["unasked"] and "--insecure-tcp" in stats["unasked"]
+        # The admin requests go with the token too (and are refused: TCP peers are never admins).
+        done = await vswapctl("--state-dir", devices["token"].state_dir, "drain", "--timeout", "5")
+        assert done.returncode == 1 and b"needs an admin connection" in done.stderr, done.stderr
+        assert store.counters[HostCounter.REFUSED_AUTH] == 0 and not store.draining
         nursery.cancel_scope.cancel()
 
 
@@ -320,8 +595,12 @@ def test_listeners_open_to_strangers_are_refused_at_start(tmp_path) -> None:
         check_listener(Address("tcp", host="0.0.0.0", port=7070), Access())
     with pytest.raises(AccessError, match="not a loopback"):
         check_listener(Address("tcp", host="", port=7070), Access())
+    with pytest.raises(AccessError, match="not a loopback"):
+        check_listener(Address("tcp", host="0.0.0.0", port=7070), INSECURE)  # loopback only, even so
     check_listener(Address("tcp", host="0.0.0.0", port=7070), Access(TOKEN))
-    check_listener(Address("tcp", host="127.0.0.1", port=7070), Access())
+    with pytest.raises(AccessError, match="accept that with --insecure-tcp"):
+        check_listener(Address("tcp", host="127.0.0.1", port=7070), Access())
+    check_listener(Address("tcp", host="127.0.0.1", port=7070), INSECURE)
     assert is_loopback("localhost") and is_loopback("::1") and not is_loopback("192.0.2.1")
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -369,9 +648,9 @@ def test_the_daemon_refuses_a_public_listener_and_a_bad_token_file(tmp_path) -> 
 async def test_connection_caps_close_at_once_and_are_counted(tmp_path) -> None:
     store = new_store()
     async with trio.open_nursery() as nursery:
-        listeners = [await open_listener(Address("tcp", host="127.0.0.1", port=0)),
-                     await open_listener(Address("unix", path=str(tmp_path / "s")))]
-        server = Server(store, ServerConfig(max_connections=6, max_connections_per_peer=3))
+        listeners = [await open_listener(Address("tcp", host="127.0.0.1", port=0), INSECURE),
+                     await open_listener(Address("unix", path=str(tmp_path / "s")), INSECURE)]
+        server = Server(store, ServerConfig(max_connections=6, max_connections_per_peer=3), INSECURE)
         tcp, unix = await nursery.start(server.serve, listeners)
         held = [await open_raw(tcp) for _ in range(3)]
         extra = await trio.open_tcp_stream("127.0.0.1", tcp.port)  # a 4th from the same address
@@ -532,7 +811,8 @@ async def test_a_refused_drain_does_not_lift_the_idle_timeout(tmp_path) -> None:
     """Only an admin's drain may outlast the idle timeout; a refused one changes nothing."""
     store = new_store()
     async with trio.open_nursery() as nursery:
-        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, idle_timeout=0.5)
+        tcp, _ = await start_server(nursery, Address("tcp", host="127.0.0.1", port=0), store, INSECURE,
+                                    idle_timeout=0.5)
         stream, conn, welcome = await open_raw(tcp)
         _, data = conn.send_request(hello("nosy", welcome, b"d" * 16))
         await stream.send_all(data)
@@ -561,20 +841,22 @@ def test_names_holding_nothing_are_forgotten_and_new_names_capped() -> None:
 
 async def test_a_drain_completes_while_a_pager_keeps_reading(tmp_path) -> None:
     """The admin's drain request waits a long time; it must not hold the other
-    connections' turns, or a busy pager could not answer its hand-backs and its
-    pages would be dropped when the drain times out."""
+    connections' turns, or a busy pager could not answer its hand-backs.  Its disk
+    is slow too: 0.25 s per batch, two at a time, 2 s for all, twice the drain
+    timeout (which bounds only a client that makes no progress)."""
     store = new_store(capacity=1024)
 
     async def take_back(handback) -> bytes:
+        await trio.sleep(0.25)
         return bytes([TakeStatus.TAKEN]) * len(handback.pages)
 
     async with trio.open_nursery() as nursery:
         listener = await open_listener(Address("unix", path=str(tmp_path / "s")))
-        server = Server(store, ServerConfig(handback_batch=16, handback_timeout=1.0, drain_timeout=5.0))
+        server = Server(store, ServerConfig(handback_batch=64, handback_timeout=5.0, drain_timeout=1.0))
         [address] = await nursery.start(server.serve, [listener])
         client = await start_client(nursery, address, "busy", npages=1024)
         client.set_handlers(take_back, lambda: None)
-        for first in range(0, 512, 256):
+        for first in range(0, 1024, 256):
             await client.put(first, 1, b"".join(page(first + i) for i in range(256)))
         reads = 0
 
@@ -588,9 +870,38 @@ async def test_a_drain_completes_while_a_pager_keeps_reading(tmp_path) -> None:
                     return
 
         nursery.start_soon(keep_reading)
-        await trio.sleep(0.1)
+        with trio.fail_after(5):
+            while reads < 10:
+                await trio.sleep(0.01)
+        start = trio.current_time()
         with trio.fail_after(20):
             report = await query(address, Drain(), timeout=20)
-        assert report == {"handed_back": {"busy": 512}, "dropped": {}}
-        assert reads > 10
+        assert trio.current_time() - start >= 2 * server.config.drain_timeout
+        assert report == {"handed_back": {"busy": 1024}, "dropped": {}}
+        assert reads > 20
+        nursery.cancel_scope.cancel()
+
+
+async def test_vswapctl_drain_waits_for_the_whole_drain_and_reports_it(tmp_path) -> None:
+    """Without --timeout, `vswapctl drain` waits for the store's report as long as the
+    drain goes on (here 1.5 s of a slow disk against a 1 s drain timeout)."""
+    store = new_store()
+
+    async def take_back(handback) -> bytes:
+        await trio.sleep(0.5)
+        return bytes([TakeStatus.TAKEN]) * len(handback.pages)
+
+    async with trio.open_nursery() as nursery:
+        unix, server = await start_server(nursery, Address("unix", path=str(tmp_path / "s")), store,
+                                          handback_batch=16, drain_timeout=1.0)
+        client = await start_client(nursery, unix, "slow")
+        client.set_handlers(take_back, lambda: None)
+        await client.put(0, 1, b"".join(page(i) for i in range(96)))
+        start = trio.current_time()
+        done = await vswapctl("drain", "--host", str(unix), "--json")
+        assert trio.current_time() - start >= 1.5
+        assert done.returncode == 0, done.stderr
+        text = done.stdout.decode()  # a line saying what it does, the report, a line saying what was done
+        assert json.loads(text[text.index("{") : text.rindex("}") + 1]) == {"dropped": {}, "handed_back": {"slow": 96}}
+        assert "handed back 96 pages" in text and store.pages == 0
         nursery.cancel_scope.cancel()

@@ -54,6 +54,18 @@ def test_help(module: str) -> None:
         ("hoststore", ["--listen", "unix:/x", "--quota", "=5M"], "empty client name"),
         ("hoststore", ["--listen", "unix:/x", "--max-connections", "0"], "at least 1"),
         ("hoststore", ["--listen", "tcp:127.0.0.1:0", "--token-file", "/nonexistent"], "cannot open token file"),
+        # TCP without a token: refused unless --insecure-tcp, and that only on loopback.
+        ("hoststore", ["--listen", "tcp:127.0.0.1:0"], "accept that with --insecure-tcp"),
+        ("hoststore", ["--listen", "tcp:0.0.0.0:0", "--insecure-tcp"], "loopback addresses only"),
+        ("hoststore", ["--listen", "unix:/x", "--insecure-tcp"], "only for tcp:HOST:PORT"),
+        ("vswapctl", ["up", "--host", "tcp:127.0.0.1:9"], "accept that with --insecure-tcp"),
+        ("vswapctl", ["up", "--host", "tcp:192.0.2.1:9", "--insecure-tcp"], "loopback addresses only"),
+        ("vswapctl", ["up", "--insecure-tcp"], "only for tcp:HOST:PORT"),
+        ("vswapctl", ["policy", "--host", "tcp:127.0.0.1:9"], "accept that with --insecure-tcp"),
+        ("vswapctl", ["drain", "--host", "tcp:127.0.0.1:9"], "accept that with --insecure-tcp"),
+        ("vswapctl", ["top", "--host", "tcp:127.0.0.1:9", "--count", "1"], "accept that with --insecure-tcp"),
+        ("vswapctl", ["evict", "x", "--host", "tcp:127.0.0.1:9"], "accept that with --insecure-tcp"),
+        ("vswapctl", ["evict", "x" * 300, "--host", "unix:/x"], "NAME"),
     ],
 )
 def test_bad_arguments(module: str, args: list[str], needle: str) -> None:
@@ -118,6 +130,22 @@ def test_vswapfs_refuses_a_token_file_others_can_read(tmp_path) -> None:
     done = run("vswapfs", str(mnt), "--backing", str(tmp_path / "b"), "--size", "1M", "--host", "tcp:127.0.0.1:9",
                "--token-file", str(token))
     assert done.returncode != 0 and "chmod 600" in done.stderr and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("host,needle", [
+    ("tcp:127.0.0.1:9", "accept that with --insecure-tcp"),
+    ("tcp:192.0.2.1:9 --insecure-tcp", "loopback addresses only"),
+    ("unix:/x --insecure-tcp", "only for tcp:HOST:PORT"),
+    ("inproc --insecure-tcp", "only for tcp:HOST:PORT"),
+])
+def test_vswapfs_takes_tcp_without_a_token_only_when_told_and_only_on_loopback(tmp_path, host, needle) -> None:
+    """Refused before anything is opened (the backing file's directory does not exist
+    either, so nothing could be mounted even were the check missing)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = run("vswapfs", str(mnt), "--backing", str(tmp_path / "missing" / "b"), "--size", "1M",
+               "--host", *host.split())
+    assert done.returncode == 2 and needle in done.stderr.splitlines()[-1], done.stderr
 
 
 def test_membench_reports_the_memory_of_both_daemons() -> None:

@@ -238,3 +238,35 @@ def test_a_backing_file_on_overlayfs_is_refused_unless_allowed(disk_dir: str) ->
             assert proc.wait(15) == 0
     finally:
         subprocess.run(["umount", dirs["merged"]], check=True)
+
+
+def test_vswapfs_over_loopback_tcp_without_a_token_when_both_sides_are_told(disk_dir: str) -> None:
+    """--insecure-tcp on both daemons: the pages go over loopback TCP (no shared memory
+    there) and read back.  (Refusal without it: tests/test_access.py and test_cli.py.)"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tcp = f"tcp:127.0.0.1:{port}"
+    d = Daemons(disk_dir, capacity=f"{CAPACITY_PAGES * 4}K", size=f"{NPAGES * 4}K",
+                extra_hoststore=["--listen", tcp, "--insecure-tcp"], extra_vswapfs=["--host", tcp, "--insecure-tcp"])
+    try:
+        d.start()
+        d.wait_host_connected()
+        buf = mmap.mmap(-1, 64 * PAGE_SIZE)
+        fd = os.open(d.swapfile, os.O_RDWR | os.O_DIRECT)
+        try:
+            buf[:] = b"".join(pattern(i, 1) for i in range(64))
+            assert os.pwrite(fd, buf, 0) == 64 * PAGE_SIZE
+            buf[:] = bytes(64 * PAGE_SIZE)
+            assert os.preadv(fd, [buf], 0) == 64 * PAGE_SIZE
+            assert buf[:] == b"".join(pattern(i, 1) for i in range(64))
+        finally:
+            os.close(fd)
+        fs, host = d.stats(), d.host_stats()
+        assert fs["host_address"] == tcp and not fs["shared_memory"]
+        assert fs["host_writes"] == host["accepted"] == 64 and host["reads"] == 64
+        assert host["clients"][next(iter(host["clients"]))]["pages"] == 64
+    finally:
+        d.stop()

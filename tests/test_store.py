@@ -201,6 +201,100 @@ def test_a_client_without_pages_is_replaced_at_once() -> None:
     assert fresh is not c
 
 
+# -- names belong to their identity -------------------------------------------------------
+
+OWNER, OTHER = "uid 1000", "uid 1001"
+
+
+def attach_as(store: Store, owner: str, name: str = "a", instance: str = "i1", nonce: bytes = b"c" * 16,
+              proof: bytes | None = None) -> tuple[ClientPages | None, bool]:
+    client, answer, _ = store.attach(hello(name, instance=instance, nonce=nonce, proof=proof), NONCE, owner=owner)
+    return client, answer.resumed
+
+
+def test_another_identity_never_takes_a_name_whatever_it_holds_and_however_long_away() -> None:
+    clock = Clock()
+    store, _ = make_store(clock=clock)
+    c, _ = attach_as(store, OWNER)
+    store.bind(c, object())
+    put(store, c, 0, 1, page(0), page(1))
+    with pytest.raises(RequestError, match="belongs to uid 1000, not to uid 1001"):
+        attach_as(store, OTHER, instance="thief")  # connected: not "in use", but not yours
+    store.detach(c, c.session)
+    clock.now += 100 * store.away_timeout  # long gone: a new instance of the same uid could replace it now
+    proof = auth.reconnect_proof(c.secret, "a", NONCE, b"c" * 16)
+    for kw in ({"instance": "thief"}, {"proof": proof}):  # nor with the owner's proof, stolen
+        with pytest.raises(RequestError, match="belongs to uid 1000"):
+            attach_as(store, OTHER, **kw)
+    assert store.counters[HostCounter.REFUSED_NAME_OWNER] == 3
+    assert store.pages == 2 and store.counters[HostCounter.DROPPED_SESSIONS] == 0
+    assert get(store, c, 0, 1).data == page(0) + page(1)
+    again, resumed = attach_as(store, OWNER, proof=proof)  # the owner's reconnect is never refused
+    assert again is c and resumed
+
+
+def test_another_identity_does_not_take_an_empty_name_either() -> None:
+    """A name holding nothing is still its owner's: the owner's reconnect must find it."""
+    store, _ = make_store()
+    c, _ = attach_as(store, OWNER)
+    store.detach(c, c.session)
+    with pytest.raises(RequestError, match="belongs to"):
+        attach_as(store, OTHER, instance="thief")
+    proof = auth.reconnect_proof(c.secret, "a", NONCE, b"c" * 16)
+    assert attach_as(store, OWNER, proof=proof) == (c, True)
+
+
+def test_the_same_identity_keeps_its_old_rules() -> None:
+    """A new instance of the owner (a restarted vswapfs) replaces a client away with pages
+    after the away timeout, and one away with none at once, as before."""
+    clock = Clock()
+    store, _ = make_store(clock=clock)
+    c, _ = attach_as(store, OWNER)
+    put(store, c, 0, 1, page(0))
+    store.detach(c, c.session)
+    with pytest.raises(RequestError, match="away with 1 pages"):
+        attach_as(store, OWNER, instance="i2")
+    clock.now += store.away_timeout + 1
+    fresh, resumed = attach_as(store, OWNER, instance="i2")
+    assert fresh is not c and not resumed and store.pages == 0
+    assert store.counters[HostCounter.DROPPED_SESSIONS] == 1
+
+
+def test_evict_drops_an_away_clients_pages_and_frees_its_name_but_never_a_connected_ones() -> None:
+    store, _ = make_store()
+    c, _ = attach_as(store, OWNER)
+    store.bind(c, object())
+    put(store, c, 0, 1, page(0), page(1), page(2))
+    with pytest.raises(RequestError, match="connected"):
+        store.evict("a")
+    assert store.pages == 3 and store.counters[HostCounter.EVICT_REQUESTS] == 0
+    with pytest.raises(RequestError, match="no client named 'b'"):
+        store.evict("b")
+    store.detach(c, c.session)
+    assert store.evict("a") == 3
+    assert store.pages == 0 and "a" not in store.clients and "a" not in store.client_counters
+    assert store.counters[HostCounter.EVICT_REQUESTS] == 1 and store.counters[HostCounter.EVICTED] == 3
+    fresh, resumed = attach_as(store, OTHER, instance="new")  # the name is free, for anyone
+    assert fresh is not None and not resumed and store.owners["a"] == OTHER
+
+
+def test_a_flood_of_names_pushes_out_the_flooders_own_empty_names_first() -> None:
+    """At --max-clients, names away and holding nothing make room, the newcomer's own
+    identity's first: inventing names cannot push another owner's name out (and then
+    take it)."""
+    store, _ = make_store()
+    store.max_clients = 3
+    owner, _ = attach_as(store, OWNER, name="victim")
+    store.detach(owner, owner.session)  # away, holding nothing
+    for i in range(20):  # each hello under a new name, then gone (never bound: away)
+        attach_as(store, OTHER, name=f"junk{i}", instance=f"j{i}")
+    assert "victim" in store.clients and store.owners["victim"] == OWNER
+    with pytest.raises(RequestError, match="belongs to uid 1000"):
+        attach_as(store, OTHER, name="victim", instance="thief")
+    proof = auth.reconnect_proof(owner.secret, "victim", NONCE, b"c" * 16)
+    assert attach_as(store, OWNER, name="victim", proof=proof) == (owner, True)
+
+
 def test_device_size_above_the_cap_is_refused_and_memory_follows_pages() -> None:
     store, _ = make_store(max_device_size=1 << 40)
     with pytest.raises(RequestError, match="max-device-size"):

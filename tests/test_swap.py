@@ -120,6 +120,42 @@ def test_workload_through_the_in_process_store_and_backing(state_dir: str, disk_
     assert drain.returncode == 1 and "no store daemon" in drain.stderr
 
 
+def test_workload_through_a_store_on_loopback_tcp_without_a_token(state_dir: str, disk_dir: str) -> None:
+    """`up --host tcp:... --insecure-tcp` passes the flag on to vswapfs, and stats (from the
+    state directory) reach the store the same way; without the flag, up refuses at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = f"tcp:127.0.0.1:{port}"
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+    refused = vswapctl(state_dir, "up", "--size", "512M", "--host", host)
+    assert refused.returncode == 1 and "--insecure-tcp" in refused.stderr and State.load(state_dir) is None
+    store = subprocess.Popen([sys.executable, "-m", "hoststore", "--listen", host, "--insecure-tcp",
+                              "--capacity", "64M"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(listening, 15, "the store listening")
+        up(state_dir, disk_dir, "--host", host, "--insecure-tcp", "--priority", "32000")
+        state = State.load(state_dir)
+        assert state is not None and state.insecure_tcp and state.hoststore_id is None
+        done = vswapctl(state_dir, "workload", "--size", "256M", "--limit", "64M")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout.strip().splitlines()[-1])["bad_pages"] == 0
+        after = stats(state_dir)
+        fs, host_stats = after["vswapfs"], after["hoststore"]
+        assert fs["host_address"] == host and not fs["shared_memory"]
+        assert host_stats["accepted"] == fs["host_writes"] > 0 and fs["host_reads"] > 0
+        assert fs["io_errors"] == 0 and fs["read_failures"] == 0 and fs["checksum_errors"] == 0
+    finally:
+        vswapctl(state_dir, "down", timeout=1800)  # swap off first; then the store may go
+        store.send_signal(signal.SIGTERM)
+        store.wait(120)
+
+
 def start_workload(state_dir: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "vswapctl", "--state-dir", state_dir, "workload",
                              "--size", "256M", "--limit", "64M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -270,7 +270,7 @@ def run(seconds: float = 10.0, hello_timeout: float = 2.0, kinds: dict[str, int]
 
     port = _free_port()
     attacker: subprocess.Popen[str] | None = None
-    with bench_store("vswapctl-attack-", "--listen", f"tcp:127.0.0.1:{port}", "--capacity", "256M",
+    with bench_store("vswapctl-attack-", "--listen", f"tcp:127.0.0.1:{port}", "--insecure-tcp", "--capacity", "256M",
                      "--hello-timeout", str(hello_timeout), "--idle-timeout", str(hello_timeout * 3),
                      "--drain-timeout", "1") as (store, sock, _):
         try:

@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
 import statistics
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import trio
 
+from hoststore.access import INSECURE_TCP_GIVES_UP, check_tcp_options
 from hoststore.address import INPROC, Address, parse_address, parse_store_address
 from hoststore.cliutil import argtype, count, percent, positive, quota
 from hoststore.messages import PAGE_SIZE, Drain, Stats
@@ -65,7 +68,7 @@ def up_config(args: argparse.Namespace) -> device.UpConfig:
         size=size, backing=backing,
         mountpoint=system.resolve_mountpoint(args.mountpoint or os.path.join(args.state_dir, "mnt")),
         capacity=capacity, host=_absolute_host(args.host), token_file=args.token_file,
-        writethrough=args.writethrough,
+        insecure_tcp=args.insecure_tcp, writethrough=args.writethrough,
         pressure_source=_absolute_source(args.pressure_source), priority=args.priority, discard=args.discard,
         swap=args.swap, verbose=args.verbose, start_timeout=args.start_timeout,
         extra_hoststore=["--tier", args.tier] if args.tier else [],
@@ -85,6 +88,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _fail("--pressure-source does not go with --tier: the cluster's memory is the pressure")
     if args.token_file and args.host.kind == INPROC:
         return _fail("--token-file is for a store at an address; --host inproc has none")
+    problem = check_tcp_options([args.host] if args.host else [], bool(args.token_file), args.insecure_tcp)
+    if problem:
+        return _fail(problem)
     if args.token_file:
         from hoststore.auth import TokenError, load_token
 
@@ -143,14 +149,42 @@ def read_vswapfs_stats(state: State) -> dict[str, Any] | str:
         return str(exc)
 
 
-def read_host_stats(address: str, token_file: str = "") -> dict[str, Any] | str:
-    from hoststore.auth import TokenError, load_token
-    from vswapfs.hostclient import query
+@dataclasses.dataclass(frozen=True)
+class StoreTarget:
+    """A store daemon as a command reaches it: its address, its token file ("" for
+    none), and whether TCP without a token was accepted (--insecure-tcp)."""
+
+    address: Address
+    token_file: str = ""
+    insecure_tcp: bool = False
+
+    @classmethod
+    def of(cls, state: State) -> "StoreTarget":
+        """The store of the device in ``state``, reached as `up` was told to."""
+        return cls(parse_address(state.host), state.token_file, state.insecure_tcp)
+
+    def token(self) -> bytes | None:
+        """The token, read from its file now (TokenError if it cannot be used)."""
+        from hoststore.auth import load_token
+
+        return load_token(self.token_file) if self.token_file else None
+
+    def ask(self, message: Any, wait: float | None = None) -> Any:
+        """One request on a fresh observer connection, its answer waited for ``wait``
+        seconds (default CONTROL_TIMEOUT).  Raises StoreUnavailable, StoreError (a
+        TCP store refused by the --insecure-tcp rule too), TokenError or OSError."""
+        from vswapfs.hostclient import query
+
+        return trio.run(partial(query, self.address, message, CONTROL_TIMEOUT, self.token(),
+                                insecure_tcp=self.insecure_tcp, wait=wait))
+
+
+def read_host_stats(target: StoreTarget) -> dict[str, Any] | str:
+    from hoststore.auth import TokenError
     from vswapfs.pagestore import StoreError, StoreUnavailable
 
     try:
-        token = load_token(token_file) if token_file else None
-        return trio.run(query, parse_address(address), Stats(), CONTROL_TIMEOUT, token)
+        return target.ask(Stats())
     except (StoreUnavailable, StoreError, OSError, ValueError, TokenError) as exc:
         return f"unreachable: {exc}"
 
@@ -220,7 +254,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if state.host == INPROC:  # the store lives in vswapfs: its counters came with vswapfs's
         host = fs.pop("inproc_store", "not reported") if isinstance(fs, dict) else "inside vswapfs, which " + fs
     else:
-        host = read_host_stats(state.host, state.token_file)
+        host = read_host_stats(StoreTarget.of(state))
     if args.json:
         print(json.dumps({"vswapfs": fs, "hoststore": host}, indent=1, sort_keys=True))
         return 0
@@ -252,26 +286,48 @@ def _table(rows: list[tuple[str, Any]], indent: str = "") -> None:
 # -- drain --------------------------------------------------------------------------
 
 
-def _store_address(args: argparse.Namespace, what: str) -> Any:
-    """The store to talk to: --host, or the one in the state directory; a str is a refusal."""
+WITH_HOST_ONLY = "--token-file and --insecure-tcp go with --host; the device's store is reached as `up` was told"
+
+
+def _store_target(args: argparse.Namespace, inproc: str) -> StoreTarget | str:
+    """The store a command talks to: --host (with --token-file or --insecure-tcp), or
+    the device's in the state directory, reached as `up` was told to.  A str says
+    why not (``inproc``: what to say of a device without a store daemon)."""
     if args.host is not None:
-        return args.host
-    state = _need_state(args)
-    if state.host == INPROC:
-        return f"this device has no store daemon (--host inproc): {what} needs one"
-    return parse_address(state.host)
+        target = StoreTarget(args.host, args.token_file or "", args.insecure_tcp)
+    elif args.token_file or args.insecure_tcp:
+        return WITH_HOST_ONLY
+    else:
+        state = _need_state(args)
+        if state.host == INPROC:
+            return f"this device has no store daemon (--host inproc): {inproc}"
+        target = StoreTarget.of(state)
+    return check_tcp_options([target.address], bool(target.token_file), target.insecure_tcp) or target
+
+
+def _store_options(parser: argparse.ArgumentParser, host_help: str = "the store's address (default: the one "
+                   "in the state directory)") -> None:
+    """--host, and how to reach a store there: the same for every command that asks one."""
+    parser.add_argument("--host", type=argtype(parse_address), metavar="ADDR", help=host_help)
+    parser.add_argument("--token-file", metavar="PATH",
+                        help="with --host: the store's token (mode 0600), proven both ways at hello (default: "
+                             "the device's store uses the token `up` was given)")
+    parser.add_argument("--insecure-tcp", action="store_true",
+                        help="with --host tcp:HOST:PORT on loopback: ask without a token, giving up what it "
+                             f"proves: {INSECURE_TCP_GIVES_UP}")
 
 
 def _configure(args: argparse.Namespace, message: Any, what: str) -> int:
-    from vswapfs.hostclient import StoreError, StoreUnavailable, query
+    from hoststore.auth import TokenError
+    from vswapfs.hostclient import StoreError, StoreUnavailable
 
-    address = _store_address(args, what)
-    if isinstance(address, str):
-        return _fail(address)
+    target = _store_target(args, f"{what} needs one")
+    if isinstance(target, str):
+        return _fail(target)
     try:
-        answer = trio.run(query, address, message, CONTROL_TIMEOUT)
-    except (StoreUnavailable, StoreError, OSError) as exc:
-        return _fail(f"{what} at {address}: {exc}")
+        answer = target.ask(message)
+    except (StoreUnavailable, StoreError, OSError, TokenError) as exc:
+        return _fail(f"{what} at {target.address}: {exc}")
     if args.json:
         print(json.dumps(answer, indent=1, sort_keys=True))
         return 0
@@ -313,12 +369,14 @@ def format_event(event: dict[str, Any]) -> str:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    from hoststore.auth import TokenError
     from hoststore.messages import TraceRead
     from vswapfs.hostclient import StoreError, StoreUnavailable, follow
 
-    address = _store_address(args, "the trace")
-    if isinstance(address, str):
-        return _fail(address)
+    target = _store_target(args, "the trace needs one")
+    if isinstance(target, str):
+        return _fail(target)
+    address = target.address
 
     def show(answer: dict[str, Any]) -> None:
         if answer["dropped"]:
@@ -328,11 +386,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(json.dumps(event, sort_keys=True) if args.json else format_event(event), flush=True)
 
     try:
+        token = target.token()
         try:
-            trio.run(follow, address, TraceRead(sample=args.sample, wait=1.0), show, CONTROL_TIMEOUT)
+            trio.run(partial(follow, address, TraceRead(sample=args.sample, wait=1.0), show, CONTROL_TIMEOUT,
+                             token, insecure_tcp=target.insecure_tcp))
         except* KeyboardInterrupt:  # ^C is how a trace ends (trio may hand it over in a group)
             pass
-    except (StoreUnavailable, StoreError, OSError) as exc:
+    except (StoreUnavailable, StoreError, OSError, TokenError) as exc:
         return _fail(f"trace of {address}: {exc}")
     return 0
 
@@ -340,7 +400,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def _readers(args: argparse.Namespace) -> tuple[Any, Any, str] | str:
     """(read vswapfs's stats, read the store's, a title); a str says why not."""
     if args.host is not None:
-        return (lambda: None), (lambda: read_host_stats(str(args.host))), f"store {args.host}"
+        target = _store_target(args, "")
+        if isinstance(target, str):
+            return target
+        return (lambda: None), (lambda: read_host_stats(target)), f"store {args.host}"
+    if args.token_file or args.insecure_tcp:
+        return WITH_HOST_ONLY
     state = State.load(args.state_dir)
     if state is None:
         return f"no device is up in {args.state_dir} (give --host ADDR to watch a store alone)"
@@ -349,7 +414,7 @@ def _readers(args: argparse.Namespace) -> tuple[Any, Any, str] | str:
             fs = read_vswapfs_stats(state)
             return fs.get("inproc_store") if isinstance(fs, dict) else None
         return (lambda: read_vswapfs_stats(state)), store, f"vswapfs {state.mountpoint} (inproc store)"
-    return ((lambda: read_vswapfs_stats(state)), (lambda: read_host_stats(state.host, state.token_file)),
+    return ((lambda: read_vswapfs_stats(state)), (lambda: read_host_stats(StoreTarget.of(state))),
             f"vswapfs {state.mountpoint}, store {state.host}")
 
 
@@ -421,20 +486,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     """Ask a hoststore to hand every page back to its clients and exit."""
-    from vswapfs.hostclient import StoreError, StoreUnavailable, query
+    from hoststore.auth import TokenError
+    from vswapfs.hostclient import StoreError, StoreUnavailable
 
-    if args.host is not None:
-        address = args.host
-    else:
-        state = _need_state(args)
-        if state.host == INPROC:
-            return _fail("this device has no store daemon (--host inproc): its pages leave vswapfs's memory "
-                         "as swapoff reads them back (`vswapctl down`)")
-        address = parse_address(state.host)
+    target = _store_target(args, "its pages leave vswapfs's memory as swapoff reads them back (`vswapctl down`)")
+    if isinstance(target, str):
+        return _fail(target)
+    address = target.address
     say(f"draining the host store at {address}: it hands every page back to its clients, then exits")
     try:
-        report = trio.run(query, address, Drain(), args.timeout)
-    except (StoreUnavailable, StoreError, OSError) as exc:
+        report = target.ask(Drain(), wait=args.timeout if args.timeout is not None else math.inf)
+    except (StoreUnavailable, StoreError, OSError, TokenError) as exc:
         return _fail(f"drain of {address} failed: {exc}")
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
@@ -444,6 +506,31 @@ def cmd_drain(args: argparse.Namespace) -> int:
     for name, pages in sorted(dropped.items()):
         say(f"DROPPED: client {name!r} did not take back {pages} pages ({format_size(pages * PAGE_SIZE)})")
     return 1 if dropped else 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    """Drop the pages of a client that is away, and free its name."""
+    from hoststore.auth import TokenError
+    from hoststore.messages import Evict, MessageError, check_client_name
+    from vswapfs.hostclient import StoreError, StoreUnavailable
+
+    try:
+        check_client_name(args.name)
+    except MessageError as exc:
+        return _fail(f"NAME: {exc}")
+    target = _store_target(args, "its only client is vswapfs itself")
+    if isinstance(target, str):
+        return _fail(target)
+    try:
+        answer = target.ask(Evict(args.name))
+    except (StoreUnavailable, StoreError, OSError, TokenError) as exc:
+        return _fail(f"evict of {args.name!r} at {target.address}: {exc}")
+    if args.json:
+        print(json.dumps(answer, indent=1, sort_keys=True))
+    else:
+        say(f"evicted client {answer['client']!r}: dropped {answer['dropped']} pages "
+            f"({format_size(answer['dropped'] * PAGE_SIZE)}); its name is free")
+    return 0
 
 
 # -- microbench ---------------------------------------------------------------------
@@ -676,7 +763,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "`inproc`: keep admitted pages in vswapfs's own memory, no store daemon (--capacity "
                          "then bounds that memory)")
     up.add_argument("--token-file", metavar="PATH",
-                    help="with --host: the store's shared token (mode 0600), proven both ways at hello")
+                    help="with --host: the store's shared token (mode 0600), proven both ways at hello; needed "
+                         "with --host tcp:... (but see --insecure-tcp)")
+    up.add_argument("--insecure-tcp", action="store_true",
+                    help="with --host tcp:HOST:PORT on loopback and no --token-file: tell vswapfs to use it "
+                         f"anyway, giving up what the token proves: {INSECURE_TCP_GIVES_UP}")
     up.add_argument("--backing", metavar="FILE",
                     help="backing file on a disk filesystem, one per device (default: "
                          "/var/lib/vswapfs/<the state dir's path>/backing, created, and removed by down)")
@@ -723,13 +814,32 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Ask the host store (the one `up` started, or --host) to stop admitting "
                                        "pages, hand every page back to its clients (they write them to their "
                                        "backing files), and exit.  A planned restart of the store loses "
-                                       "nothing this way; SIGTERM does the same.")
-    drain.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
-                       help="the store's address (default: the one in the state directory)")
-    drain.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
-                       help="how long to wait for the drain to finish (default 600)")
+                                       "nothing this way; SIGTERM does the same.  The drain goes on as long as "
+                                       "clients keep taking pages back, however slowly; the store gives up only "
+                                       "on a client that makes no progress for its --drain-timeout, and reports "
+                                       "what it dropped.")
+    _store_options(drain)
+    drain.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="how long to wait for the store's report (default: as long as the drain goes on; the "
+                            "store bounds it by progress, giving up on a client that takes no page back for its "
+                            "--drain-timeout)")
     drain.add_argument("--json", action="store_true", help="print the store's report as JSON")
     drain.set_defaults(func=cmd_drain)
+
+    ev = sub.add_parser(
+        "evict", help="drop the pages of a client that is away, and free its name",
+        description="Drop every page the store holds for client NAME and forget it, so that its name is free "
+                    "again (root or the store's own user, on the unix socket; logged, and counted as "
+                    "evict_requests and evicted).  A client name belongs to the identity that created it (its "
+                    "uid on the unix socket, the token on TCP) and no other identity can take it over, whatever "
+                    "it holds: this is how an admin frees one.  Only a client that is away: a connected client "
+                    "is refused, since its pages are in use (stop it first; a client that stops cleanly leaves "
+                    "nothing behind).  The client loses those pages: a vswapfs still running reads them as "
+                    "lost (EIO) when it comes back.")
+    ev.add_argument("name", metavar="NAME", help="the client's name (`vswapctl stats` lists them under clients)")
+    _store_options(ev)
+    ev.add_argument("--json", action="store_true", help="print the store's answer as JSON")
+    ev.set_defaults(func=cmd_evict)
 
     pol = sub.add_parser(
         "policy", help="show or change a running store's admission policy",
@@ -741,8 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "MODULE:CALLABLE or a vswapfs.policies entry point (a plug-in), delay:MS,SPEC.\n"
                     "The store's limits (capacity, quotas, shares) apply to whatever the policy takes.")
     pol.add_argument("spec", nargs="?", metavar="SPEC")
-    pol.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
-                     help="the store's address (default: the one in the state directory)")
+    _store_options(pol)
     pol.add_argument("--json", action="store_true")
     pol.set_defaults(func=cmd_policy)
 
@@ -753,8 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--low-watermark", type=argtype(percent), metavar="PCT")
     lim.add_argument("--quota", type=argtype(quota), action="append", default=[], metavar="[NAME=]SIZE",
                      help="a client's quota (NAME=SIZE) or the default one (SIZE); repeatable")
-    lim.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
-                     help="the store's address (default: the one in the state directory)")
+    _store_options(lim)
     lim.add_argument("--json", action="store_true")
     lim.set_defaults(func=cmd_limits)
 
@@ -766,8 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="one JSON object per line")
     tr.add_argument("--sample", type=argtype(count), default=1,
                     metavar="N", help="every Nth event only (default 1: all)")
-    tr.add_argument("--host", type=argtype(parse_address), metavar="ADDR",
-                    help="the store's address (default: the one in the state directory)")
+    _store_options(tr)
     tr.set_defaults(func=cmd_trace)
 
     for name, helptext in (("top", "a live view of both daemons, refreshed in place"),
@@ -779,7 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
             w.add_argument("file", metavar="FILE")
         w.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="default 1")
         w.add_argument("--count", type=argtype(count), metavar="N", help="stop after N samples")
-        w.add_argument("--host", type=argtype(parse_address), metavar="ADDR", help="watch this store alone")
+        _store_options(w, host_help="watch this store alone")
         w.set_defaults(func=cmd_top if name == "top" else cmd_record)
     pl = sub.add_parser("plot", help="draw a recording (vswapctl record) as a chart",
                         description="Pages by where they live, and the rates of pages in and out, over time "

@@ -70,6 +70,7 @@ class UpConfig:
     capacity: int
     host: str | None = None
     token_file: str | None = None  # the token of the store at --host
+    insecure_tcp: bool = False  # --host tcp:... on loopback without a token, accepted (vswapfs --insecure-tcp)
     writethrough: bool = False
     pressure_source: str | None = None
     priority: int | None = None
@@ -227,6 +228,7 @@ def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
             elif cfg.host:
                 state.host = cfg.host
                 state.token_file = os.path.abspath(cfg.token_file) if cfg.token_file else ""
+                state.insecure_tcp = cfg.insecure_tcp
             else:
                 _start_hoststore(state, cfg, undo, say)
             _start_vswapfs(state, cfg, undo, say)
@@ -374,6 +376,8 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
         argv.append("--writethrough")
     if state.token_file:
         argv += ["--token-file", state.token_file]
+    if state.insecure_tcp:
+        argv.append("--insecure-tcp")
     if state.host == INPROC:
         argv += ["--capacity", str(cfg.capacity)]
         if cfg.pressure_source:

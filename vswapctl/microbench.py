@@ -135,14 +135,16 @@ def run(seconds: float = 1.0, capacity: str = "512M",
 
     port = _free_port()
     report: dict[str, Any] = {"transports": {}}
+    # Loopback TCP without a token, as a measurement of the transport (nothing here is worth stealing).
     with bench_store("vswapctl-microbench-", "--capacity", capacity, "--listen",
-                     f"tcp:127.0.0.1:{port}") as (_, sock, workdir):
+                     f"tcp:127.0.0.1:{port}", "--insecure-tcp") as (_, sock, workdir):
         makers: dict[str, Callable[[int], Any]] = {
             "inproc": lambda size: InprocStore("microbench", size,
                                                Limits(capacity_pages=parse_size(capacity) // PAGE_SIZE)),
             "unix+shared": lambda size: HostClient(Address("unix", path=sock), "microbench-shared", size),
             "unix": lambda size: HostClient(Address("unix", path=sock), "microbench-unix", size, share=False),
-            "tcp": lambda size: HostClient(Address("tcp", host="127.0.0.1", port=port), "microbench-tcp", size),
+            "tcp": lambda size: HostClient(Address("tcp", host="127.0.0.1", port=port), "microbench-tcp", size,
+                                           insecure_tcp=True),
         }
         for name in transports:
             report["transports"][name] = trio.run(_through, makers[name], os.path.join(workdir, "backing"),

@@ -119,6 +119,7 @@ class State:
     backing: str = ""
     host: str = ""
     token_file: str = ""  # the store's token, when --host needs one
+    insecure_tcp: bool = False  # --host is TCP without a token, as `up --insecure-tcp` accepted
     size: int = 0
     loop: str = ""
     hoststore: dict[str, int] | None = None  # ProcessId of the store up started (None: --host)

@@ -29,7 +29,7 @@ import trio
 
 from hoststore import auth
 from hoststore import protocol as p
-from hoststore.access import peer_uid
+from hoststore.access import peer_uid, tcp_refusal
 from hoststore.address import Address
 from hoststore.counters import Counters
 from hoststore.endpoint import Endpoint, PeerGone, RemoteError
@@ -112,9 +112,16 @@ class HostClient:
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
         share: bool = True,
+        insecure_tcp: bool = False,
     ) -> None:
         """``share``: on a unix socket, ask the store for shared page memory, so that
-        reads of pages it holds need no round trip (see ``hoststore.sharedpages``)."""
+        reads of pages it holds need no round trip (see ``hoststore.sharedpages``).
+        ``insecure_tcp``: use TCP without a token (loopback only), where nothing proves
+        the store is the store; without it, TCP without a token is refused here
+        (StoreAuthError), before any connection."""
+        problem = tcp_refusal(address, token is not None, insecure_tcp)
+        if problem is not None:
+            raise StoreAuthError(problem)
         self.address = address
         self.name = name
         self.device_size = device_size
@@ -497,10 +504,11 @@ class HostClient:
 
 
 async def _observe(address: Address, token: bytes | None, timeout: float,
-                   body: Callable[[Endpoint], Awaitable[Any]]) -> Any:
+                   body: Callable[[Endpoint], Awaitable[Any]], insecure_tcp: bool = False) -> Any:
     """A fresh observer connection (for tools): the handshake, then ``body`` with the
     endpoint; every way the store can fail becomes StoreUnavailable or StoreError."""
-    client = HostClient(address, "vswapctl", 0, role=ROLE_OBSERVER, token=token, connect_timeout=timeout)
+    client = HostClient(address, "vswapctl", 0, role=ROLE_OBSERVER, token=token, connect_timeout=timeout,
+                        insecure_tcp=insecure_tcp)
     endpoint = await client._open()
     answer: Any = None
     failure: Exception | None = None
@@ -528,18 +536,25 @@ async def _observe(address: Address, token: bytes | None, timeout: float,
     return answer
 
 
-async def query(address: Address, message: Request, timeout: float = 5.0, token: bytes | None = None) -> Any:
-    """One request on a fresh observer connection (for tools: ``vswapctl stats``)."""
+async def query(address: Address, message: Request, timeout: float = 5.0, token: bytes | None = None, *,
+                insecure_tcp: bool = False, wait: float | None = None) -> Any:
+    """One request on a fresh observer connection (for tools: ``vswapctl stats``).
+    ``timeout`` bounds the connection and the handshake, and the answer too unless
+    ``wait`` says how long that may take (``math.inf``: as long as it takes)."""
 
     async def once(endpoint: Endpoint) -> Any:
-        with trio.fail_after(timeout):
-            return await endpoint.request(message)
+        limit = timeout if wait is None else wait
+        try:
+            with trio.fail_after(limit):
+                return await endpoint.request(message)
+        except trio.TooSlowError:
+            raise StoreUnavailable(f"{address} did not answer in {limit:g}s") from None
 
-    return await _observe(address, token, timeout, once)
+    return await _observe(address, token, timeout, once, insecure_tcp)
 
 
 async def follow(address: Address, message: Request, on_answer: Callable[[Any], None], timeout: float = 5.0,
-                 token: bytes | None = None) -> None:
+                 token: bytes | None = None, *, insecure_tcp: bool = False) -> None:
     """Send ``message`` again and again on one observer connection, handing each answer
     to ``on_answer`` (for tools that follow the store: ``vswapctl trace``), until
     cancelled; StoreUnavailable or StoreError when the store goes or refuses."""
@@ -549,4 +564,4 @@ async def follow(address: Address, message: Request, on_answer: Callable[[Any], 
             with trio.fail_after(timeout + 30):  # a trace read waits up to 30 s for an event
                 on_answer(await endpoint.request(message))
 
-    await _observe(address, token, timeout, forever)
+    await _observe(address, token, timeout, forever, insecure_tcp)

@@ -15,6 +15,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from hoststore.access import INSECURE_TCP_GIVES_UP, check_tcp_options
 from hoststore.address import INPROC, Address, parse_store_address
 from hoststore.auth import TokenError, load_token
 from hoststore.cliutil import argtype, percent
@@ -86,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per device)")
     ap.add_argument("--token-file", metavar="PATH",
                     help="the store's shared token (a file of mode 0600): this end proves it holds it, and "
-                         "sends no page to a store that cannot prove the same")
+                         "sends no page to a store that cannot prove the same; needed with --host tcp:... "
+                         "(but see --insecure-tcp)")
+    ap.add_argument("--insecure-tcp", action="store_true",
+                    help="use --host tcp:HOST:PORT without --token-file, on loopback addresses only, giving up "
+                         f"what the token proves: {INSECURE_TCP_GIVES_UP}")
     ap.add_argument("--write-timeout", type=argtype(_seconds), default=1.0, metavar="SECONDS",
                     help="a batch the store has not answered by then goes to the backing file (default 1)")
     ap.add_argument("--read-timeout", type=argtype(_seconds), default=30.0, metavar="SECONDS",
@@ -283,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.path.realpath(os.path.dirname(args.control)) == args.mountpoint:
             ap.error(f"--control {args.control} is inside the mount point")
     inproc = args.host.kind == INPROC
-    problem = check_inproc_options(args, inproc)
+    problem = check_inproc_options(args, inproc) or check_tcp_options([args.host], bool(args.token_file),
+                                                                      args.insecure_tcp)
     if problem:
         ap.error(problem)
     token = None
@@ -315,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     if inproc:
         client = inproc_store(args, name, backing.size)
     else:
-        client = HostClient(address, name, backing.size, token=token, share=args.shared_memory)
+        client = HostClient(address, name, backing.size, token=token, share=args.shared_memory,
+                            insecure_tcp=args.insecure_tcp)
     pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout,
                   writethrough=args.writethrough)
     ops = Operations(pager)
