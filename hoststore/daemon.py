@@ -222,7 +222,7 @@ async def run(addresses: list[Address], server: Server, metrics_at: tuple[str, i
     if isinstance(store, TieredStore):
         try:
             async with trio.open_nursery() as tier_nursery:
-                await tier_nursery.start(store.run)
+                await tier_nursery.start(store.run, server)
                 await _serve(addresses, server, metrics_at)
                 tier_nursery.cancel_scope.cancel()
         finally:

@@ -6,6 +6,8 @@ memory; reads through a master's death."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -14,18 +16,32 @@ import time
 from array import array
 
 import pytest
+import redis
 import trio
 from redis.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
+from hoststore.clientpages import NIL
 from hoststore.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
 from hoststore.policy import Limits
-from hoststore.redistier import RUN_PAGES, TierCounter, connect
+from hoststore.redistier import (
+    FULL_COVERAGE,
+    READS_WHEN_DOWN,
+    REPLICA_MAX_BEHIND,
+    REPLICA_MAX_LAG,
+    RUN_PAGES,
+    FailoverScope,
+    TierCounter,
+    connect,
+    replicas_in_sync,
+)
 from hoststore.tierconfig import TierConfigError, parse_tier
 from hoststore.store import HostCounter, RequestError
 from hoststore.tieredstore import TieredStore
 from vswapctl import rediscluster
 
 from .rediscluster import LocalCluster
+from .test_rpc import start_client, start_server
 from .test_store import hello, page
 
 S = PageStatus
@@ -77,6 +93,25 @@ def test_parse_tier() -> None:
                      ("redis-cluster://h:1,", "has an empty node"), ("redis-cluster://h:70000", "out of range")]:
         with pytest.raises(TierConfigError, match=why):
             parse_tier(bad)
+
+
+def _replica(state: str = "online", lag: int = 0, behind: int = 0) -> dict[str, object]:
+    return {"ip": "127.0.0.1", "port": 7001, "state": state, "offset": 10**9 - behind, "lag": lag}
+
+
+@pytest.mark.parametrize("replicas, in_sync", [
+    ({"slave0": _replica()}, 1),
+    ({}, 0),  # its link is down: the master no longer lists it
+    ({"slave0": _replica("wait_bgsave")}, 0),  # its first sync is not done
+    ({"slave0": _replica("send_bulk")}, 0),
+    ({"slave0": _replica(lag=REPLICA_MAX_LAG)}, 1),
+    ({"slave0": _replica(lag=REPLICA_MAX_LAG + 1)}, 0),  # no acknowledgement for too long
+    ({"slave0": _replica(behind=REPLICA_MAX_BEHIND + 1)}, 0),  # too far behind
+    ({"slave0": _replica("wait_bgsave"), "slave1": _replica()}, 1),
+])
+def test_a_replica_is_in_sync_only_when_online_recent_and_close(replicas: dict[str, object], in_sync: int) -> None:
+    info = {"role": "master", "connected_slaves": len(replicas), "master_repl_offset": 10**9, **replicas}
+    assert replicas_in_sync(info) == in_sync
 
 
 def test_hoststore_refuses_an_unreachable_cluster_before_listening(tmp_path) -> None:
@@ -325,6 +360,46 @@ async def test_tier_sweep_lists_and_deletes_what_a_dead_store_left(redis_cluster
     assert cluster.keys(f"vswap:{{{store.instance}.*") == 0
 
 
+async def test_the_store_says_what_a_masters_death_costs(redis_cluster_session: LocalCluster,
+                                                         caplog: pytest.LogCaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local cluster's nodes keep the other masters going; a master with Redis's
+    defaults would stop them all, and the store says so at start."""
+    cluster = redis_cluster_session
+    stores = [make(cluster)]
+    port = cluster.masters()[0]
+    try:
+        failover = stores[0].tier.failover
+        assert failover is not None and failover.scope == FailoverScope.SHARD
+        assert len(failover.settings) == 3
+        assert all(v == {FULL_COVERAGE: "no", READS_WHEN_DOWN: "yes"} for v in failover.settings.values())
+        assert stores[0].stats()["tier"]["failover"]["scope"] == "shard"  # type: ignore[index]
+        cluster.cli(port, "config", "set", FULL_COVERAGE, "yes")
+        cluster.cli(port, "config", "set", READS_WHEN_DOWN, "no")
+        with caplog.at_level(logging.WARNING, logger="hoststore"):
+            stores.append(make(cluster))
+        assert stores[1].stats()["tier"]["failover"]["scope"] == "cluster"  # type: ignore[index]
+        assert "page tier: a master that dies stops the WHOLE cluster" in caplog.text
+        assert f"127.0.0.1:{port}: {FULL_COVERAGE} yes" in caplog.text
+        cluster.cli(port, "config", "set", READS_WHEN_DOWN, "yes")
+        assert stores[1].tier.read_failover().scope == FailoverScope.WRITES
+        # Where CONFIG is not allowed (a managed cluster may rename it), the store says it cannot tell.
+        def no_config(*args: object, **kwargs: object) -> None:
+            raise ResponseError("unknown command 'CONFIG'")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(redis.Redis, "config_get", no_config)
+            failover = stores[1].tier.read_failover()
+        assert failover.scope == FailoverScope.UNKNOWN and "cannot tell" in failover.cost
+        assert all(f"127.0.0.1:{p} (ResponseError: unknown command 'CONFIG')" in failover.cost
+                   for p in cluster.masters())
+    finally:
+        cluster.cli(port, "config", "set", FULL_COVERAGE, "no")
+        cluster.cli(port, "config", "set", READS_WHEN_DOWN, "yes")
+        for store in stores:
+            await store.aclose()
+
+
 async def test_a_page_on_its_way_to_the_cluster_is_neither_lost_nor_handed_back(
         redis_cluster_session: LocalCluster) -> None:
     """A hand-back that picks a page whose write is still in flight (its node paused)
@@ -533,4 +608,74 @@ async def test_reads_go_on_through_a_masters_death(redis_cluster: LocalCluster) 
             else:
                 assert status[i] == S.MISSING
     finally:
+        await store.aclose()
+
+
+async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, tmp_path) -> None:
+    """A master whose replica's first sync never finishes: its new pages are refused
+    (replication) without being sent, the pages it holds are handed back to their
+    client while it can be read, and once it is killed (its replica frozen, so that
+    nobody serves its slots) the pages on the other masters still read back."""
+    cluster = redis_cluster
+    store = make(cluster, read_timeout=3.0)
+    n = 16 * RUN_PAGES  # 16 runs: every master holds some
+    taken: dict[int, bytes] = {}
+
+    async def take_back(handback) -> bytes:  # type: ignore[no-untyped-def]
+        for i, p in enumerate(handback.pages):
+            taken[p] = bytes(handback.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        return bytes([TakeStatus.TAKEN]) * len(handback.pages)
+
+    replica = None
+    try:
+        async with trio.open_nursery() as nursery:
+            address, server = await start_server(nursery, str(tmp_path / "s"), store)
+            await nursery.start(store.run, server)
+            client = await start_client(nursery, address, npages=n)
+            client.set_handlers(take_back, lambda: None)
+            for first in range(0, n, RUN_PAGES):
+                assert await client.put(first, 1, data(first, RUN_PAGES, 1)) == bytes(RUN_PAGES)
+            pages = store.clients["c"]
+            tier = store.tier
+            victim = tier._node_of(tier.key(pages.tier_id, 0)).name
+            victim_port = int(victim.rsplit(":", 1)[1])
+            on_victim = [p for p in range(n) if tier._node_of(tier.key(pages.tier_id, p // RUN_PAGES)).name == victim]
+            assert 0 < len(on_victim) < n
+
+            replica = cluster.unsync_replica(victim_port)
+            # Every page it held is handed back, and only those.
+            with trio.fail_after(30):
+                while any(pages.index.get(p) != NIL for p in on_victim):
+                    await trio.sleep(0.05)
+            assert victim in tier.unreplicated
+            assert sorted(taken) == on_victim and all(taken[p] == page(p, 1) for p in on_victim)
+            assert store.counters[HostCounter.HANDED_BACK_REPLICATION] == len(on_victim)
+            assert store.pages == n - len(on_victim)
+            # Its new pages are refused at once, the other masters' are stored.
+            first_elsewhere = next(p for p in range(0, n, RUN_PAGES) if p not in on_victim)
+            assert await client.put(0, 2, data(0, 8, 2)) == bytes([S.REFUSED_REPLICATION]) * 8
+            assert tier.counters[TierCounter.REFUSED_NO_REPLICA] == 8
+            assert await client.put(first_elsewhere, 2, data(first_elsewhere, 8, 2)) == bytes(8)
+
+            cluster.kill(replica, signal.SIGSTOP)  # it can never take over
+            cluster.kill(victim_port)
+            with trio.fail_after(30):
+                while not cluster.failed(victim_port):
+                    await trio.sleep(0.1)
+            # The pages of the other masters still read back, at once.
+            started = time.monotonic()
+            for first in range(0, n, RUN_PAGES):
+                answer = await client.get(array("Q", range(first, first + RUN_PAGES)))
+                if first in on_victim:
+                    assert answer.statuses == bytes([S.MISSING]) * RUN_PAGES  # handed back before
+                    continue
+                version = 2 if first == first_elsewhere else 1
+                expected = data(first, 8, version) + data(first + 8, RUN_PAGES - 8, 1)
+                assert answer.statuses == bytes(RUN_PAGES) and bytes(answer.data) == expected
+            assert time.monotonic() - started < tier.config.read_timeout
+            assert tier.counters[TierCounter.LOST] == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        if replica is not None:
+            cluster.kill(replica)
         await store.aclose()
