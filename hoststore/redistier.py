@@ -30,12 +30,23 @@ file); a master that dies after that has them on the replica its failover
 promotes.  A master whose replicas are not in sync (see ``replicas_in_sync``) gets
 its pages refused without being sent, and the store hands back what it holds
 there (``hoststore.tieredstore``).
+
+A running store says so with a heartbeat: a key with a TTL on every master,
+``PREFIX:{INSTANCE.alive.N}`` (N picked so that its slot is that master's),
+rewritten several times within the TTL.  ``vswapctl tier-sweep`` deletes an
+instance's keys only once no master holds one.  One key would live on one
+master: its replica may not have the last rewrite, or (never synced) not have it
+at all, and a failover to it would make a running store look dead until its
+next beat; a copy on each master survives any one failover.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Collection, Sequence
@@ -50,7 +61,7 @@ from .logsetup import RateLimited
 from .messages import PAGE_SIZE, PageStatus
 from .pressure import Snapshot
 from .slab import INDEX_SHIFT
-from .tierconfig import TierConfig
+from .tierconfig import HEARTBEATS_PER_TTL, TierConfig
 
 log = logging.getLogger("hoststore")
 # What the cluster client raises when a node or the cluster fails us.
@@ -62,6 +73,7 @@ RUN_SHIFT = INDEX_SHIFT  # 256 pages per run: the store's index blocks, so its b
 RUN_PAGES = 1 << RUN_SHIFT
 SEQ_DIGITS = 16  # the version, in hex, before each page's data
 VALUE_SIZE = SEQ_DIGITS + PAGE_SIZE
+HEARTBEAT_TAG = "alive"  # heartbeat keys PREFIX:{INSTANCE.alive.N}; page keys PREFIX:{INSTANCE.CLIENT.RUN}
 # A replica counts as in sync with its master while it has acknowledged within this
 # many seconds (replicas acknowledge every second; a few missed under load are no loss) ...
 REPLICA_MAX_LAG = 5
@@ -112,6 +124,7 @@ class TierCounter(enum.StrEnum):
     DELETE_RETRIES = "tier_delete_retries"  # delete batches kept for later after a failure
     TOPOLOGY_REFRESHES = "tier_topology_refreshes"
     FAILOVERS = "tier_failovers"  # slot ranges seen served by a new master after a refresh
+    HEARTBEAT_FAILURES = "tier_heartbeat_failures"  # heartbeat writes a master did not take
 
 
 class TierUnavailable(Exception):
@@ -162,6 +175,14 @@ class Failover:
 
 
 @dataclass
+class Instance:
+    """What a store instance has in the cluster (``vswapctl tier-sweep``)."""
+
+    keys: int = 0  # page keys
+    heartbeat: dict[str, object] | None = None  # what its heartbeat says, while it has one: it is running
+
+
+@dataclass
 class NodeMemory:
     name: str
     used: int
@@ -198,6 +219,7 @@ class RedisClusterTier:
         # their pages are one failure from lost, and are handed back while they can be read.
         self.unreplicated: frozenset[str] = frozenset()
         self.failover: Failover | None = None  # what a master's death costs (read_failover)
+        self._beats: set[bytes] = set()  # heartbeat keys written
         self._cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
             socket_timeout=config.socket_timeout, socket_connect_timeout=min(config.socket_timeout, 0.5),
@@ -208,6 +230,13 @@ class RedisClusterTier:
 
     def key(self, client: int, run: int) -> bytes:
         return f"{self.config.prefix}:{{{self.instance}.{client}.{run}}}".encode()
+
+    def _heartbeat_key(self, n: int) -> bytes:
+        return f"{self.config.prefix}:{{{self.instance}.{HEARTBEAT_TAG}.{n}}}".encode()
+
+    def _pattern(self, instance: str, rest: str) -> bytes:
+        """A SCAN pattern for keys of ``instance`` (or ``*``): ``rest`` follows its tag's first dot."""
+        return f"{self.config.prefix}:{{{instance}.{rest}".encode()
 
     def _node_of(self, key: bytes) -> ClusterNode:
         try:
@@ -389,9 +418,11 @@ class RedisClusterTier:
                 raise TierUnavailable(f"node {batch.node.name}: {_why(bad)}")
 
     def sweep(self) -> int:
-        """Delete every key of this store instance (at exit, after the drain): whatever
-        a failed delete left behind.  Returns keys deleted; raises TierUnavailable."""
-        pattern = f"{self.config.prefix}:{{{self.instance}.*".encode()
+        """Delete every page key of this store instance (at exit, after the drain:
+        whatever a failed delete left behind; or, by ``vswapctl tier-sweep``, what a
+        store that is gone left).  Not its heartbeat.  Returns keys deleted; raises
+        TierUnavailable."""
+        pattern = self._pattern(self.instance, "[0-9]*")  # a client number follows the dot
         deleted = 0
         for node in self._cluster.get_primaries():
             conn = self._cluster.get_redis_connection(node)
@@ -402,21 +433,85 @@ class RedisClusterTier:
                 raise TierUnavailable(f"node {node.name}: {_why(exc)}") from None
         return deleted
 
-    def instances(self) -> dict[str, int]:
-        """Keys under this tier's prefix, by the store instance that wrote them (to find
-        what a store that died left behind).  Raises TierUnavailable."""
-        pattern = f"{self.config.prefix}:{{*".encode()
-        found: dict[str, int] = {}
+    def instances(self, instance: str = "*") -> dict[str, Instance]:
+        """The store instances with keys under this tier's prefix (or only ``instance``):
+        their page keys, and their heartbeat while they run.  Every master is asked;
+        one that does not answer raises TierUnavailable (it may hold the only heartbeat
+        left of a running store)."""
+        found: dict[str, Instance] = {}
         for node in self._cluster.get_primaries():
             conn = self._cluster.get_redis_connection(node)
             try:
-                for key in conn.scan_iter(match=pattern, count=1000):
-                    tag = key.decode(errors="replace").partition("{")[2]
-                    instance = tag.partition(".")[0]
-                    found[instance] = found.get(instance, 0) + 1
+                for key in conn.scan_iter(match=self._pattern(instance, "*"), count=1000):
+                    name, _, rest = key.decode(errors="replace").partition("{")[2].partition(".")
+                    entry = found.setdefault(name, Instance())
+                    if not rest.startswith(HEARTBEAT_TAG + "."):
+                        entry.keys += 1
+                    elif entry.heartbeat is None:
+                        entry.heartbeat = _heartbeat_value(conn.get(key))
             except FAILURES as exc:
                 raise TierUnavailable(f"node {node.name}: {_why(exc)}") from None
-        return found
+        return {name: entry for name, entry in found.items() if entry.keys or entry.heartbeat is not None}
+
+    # -- the heartbeat --------------------------------------------------------------
+
+    def _heartbeat_keys(self) -> list[tuple[ClusterNode, bytes]]:
+        """One heartbeat key per master: ``PREFIX:{INSTANCE.alive.N}`` with the first N
+        whose slot it serves (a master of a handful of slots may get none)."""
+        masters = {node.name for node in self._cluster.get_primaries()}
+        keys: dict[str, tuple[ClusterNode, bytes]] = {}
+        for n in range(64 * len(masters)):
+            key = self._heartbeat_key(n)
+            try:
+                node = self._node_of(key)
+            except TierUnavailable:
+                continue
+            if node.name in masters:
+                keys.setdefault(node.name, (node, key))
+                if len(keys) == len(masters):
+                    break
+        return list(keys.values())
+
+    def beat(self) -> int:
+        """Write this store instance's heartbeat on every master, with the TTL.
+        Returns the masters that took it; raises TierUnavailable if none did."""
+        value = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                            "ttl": self.config.heartbeat_ttl}).encode()
+        ttl_ms = max(1, int(self.config.heartbeat_ttl * 1000))
+        written, failures = 0, []
+        for node, key in self._heartbeat_keys():
+            try:
+                self._cluster.get_redis_connection(node).set(key, value, px=ttl_ms)
+            except FAILURES as exc:
+                failures.append(f"{node.name}: {_why(exc)}")
+                continue
+            self._beats.add(key)
+            written += 1
+        self.count(TierCounter.HEARTBEAT_FAILURES, len(failures))
+        if failures:
+            self.refresh()
+        if not written:
+            raise TierUnavailable("no master took the heartbeat (" + "; ".join(failures) + ")")
+        if failures:
+            limited("heartbeat", logging.WARNING, "page tier: the heartbeat did not reach %s", "; ".join(failures))
+        return written
+
+    def heartbeat_interval(self) -> float:
+        return self.config.heartbeat_ttl / HEARTBEATS_PER_TTL
+
+    def end_heartbeat(self) -> None:
+        """Delete the heartbeat (a clean exit, after the sweep).  Raises TierUnavailable;
+        what is not deleted expires with its TTL."""
+        failures = []
+        for key in sorted(self._beats):
+            try:
+                self._cluster.get_redis_connection(self._node_of(key)).unlink(key)
+            except (*FAILURES, TierUnavailable) as exc:
+                failures.append(f"{key.decode()}: {_why(exc)}")
+                continue
+            self._beats.discard(key)
+        if failures:
+            raise TierUnavailable("deleting the heartbeat failed: " + "; ".join(failures))
 
     # -- the cluster ----------------------------------------------------------------
 
@@ -520,6 +615,7 @@ class RedisClusterTier:
             "unreplicated": sorted(self.unreplicated),
             "failover": None if self.failover is None else {"scope": self.failover.scope.name.lower(),
                                                              "cost": self.failover.cost},
+            "heartbeat_ttl": self.config.heartbeat_ttl,
             **counters,
         }
 
@@ -544,6 +640,18 @@ def _failure(result: object) -> BaseException | None:
     if isinstance(result, BaseException):
         return result
     return next((r for r in result if isinstance(r, BaseException)), None)  # type: ignore[attr-defined]
+
+
+def _heartbeat_value(raw: bytes | None) -> dict[str, object] | None:
+    """A heartbeat's value (None: it expired meanwhile); one that is not ours to read
+    still says that its store runs."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {}
 
 
 def _failover(settings: dict[str, dict[str, str]], refused: list[str], read_timeout: float) -> Failover:

@@ -22,6 +22,9 @@ How a page is never lost or served wrong:
 * Pages on a master without a replica in sync are one failure from lost: new
   ones are refused (``replication``), and those it holds are handed back to
   their clients while it can still be read (cause ``replication``).
+* While it runs, the store keeps a heartbeat in the cluster, so that
+  ``vswapctl tier-sweep`` never deletes its keys; it deletes it at a clean exit,
+  after its own sweep.
 
 Requests wait on the cluster in worker threads (a pool shared by all clients:
 a node that hangs slows everyone until its socket times out), and the metadata
@@ -74,6 +77,7 @@ class TieredStore(Store):
         self._writing: dict[int, dict[int, int]] = {}  # tier id -> {page: version} of writes in flight
         self._drops: list[tuple[int, list[int]]] = []  # (tier id, runs): whole runs of clients gone
         self._wake = trio.Event()
+        self._beat_limiter = trio.CapacityLimiter(1)  # the heartbeat waits for no write
         failover = tier.read_failover()
         log.log(logging.INFO if failover.scope == FailoverScope.SHARD else logging.WARNING,
                 "page tier: %s", failover.cost)
@@ -301,15 +305,33 @@ class TieredStore(Store):
 
     async def run(self, server: Server | None = None, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Until cancelled: watch the masters' memory and replicas, delete what the store
-        forgot, and, with the ``server`` that reaches the clients, hand back pages on
-        masters without a replica in sync."""
+        """Until cancelled: keep the heartbeat (the first one before anything else),
+        watch the masters' memory and replicas, delete what the store forgot, and, with
+        the ``server`` that reaches the clients, hand back pages on masters without a
+        replica in sync."""
+        await self._beat()
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._watch_memory)
             nursery.start_soon(self._delete_loop)
             if server is not None:
                 nursery.start_soon(self._rescue_loop, server)
             task_status.started()
+
+    async def _beat(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.tier.beat, limiter=self._beat_limiter)
+        except TierUnavailable as exc:
+            log.warning("page tier: the heartbeat reached no master (%s); `vswapctl tier-sweep` takes this store "
+                        "for gone %gs after its last one", exc, self.tier.config.heartbeat_ttl)
+        except Exception:  # noqa: BLE001 - the next beat tries again
+            log.exception("page tier: error while writing the heartbeat")
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.tier.heartbeat_interval()
+        while True:
+            await trio.sleep(interval)
+            await self._beat()
 
     async def _rescue_loop(self, server: Server) -> None:
         """Hand back the pages that sit on masters without a replica in sync, while those
@@ -395,7 +417,8 @@ class TieredStore(Store):
         return stats
 
     async def aclose(self, timeout: float = 10.0) -> None:
-        """At exit: delete what is waiting, then every key this store instance left."""
+        """At exit: delete what is waiting, then every key this store instance left,
+        then its heartbeat (what is left then is for `vswapctl tier-sweep`)."""
         with trio.move_on_after(timeout):
             try:
                 await self.flush_deletes()
@@ -404,5 +427,10 @@ class TieredStore(Store):
                     log.info("page tier: deleted %d keys left by this store", swept)
             except TierUnavailable as exc:
                 log.warning("page tier: could not clean up the cluster at exit (%s)", exc)
+        with trio.move_on_after(timeout):
+            try:
+                await self._call(self.tier.end_heartbeat)
+            except TierUnavailable as exc:
+                log.warning("page tier: the heartbeat stays until it expires (%s)", exc)
         self.tier.close()
 

@@ -95,13 +95,17 @@ class LocalCluster:
             self.cli(port, "config", "set", "maxmemory", value)
 
     def keys(self, pattern: str = "*") -> int:
-        """Keys matching ``pattern`` on every serving master; an answer that is not a
+        """Keys matching ``pattern`` on every serving master."""
+        return sum(self.keys_by_master(pattern).values())
+
+    def keys_by_master(self, pattern: str = "*") -> dict[int, int]:
+        """Keys matching ``pattern`` on each serving master; an answer that is not a
         count fails (a zero must mean no key, not no answer)."""
         masters = self.masters()
         assert len(masters) == 3, f"the cluster serves from {masters}"
-        counts = [self.cli(p, "eval", f"return #redis.call('keys', '{pattern}')", "0").strip() for p in masters]
-        assert all(c.isdigit() for c in counts), counts
-        return sum(map(int, counts))
+        counts = {p: self.cli(p, "eval", f"return #redis.call('keys', '{pattern}')", "0").strip() for p in masters}
+        assert all(c.isdigit() for c in counts.values()), counts
+        return {p: int(c) for p, c in counts.items()}
 
     def wait_failover(self, dead: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

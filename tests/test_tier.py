@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import trio
 from redis.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
+from hoststore.address import Address
 from hoststore.clientpages import NIL
 from hoststore.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
 from hoststore.policy import Limits
@@ -35,10 +37,11 @@ from hoststore.redistier import (
     connect,
     replicas_in_sync,
 )
-from hoststore.tierconfig import TierConfigError, parse_tier
+from hoststore.tierconfig import TierConfigError, parse_heartbeat_ttl, parse_prefix, parse_tier
 from hoststore.store import HostCounter, RequestError
 from hoststore.tieredstore import TieredStore
 from vswapctl import rediscluster
+from vswapfs.hostclient import HostClient
 
 from .rediscluster import LocalCluster
 from .test_rpc import start_client, start_server
@@ -93,6 +96,16 @@ def test_parse_tier() -> None:
                      ("redis-cluster://h:1,", "has an empty node"), ("redis-cluster://h:70000", "out of range")]:
         with pytest.raises(TierConfigError, match=why):
             parse_tier(bad)
+
+
+def test_prefix_and_heartbeat_ttl_are_checked() -> None:
+    assert parse_prefix("vswap-b") == "vswap-b" and parse_heartbeat_ttl("2.5") == 2.5
+    for bad in ["", "a*", "a{b", "a b", "a\\b"]:
+        with pytest.raises(TierConfigError, match="must be a non-empty name"):
+            parse_prefix(bad)
+    for bad in ["0.5", "nan", "inf", "x"]:
+        with pytest.raises(TierConfigError, match="heartbeat TTL"):
+            parse_heartbeat_ttl(bad)
 
 
 def _replica(state: str = "online", lag: int = 0, behind: int = 0) -> dict[str, object]:
@@ -341,23 +354,87 @@ async def test_a_client_replaced_by_a_new_instance_leaves_nothing_in_the_cluster
         await store.aclose()
 
 
-async def test_tier_sweep_lists_and_deletes_what_a_dead_store_left(redis_cluster_session: LocalCluster,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def _sweep(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     from vswapctl import cli
 
+    try:
+        code = cli.main(["tier-sweep", *args])
+    except SystemExit as exc:  # argparse refused the arguments
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_tier_sweep_refuses_a_running_store_and_sweeps_it_once_killed(
+        redis_cluster_session: LocalCluster, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real hoststore process on the cluster: its keys cannot be swept while it runs,
+    not even when one master lost its heartbeat (as in a failover to a replica that
+    missed it); once it is SIGKILLed and its heartbeat's TTL is over, they can."""
+    cluster = redis_cluster_session
+    sock = tmp_path / "s.sock"
+    with open(tmp_path / "hoststore.log", "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "hoststore", "--listen", f"unix:{sock}", "--tier",
+                                 cluster.address, "--tier-heartbeat-ttl", "3"], stdout=log_file, stderr=log_file)
+    try:
+        async with trio.open_nursery() as nursery:
+            client = HostClient(Address("unix", path=str(sock)), "c", 1024 * PAGE_SIZE, backoff_min=0.05,
+                                backoff_max=0.2)
+            nursery.start_soon(client.run)
+            with trio.fail_after(30):
+                await client.wait_connected()
+            for first in (0, 512):  # two runs: two keys
+                assert await client.put(first, 1, data(first, 8, 1)) == bytes(8)
+            instance = client.store_instance
+            assert instance is not None
+            nursery.cancel_scope.cancel()
+        heartbeats = f"vswap:{{{instance}.alive.*"
+        assert set(cluster.keys_by_master(heartbeats).values()) == {1}  # a heartbeat on every master
+
+        code, out, _ = await trio.to_thread.run_sync(_sweep, capsys, cluster.address)
+        assert code == 0 and f"{instance}  2 keys  running (" in out and f"pid {proc.pid}" in out
+        code, _, err = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, instance)
+        assert code == 1 and f"store instance {instance} is running" in err
+        assert cluster.keys(f"vswap:{{{instance}.[0-9]*") == 2
+        # One master loses its copy (the store frozen, so that it does not write it again
+        # before the sweep): the others still say the store runs.
+        proc.send_signal(signal.SIGSTOP)
+        lost_on = next(port for port, n in cluster.keys_by_master(heartbeats).items() if n)
+        cluster.cli(lost_on, "eval", f"return redis.call('del', unpack(redis.call('keys', '{heartbeats}')))", "0")
+        assert cluster.keys_by_master(heartbeats)[lost_on] == 0
+        code, _, err = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, instance)
+        assert code == 1 and "is running" in err and cluster.keys(f"vswap:{{{instance}.[0-9]*") == 2
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        with trio.fail_after(10):  # the TTL (3 s) runs out
+            while cluster.keys(heartbeats):
+                await trio.sleep(0.1)
+        code, out, _ = await trio.to_thread.run_sync(_sweep, capsys, cluster.address)
+        assert code == 0 and f"{instance}  2 keys  gone (no heartbeat)" in out
+        code, _, err = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, "*")
+        assert code == 2 and "is not a store instance" in err  # only an instance id, never a pattern
+        code, out, _ = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, instance)
+        assert code == 0 and f"deleted 2 keys of store instance {instance}" in out
+        assert cluster.keys(f"vswap:{{{instance}.*") == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+async def test_a_store_deletes_its_heartbeat_at_a_clean_exit_after_its_sweep(
+        redis_cluster_session: LocalCluster) -> None:
     cluster = redis_cluster_session
     store = make(cluster)
     client = attach(store)
     assert await store.put_async(client, Put(0, 1, data(0, 8, 1))) == bytes(8)
-    store.tier.close()  # as if killed: nothing swept
-    assert cli.main(["tier-sweep", cluster.address]) == 0
-    assert f"{store.instance}  1 keys" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # only an instance id, never a pattern
-        cli.main(["tier-sweep", cluster.address, "*"])
-    assert "is not a store instance" in capsys.readouterr().err
-    assert cli.main(["tier-sweep", cluster.address, store.instance]) == 0
-    assert f"deleted 1 keys of store instance {store.instance}" in capsys.readouterr().out
-    assert cluster.keys(f"vswap:{{{store.instance}.*") == 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        found = store.tier.instances()[store.instance]
+        assert found.keys == 1 and found.heartbeat is not None and found.heartbeat["pid"] == os.getpid()
+        nursery.cancel_scope.cancel()
+    await store.aclose()
+    assert cluster.keys(f"vswap:{{{store.instance}.*") == 0  # neither pages nor heartbeat
 
 
 async def test_the_store_says_what_a_masters_death_costs(redis_cluster_session: LocalCluster,
@@ -611,7 +688,8 @@ async def test_reads_go_on_through_a_masters_death(redis_cluster: LocalCluster) 
         await store.aclose()
 
 
-async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, tmp_path) -> None:
+async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, tmp_path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """A master whose replica's first sync never finishes: its new pages are refused
     (replication) without being sent, the pages it holds are handed back to their
     client while it can be read, and once it is killed (its replica frozen, so that
@@ -674,6 +752,12 @@ async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, 
                 assert answer.statuses == bytes(RUN_PAGES) and bytes(answer.data) == expected
             assert time.monotonic() - started < tier.config.read_timeout
             assert tier.counters[TierCounter.LOST] == 0
+            # The dead master misses its heartbeat (the others take it), and a sweep is
+            # refused while a master does not answer: it might hold what says the store runs.
+            failures = tier.counters[TierCounter.HEARTBEAT_FAILURES]
+            assert tier.beat() == 2 and tier.counters[TierCounter.HEARTBEAT_FAILURES] == failures + 1
+            code, _, err = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, store.instance)
+            assert code == 1 and f"node {victim}" in err
             nursery.cancel_scope.cancel()
     finally:
         if replica is not None:
