@@ -205,20 +205,23 @@ class ClientPages:
     def lend_oldest(self, limit: int, with_data: bool = True) -> tuple[array, array, bytearray]:
         """Take up to ``limit`` least recently used pages off the list to hand back:
         their page numbers, versions and data (copied; none without ``with_data``)."""
-        pages, seqs = array("Q"), array("Q")
+        slots = []
         slot = self.tail
-        while slot != NIL and len(pages) < limit:
-            pages.append(self.page_of[slot])
-            seqs.append(self.seq_of[slot])
+        while slot != NIL and len(slots) < limit:
+            slots.append(slot)
             slot = self.prev[slot]
-        data = bytearray(len(pages) * PAGE_SIZE if with_data else 0)
-        for i, page in enumerate(pages):
-            s = self.index.get(page)
+        return self.lend_slots(slots, with_data)
+
+    def lend_slots(self, slots: list[int], with_data: bool = True) -> tuple[array, array, bytearray]:
+        """Take these pages (stored, none lent yet) off the list to hand back, as ``lend_oldest``."""
+        pages, seqs = array("Q", (self.page_of[s] for s in slots)), array("Q", (self.seq_of[s] for s in slots))
+        data = bytearray(len(slots) * PAGE_SIZE if with_data else 0)
+        for i, s in enumerate(slots):
             if with_data:
                 data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self.slab.view(s)
             self._unlink(s)
             self.lent[s] = 1
-        self.lent_count += len(pages)
+        self.lent_count += len(slots)
         return pages, seqs, data
 
     def lent_slot(self, page: int, seq: int) -> int:

@@ -26,7 +26,7 @@ from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
 from .messages import PAGE_SIZE
 from .pressure import Sampler, parse_source, read_psi, sample
 from .redistier import TierUnavailable, connect
-from .tierconfig import parse_tier
+from .tierconfig import HEARTBEATS_PER_TTL, TierConfig, parse_heartbeat_ttl, parse_prefix, parse_tier
 from .server import Server, ServerConfig, fmt_pages, open_listener
 from .sizes import parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
@@ -173,8 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     tier.add_argument("--tier-read-timeout", type=argtype(_positive), default=20.0, metavar="SECONDS",
                       help="how long a read keeps asking while a node is down (a failover takes a few seconds; "
                            "keep it below vswapfs --read-timeout, 30 by default) (default 20)")
-    tier.add_argument("--tier-prefix", default="vswap", metavar="PREFIX",
+    tier.add_argument("--tier-prefix", type=argtype(parse_prefix), default="vswap", metavar="PREFIX",
                       help="the start of every key the store writes (default vswap)")
+    tier.add_argument("--tier-heartbeat-ttl", type=argtype(parse_heartbeat_ttl),
+                      default=TierConfig.heartbeat_ttl, metavar="SECONDS",
+                      help="the store keeps a heartbeat key on every master, rewritten %d times within this TTL; "
+                           "`vswapctl tier-sweep` deletes a store's keys only once it has expired on all of "
+                           "them (default %%(default)g)" % HEARTBEATS_PER_TTL)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
@@ -240,7 +245,7 @@ async def run(addresses: list[Address], server: Server, metrics_at: tuple[str, i
     if isinstance(store, TieredStore):
         try:
             async with trio.open_nursery() as tier_nursery:
-                await tier_nursery.start(store.run)
+                await tier_nursery.start(store.run, server)
                 await _serve(addresses, server, metrics_at)
                 tier_nursery.cancel_scope.cancel()
         finally:
@@ -330,11 +335,9 @@ def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: L
         return Store(limits, Sampler(args.pressure_interval, source=args.pressure_source or sample), **options)
     if args.pressure_source is not None:
         ap.error("--pressure-source does not go with --tier: the cluster's memory is the pressure")
-    if not args.tier_prefix or any(c in args.tier_prefix for c in "{}*?[]\\ "):
-        ap.error(f"--tier-prefix {args.tier_prefix!r} must be a non-empty name without braces, spaces, "
-                 "backslashes or globs")
     config = replace(args.tier, replicas=args.tier_replicas, wait_timeout=args.tier_wait_timeout,
-                     read_timeout=args.tier_read_timeout, prefix=args.tier_prefix)
+                     read_timeout=args.tier_read_timeout, prefix=args.tier_prefix,
+                     heartbeat_ttl=args.tier_heartbeat_ttl)
     try:
         tier = connect(config)
     except TierUnavailable as exc:

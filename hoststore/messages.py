@@ -79,6 +79,7 @@ class TakeStatus(enum.IntEnum):
 class HandBackCause(enum.StrEnum):
     PRESSURE = "pressure"
     DRAIN = "drain"
+    REPLICATION = "replication"  # the store's page tier: their master has no replica in sync
 
 
 ROLE_PAGER = "pager"

@@ -35,7 +35,7 @@ _CONNECTION_COUNTERS = frozenset({
 _EVENT_COUNTERS = frozenset({"bad_requests", "handback_errors", "fair_waits", "policy_changes", "io_errors",
                              "orphan_invalidations", "checksum_errors", "tier_read_retries", "tier_read_failures",
                              "tier_delete_retries", "tier_topology_refreshes", "tier_failovers",
-                             "drain_gave_up"})
+                             "drain_gave_up", "tier_heartbeat_failures"})
 _PAGE_REFUSALS = tuple(sorted(s.name.lower().removeprefix("refused_") for s in REFUSALS))
 
 

@@ -27,16 +27,29 @@ A write counts only once it reached a replica: each node's pipeline ends with
 writes so far (https://redis.io/docs/latest/commands/wait/).  Fewer than asked
 for by the deadline, and the pages are refused (they go to the client's backing
 file); a master that dies after that has them on the replica its failover
-promotes.
+promotes.  A master whose replicas are not in sync (see ``replicas_in_sync``) gets
+its pages refused without being sent, and the store hands back what it holds
+there (``hoststore.tieredstore``).
+
+A running store says so with a heartbeat: a key with a TTL on every master,
+``PREFIX:{INSTANCE.alive.N}`` (N picked so that its slot is that master's),
+rewritten several times within the TTL.  ``vswapctl tier-sweep`` deletes an
+instance's keys only once no master holds one.  One key would live on one
+master: its replica may not have the last rewrite, or (never synced) not have it
+at all, and a failover to it would make a running store look dead until its
+next beat; a copy on each master survives any one failover.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -48,7 +61,7 @@ from .logsetup import RateLimited
 from .messages import PAGE_SIZE, PageStatus
 from .pressure import Snapshot
 from .slab import INDEX_SHIFT
-from .tierconfig import TierConfig
+from .tierconfig import HEARTBEATS_PER_TTL, TierConfig
 
 log = logging.getLogger("hoststore")
 # What the cluster client raises when a node or the cluster fails us.
@@ -60,6 +73,15 @@ RUN_SHIFT = INDEX_SHIFT  # 256 pages per run: the store's index blocks, so its b
 RUN_PAGES = 1 << RUN_SHIFT
 SEQ_DIGITS = 16  # the version, in hex, before each page's data
 VALUE_SIZE = SEQ_DIGITS + PAGE_SIZE
+HEARTBEAT_TAG = "alive"  # heartbeat keys PREFIX:{INSTANCE.alive.N}; page keys PREFIX:{INSTANCE.CLIENT.RUN}
+# A replica counts as in sync with its master while it has acknowledged within this
+# many seconds (replicas acknowledge every second; a few missed under load are no loss) ...
+REPLICA_MAX_LAG = 5
+# ... and owes it at most this many bytes of the replication stream.
+REPLICA_MAX_BEHIND = 64 << 20
+# What decides whether a master's death stops the others (CONFIG GET on each master).
+FULL_COVERAGE = "cluster-require-full-coverage"
+READS_WHEN_DOWN = "cluster-allow-reads-when-down"
 
 # Store a field's version over an older one, or the same one again (same version, same
 # data: a write sent twice still writes, so the WAIT after it always waits for it),
@@ -91,7 +113,7 @@ class TierCounter(enum.StrEnum):
 
     WRITTEN = "tier_written"  # pages a replica acknowledged
     REFUSED_REPLICATION = "tier_refused_replication"  # no replica acknowledged them in time
-    REFUSED_NO_REPLICA = "tier_refused_no_replica"  # their master has too few replicas: not even sent
+    REFUSED_NO_REPLICA = "tier_refused_no_replica"  # their master has too few replicas in sync: not even sent
     REFUSED_UNREACHABLE = "tier_refused_unreachable"  # their node did not answer, or had moved them
     REFUSED_OOM = "tier_refused_oom"  # their node answered OOM (at maxmemory)
     READ = "tier_read"
@@ -102,6 +124,7 @@ class TierCounter(enum.StrEnum):
     DELETE_RETRIES = "tier_delete_retries"  # delete batches kept for later after a failure
     TOPOLOGY_REFRESHES = "tier_topology_refreshes"
     FAILOVERS = "tier_failovers"  # slot ranges seen served by a new master after a refresh
+    HEARTBEAT_FAILURES = "tier_heartbeat_failures"  # heartbeat writes a master did not take
 
 
 class TierUnavailable(Exception):
@@ -112,12 +135,60 @@ def encode_seq(seq: int) -> bytes:
     return b"%016x" % seq
 
 
+def replicas_in_sync(info: dict[str, object]) -> int:
+    """How many replicas hold what their master holds, from the master's INFO
+    replication.  Not one whose first sync is not done (its state is not ``online``),
+    whose link is down (the master no longer lists it), that has not acknowledged for
+    ``REPLICA_MAX_LAG`` seconds, or that owes more than ``REPLICA_MAX_BEHIND`` bytes:
+    a failover to it would lose pages, and a write would wait for it in vain."""
+    offset = _int(info.get("master_repl_offset"))
+    n = 0
+    for name, replica in info.items():
+        if not (name.startswith("slave") and name[5:].isdigit() and isinstance(replica, dict)):
+            continue
+        if (replica.get("state") == "online" and _int(replica.get("lag"), REPLICA_MAX_LAG + 1) <= REPLICA_MAX_LAG
+                and offset - _int(replica.get("offset")) <= REPLICA_MAX_BEHIND):
+            n += 1
+    return n
+
+
+def _int(value: object, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+class FailoverScope(enum.IntEnum):
+    """What a master's death stops until a replica takes over (worse is larger)."""
+
+    SHARD = 0  # only its own slots: the other masters go on
+    WRITES = 1  # every write to the cluster; reads of the other masters go on
+    UNKNOWN = 2  # a master would not say
+    CLUSTER = 3  # every request to the cluster
+
+
+@dataclass
+class Failover:
+    """What the masters' settings make a master's death cost, as read at start."""
+
+    scope: FailoverScope
+    cost: str  # in words, for the log and stats
+    settings: dict[str, dict[str, str]]  # master -> {setting: value} (what CONFIG GET answered)
+
+
+@dataclass
+class Instance:
+    """What a store instance has in the cluster (``vswapctl tier-sweep``)."""
+
+    keys: int = 0  # page keys
+    heartbeat: dict[str, object] | None = None  # what its heartbeat says, while it has one: it is running
+
+
 @dataclass
 class NodeMemory:
     name: str
     used: int
     maxmemory: int  # 0 where the node has no maxmemory (then its machine's RAM counts)
     limit: int
+    replicas: int = 0  # replicas in sync (``replicas_in_sync``)
 
     @property
     def used_percent(self) -> float:
@@ -143,7 +214,12 @@ class RedisClusterTier:
         self._refreshed_at = 0.0
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tier")
         self.memory: list[NodeMemory] = []
-        self._replicas: dict[str, int] = {}  # master -> replicas connected, as its last INFO said
+        self._replicas: dict[str, int] = {}  # master -> replicas in sync, as its last INFO said
+        # Masters that answered their last INFO with fewer replicas in sync than a write needs:
+        # their pages are one failure from lost, and are handed back while they can be read.
+        self.unreplicated: frozenset[str] = frozenset()
+        self.failover: Failover | None = None  # what a master's death costs (read_failover)
+        self._beats: set[bytes] = set()  # heartbeat keys written
         self._cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
             socket_timeout=config.socket_timeout, socket_connect_timeout=min(config.socket_timeout, 0.5),
@@ -154,6 +230,13 @@ class RedisClusterTier:
 
     def key(self, client: int, run: int) -> bytes:
         return f"{self.config.prefix}:{{{self.instance}.{client}.{run}}}".encode()
+
+    def _heartbeat_key(self, n: int) -> bytes:
+        return f"{self.config.prefix}:{{{self.instance}.{HEARTBEAT_TAG}.{n}}}".encode()
+
+    def _pattern(self, instance: str, rest: str) -> bytes:
+        """A SCAN pattern for keys of ``instance`` (or ``*``): ``rest`` follows its tag's first dot."""
+        return f"{self.config.prefix}:{{{instance}.{rest}".encode()
 
     def _node_of(self, key: bytes) -> ClusterNode:
         try:
@@ -219,14 +302,15 @@ class RedisClusterTier:
             return pipe.execute(raise_on_error=False)
 
         refresh = False
-        # A master left without enough replicas (its own died and it was promoted) would
-        # take each write and time out its WAIT: its pages are refused without the wait.
-        # (As its last INFO said; a master not polled yet is tried, and WAIT decides.)
+        # A master without enough replicas in sync (its own died and it was promoted, its
+        # replica's first sync is not done, or it lags) would take each write and time out
+        # its WAIT: its pages are refused without the wait.  (As its last INFO said; a
+        # master not polled yet is tried, and WAIT decides.)
         for batch in [b for b in batches if self._replicas.get(b.node.name, replicas) < replicas]:
             batches.remove(batch)
             n = sum(len(items) for items in batch.items)
-            limited("no replica", logging.WARNING, "page tier: master %s has fewer than %d replica(s); refusing "
-                    "its pages", batch.node.name, replicas)
+            limited("no replica", logging.WARNING, "page tier: master %s has fewer than %d replica(s) in sync; "
+                    "refusing its pages", batch.node.name, replicas)
             self.count(TierCounter.REFUSED_NO_REPLICA, n)
             self.count(TierCounter.REFUSED_REPLICATION, n)
             for items in batch.items:
@@ -334,9 +418,11 @@ class RedisClusterTier:
                 raise TierUnavailable(f"node {batch.node.name}: {_why(bad)}")
 
     def sweep(self) -> int:
-        """Delete every key of this store instance (at exit, after the drain): whatever
-        a failed delete left behind.  Returns keys deleted; raises TierUnavailable."""
-        pattern = f"{self.config.prefix}:{{{self.instance}.*".encode()
+        """Delete every page key of this store instance (at exit, after the drain:
+        whatever a failed delete left behind; or, by ``vswapctl tier-sweep``, what a
+        store that is gone left).  Not its heartbeat.  Returns keys deleted; raises
+        TierUnavailable."""
+        pattern = self._pattern(self.instance, "[0-9]*")  # a client number follows the dot
         deleted = 0
         for node in self._cluster.get_primaries():
             conn = self._cluster.get_redis_connection(node)
@@ -347,21 +433,85 @@ class RedisClusterTier:
                 raise TierUnavailable(f"node {node.name}: {_why(exc)}") from None
         return deleted
 
-    def instances(self) -> dict[str, int]:
-        """Keys under this tier's prefix, by the store instance that wrote them (to find
-        what a store that died left behind).  Raises TierUnavailable."""
-        pattern = f"{self.config.prefix}:{{*".encode()
-        found: dict[str, int] = {}
+    def instances(self, instance: str = "*") -> dict[str, Instance]:
+        """The store instances with keys under this tier's prefix (or only ``instance``):
+        their page keys, and their heartbeat while they run.  Every master is asked;
+        one that does not answer raises TierUnavailable (it may hold the only heartbeat
+        left of a running store)."""
+        found: dict[str, Instance] = {}
         for node in self._cluster.get_primaries():
             conn = self._cluster.get_redis_connection(node)
             try:
-                for key in conn.scan_iter(match=pattern, count=1000):
-                    tag = key.decode(errors="replace").partition("{")[2]
-                    instance = tag.partition(".")[0]
-                    found[instance] = found.get(instance, 0) + 1
+                for key in conn.scan_iter(match=self._pattern(instance, "*"), count=1000):
+                    name, _, rest = key.decode(errors="replace").partition("{")[2].partition(".")
+                    entry = found.setdefault(name, Instance())
+                    if not rest.startswith(HEARTBEAT_TAG + "."):
+                        entry.keys += 1
+                    elif entry.heartbeat is None:
+                        entry.heartbeat = _heartbeat_value(conn.get(key))
             except FAILURES as exc:
                 raise TierUnavailable(f"node {node.name}: {_why(exc)}") from None
-        return found
+        return {name: entry for name, entry in found.items() if entry.keys or entry.heartbeat is not None}
+
+    # -- the heartbeat --------------------------------------------------------------
+
+    def _heartbeat_keys(self) -> list[tuple[ClusterNode, bytes]]:
+        """One heartbeat key per master: ``PREFIX:{INSTANCE.alive.N}`` with the first N
+        whose slot it serves (a master of a handful of slots may get none)."""
+        masters = {node.name for node in self._cluster.get_primaries()}
+        keys: dict[str, tuple[ClusterNode, bytes]] = {}
+        for n in range(64 * len(masters)):
+            key = self._heartbeat_key(n)
+            try:
+                node = self._node_of(key)
+            except TierUnavailable:
+                continue
+            if node.name in masters:
+                keys.setdefault(node.name, (node, key))
+                if len(keys) == len(masters):
+                    break
+        return list(keys.values())
+
+    def beat(self) -> int:
+        """Write this store instance's heartbeat on every master, with the TTL.
+        Returns the masters that took it; raises TierUnavailable if none did."""
+        value = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                            "ttl": self.config.heartbeat_ttl}).encode()
+        ttl_ms = max(1, int(self.config.heartbeat_ttl * 1000))
+        written, failures = 0, []
+        for node, key in self._heartbeat_keys():
+            try:
+                self._cluster.get_redis_connection(node).set(key, value, px=ttl_ms)
+            except FAILURES as exc:
+                failures.append(f"{node.name}: {_why(exc)}")
+                continue
+            self._beats.add(key)
+            written += 1
+        self.count(TierCounter.HEARTBEAT_FAILURES, len(failures))
+        if failures:
+            self.refresh()
+        if not written:
+            raise TierUnavailable("no master took the heartbeat (" + "; ".join(failures) + ")")
+        if failures:
+            limited("heartbeat", logging.WARNING, "page tier: the heartbeat did not reach %s", "; ".join(failures))
+        return written
+
+    def heartbeat_interval(self) -> float:
+        return self.config.heartbeat_ttl / HEARTBEATS_PER_TTL
+
+    def end_heartbeat(self) -> None:
+        """Delete the heartbeat (a clean exit, after the sweep).  Raises TierUnavailable;
+        what is not deleted expires with its TTL."""
+        failures = []
+        for key in sorted(self._beats):
+            try:
+                self._cluster.get_redis_connection(self._node_of(key)).unlink(key)
+            except (*FAILURES, TierUnavailable) as exc:
+                failures.append(f"{key.decode()}: {_why(exc)}")
+                continue
+            self._beats.discard(key)
+        if failures:
+            raise TierUnavailable("deleting the heartbeat failed: " + "; ".join(failures))
 
     # -- the cluster ----------------------------------------------------------------
 
@@ -394,8 +544,8 @@ class RedisClusterTier:
                 self.count(TierCounter.FAILOVERS, moved)
 
     def poll_memory(self) -> list[NodeMemory]:
-        """INFO memory (and replication: how many replicas each has) of every master; a
-        master that does not answer is left out."""
+        """INFO memory (and replication: how many replicas in sync each has) of every
+        master; a master that does not answer is left out."""
         out = []
         failed = False
         for node in self._cluster.get_primaries():
@@ -404,15 +554,43 @@ class RedisClusterTier:
             except FAILURES:
                 failed = True
                 continue
-            self._replicas[node.name] = int(info.get("connected_slaves", 0))
+            replicas = self._replicas[node.name] = replicas_in_sync(info)
             maxmemory = int(info.get("maxmemory", 0))
             limit = maxmemory or int(info.get("total_system_memory", 0))
-            out.append(NodeMemory(node.name, int(info["used_memory"]), maxmemory, limit))
+            out.append(NodeMemory(node.name, int(info["used_memory"]), maxmemory, limit, replicas))
+        self.unreplicated = frozenset(m.name for m in out if m.replicas < self.config.replicas)
         if failed:
             self.refresh()
         if out:
             self.memory = out
         return out
+
+    def runs_on(self, client: int, runs: Sequence[int], masters: Collection[str]) -> list[int]:
+        """Those of a client's runs whose key one of ``masters`` serves."""
+        out = []
+        for run in runs:
+            try:
+                if self._node_of(self.key(client, run)).name in masters:
+                    out.append(run)
+            except TierUnavailable:
+                continue
+        return out
+
+    def read_failover(self) -> Failover:
+        """Ask every master what its death would stop (its cluster-require-full-coverage
+        and cluster-allow-reads-when-down) and say it in words."""
+        settings: dict[str, dict[str, str]] = {}
+        refused: list[str] = []
+        for node in self._cluster.get_primaries():
+            conn = self._cluster.get_redis_connection(node)
+            try:
+                got = {name: conn.config_get(name).get(name) for name in (FULL_COVERAGE, READS_WHEN_DOWN)}
+            except FAILURES as exc:
+                refused.append(f"{node.name} ({_why(exc)})")
+                continue
+            settings[node.name] = {k: str(v) if v is not None else "unknown" for k, v in got.items()}
+        self.failover = _failover(settings, refused, self.config.read_timeout)
+        return self.failover
 
     def snapshot(self) -> Snapshot:
         """The cluster's memory as admission sees it: the fullest master decides (a
@@ -432,7 +610,12 @@ class RedisClusterTier:
             "replicas": self.config.replicas,
             "wait_timeout": self.config.wait_timeout,
             "masters": {m.name: {"used_bytes": m.used, "maxmemory": m.maxmemory,
-                                 "used_percent": round(m.used_percent, 1)} for m in self.memory},
+                                 "used_percent": round(m.used_percent, 1), "replicas_in_sync": m.replicas}
+                        for m in self.memory},
+            "unreplicated": sorted(self.unreplicated),
+            "failover": None if self.failover is None else {"scope": self.failover.scope.name.lower(),
+                                                             "cost": self.failover.cost},
+            "heartbeat_ttl": self.config.heartbeat_ttl,
             **counters,
         }
 
@@ -457,6 +640,51 @@ def _failure(result: object) -> BaseException | None:
     if isinstance(result, BaseException):
         return result
     return next((r for r in result if isinstance(r, BaseException)), None)  # type: ignore[attr-defined]
+
+
+def _heartbeat_value(raw: bytes | None) -> dict[str, object] | None:
+    """A heartbeat's value (None: it expired meanwhile); one that is not ours to read
+    still says that its store runs."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {}
+
+
+def _failover(settings: dict[str, dict[str, str]], refused: list[str], read_timeout: float) -> Failover:
+    def scope(values: dict[str, str]) -> FailoverScope:
+        if values.get(FULL_COVERAGE) == "no":
+            return FailoverScope.SHARD
+        if values.get(FULL_COVERAGE) != "yes" or values.get(READS_WHEN_DOWN) not in ("yes", "no"):
+            return FailoverScope.UNKNOWN
+        return FailoverScope.WRITES if values[READS_WHEN_DOWN] == "yes" else FailoverScope.CLUSTER
+
+    by_scope: dict[FailoverScope, list[str]] = {}
+    for name, values in sorted(settings.items()):
+        by_scope.setdefault(scope(values), []).append(name)
+    if refused:
+        by_scope.setdefault(FailoverScope.UNKNOWN, []).extend(refused)
+    worst = max(by_scope, default=FailoverScope.UNKNOWN)
+    which = ", ".join(by_scope.get(worst, []))
+    fix = (f"set {FULL_COVERAGE} no and {READS_WHEN_DOWN} yes on every node (tools/redis-cluster.sh does) so "
+           "that a dead master costs only its own pages")
+    cost = {
+        FailoverScope.SHARD: "a master that dies costs only its own pages: reads of them wait for its replica to "
+                             f"take over (up to {read_timeout:g}s), the other masters go on",
+        FailoverScope.WRITES: f"a master that dies stops every write until its replica takes over ({which}: "
+                              f"{FULL_COVERAGE} yes): pages go to the backing files meanwhile; reads go on "
+                              f"({READS_WHEN_DOWN} yes); {fix}",
+        FailoverScope.UNKNOWN: f"cannot tell what a master's death costs ({which} did not say {FULL_COVERAGE} / "
+                               f"{READS_WHEN_DOWN}); {fix}",
+        FailoverScope.CLUSTER: f"a master that dies stops the WHOLE cluster until its replica takes over ({which}: "
+                               f"{FULL_COVERAGE} yes, {READS_WHEN_DOWN} no): every read waits, and fails after "
+                               f"{read_timeout:g}s, and a master lost with no replica in sync stops the tier until "
+                               f"it is back; {fix}",
+    }[worst]
+    return Failover(worst, cost, settings)
 
 
 def _why(exc: BaseException) -> str:

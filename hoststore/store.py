@@ -78,6 +78,7 @@ class HostCounter(enum.StrEnum):
     DROPPED_SESSIONS = "dropped_sessions"  # pages of a client that came back as a new instance
     HANDED_BACK_PRESSURE = "handed_back_pressure"  # freed after the client took them back
     HANDED_BACK_DRAIN = "handed_back_drain"
+    HANDED_BACK_REPLICATION = "handed_back_replication"  # the page tier: their master had no replica in sync
     HANDBACK_NOT_NEEDED = "handback_not_needed"  # of those, pages the client no longer needed
     HANDBACK_FAILED = "handback_failed"  # pages a client could not take (kept)
     HANDBACK_REQUESTS = "handback_requests"
@@ -124,6 +125,7 @@ REFUSAL_COUNTER = {
 HANDBACK_COUNTER = {
     HandBackCause.PRESSURE: HostCounter.HANDED_BACK_PRESSURE,
     HandBackCause.DRAIN: HostCounter.HANDED_BACK_DRAIN,
+    HandBackCause.REPLICATION: HostCounter.HANDED_BACK_REPLICATION,
 }
 
 

@@ -5,6 +5,7 @@ argument does not load the Redis client (every ``vswapctl`` command builds its p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .address import parse_address
@@ -24,6 +25,8 @@ class TierConfig:
     read_timeout: float = 20.0  # seconds: how long a read keeps trying (a failover takes a few)
     prefix: str = "vswap"
     socket_timeout: float = 5.0
+    # seconds a store's heartbeat outlives it: until then `vswapctl tier-sweep` takes it for running
+    heartbeat_ttl: float = 30.0
 
     def __str__(self) -> str:
         return SCHEME + ",".join(f"{h}:{p}" for h, p in self.nodes)
@@ -45,3 +48,26 @@ def parse_tier(text: str) -> TierConfig:
             raise TierConfigError(f"tier node {part!r}: port 0 out of range")
         nodes.append((address.host, address.port))
     return TierConfig(tuple(nodes))
+
+
+MIN_HEARTBEAT_TTL = 1.0  # seconds
+HEARTBEATS_PER_TTL = 5  # a store refreshes its heartbeat this many times within its TTL
+
+
+def parse_prefix(text: str) -> str:
+    """A key prefix: it is matched as a glob when keys are listed and swept, and the
+    part of a key in braces picks its slot, so neither may appear in it."""
+    if not text or any(c in text for c in "{}*?[]\\ "):
+        raise TierConfigError(f"prefix {text!r} must be a non-empty name without braces, spaces, backslashes or "
+                              "globs")
+    return text
+
+
+def parse_heartbeat_ttl(text: str) -> float:
+    try:
+        ttl = float(text)
+    except ValueError:
+        raise TierConfigError(f"heartbeat TTL {text!r} is not a number of seconds") from None
+    if not math.isfinite(ttl) or ttl < MIN_HEARTBEAT_TTL:
+        raise TierConfigError(f"heartbeat TTL {text} is not a number of seconds of at least {MIN_HEARTBEAT_TTL:g}")
+    return ttl

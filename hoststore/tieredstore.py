@@ -19,6 +19,12 @@ How a page is never lost or served wrong:
 * What the store forgets (invalidated, handed back, replaced by a refused
   version, a client that is gone) is deleted in the background by version, so
   a delete that arrives late can never remove a newer write.
+* Pages on a master without a replica in sync are one failure from lost: new
+  ones are refused (``replication``), and those it holds are handed back to
+  their clients while it can still be read (cause ``replication``).
+* While it runs, the store keeps a heartbeat in the cluster, so that
+  ``vswapctl tier-sweep`` never deletes its keys; it deletes it at a clean exit,
+  after its own sweep.
 
 Requests wait on the cluster in worker threads (a pool shared by all clients:
 a node that hangs slows everyone until its socket times out), and the metadata
@@ -32,7 +38,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -40,8 +46,11 @@ from . import auth
 from .clientpages import NIL, ClientPages
 from .messages import PAGE_SIZE, Get, GetAnswer, HandBack, HandBackCause, PageStatus, Put, PutStaged
 from .pressure import Sampler
-from .redistier import RedisClusterTier, TierCounter, TierUnavailable
+from .redistier import FailoverScope, RedisClusterTier, TierCounter, TierUnavailable
 from .store import REFUSAL_COUNTER, HostCounter, RequestError, Store
+
+if TYPE_CHECKING:
+    from .server import Server
 
 log = logging.getLogger("hoststore")
 T = TypeVar("T")
@@ -68,6 +77,10 @@ class TieredStore(Store):
         self._writing: dict[int, dict[int, int]] = {}  # tier id -> {page: version} of writes in flight
         self._drops: list[tuple[int, list[int]]] = []  # (tier id, runs): whole runs of clients gone
         self._wake = trio.Event()
+        self._beat_limiter = trio.CapacityLimiter(1)  # the heartbeat waits for no write
+        failover = tier.read_failover()
+        log.log(logging.INFO if failover.scope == FailoverScope.SHARD else logging.WARNING,
+                "page tier: %s", failover.cost)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -231,8 +244,13 @@ class TieredStore(Store):
         raise RequestError("this store keeps pages in its tier: gets are served by get_async")
 
     async def lend_async(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
-        """The oldest pages, read from the tier; pages it cannot give now stay stored."""
-        lent_pages, lent_seqs, _ = client.lend_oldest(limit, with_data=False)
+        """The oldest pages (for ``replication``: pages on masters without a replica in
+        sync), read from the tier; pages it cannot give now stay stored."""
+        if cause == HandBackCause.REPLICATION:
+            lent_pages, lent_seqs, _ = client.lend_slots(await self._unreplicated_slots(client, limit),
+                                                         with_data=False)
+        else:
+            lent_pages, lent_seqs, _ = client.lend_oldest(limit, with_data=False)
         pages, seqs = array("Q"), array("Q")
         for page, seq in zip(lent_pages, lent_seqs):
             if self._being_written(client, page, seq):  # not acknowledged yet: not ours to hand back
@@ -268,21 +286,94 @@ class TieredStore(Store):
         self.counters.add(HostCounter.HANDBACK_REQUESTS)
         return HandBack(cause, kept_pages, kept_seqs, data)
 
+    async def _unreplicated_slots(self, client: ClientPages, limit: int) -> list[int]:
+        """Up to ``limit`` of the client's pages that sit on a master without a replica
+        in sync, not lent and not on their way there."""
+        masters = self.tier.unreplicated
+        if not masters:
+            return []
+        runs = await self._call(self.tier.runs_on, client.tier_id, client.index.blocks_in(0, client.npages), masters)
+        slots = []
+        for page, slot in client.index.stored_in_blocks(runs, 0, client.npages):
+            if len(slots) == limit:
+                break
+            if not client.lent[slot] and not self._being_written(client, page, client.seq_of[slot]):
+                slots.append(slot)
+        return slots
+
     # -- the cluster's upkeep -------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Watch the masters' memory and delete what the store forgot, until cancelled."""
+    async def run(self, server: Server | None = None, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Until cancelled: keep the heartbeat (the first one before anything else),
+        watch the masters' memory and replicas, delete what the store forgot, and, with
+        the ``server`` that reaches the clients, hand back pages on masters without a
+        replica in sync."""
+        await self._beat()
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._watch_memory)
             nursery.start_soon(self._delete_loop)
+            if server is not None:
+                nursery.start_soon(self._rescue_loop, server)
             task_status.started()
+
+    async def _beat(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.tier.beat, limiter=self._beat_limiter)
+        except TierUnavailable as exc:
+            log.warning("page tier: the heartbeat reached no master (%s); `vswapctl tier-sweep` takes this store "
+                        "for gone %gs after its last one", exc, self.tier.config.heartbeat_ttl)
+        except Exception:  # noqa: BLE001 - the next beat tries again
+            log.exception("page tier: error while writing the heartbeat")
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.tier.heartbeat_interval()
+        while True:
+            await trio.sleep(interval)
+            await self._beat()
+
+    async def _rescue_loop(self, server: Server) -> None:
+        """Hand back the pages that sit on masters without a replica in sync, while those
+        masters can still be read: at the pace each client takes them (one request in
+        flight per client); a client that took none rests, as under pressure."""
+        config = server.config
+        busy: set[str] = set()
+        resting: dict[str, float] = {}
+
+        async def rescue(client: ClientPages) -> None:
+            try:
+                while not self.draining and self.tier.unreplicated and client.connected:
+                    if not await server.hand_back(client, HandBackCause.REPLICATION, config.handback_batch):
+                        resting[client.name] = trio.current_time() + config.handback_rest
+                        return
+            finally:
+                busy.discard(client.name)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(MEMORY_INTERVAL)
+                if self.draining or not self.tier.unreplicated:
+                    continue
+                now = trio.current_time()
+                for client in list(self.clients.values()):
+                    if (client.connected and client.count > client.lent_count and client.name not in busy
+                            and resting.get(client.name, 0.0) <= now):
+                        busy.add(client.name)
+                        nursery.start_soon(rescue, client)
 
     async def _watch_memory(self) -> None:
         while True:
+            before = self.tier.unreplicated
             try:
                 await self._call(self.tier.poll_memory)
             except Exception:  # noqa: BLE001 - admission keeps the last reading meanwhile
                 log.exception("page tier: reading the masters' memory failed")
+            for name in sorted(self.tier.unreplicated - before):
+                log.warning("page tier: master %s has fewer than %d replica(s) in sync: its new pages are refused, "
+                            "and those it holds are handed back", name, self.tier.config.replicas)
+            for name in sorted(before - self.tier.unreplicated):
+                log.info("page tier: master %s has its replica(s) in sync again (or no longer answers)", name)
             await trio.sleep(MEMORY_INTERVAL)
 
     async def _delete_loop(self) -> None:
@@ -326,7 +417,8 @@ class TieredStore(Store):
         return stats
 
     async def aclose(self, timeout: float = 10.0) -> None:
-        """At exit: delete what is waiting, then every key this store instance left."""
+        """At exit: delete what is waiting, then every key this store instance left,
+        then its heartbeat (what is left then is for `vswapctl tier-sweep`)."""
         with trio.move_on_after(timeout):
             try:
                 await self.flush_deletes()
@@ -335,5 +427,10 @@ class TieredStore(Store):
                     log.info("page tier: deleted %d keys left by this store", swept)
             except TierUnavailable as exc:
                 log.warning("page tier: could not clean up the cluster at exit (%s)", exc)
+        with trio.move_on_after(timeout):
+            try:
+                await self._call(self.tier.end_heartbeat)
+            except TierUnavailable as exc:
+                log.warning("page tier: the heartbeat stays until it expires (%s)", exc)
         self.tier.close()
 

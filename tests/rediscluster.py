@@ -39,29 +39,73 @@ class LocalCluster:
 
     def masters(self) -> list[int]:
         """The ports of the masters that serve (not failed)."""
-        return [int(line.split()[1].split(":")[1].split("@")[0]) for line in self.nodes().splitlines()
+        return [_port(line) for line in self.nodes().splitlines()
                 if "master" in line.split()[2] and "fail" not in line.split()[2]]
+
+    def replica_of(self, master: int) -> int:
+        """The port of a master's replica."""
+        lines = [line.split() for line in self.nodes().splitlines()]
+        [master_id] = [fields[0] for fields in lines if _port(" ".join(fields)) == master]
+        [replica] = [_port(" ".join(fields)) for fields in lines if fields[3] == master_id]
+        return replica
+
+    def failed(self, port: int) -> bool:
+        """The cluster has marked this node failed (not merely suspected)."""
+        return any(_port(line) == port and "fail" in line.split()[2].replace("fail?", "").split(",")
+                   for line in self.nodes().splitlines())
+
+    def unsync_replica(self, master: int, timeout: float = 30.0) -> int:
+        """Restart a master's replica empty, the master holding back the full sync it
+        then asks for: a replica whose first sync never finishes.  Its port."""
+        replica = self.replica_of(master)
+        for setting, value in [("repl-diskless-sync", "yes"), ("repl-diskless-sync-delay", "3600"),
+                               ("repl-diskless-sync-max-replicas", "0")]:
+            assert self.cli(master, "config", "set", setting, value).strip() == "OK", setting
+        self.kill(replica)
+        deadline = time.monotonic() + timeout
+        while self.cli(replica, "ping").strip() == "PONG":  # until the kill has taken
+            assert time.monotonic() < deadline, f"node {replica} outlived SIGKILL"
+            time.sleep(0.05)
+        # A replica keeps the copy its sync brought (dump.rdb, whatever `save` says): with
+        # it, it would resume from the master's backlog instead of syncing from nothing.
+        for name in os.listdir(os.path.join(self.directory, str(replica))):
+            if name.endswith(".rdb"):
+                os.unlink(os.path.join(self.directory, str(replica), name))
+        self.restart(replica)
+        while f"port={replica},state=wait_bgsave" not in self.cli(master, "info", "replication"):
+            assert time.monotonic() < deadline, f"replica {replica} never asked {master} for a full sync"
+            time.sleep(0.05)
+        return replica
 
     def pid(self, port: int) -> int:
         with open(os.path.join(self.directory, str(port), "redis.pid")) as f:
             return int(f.read())
 
-    def kill(self, port: int) -> None:
-        """SIGKILL one node: no goodbye to anyone."""
-        os.kill(self.pid(port), signal.SIGKILL)
+    def kill(self, port: int, sig: int = signal.SIGKILL) -> None:
+        """SIGKILL one node: no goodbye to anyone (or another signal: SIGSTOP freezes it)."""
+        os.kill(self.pid(port), sig)
+
+    def restart(self, port: int) -> None:
+        """Start a stopped node again with its own settings (it rejoins from its nodes.conf)."""
+        subprocess.run(["redis-server", os.path.join(self.directory, str(port), "redis.conf")], check=True,
+                       capture_output=True, timeout=10)
 
     def set_maxmemory(self, value: str) -> None:
         for port in range(self.base, self.base + 6):
             self.cli(port, "config", "set", "maxmemory", value)
 
     def keys(self, pattern: str = "*") -> int:
-        """Keys matching ``pattern`` on every serving master; an answer that is not a
+        """Keys matching ``pattern`` on every serving master."""
+        return sum(self.keys_by_master(pattern).values())
+
+    def keys_by_master(self, pattern: str = "*") -> dict[int, int]:
+        """Keys matching ``pattern`` on each serving master; an answer that is not a
         count fails (a zero must mean no key, not no answer)."""
         masters = self.masters()
         assert len(masters) == 3, f"the cluster serves from {masters}"
-        counts = [self.cli(p, "eval", f"return #redis.call('keys', '{pattern}')", "0").strip() for p in masters]
-        assert all(c.isdigit() for c in counts), counts
-        return sum(map(int, counts))
+        counts = {p: self.cli(p, "eval", f"return #redis.call('keys', '{pattern}')", "0").strip() for p in masters}
+        assert all(c.isdigit() for c in counts.values()), counts
+        return {p: int(c) for p, c in counts.items()}
 
     def wait_failover(self, dead: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -71,6 +115,11 @@ class LocalCluster:
                 return
             time.sleep(0.1)
         raise AssertionError(f"no failover of {dead} in {timeout}s")
+
+
+def _port(line: str) -> int:
+    """The port of a CLUSTER NODES line (``ID HOST:PORT@BUS FLAGS ...``)."""
+    return int(line.split()[1].split(":")[1].split("@")[0])
 
 
 def start_cluster(maxmemory: str = "256mb") -> LocalCluster:

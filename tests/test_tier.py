@@ -6,6 +6,9 @@ memory; reads through a master's death."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,18 +17,34 @@ import time
 from array import array
 
 import pytest
+import redis
 import trio
 from redis.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
+from hoststore.address import Address
+from hoststore.clientpages import NIL
 from hoststore.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
 from hoststore.policy import Limits
-from hoststore.redistier import RUN_PAGES, TierCounter, connect
-from hoststore.tierconfig import TierConfigError, parse_tier
+from hoststore.redistier import (
+    FULL_COVERAGE,
+    READS_WHEN_DOWN,
+    REPLICA_MAX_BEHIND,
+    REPLICA_MAX_LAG,
+    RUN_PAGES,
+    FailoverScope,
+    TierCounter,
+    connect,
+    replicas_in_sync,
+)
+from hoststore.tierconfig import TierConfigError, parse_heartbeat_ttl, parse_prefix, parse_tier
 from hoststore.store import HostCounter, RequestError
 from hoststore.tieredstore import TieredStore
 from vswapctl import rediscluster
+from vswapfs.hostclient import HostClient
 
 from .rediscluster import LocalCluster
+from .test_rpc import start_client, start_server
 from .test_store import hello, page
 
 S = PageStatus
@@ -77,6 +96,35 @@ def test_parse_tier() -> None:
                      ("redis-cluster://h:1,", "has an empty node"), ("redis-cluster://h:70000", "out of range")]:
         with pytest.raises(TierConfigError, match=why):
             parse_tier(bad)
+
+
+def test_prefix_and_heartbeat_ttl_are_checked() -> None:
+    assert parse_prefix("vswap-b") == "vswap-b" and parse_heartbeat_ttl("2.5") == 2.5
+    for bad in ["", "a*", "a{b", "a b", "a\\b"]:
+        with pytest.raises(TierConfigError, match="must be a non-empty name"):
+            parse_prefix(bad)
+    for bad in ["0.5", "nan", "inf", "x"]:
+        with pytest.raises(TierConfigError, match="heartbeat TTL"):
+            parse_heartbeat_ttl(bad)
+
+
+def _replica(state: str = "online", lag: int = 0, behind: int = 0) -> dict[str, object]:
+    return {"ip": "127.0.0.1", "port": 7001, "state": state, "offset": 10**9 - behind, "lag": lag}
+
+
+@pytest.mark.parametrize("replicas, in_sync", [
+    ({"slave0": _replica()}, 1),
+    ({}, 0),  # its link is down: the master no longer lists it
+    ({"slave0": _replica("wait_bgsave")}, 0),  # its first sync is not done
+    ({"slave0": _replica("send_bulk")}, 0),
+    ({"slave0": _replica(lag=REPLICA_MAX_LAG)}, 1),
+    ({"slave0": _replica(lag=REPLICA_MAX_LAG + 1)}, 0),  # no acknowledgement for too long
+    ({"slave0": _replica(behind=REPLICA_MAX_BEHIND + 1)}, 0),  # too far behind
+    ({"slave0": _replica("wait_bgsave"), "slave1": _replica()}, 1),
+])
+def test_a_replica_is_in_sync_only_when_online_recent_and_close(replicas: dict[str, object], in_sync: int) -> None:
+    info = {"role": "master", "connected_slaves": len(replicas), "master_repl_offset": 10**9, **replicas}
+    assert replicas_in_sync(info) == in_sync
 
 
 def test_hoststore_refuses_an_unreachable_cluster_before_listening(tmp_path) -> None:
@@ -306,23 +354,127 @@ async def test_a_client_replaced_by_a_new_instance_leaves_nothing_in_the_cluster
         await store.aclose()
 
 
-async def test_tier_sweep_lists_and_deletes_what_a_dead_store_left(redis_cluster_session: LocalCluster,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def _sweep(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     from vswapctl import cli
 
+    try:
+        code = cli.main(["tier-sweep", *args])
+    except SystemExit as exc:  # argparse refused the arguments
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_tier_sweep_refuses_a_running_store_and_sweeps_it_once_killed(
+        redis_cluster_session: LocalCluster, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real hoststore process on the cluster: its keys cannot be swept while it runs,
+    not even when one master lost its heartbeat (as in a failover to a replica that
+    missed it); once it is SIGKILLed and its heartbeat's TTL is over, they can."""
+    cluster = redis_cluster_session
+    sock = tmp_path / "s.sock"
+    with open(tmp_path / "hoststore.log", "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "hoststore", "--listen", f"unix:{sock}", "--tier",
+                                 cluster.address, "--tier-heartbeat-ttl", "3"], stdout=log_file, stderr=log_file)
+    try:
+        async with trio.open_nursery() as nursery:
+            client = HostClient(Address("unix", path=str(sock)), "c", 1024 * PAGE_SIZE, backoff_min=0.05,
+                                backoff_max=0.2)
+            nursery.start_soon(client.run)
+            with trio.fail_after(30):
+                await client.wait_connected()
+            for first in (0, 512):  # two runs: two keys
+                assert await client.put(first, 1, data(first, 8, 1)) == bytes(8)
+            instance = client.store_instance
+            assert instance is not None
+            nursery.cancel_scope.cancel()
+        heartbeats = f"vswap:{{{instance}.alive.*"
+        assert set(cluster.keys_by_master(heartbeats).values()) == {1}  # a heartbeat on every master
+
+        code, out, _ = await trio.to_thread.run_sync(_sweep, capsys, cluster.address)
+        assert code == 0 and f"{instance}  2 keys  running (" in out and f"pid {proc.pid}" in out
+        code, _, err = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, instance)
+        assert code == 1 and f"store instance {instance} is running" in err
+        assert cluster.keys(f"vswap:{{{instance}.[0-9]*") == 2
+        # One master loses its copy (the store frozen, so that it does not write it again
+        # before the sweep): the others still say the store runs.
+        proc.send_signal(signal.SIGSTOP)
+        lost_on = next(port for port, n in cluster.keys_by_master(heartbeats).items() if n)
+        cluster.cli(lost_on, "eval", f"return redis.call('del', unpack(redis.call('keys', '{heartbeats}')))", "0")
+        assert cluster.keys_by_master(heartbeats)[lost_on] == 0
+        code, _, err = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, instance)
+        assert code == 1 and "is running" in err and cluster.keys(f"vswap:{{{instance}.[0-9]*") == 2
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        with trio.fail_after(10):  # the TTL (3 s) runs out
+            while cluster.keys(heartbeats):
+                await trio.sleep(0.1)
+        code, out, _ = await trio.to_thread.run_sync(_sweep, capsys, cluster.address)
+        assert code == 0 and f"{instance}  2 keys  gone (no heartbeat)" in out
+        code, _, err = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, "*")
+        assert code == 2 and "is not a store instance" in err  # only an instance id, never a pattern
+        code, out, _ = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, instance)
+        assert code == 0 and f"deleted 2 keys of store instance {instance}" in out
+        assert cluster.keys(f"vswap:{{{instance}.*") == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+async def test_a_store_deletes_its_heartbeat_at_a_clean_exit_after_its_sweep(
+        redis_cluster_session: LocalCluster) -> None:
     cluster = redis_cluster_session
     store = make(cluster)
     client = attach(store)
     assert await store.put_async(client, Put(0, 1, data(0, 8, 1))) == bytes(8)
-    store.tier.close()  # as if killed: nothing swept
-    assert cli.main(["tier-sweep", cluster.address]) == 0
-    assert f"{store.instance}  1 keys" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # only an instance id, never a pattern
-        cli.main(["tier-sweep", cluster.address, "*"])
-    assert "is not a store instance" in capsys.readouterr().err
-    assert cli.main(["tier-sweep", cluster.address, store.instance]) == 0
-    assert f"deleted 1 keys of store instance {store.instance}" in capsys.readouterr().out
-    assert cluster.keys(f"vswap:{{{store.instance}.*") == 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        found = store.tier.instances()[store.instance]
+        assert found.keys == 1 and found.heartbeat is not None and found.heartbeat["pid"] == os.getpid()
+        nursery.cancel_scope.cancel()
+    await store.aclose()
+    assert cluster.keys(f"vswap:{{{store.instance}.*") == 0  # neither pages nor heartbeat
+
+
+async def test_the_store_says_what_a_masters_death_costs(redis_cluster_session: LocalCluster,
+                                                         caplog: pytest.LogCaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local cluster's nodes keep the other masters going; a master with Redis's
+    defaults would stop them all, and the store says so at start."""
+    cluster = redis_cluster_session
+    stores = [make(cluster)]
+    port = cluster.masters()[0]
+    try:
+        failover = stores[0].tier.failover
+        assert failover is not None and failover.scope == FailoverScope.SHARD
+        assert len(failover.settings) == 3
+        assert all(v == {FULL_COVERAGE: "no", READS_WHEN_DOWN: "yes"} for v in failover.settings.values())
+        assert stores[0].stats()["tier"]["failover"]["scope"] == "shard"  # type: ignore[index]
+        cluster.cli(port, "config", "set", FULL_COVERAGE, "yes")
+        cluster.cli(port, "config", "set", READS_WHEN_DOWN, "no")
+        with caplog.at_level(logging.WARNING, logger="hoststore"):
+            stores.append(make(cluster))
+        assert stores[1].stats()["tier"]["failover"]["scope"] == "cluster"  # type: ignore[index]
+        assert "page tier: a master that dies stops the WHOLE cluster" in caplog.text
+        assert f"127.0.0.1:{port}: {FULL_COVERAGE} yes" in caplog.text
+        cluster.cli(port, "config", "set", READS_WHEN_DOWN, "yes")
+        assert stores[1].tier.read_failover().scope == FailoverScope.WRITES
+        # Where CONFIG is not allowed (a managed cluster may rename it), the store says it cannot tell.
+        def no_config(*args: object, **kwargs: object) -> None:
+            raise ResponseError("unknown command 'CONFIG'")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(redis.Redis, "config_get", no_config)
+            failover = stores[1].tier.read_failover()
+        assert failover.scope == FailoverScope.UNKNOWN and "cannot tell" in failover.cost
+        assert all(f"127.0.0.1:{p} (ResponseError: unknown command 'CONFIG')" in failover.cost
+                   for p in cluster.masters())
+    finally:
+        cluster.cli(port, "config", "set", FULL_COVERAGE, "no")
+        cluster.cli(port, "config", "set", READS_WHEN_DOWN, "yes")
+        for store in stores:
+            await store.aclose()
 
 
 async def test_a_page_on_its_way_to_the_cluster_is_neither_lost_nor_handed_back(
@@ -533,4 +685,81 @@ async def test_reads_go_on_through_a_masters_death(redis_cluster: LocalCluster) 
             else:
                 assert status[i] == S.MISSING
     finally:
+        await store.aclose()
+
+
+async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, tmp_path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A master whose replica's first sync never finishes: its new pages are refused
+    (replication) without being sent, the pages it holds are handed back to their
+    client while it can be read, and once it is killed (its replica frozen, so that
+    nobody serves its slots) the pages on the other masters still read back."""
+    cluster = redis_cluster
+    store = make(cluster, read_timeout=3.0)
+    n = 16 * RUN_PAGES  # 16 runs: every master holds some
+    taken: dict[int, bytes] = {}
+
+    async def take_back(handback) -> bytes:  # type: ignore[no-untyped-def]
+        for i, p in enumerate(handback.pages):
+            taken[p] = bytes(handback.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        return bytes([TakeStatus.TAKEN]) * len(handback.pages)
+
+    replica = None
+    try:
+        async with trio.open_nursery() as nursery:
+            address, server = await start_server(nursery, str(tmp_path / "s"), store)
+            await nursery.start(store.run, server)
+            client = await start_client(nursery, address, npages=n)
+            client.set_handlers(take_back, lambda: None)
+            for first in range(0, n, RUN_PAGES):
+                assert await client.put(first, 1, data(first, RUN_PAGES, 1)) == bytes(RUN_PAGES)
+            pages = store.clients["c"]
+            tier = store.tier
+            victim = tier._node_of(tier.key(pages.tier_id, 0)).name
+            victim_port = int(victim.rsplit(":", 1)[1])
+            on_victim = [p for p in range(n) if tier._node_of(tier.key(pages.tier_id, p // RUN_PAGES)).name == victim]
+            assert 0 < len(on_victim) < n
+
+            replica = cluster.unsync_replica(victim_port)
+            # Every page it held is handed back, and only those.
+            with trio.fail_after(30):
+                while any(pages.index.get(p) != NIL for p in on_victim):
+                    await trio.sleep(0.05)
+            assert victim in tier.unreplicated
+            assert sorted(taken) == on_victim and all(taken[p] == page(p, 1) for p in on_victim)
+            assert store.counters[HostCounter.HANDED_BACK_REPLICATION] == len(on_victim)
+            assert store.pages == n - len(on_victim)
+            # Its new pages are refused at once, the other masters' are stored.
+            first_elsewhere = next(p for p in range(0, n, RUN_PAGES) if p not in on_victim)
+            assert await client.put(0, 2, data(0, 8, 2)) == bytes([S.REFUSED_REPLICATION]) * 8
+            assert tier.counters[TierCounter.REFUSED_NO_REPLICA] == 8
+            assert await client.put(first_elsewhere, 2, data(first_elsewhere, 8, 2)) == bytes(8)
+
+            cluster.kill(replica, signal.SIGSTOP)  # it can never take over
+            cluster.kill(victim_port)
+            with trio.fail_after(30):
+                while not cluster.failed(victim_port):
+                    await trio.sleep(0.1)
+            # The pages of the other masters still read back, at once.
+            started = time.monotonic()
+            for first in range(0, n, RUN_PAGES):
+                answer = await client.get(array("Q", range(first, first + RUN_PAGES)))
+                if first in on_victim:
+                    assert answer.statuses == bytes([S.MISSING]) * RUN_PAGES  # handed back before
+                    continue
+                version = 2 if first == first_elsewhere else 1
+                expected = data(first, 8, version) + data(first + 8, RUN_PAGES - 8, 1)
+                assert answer.statuses == bytes(RUN_PAGES) and bytes(answer.data) == expected
+            assert time.monotonic() - started < tier.config.read_timeout
+            assert tier.counters[TierCounter.LOST] == 0
+            # The dead master misses its heartbeat (the others take it), and a sweep is
+            # refused while a master does not answer: it might hold what says the store runs.
+            failures = tier.counters[TierCounter.HEARTBEAT_FAILURES]
+            assert tier.beat() == 2 and tier.counters[TierCounter.HEARTBEAT_FAILURES] == failures + 1
+            code, _, err = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, store.instance)
+            assert code == 1 and f"node {victim}" in err
+            nursery.cancel_scope.cancel()
+    finally:
+        if replica is not None:
+            cluster.kill(replica)
         await store.aclose()

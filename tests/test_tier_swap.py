@@ -42,6 +42,8 @@ def test_live_swap_on_the_cluster_survives_a_masters_sigkill(redis_cluster: Loca
     fs, host = s["vswapfs"], s["hoststore"]
     tier = host["tier"]
     assert tier["tier_failovers"] >= 1, tier  # the store saw a master replaced
+    # The promoted master has no replica left: the pages it held were handed back to vswapfs.
+    assert host["handed_back_replication"] > 0, host
     assert tier["tier_lost"] == 0 and tier["tier_written"] > 4096
     assert fs["pages_lost"] == 0 and fs["checksum_errors"] == 0
     assert fs["io_errors"] == 0 and fs["read_failures"] == 0

@@ -10,17 +10,22 @@
 # joins them into a cluster (3 masters, one replica each) and waits until it serves
 # every slot and every replica is in sync.  Its last line is the tier address, also
 # written to DIR/address.  Nodes run with maxmemory (default 256mb) and noeviction,
-# no persistence, and fail over after --node-timeout (default 2000 ms).  If anything
-# fails, what was started is stopped again.  `down` stops the nodes and removes the
-# files `up` made.  redis-server is installed with apt-get when it is missing.
+# no persistence, and fail over after --node-timeout (default 2000 ms); a dead master
+# stops only its own slots (why: the comment on node_config).  Each node's settings
+# are in DIR/PORT/redis.conf, which starts it again.  If anything fails, what was
+# started is stopped again.  `down` stops the nodes and removes the files `up` made.
+# redis-server is installed with apt-get when it is missing.
 set -euo pipefail
 
 log() { echo "redis-cluster: $*" >&2; }
 die() { log "$*"; exit 1; }
-usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 [ $# -ge 2 ] || usage
-cmd=$1 dir=$2
+cmd=$1 dir=$(realpath -m -- "$2")  # absolute: a node's config names its files by it
+case $dir in
+  *'"'* | *'\'* | *$'\n'*) die "DIR $2 must not hold a quote, backslash or newline (nodes' configs name it)" ;;
+esac
 shift 2
 base=7100 maxmemory=256mb node_timeout=2000
 while [ $# -gt 0 ]; do
@@ -83,11 +88,51 @@ down() {
   done
   for port in $(recorded_ports); do
     rm -f "$dir/$port/redis.pid" "$dir/$port/redis.log" "$dir/$port/nodes.conf" "$dir/$port/dump.rdb" \
+      "$dir/$port/redis.conf" \
       "$dir/$port"/temp-*.rdb
     rmdir "$dir/$port" 2>/dev/null || true
   done
   rm -f "$dir/address" "$dir/create.log" "$dir/ports"
   rmdir "$dir" 2>/dev/null || true
+}
+
+# A node's settings, as a redis.conf (kept in DIR/PORT: `redis-server DIR/PORT/redis.conf`
+# starts a stopped node again, and it rejoins the cluster its nodes.conf names).
+#  - cluster-require-full-coverage no: a master that is down (its slots served by
+#    nobody until a replica takes over, for good if none can) costs only its own
+#    pages.  Redis's default, yes, makes every other master refuse every request
+#    meanwhile: a master lost before its replica synced would stop the whole tier.
+#  - cluster-allow-reads-when-down yes: a node that cannot see a majority of masters
+#    still answers reads.  The store reads each page at the exact version it wrote,
+#    so a node cut off answers right or not at all; writes there are refused.
+#  - repl-diskless-sync-delay 0: a replica's first sync starts at once (Redis's default
+#    waits 5 s for more replicas to share the transfer); until it is done, every page
+#    on its master is one failure from lost, and the store refuses new ones there.
+#  - cluster-replica-validity-factor 0: a replica takes over however long it was cut
+#    off.  Nodes keep nothing on disk, so a dead master's pages are gone with it and
+#    waiting for it gains nothing; a replica that never synced takes over empty, and
+#    the store answers that master's pages missing (tier_lost) at once instead of
+#    failing every read of them.
+node_config() {
+  cat <<EOF_CONF
+port $1
+bind 127.0.0.1
+daemonize yes
+dir "$dir/$1"
+pidfile "$dir/$1/redis.pid"
+logfile "$dir/$1/redis.log"
+cluster-enabled yes
+cluster-config-file nodes.conf
+cluster-node-timeout $node_timeout
+cluster-replica-validity-factor 0
+cluster-require-full-coverage no
+cluster-allow-reads-when-down yes
+repl-diskless-sync-delay 0
+maxmemory $maxmemory
+maxmemory-policy noeviction
+appendonly no
+save ""
+EOF_CONF
 }
 
 port_busy() {  # something accepts connections there
@@ -109,12 +154,8 @@ up() {
   trap '[ "${started:-0}" = 1 ] || { log "start failed; stopping what was started"; down; }' EXIT
   for port in "${ports[@]}"; do
     mkdir -p "$dir/$port"
-    redis-server --port "$port" --bind 127.0.0.1 --daemonize yes \
-      --dir "$dir/$port" --pidfile "$dir/$port/redis.pid" --logfile "$dir/$port/redis.log" \
-      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout "$node_timeout" \
-      --cluster-replica-validity-factor 0 --cluster-require-full-coverage no \
-      --maxmemory "$maxmemory" --maxmemory-policy noeviction \
-      --appendonly no --save "" >/dev/null
+    node_config "$port" > "$dir/$port/redis.conf"
+    redis-server "$dir/$port/redis.conf" >/dev/null
   done
   for port in "${ports[@]}"; do
     for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
@@ -132,17 +173,21 @@ up() {
   done
   redis-cli -p "$base" cluster info | grep -q '^cluster_state:ok' || die "the cluster did not come up"
   # Every master must have its replica attached and in sync before a write can be
-  # acknowledged by one (WAIT counts only replicas whose link is up).
-  local synced=0
+  # acknowledged by one (WAIT counts only replicas whose link is up), and every node
+  # must know which nodes are replicas (gossip spreads it; a client that asks a node
+  # that does not know yet would take a replica for a master).
+  local synced=0 agreed=0
   for _ in $(seq 300); do
-    synced=0
+    synced=0 agreed=0
     for port in "${ports[@]}"; do
       redis-cli -p "$port" info replication | grep -q '^master_link_status:up' && synced=$((synced + 1))
+      [ "$(redis-cli -p "$port" cluster nodes | awk '$3 ~ /slave/' | wc -l)" = 3 ] && agreed=$((agreed + 1))
     done
-    [ "$synced" = 3 ] && break
+    [ "$synced" = 3 ] && [ "$agreed" = 6 ] && break
     sleep 0.1
   done
   [ "$synced" = 3 ] || die "only $synced of 3 replicas are in sync with their masters"
+  [ "$agreed" = 6 ] || die "only $agreed of 6 nodes know all 3 replicas"
   local address
   address="redis-cluster://$(IFS=,; echo "${nodes[*]}")"
   echo "$address" > "$dir/address"

@@ -601,9 +601,18 @@ def cmd_tier_sweep(args: argparse.Namespace) -> int:
                 found = tier.instances()
                 if not found:
                     say(f"no keys under {args.prefix}: in {config}")
-                for instance, keys in sorted(found.items()):
-                    print(f"{instance}  {keys} keys")
+                for instance, entry in sorted(found.items()):
+                    print(f"{instance}  {entry.keys} keys  {_liveness(entry.heartbeat)}")
                 return 0
+            # Asked of every master (one that does not answer is an error): a running store
+            # has a heartbeat on each, so one failover cannot hide it.
+            entry = tier.instances(args.instance).get(args.instance)
+            if entry is not None and entry.heartbeat is not None:
+                ttl = entry.heartbeat.get("ttl")
+                after = f"{ttl:g} s" if isinstance(ttl, int | float) else "its TTL"
+                return _fail(f"store instance {args.instance} is {_liveness(entry.heartbeat)}: its keys hold its "
+                             "clients' pages, and tier-sweep deletes only what a store that is gone left (its "
+                             f"heartbeat expires {after} after it stops)")
             deleted = tier.sweep()
         finally:
             tier.close()
@@ -611,6 +620,14 @@ def cmd_tier_sweep(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     say(f"deleted {deleted} keys of store instance {args.instance}")
     return 0
+
+
+def _liveness(heartbeat: dict[str, object] | None) -> str:
+    """How tier-sweep shows a store instance: running (its heartbeat says where), or gone."""
+    if heartbeat is None:
+        return "gone (no heartbeat): tier-sweep may delete its keys"
+    where = ", ".join(f"{k} {heartbeat[k]}" for k in ("host", "pid") if k in heartbeat)
+    return f"running ({where or 'a heartbeat'})"
 
 
 # -- attack -------------------------------------------------------------------------
@@ -918,18 +935,23 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--json", action="store_true")
     mem.set_defaults(func=cmd_membench)
 
-    from hoststore.tierconfig import parse_tier
+    from hoststore.tierconfig import TierConfig, parse_prefix, parse_tier
 
     sw = sub.add_parser("tier-sweep", help="list or delete what stores left in a Redis Cluster page tier",
                         description="Without INSTANCE: list the store instances that have keys in the cluster, "
-                                    "with how many.  With INSTANCE: delete every key of that store instance.  A "
-                                    "store deletes its own keys when it exits; a store that was killed leaves "
-                                    "them (its clients lost those pages with it).  Never give the instance of "
-                                    "a store that is running (`vswapctl stats` shows a store's instance): its "
-                                    "clients' pages would be lost.")
+                                    "with how many, and whether each is running.  With INSTANCE: delete every "
+                                    "page key of that store instance.  A store deletes its own keys when it "
+                                    "exits; a store that was killed leaves them (its clients lost those pages "
+                                    "with it).  A running store keeps a heartbeat key on every master, which "
+                                    "outlives its last rewrite by the store's --tier-heartbeat-ttl "
+                                    f"({TierConfig.heartbeat_ttl:g} s by default): while any master holds one, "
+                                    "the instance is listed as running and deleting its keys is refused; so is "
+                                    "any sweep while a master does not answer.")
     sw.add_argument("tier", type=argtype(parse_tier), metavar="redis-cluster://HOST:PORT[,...]")
-    sw.add_argument("instance", nargs="?", type=argtype(_instance), metavar="INSTANCE")
-    sw.add_argument("--prefix", default="vswap", help="the stores' --tier-prefix (default vswap)")
+    sw.add_argument("instance", nargs="?", type=argtype(_instance), metavar="INSTANCE",
+                    help="the store instance whose keys to delete (16 hex digits, as listed)")
+    sw.add_argument("--prefix", type=argtype(parse_prefix), default="vswap",
+                    help="the stores' --tier-prefix (default vswap)")
     sw.set_defaults(func=cmd_tier_sweep)
 
     atk = sub.add_parser("attack", help="hostile connections against a hoststore while a good client works",
