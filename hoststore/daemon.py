@@ -354,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     limits = limits_from_args(ap, args)
     access = access_from_args(ap, args)
     setup_logging(args.verbose, "hoststore")
-    harden(log)
+    unhardened = harden(log)
     raise_fd_limit(args.max_connections + 4 * args.max_clients + 64)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
     policy = parse_policy(args.policy, psi_available=lambda: read_psi() is not None) if args.policy else None
     store = build_store(ap, args, limits, policy)
+    store.pressure_risks = unhardened
     server = Server(store, ServerConfig(
         handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
         max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,

@@ -162,6 +162,9 @@ class Store:
         self.trace = Trace()
         self.max_clients = max_clients
         self.sampler = sampler
+        # What keeps this store from serving reliably under machine-wide memory pressure
+        # (its memory not locked, its reclaim not kept from doing I/O), as the daemon found it.
+        self.pressure_risks: list[str] = []
         self.away_timeout = away_timeout
         self.clock = clock
         self.clients: dict[str, ClientPages] = {}
@@ -636,6 +639,7 @@ class Store:
             "low_percent": self.limits.low_percent,
             "pressure_samples": self.sampler.samples,
             "connections_active": self.connections_active,
+            "pressure_risks": self.pressure_risks,
         }
         stats.update(self.counters.as_dict())
         if admin:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vswapfs.backing import BackingError, check_location
+from vswapfs.backingcheck import BackingError, check_location
 
 
 def _disk_dir_reason(path: str) -> str | None:
@@ -41,6 +41,16 @@ def disk_base() -> str:
             return base
         reasons.append(reason)
     raise RuntimeError("no directory on a disk filesystem for backing files: " + "; ".join(reasons))
+
+
+def poke(path: str, offset: int, data: bytes) -> None:
+    """Change a backing file behind its daemon's back (its own descriptor is O_DIRECT,
+    and takes whole, aligned pages only)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from vswapfs.backing import Backing
 from vswapfs.pagemap import BACKING, HOST, LOST
 from vswapfs.pager import InvalidIO, Pager, PageUnavailable, WriteFailed
 
+from .conftest import poke
 from .fakestore import FakeStore
 
 NPAGES = 256
@@ -256,7 +257,7 @@ async def test_a_damaged_backing_page_is_eio(backing: Backing) -> None:
     pager, store = make(backing)
     store.pressure = 99.0
     await pager.write(0, page(0, 1) + page(1, 1))
-    backing.pwrite(PAGE_SIZE + 7, b"X")
+    poke(backing.path, PAGE_SIZE + 7, b"X")  # behind the pager's back
     assert await pager.read(0, PAGE_SIZE) == page(0, 1)
     with pytest.raises(PageUnavailable):
         await pager.read(PAGE_SIZE, PAGE_SIZE)

@@ -26,6 +26,7 @@ from hoststore.address import INPROC, Address, parse_address, parse_store_addres
 from hoststore.cliutil import argtype, count, percent, positive, quota
 from hoststore.messages import PAGE_SIZE, Drain, Stats
 from hoststore.sizes import format_size, parse_size
+from vswapfs.backingcheck import is_block_device
 
 from . import device, launch, system
 from .state import DEFAULT_STATE_DIR, Busy, State, default_backing
@@ -60,10 +61,17 @@ def _absolute_source(source: str | None) -> str | None:
     return f"{kind}:{os.path.abspath(path)}" if kind == "file" and sep and path else source
 
 
+def _existing_size(backing: str) -> int:
+    """The size of an existing backing file or device (0 if there is none)."""
+    if os.path.isfile(backing):
+        return os.path.getsize(backing)
+    return device.device_size(backing) if is_block_device(backing) else 0
+
+
 def up_config(args: argparse.Namespace) -> device.UpConfig:
     backing = os.path.abspath(args.backing or default_backing(args.state_dir))
     size = args.size
-    capacity = args.capacity or size or (os.path.getsize(backing) if os.path.isfile(backing) else 0)
+    capacity = args.capacity or size or _existing_size(backing)
     return device.UpConfig(
         size=size, backing=backing,
         mountpoint=system.resolve_mountpoint(args.mountpoint or os.path.join(args.state_dir, "mnt")),
@@ -107,6 +115,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted; what up had done was undone")
+    risks = pressure_risks(state, read_vswapfs_stats(state))
+    for risk in [risks] if isinstance(risks, str) else risks:
+        say(f"warning: not safe under machine-wide memory pressure: {risk}")
     if state.loop:
         say(f"up: `cat /proc/swaps` lists {state.loop}; `vswapctl status` shows where pages live")
     else:
@@ -218,6 +229,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if fs_ok else None,
         "host_connected": fs["host_connected"] if fs_ok else None,
         "vswapfs_stats": None if fs_ok else fs,
+        "pressure_risks": pressure_risks(state, fs),
     }
     if args.json:
         print(json.dumps(status, indent=1))
@@ -235,6 +247,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             "" if not fs_ok else ", connected" if fs["host_connected"] else ", NOT CONNECTED")),
         ("backing", state.backing),
     ]
+    risks = status["pressure_risks"]
+    rows.append(("machine-wide pressure", "unknown: " + risks if isinstance(risks, str) else
+                 "configured for it" if not risks else "NOT configured for it: " + "; ".join(risks)))
     if fs_ok:
         pages = status["pages"]
         rows.append(("pages", f"host {pages['host']} ({format_size(pages['host'] * PAGE_SIZE)})  "
@@ -246,6 +261,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append(("pages", f"unknown: {fs}"))
     _table(rows)
     return 0
+
+
+def pressure_risks(state: State, fs: dict[str, Any] | str) -> list[str] | str:
+    """What keeps the device from being safe under machine-wide memory pressure
+    (docs/pressure.md): vswapfs's own findings, and those of a store up started."""
+    if isinstance(fs, str):
+        return f"vswapfs {fs}"
+    risks = list(fs.get("pressure_risks", []))
+    if state.hoststore_id:
+        host = read_host_stats(StoreTarget.of(state))
+        if isinstance(host, str):
+            risks.append(f"the hoststore is {host}")
+        else:
+            risks += [f"hoststore: {risk}" for risk in host.get("pressure_risks", [])]
+    return risks
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -785,9 +815,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--insecure-tcp", action="store_true",
                     help="with --host tcp:HOST:PORT on loopback and no --token-file: tell vswapfs to use it "
                          f"anyway, giving up what the token proves: {INSECURE_TCP_GIVES_UP}")
-    up.add_argument("--backing", metavar="FILE",
+    up.add_argument("--backing", metavar="FILE|DEVICE",
                     help="backing file on a disk filesystem, one per device (default: "
-                         "/var/lib/vswapfs/<the state dir's path>/backing, created, and removed by down)")
+                         "/var/lib/vswapfs/<the state dir's path>/backing, created, and removed by down); or a "
+                         "block device of its own (a partition or a disk that holds nothing: it is refused if "
+                         "mounted, swapped on, partitioned or carrying a filesystem or swap signature), which "
+                         "has no filesystem journal at all; --size then defaults to the device's")
     up.add_argument("--mountpoint", metavar="DIR", help="where to mount vswapfs (default STATE_DIR/mnt)")
     up.add_argument("--capacity", type=argtype(_page_size), metavar="SIZE",
                     help="capacity of the hoststore that up starts (default: the device size)")

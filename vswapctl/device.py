@@ -33,7 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hoststore.address import INPROC
+from hoststore.messages import PAGE_SIZE
 from hoststore.sizes import format_size
+from vswapfs.backingcheck import is_block_device
 
 from . import launch, system
 from .procs import ProcessId
@@ -122,8 +124,6 @@ def stopped_advice(state: State, reason: str) -> str:
 def preflight(state_dir: str, cfg: UpConfig) -> list[str]:
     """Everything that would make ``up`` fail, found before anything is changed (as root,
     holding the mount point's lock: nothing else of ours can change what is found)."""
-    from vswapfs.backing import BackingError, check_location
-
     problems = []
     mnt = cfg.mountpoint
     if os.path.islink(mnt):
@@ -135,8 +135,19 @@ def preflight(state_dir: str, cfg: UpConfig) -> list[str]:
             problems.append(f"mountpoint {mnt} is not a directory")
         elif os.listdir(mnt):
             problems.append(f"mountpoint {mnt} is not empty")
+    if is_block_device(cfg.backing):
+        problems += _device_problems(cfg)
+    else:
+        problems += _file_problems(cfg)
+    return problems
+
+
+def _file_problems(cfg: UpConfig) -> list[str]:
+    from vswapfs.backingcheck import BackingError, check_location
+
+    problems = []
     try:  # where the backing file's directory will be made, if it does not exist yet
-        check_location(os.path.join(_nearest_existing(os.path.dirname(cfg.backing)), "backing"), mnt)
+        check_location(os.path.join(_nearest_existing(os.path.dirname(cfg.backing)), "backing"), cfg.mountpoint)
     except BackingError as exc:
         problems.append(str(exc).replace(os.path.join(_nearest_existing(os.path.dirname(cfg.backing)), "backing"),
                                          cfg.backing))
@@ -151,6 +162,31 @@ def preflight(state_dir: str, cfg: UpConfig) -> list[str]:
     elif cfg.size is None:
         problems.append(f"--size is needed to create the backing file {cfg.backing}")
     return problems
+
+
+def _device_problems(cfg: UpConfig) -> list[str]:
+    """A backing device: vswapfs opens it exclusively and checks what is on it; here, what can
+    be told without opening it."""
+    from vswapfs.backingcheck import BackingError, check_device
+
+    try:
+        check_device(cfg.backing, os.stat(cfg.backing))
+    except BackingError as exc:
+        return [str(exc)]
+    size = device_size(cfg.backing)
+    if cfg.size is not None and cfg.size > size:
+        return [f"backing device {cfg.backing} has {size} bytes, less than the {cfg.size} asked for"]
+    return []
+
+
+def device_size(path: str) -> int:
+    """Bytes in a block device, whole pages only."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    return size - size % PAGE_SIZE
 
 
 def _nearest_existing(directory: str) -> str:
@@ -221,7 +257,7 @@ def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
         state.save()
         undo = Undo()
         try:
-            _make_places(state, cfg, undo)
+            _make_places(state, cfg, undo, say)
             if cfg.host == INPROC:
                 state.host = INPROC
                 say(f"no store daemon: vswapfs keeps up to {format_size(cfg.capacity)} of pages in its own memory")
@@ -250,7 +286,7 @@ def bring_up(state_dir: str, cfg: UpConfig, say: Say) -> State:
         return state
 
 
-def _make_places(state: State, cfg: UpConfig, undo: Undo) -> None:
+def _make_places(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
     if not os.path.isdir(state.mountpoint):
         undo.push(f"remove {state.mountpoint}", lambda: _rmdir_if_empty(state.mountpoint))
         os.mkdir(state.mountpoint, mode=0o700)
@@ -268,7 +304,8 @@ def _make_places(state: State, cfg: UpConfig, undo: Undo) -> None:
         state.save()
     if cfg.size is not None and not os.path.exists(state.backing):
         # Made here, exclusively: if another up races for the same path, only one of us
-        # made it, and only that one may ever remove it.  vswapfs allocates it in full.
+        # made it, and only that one may ever remove it.  Written in full here, with progress
+        # on the terminal (vswapfs would do it too, but within --start-timeout).
         try:
             fd = os.open(state.backing, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
@@ -278,8 +315,20 @@ def _make_places(state: State, cfg: UpConfig, undo: Undo) -> None:
         state.save()
         try:
             os.ftruncate(fd, cfg.size)
+            _fill(fd, state.backing, cfg.size, say)
         finally:
             os.close(fd)
+
+
+def _fill(fd: int, path: str, size: int, say: Say) -> None:
+    """Write zeros over the new backing file, once (vswapfs.backing says why)."""
+    from vswapfs.backing import fill, set_direct
+
+    start = time.monotonic()
+    say(f"writing {format_size(size)} of zeros to {path}, once: from then on no swap-out waits for the "
+        f"filesystem to allocate a block")
+    fill(fd, size, path, set_direct(fd, path))
+    say(f"{path} written in {time.monotonic() - start:.1f}s")
 
 
 def _spawn(module: str, args: list[str], log_path: str) -> subprocess.Popen[bytes]:
@@ -398,7 +447,7 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
     _wait_ready(proc, ready, "vswapfs", state.log("vswapfs"), cfg.start_timeout)
     state.mount_dev = own_mount(state.mountpoint, proc.pid)
     state.mounted = True
-    state.size = os.stat(state.backing).st_size
+    state.size = int((_vswapfs_stats(state) or {}).get("device_bytes") or os.stat(state.backing).st_size)
     state.save()
     say(f"vswapfs pid {proc.pid} serving {state.swapfile} ({format_size(state.size)}), backing {state.backing}")
     deadline = time.monotonic() + 3

@@ -1,231 +1,423 @@
-"""The backing file: every page's guaranteed home when the store refuses it."""
+"""The backing file or device: every page's guaranteed home when the store refuses it.
+
+Its writes are on the swap-out path, so they must never wait for memory, nor
+for anything that itself waits for memory (docs/pressure.md tells the
+deadlocks this avoids, reproduced in a VM under machine-wide pressure):
+
+* **O_DIRECT** I/O: no page cache to allocate, no dirty pages for writeback to
+  flush, no dirty throttling.  O_DIRECT needs aligned memory, so every transfer
+  goes through a bounce buffer allocated (and locked, with the daemon's
+  ``mlockall``) once, at open.
+* **Every block written before the first page is served.**  A file is written
+  with zeros wherever FIEMAP shows a hole or an extent whose first write would
+  change metadata (unwritten, delayed, shared): from then on each write is an
+  overwrite in place, with no block allocation and no extent conversion, the
+  journal transactions that allocate memory.
+* **Never punched.**  A discarded page just leaves the page map; its blocks
+  stay, as a swap partition's do.
+* A **block device** (the RFC's ``backing_swap``) has no filesystem at all; it
+  is opened exclusively (O_EXCL) and checked to hold nothing first.
+
+What the filesystem still does on each write (a time stamp update, which
+without the ``lazytime`` mount option is a journal transaction) is named in
+:attr:`Backing.pressure_risks`, as is a filesystem this reasoning does not
+cover; ``vswapctl status`` shows it.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import stat
+import threading
+from collections.abc import Callable
 
 import trio
 
 from hoststore.protocol import PAGE_SIZE
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
+from .backingcheck import (
+    PRESSURE_SAFE_FS,
+    SIGNATURE_BYTES,
+    BackingError,
+    check_device,
+    check_directory,
+    check_location,
+    check_owner,
+    fs_type,
+    signature,
+)
+from .extents import FiemapUnsupported, unwritten_ranges
 
-TMPFS_MAGIC = 0x01021994
-RAMFS_MAGIC = 0x858458F6
-HUGETLBFS_MAGIC = 0x958458F6
-OVERLAYFS_MAGIC = 0x794C7630
-FUSE_MAGIC = 0x65735546
-# Filesystems whose pages live in RAM: never a backing file (swapoff hangs for good).
-_RAM_FS = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs", HUGETLBFS_MAGIC: "hugetlbfs"}
-# Filesystems that may sit on RAM (an overlay on tmpfs, a FUSE filesystem serving
-# from memory): refused unless the user says they do not (--allow-backing-fs).
-_MAYBE_RAM_FS = {OVERLAYFS_MAGIC: "overlay", FUSE_MAGIC: "fuse"}
 READ_THREADS = WRITE_THREADS = 4
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+BOUNCE_BYTES = 1 << 20  # one transfer's worth: a batch, a hand-back, a swap-in read; longer ones go in turns
+FILL_BYTES = 8 << 20  # zeros written per call while filling a file
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
 
 log = logging.getLogger("vswapfs.backing")
 
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate has none)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+__all__ = ["Backing", "BackingError", "check_location"]
 
 
-class BackingError(Exception):
-    """The backing file cannot be used; the message says why."""
+class _Bounce:
+    """Aligned, preallocated buffers for O_DIRECT, one per worker thread."""
 
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._free = [mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(count)]
+        for buf in self._free:
+            buf.write(bytes(size))  # touched now: resident (and locked) before the first page comes
+            buf.seek(0)
+        self._lock = threading.Lock()
 
-def fs_type(path: str) -> int:
-    """statfs(2) f_type of the filesystem holding ``path`` (os.statvfs does not report it)."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+    def take(self) -> mmap.mmap:
+        """A buffer; the worker limiters keep one free for each worker, and a caller
+        beyond them (tests, start-up) gets one made for it."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(buf)
 
-def check_location(path: str, mountpoint: str | None, allow_fs: frozenset[str] = frozenset()) -> None:
-    """Refuse a backing file on tmpfs/ramfs (or overlay/FUSE, unless allowed) or
-    inside our own mount.
-
-    A tmpfs page can be swapped out to the very device it backs; swapoff then
-    hangs in D state for good (seen on these machines).  A backing file inside
-    the vswapfs mount would be served by the daemon it is meant to back.
-    """
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    real_dir = os.path.realpath(directory)
-    if mountpoint is not None:
-        real_mnt = os.path.realpath(mountpoint)
-        if real_dir == real_mnt or real_dir.startswith(real_mnt.rstrip("/") + "/"):
-            raise BackingError(f"backing file {path} is inside the vswapfs mount {mountpoint}")
-    try:
-        magic = fs_type(real_dir)
-    except OSError as exc:
-        raise BackingError(f"cannot check the filesystem of {directory}: {exc.strerror}") from None
-    kind = _RAM_FS.get(magic)
-    if kind:
-        raise BackingError(
-            f"backing file {path} is on {kind}: its pages could be swapped to the device they back, "
-            "and swapoff would hang for good; put it on a disk filesystem"
-        )
-    kind = _MAYBE_RAM_FS.get(magic)
-    if kind and kind not in allow_fs:
-        raise BackingError(
-            f"backing file {path} is on {kind}, which may keep its data in RAM (and then swapoff can hang "
-            f"for good); put it on a disk filesystem, or pass --allow-backing-fs {kind} if this one is on disk"
-        )
+    def close(self) -> None:
+        for buf in self._free:
+            _unmap(buf)
+        self._free = []
 
 
 class Backing:
-    """An open, locked backing file of ``size`` bytes (a multiple of the page size).
+    """An open backing file or device of ``size`` bytes (a multiple of the page size),
+    locked to this process (flock for a file, O_EXCL for a device).
 
-    Its I/O runs off the event loop: writes and hole punches in a few worker
-    threads, reads inline only when the page cache has the data (``RWF_NOWAIT``)
-    and in a worker thread otherwise, so a slow disk delays only the requests
-    that need it.
+    Its I/O runs off the event loop in a few worker threads each way, so a slow
+    disk delays only the requests that need it.
     """
 
-    def __init__(self, fd: int, size: int, path: str) -> None:
+    def __init__(self, fd: int, size: int, path: str, *, device: bool = False, direct: bool = True,
+                 pressure_risks: list[str] | None = None) -> None:
         self.fd = fd
         self.size = size
         self.path = path
-        self.punch_supported = True
-        self.nowait_reads = True
+        self.device = device
+        self.direct = direct
+        self.pressure_risks = pressure_risks or []
         self._write_threads = trio.CapacityLimiter(WRITE_THREADS)
         self._read_threads = trio.CapacityLimiter(READ_THREADS)
+        self._bounce = _Bounce(READ_THREADS + WRITE_THREADS, BOUNCE_BYTES) if direct else None
 
     @classmethod
     def open(cls, path: str, size: int | None, mountpoint: str | None = None,
-             allow_fs: frozenset[str] = frozenset()) -> "Backing":
-        """Open ``path``, creating it preallocated with mode 0600 when missing, and lock it.
-
-        An existing file keeps its size (``size``, if given, must match) and is
-        allocated in full, so that a refused page can never meet ENOSPC.  A
-        symlink is refused, as is a file another vswapfs holds.
-        """
+             allow_fs: frozenset[str] = frozenset(), progress: Callable[[int, int], None] | None = None
+             ) -> "Backing":
+        """Open ``path``: a block device (see :func:`open_device`), or a file, created with
+        mode 0600 when missing.  A file is then written in full where it is not yet
+        (``progress(done, total)`` is told how far), so that a refused page never needs
+        space the filesystem may not have, nor a journal transaction."""
+        if os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode):
+            return cls.open_device(path, size)
         check_location(path, mountpoint, allow_fs)
-        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd, created = _open_file(path, size)
         try:
-            fd = os.open(path, flags)
-            created = False
-        except FileNotFoundError:
-            if size is None:
-                raise BackingError(f"backing file {path} does not exist: give --size to create it") from None
-            _check_size(size, path)
-            try:
-                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            except OSError as exc:
-                raise BackingError(f"cannot create backing file {path}: {exc.strerror}") from None
-            created = True
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise BackingError(f"backing file {path} is a symlink: give the real path") from None
-            raise BackingError(f"cannot open backing file {path}: {exc.strerror}") from None
-        try:
-            _lock(fd, path)
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise BackingError(f"backing file {path} is not a regular file")
             actual = size if created else st.st_size
             if not created and size is not None and size != actual:
                 raise BackingError(f"backing file {path} has {actual} bytes but the size asked for is {size}")
             _check_size(actual, path)  # type: ignore[arg-type]
-            _preallocate(fd, actual, path)  # type: ignore[arg-type]
+            if created:
+                os.ftruncate(fd, actual)  # type: ignore[arg-type]
+            direct = set_direct(fd, path)
+            fill(fd, actual, path, direct, progress)  # type: ignore[arg-type]
+            risks = file_risks(fd, path, direct)
         except BaseException:
             os.close(fd)
             if created:
                 os.unlink(path)
             raise
-        return cls(fd, actual, path)  # type: ignore[arg-type]
+        return cls(fd, actual, path, direct=direct, pressure_risks=risks)  # type: ignore[arg-type]
+
+    @classmethod
+    def open_device(cls, path: str, size: int | None) -> "Backing":
+        """A block device of its own: exclusively, with O_DIRECT, once it is seen to hold
+        nothing (mounted, swapped on, claimed, partitioned, or with a signature).  ``size``
+        (if given) may be less than the device's: only that much is used."""
+        st = os.stat(path)
+        check_device(path, st)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as exc:
+            why = "it is in use" if exc.errno == errno.EBUSY else exc.strerror
+            raise BackingError(f"cannot open backing device {path}: {why}") from None
+        try:
+            whole = _device_size(fd)
+            sector = _sector_size(fd)
+            if PAGE_SIZE % sector:
+                raise BackingError(f"backing device {path} has {sector}-byte sectors; pages are {PAGE_SIZE}")
+            actual = whole - whole % PAGE_SIZE if size is None else size
+            if actual > whole:
+                raise BackingError(f"backing device {path} has {whole} bytes, less than the {size} asked for")
+            _check_size(actual, path)
+            backing = cls(fd, actual, path, device=True)
+            what = signature(backing.read_sync(0, min(-(-SIGNATURE_BYTES // PAGE_SIZE) * PAGE_SIZE, actual)))
+            if what is not None:
+                raise BackingError(f"backing device {path} holds {what}: vswapfs will not overwrite it "
+                                   f"(wipe it first, e.g. wipefs -a {path}, if its data is not needed)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return backing
 
     # -- synchronous (worker threads, and tests) -------------------------------------
 
-    def pwrite(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
+    def _with_bounce(self, run: Callable[[memoryview], None]) -> None:
+        assert self._bounce is not None
+        buf = self._bounce.take()
+        try:
+            with memoryview(buf) as view:
+                run(view)
+        finally:
+            self._bounce.give(buf)
 
     def pwrite_many(self, parts: list[tuple[int, memoryview]]) -> None:
-        for offset, data in parts:
-            self.pwrite(offset, data)
+        """Write each (offset, data) in place; adjacent parts go in one call."""
+        if self._bounce is None:
+            for offset, data in parts:
+                _pwrite_all(self.fd, memoryview(data), offset)
+            return
+
+        def run(bounce: memoryview) -> None:
+            for offset, data in _chunks(parts, self._bounce.size):  # type: ignore[union-attr]
+                n = 0
+                for piece in data:
+                    bounce[n : n + len(piece)] = piece
+                    n += len(piece)
+                _pwrite_all(self.fd, bounce[:n], offset)
+
+        self._with_bounce(run)
+
+    def pwrite(self, offset: int, data: bytes | memoryview) -> None:
+        self.pwrite_many([(offset, memoryview(data))])
 
     def pread_into(self, offset: int, out: memoryview) -> None:
-        done = 0
-        while done < len(out):
-            n = os.preadv(self.fd, [out[done:]], offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, "backing file shorter than expected", self.path)
-            done += n
+        if self._bounce is None:
+            _pread_all(self.fd, out, offset, self.path)
+            return
 
-    def punch_sync(self, offset: int, length: int) -> bool:
-        """Release the blocks of a discarded range; False if the filesystem cannot
-        (the range then just keeps its blocks: nothing is lost either way)."""
-        if not self.punch_supported:
-            return False
-        try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            self.punch_supported = False
-            log.warning("%s: cannot punch holes (%s): discarded pages keep their blocks", self.path, exc.strerror)
-            return False
-        return True
+        def run(bounce: memoryview) -> None:
+            size = len(bounce)
+            for at in range(0, len(out), size):
+                n = min(size, len(out) - at)
+                _pread_all(self.fd, bounce[:n], offset + at, self.path)
+                out[at : at + n] = bounce[:n]
+
+        self._with_bounce(run)
+
+    def read_sync(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        self.pread_into(offset, memoryview(out))
+        return bytes(out)
 
     # -- async, off the event loop ----------------------------------------------------
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
-        await trio.to_thread.run_sync(self.pwrite, offset, data, limiter=self._write_threads)
+        await self.write_many([(offset, memoryview(data))])
 
     async def write_many(self, parts: list[tuple[int, memoryview]]) -> None:
         """Several scattered writes in one trip to a worker thread."""
         await trio.to_thread.run_sync(self.pwrite_many, parts, limiter=self._write_threads)
 
     async def read_into(self, offset: int, out: memoryview) -> None:
-        done = self._read_cached(offset, out) if self.nowait_reads else 0
-        if done < len(out):
-            await trio.to_thread.run_sync(self.pread_into, offset + done, out[done:], limiter=self._read_threads)
-
-    def _read_cached(self, offset: int, out: memoryview) -> int:
-        """Read what the page cache holds without blocking; how many bytes that was."""
-        done = 0
-        while done < len(out):
-            try:
-                n = os.preadv(self.fd, [out[done:]], offset + done, os.RWF_NOWAIT)
-            except BlockingIOError:
-                return done
-            except OSError as exc:
-                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    self.nowait_reads = False
-                    return done
-                raise
-            if n == 0:
-                raise OSError(errno.EIO, "backing file shorter than expected", self.path)
-            done += n
-        return done
-
-    async def punch(self, offset: int, length: int) -> bool:
-        if not self.punch_supported:
-            return False
-        return await trio.to_thread.run_sync(self.punch_sync, offset, length, limiter=self._write_threads)
+        await trio.to_thread.run_sync(self.pread_into, offset, out, limiter=self._read_threads)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # closing releases the lock
             self.fd = -1
+        if self._bounce is not None:
+            self._bounce.close()
+
+
+def _chunks(parts: list[tuple[int, memoryview]], limit: int) -> list[tuple[int, list[memoryview]]]:
+    """Adjacent parts joined, split at ``limit`` bytes: (offset, pieces) per write call."""
+    out: list[tuple[int, list[memoryview]]] = []
+    end = -1
+    size = 0
+    for offset, data in sorted(parts, key=lambda part: part[0]):
+        view = memoryview(data)
+        while view:
+            if offset != end or size == limit:
+                out.append((offset, []))
+                size = 0
+            piece = view[: limit - size]
+            out[-1][1].append(piece)
+            size += len(piece)
+            offset += len(piece)
+            end = offset
+            view = view[len(piece) :]
+    return out
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _pread_all(fd: int, out: memoryview, offset: int, path: str) -> None:
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "backing file shorter than expected", path)
+        done += n
+
+
+def _open_file(path: str, size: int | None) -> tuple[int, bool]:
+    """(fd, created): an existing file of ours alone, or a new one (mode 0600), locked."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        check_directory(path)
+    except FileNotFoundError:
+        raise BackingError(f"the directory of backing file {path} does not exist") from None
+    try:
+        fd = os.open(path, flags)
+        created = False
+    except FileNotFoundError:
+        if size is None:
+            raise BackingError(f"backing file {path} does not exist: give --size to create it") from None
+        _check_size(size, path)
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise BackingError(f"cannot create backing file {path}: {exc.strerror}") from None
+        created = True
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BackingError(f"backing file {path} is a symlink: give the real path") from None
+        raise BackingError(f"cannot open backing file {path}: {exc.strerror}") from None
+    try:
+        _lock(fd, path)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BackingError(f"backing file {path} is not a regular file")
+        if not created:
+            check_owner(st, path)
+    except BaseException:
+        os.close(fd)
+        if created:
+            os.unlink(path)
+        raise
+    return fd, created
+
+
+def set_direct(fd: int, path: str) -> bool:
+    """Turn O_DIRECT on; False (with a warning) where the filesystem cannot."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError as exc:
+        log.warning("%s: no direct I/O here (%s): pages go through the page cache, which is not safe under "
+                    "machine-wide memory pressure", path, exc.strerror)
+        return False
+    return True
+
+
+def fill(fd: int, size: int, path: str, direct: bool, progress: Callable[[int, int], None] | None = None) -> None:
+    """Write zeros wherever the file is not yet written blocks (all of it where the
+    filesystem cannot say), in large O_DIRECT writes."""
+    try:
+        todo = unwritten_ranges(fd, size)
+    except FiemapUnsupported:
+        todo = [(0, size)]
+    total = sum(length for _, length in todo)
+    if not total:
+        return
+    log.info("%s: writing zeros over %d bytes not yet written, once: later writes then change no metadata",
+             path, total)
+    zeros = mmap.mmap(-1, min(FILL_BYTES, total), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    done = 0
+    try:
+        with memoryview(zeros) as view:
+            for offset, length in todo:
+                for at in range(offset, offset + length, len(view)):
+                    n = min(len(view), offset + length - at)
+                    try:
+                        _pwrite_all(fd, view[:n], at)
+                    except OSError as exc:
+                        raise BackingError(f"cannot write {path} in full ({exc.strerror}): a refused page "
+                                           f"must always have room there") from None
+                    done += n
+                    if progress is not None:
+                        progress(done, total)
+        if not direct:
+            os.fsync(fd)
+    finally:
+        _unmap(zeros)
+
+
+def _unmap(buf: mmap.mmap) -> None:
+    try:
+        buf.close()
+    except BufferError:  # a view still exported (an error's traceback holding one): the GC unmaps it
+        pass
+
+
+def file_risks(fd: int, path: str, direct: bool) -> list[str]:
+    """What keeps writes to this backing file from being safe under machine-wide memory
+    pressure (docs/pressure.md); empty when nothing does."""
+    risks = []
+    magic = fs_type(path)
+    kind = PRESSURE_SAFE_FS.get(magic)
+    if kind is None:
+        risks.append(f"the backing file's filesystem (type {magic:#x}) is not ext4 or xfs, where an overwrite in "
+                     f"place is known to need no journal transaction")
+    if not direct:
+        risks.append("no direct I/O: backing writes go through the page cache")
+    try:
+        if unwritten_ranges(fd, os.fstat(fd).st_size):
+            risks.append("the backing file has unwritten or shared blocks")
+    except FiemapUnsupported:
+        risks.append("the filesystem does not say where the file's blocks are (FIEMAP)")
+    if kind is not None and "lazytime" not in mount_options(path):
+        risks.append(f"{kind} is mounted without lazytime: each write's time stamp update is a journal "
+                     f"transaction (mount -o remount,lazytime)")
+    return risks
+
+
+def mount_options(path: str, mountinfo: str = "/proc/self/mountinfo") -> set[str]:
+    """The mount and superblock options of the mount holding ``path``."""
+    dev = os.stat(path).st_dev
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    best: tuple[int, set[str]] = (-1, set())
+    real = os.path.realpath(path)
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] != wanted:
+                continue
+            point = fields[4]
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > best[0]:
+                sep = fields.index("-")
+                best = (len(point), set(fields[5].split(",")) | set(fields[sep + 3].split(",")))
+    return best[1]
+
+
+def _device_size(fd: int) -> int:
+    buf = bytearray(8)
+    fcntl.ioctl(fd, BLKGETSIZE64, buf)
+    return int.from_bytes(buf, "little")
+
+
+def _sector_size(fd: int) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(fd, BLKSSZGET, buf)
+    return int.from_bytes(buf, "little")
 
 
 def _lock(fd: int, path: str) -> None:
@@ -239,12 +431,3 @@ def _lock(fd: int, path: str) -> None:
 def _check_size(size: int, path: str) -> None:
     if size <= 0 or size % PAGE_SIZE:
         raise BackingError(f"size of {path} ({size}) is not a positive multiple of {PAGE_SIZE}")
-
-
-def _preallocate(fd: int, size: int, path: str) -> None:
-    """Allocate every block (holes included: a discard punches them), so that
-    writing a refused page never needs space the filesystem may not have."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        raise BackingError(f"cannot allocate {size} bytes for {path}: {exc.strerror}") from None

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from .backing import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from .pager import Pager, PagerCounter, PagerError
 
 log = logging.getLogger("vswapfs.fs")
@@ -36,7 +35,9 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 # pyfuse3 routes fallocate to Operations only with patches/pyfuse3-*-fallocate.patch;
 # without it libfuse answers ENOSYS and the loop driver turns discard off.
 DISCARD_SUPPORTED = hasattr(pyfuse3.Operations, "fallocate")
-PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE  # what the loop driver sends for a discard
 
 
 def errno_for(exc: BaseException) -> int:

@@ -183,8 +183,9 @@ async def serve(ops: Operations, pager: Pager, client: StoreClient, args: argpar
         nursery.cancel_scope.cancel()
 
 
-def combined_stats(pager: Pager, client: StoreClient, ops: Operations) -> dict[str, Any]:
+def combined_stats(pager: Pager, client: StoreClient, ops: Operations, unhardened: list[str]) -> dict[str, Any]:
     stats = pager.stats()
+    stats["pressure_risks"] = pager.backing.pressure_risks + unhardened
     if isinstance(client, InprocStore):
         stats["inproc_store"] = client.stats()  # its counters share names with the pager's: kept apart
     else:
@@ -326,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout,
                   writethrough=args.writethrough)
     ops = Operations(pager)
-    ops.stats = lambda: combined_stats(pager, client, ops)
-    harden(log)
+    unhardened = harden(log)
+    ops.stats = lambda: combined_stats(pager, client, ops, unhardened)
+    for risk in backing.pressure_risks:
+        log.warning("not safe under machine-wide memory pressure: %s", risk)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the swap device with it
     if not DISCARD_SUPPORTED:
         log.warning("this pyfuse3 has no fallocate handler: discard is unavailable, so freed swap slots "

@@ -149,7 +149,6 @@ class PagerCounter(enum.StrEnum):
     DISCARD_REQUESTS = "discard_requests"
     DISCARD_PAGES = "discard_pages"  # whole pages forgotten by the page map (they read as zeros again)
     DISCARD_HOST_PAGES = "discard_host_pages"  # of those, pages the store dropped
-    DISCARD_BACKING_PAGES = "discard_backing_pages"  # of those, pages whose blocks were released
     IO_ERRORS = "io_errors"  # FUSE requests answered with an error
     READ_FAILURES = "read_failures"  # pages that could not be produced
     CHECKSUM_ERRORS = "checksum_errors"  # pages whose version or checksum did not match the map
@@ -765,8 +764,10 @@ class Pager:
         """Forget the whole pages in [offset, offset + length) (a freed swap slot).
 
         They leave the page map and read as zeros again; the store drops the
-        ones it holds, in one request; their backing blocks are released.
-        Partial pages at the edges are left alone, as is anything past the end.
+        ones it holds, in one request.  Their backing blocks stay: punching
+        them out would make the next write there allocate blocks, a journal
+        transaction on the swap-out path (docs/pressure.md).  Partial pages at
+        the edges are left alone, as is anything past the end.
         """
         first, n = covered_pages(offset, length, self.npages)
         c = self.counters
@@ -777,13 +778,6 @@ class Pager:
             runs = list(self.map.runs(first, n))
             self.map.set_range(first, n, UNWRITTEN)
             c.add(PagerCounter.DISCARD_PAGES, sum(count for state, _, count in runs if state != UNWRITTEN))
-            for state, start, count in runs:
-                if state in (BACKING, HOST_WT):
-                    try:
-                        if await self.backing.punch(start * PAGE_SIZE, count * PAGE_SIZE):
-                            c.add(PagerCounter.DISCARD_BACKING_PAGES, count)
-                    except OSError as exc:
-                        log.warning("could not release %d discarded page(s) in the backing file: %s", count, exc)
             if any(state in IN_STORE for state, _, _ in runs):
                 await self._drop_from_store(first, n, self._next_seq())
 
