@@ -120,6 +120,20 @@ class SharedSlab:
         self._data = whole[lay.data_offset :]
         whole.release()
         self._staging = memoryview(self._staging_map)
+        self._keep_staging_resident()
+
+    def _keep_staging_resident(self) -> None:
+        """Touch every staging page through our mapping, so that each one stays mapped (and
+        locked, with the daemon's mlockall) here for as long as the client is ours.
+
+        The client writes staging; we read only what we admit.  Under pressure we admit
+        nothing, so without this a staging page would be mapped by the client alone, and
+        once the client re-maps it (a reconnect) by nobody: the kernel could then swap it
+        out, possibly to the very device the client serves, and the client's next write
+        to it would wait for its own swap-in (seen in a VM under machine-wide pressure)."""
+        view = self._staging
+        for offset in range(0, len(view), PAGE_SIZE):
+            view[offset] = 0
 
     @property
     def fds(self) -> list[int]:

@@ -120,6 +120,34 @@ def test_freed_slots_give_their_memory_back() -> None:
     assert client.slab.mapped_bytes <= 64 * PAGE_SIZE
 
 
+def _resident_kib(mapping_name: str) -> list[int]:
+    """Rss of each of this process's mappings of ``mapping_name`` (from /proc/self/smaps)."""
+    found, current = [], ""
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0] and line[0] in "0123456789abcdef":
+                current = line
+            elif line.startswith("Rss:") and mapping_name in current:
+                found.append(int(line.split()[1]))
+    return found
+
+
+def test_every_staging_page_stays_mapped_in_the_store() -> None:
+    """The store maps every staging page itself, at once: a page the client alone had
+    mapped would be swappable once the client re-maps, and the client's next write to
+    it would wait for a swap-in from the device it serves."""
+    before = _resident_kib("hoststore-staging")
+    slab = SharedSlab(1024, 64)
+    try:
+        after = _resident_kib("hoststore-staging")
+        assert len(after) == len(before) + 1
+        assert max(after) >= STAGING_PAGES * PAGE_SIZE // 1024
+        staging_fd = slab.staging_fd
+        assert os.fstat(staging_fd).st_blocks * 512 >= STAGING_PAGES * PAGE_SIZE
+    finally:
+        slab.close()
+
+
 def test_the_memory_is_sealed_and_a_bad_one_is_refused() -> None:
     client = shared_client()
     seals = fcntl.fcntl(client.shared.fd, fcntl.F_GET_SEALS)
