@@ -27,6 +27,7 @@ from .messages import PAGE_SIZE
 from .pressure import Sampler, parse_source, read_psi, sample
 from .redistier import TierUnavailable, connect
 from .tierconfig import HEARTBEATS_PER_TTL, TierConfig, parse_heartbeat_ttl, parse_prefix, parse_tier
+from .pools import POOLS, pool_limit
 from .server import Server, ServerConfig, fmt_pages, open_listener
 from .sizes import parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
@@ -62,6 +63,14 @@ socket, on TCP the token (or, with --insecure-tcp, every tokenless peer as
 one).  Another identity can never take it over; `vswapctl evict NAME` (root or
 this daemon's user) drops the pages of a client that is away, and frees its
 name.
+
+Connection budgets: every connection counts in one pool, each with its own
+limit (--max-connections POOL=N), so that no kind of peer can crowd out
+another: admin (root and this daemon's user on the unix socket), unix (other
+unix-socket users), tcp (TCP peers past hello; with a token, those that proved
+it) and hello (connections that have not said hello yet; when it is full the
+oldest goes for the newest).  Loopback TCP counts as one host, whatever 127.x
+address it uses.
 """
 
 
@@ -110,18 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                     help="let this uid connect to the unix socket too (root and our own user always may); "
                          "repeat for several")
-    ap.add_argument("--max-connections", type=argtype(count), default=256, metavar="N",
-                    help="close new connections beyond N at once (default 256)")
-    ap.add_argument("--max-connections-per-peer", type=argtype(count), default=64, metavar="N",
-                    help="at most N connections per uid (unix socket) or address (TCP) (default 64)")
+    ap.add_argument("--max-connections", type=argtype(pool_limit), action="append", default=[],
+                    metavar="POOL=N",
+                    help="at most N connections in POOL; repeat for several pools.  Pools (default): " +
+                         "; ".join(f"{pool} ({rule.default}): {rule.who}" for pool, rule in POOLS.items()) +
+                         ".  Beyond its limit a new connection is closed at once (a TCP one at its hello)")
+    ap.add_argument("--max-connections-per-peer", type=argtype(count),
+                    default=ServerConfig.max_connections_per_peer, metavar="N",
+                    help="at most N connections per uid (unix socket) or host (TCP; every loopback address is "
+                         "one host) (default %(default)s)")
     ap.add_argument("--max-clients", type=argtype(count), default=1024, metavar="N",
                     help="client names kept at once; names away and holding no page are forgotten to make "
                          "room, and beyond that new names are refused (default 1024)")
     ap.add_argument("--connection-rate", type=argtype(_positive), default=50.0, metavar="N",
-                    help="new connections per second per uid or address, in bursts of up to 2N; more are "
+                    help="new connections per second per uid or host, in bursts of up to 2N; more are "
                          "closed at once (default 50)")
-    ap.add_argument("--hello-timeout", type=argtype(_positive), default=10.0, metavar="SECONDS",
-                    help="close a connection that has not said hello within this long (default 10)")
+    ap.add_argument("--hello-timeout", type=argtype(_positive), default=ServerConfig.hello_timeout,
+                    metavar="SECONDS",
+                    help="close a connection that has not said hello within this long (default %(default)g)")
     ap.add_argument("--idle-timeout", type=argtype(_positive), default=300.0, metavar="SECONDS",
                     help="close a connection silent for this long (default 300; vswapfs keeps its own alive)")
     ap.add_argument("--policy", type=argtype(_policy), default=None, metavar="SPEC",
@@ -202,6 +217,20 @@ def limits_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> L
         max_device_size=args.max_device_size,
         quotas=MappingProxyType({name: size // PAGE_SIZE for name, size in args.quota if name is not None}),
         weights=MappingProxyType(dict(args.weight)),
+    )
+
+
+def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
+    """The server's limits; each pool is named once."""
+    pools = [pool for pool, _ in args.max_connections]
+    twice = sorted({pool for pool in pools if pools.count(pool) > 1})
+    if twice:
+        ap.error(f"--max-connections gives pool {', '.join(twice)} more than once")
+    return ServerConfig(
+        handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
+        max_connections=MappingProxyType(dict(args.max_connections)),
+        max_connections_per_peer=args.max_connections_per_peer,
+        hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout, connection_rate=args.connection_rate,
     )
 
 
@@ -352,19 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     limits = limits_from_args(ap, args)
+    config = config_from_args(ap, args)
     access = access_from_args(ap, args)
     setup_logging(args.verbose, "hoststore")
     unhardened = harden(log)
-    raise_fd_limit(args.max_connections + 4 * args.max_clients + 64)
+    raise_fd_limit(sum(config.max_connections.get(pool, rule.default) for pool, rule in POOLS.items())
+                   + 4 * args.max_clients + 64)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
     policy = parse_policy(args.policy, psi_available=lambda: read_psi() is not None) if args.policy else None
     store = build_store(ap, args, limits, policy)
     store.pressure_risks = unhardened
-    server = Server(store, ServerConfig(
-        handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
-        max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,
-        hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout, connection_rate=args.connection_rate,
-    ), access)
+    server = Server(store, config, access)
     try:
         trio.run(run, args.listen, server, args.metrics)
     finally:
