@@ -23,17 +23,22 @@ from .logsetup import setup_logging
 from . import metrics
 from .policies import Policy, parse_policy
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
-from .messages import PAGE_SIZE
+from .messages import MAX_GET_PAGES, MAX_PUT_PAGES, PAGE_SIZE
 from .pressure import Sampler, parse_source, read_psi, sample
 from .redistier import TierUnavailable, connect
 from .tierconfig import HEARTBEATS_PER_TTL, TierConfig, parse_heartbeat_ttl, parse_prefix, parse_tier
 from .pools import POOLS, pool_limit
+from .protocol import HEADER, MAX_REQUEST_FRAME, get_answer_size
 from .server import Server, ServerConfig, fmt_pages, open_listener
-from .sizes import parse_size
+from .sizes import format_size, parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
 from .tieredstore import TieredStore
 
 log = logging.getLogger("hoststore")
+
+# The least --max-in-flight that serves anyone: the largest message each way (a put
+# coming in, a get answer going out), held for one connection at once.
+LEAST_IN_FLIGHT = HEADER.size + MAX_REQUEST_FRAME + get_answer_size(MAX_GET_PAGES)
 
 DESCRIPTION = """\
 Keep swap pages offered by vswapfs clients in RAM, accepting or refusing each
@@ -42,7 +47,7 @@ an optional per-client quota.  Refused pages are written to the client's
 backing file, so refusing is always safe.
 """
 
-EPILOG = """\
+EPILOG = f"""\
 examples:
   hoststore --listen unix:/run/vswapfs/host.sock --capacity 2G
   hoststore --listen unix:/run/vswapfs/host.sock --listen tcp:127.0.0.1:7070 --token-file /etc/vswapfs/token \\
@@ -70,7 +75,11 @@ another: admin (root and this daemon's user on the unix socket), unix (other
 unix-socket users), tcp (TCP peers past hello; with a token, those that proved
 it) and hello (connections that have not said hello yet; when it is full the
 oldest goes for the newest).  Loopback TCP counts as one host, whatever 127.x
-address it uses.
+address it uses.  What peers can make the store hold while it waits for the
+rest of their messages is capped too: a put carries at most {format_size(MAX_PUT_PAGES * PAGE_SIZE)}
+(clients split larger writes), a message begun must be finished within
+--frame-timeout, and past --max-in-flight for all connections together the
+ones that kept the store waiting longest are closed.
 """
 
 
@@ -137,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hello-timeout", type=argtype(_positive), default=ServerConfig.hello_timeout,
                     metavar="SECONDS",
                     help="close a connection that has not said hello within this long (default %(default)g)")
+    ap.add_argument("--frame-timeout", type=argtype(_positive), default=ServerConfig.frame_timeout,
+                    metavar="SECONDS",
+                    help="close a connection that began a message and has not sent the rest of it after this "
+                         "long of waiting for it (default %(default)g)")
+    ap.add_argument("--max-in-flight", type=argtype(parse_size), default=ServerConfig.max_in_flight,
+                    metavar="SIZE",
+                    help="bytes that all connections together may make the store hold while it waits for their "
+                         "peers: the start of a message not finished, an answer not yet taken; beyond it, the "
+                         "connections whose peers have kept it waiting longest are closed (default "
+                         f"{format_size(ServerConfig.max_in_flight)}; a connection holds at most one message "
+                         f"each way: {LEAST_IN_FLIGHT} bytes is the least allowed)")
     ap.add_argument("--idle-timeout", type=argtype(_positive), default=300.0, metavar="SECONDS",
                     help="close a connection silent for this long (default 300; vswapfs keeps its own alive)")
     ap.add_argument("--policy", type=argtype(_policy), default=None, metavar="SPEC",
@@ -221,16 +241,20 @@ def limits_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> L
 
 
 def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
-    """The server's limits; each pool is named once."""
+    """The server's limits; one frame must fit in --max-in-flight, and each pool is named once."""
     pools = [pool for pool, _ in args.max_connections]
     twice = sorted({pool for pool in pools if pools.count(pool) > 1})
     if twice:
         ap.error(f"--max-connections gives pool {', '.join(twice)} more than once")
+    if args.max_in_flight < LEAST_IN_FLIGHT:
+        ap.error(f"--max-in-flight {args.max_in_flight} is below the largest message each way "
+                 f"({LEAST_IN_FLIGHT} bytes): a client putting and reading the most it may would be closed")
     return ServerConfig(
         handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
         max_connections=MappingProxyType(dict(args.max_connections)),
         max_connections_per_peer=args.max_connections_per_peer,
         hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout, connection_rate=args.connection_rate,
+        frame_timeout=args.frame_timeout, max_in_flight=args.max_in_flight,
     )
 
 

@@ -32,6 +32,7 @@ _CONNECTION_COUNTERS = frozenset({
     "refused_uid", "refused_admin_connections", "refused_unix_connections", "refused_tcp_connections",
     "closed_hello_pool", "refused_peer_connections", "refused_connection_rate", "refused_clients",
     "refused_name_owner", "closed_hello_timeout", "closed_idle", "closed_oversized_frame",
+    "closed_frame_timeout", "closed_in_flight",
 })
 _EVENT_COUNTERS = frozenset({"bad_requests", "handback_errors", "fair_waits", "policy_changes", "io_errors",
                              "orphan_invalidations", "checksum_errors", "tier_read_retries", "tier_read_failures",

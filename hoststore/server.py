@@ -34,7 +34,7 @@ from .access import Access, check_listener, peer_identity, peer_key, peer_uid, s
 from .address import Address
 from .clientpages import ClientPages
 from .slab import INDEX_BLOCK
-from .endpoint import Endpoint, Lent, PeerGone, RemoteError
+from .endpoint import Endpoint, FrameTimeout, InFlight, Lent, PeerGone, RemoteError
 from .fairshare import FairShare
 from .logsetup import RateLimited
 from .pools import Pool, Pools, first_pool
@@ -124,6 +124,8 @@ class ServerConfig:
     hello_timeout: float = 3.0  # from connect to an answered hello
     idle_timeout: float = 300.0  # no complete message for this long: closed (clients keep alive)
     connection_rate: float = 50.0  # new connections per second per peer (burst: twice that)
+    frame_timeout: float = 5.0  # waiting for the rest of a frame begun, at most this long in all
+    max_in_flight: int = 4 << 20  # bytes held for peers (frames begun, answers not taken), all together
 
 
 # What serving any one request costs, in pages' worth of the store's time
@@ -153,7 +155,9 @@ class Session:
         self.server = server
         self.store = server.store
         self.access = server.access
-        self.endpoint = Endpoint(stream, p.Connection("server"), pace=self._pace)
+        cfg = server.config
+        self.endpoint = Endpoint(stream, p.Connection("server"), pace=self._pace, inflight=server.inflight,
+                                 frame_timeout=cfg.frame_timeout, on_shed=self._shed)
         self.nonce = auth.nonce()
         self.uid = peer_uid(stream)
         self.peer = peer or peer_key(stream)
@@ -192,6 +196,10 @@ class Session:
         except p.ProtocolError as exc:
             store.counters.add(HostCounter.PROTOCOL_ERRORS)
             peer_log("protocol", logging.WARNING, "closing a connection%s: %s", self._who(), exc)
+        except FrameTimeout as exc:
+            store.counters.add(HostCounter.CLOSED_FRAME_TIMEOUT)
+            peer_log("frame timeout", logging.INFO, "closing a connection%s from %s: %s", self._who(), self.peer,
+                     exc)
         except (PeerGone, _Stopped):
             pass
         except Exception:  # noqa: BLE001 - one connection's failure must not reach the listener
@@ -253,6 +261,14 @@ class Session:
         peer_log("hello pool", logging.WARNING, "closing a connection from %s that has not said hello, for a "
                  "newer one: %d such connections already (--max-connections hello=N)", self.peer,
                  self.server.pools.limits[Pool.HELLO])
+        self.stop()
+
+    def _shed(self) -> None:
+        """Closed by the in-flight cap (InFlight): its peer kept the store waiting longest."""
+        self.store.counters.add(HostCounter.CLOSED_IN_FLIGHT)
+        peer_log("in flight", logging.WARNING, "closing a connection%s from %s: what the store holds for its "
+                 "peers passed --max-in-flight, and this one has kept it waiting longest (for the rest of a "
+                 "message, or to take an answer)", self._who(), self.peer)
         self.stop()
 
     # -- requests ---------------------------------------------------------------------
@@ -464,6 +480,7 @@ class Server:
         self.fair = FairShare(on_wait=lambda: store.counters.add(HostCounter.FAIR_WAITS))
         self.frames = p.FramePool()
         self.pools = Pools(self.config.max_connections, store.counters)
+        self.inflight = InFlight(self.config.max_in_flight)
         self._per_peer: Counter[str] = Counter()
         self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
         self._changed = trio.Event()

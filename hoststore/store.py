@@ -109,6 +109,8 @@ class HostCounter(enum.StrEnum):
     CLOSED_HELLO_TIMEOUT = "closed_hello_timeout"  # no answered hello within --hello-timeout
     CLOSED_IDLE = "closed_idle"  # no complete message within --idle-timeout
     CLOSED_OVERSIZED = "closed_oversized_frame"  # a length prefix above any legal message
+    CLOSED_FRAME_TIMEOUT = "closed_frame_timeout"  # a frame begun and not finished within --frame-timeout
+    CLOSED_IN_FLIGHT = "closed_in_flight"  # waited for longest, while held for peers passed --max-in-flight
     FAIR_WAITS = "fair_waits"  # requests held back while other connections had their turn
 
 

@@ -1,4 +1,5 @@
-"""What a crowd of peers can take from a store: connection pools (hoststore.pools).
+"""What a crowd of peers can take from a store: connection pools (hoststore.pools)
+and the bytes it holds for unfinished messages (hoststore.endpoint.InFlight).
 
 Servers run in the test's nursery (``nursery.start``); hand-made TCP peers connect
 from several loopback addresses (127.0.0.2 ...), as any local process can.
@@ -7,6 +8,7 @@ from several loopback addresses (127.0.0.2 ...), as any local process can.
 from __future__ import annotations
 
 import os
+import socket
 from array import array
 
 import pytest
@@ -17,13 +19,26 @@ from hoststore import protocol as p
 from hoststore.access import Access, host_key
 from hoststore.address import Address
 from hoststore.counters import Counters
-from hoststore.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Hello, Stats, Welcome
+from hoststore.endpoint import InFlight
+from hoststore.messages import (
+    MAX_GET_PAGES,
+    MAX_PUT_PAGES,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    ROLE_PAGER,
+    Get,
+    Hello,
+    Put,
+    Stats,
+    Welcome,
+)
 from hoststore.pools import POOLS, Pool, Pools, first_pool, pool_limit
 from hoststore.server import Server, ServerConfig, open_listener
 from hoststore.store import HostCounter, Store
-from vswapfs.hostclient import LinkCounter, query
+from vswapfs.hostclient import HostClient, LinkCounter, query
+from vswapfs.pagestore import StoreError
 
-from .test_access import INSECURE, TOKEN, closed_by_server, new_store, page, start_client
+from .test_access import INSECURE, TOKEN, answer_of, closed_by_server, new_store, page, start_client
 
 SOURCES = [f"127.0.0.{i}" for i in range(2, 8)]  # six loopback addresses: still one host
 
@@ -223,4 +238,179 @@ async def test_connections_that_never_say_hello_cannot_keep_a_client_with_the_to
         assert store.counters[HostCounter.CLOSED_HELLO_POOL] > 0
         assert server.pools.count(Pool.TCP) == 1
         await good_unix_clients_are_served(nursery, unix, TOKEN)
+        nursery.cancel_scope.cancel()
+
+
+# -- bytes in flight -------------------------------------------------------------------------
+
+
+class _Holder:
+    def __init__(self, stalled: float) -> None:
+        self._stalled = stalled
+        self.shed_calls = 0
+
+    def stalled(self, now: float) -> float:
+        return self._stalled
+
+    def shed(self) -> None:
+        self.shed_calls += 1
+
+
+async def test_past_the_in_flight_cap_the_connections_waited_for_longest_go_first() -> None:
+    inflight = InFlight(cap=100)
+    slow, slower, fast = _Holder(2.0), _Holder(9.0), _Holder(0.1)
+    inflight.hold(slow, 40)
+    inflight.hold(slower, 40)
+    inflight.hold(fast, 10)
+    assert inflight.total == 90 and not any(h.shed_calls for h in (slow, slower, fast))
+    inflight.hold(fast, 30)  # 110: one must go, the one waited for longest
+    assert (slower.shed_calls, slow.shed_calls, fast.shed_calls) == (1, 0, 0)
+    assert inflight.total == 70
+    inflight.hold(fast, 101)  # 141: the slow one, then, still over, the fast one itself
+    assert (slow.shed_calls, fast.shed_calls) == (1, 1) and inflight.total == 0
+
+
+def stalled_put(conn: p.Connection, seq: int) -> bytes:
+    """A legal put of the largest size, all but its last byte."""
+    _, data = conn.send_request(Put(0, seq, os.urandom(MAX_PUT_PAGES * PAGE_SIZE)))
+    return data[:-1]
+
+
+async def still_open(stream: trio.SocketStream) -> bool:
+    """The store has not closed ``stream`` (it never sends these peers anything)."""
+    with trio.move_on_after(0.2):
+        try:
+            return await stream.receive_some(1) != b""
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+    return True
+
+
+async def test_a_crowd_of_stalled_puts_is_held_under_the_in_flight_cap_the_oldest_closed_first(tmp_path) -> None:
+    """Twelve peers with the token each send all but the last byte of the largest legal
+    put and stall.  The store holds at most --max-in-flight of them (here 2 MiB: seven
+    such frames) and closes the ones that have kept it waiting longest; a pager on
+    the unix socket, putting batches larger than a wire put and reading 1 MiB
+    answers, is served meanwhile (closing more stalled peers to make room)."""
+    store = new_store(capacity=1024)
+    cap = 2 << 20
+    async with trio.open_nursery() as nursery:
+        tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN), max_in_flight=cap,
+                                               frame_timeout=60.0)
+        stalled = []
+        for i in range(12):
+            got = await peer(tcp.port, SOURCES[i % len(SOURCES)], say_hello=True, token=TOKEN)
+            assert got is not None
+            stream, conn = got
+            data = stalled_put(conn, 1)
+            kept = cap // len(data)
+            await stream.send_all(data)
+            stalled.append(stream)
+            with trio.fail_after(5):  # the store has read all of it, and closed what it had to
+                while server.inflight.total != min(i + 1, kept) * len(data):
+                    await trio.sleep(0.01)
+        assert kept == 7
+        for stream in stalled[:-kept]:  # the oldest went
+            assert await closed_by_server(stream)
+        for stream in stalled[-kept:]:  # the newest are still held, waiting
+            assert await still_open(stream)
+        assert store.counters[HostCounter.CLOSED_IN_FLIGHT] == len(stalled) - kept
+        pager = await start_client(nursery, unix, "pager", npages=1024, token=TOKEN, share=False)
+        with trio.fail_after(10):
+            await pager.wait_connected()
+            data = b"".join(page(i) for i in range(256))
+            assert await pager.put(0, 1, data) == bytes(256)
+            assert (await pager.get(array("Q", range(256)))).data == data
+        # Its puts, one frame at a time, made room for themselves by closing stalled peers.
+        assert pager.counters[LinkCounter.CONNECTS] == 1 and pager.counters[LinkCounter.DISCONNECTS] == 0
+        assert server.inflight.total <= cap
+        nursery.cancel_scope.cancel()
+
+
+async def test_answers_never_read_are_held_under_the_in_flight_cap(tmp_path) -> None:
+    """Peers with the token that ask for the largest answers and never read them: each
+    holds one answer the store cannot send.  The store keeps at most --max-in-flight
+    of them (here 3 MiB: two 1 MiB answers and change) and closes the connections
+    that have kept it waiting longest; a pager reading 1 MiB answers is served."""
+    store = new_store(capacity=1024)
+    cap = 3 << 20
+    async with trio.open_nursery() as nursery:
+        tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN), max_in_flight=cap)
+        unread = []
+        for i in range(8):
+            stream, conn = await peer(tcp.port, SOURCES[i % len(SOURCES)], say_hello=True, token=TOKEN)
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            gets = [conn.send_request(Get(array("Q", range(MAX_GET_PAGES))))[1] for _ in range(16)]
+            await stream.send_all(conn.send_request(Put(0, 1, page(i) * MAX_PUT_PAGES))[1] + b"".join(gets))
+            unread.append(stream)
+        answer = p.get_answer_size(MAX_GET_PAGES)
+        kept = cap // answer
+        with trio.fail_after(10):  # every one of them blocked on its answers, and all but `kept` closed
+            while store.counters[HostCounter.CLOSED_IN_FLIGHT] < len(unread) - kept:
+                await trio.sleep(0.01)
+        assert server.inflight.total <= cap
+        pager = await start_client(nursery, unix, "pager", npages=1024, token=TOKEN, share=False)
+        with trio.fail_after(10):
+            await pager.wait_connected()
+            data = b"".join(page(i) for i in range(MAX_GET_PAGES))
+            assert await pager.put(0, 1, data) == bytes(MAX_GET_PAGES)
+            for _ in range(4):
+                assert (await pager.get(array("Q", range(MAX_GET_PAGES)))).data == data
+        assert pager.counters[LinkCounter.DISCONNECTS] == 0
+        assert server.inflight.total <= cap
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_message_begun_must_be_finished_within_the_frame_timeout(tmp_path) -> None:
+    """A byte now and then does not keep a message open: the deadline is for the rest of
+    the frame, counted while the store waits for it.  A put sent in a few slow parts
+    that ends in time is served."""
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN), frame_timeout=1.5,
+                                               idle_timeout=60.0)
+        stream, conn = await peer(tcp.port, SOURCES[0], say_hello=True, token=TOKEN, name="slow-but-fine")
+        data = conn.send_request(Put(0, 1, page(1) + page(2)))[1]
+        third = len(data) // 3
+        for part in (data[:third], data[third : 2 * third], data[2 * third :]):
+            await stream.send_all(part)
+            await trio.sleep(0.1)
+        answer = await answer_of(stream, conn)
+        assert answer.error is None and answer.answer == bytes(2)
+        dribbler, conn = await peer(tcp.port, SOURCES[1], say_hello=True, token=TOKEN)
+        data = stalled_put(conn, 1)
+        await dribbler.send_all(data[:-100])
+        start = trio.current_time()
+        closed = False
+        for b in data[-100:]:
+            try:
+                await dribbler.send_all(bytes([b]))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                closed = True
+                break
+            with trio.move_on_after(0.2):
+                if await dribbler.receive_some(1) == b"":
+                    closed = True
+                    break
+        assert closed or await closed_by_server(dribbler)
+        assert trio.current_time() - start < 5.0  # 1.5 s of waiting for the rest, not 100 bytes' 20 s
+        assert store.counters[HostCounter.CLOSED_FRAME_TIMEOUT] == 1
+        assert set(store.clients) >= {"slow-but-fine"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_larger_than_a_wire_put_goes_as_several_and_fails_as_one(tmp_path) -> None:
+    store = new_store(capacity=1024)
+    async with trio.open_nursery() as nursery:
+        tcp, unix, server = await start_server(nursery, tmp_path, store)
+        client = await start_client(nursery, unix, "splits", npages=200, share=False)
+        data = b"".join(page(i) for i in range(4 * MAX_PUT_PAGES))
+        with trio.fail_after(5):
+            assert await client.put(0, 1, data[: 3 * MAX_PUT_PAGES * PAGE_SIZE]) == bytes(3 * MAX_PUT_PAGES)
+        assert store.counters[HostCounter.PUT_REQUESTS] == 3
+        got = await client.get(array("Q", range(3 * MAX_PUT_PAGES)))
+        assert got.data == data[: 3 * MAX_PUT_PAGES * PAGE_SIZE]
+        # Pages 0..255 of a 200-page device: the last part is refused, so the whole batch fails.
+        with pytest.raises(StoreError, match="outside"):
+            await client.put(0, 2, data)
         nursery.cancel_scope.cancel()
