@@ -74,15 +74,28 @@ def peer_uid(stream: trio.abc.Stream) -> int | None:
 
 
 def peer_key(stream: trio.abc.Stream) -> str:
-    """Whom a connection counts against for the per-peer limit: a uid or an address."""
+    """Whom a connection counts against for the per-peer limits: a uid or a host."""
     uid = peer_uid(stream)
     if uid is not None:
         return f"uid {uid}"
     sock = getattr(stream, "socket", None)
     try:
-        return f"address {sock.getpeername()[0]}" if sock is not None else "unknown peer"
+        return host_key(sock.getpeername()[0]) if sock is not None else "unknown peer"
     except OSError:
         return "unknown peer"
+
+
+def host_key(address: str) -> str:
+    """A TCP peer's host.  Loopback is one host, whatever address of it a peer uses:
+    any local process can connect from each of 127.0.0.0/8 (and ::1, and IPv4
+    mapped into IPv6), so counting them apart would multiply its limits."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return f"address {address}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return "loopback" if ip.is_loopback else f"address {ip}"
 
 
 def is_loopback(host: str) -> bool:

@@ -23,16 +23,22 @@ from .logsetup import setup_logging
 from . import metrics
 from .policies import Policy, parse_policy
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
-from .messages import PAGE_SIZE
+from .messages import MAX_GET_PAGES, MAX_PUT_PAGES, PAGE_SIZE
 from .pressure import Sampler, parse_source, read_psi, sample
 from .redistier import TierUnavailable, connect
 from .tierconfig import HEARTBEATS_PER_TTL, TierConfig, parse_heartbeat_ttl, parse_prefix, parse_tier
+from .pools import POOLS, pool_limit
+from .protocol import HEADER, MAX_REQUEST_FRAME, get_answer_size
 from .server import Server, ServerConfig, fmt_pages, open_listener
-from .sizes import parse_size
+from .sizes import format_size, parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
 from .tieredstore import TieredStore
 
 log = logging.getLogger("hoststore")
+
+# The least --max-in-flight that serves anyone: the largest message each way (a put
+# coming in, a get answer going out), held for one connection at once.
+LEAST_IN_FLIGHT = HEADER.size + MAX_REQUEST_FRAME + get_answer_size(MAX_GET_PAGES)
 
 DESCRIPTION = """\
 Keep swap pages offered by vswapfs clients in RAM, accepting or refusing each
@@ -41,7 +47,7 @@ an optional per-client quota.  Refused pages are written to the client's
 backing file, so refusing is always safe.
 """
 
-EPILOG = """\
+EPILOG = f"""\
 examples:
   hoststore --listen unix:/run/vswapfs/host.sock --capacity 2G
   hoststore --listen unix:/run/vswapfs/host.sock --listen tcp:127.0.0.1:7070 --token-file /etc/vswapfs/token \\
@@ -62,6 +68,18 @@ socket, on TCP the token (or, with --insecure-tcp, every tokenless peer as
 one).  Another identity can never take it over; `vswapctl evict NAME` (root or
 this daemon's user) drops the pages of a client that is away, and frees its
 name.
+
+Connection budgets: every connection counts in one pool, each with its own
+limit (--max-connections POOL=N), so that no kind of peer can crowd out
+another: admin (root and this daemon's user on the unix socket), unix (other
+unix-socket users), tcp (TCP peers past hello; with a token, those that proved
+it) and hello (connections that have not said hello yet; when it is full the
+oldest goes for the newest).  Loopback TCP counts as one host, whatever 127.x
+address it uses.  What peers can make the store hold while it waits for the
+rest of their messages is capped too: a put carries at most {format_size(MAX_PUT_PAGES * PAGE_SIZE)}
+(clients split larger writes), a message begun must be finished within
+--frame-timeout, and past --max-in-flight for all connections together the
+ones that kept the store waiting longest are closed.
 """
 
 
@@ -110,18 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                     help="let this uid connect to the unix socket too (root and our own user always may); "
                          "repeat for several")
-    ap.add_argument("--max-connections", type=argtype(count), default=256, metavar="N",
-                    help="close new connections beyond N at once (default 256)")
-    ap.add_argument("--max-connections-per-peer", type=argtype(count), default=64, metavar="N",
-                    help="at most N connections per uid (unix socket) or address (TCP) (default 64)")
+    ap.add_argument("--max-connections", type=argtype(pool_limit), action="append", default=[],
+                    metavar="POOL=N",
+                    help="at most N connections in POOL; repeat for several pools.  Pools (default): " +
+                         "; ".join(f"{pool} ({rule.default}): {rule.who}" for pool, rule in POOLS.items()) +
+                         ".  Beyond its limit a new connection is closed at once (a TCP one at its hello)")
+    ap.add_argument("--max-connections-per-peer", type=argtype(count),
+                    default=ServerConfig.max_connections_per_peer, metavar="N",
+                    help="at most N connections per uid (unix socket) or host (TCP; every loopback address is "
+                         "one host) (default %(default)s)")
     ap.add_argument("--max-clients", type=argtype(count), default=1024, metavar="N",
                     help="client names kept at once; names away and holding no page are forgotten to make "
                          "room, and beyond that new names are refused (default 1024)")
     ap.add_argument("--connection-rate", type=argtype(_positive), default=50.0, metavar="N",
-                    help="new connections per second per uid or address, in bursts of up to 2N; more are "
+                    help="new connections per second per uid or host, in bursts of up to 2N; more are "
                          "closed at once (default 50)")
-    ap.add_argument("--hello-timeout", type=argtype(_positive), default=10.0, metavar="SECONDS",
-                    help="close a connection that has not said hello within this long (default 10)")
+    ap.add_argument("--hello-timeout", type=argtype(_positive), default=ServerConfig.hello_timeout,
+                    metavar="SECONDS",
+                    help="close a connection that has not said hello within this long (default %(default)g)")
+    ap.add_argument("--frame-timeout", type=argtype(_positive), default=ServerConfig.frame_timeout,
+                    metavar="SECONDS",
+                    help="close a connection that began a message and has not sent the rest of it after this "
+                         "long of waiting for it (default %(default)g)")
+    ap.add_argument("--max-in-flight", type=argtype(parse_size), default=ServerConfig.max_in_flight,
+                    metavar="SIZE",
+                    help="bytes that all connections together may make the store hold while it waits for their "
+                         "peers: the start of a message not finished, an answer not yet taken; beyond it, the "
+                         "connections whose peers have kept it waiting longest are closed (default "
+                         f"{format_size(ServerConfig.max_in_flight)}; a connection holds at most one message "
+                         f"each way: {LEAST_IN_FLIGHT} bytes is the least allowed)")
     ap.add_argument("--idle-timeout", type=argtype(_positive), default=300.0, metavar="SECONDS",
                     help="close a connection silent for this long (default 300; vswapfs keeps its own alive)")
     ap.add_argument("--policy", type=argtype(_policy), default=None, metavar="SPEC",
@@ -202,6 +237,24 @@ def limits_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> L
         max_device_size=args.max_device_size,
         quotas=MappingProxyType({name: size // PAGE_SIZE for name, size in args.quota if name is not None}),
         weights=MappingProxyType(dict(args.weight)),
+    )
+
+
+def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
+    """The server's limits; one frame must fit in --max-in-flight, and each pool is named once."""
+    pools = [pool for pool, _ in args.max_connections]
+    twice = sorted({pool for pool in pools if pools.count(pool) > 1})
+    if twice:
+        ap.error(f"--max-connections gives pool {', '.join(twice)} more than once")
+    if args.max_in_flight < LEAST_IN_FLIGHT:
+        ap.error(f"--max-in-flight {args.max_in_flight} is below the largest message each way "
+                 f"({LEAST_IN_FLIGHT} bytes): a client putting and reading the most it may would be closed")
+    return ServerConfig(
+        handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
+        max_connections=MappingProxyType(dict(args.max_connections)),
+        max_connections_per_peer=args.max_connections_per_peer,
+        hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout, connection_rate=args.connection_rate,
+        frame_timeout=args.frame_timeout, max_in_flight=args.max_in_flight,
     )
 
 
@@ -352,19 +405,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     limits = limits_from_args(ap, args)
+    config = config_from_args(ap, args)
     access = access_from_args(ap, args)
     setup_logging(args.verbose, "hoststore")
     unhardened = harden(log)
-    raise_fd_limit(args.max_connections + 4 * args.max_clients + 64)
+    raise_fd_limit(sum(config.max_connections.get(pool, rule.default) for pool, rule in POOLS.items())
+                   + 4 * args.max_clients + 64)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not take the pages with it
     policy = parse_policy(args.policy, psi_available=lambda: read_psi() is not None) if args.policy else None
     store = build_store(ap, args, limits, policy)
     store.pressure_risks = unhardened
-    server = Server(store, ServerConfig(
-        handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
-        max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,
-        hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout, connection_rate=args.connection_rate,
-    ), access)
+    server = Server(store, config, access)
     try:
         trio.run(run, args.listen, server, args.metrics)
     finally:

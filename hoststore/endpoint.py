@@ -5,26 +5,37 @@ any number of tasks may send requests at once (answers are matched by msgid,
 in whatever order they come), and :meth:`Endpoint.receive_loop` hands every
 incoming request to the owner's handler.  Answers produced while one read's
 worth of requests is handled leave in one write.
+
+A store's endpoints also bound what peers can make it hold (the clients'
+endpoints leave this off): each reads no more than one frame of the largest
+size allowed (``Connection.room``); a frame begun must be finished within
+``frame_timeout`` of waiting for the peer; and an :class:`InFlight` shared by
+all of them caps the bytes they hold for their peers together (the start of a
+frame, an answer not yet taken), closing the connections whose peers have kept
+us waiting longest when the cap is passed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from array import array
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 
 from . import protocol as p
 
-RECEIVE_SIZE = 1 << 18
+# The most one read takes, and the slices large writes go out in (each a
+# checkpoint): the largest put, whole, so that a put costs one read and one write.
+RECEIVE_SIZE = p.HEADER.size + p.MAX_REQUEST_FRAME
 # Answers to one read's requests leave together, but never more than this
 # waits in memory: a read full of small requests for large answers (gets)
 # is answered as it goes, so the peer's reading pace bounds what we hold.
 SEND_BATCH_BYTES = 1 << 20
-SEND_SLICE = 1 << 18  # larger writes go out in slices, each a checkpoint
+SEND_SLICE = RECEIVE_SIZE
 MAX_FDS = 4  # file descriptors a peer may pass us, in all (we expect one)
 
 
@@ -32,8 +43,72 @@ class PeerGone(Exception):
     """The connection closed before the answer came."""
 
 
+class FrameTimeout(Exception):
+    """The peer began a frame and did not finish it within the endpoint's frame_timeout."""
+
+
+class InFlight:
+    """The bytes a store holds for its connections' peers, all together, under one
+    cap: the start of a frame a peer has not finished sending, and a write it has
+    not finished taking.  Past the cap, the connections whose peers have kept us
+    waiting longest (:meth:`Endpoint.stalled`) are closed (:meth:`Endpoint.shed`)
+    until the rest fit: a crowd of peers that start large frames and stall, or
+    ask for large answers and never read them, costs the store this much, and a
+    client keeping up is the last to go."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.total = 0
+        self._held: dict[Endpoint, int] = {}
+
+    def hold(self, endpoint: "Endpoint", nbytes: int) -> None:
+        """``endpoint`` holds ``nbytes`` now (in place of what it held before)."""
+        self.release(endpoint)
+        if nbytes:
+            self._held[endpoint] = nbytes
+            self.total += nbytes
+            if self.total > self.cap:
+                self._shed()
+
+    def release(self, endpoint: "Endpoint") -> None:
+        self.total -= self._held.pop(endpoint, 0)
+
+    def _shed(self) -> None:
+        now = trio.current_time()
+        for endpoint in sorted(self._held, key=lambda e: e.stalled(now), reverse=True):
+            if self.total <= self.cap:
+                return
+            self.release(endpoint)
+            endpoint.shed()
+
+
 class RemoteError(Exception):
     """The peer answered the request with an error."""
+
+
+class _Waiting:
+    """Time spent waiting for the peer on one thing: the rest of a frame, or the
+    peer taking one write (only while waiting for the peer, not for our own turns)."""
+
+    __slots__ = ("total", "since")
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.since: float | None = None
+
+    def start(self) -> None:
+        self.since = trio.current_time()
+
+    def stop(self) -> None:
+        if self.since is not None:
+            self.total += trio.current_time() - self.since
+            self.since = None
+
+    def so_far(self, now: float) -> float:
+        return self.total + (now - self.since if self.since is not None else 0.0)
+
+    def reset(self) -> None:
+        self.total = 0.0
 
 
 class _Waiter:
@@ -60,33 +135,85 @@ Handler = Callable[[p.RequestReceived | p.BadRequest], Awaitable[bytes | Lent | 
 
 class Endpoint:
     def __init__(self, stream: trio.abc.Stream, conn: p.Connection,
-                 pace: Callable[[int], Awaitable[None]] | None = None, accept_fds: bool = False) -> None:
+                 pace: Callable[[int], Awaitable[None]] | None = None, accept_fds: bool = False, *,
+                 inflight: InFlight | None = None, frame_timeout: float | None = None,
+                 on_shed: Callable[[], None] | None = None) -> None:
         """``accept_fds``: read with recvmsg and keep file descriptors the peer passes
-        (a client's shared page memory); otherwise the kernel closes any it sends."""
+        (a client's shared page memory); otherwise the kernel closes any it sends.
+        ``inflight``: the cap that what this endpoint holds for its peer counts
+        against (the start of a frame, a write under way); ``on_shed`` is called if
+        it closes this endpoint.  ``frame_timeout``: how long the peer may keep us
+        waiting, in all, for the rest of a frame it began."""
         self.stream = stream
         self.conn = conn
         self.accept_fds = accept_fds
         self.received_fds: list[int] = []
         self.pace = pace  # awaited before each slice of a large write, with its size
+        self.inflight = inflight
+        self.frame_timeout = frame_timeout
+        self.on_shed = on_shed
+        self._frame = _Waiting()  # for the rest of the frame whose start we hold
+        self._write = _Waiting()  # for the peer to take the write under way
+        self._writing = 0  # bytes of the write under way
+        self._holding = 0  # what the cap was last told this connection holds
         self._waiters: dict[int, _Waiter] = {}
         self._send_lock = trio.Lock()
         self.closed = trio.Event()
+
+    def stalled(self, now: float) -> float:
+        """How long the peer has kept us waiting, for the rest of the frame we hold the
+        start of, or to take the write under way, whichever is longer."""
+        return max(self._frame.so_far(now), self._write.so_far(now))
+
+    def shed(self) -> None:
+        """Closed to keep the bytes in flight under their cap (InFlight): at once."""
+        self.close()
+        if self.on_shed is not None:
+            self.on_shed()
 
     async def request(self, message: p.Request) -> Any:
         """Send a request and wait for its typed answer.  The caller puts the deadline around it."""
         if self.closed.is_set():
             raise PeerGone("connection closed")
+        msgid, data, waiter = self._framed(message)
+        try:
+            await self.send(data)
+            await waiter.event.wait()
+        finally:
+            self._waiters.pop(msgid, None)
+        return self._answer(waiter)
+
+    async def request_all(self, messages: Sequence[p.Request]) -> list[Any]:
+        """Several requests in one write, and their typed answers in order: a batch the
+        peer takes in parts still costs one write and one round trip, and no task per
+        part.  The first error is raised once every answer came (or the connection
+        went).  The caller puts the deadline around it."""
+        if self.closed.is_set():
+            raise PeerGone("connection closed")
+        framed: list[tuple[int, bytes, _Waiter]] = []
+        try:
+            for message in messages:
+                framed.append(self._framed(message))
+            await self.send(b"".join(data for _, data, _ in framed))
+            for _, _, waiter in framed:
+                await waiter.event.wait()
+        finally:
+            for msgid, _, _ in framed:
+                self._waiters.pop(msgid, None)
+        return [self._answer(waiter) for _, _, waiter in framed]
+
+    def _framed(self, message: p.Request) -> tuple[int, bytes, _Waiter]:
+        """A request's msgid, its bytes, and the waiter its answer will wake."""
         try:
             msgid, data = self.conn.send_request(message)
         except p.ProtocolError as exc:
             self.close()
             raise PeerGone(str(exc)) from None
         waiter = self._waiters[msgid] = _Waiter()
-        try:
-            await self.send(data)
-            await waiter.event.wait()
-        finally:
-            self._waiters.pop(msgid, None)
+        return msgid, data, waiter
+
+    @staticmethod
+    def _answer(waiter: _Waiter) -> Any:
         response = waiter.response
         if response is None:
             raise PeerGone("connection lost")
@@ -102,14 +229,19 @@ class Endpoint:
         async with self._send_lock:
             if self.closed.is_set():
                 raise PeerGone("connection closed")
+            write = self.stream.send_all
+            if self.inflight is not None:
+                write = self._timed_send_all
+                self._writing = len(data)
+                self._hold()
             try:
                 if fds:
                     sock = self.stream.socket  # type: ignore[attr-defined]
                     sent = await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))])
                     if sent < len(data):
-                        await self.stream.send_all(memoryview(data)[sent:])
+                        await write(memoryview(data)[sent:])
                 elif len(data) <= SEND_SLICE:
-                    await self.stream.send_all(data)
+                    await write(data)
                 else:  # one large answer must not hold the loop: other connections go in between
                     with memoryview(data) as view:
                         for at in range(0, len(view), SEND_SLICE):
@@ -117,7 +249,7 @@ class Endpoint:
                                 if self.closed.is_set():
                                     raise PeerGone("connection closed")
                                 await self.pace(min(SEND_SLICE, len(view) - at))
-                            await self.stream.send_all(view[at : at + SEND_SLICE])
+                            await write(view[at : at + SEND_SLICE])
             except trio.Cancelled:
                 # A send cut short leaves part of a frame on the wire: nothing
                 # after it could be understood, so the connection is done.
@@ -126,6 +258,19 @@ class Endpoint:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.close()
                 raise PeerGone(f"send failed: {exc}") from None
+            finally:
+                if self.inflight is not None:
+                    self._writing = 0
+                    self._write.reset()  # nothing held for the peer to take now
+                    self._hold()
+
+    async def _timed_send_all(self, data: bytes | memoryview) -> None:
+        """One write, the time the peer takes to take it counted as waiting for it."""
+        self._write.start()
+        try:
+            await self.stream.send_all(data)
+        finally:
+            self._write.stop()
 
     async def receive_loop(self, handle: Handler, on_event: Callable[[p.Event], None] | None = None,
                            on_progress: Callable[[], None] | None = None,
@@ -142,17 +287,16 @@ class Endpoint:
             while not self.conn.closed:
                 if on_wait is not None:
                     on_wait()
-                try:
-                    data = await (self._receive_with_fds() if self.accept_fds
-                                  else self.stream.receive_some(RECEIVE_SIZE))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    return
-                if not data:
+                data = await self._read()
+                if not data or self.closed.is_set():  # gone, or closed from outside while the read came
                     return
                 self.conn.receive_data(data)
+                if self.inflight is not None:
+                    self._hold()
                 out: list[bytes] = []
                 out_bytes = 0
                 while not self.conn.closed and (event := self.conn.next_event()) is not None:
+                    self._frame.reset()  # whatever is left begins a new frame
                     if on_progress is not None:
                         on_progress()
                     if isinstance(event, p.Response):
@@ -178,10 +322,46 @@ class Endpoint:
                         on_wait()
                     if not await self._flush(out, lent):
                         return
+                if self.inflight is not None:
+                    self._hold()
         finally:
             for release in lent:  # never to be sent now
                 release()
             self.close()
+
+    async def _read(self) -> bytes:
+        """The next bytes from the peer, at most ``conn.room``; empty once it is gone."""
+        size = min(RECEIVE_SIZE, self.conn.room)
+        receive = self._receive_with_fds if self.accept_fds else self.stream.receive_some
+        try:
+            if self.conn.buffered and (self.inflight is not None or self.frame_timeout is not None):
+                return await self._rest_of_frame(receive, size)
+            return await receive(size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return b""
+
+    async def _rest_of_frame(self, receive: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
+        """More of a frame begun: the time waiting for it is the peer's (``stalled``), and
+        all of it together may not pass ``frame_timeout``."""
+        deadline = math.inf
+        if self.frame_timeout is not None:
+            deadline = trio.current_time() + self.frame_timeout - self._frame.total
+        self._frame.start()
+        try:
+            with trio.move_on_at(deadline):
+                return await receive(size)
+        finally:
+            self._frame.stop()
+        raise FrameTimeout(f"{self.conn.buffered} bytes of a frame, and nothing more for "
+                           f"{self.frame_timeout:g}s of waiting")
+
+    def _hold(self) -> None:
+        """Tell the cap (there is one) what this connection holds for its peer now."""
+        assert self.inflight is not None
+        held = self.conn.buffered + self._writing
+        if held != self._holding and not self.closed.is_set():
+            self._holding = held
+            self.inflight.hold(self, held)
 
     async def _flush(self, out: list[Any], lent: list[Callable[[], None]]) -> bool:
         """Send and empty ``out``, then give pooled buffers back; False if the peer is gone."""
@@ -197,9 +377,9 @@ class Endpoint:
                 lent.pop()()
         return True
 
-    async def _receive_with_fds(self) -> bytes:
+    async def _receive_with_fds(self, size: int) -> bytes:
         sock = self.stream.socket  # type: ignore[attr-defined]
-        data, ancdata, _flags, _addr = await sock.recvmsg(RECEIVE_SIZE, socket.CMSG_SPACE(4 * MAX_FDS),
+        data, ancdata, _flags, _addr = await sock.recvmsg(size, socket.CMSG_SPACE(4 * MAX_FDS),
                                                           socket.MSG_CMSG_CLOEXEC)
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -230,6 +410,8 @@ class Endpoint:
         if not self.closed.is_set():
             self.closed.set()
             self.conn.close()
+            if self.inflight is not None:
+                self.inflight.release(self)
             for waiter in self._waiters.values():
                 waiter.event.set()
 

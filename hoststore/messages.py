@@ -20,15 +20,22 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 2
+# 3: a put carries at most MAX_PUT_PAGES pages on the wire (the hello answer says
+# how many), where version 2 took MAX_BATCH_PAGES.
+PROTOCOL_VERSION = 3
 PAGE_SIZE = 4096
 NONCE_SIZE = 16
 PROOF_SIZE = 32  # HMAC-SHA256
 SECRET_SIZE = 32
 
 # The kernel sends FUSE writes of at most 1 MiB (256 pages); 1024 pages per
-# message leaves room without letting a peer make anyone buffer without bound.
+# batch (a put through shared staging memory, a hand-back) leaves room without
+# letting a peer make anyone buffer without bound.
 MAX_BATCH_PAGES = 1024
+# A put whose pages travel in its frame: the store must hold the whole frame
+# before it can act on it, so this (256 KiB) is what any one connection can make
+# it hold.  A client splits larger batches into several puts, sent together.
+MAX_PUT_PAGES = 64
 # A get answer carries its pages' data: at most 1 MiB, so that a small request
 # cannot make the store build (and buffer) a large answer.
 MAX_GET_PAGES = 256
@@ -294,7 +301,7 @@ class HelloAnswer:
     resumed: bool  # the store kept this client's pages from an earlier connection
     secret: bytes  # the client's reconnect secret (wrapped when a token is configured)
     page_size: int = PAGE_SIZE
-    max_batch_pages: int = MAX_BATCH_PAGES
+    max_put_pages: int = MAX_PUT_PAGES  # pages a put may carry on the wire
     admin: bool = False
     auth: bytes | None = None  # the server's token proof, when a token is configured
     # The client's shared page memory, when it asked for it and the store gives it (its
@@ -306,13 +313,13 @@ class HelloAnswer:
         _bool(self.resumed, "resumed")
         _bytes(self.secret, "secret", SECRET_SIZE)
         _int(self.page_size, "page_size", PAGE_SIZE, PAGE_SIZE)
-        _int(self.max_batch_pages, "max_batch_pages", 1, MAX_BATCH_PAGES)
+        _int(self.max_put_pages, "max_put_pages", 1, MAX_PUT_PAGES)
         _bool(self.admin, "admin")
         _bytes(self.auth, "auth", PROOF_SIZE, optional=True)
 
     def to_wire(self) -> dict[str, Any]:
         return {"instance": self.instance, "resumed": self.resumed, "secret": self.secret,
-                "page_size": self.page_size, "max_batch_pages": self.max_batch_pages,
+                "page_size": self.page_size, "max_put_pages": self.max_put_pages,
                 "admin": self.admin, "auth": self.auth,
                 "shared": None if self.shared is None else self.shared.to_wire()}
 
@@ -377,7 +384,7 @@ class Hello:
         m = _map(result, "hello answer")
         try:
             return HelloAnswer(m["instance"], m["resumed"], m["secret"], m.get("page_size", PAGE_SIZE),
-                               m.get("max_batch_pages", MAX_BATCH_PAGES), m.get("admin", False), m.get("auth"),
+                               m.get("max_put_pages", MAX_PUT_PAGES), m.get("admin", False), m.get("auth"),
                                SharedLayout.from_wire(m.get("shared")))
         except KeyError as exc:
             raise MessageError(f"hello answer lacks {exc}") from None

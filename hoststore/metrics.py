@@ -29,8 +29,10 @@ PUBLISH_INTERVAL = 1.0
 # Counters that count something other than pages, by their name's suffix or exact name.
 _CONNECTION_COUNTERS = frozenset({
     "connections", "hello_refused", "protocol_errors", "connection_errors", "takeovers", "refused_auth",
-    "refused_uid", "refused_connections", "refused_peer_connections", "refused_connection_rate",
-    "refused_clients", "refused_name_owner", "closed_hello_timeout", "closed_idle", "closed_oversized_frame",
+    "refused_uid", "refused_admin_connections", "refused_unix_connections", "refused_tcp_connections",
+    "closed_hello_pool", "refused_peer_connections", "refused_connection_rate", "refused_clients",
+    "refused_name_owner", "closed_hello_timeout", "closed_idle", "closed_oversized_frame",
+    "closed_frame_timeout", "closed_in_flight",
 })
 _EVENT_COUNTERS = frozenset({"bad_requests", "handback_errors", "fair_waits", "policy_changes", "io_errors",
                              "orphan_invalidations", "checksum_errors", "tier_read_retries", "tier_read_failures",

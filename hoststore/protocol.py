@@ -15,7 +15,11 @@ value, a msgpack-RPC shape:
 
 The length comes first so that a frame larger than any legal message is
 refused at its header, before a byte of it is buffered; the buffer therefore
-never holds more than one legal message plus one read.
+never holds more than one legal message plus one read (:attr:`Connection.room`
+lets the reader stop at one legal message).  What is legal depends on the
+direction: a store takes requests, the largest a put of ``MAX_PUT_PAGES``
+(:data:`MAX_REQUEST_FRAME`); a client takes answers and hand-backs of up to
+``MAX_BATCH_PAGES`` (:data:`MAX_FRAME`).
 
 The server speaks first, a ``welcome`` notification with a nonce; the
 client's first request is ``hello``, and nothing else is accepted (or may be
@@ -39,6 +43,7 @@ import msgpack
 from .messages import (  # noqa: F401  (re-exported: the protocol's vocabulary)
     MAX_BATCH_PAGES,
     MAX_GET_PAGES,
+    MAX_PUT_PAGES,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     REQUESTS,
@@ -56,15 +61,20 @@ RESPONSE = 1
 NOTIFICATION = 2
 
 HEADER = struct.Struct(">I")
-# The largest legal frame: a batch of pages plus its page and sequence lists.
+# The largest frame a client takes: a batch of pages plus its page and sequence
+# lists (a hand-back from its store).
 MAX_FRAME = MAX_BATCH_PAGES * (PAGE_SIZE + 16) + 4096
+# The largest frame a store takes: a put of MAX_PUT_PAGES and its fields (every
+# other request is far smaller).  This is what one connection can make a store hold.
+MAX_REQUEST_FRAME = MAX_PUT_PAGES * PAGE_SIZE + 4096
 # Until the hello is answered, frames are small: an unauthenticated peer cannot
 # make this end buffer a page batch.
 MAX_HANDSHAKE_FRAME = 4096
 # How many requests may wait for answers; a peer that answers none of them is broken.
 MAX_PENDING = 1 << 16
 
-_UNPACK_LIMITS = dict(
+# What a store takes apart: requests, whose lists and maps are small.
+_REQUEST_LIMITS = dict(
     raw=False,
     use_list=True,
     max_bin_len=MAX_FRAME,
@@ -74,6 +84,9 @@ _UNPACK_LIMITS = dict(
     max_ext_len=0,
     strict_map_key=True,
 )
+# What a client takes apart: answers, among them an admin's stats with a map entry
+# per client of the store (--max-clients, 1024 by default), bounded by MAX_FRAME.
+_ANSWER_LIMITS = dict(_REQUEST_LIMITS, max_array_len=1 << 16, max_map_len=1 << 16)
 
 
 class ProtocolError(Exception):
@@ -150,8 +163,26 @@ class Connection:
         """Received bytes not yet turned into events."""
         return len(self._inbox) - self._pos
 
+    @property
+    def frame_limit(self) -> int:
+        """The largest frame this end takes now (a longer length prefix is FrameTooLarge)."""
+        if self._state != _ESTABLISHED:
+            return MAX_HANDSHAKE_FRAME
+        return MAX_REQUEST_FRAME if self.role == "server" else MAX_FRAME
+
+    @property
+    def room(self) -> int:
+        """How many bytes a reader may take in now: never more than one frame of the
+        largest size allowed is held (a complete frame is taken out as an event
+        before more is read, so what is held is the start of one)."""
+        return max(1, HEADER.size + self.frame_limit - self.buffered)
+
     def close(self) -> None:
+        """Closed for good: what was received and not yet taken is let go at once (not
+        when the garbage collector gets to whatever still refers to this connection)."""
         self._state = _CLOSED
+        self._inbox = bytearray()
+        self._pos = 0
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -222,6 +253,18 @@ class Connection:
             self._pos = 0
         self._inbox += data
 
+    def _consumed(self, end: int) -> None:
+        """Frames up to ``end`` are events now.  On a store, once nothing is left the
+        buffer goes at once: a peer that sent one large put and went quiet leaves it
+        holding nothing.  A client keeps it until more comes (``receive_data``): let
+        go after each 1 MiB answer, the allocator hands back fresh memory for the next
+        one, and faulting it in costs about as much as the answer itself."""
+        if end == len(self._inbox) and self.role == "server":
+            self._inbox = bytearray()
+            self._pos = 0
+        else:
+            self._pos = end
+
     def next_event(self) -> Event | None:
         """The next complete message, or None when more bytes are needed (or the
         connection was closed by the last event: a refused hello)."""
@@ -231,19 +274,21 @@ class Connection:
         if avail < HEADER.size:
             return None
         (length,) = HEADER.unpack_from(self._inbox, self._pos)
-        limit = MAX_FRAME if self._state == _ESTABLISHED else MAX_HANDSHAKE_FRAME
+        limit = self.frame_limit
         if length > limit:
             self._state = _CLOSED
             raise FrameTooLarge(f"frame of {length} bytes is larger than any message allowed now ({limit})")
         if avail < HEADER.size + length:
             return None
         start = self._pos + HEADER.size
-        self._pos = start + length
         try:
             with memoryview(self._inbox) as view:
-                obj = msgpack.unpackb(view[start : start + length], **_UNPACK_LIMITS)
+                obj = msgpack.unpackb(view[start : start + length],
+                                      **(_REQUEST_LIMITS if self.role == "server" else _ANSWER_LIMITS))
         except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
             raise self._fail(f"malformed message: {exc}") from None
+        finally:
+            self._consumed(start + length)
         return self._parse(obj)
 
     def _parse(self, obj: Any) -> Event:
@@ -342,9 +387,11 @@ class FramePool:
     """A few buffers for the largest answers, used again and again: no page faults
     and no heap growth for a stream of large gets, and a fixed amount of memory
     for them however many come at once (beyond the pool, answers get mappings of
-    their own, returned to the kernel once sent)."""
+    their own, returned to the kernel once sent).  Four: the pool is kept once
+    made, so it is memory a crowd of peers asking for large answers leaves the
+    store holding for good; more at once is rare (swap reads 32 pages at most)."""
 
-    def __init__(self, count: int = 8, size: int = 0) -> None:
+    def __init__(self, count: int = 4, size: int = 0) -> None:
         self.size = size or get_answer_size(MAX_GET_PAGES)
         self.count = count
         self._free: list[bytearray] = []

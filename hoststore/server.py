@@ -21,7 +21,9 @@ import os
 import socket
 import stat
 from collections import Counter
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import trio
@@ -32,9 +34,10 @@ from .access import Access, check_listener, peer_identity, peer_key, peer_uid, s
 from .address import Address
 from .clientpages import ClientPages
 from .slab import INDEX_BLOCK
-from .endpoint import Endpoint, Lent, PeerGone, RemoteError
+from .endpoint import Endpoint, FrameTimeout, InFlight, Lent, PeerGone, RemoteError
 from .fairshare import FairShare
 from .logsetup import RateLimited
+from .pools import Pool, Pools, first_pool
 from .messages import (
     Configure,
     Drain,
@@ -115,11 +118,14 @@ class ServerConfig:
     drain_timeout: float = 60.0
     drain_window: int = 4  # hand-back requests in flight per client while draining
     handback_rest: float = 5.0  # a client that took nothing back is left alone this long under pressure
-    max_connections: int = 256  # beyond this, new connections are closed at once
-    max_connections_per_peer: int = 64  # per uid (unix socket) or address (TCP)
-    hello_timeout: float = 10.0  # from connect to an answered hello
+    # Connections by pool (hoststore.pools); a pool not named here has its default.
+    max_connections: Mapping[Pool, int] = field(default_factory=lambda: MappingProxyType({}))
+    max_connections_per_peer: int = 64  # per uid (unix socket) or host (TCP; loopback is one)
+    hello_timeout: float = 3.0  # from connect to an answered hello
     idle_timeout: float = 300.0  # no complete message for this long: closed (clients keep alive)
     connection_rate: float = 50.0  # new connections per second per peer (burst: twice that)
+    frame_timeout: float = 5.0  # waiting for the rest of a frame begun, at most this long in all
+    max_in_flight: int = 4 << 20  # bytes held for peers (frames begun, answers not taken), all together
 
 
 # What serving any one request costs, in pages' worth of the store's time
@@ -136,24 +142,29 @@ def request_cost(msg: Any) -> int:
     return REQUEST_COST
 
 
-class _Superseded(Exception):
-    """This connection's client reconnected on another: stop serving this one."""
+class _Stopped(Exception):
+    """This connection was closed from outside (its client reconnected on another, or a
+    limit closed it): serve nothing more on it."""
 
 
 class Session:
     """One connection: its protocol state, and the client it serves once the hello is done."""
 
-    def __init__(self, server: "Server", stream: trio.abc.Stream) -> None:
+    def __init__(self, server: "Server", stream: trio.abc.Stream, peer: str | None = None) -> None:
+        """``peer``: whom it counts against for the per-peer limits (hoststore.access.peer_key)."""
         self.server = server
         self.store = server.store
         self.access = server.access
-        self.endpoint = Endpoint(stream, p.Connection("server"), pace=self._pace)
+        cfg = server.config
+        self.endpoint = Endpoint(stream, p.Connection("server"), pace=self._pace, inflight=server.inflight,
+                                 frame_timeout=cfg.frame_timeout, on_shed=self._shed)
         self.nonce = auth.nonce()
         self.uid = peer_uid(stream)
+        self.peer = peer or peer_key(stream)
         self.admin = self.access.is_admin(self.uid)
         self.identity = peer_identity(self.uid, self.access.token)  # who owns the names it creates
         self.client: ClientPages | None = None
-        self.superseded = False
+        self.stopped = False
         self.hello_done = False
         self._scope: trio.CancelScope | None = None
         self._deadline: trio.CancelScope | None = None
@@ -164,7 +175,7 @@ class Session:
         store.connections_active += 1
         try:
             with trio.CancelScope() as self._scope:
-                if self.superseded:
+                if self.stopped:
                     return
                 welcome = Welcome(p.PROTOCOL_VERSION, SERVER_NAME, store.instance, self.nonce,
                                   auth_required=self.access.token is not None)
@@ -185,7 +196,11 @@ class Session:
         except p.ProtocolError as exc:
             store.counters.add(HostCounter.PROTOCOL_ERRORS)
             peer_log("protocol", logging.WARNING, "closing a connection%s: %s", self._who(), exc)
-        except (PeerGone, _Superseded):
+        except FrameTimeout as exc:
+            store.counters.add(HostCounter.CLOSED_FRAME_TIMEOUT)
+            peer_log("frame timeout", logging.INFO, "closing a connection%s from %s: %s", self._who(), self.peer,
+                     exc)
+        except (PeerGone, _Stopped):
             pass
         except Exception:  # noqa: BLE001 - one connection's failure must not reach the listener
             store.counters.add(HostCounter.CONNECTION_ERRORS)
@@ -233,18 +248,34 @@ class Session:
     def _who(self) -> str:
         return f" of client {self.client.name!r}" if self.client is not None else ""
 
-    def supersede(self) -> None:
-        """The client reconnected elsewhere: serve nothing more here, at once."""
-        self.superseded = True
+    def stop(self) -> None:
+        """Serve nothing more here, at once: the client reconnected elsewhere, or a limit
+        closes this connection (whoever calls this counts why)."""
+        self.stopped = True
         self.endpoint.close()
         if self._scope is not None:
             self._scope.cancel()
 
+    def evict(self) -> None:
+        """The pool of connections not past their hello is full: this, its oldest, goes."""
+        peer_log("hello pool", logging.WARNING, "closing a connection from %s that has not said hello, for a "
+                 "newer one: %d such connections already (--max-connections hello=N)", self.peer,
+                 self.server.pools.limits[Pool.HELLO])
+        self.stop()
+
+    def _shed(self) -> None:
+        """Closed by the in-flight cap (InFlight): its peer kept the store waiting longest."""
+        self.store.counters.add(HostCounter.CLOSED_IN_FLIGHT)
+        peer_log("in flight", logging.WARNING, "closing a connection%s from %s: what the store holds for its "
+                 "peers passed --max-in-flight, and this one has kept it waiting longest (for the rest of a "
+                 "message, or to take an answer)", self._who(), self.peer)
+        self.stop()
+
     # -- requests ---------------------------------------------------------------------
 
     async def _handle(self, event: p.RequestReceived | p.BadRequest) -> bytes | None:
-        if self.superseded:
-            raise _Superseded()
+        if self.stopped:
+            raise _Stopped()
         conn = self.endpoint.conn
         if isinstance(event, p.BadRequest):
             if not conn.established:  # a bad hello: refused, and the connection closes
@@ -294,11 +325,23 @@ class Session:
                                                   "authentication failed: wrong token")
         return None
 
+    def _leave_hello_pool(self) -> str | None:
+        """A TCP peer's hello is good: it moves to the tcp pool, if that has room
+        (counted there if not); why not, or None."""
+        pools = self.server.pools
+        if pools.pool_of(self) is not Pool.HELLO or pools.join(self, Pool.TCP):
+            return None
+        return (f"the store has {pools.limits[Pool.TCP]} TCP connections already "
+                f"(hoststore --max-connections tcp=N)")
+
     def _hello(self, msgid: int, hello: Hello) -> bytes:
         conn = self.endpoint.conn
         refusal = self._authenticate(hello)
         if refusal is not None:
             return self._refuse(msgid, hello, *refusal)
+        full = self._leave_hello_pool()
+        if full is not None:
+            return self._refuse(msgid, hello, None, full)
         try:
             client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self._can_share,
                                                            owner=self.identity)
@@ -306,7 +349,7 @@ class Session:
             return self._refuse(msgid, hello, None, str(exc))
         if isinstance(superseded, Session):
             log.info("client %r reconnected: closing its old connection", hello.client)
-            superseded.supersede()
+            superseded.stop()
         if client is not None:
             self.store.bind(client, self)
             self.client = client
@@ -436,8 +479,9 @@ class Server:
         self.access = access or Access()
         self.fair = FairShare(on_wait=lambda: store.counters.add(HostCounter.FAIR_WAITS))
         self.frames = p.FramePool()
+        self.pools = Pools(self.config.max_connections, store.counters)
+        self.inflight = InFlight(self.config.max_in_flight)
         self._per_peer: Counter[str] = Counter()
-        self._open = 0  # connections admitted and not closed yet
         self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
         self._changed = trio.Event()
         self._returned = trio.Event()  # set (and replaced) whenever a hand-back's pages are no longer lent
@@ -466,39 +510,33 @@ class Server:
                     continue
                 raise
             try:
-                key = self._admit_connection(stream)
+                session = self._admit_connection(stream)
             except Exception:  # noqa: BLE001
                 peer_log("setup error", logging.ERROR, "error admitting a connection", exc_info=True)
-                key = None
-            if key is None:
+                session = None
+            if session is None:
                 stream.socket.close()
                 continue
-            self._open += 1
-            nursery.start_soon(self._handle_stream, stream, key)
+            nursery.start_soon(self._handle_session, session)
 
-    async def _handle_stream(self, stream: trio.SocketStream, key: str) -> None:
+    async def _handle_session(self, session: Session) -> None:
         try:
-            await Session(self, stream).run()
+            await session.run()
         except Exception:  # noqa: BLE001 - never let a connection reach the accept loop
             peer_log("setup error", logging.ERROR, "error setting up a connection", exc_info=True)
             with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(session.endpoint.stream)
         finally:
-            self._open -= 1
+            self.pools.leave(session)
+            key = session.peer
             self._per_peer[key] -= 1
             if not self._per_peer[key]:
                 del self._per_peer[key]
 
-    def _admit_connection(self, stream: trio.abc.Stream) -> str | None:
-        """The peer key this connection counts against, or None if a limit closes it."""
+    def _admit_connection(self, stream: trio.SocketStream) -> Session | None:
+        """The session of a new connection, in its pool; None if a limit closes it."""
         cfg, counters = self.config, self.store.counters
         key = peer_key(stream)
-        if self._open >= cfg.max_connections:
-            counters.add(HostCounter.REFUSED_CONNECTIONS)
-            peer_log("max connections", logging.WARNING,
-                     "closing a connection from %s: %d connections already (--max-connections)", key,
-                     self._open)
-            return None
         if not self._take_token(key):
             counters.add(HostCounter.REFUSED_CONNECTION_RATE)
             peer_log("connection rate", logging.WARNING,
@@ -511,8 +549,15 @@ class Server:
                      "closing a connection from %s: it has %d already (--max-connections-per-peer)", key,
                      self._per_peer[key])
             return None
+        session = Session(self, stream, key)
+        pool = first_pool(session.uid, self.access)
+        if not self.pools.join(session, pool):
+            peer_log("max connections", logging.WARNING,
+                     "closing a connection from %s: the %s pool is full (--max-connections %s=%d)", key, pool,
+                     pool, self.pools.limits[pool])
+            return None
         self._per_peer[key] += 1
-        return key
+        return session
 
     def _take_token(self, key: str) -> bool:
         """A token bucket per peer: reconnecting is cheap for a client, and a peer

@@ -98,7 +98,10 @@ class HostCounter(enum.StrEnum):
     # Limits and access: each refusal by its cause (connections unless the name says pages).
     REFUSED_AUTH = "refused_auth"  # hellos without the token's proof, or a wrong one
     REFUSED_UID = "refused_uid"  # hellos from a unix-socket peer whose uid is not allowed
-    REFUSED_CONNECTIONS = "refused_connections"  # closed at once: --max-connections reached
+    REFUSED_ADMIN_CONNECTIONS = "refused_admin_connections"  # closed at once: --max-connections admin=N reached
+    REFUSED_UNIX_CONNECTIONS = "refused_unix_connections"  # closed at once: --max-connections unix=N reached
+    REFUSED_TCP_CONNECTIONS = "refused_tcp_connections"  # hellos refused: --max-connections tcp=N reached
+    CLOSED_HELLO_POOL = "closed_hello_pool"  # closed before their hello for a newer one: --max-connections hello=N
     REFUSED_PEER_CONNECTIONS = "refused_peer_connections"  # closed at once: --max-connections-per-peer
     REFUSED_CONNECTION_RATE = "refused_connection_rate"  # closed at once: --connection-rate
     REFUSED_CLIENTS = "refused_clients"  # hellos of new names beyond --max-clients
@@ -106,6 +109,8 @@ class HostCounter(enum.StrEnum):
     CLOSED_HELLO_TIMEOUT = "closed_hello_timeout"  # no answered hello within --hello-timeout
     CLOSED_IDLE = "closed_idle"  # no complete message within --idle-timeout
     CLOSED_OVERSIZED = "closed_oversized_frame"  # a length prefix above any legal message
+    CLOSED_FRAME_TIMEOUT = "closed_frame_timeout"  # a frame begun and not finished within --frame-timeout
+    CLOSED_IN_FLIGHT = "closed_in_flight"  # waited for longest, while held for peers passed --max-in-flight
     FAIR_WAITS = "fair_waits"  # requests held back while other connections had their turn
 
 

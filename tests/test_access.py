@@ -645,30 +645,6 @@ def test_the_daemon_refuses_a_public_listener_and_a_bad_token_file(tmp_path) -> 
 # -- limits --------------------------------------------------------------------------------
 
 
-async def test_connection_caps_close_at_once_and_are_counted(tmp_path) -> None:
-    store = new_store()
-    async with trio.open_nursery() as nursery:
-        listeners = [await open_listener(Address("tcp", host="127.0.0.1", port=0), INSECURE),
-                     await open_listener(Address("unix", path=str(tmp_path / "s")), INSECURE)]
-        server = Server(store, ServerConfig(max_connections=6, max_connections_per_peer=3), INSECURE)
-        tcp, unix = await nursery.start(server.serve, listeners)
-        held = [await open_raw(tcp) for _ in range(3)]
-        extra = await trio.open_tcp_stream("127.0.0.1", tcp.port)  # a 4th from the same address
-        assert await closed_by_server(extra)
-        assert store.counters[HostCounter.REFUSED_PEER_CONNECTIONS] == 1
-        held += [await open_raw(unix) for _ in range(3)]  # another peer (uid 0) has its own 3
-        extra = await trio.open_unix_socket(unix.path)
-        assert await closed_by_server(extra)
-        assert store.counters[HostCounter.REFUSED_CONNECTIONS] == 1
-        for stream, _, _ in held[:1]:
-            await stream.aclose()
-        with trio.fail_after(5):
-            while store.connections_active > 5:
-                await trio.sleep(0.01)
-        held.append(await open_raw(tcp))  # a slot freed: served again
-        nursery.cancel_scope.cancel()
-
-
 async def test_hello_and_idle_timeouts_close_silent_connections_not_quiet_clients(tmp_path) -> None:
     store = new_store()
     async with trio.open_nursery() as nursery:

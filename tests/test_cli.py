@@ -52,7 +52,11 @@ def test_help(module: str) -> None:
         ("hoststore", ["--listen", "unix:/x"], "socket directory / can be entered"),
         ("hoststore", ["--listen", "unix:/x", "--weight", "a"], "NAME=W"),
         ("hoststore", ["--listen", "unix:/x", "--quota", "=5M"], "empty client name"),
-        ("hoststore", ["--listen", "unix:/x", "--max-connections", "0"], "at least 1"),
+        ("hoststore", ["--listen", "unix:/x", "--max-connections", "tcp=0"], "at least 1 connection"),
+        ("hoststore", ["--listen", "unix:/x", "--max-connections", "256"], "give POOL=N"),
+        ("hoststore", ["--listen", "unix:/x", "--max-connections", "tcp=8", "--max-connections", "tcp=9"],
+         "pool tcp more than once"),
+        ("hoststore", ["--listen", "unix:/x", "--max-in-flight", "1M"], "below the largest message each way"),
         ("hoststore", ["--listen", "tcp:127.0.0.1:0", "--token-file", "/nonexistent"], "cannot open token file"),
         # TCP without a token: refused unless --insecure-tcp, and that only on loopback.
         ("hoststore", ["--listen", "tcp:127.0.0.1:0"], "accept that with --insecure-tcp"),

@@ -10,6 +10,7 @@ import pytest
 from hoststore import protocol as p
 from hoststore.messages import (
     MAX_BATCH_PAGES,
+    MAX_PUT_PAGES,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     ROLE_PAGER,
@@ -261,15 +262,50 @@ def test_before_hello_only_small_frames() -> None:
         server.next_event()
 
 
-def test_a_full_batch_fits_behind_a_partial_message() -> None:
-    """A legal 1024-page put arriving behind part of another message is accepted."""
+def test_a_full_put_fits_behind_a_partial_message() -> None:
+    """A put of the most pages the wire takes, arriving behind part of another, is accepted."""
     client, server = handshake()
-    _, first = client.send_request(Put(0, 1, bytes(MAX_BATCH_PAGES * PAGE_SIZE)))
-    _, second = client.send_request(Put(0, 2, bytes(MAX_BATCH_PAGES * PAGE_SIZE)))
-    assert len(first) <= p.MAX_FRAME + p.HEADER.size
+    _, first = client.send_request(Put(0, 1, bytes(MAX_PUT_PAGES * PAGE_SIZE)))
+    _, second = client.send_request(Put(0, 2, bytes(MAX_PUT_PAGES * PAGE_SIZE)))
+    assert len(first) <= p.MAX_REQUEST_FRAME + p.HEADER.size
     events = feed_all(server, first[:-10])
     events += feed_all(server, first[-10:] + second)
     assert [e.message.seq for e in events] == [1, 2]
+
+
+def test_a_store_holds_at_most_one_put_of_the_wire_size_and_a_client_takes_full_hand_backs() -> None:
+    """What a peer can make a store hold is one frame of MAX_PUT_PAGES: a put of one
+    page more is refused at its header, before its data is buffered, and a reader
+    that takes ``room`` bytes at a time never holds more.  A client still takes a
+    hand-back of a whole batch from its store."""
+    client, server = handshake()
+    _, too_big = client.send_request(Put(0, 1, bytes((MAX_PUT_PAGES + 1) * PAGE_SIZE)))
+    _, legal = client.send_request(Put(0, 2, bytes(MAX_PUT_PAGES * PAGE_SIZE)))
+    assert server.room == p.HEADER.size + p.MAX_REQUEST_FRAME
+    server.receive_data(legal[: len(legal) // 2])
+    assert server.next_event() is None
+    assert server.buffered + server.room == p.HEADER.size + p.MAX_REQUEST_FRAME
+    server.receive_data(legal[len(legal) // 2 :] + too_big[:4096])
+    assert server.next_event().message.seq == 2
+    with pytest.raises(p.FrameTooLarge):
+        server.next_event()
+    assert server.closed
+    pages = array("Q", range(MAX_BATCH_PAGES))
+    hb = HandBack("drain", pages, array("Q", [1] * MAX_BATCH_PAGES), bytes(MAX_BATCH_PAGES * PAGE_SIZE))
+    client, server = handshake()
+    _, wire = server.send_request(hb)
+    [req] = feed_all(client, wire)
+    assert req.message.pages == pages
+
+
+def test_a_frame_taken_whole_leaves_no_buffer_behind() -> None:
+    """Once every byte received is an event, the receive buffer is let go: a peer that
+    sent one large put and went quiet holds nothing in the store."""
+    client, server = handshake()
+    _, data = client.send_request(Put(0, 1, bytes(MAX_PUT_PAGES * PAGE_SIZE)))
+    [event] = feed_all(server, data)
+    assert event.message.n == MAX_PUT_PAGES
+    assert len(server._inbox) == 0 and server.buffered == 0
 
 
 def test_a_get_answer_built_in_place_decodes_as_the_packed_one() -> None:
@@ -298,3 +334,27 @@ def test_a_get_answer_built_in_place_decodes_as_the_packed_one() -> None:
             client2.receive_data(wire)
             answer = client2.next_event().answer
             assert (answer.statuses, list(answer.seqs), bytes(answer.data)) == (statuses, list(seqs), pages)
+
+
+def test_a_client_takes_an_admins_stats_of_a_thousand_clients() -> None:
+    """A store's stats name every client (up to --max-clients, 1024 by default): found
+    by `vswapctl attack`, whose observer could not read the stats once more than 256
+    names had come and gone."""
+    client, server = handshake()
+    msgid, data = client.send_request(Stats())
+    [req] = feed_all(server, data)
+    clients = {f"vm{i}": {"pages": i} for i in range(1024)}
+    [resp] = feed_all(client, server.send_answer(req.msgid, req.message, {"clients": clients}))
+    assert resp.msgid == msgid and resp.answer["clients"] == clients
+
+
+def test_a_closed_connection_lets_its_buffer_go_at_once() -> None:
+    """Found by `vswapctl attack`: a session closed from outside (the in-flight cap) is
+    freed only when the garbage collector gets to it (it and its endpoint refer to each
+    other), so its half-received frame must not wait for that."""
+    client, server = handshake()
+    _, data = client.send_request(Put(0, 1, bytes(MAX_PUT_PAGES * PAGE_SIZE)))
+    server.receive_data(data[:-1])
+    assert server.next_event() is None and server.buffered == len(data) - 1
+    server.close()
+    assert len(server._inbox) == 0 and server.buffered == 0

@@ -229,7 +229,7 @@ async def test_a_reconnect_maps_the_same_pages_and_a_new_store_lets_the_old_go(t
             await client.wait_connected()
             await client.put(7, 1, page(7, 1))
             session = store.clients["c"].session
-            session.supersede()  # the store drops the connection; it keeps the pages
+            session.stop()  # the store drops the connection; it keeps the pages
             with trio.move_on_after(5):
                 while client.counters[LinkCounter.SHARED_MAPS] < 2:
                     await trio.sleep(0.01)
@@ -406,7 +406,7 @@ async def test_a_lost_connection_lets_the_shared_memory_go_until_the_reconnect(t
         await nursery.start(client.run)
         await client.wait_connected()
         await client.put(3, 1, page(3, 1))
-        store.clients["c"].session.supersede()
+        store.clients["c"].session.stop()
         with trio.fail_after(5):
             while client.connected:
                 await trio.sleep(0.005)

@@ -1,17 +1,22 @@
-"""``vswapctl attack``: a hoststore under hostile connections, with a good client timing it.
+"""``vswapctl attack``: a hoststore under hostile connections, with good clients timing it.
 
-A hoststore process listens on a private unix socket and on loopback TCP.  A
-good client (root, on the unix socket) stores and reads 8-page batches and
-times each round trip, first alone, then while a separate process keeps
-about 50 hostile TCP connections going: garbage, oversized length prefixes,
-a byte a second, half-open connections, connection floods, pipelined floods
-of the largest ``get`` and streams of huge ``invalidate`` requests.  Reports
-the good client's p50/p99 without and with the attack, the store's RSS
-growth, and the store's counters of connections closed or refused, by reason.
+A hoststore process listens on a private unix socket and on loopback TCP, with
+a token.  A good pager (root, on the unix socket) stores and reads 8-page
+batches and times each round trip, first alone, then while a separate process
+keeps about 50 hostile TCP connections going, each from one of 127.0.0.2-7
+in turn: garbage, oversized length prefixes, a byte a second, connections
+that never say hello, connection floods, hellos without the token, and, with
+the token (a client gone bad): pipelined floods of the largest ``get``, the
+same never reading the answers, streams of huge ``invalidate`` requests, and
+puts of the largest legal size stalled one byte short.  Meanwhile an admin
+observer asks for the store's stats on a fresh connection ten times a second,
+as ``vswapctl stats`` does.  Reports both good clients' latencies, the store's
+peak RSS growth, and its counters of connections closed or refused, by reason.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -19,12 +24,16 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from array import array
+from collections.abc import Iterator
 from typing import Any
 
 import trio
 
+from hoststore import auth
 from hoststore import protocol as p
 from hoststore.address import Address
 from hoststore.messages import (
@@ -34,6 +43,7 @@ from hoststore.messages import (
     PROTOCOL_VERSION,
     ROLE_PAGER,
     Get,
+    MAX_PUT_PAGES,
     Hello,
     Invalidate,
     Put,
@@ -46,16 +56,24 @@ from .benchstore import bench_store
 
 # Hostile connections by kind; 50 in all.
 KINDS = {
-    "garbage": 6,
-    "oversized": 6,
-    "byte_a_second": 8,
-    "half_open": 8,
-    "connection_flood": 10,
-    "get_flood": 6,
-    "invalidate_stream": 6,
+    "garbage": 2,
+    "oversized": 2,
+    "byte_a_second": 3,
+    "half_open": 9,
+    "connection_flood": 3,
+    "tokenless_hello": 3,
+    "get_flood": 3,
+    "unread_gets": 6,
+    "invalidate_stream": 3,
+    "stalled_put": 16,
 }
-CLOSE_REASONS = ("protocol_errors", "closed_oversized_frame", "closed_hello_timeout", "closed_idle",
-                 "refused_connections", "refused_peer_connections", "refused_connection_rate", "refused_auth", "hello_refused",
+SOURCES = tuple(f"127.0.0.{i}" for i in range(2, 8))  # loopback addresses the attackers connect from
+# The store's pool for connections not past hello, smaller than the default so
+# that the attackers that never say hello overflow it.
+HELLO_POOL = 16
+CLOSE_REASONS = ("protocol_errors", "closed_oversized_frame", "closed_hello_timeout", "closed_hello_pool",
+                 "closed_idle", "closed_frame_timeout", "closed_in_flight", "refused_tcp_connections",
+                 "refused_peer_connections", "refused_connection_rate", "refused_auth", "hello_refused",
                  "bad_requests", "connection_errors", "fair_waits")
 
 
@@ -78,13 +96,16 @@ async def _next_event(stream: trio.SocketStream, conn: p.Connection) -> p.Event:
 
 
 class _Hostile:
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, token: bytes) -> None:
+        self.host, self.port, self.token = host, port, token
         self.connections = 0
 
     async def _connect(self) -> trio.SocketStream | None:
+        """A connection from the next of several loopback addresses (the store must
+        count them as one host)."""
+        source = SOURCES[self.connections % len(SOURCES)]
         try:
-            stream = await trio.open_tcp_stream(self.host, self.port)
+            stream = await trio.open_tcp_stream(self.host, self.port, local_address=source)
         except OSError:
             await trio.sleep(0.05)
             return None
@@ -101,41 +122,55 @@ class _Hostile:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    async def _hello(self, stream: trio.SocketStream, name: str, npages: int) -> p.Connection | None:
+    async def _hello(self, stream: trio.SocketStream, name: str, npages: int,
+                     token: bytes | None) -> p.Connection | None:
+        """Say hello (proving ``token`` if given); the connection, or None if refused."""
         conn = p.Connection("client")
         try:
             with trio.fail_after(5):
-                if not isinstance(await _next_event(stream, conn), Welcome):
+                welcome = await _next_event(stream, conn)
+                if not isinstance(welcome, Welcome):
                     return None
-                hello = Hello(PROTOCOL_VERSION, name, ROLE_PAGER, npages * PAGE_SIZE, os.urandom(8).hex(),
-                              os.urandom(16))
+                nonce = auth.nonce()
+                proof = auth.token_proof(token, "client", name, welcome.nonce, nonce) if token else None
+                hello = Hello(PROTOCOL_VERSION, name, ROLE_PAGER, npages * PAGE_SIZE, os.urandom(8).hex(), nonce,
+                              auth=proof)
                 await stream.send_all(conn.send_request(hello)[1])
                 event = await _next_event(stream, conn)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, p.ProtocolError):
             return None
         return conn if isinstance(event, p.Response) and event.error is None else None
 
-    async def _pipeline(self, name: str, npages: int, first: list[Any], request: Any) -> None:
-        """Say hello, send ``first``, then ``request`` 64 at a time for ever, reading the
-        answers as fast as they come (at most 8 + 64 unanswered); again on a new
-        connection whenever the store closes this one."""
+    async def _as_client(self, name: str, npages: int, attack: Any) -> None:
+        """Again and again: connect, say hello with the token, then ``attack(stream, conn)``
+        until the store closes the connection."""
         while True:
             if (stream := await self._connect()) is None:
                 continue
             async with stream:
-                conn = await self._hello(stream, f"{name}-{random.random()}", npages)
+                conn = await self._hello(stream, f"{name}-{random.random()}", npages, self.token)
                 if conn is None:
                     await trio.sleep(0.1)
                     continue
                 try:
-                    for message in first:
-                        await stream.send_all(conn.send_request(message)[1])
-                    while True:
-                        await stream.send_all(b"".join(conn.send_request(request)[1] for _ in range(64)))
-                        while conn.pending > 8:
-                            await _next_event(stream, conn)
+                    await attack(stream, conn)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, p.ProtocolError):
                     pass
+
+    async def _pipeline(self, name: str, npages: int, first: list[Any], request: Any, read: bool = True) -> None:
+        """As a client: send ``first``, then ``request`` 64 at a time for ever, reading
+        the answers as fast as they come (at most 8 + 64 unanswered), or, if not
+        ``read``, never reading them (sending until the store stops reading)."""
+
+        async def attack(stream: trio.SocketStream, conn: p.Connection) -> None:
+            for message in first:
+                await stream.send_all(conn.send_request(message)[1])
+            while True:
+                await stream.send_all(b"".join(conn.send_request(request)[1] for _ in range(64)))
+                while read and conn.pending > 8:
+                    await _next_event(stream, conn)
+
+        await self._as_client(name, npages, attack)
 
     async def garbage(self, i: int) -> None:
         while True:
@@ -185,18 +220,44 @@ class _Hostile:
             await stream.aclose()
             await trio.sleep(0.005)
 
+    async def tokenless_hello(self, i: int) -> None:
+        """Hellos without the token (refused), as fast as the store lets us connect."""
+        while True:
+            if (stream := await self._connect()) is None:
+                continue
+            async with stream:
+                if await self._hello(stream, f"hostile-nohello-{i}", 4096, None) is not None:
+                    await self._drain(stream, 3600)  # a store without a token took it: hold the slot
+
     async def get_flood(self, i: int) -> None:
         """The largest legal gets, pipelined."""
         await self._pipeline(f"hostile-get-{i}", 4096, [Put(0, 1, os.urandom(64 * PAGE_SIZE))],
                              Get(array("Q", range(MAX_GET_PAGES))))
+
+    async def unread_gets(self, i: int) -> None:
+        """The largest legal gets (of pages never stored: the answers are as large, and
+        the store's growth is not its page data), pipelined, and not one answer read:
+        the store's answers back up on this connection."""
+        await self._pipeline(f"hostile-unread-{i}", 4096, [], Get(array("Q", range(MAX_GET_PAGES))), read=False)
+
+    async def stalled_put(self, i: int) -> None:
+        """A put of the largest size the store takes, all but its last byte, then
+        nothing: the store holds the start of a frame that never ends."""
+
+        async def attack(stream: trio.SocketStream, conn: p.Connection) -> None:
+            data = conn.send_request(Put(0, 1, os.urandom(MAX_PUT_PAGES * PAGE_SIZE)))[1]
+            await stream.send_all(data[:-1])
+            await self._drain(stream, 3600)
+
+        await self._as_client(f"hostile-stall-{i}", 4096, attack)
 
     async def invalidate_stream(self, i: int) -> None:
         """Invalidates of a whole 4 TiB device, pipelined."""
         await self._pipeline(f"hostile-inv-{i}", 1 << 30, [], Invalidate(0, 1 << 30, MAX_SEQ))
 
 
-async def _hostile_main(host: str, port: int, seconds: float, kinds: dict[str, int]) -> int:
-    attacker = _Hostile(host, port)
+async def _hostile_main(host: str, port: int, seconds: float, kinds: dict[str, int], token: bytes) -> int:
+    attacker = _Hostile(host, port, token)
     with trio.move_on_after(seconds):
         async with trio.open_nursery() as nursery:
             for kind, n in kinds.items():
@@ -208,42 +269,117 @@ async def _hostile_main(host: str, port: int, seconds: float, kinds: dict[str, i
 # -- the good client and the harness ------------------------------------------------------------
 
 
-async def _good_client(address: Address, seconds: float) -> list[float]:
-    from vswapfs.hostclient import HostClient
-
-    client = HostClient(address, f"good-{os.getpid()}", 4096 * PAGE_SIZE, connect_timeout=10)
+async def _pager(client: Any, seconds: float, batches: Iterator[int]) -> list[float]:
+    """8-page puts and gets for ``seconds``, each checked, timed; ``batches`` numbers
+    them (a put's version must be newer than any before it)."""
     latencies: list[float] = []
     data = os.urandom(8 * PAGE_SIZE)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        await client.wait_connected()
-        seq, n = 0, 0
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            first = (n * 8) % 4088
-            seq += 1
-            start = time.perf_counter()
-            statuses = await client.put(first, seq, data)
-            latencies.append(time.perf_counter() - start)
-            if statuses != bytes(8):
-                raise RuntimeError(f"the good client's put was refused: {list(statuses)}")
-            start = time.perf_counter()
-            got = await client.get(array("Q", range(first, first + 8)))
-            latencies.append(time.perf_counter() - start)
-            if got.data != data:
-                raise RuntimeError("the good client read back wrong data")
-            n += 1
-        await client.invalidate(0, 4096, MAX_SEQ)
-        nursery.cancel_scope.cancel()
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        n = next(batches)
+        first = (n * 8) % 4088
+        start = time.perf_counter()
+        statuses = await client.put(first, n, data)
+        latencies.append(time.perf_counter() - start)
+        if statuses != bytes(8):
+            raise RuntimeError(f"the good client's put was refused: {list(statuses)}")
+        start = time.perf_counter()
+        got = await client.get(array("Q", range(first, first + 8)))
+        latencies.append(time.perf_counter() - start)
+        if got.data != data:
+            raise RuntimeError("the good client read back wrong data")
     return latencies
 
 
-def _rss_kib(pid: int) -> int:
+async def _observer(address: Address, seconds: float, token: bytes) -> list[float]:
+    """An admin's `vswapctl stats`, ten times a second, each on a fresh connection."""
+    from vswapfs.hostclient import query
+
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        stats = await query(address, Stats(), token=token)  # StoreUnavailable/StoreError: the run fails
+        latencies.append(time.perf_counter() - start)
+        if "clients" not in stats:
+            raise RuntimeError("the observer on the unix socket did not get the admin's view")
+        await trio.sleep(0.1)
+    return latencies
+
+
+async def _good_clients(address: Address, seconds: float, token: bytes,
+                        between: Any) -> dict[str, list[float]]:
+    """The pager (one connection throughout, so that its shared memory is the same in
+    both phases) and the observer, alone, then after ``between()`` (which starts the
+    attack) again; their latencies by phase."""
+    from vswapfs.hostclient import HostClient
+
+    client = HostClient(address, f"good-{os.getpid()}", 4096 * PAGE_SIZE, connect_timeout=10, token=token)
+    results: dict[str, list[float]] = {}
+    batches = itertools.count(1)
+
+    async def observe(phase: str) -> None:
+        results[f"observer_{phase}"] = await _observer(address, seconds, token)
+
+    async def page(phase: str) -> None:
+        results[f"pager_{phase}"] = await _pager(client, seconds, batches)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await client.wait_connected()
+        await _pager(client, 1.0, batches)  # warm up: the store's slab, index and shared memory exist
+        for phase in ("alone", "under_attack"):
+            if phase == "under_attack":
+                await trio.sleep(await trio.to_thread.run_sync(between))  # the attack gets under way
+            async with trio.open_nursery() as both:
+                both.start_soon(observe, phase)
+                both.start_soon(page, phase)
+        await client.invalidate(0, 4096, MAX_SEQ)
+        nursery.cancel_scope.cancel()
+    return results
+
+
+def _status_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
+
+
+def _rss_kib(pid: int) -> int:
+    return _status_kib(pid, "VmRSS")
+
+
+class _PeakRss:
+    """The most a process had resident from now on: the kernel's own high-water mark
+    (VmHWM, reset through clear_refs) where it can be reset, else samples every 10 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._peak = _rss_kib(pid)
+        self._stop = threading.Event()
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+            self._thread: threading.Thread | None = None
+        except OSError:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            try:
+                self._peak = max(self._peak, _rss_kib(self.pid))
+            except (OSError, RuntimeError):
+                return
+
+    def peak(self) -> int:
+        if self._thread is None:
+            return max(self._peak, _status_kib(self.pid, "VmHWM"))
+        self._stop.set()
+        self._thread.join()
+        return self._peak
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -266,56 +402,77 @@ def _summary(latencies: list[float]) -> dict[str, float]:
 
 
 def run(seconds: float = 10.0, hello_timeout: float = 2.0, kinds: dict[str, int] | None = None) -> dict[str, Any]:
+    """One run: the good clients alone, then under attack; the store's figures."""
     from vswapfs.hostclient import query
 
     port = _free_port()
+    kinds = kinds or KINDS
     attacker: subprocess.Popen[str] | None = None
-    with bench_store("vswapctl-attack-", "--listen", f"tcp:127.0.0.1:{port}", "--insecure-tcp", "--capacity", "256M",
-                     "--hello-timeout", str(hello_timeout), "--idle-timeout", str(hello_timeout * 3),
-                     "--drain-timeout", "1") as (store, sock, _):
-        try:
-            address = Address("unix", path=sock)
-            trio.run(_good_client, address, 1.0)  # warm up: the store's slab and index exist
-            base = trio.run(_good_client, address, seconds)
-            rss_before = _rss_kib(store.pid)
-            kinds = kinds or KINDS
-            attacker = subprocess.Popen(["nice", "-n", "19", *launch.module_argv(
-                "vswapctl.attack", "127.0.0.1", str(port), str(seconds + 4), json.dumps(kinds))],
-                cwd=launch.WORKDIR, stdout=subprocess.PIPE, text=True)
-            time.sleep(2.0)  # every kind of attack under way
-            cpu_start, wall_start = (_cpu_seconds(store.pid), _cpu_seconds(attacker.pid)), time.monotonic()
-            attacked = trio.run(_good_client, address, seconds)
-            wall = time.monotonic() - wall_start
-            cpu = {"store": round((_cpu_seconds(store.pid) - cpu_start[0]) / wall * 100),
-                   "attackers": round((_cpu_seconds(attacker.pid) - cpu_start[1]) / wall * 100)}
-            rss_peak = _rss_kib(store.pid)
-            out, _ = attacker.communicate(timeout=60)
-            stats = trio.run(query, address, Stats())
-            rss_after = _rss_kib(store.pid)
-            alive = store.poll() is None
-        finally:
-            if attacker is not None and attacker.poll() is None:
-                attacker.kill()
-                attacker.wait()
+    with tempfile.TemporaryDirectory(prefix="vswapctl-attack-token-") as private:
+        token_file = os.path.join(private, "token")
+        with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(os.urandom(32).hex())
+        token = auth.load_token(token_file)
+        with bench_store("vswapctl-attack-", "--listen", f"tcp:127.0.0.1:{port}", "--capacity", "256M",
+                         "--token-file", token_file, "--max-connections", f"hello={HELLO_POOL}",
+                         "--hello-timeout", str(hello_timeout), "--frame-timeout", str(hello_timeout * 2),
+                         "--idle-timeout", str(hello_timeout * 3), "--drain-timeout", "1") as (store, sock, _):
+            measured: dict[str, Any] = {}
+
+            def start_attack() -> float:
+                """Between the phases: the store's RSS now, its peak from now on, the
+                attackers started; how long to give them to get going."""
+                nonlocal attacker
+                measured["rss_before"] = _rss_kib(store.pid)
+                measured["peak"] = _PeakRss(store.pid)
+                attacker = subprocess.Popen(["nice", "-n", "19", *launch.module_argv(
+                    "vswapctl.attack", "127.0.0.1", str(port), str(seconds + 4), token_file, json.dumps(kinds))],
+                    cwd=launch.WORKDIR, stdout=subprocess.PIPE, text=True)
+                measured["cpu_start"] = (_cpu_seconds(store.pid), time.monotonic())
+                return 2.0
+
+            try:
+                address = Address("unix", path=sock)
+                latencies = trio.run(_good_clients, address, seconds, token, start_attack)
+                assert attacker is not None
+                cpu_start, wall_start = measured["cpu_start"]
+                wall = time.monotonic() - wall_start
+                cpu = {"store": round((_cpu_seconds(store.pid) - cpu_start) / wall * 100),
+                       "attackers": round(_cpu_seconds(attacker.pid) / wall * 100)}
+                out, _ = attacker.communicate(timeout=60)
+                stats = trio.run(query, address, Stats(), 5.0, token)
+                rss_after = _rss_kib(store.pid)
+                rss_peak = measured["peak"].peak()
+                alive = store.poll() is None
+            finally:
+                if attacker is not None and attacker.poll() is None:
+                    attacker.kill()
+                    attacker.wait()
+    rss_before = measured["rss_before"]
     return {
         "seconds": seconds,
         "hostile_connections_at_once": sum(kinds.values()),
         "hostile_kinds": kinds,
         "hostile_connections_opened": int(out.strip() or 0),
-        "good_alone": _summary(base),
-        "good_under_attack": _summary(attacked),
+        "good_alone": _summary(latencies["pager_alone"]),
+        "good_under_attack": _summary(latencies["pager_under_attack"]),
+        "observer_alone": _summary(latencies["observer_alone"]),
+        "observer_under_attack": _summary(latencies["observer_under_attack"]),
         "cpu_percent_under_attack": cpu,
-        "rss_kib": {"before_attack": rss_before, "during_attack": rss_peak, "after_attack": rss_after,
+        "rss_kib": {"before_attack": rss_before, "peak": rss_peak, "after_attack": rss_after,
                     "growth": max(rss_peak, rss_after) - rss_before},
         "closed_by_reason": {k: stats.get(k, 0) for k in CLOSE_REASONS},
+        "bytes_stored_after": stats.get("bytes_stored", 0),
         "connections": stats.get("connections", 0),
         "store_alive": alive,
     }
 
 
 def main(argv: list[str]) -> int:
-    host, port, seconds = argv[0], int(argv[1]), float(argv[2])
-    print(trio.run(_hostile_main, host, port, seconds, json.loads(argv[3]) if len(argv) > 3 else KINDS))
+    """The hostile side: HOST PORT SECONDS TOKEN_FILE [KINDS as JSON]."""
+    host, port, seconds, token = argv[0], int(argv[1]), float(argv[2]), auth.load_token(argv[3])
+    kinds = json.loads(argv[4]) if len(argv) > 4 else KINDS
+    print(trio.run(_hostile_main, host, port, seconds, kinds, token))
     return 0
 
 

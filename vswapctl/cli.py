@@ -674,13 +674,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
     def median(path: tuple[str, str]) -> float:
         return statistics.median(r[path[0]][path[1]] for r in reports)
 
-    print(f"a hoststore under {sum(attack.KINDS.values())} hostile loopback connections "
-          f"({', '.join(f'{n} {k}' for k, n in attack.KINDS.items())}); medians of {args.runs} run(s) "
-          f"of {args.seconds:g}s")
-    for label, key in (("good client alone", "good_alone"), ("good client under attack", "good_under_attack")):
+    print(f"a hoststore under {sum(attack.KINDS.values())} hostile loopback connections from "
+          f"{len(attack.SOURCES)} addresses ({', '.join(f'{n} {k}' for k, n in attack.KINDS.items())}); "
+          f"medians of {args.runs} run(s) of {args.seconds:g}s")
+    for label, key in (("pager alone", "good_alone"), ("pager under attack", "good_under_attack"),
+                       ("observer alone", "observer_alone"), ("observer under attack", "observer_under_attack")):
         print(f"  {label:<26} p50 {median((key, 'p50_ms')):.2f} ms  p99 {median((key, 'p99_ms')):.2f} ms  "
               f"requests {median((key, 'requests')):.0f}")
-    print(f"  store RSS growth           {median(('rss_kib', 'growth')) / 1024:.1f} MiB")
+    print(f"  store RSS growth (peak)    {median(('rss_kib', 'growth')) / 1024:.1f} MiB")
     print(f"  store CPU under attack     {statistics.median(r['cpu_percent_under_attack']['store'] for r in reports):.0f}%")
     print("  closed or refused, by reason (last run):")
     for reason, n in reports[-1]["closed_by_reason"].items():
@@ -987,12 +988,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the stores' --tier-prefix (default vswap)")
     sw.set_defaults(func=cmd_tier_sweep)
 
-    atk = sub.add_parser("attack", help="hostile connections against a hoststore while a good client works",
-                         description="Start a hoststore on a private unix socket and loopback TCP; time a good "
-                                     "client's 8-page puts and gets alone, then while about 50 hostile "
-                                     "connections (garbage, oversized frames, a byte a second, half-open, "
-                                     "connection floods, get floods, invalidate streams) run from another "
-                                     "process; report latencies, RSS growth and connections closed by reason.")
+    atk = sub.add_parser("attack", help="hostile connections against a hoststore while good clients work",
+                         description="Start a hoststore (with a token) on a private unix socket and loopback TCP; "
+                                     "time a good pager's 8-page puts and gets and an admin's stats on the unix "
+                                     "socket alone, then while about 50 hostile TCP connections from 127.0.0.2-7 "
+                                     "(garbage, oversized frames, a byte a second, never a hello, connection "
+                                     "floods, hellos without the token, and with it: get floods, gets never "
+                                     "read, invalidate streams, largest puts stalled a byte short) run from "
+                                     "another process; report latencies, the store's peak RSS growth and "
+                                     "connections closed by reason.")
     atk.add_argument("--seconds", type=float, default=10.0, help="per measurement (default 10)")
     atk.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
     atk.add_argument("--json", action="store_true")

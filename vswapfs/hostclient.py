@@ -43,6 +43,7 @@ from hoststore.messages import (
     Hello,
     HelloAnswer,
     Invalidate,
+    MAX_PUT_PAGES,
     PAGE_SIZE,
     Put,
     PutStaged,
@@ -177,7 +178,7 @@ class HostClient:
         n = len(data) // PAGE_SIZE
         at = staging.take(n) if staging is not None else None
         if at is None:
-            return await self.call(Put(first, seq, data))
+            return await self._put_on_wire(first, seq, data)
         assert staging is not None
         try:
             staging.view[at * PAGE_SIZE : (at + n) * PAGE_SIZE] = data
@@ -188,6 +189,21 @@ class HostClient:
             # At once, even if the answer never came: a late put reading reused staging
             # stores a version the pager has since written elsewhere and asked to drop.
             staging.give(at, n)
+
+    async def _put_on_wire(self, first: int, seq: int, data: bytes | memoryview) -> bytes:
+        """A batch larger than a put may carry on the wire (the store's hello answer says
+        how large: it must hold a whole frame before it can act on it) goes as several
+        puts of the same version, in one write: still one round trip.  If any part
+        fails, the batch fails (the pager then treats it as a put that may land late)."""
+        answer = self.hello_answer
+        most = answer.max_put_pages if answer is not None else MAX_PUT_PAGES
+        n = len(data) // PAGE_SIZE
+        if n <= most:
+            return await self.call(Put(first, seq, data))
+        view = memoryview(data)
+        parts = [Put(first + at, seq, view[at * PAGE_SIZE : min(at + most, n) * PAGE_SIZE])
+                 for at in range(0, n, most)]
+        return b"".join(await self._call_all(parts))
 
     async def get(self, pages: array) -> GetAnswer:
         return await self.call(Get(pages))
@@ -205,6 +221,18 @@ class HostClient:
             raise StoreUnavailable(f"not connected to {self.address}")
         try:
             return await endpoint.request(message)
+        except PeerGone as exc:
+            raise StoreUnavailable(str(exc)) from None
+        except RemoteError as exc:
+            raise StoreError(str(exc)) from None
+
+    async def _call_all(self, messages: list[Request]) -> list[Any]:
+        """As :meth:`call`, for several requests in one write (Endpoint.request_all)."""
+        endpoint = self._endpoint
+        if endpoint is None or endpoint.closed.is_set():
+            raise StoreUnavailable(f"not connected to {self.address}")
+        try:
+            return await endpoint.request_all(messages)
         except PeerGone as exc:
             raise StoreUnavailable(str(exc)) from None
         except RemoteError as exc:
