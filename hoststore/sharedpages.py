@@ -120,20 +120,36 @@ class SharedSlab:
         self._data = whole[lay.data_offset :]
         whole.release()
         self._staging = memoryview(self._staging_map)
-        self._keep_staging_resident()
+        self.staging_resident = False
+        self.keep_staging_resident()
 
-    def _keep_staging_resident(self) -> None:
+    def keep_staging_resident(self) -> None:
         """Touch every staging page through our mapping, so that each one stays mapped (and
-        locked, with the daemon's mlockall) here for as long as the client is ours.
+        locked, with the daemon's mlockall) here while the client may use it.
 
         The client writes staging; we read only what we admit.  Under pressure we admit
         nothing, so without this a staging page would be mapped by the client alone, and
         once the client re-maps it (a reconnect) by nobody: the kernel could then swap it
         out, possibly to the very device the client serves, and the client's next write
         to it would wait for its own swap-in (seen in a VM under machine-wide pressure)."""
+        if self.staging_resident:
+            return
         view = self._staging
         for offset in range(0, len(view), PAGE_SIZE):
             view[offset] = 0
+        self.staging_resident = True
+
+    def release_staging(self) -> None:
+        """The client is away: its staging memory goes back to the system (nothing in it
+        outlives a request), to be made resident again when it returns."""
+        if not self.staging_resident:
+            return
+        try:
+            _punch(self.staging_fd, 0, len(self._staging))
+        except OSError as exc:
+            log.warning("cannot give back %d bytes of staging memory: %s", len(self._staging), exc)
+            return
+        self.staging_resident = False
 
     @property
     def fds(self) -> list[int]:

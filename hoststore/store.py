@@ -301,11 +301,15 @@ class Store:
     def bind(self, client: ClientPages, session: object) -> None:
         client.session = session
         client.away_since = None
+        if client.shared is not None:
+            client.shared.keep_staging_resident()
 
     def detach(self, client: ClientPages, session: object) -> None:
         if client.session is session:
             client.session = None
             client.away_since = self.clock()
+            if client.shared is not None:
+                client.shared.release_staging()
 
     def _count(self, client: ClientPages, cause: HostCounter, n: int = 1) -> None:
         self.counters.add(cause, n)

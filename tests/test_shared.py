@@ -148,6 +148,23 @@ def test_every_staging_page_stays_mapped_in_the_store() -> None:
         slab.close()
 
 
+def test_staging_goes_back_while_its_client_is_away_and_is_resident_again_on_its_return() -> None:
+    store = new_store()
+    client = shared_client()
+    store.clients[client.name] = client
+    staging = client.shared.staging_fd
+    full = STAGING_PAGES * PAGE_SIZE
+    session = object()
+    store.bind(client, session)
+    assert os.fstat(staging).st_blocks * 512 >= full
+    store.detach(client, object())  # not its session: nothing changes
+    assert os.fstat(staging).st_blocks * 512 >= full
+    store.detach(client, session)
+    assert os.fstat(staging).st_blocks == 0
+    store.bind(client, object())
+    assert os.fstat(staging).st_blocks * 512 >= full
+
+
 def test_the_memory_is_sealed_and_a_bad_one_is_refused() -> None:
     client = shared_client()
     seals = fcntl.fcntl(client.shared.fd, fcntl.F_GET_SEALS)

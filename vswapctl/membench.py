@@ -6,9 +6,11 @@ uses by default (a unix socket with shared memory), reads them all back,
 then releases them.  Measured from /proc, in the two processes we started
 (nothing machine-wide):
 
-* the store: its resident memory growth per byte of page data stored
-  (index, bookkeeping and slab together; pages in shared memory count where
-  the store touched them), and how much of it goes back once the pages leave;
+* the store: what a client costs it once connected, before any page (a
+  shared client's staging area, kept resident: hoststore.sharedpages says
+  why); then its resident memory growth per byte of page data stored (index,
+  bookkeeping and slab together; pages in shared memory count where the store
+  touched them), and how much of it goes back once the pages leave;
 * the pager: its resident memory for the device, not counting the store's
   shared pages it has mapped (RssShmem: the store's memory, seen twice).
 
@@ -63,6 +65,8 @@ def _pager_main(socket_path: str, backing_path: str, device_size: int, pages: in
             await nursery.start(client.run)
             nursery.start_soon(pager.drop_orphans)
             await client.wait_connected()
+            print(json.dumps({"connected": True}), flush=True)
+            await trio.to_thread.run_sync(sys.stdin.readline)  # the parent measures the store now
             chunk = os.urandom(RUN * PAGE_SIZE)
             firsts = [(i * stride) % (device_size // PAGE_SIZE - RUN) for i in range(pages // RUN)]
             for first in firsts:
@@ -92,10 +96,18 @@ def measure(device_size: int, pages: int, stride: int, shared: bool = True) -> d
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdout is not None and child.stdin is not None
-            line = child.stdout.readline()
-            if not line:
-                raise RuntimeError("the pager process failed")
-            report = json.loads(line)
+
+            def next_report() -> dict[str, Any]:
+                line = child.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    raise RuntimeError("the pager process failed")
+                return json.loads(line)
+
+            next_report()  # connected
+            store_connected = rss(store.pid)
+            child.stdin.write("\n")
+            child.stdin.flush()
+            report = next_report()
             store_full = rss(store.pid)
             child.stdin.write("\n")
             child.stdin.flush()
@@ -109,11 +121,12 @@ def measure(device_size: int, pages: int, stride: int, shared: bool = True) -> d
     pager = report["pager_rss_full"]
     return {
         "device_size": device_size, "pages_stored": report["pages_host"], "stride": stride, "shared": shared,
-        "store_bytes_per_byte_stored": round((store_full["VmRSS"] - store_before["VmRSS"]) / stored, 4),
+        "store_bytes_per_byte_stored": round((store_full["VmRSS"] - store_connected["VmRSS"]) / stored, 4),
+        "store_per_client": store_connected["VmRSS"] - store_before["VmRSS"],
         "store_rss_before": store_before["VmRSS"], "store_rss_full": store_full["VmRSS"],
         "store_rss_after_release": store_after["VmRSS"],
         "store_given_back": round((store_full["VmRSS"] - store_after["VmRSS"])
-                                  / max(1, store_full["VmRSS"] - store_before["VmRSS"]), 3),
+                                  / max(1, store_full["VmRSS"] - store_connected["VmRSS"]), 3),
         "pager_rss": pager["VmRSS"], "pager_rss_shared_pages": pager.get("RssShmem", 0),
         "pager_rss_own": pager["VmRSS"] - pager.get("RssShmem", 0),
         "pager_rss_start": report["pager_rss_start"]["VmRSS"],
