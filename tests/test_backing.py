@@ -243,3 +243,37 @@ def test_a_ram_disk_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("vswapfs.backingcheck._sysfs", lambda dev: "/sys/block/zram0")
     with pytest.raises(BackingError, match="keeps its data in RAM"):
         check_device("/dev/zram0", fake)
+
+
+async def test_small_reads_run_on_the_loop_until_the_disk_is_slow(disk_dir: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swap-in read is cheaper done in place than handed to a worker thread, but a slow
+    disk must not hold up the whole daemon: once small reads take long, they move to threads."""
+    import threading
+    import time
+
+    b = Backing.open(os.path.join(disk_dir, "backing"), SIZE)
+    where: list[bool] = []  # per read: on the event loop's thread?
+    real = backing_module._pread_all
+    delay = [0.0]
+
+    def pread_all(fd: int, out: memoryview, offset: int, path: str) -> None:
+        where.append(threading.current_thread() is threading.main_thread())
+        time.sleep(delay[0])
+        real(fd, out, offset, path)
+
+    monkeypatch.setattr(backing_module, "_pread_all", pread_all)
+    out = memoryview(bytearray(8 * PAGE_SIZE))
+    try:
+        for _ in range(5):
+            await b.read_into(0, out)
+        assert where == [True] * 5
+        delay[0] = 0.02  # ten times the limit
+        where.clear()
+        for _ in range(20):
+            await b.read_into(0, out)
+        assert where[0] and not any(where[-10:])  # the slow ones moved to worker threads
+        await b.read_into(0, memoryview(bytearray(64 * PAGE_SIZE)))  # a large read always does
+        assert not where[-1]
+    finally:
+        b.close()

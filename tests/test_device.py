@@ -418,3 +418,52 @@ def test_up_makes_a_readable_state_directory_private_for_the_stores_socket(state
     assert done.returncode == 0, done.stdout + done.stderr
     assert "made" in done.stdout and stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
     assert vswapctl(state_dir, "down").returncode == 0
+
+
+@needs_root_fuse
+def test_a_block_device_is_a_backing_up_uses_whole_and_down_leaves_in_place(state_dir: str, disk_dir: str) -> None:
+    """The RFC's backing_swap: a disk of its own (a loop device over a file stands in for
+    one).  up takes its size, status says it is configured for machine-wide pressure as far
+    as the backing goes, pages written through the mount land on it, and down leaves it be."""
+    image = os.path.join(disk_dir, "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    dev = subprocess.run(["losetup", "--find", "--show", image], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        done = vswapctl(state_dir, "up", "--no-swap", "--capacity", "4K", "--backing", dev)
+        assert done.returncode == 0, done.stdout + done.stderr
+        state = State.load(state_dir)
+        assert state is not None and state.size == 16 << 20 and not state.created_backing
+        status = json.loads(vswapctl(state_dir, "status", "--json").stdout)
+        assert not any("backing" in risk for risk in status["pressure_risks"]), status["pressure_risks"]
+        page = os.urandom(4096)
+        fd = os.open(state.swapfile, os.O_RDWR)
+        try:
+            os.pwrite(fd, page * 4, 0)  # the store holds one page at most: the rest go to the device
+            assert os.pread(fd, 4 * 4096, 0) == page * 4
+        finally:
+            os.close(fd)
+        done = vswapctl(state_dir, "down")
+        assert done.returncode == 0, done.stdout + done.stderr
+        with open(image, "rb") as f:
+            assert page in f.read(4 * 4096)  # refused pages went to the device
+        assert os.path.exists(dev) and State.load(state_dir) is None
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@needs_root_fuse
+def test_up_refuses_a_block_device_with_a_filesystem_on_it(state_dir: str, disk_dir: str) -> None:
+    image = os.path.join(disk_dir, "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True, capture_output=True)
+    dev = subprocess.run(["losetup", "--find", "--show", image], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        done = vswapctl(state_dir, "up", "--no-swap", "--backing", dev)
+        assert done.returncode == 1 and "holds an ext2/3/4 filesystem" in done.stderr, done.stderr
+        assert State.load(state_dir) is None and "hoststore pid" not in done.stdout  # refused before anything
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)

@@ -167,10 +167,12 @@ def _file_problems(cfg: UpConfig) -> list[str]:
 def _device_problems(cfg: UpConfig) -> list[str]:
     """A backing device: vswapfs opens it exclusively and checks what is on it; here, what can
     be told without opening it."""
-    from vswapfs.backingcheck import BackingError, check_device
+    from vswapfs.backingcheck import SIGNATURE_BYTES, BackingError, check_device, check_signature
 
     try:
         check_device(cfg.backing, os.stat(cfg.backing))
+        with open(cfg.backing, "rb") as f:
+            check_signature(cfg.backing, f.read(SIGNATURE_BYTES))
     except BackingError as exc:
         return [str(exc)]
     size = device_size(cfg.backing)

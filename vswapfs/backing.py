@@ -33,6 +33,7 @@ import mmap
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 import trio
@@ -47,12 +48,16 @@ from .backingcheck import (
     check_directory,
     check_location,
     check_owner,
+    check_signature,
     fs_type,
-    signature,
 )
 from .extents import FiemapUnsupported, unwritten_ranges
 
 READ_THREADS = WRITE_THREADS = 4
+# A read of up to this many bytes (swap-in: a few pages of readahead) runs on the event loop
+# itself while recent ones took less than INLINE_READ_SECONDS each.
+INLINE_READ_BYTES = 32 * PAGE_SIZE
+INLINE_READ_SECONDS = 0.002
 BOUNCE_BYTES = 1 << 20  # one transfer's worth: a batch, a hand-back, a swap-in read; longer ones go in turns
 FILL_BYTES = 8 << 20  # zeros written per call while filling a file
 BLKGETSIZE64 = 0x80081272
@@ -108,6 +113,7 @@ class Backing:
         self.device = device
         self.direct = direct
         self.pressure_risks = pressure_risks or []
+        self.read_seconds = 0.0  # recent small reads' duration: see read_into
         self._write_threads = trio.CapacityLimiter(WRITE_THREADS)
         self._read_threads = trio.CapacityLimiter(READ_THREADS)
         self._bounce = _Bounce(READ_THREADS + WRITE_THREADS, BOUNCE_BYTES) if direct else None
@@ -164,10 +170,7 @@ class Backing:
                 raise BackingError(f"backing device {path} has {whole} bytes, less than the {size} asked for")
             _check_size(actual, path)
             backing = cls(fd, actual, path, device=True)
-            what = signature(backing.read_sync(0, min(-(-SIGNATURE_BYTES // PAGE_SIZE) * PAGE_SIZE, actual)))
-            if what is not None:
-                raise BackingError(f"backing device {path} holds {what}: vswapfs will not overwrite it "
-                                   f"(wipe it first, e.g. wipefs -a {path}, if its data is not needed)")
+            check_signature(path, backing.read_sync(0, min(-(-SIGNATURE_BYTES // PAGE_SIZE) * PAGE_SIZE, actual)))
         except BaseException:
             os.close(fd)
             raise
@@ -233,7 +236,25 @@ class Backing:
         await trio.to_thread.run_sync(self.pwrite_many, parts, limiter=self._write_threads)
 
     async def read_into(self, offset: int, out: memoryview) -> None:
-        await trio.to_thread.run_sync(self.pread_into, offset, out, limiter=self._read_threads)
+        """A swap-in sized read is done right here while the disk answers fast (the hop
+        to a worker thread and back costs more than the read); a larger one, or any
+        while recent reads were slow, goes to a worker thread, so that a slow disk holds
+        up only the requests that need it."""
+        if len(out) > INLINE_READ_BYTES:
+            await trio.to_thread.run_sync(self.pread_into, offset, out, limiter=self._read_threads)
+        elif self.read_seconds < INLINE_READ_SECONDS:
+            self._timed_read(offset, out)
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.to_thread.run_sync(self._timed_read, offset, out, limiter=self._read_threads)
+
+    def _timed_read(self, offset: int, out: memoryview) -> None:
+        """A small read, timed into ``read_seconds`` (a moving average of the last few)."""
+        start = time.perf_counter()
+        try:
+            self.pread_into(offset, out)
+        finally:  # a failed read counts too: a disk that errs slowly is a slow disk
+            self.read_seconds += (time.perf_counter() - start - self.read_seconds) / 8
 
     def close(self) -> None:
         if self.fd >= 0:

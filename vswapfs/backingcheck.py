@@ -145,6 +145,14 @@ def signature(head: bytes) -> str | None:
     return None
 
 
+def check_signature(path: str, head: bytes) -> None:
+    """Refuse a device whose first bytes say somebody's data is on it."""
+    what = signature(head)
+    if what is not None:
+        raise BackingError(f"backing device {path} holds {what}: vswapfs will not overwrite it "
+                           f"(wipe it first, e.g. wipefs -a {path}, if its data is not needed)")
+
+
 def _sysfs(dev: int) -> str:
     return f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
 
