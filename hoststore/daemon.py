@@ -19,7 +19,7 @@ from .address import Address, parse_address
 from .auth import TokenError, load_token
 from .cliutil import argtype, count, percent, quota
 from .hardening import harden
-from .logsetup import setup_logging
+from .logsetup import OUTPUT, setup_logging
 from . import metrics
 from .policies import Policy, parse_policy
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(ap, args)
     access = access_from_args(ap, args)
     setup_logging(args.verbose, "hoststore")
+    OUTPUT.start()  # from here on, nothing waits for the log file
     unhardened = harden(log)
     raise_fd_limit(sum(config.max_connections.get(pool, rule.default) for pool, rule in POOLS.items())
                    + 4 * args.max_clients + 64)

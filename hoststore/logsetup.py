@@ -1,11 +1,20 @@
-"""One logging setup for every command: stderr, ``-v`` for debug."""
+"""One logging setup for every command: stderr, ``-v`` for debug; and, for the two
+daemons, output they never wait for."""
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
+
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20  # what output may pile up before lines are dropped
+EXIT_WAIT = 2.0  # seconds an exiting daemon gives its last lines to reach the log file
 
 
 def setup_logging(verbose: bool, name: str) -> None:
@@ -14,6 +23,94 @@ def setup_logging(verbose: bool, name: str) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format=f"{name}[%(process)d] %(levelname)s %(message)s",
     )
+
+
+class _DroppingStream:
+    """A text stream onto a non-blocking pipe: a write that does not fit now is dropped
+    and counted, never waited for."""
+
+    def __init__(self, fd: int, output: "Output") -> None:
+        self._fd = fd
+        self._output = output
+
+    def write(self, text: str) -> int:
+        data = text.encode(errors="replace")
+        try:
+            written = os.write(self._fd, data)
+        except (BlockingIOError, BrokenPipeError):
+            written = 0
+        if written < len(data):
+            self._output.dropped += 1
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return False
+
+
+class Output:
+    """A daemon's stdout and stderr, through a pipe that a thread of its own copies to
+    where they went (the log file ``vswapctl up`` gave it).
+
+    A daemon serving swap must never wait for its own log: the log file is often on
+    tmpfs (``/run``), whose pages can be swapped out, to the very device the daemon
+    serves; appending to such a page waits for its swap-in, which waits for the daemon
+    (seen in a VM under machine-wide pressure: the store's main thread in
+    ``shmem_swapin_folio`` from ``write(2)``).  Now only the copying thread ever waits;
+    what does not fit in the pipe meanwhile is dropped, and counted (``dropped``).
+    C code writing to fd 1 or 2 gets EAGAIN instead of blocking."""
+
+    def __init__(self) -> None:
+        self.dropped = 0  # lines (writes) that found the pipe full
+        self.started = False
+
+    def start(self) -> None:
+        target = os.dup(2)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # the default 64 KiB: more lines dropped in a stall, nothing worse
+        os.set_blocking(write_end, False)
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self._target = target
+        self._copier = threading.Thread(target=_copy, args=(read_end, target), name="output", daemon=True)
+        self._copier.start()
+        sys.stdout = _DroppingStream(1, self)  # type: ignore[assignment]
+        sys.stderr = _DroppingStream(2, self)  # type: ignore[assignment]
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
+        self.started = True
+        atexit.register(self.finish, EXIT_WAIT)
+
+    def finish(self, wait: float) -> None:
+        """At exit: the last lines (the drain's report, say) are copied out, for at most
+        ``wait`` seconds; fd 1 and 2 go straight to the log file again."""
+        os.dup2(self._target, 1)  # the pipe's last write ends close: the copier sees its end
+        os.dup2(self._target, 2)
+        self._copier.join(wait)
+
+
+def _copy(read_end: int, target: int) -> None:
+    """The one place that may wait for the log file."""
+    while data := os.read(read_end, 1 << 16):
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(target, view):]
+            except OSError:
+                return
+
+
+OUTPUT = Output()  # the daemon's, once started
 
 
 class RateLimited:

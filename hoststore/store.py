@@ -28,6 +28,7 @@ from . import auth
 from .access import IN_PROCESS
 from .clientpages import NIL, ClientPages
 from .counters import Counters
+from .logsetup import OUTPUT
 from .messages import (
     PAGE_SIZE,
     Configure,
@@ -649,6 +650,7 @@ class Store:
             "pressure_samples": self.sampler.samples,
             "connections_active": self.connections_active,
             "pressure_risks": self.pressure_risks,
+            "log_lines_dropped": OUTPUT.dropped,
         }
         stats.update(self.counters.as_dict())
         if admin:

@@ -21,7 +21,7 @@ from hoststore.auth import TokenError, load_token
 from hoststore.cliutil import argtype, percent
 from hoststore.hardening import harden
 from hoststore import metrics
-from hoststore.logsetup import setup_logging
+from hoststore.logsetup import OUTPUT, setup_logging
 from hoststore.messages import PAGE_SIZE, MessageError, check_client_name
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, parse_source
@@ -186,6 +186,7 @@ async def serve(ops: Operations, pager: Pager, client: StoreClient, args: argpar
 def combined_stats(pager: Pager, client: StoreClient, ops: Operations, unhardened: list[str]) -> dict[str, Any]:
     stats = pager.stats()
     stats["pressure_risks"] = pager.backing.pressure_risks + unhardened
+    stats["log_lines_dropped"] = OUTPUT.dropped
     if isinstance(client, InprocStore):
         stats["inproc_store"] = client.stats()  # its counters share names with the pager's: kept apart
     else:
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vswapfs: error: {exc}", file=sys.stderr)
             return 1
     setup_logging(args.verbose, "vswapfs")
+    OUTPUT.start()  # from here on, nothing waits for the log file
     if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
         print("vswapfs: error: cannot mount: /dev/fuse is not open to this user (run as root, or make /dev/fuse "
               "accessible and install fusermount3)", file=sys.stderr)

@@ -1,0 +1,61 @@
+"""A daemon's output never waits for its log file (hoststore.logsetup.Output)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+CHILD = textwrap.dedent("""
+    import logging, os, sys, time
+    from hoststore.logsetup import OUTPUT, setup_logging
+    setup_logging(False, "child")
+    OUTPUT.start()
+    log = logging.getLogger("child")
+    start = time.monotonic()
+    for i in range(20000):
+        log.info("line %d %s", i, "x" * 200)
+        print("printed", i)
+    try:
+        os.write(2, b"from C-level code\\n")  # as C code would: EAGAIN, not a wait, once the pipe is full
+    except BlockingIOError:
+        pass
+    sys.stdout.flush()
+    os.write(int(sys.argv[1]), f"{time.monotonic() - start:.3f} {OUTPUT.dropped}\\n".encode())
+""")
+
+
+def test_a_daemon_goes_on_while_its_log_file_does_not_take_a_byte() -> None:
+    """The log 'file' is a pipe nobody reads (as a tmpfs page waiting for its swap-in
+    would be): 4 MiB of lines go out in well under the time a blocked write would take
+    (forever), and what did not fit is counted."""
+    stuck_r, stuck_w = os.pipe()  # never read: writes to it block once it is full
+    report_r, report_w = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(report_w)], stdout=stuck_w, stderr=stuck_w,
+                             pass_fds=(report_w,), cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.close(report_w)
+    try:
+        deadline = time.monotonic() + 60
+        while child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.returncode == 0, "the child blocked on its output (or failed)"
+        seconds, dropped = os.read(report_r, 100).decode().split()
+        assert int(dropped) > 10000  # most of 40,000 writes found the pipe full
+    finally:
+        if child.poll() is None:
+            child.kill()
+        for fd in (stuck_r, stuck_w, report_r):
+            os.close(fd)
+
+
+def test_what_fits_reaches_the_log_file(tmp_path) -> None:
+    path = tmp_path / "log"
+    with open(path, "wb") as f:
+        done = subprocess.run([sys.executable, "-c", CHILD.replace("range(20000)", "range(3)"), "1"],
+                              stdout=f, stderr=f, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              timeout=60)
+    assert done.returncode == 0
+    text = path.read_text()
+    assert "child[" in text and "INFO line 2" in text and "printed 2" in text and "from C-level code" in text
