@@ -66,6 +66,19 @@ def test_a_directory_others_may_write_to_is_refused_unless_sticky(disk_dir: str)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+def test_a_directory_of_another_user_anywhere_on_the_way_is_refused(disk_dir: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give a directory to another user")
+    theirs = os.path.join(disk_dir, "theirs")
+    ours = os.path.join(theirs, "ours")
+    os.makedirs(ours)
+    os.chmod(theirs, 0o755)
+    os.chown(theirs, 65534, 65534)  # they could rename "ours" and put a link in its place
+    with pytest.raises(BackingError, match="theirs .*belongs to uid 65534"):
+        Backing.open(os.path.join(ours, "backing"), SIZE)
+    assert not os.listdir(ours)
+
+
 # -- every block written before the first page is served ------------------------------
 
 
@@ -277,3 +290,16 @@ async def test_small_reads_run_on_the_loop_until_the_disk_is_slow(disk_dir: str,
         assert not where[-1]
     finally:
         b.close()
+
+
+def test_a_loop_device_says_which_filesystem_its_file_is_on(disk_dir: str) -> None:
+    """What up checks after losetup: the loop device is on our mount, not only on our path."""
+    _need_loop()
+    from vswapctl.system import loop_backing_device
+
+    image = os.path.join(disk_dir, "disk.img")
+    _make(image)
+    st = os.stat(image)
+    with loop_device(image) as dev:
+        assert loop_backing_device(dev) == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    assert loop_backing_device(os.path.join(disk_dir, "no-such-loop")) is None

@@ -143,17 +143,23 @@ def preflight(state_dir: str, cfg: UpConfig) -> list[str]:
 
 
 def _file_problems(cfg: UpConfig) -> list[str]:
-    from vswapfs.backingcheck import BackingError, check_location
+    from vswapfs.backingcheck import BackingError, check_directory, check_location, check_owner
 
     problems = []
-    try:  # where the backing file's directory will be made, if it does not exist yet
-        check_location(os.path.join(_nearest_existing(os.path.dirname(cfg.backing)), "backing"), cfg.mountpoint)
-    except BackingError as exc:
-        problems.append(str(exc).replace(os.path.join(_nearest_existing(os.path.dirname(cfg.backing)), "backing"),
-                                         cfg.backing))
+    # Where the backing file's directory will be made, if it does not exist yet.
+    stand_in = os.path.join(_nearest_existing(os.path.dirname(cfg.backing)), "backing")
+    for check in (lambda: check_location(stand_in, cfg.mountpoint), lambda: check_directory(stand_in)):
+        try:
+            check()
+        except BackingError as exc:
+            problems.append(str(exc).replace(stand_in, cfg.backing))
     if os.path.islink(cfg.backing):
         problems.append(f"backing file {cfg.backing} is a symlink: give the real path")
     elif os.path.exists(cfg.backing):
+        try:
+            check_owner(os.lstat(cfg.backing), cfg.backing)
+        except BackingError as exc:
+            problems.append(str(exc))
         if _locked(cfg.backing):
             problems.append(f"backing file {cfg.backing} is in use by another vswapfs")
         elif cfg.size is not None and os.path.getsize(cfg.backing) != cfg.size:
@@ -520,6 +526,10 @@ def _attach_swap(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
         raise UpFailed(f"losetup printed {loop!r}, not a loop device on {state.swapfile}")
     state.loop = loop
     state.save()
+    attached_to = system.loop_backing_device(loop)
+    if attached_to != state.mount_dev:  # the path is ours; what losetup opened must be too
+        raise UpFailed(f"{loop} is attached to a file on {attached_to}, not on our vswapfs mount "
+                       f"({state.mount_dev}): was something mounted over it meanwhile?")
     if not system.loop_dio(loop):
         say(f"warning: {loop} does not use direct I/O; swap pages will pass through the page cache")
     system.run(["mkswap", loop])

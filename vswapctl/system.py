@@ -192,3 +192,28 @@ def loop_dio(device: str) -> bool:
             return f.read().strip() == "1"
     except OSError:
         return False
+
+
+LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64 = 232  # sizeof(struct loop_info64)
+
+
+def loop_backing_device(loop: str) -> str | None:
+    """``major:minor`` of the filesystem holding the file a loop device is attached to (its
+    ``lo_device``), asked of the driver (LOOP_GET_STATUS64: nothing is read from the device),
+    or None if it cannot tell."""
+    import fcntl
+
+    try:
+        fd = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = bytearray(_LOOP_INFO64)
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    dev = int.from_bytes(info[:8], "little")
+    return f"{os.major(dev)}:{os.minor(dev)}"

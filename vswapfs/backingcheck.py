@@ -94,19 +94,24 @@ def check_location(path: str, mountpoint: str | None, allow_fs: frozenset[str] =
 
 
 def check_directory(path: str, uid: int | None = None) -> None:
-    """The backing file's directory: others may not write to it, unless the sticky bit keeps
-    them from removing or renaming what is not theirs (and then the file must be ours, which
-    :func:`check_owner` sees to)."""
+    """Every directory on the way to the backing file: nobody but root or us may own one, nor
+    write to one (and so swap a name in it for a link elsewhere), unless the sticky bit keeps
+    them from removing or renaming what is not theirs (/tmp).  The file itself
+    :func:`check_owner` sees to."""
     uid = os.geteuid() if uid is None else uid
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    st = os.stat(directory)
-    if st.st_uid not in (0, uid):
-        raise BackingError(f"the backing file's directory {directory} belongs to uid {st.st_uid}: it could "
-                           f"replace or remove the file; use a directory of root's or ours")
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise BackingError(f"the backing file's directory {directory} is writable by others (mode "
-                           f"{stat.S_IMODE(st.st_mode):04o}) without the sticky bit: they could replace the file; "
-                           f"use a private directory")
+    directory = os.path.dirname(os.path.abspath(path)) or "/"
+    chain = [directory]
+    while chain[-1] != "/":
+        chain.append(os.path.dirname(chain[-1]))
+    for directory in reversed(chain):  # from / down
+        st = os.stat(directory)
+        if st.st_uid not in (0, uid):
+            raise BackingError(f"{directory} (on the way to backing file {path}) belongs to uid {st.st_uid}: it "
+                               f"could replace what is below it; use a directory of root's or ours")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise BackingError(f"{directory} (on the way to backing file {path}) is writable by others (mode "
+                               f"{stat.S_IMODE(st.st_mode):04o}) without the sticky bit: they could replace the "
+                               f"file; use a private directory")
 
 
 def check_owner(st: os.stat_result, path: str, uid: int | None = None) -> None:
