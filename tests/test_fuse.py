@@ -195,6 +195,7 @@ def test_an_existing_sparse_backing_file_is_allocated_in_full(disk_dir: str) -> 
     backing = os.path.join(disk_dir, "sparse")
     with open(backing, "wb") as f:
         f.truncate(NPAGES * PAGE_SIZE)  # all holes: a refused page could meet ENOSPC
+    os.chmod(backing, 0o600)  # others must not read swapped pages (a 0644 file is refused)
     assert os.stat(backing).st_blocks == 0
     d = Daemons(disk_dir, capacity="1M", size=f"{NPAGES * 4}K", backing_path=backing)
     try:

@@ -66,15 +66,17 @@ class VswapDevice:
 
         state = State.load(self.state_dir)
         assert state is not None
-        return {"vswapfs": cli.read_vswapfs_stats(state), "hoststore": cli.read_host_stats(state.host)}
+        return {"vswapfs": cli.read_vswapfs_stats(state), "hoststore": cli.read_host_stats(cli.StoreTarget.of(state))}
 
-    def _query(self, message: Any, timeout: float = 10.0) -> Any:
-        import trio
+    def _query(self, message: Any, wait: float | None = None) -> Any:
+        """One request to this device's store, reached as `up` was told to (its token,
+        --insecure-tcp), the answer waited for ``wait`` seconds (default: vswapctl's)."""
+        from . import cli
+        from .state import State
 
-        from hoststore.address import parse_address
-        from vswapfs.hostclient import query
-
-        return trio.run(query, parse_address(self.host), message, timeout)
+        state = State.load(self.state_dir)
+        assert state is not None
+        return cli.StoreTarget.of(state).ask(message, wait)
 
     def set_policy(self, spec: str) -> dict[str, Any]:
         """Change the store's admission policy now; returns the policy and limits in force."""
