@@ -2,7 +2,7 @@
 # Swap under machine-wide memory pressure, proven in throwaway VMs (docs/pressure.md).
 #
 #   tools/vmtest.sh [--all | SCENARIO...] [--memory SIZE] [--workload SIZE] [--passes N] [--timeout SECONDS]
-#                   [--profile SECONDS] [--out DIR]
+#                   [--device SIZE] [--page-cluster N] [--profile SECONDS] [--out DIR]
 #
 # Each scenario boots a fresh guest (virtme-ng: this machine's kernel image from
 # Debian's linux-image-amd64 and this machine's root, read-only over 9p) with disks
@@ -14,6 +14,8 @@
 #
 # Without arguments: the quick scenario (vswapfs with a local hoststore, backing
 # file on ext4), as CI runs it.  --all: every scenario; `--list` names them.
+# --device SIZE: the swap device (default 2G); --page-cluster N: the guest's
+# vm.page-cluster (swap readahead of 2^N pages; default the kernel's, 3).
 # --profile SECONDS: py-spy samples vswapfs that long once the workload starts
 # (in the results: vswapfs-profile.txt, collapsed stacks).
 set -euo pipefail
@@ -23,18 +25,18 @@ top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 home=${VMTEST_HOME:-$top/.vmtest}
 ALL=(loop zram hoststore inproc writethrough refuse-all handback xfs blockdev)
 QUICK=(hoststore)
-memory=1G workload=1536M bystander=64M device=2G passes=1 timeout=1500 stall=240 profile=0 out=""
+memory=1G workload=1536M bystander=64M device=2G passes=1 timeout=1500 stall=240 profile=0 out="" page_cluster=-
 scenarios=()
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 say() { echo "vmtest: $*" >&2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --all) scenarios=("${ALL[@]}"); shift ;;
     --list) printf '%s\n' "${ALL[@]}"; exit 0 ;;
-    --memory|--workload|--bystander|--device|--passes|--timeout|--stall|--profile|--out)
+    --memory|--workload|--bystander|--device|--passes|--timeout|--stall|--profile|--out|--page-cluster)
       [ $# -ge 2 ] || { say "$1 needs a value"; exit 2; }
-      declare -g "${1#--}=$2"; shift 2 ;;
+      name=${1#--}; declare -g "${name//-/_}=$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     -*) say "unknown option $1"; usage >&2; exit 2 ;;
     *) [[ " ${ALL[*]} " == *" $1 "* ]] || { say "unknown scenario $1 (--list names them)"; exit 2; }
@@ -82,7 +84,7 @@ accel=(--disable-kvm)
 if [ -w /dev/kvm ] && timeout 60 vng --run "$kernel" --force-9p --memory 256M --exec true >>"$log" 2>&1; then
   accel=()
 fi
-say "kernel $kernel, ${accel[*]:-KVM}; guest memory $memory, workload $workload, bystander $bystander, device $device"
+say "kernel $kernel, ${accel[*]:-KVM}; guest memory $memory, workload $workload, bystander $bystander, device $device, page-cluster ${page_cluster/-/default}"
 
 # -- the scenarios -----------------------------------------------------------------------
 out=${out:-$home/results-$(date +%Y%m%d-%H%M%S)}
@@ -101,7 +103,7 @@ for scenario in "${scenarios[@]}"; do
   rc=0
   (cd / && "$python" -I "$top/tools/vm/vmrun.py" "$dir/console.log" "$stall" "$timeout" -- \
       vng --run "$kernel" "${accel[@]}" --force-9p --verbose --memory "$memory" --cpus 2 "${disks[@]}" \
-      --exec "env VMTEST_PROFILE=$profile VMTEST_HOME=$home $top/tools/vm/guest.sh $scenario $workload $bystander $device $passes") || rc=$?
+      --exec "env VMTEST_PROFILE=$profile VMTEST_HOME=$home $top/tools/vm/guest.sh $scenario $workload $bystander $device $passes $page_cluster") || rc=$?
   tar -xf "$dir/results.img" -C "$dir" 2>/dev/null || true
   rm -f "$dir/data.img" "$dir/spare.img"
   result=$(grep -a '^VMTEST-RESULT ' "$dir/console.log" | tail -n 1 | cut -d' ' -f2- || true)

@@ -3,7 +3,7 @@
 # memory pressure.  No cgroup: a verifying workload larger than the guest's RAM, and a
 # bystander that keeps allocating and verifying beside it, push the whole machine into swap.
 #
-#   guest.sh SCENARIO WORKLOAD_SIZE BYSTANDER_SIZE DEVICE_SIZE PASSES
+#   guest.sh SCENARIO WORKLOAD_SIZE BYSTANDER_SIZE DEVICE_SIZE PASSES [PAGE_CLUSTER|-]
 #
 # The guest's root is the host's, read-only; it writes only to its own disks (found by the
 # label tools/vmtest.sh put on each) and to its own tmpfs.  What it found goes to the
@@ -13,7 +13,7 @@ top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # All of it in one function, read whole before it runs: an edit of this file (over 9p, from the host)
 # while a guest runs it cannot change what that guest does.
 main() {
-scenario=$1 workload=$2 bystander=$3 devsize=$4 passes=$5
+scenario=$1 workload=$2 bystander=$3 devsize=$4 passes=$5 page_cluster=${6:--}
 py="$top/.venv/bin/python"
 export PATH="$top/.venv/bin:$PATH"
 out=/run/vmtest/out
@@ -28,6 +28,7 @@ say() { echo "VMTEST: $*"; }
 sysctl -qw kernel.hung_task_timeout_secs=20 kernel.hung_task_warnings=-1 kernel.unknown_nmi_panic=1 \
   kernel.panic_print=0x43 kernel.panic=0
 dmesg -n 7
+[ "$page_cluster" = - ] || sysctl -qw vm.page-cluster="$page_cluster"
 modprobe -a loop fuse zram xfs 2>/dev/null  # no udev here to load them on first use
 
 # Each disk starts with a label written by the host: find ours by it, never by order.

@@ -53,6 +53,20 @@ def run(log_path: str, stall: float, timeout: float, command: list[str]) -> int:
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     assert proc.stdout is not None
+    try:
+        return _watch(proc, log_path, qmp_path, stall, timeout)
+    finally:  # also on SIGTERM (from `timeout`) or ^C: the guest runs in a session of its own
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        try:
+            os.unlink(qmp_path)
+        except FileNotFoundError:
+            pass
+
+
+def _watch(proc: subprocess.Popen[bytes], log_path: str, qmp_path: str, stall: float, timeout: float) -> int:
+    assert proc.stdout is not None
     start = time.monotonic()
     last_beat: float | None = None
     nmi_at: float | None = None
@@ -100,14 +114,16 @@ def run(log_path: str, stall: float, timeout: float, command: list[str]) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         note(f"guest ended after {time.monotonic() - start:.0f}s" + (" (stopped: stall or timeout)" if nmi_at else ""))
-    try:
-        os.unlink(qmp_path)
-    except FileNotFoundError:
-        pass
     return STALLED if nmi_at is not None else proc.returncode
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     if len(argv) < 5 or argv[3] != "--":
         print(__doc__, file=sys.stderr)
         return 2
