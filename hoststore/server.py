@@ -125,7 +125,9 @@ class ServerConfig:
     idle_timeout: float = 300.0  # no complete message for this long: closed (clients keep alive)
     connection_rate: float = 50.0  # new connections per second per peer (burst: twice that)
     frame_timeout: float = 5.0  # waiting for the rest of a frame begun, at most this long in all
-    max_in_flight: int = 4 << 20  # bytes held for peers (frames begun, answers not taken), all together
+    max_in_flight: int = 4 << 20  # bytes held for peers (frames begun, answers not taken), per pool
+    # Past max_in_flight, only a connection whose peer kept the store waiting this long is closed.
+    shed_after: float = 0.5
 
 
 # What serving any one request costs, in pages' worth of the store's time
@@ -156,10 +158,12 @@ class Session:
         self.store = server.store
         self.access = server.access
         cfg = server.config
-        self.endpoint = Endpoint(stream, p.Connection("server"), pace=self._pace, inflight=server.inflight,
-                                 frame_timeout=cfg.frame_timeout, on_shed=self._shed)
-        self.nonce = auth.nonce()
         self.uid = peer_uid(stream)
+        inflight = server.inflight[first_pool(self.uid, self.access)]  # moves with it (_leave_hello_pool)
+        self.endpoint = Endpoint(stream, p.Connection("server"), pace=self._pace,
+                                 inflight=inflight, frame_timeout=cfg.frame_timeout,
+                                 on_shed=self._shed)
+        self.nonce = auth.nonce()
         self.peer = peer or peer_key(stream)
         self.admin = self.access.is_admin(self.uid)
         self.identity = peer_identity(self.uid, self.access.token)  # who owns the names it creates
@@ -264,11 +268,12 @@ class Session:
         self.stop()
 
     def _shed(self) -> None:
-        """Closed by the in-flight cap (InFlight): its peer kept the store waiting longest."""
+        """Closed by its pool's in-flight cap (InFlight): its peer kept the store waiting longest."""
         self.store.counters.add(HostCounter.CLOSED_IN_FLIGHT)
-        peer_log("in flight", logging.WARNING, "closing a connection%s from %s: what the store holds for its "
-                 "peers passed --max-in-flight, and this one has kept it waiting longest (for the rest of a "
-                 "message, or to take an answer)", self._who(), self.peer)
+        peer_log("in flight", logging.WARNING, "closing a connection%s from %s: what the store holds for the "
+                 "peers of its pool passed --max-in-flight, and this one has kept it waiting longest (over "
+                 "%gs, for the rest of a message, or to take answers)", self._who(), self.peer,
+                 self.server.config.shed_after)
         self.stop()
 
     # -- requests ---------------------------------------------------------------------
@@ -329,7 +334,10 @@ class Session:
         """A TCP peer's hello is good: it moves to the tcp pool, if that has room
         (counted there if not); why not, or None."""
         pools = self.server.pools
-        if pools.pool_of(self) is not Pool.HELLO or pools.join(self, Pool.TCP):
+        if pools.pool_of(self) is not Pool.HELLO:
+            return None
+        if pools.join(self, Pool.TCP):
+            self.endpoint.move(self.server.inflight[Pool.TCP])
             return None
         return (f"the store has {pools.limits[Pool.TCP]} TCP connections already "
                 f"(hoststore --max-connections tcp=N)")
@@ -465,9 +473,10 @@ class Session:
         return dropped
 
     async def hand_back(self, handback: HandBack, timeout: float) -> bytes:
-        """Ask the client to take pages back; its per-page answer."""
+        """Ask the client to take pages back; its per-page answer.  Not counted in flight:
+        the store chose to send it (the drain window and the pressure loop bound these)."""
         with trio.fail_after(timeout):
-            return await self.endpoint.request(handback)
+            return await self.endpoint.request(handback, counted=False)
 
 
 class Server:
@@ -480,7 +489,8 @@ class Server:
         self.fair = FairShare(on_wait=lambda: store.counters.add(HostCounter.FAIR_WAITS))
         self.frames = p.FramePool()
         self.pools = Pools(self.config.max_connections, store.counters)
-        self.inflight = InFlight(self.config.max_in_flight)
+        # What each pool's peers can make the store hold: TCP cannot crowd out admin or unix.
+        self.inflight = {pool: InFlight(self.config.max_in_flight, self.config.shed_after) for pool in Pool}
         self._per_peer: Counter[str] = Counter()
         self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
         self._changed = trio.Event()
@@ -583,6 +593,8 @@ class Server:
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener, nursery)
             nursery.start_soon(self._pressure_loop)
+            for inflight in self.inflight.values():
+                nursery.start_soon(inflight.watch)
             bound = [listener_address(lst) for lst in listeners]
             log.info("listening on %s; capacity %d pages", ", ".join(map(str, bound)),
                      self.store.limits.capacity_pages)
