@@ -139,13 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-connections-per-peer", type=argtype(count),
                     default=ServerConfig.max_connections_per_peer, metavar="N",
                     help="at most N connections per uid (unix socket) or host (TCP; every loopback address is "
-                         "one host) (default %(default)s)")
+                         "one host, an IPv6 /64 is one host), and apart from those N, N of a host's TCP "
+                         "connections that have not said hello yet (default %(default)s)")
     ap.add_argument("--max-clients", type=argtype(count), default=1024, metavar="N",
                     help="client names kept at once; names away and holding no page are forgotten to make "
                          "room, and beyond that new names are refused (default 1024)")
-    ap.add_argument("--connection-rate", type=argtype(_positive), default=50.0, metavar="N",
+    ap.add_argument("--connection-rate", type=argtype(_positive), default=ServerConfig.connection_rate,
+                    metavar="N",
                     help="new connections per second per uid or host, in bursts of up to 2N; more are "
-                         "closed at once (default 50)")
+                         "closed at once.  A host's TCP connections have a rate for their connecting and "
+                         "another once their hello succeeded (a token holder's are not spent by tokenless "
+                         "peers on its host); over the first, one is still let in while the hello pool has "
+                         "room (default %(default)g)")
     ap.add_argument("--hello-timeout", type=argtype(_positive), default=ServerConfig.hello_timeout,
                     metavar="SECONDS",
                     help="close a connection that has not said hello within this long (default %(default)g)")

@@ -30,7 +30,7 @@ import trio
 
 from . import auth
 from . import protocol as p
-from .access import Access, check_listener, peer_identity, peer_key, peer_uid, socket_mode
+from .access import Access, before_hello, check_listener, peer_identity, peer_key, peer_uid, socket_mode
 from .address import Address
 from .clientpages import ClientPages
 from .slab import INDEX_BLOCK
@@ -153,7 +153,8 @@ class Session:
     """One connection: its protocol state, and the client it serves once the hello is done."""
 
     def __init__(self, server: "Server", stream: trio.abc.Stream, peer: str | None = None) -> None:
-        """``peer``: whom it counts against for the per-peer limits (hoststore.access.peer_key)."""
+        """``peer``: whom it counts against for the per-peer limits once it is past its hello
+        (hoststore.access.peer_key); ``counted``: whom it counts against now."""
         self.server = server
         self.store = server.store
         self.access = server.access
@@ -165,6 +166,8 @@ class Session:
                                  on_shed=self._shed)
         self.nonce = auth.nonce()
         self.peer = peer or peer_key(stream)
+        self.counted = self.peer if self.uid is not None else before_hello(self.peer)
+        self.took_token = False  # from self.counted's bucket, as it connected
         self.admin = self.access.is_admin(self.uid)
         self.identity = peer_identity(self.uid, self.access.token)  # who owns the names it creates
         self.client: ClientPages | None = None
@@ -330,17 +333,22 @@ class Session:
                                                   "authentication failed: wrong token")
         return None
 
-    def _leave_hello_pool(self) -> str | None:
+    def _leave_hello_pool(self) -> tuple[HostCounter | None, str] | None:
         """A TCP peer's hello is good: it moves to the tcp pool, if that has room
-        (counted there if not); why not, or None."""
-        pools = self.server.pools
-        if pools.pool_of(self) is not Pool.HELLO:
+        (counted there if not) and its host is within its own limits (apart from
+        the connections not past hello); why not, or None."""
+        server = self.server
+        pools = server.pools
+        if pools.pool_of(self) is not Pool.HELLO or self.uid is not None:
             return None
+        refusal = server.past_hello(self)
+        if refusal is not None:
+            return refusal
         if pools.join(self, Pool.TCP):
-            self.endpoint.move(self.server.inflight[Pool.TCP])
+            self.endpoint.move(server.inflight[Pool.TCP])
             return None
-        return (f"the store has {pools.limits[Pool.TCP]} TCP connections already "
-                f"(hoststore --max-connections tcp=N)")
+        return None, (f"the store has {pools.limits[Pool.TCP]} TCP connections already "
+                      f"(hoststore --max-connections tcp=N)")
 
     def _hello(self, msgid: int, hello: Hello) -> bytes:
         conn = self.endpoint.conn
@@ -349,7 +357,7 @@ class Session:
             return self._refuse(msgid, hello, *refusal)
         full = self._leave_hello_pool()
         if full is not None:
-            return self._refuse(msgid, hello, None, full)
+            return self._refuse(msgid, hello, *full)
         try:
             client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self._can_share,
                                                            owner=self.identity)
@@ -538,29 +546,52 @@ class Server:
                 await trio.aclose_forcefully(session.endpoint.stream)
         finally:
             self.pools.leave(session)
-            key = session.peer
-            self._per_peer[key] -= 1
-            if not self._per_peer[key]:
-                del self._per_peer[key]
+            self._uncount(session.counted)
+
+    def _uncount(self, key: str) -> None:
+        self._per_peer[key] -= 1
+        if not self._per_peer[key]:
+            del self._per_peer[key]
+
+    def _over_limits(self, key: str, pool: Pool) -> tuple[HostCounter, str] | bool:
+        """Whether a new connection of ``key``, joining ``pool``, is past its connection
+        rate or count: the counter and the reason, or, if not, whether it took a token.
+        A TCP connection not past hello is let in over its rate while the hello pool
+        has room (so that a flood from its host cannot keep a token holder there out),
+        taking no token and evicting no one."""
+        cfg = self.config
+        took = self._take_token(key)
+        if not took and (pool is not Pool.HELLO or self.pools.full(pool)):
+            return HostCounter.REFUSED_CONNECTION_RATE, f"more than {cfg.connection_rate:g} new connections a second"
+        if self._per_peer[key] >= cfg.max_connections_per_peer:
+            return (HostCounter.REFUSED_PEER_CONNECTIONS,
+                    f"it has {self._per_peer[key]} already (--max-connections-per-peer)")
+        return took
+
+    def past_hello(self, session: Session) -> tuple[HostCounter, str] | None:
+        """A TCP connection's hello is good: it counts against its host from now on, within
+        the host's own rate and count (why not, or None), and gives back the token its
+        connecting took from its host's connections not past hello."""
+        over = self._over_limits(session.peer, Pool.TCP)
+        if not isinstance(over, bool):
+            return over[0], f"{session.peer}: {over[1]}"
+        if session.took_token:
+            self._refund(session.counted)
+        self._uncount(session.counted)
+        session.counted = session.peer
+        self._per_peer[session.counted] += 1
+        return None
 
     def _admit_connection(self, stream: trio.SocketStream) -> Session | None:
         """The session of a new connection, in its pool; None if a limit closes it."""
-        cfg, counters = self.config, self.store.counters
-        key = peer_key(stream)
-        if not self._take_token(key):
-            counters.add(HostCounter.REFUSED_CONNECTION_RATE)
-            peer_log("connection rate", logging.WARNING,
-                     "closing a connection from %s: more than %g new connections a second", key,
-                     cfg.connection_rate)
+        session = Session(self, stream, peer_key(stream))
+        key, pool = session.counted, first_pool(session.uid, self.access)
+        over = self._over_limits(key, pool)
+        if not isinstance(over, bool):
+            self.store.counters.add(over[0])
+            peer_log(over[0].value, logging.WARNING, "closing a connection from %s: %s", key, over[1])
             return None
-        if self._per_peer[key] >= cfg.max_connections_per_peer:
-            counters.add(HostCounter.REFUSED_PEER_CONNECTIONS)
-            peer_log("max per peer", logging.WARNING,
-                     "closing a connection from %s: it has %d already (--max-connections-per-peer)", key,
-                     self._per_peer[key])
-            return None
-        session = Session(self, stream, key)
-        pool = first_pool(session.uid, self.access)
+        session.took_token = over
         if not self.pools.join(session, pool):
             peer_log("max connections", logging.WARNING,
                      "closing a connection from %s: the %s pool is full (--max-connections %s=%d)", key, pool,
@@ -584,6 +615,12 @@ class Server:
             return False
         self._buckets[key] = (tokens - 1, now)
         return True
+
+    def _refund(self, key: str) -> None:
+        """Give back a token ``_take_token`` took from ``key``."""
+        if key in self._buckets:
+            tokens, when = self._buckets[key]
+            self._buckets[key] = (min(2 * self.config.connection_rate, tokens + 1), when)
 
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED) -> None:

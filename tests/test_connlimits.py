@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import threading
+from functools import partial
 from array import array
 
 import pytest
@@ -131,6 +133,12 @@ def test_loopback_is_one_host_whatever_address_it_uses() -> None:
     assert host_key("10.0.0.2") != host_key("10.0.0.1")
 
 
+def test_an_ipv6_host_is_its_slash_64() -> None:
+    """A host can take any address of its /64: counted apart, each would multiply its limits."""
+    assert host_key("2001:db8:1:2::1") == host_key("2001:db8:1:2:ffff:1:2:3") == "network 2001:db8:1:2::/64"
+    assert host_key("2001:db8:1:3::1") != host_key("2001:db8:1:2::1")
+
+
 def test_each_connection_starts_in_the_pool_of_what_is_known_of_it() -> None:
     access = Access(allowed_uids=frozenset({1234}))
     assert first_pool(None, access) is Pool.HELLO  # TCP proves itself at hello
@@ -187,10 +195,13 @@ async def test_each_pool_refuses_only_its_own_kind_and_a_loopback_host_is_counte
         with trio.fail_after(5):
             while len(server.pools) > 2:  # the refused one is gone
                 await trio.sleep(0.01)
-        held.append(await peer(tcp.port, SOURCES[3], say_hello=False))  # the host's 3rd, in the hello pool
-        assert held[-1] is not None and server.pools.count(Pool.HELLO) == 1
-        # A 4th loopback connection, from yet another 127 address, is the host's 4th.
-        extra = await trio.open_tcp_stream("127.0.0.1", tcp.port, local_address=SOURCES[4])
+        # Connections not past hello count apart from those that are: three more, from
+        # three more 127 addresses, are the host's three of that kind, and a fourth is one too many.
+        for source in SOURCES[3:6]:
+            held.append(await peer(tcp.port, source, say_hello=False))
+            assert held[-1] is not None
+        assert server.pools.count(Pool.HELLO) == 3
+        extra = await trio.open_tcp_stream("127.0.0.1", tcp.port, local_address=SOURCES[0])
         assert await closed_by_server(extra)
         assert store.counters[HostCounter.REFUSED_PEER_CONNECTIONS] == 1
         # The unix socket's admin pool is its own: the TCP crowd took none of it.
@@ -563,3 +574,40 @@ async def test_while_a_pool_is_over_its_cap_its_connections_begin_no_new_message
         inflight.hold(stuck, 60)
         with trio.fail_after(1):
             await waited.wait()
+
+
+
+# -- a token holder and tokenless peers on the same host ----------------------------------------
+
+
+async def test_a_tokenless_flood_from_the_same_host_cannot_keep_a_token_holder_out(tmp_path) -> None:
+    """Tokenless connections from 127.0.0.9, opened and closed as fast as two threads can,
+    spend the rate of its host's connections not past hello many times over: a token
+    holder's stats queries from 127.0.0.1, the same host, all get through, its
+    connections let in while the hello pool has room and charged to the host's own
+    rate only once their hello proved the token."""
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN))
+
+        stop = threading.Event()
+
+        def flood() -> None:  # in a thread: the store's event loop is the test's
+            while not stop.is_set():
+                with socket.socket() as sock:
+                    try:
+                        sock.bind(("127.0.0.9", 0))
+                        sock.connect(("127.0.0.1", tcp.port))
+                    except OSError:
+                        pass
+
+        for _ in range(2):
+            nursery.start_soon(partial(trio.to_thread.run_sync, flood, abandon_on_cancel=True))
+        with trio.fail_after(10):  # the flood has spent its host's rate many times over (a burst of 100)
+            while store.counters[HostCounter.CONNECTIONS] + store.counters[HostCounter.REFUSED_CONNECTION_RATE] < 500:
+                await trio.sleep(0.01)
+        for _ in range(10):
+            with trio.fail_after(5):
+                assert "pages_stored" in await query(tcp, Stats(), timeout=5.0, token=TOKEN)
+        stop.set()
+        nursery.cancel_scope.cancel()
