@@ -40,7 +40,7 @@ log = logging.getLogger("hoststore")
 # The least --max-in-flight that serves anyone: the most one connection holds at once,
 # a read of the largest message coming in (a put) and a write of answers going out
 # (answers are sent once they pass SEND_BATCH_BYTES: that, and one more get answer).
-# The store's own hand-backs are not counted (hoststore.endpoint).
+# The store's own hand-backs count against a budget of their own (hoststore.endpoint).
 LEAST_IN_FLIGHT = RECEIVE_SIZE + SEND_BATCH_BYTES + get_answer_size(MAX_GET_PAGES)
 
 DESCRIPTION = """\
@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="SIZE",
                     help="bytes that the connections of one pool together may make the store hold while it "
                          "waits for their peers: the start of a message not finished, answers not yet taken "
-                         "(not the store's own hand-backs); beyond it, the connections whose peers have kept it "
-                         "waiting longest, over --shed-after, are closed (default "
-                         f"{format_size(ServerConfig.max_in_flight)} per pool; a connection holds at most one "
+                         "(the store's own hand-backs have a budget as large of their own); beyond it, the "
+                         "connections whose peers have kept it waiting longest, over --shed-after, are closed "
+                         f"(default {format_size(ServerConfig.max_in_flight)} per pool; a connection holds at most one "
                          f"read coming in and {format_size(SEND_BATCH_BYTES)} of answers and one more going out: "
                          f"{LEAST_IN_FLIGHT} bytes is the least allowed)")
     ap.add_argument("--shed-after", type=argtype(_positive), default=ServerConfig.shed_after, metavar="SECONDS",

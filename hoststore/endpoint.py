@@ -14,8 +14,10 @@ the connections of one pool caps the bytes they hold for their peers together
 (the start of a frame, answers not yet taken), closing, when the cap is passed,
 the connections whose peers have kept us waiting longest, and only those that
 kept us waiting at least its ``floor``.  Requests the store itself sends (hand-
-backs) are not counted: no peer made us hold them, and the drain window and
-the pressure loop bound them already.
+backs) count against a budget of their own (``request(..., budget=)``), not
+the pool's: no peer made us hold them, and a pool's peers must not wait or be
+closed for them; a peer that does not take them is closed past that budget
+all the same.
 """
 
 from __future__ import annotations
@@ -223,15 +225,15 @@ class Endpoint:
         if self.on_shed is not None:
             self.on_shed()
 
-    async def request(self, message: p.Request, counted: bool = True) -> Any:
+    async def request(self, message: p.Request, budget: InFlight | None = None) -> Any:
         """Send a request and wait for its typed answer.  The caller puts the deadline around it.
-        ``counted=False``: its bytes are not the peer's doing and stay out of the in-flight
-        cap (a store's own hand-back)."""
+        ``budget``: what its bytes count against while the peer takes them, in place of
+        the pool's (a store's own hand-back: not the peer's doing)."""
         if self.closed.is_set():
             raise PeerGone("connection closed")
         msgid, data, waiter = self._framed(message)
         try:
-            await self.send(data, counted=counted)
+            await self.send(data, budget=budget)
             await waiter.event.wait()
         finally:
             self._waiters.pop(msgid, None)
@@ -276,21 +278,25 @@ class Endpoint:
         return response.answer
 
     async def send(self, data: bytes, paced: bool = False, fds: list[int] | None = None,
-                   counted: bool = True) -> None:
+                   budget: InFlight | None = None) -> None:
         """Write ``data`` whole.  ``paced``: large writes await ``self.pace`` before each
         slice (only the receive loop's own answers: a request this end sends, such as
         a hand-back, comes from another task and must not take that loop's turns).
         ``fds``: file descriptors passed along with the first bytes (unix sockets).
-        ``counted``: the write counts against the in-flight cap (there is one), and the
-        time the peer takes to take it is its stall.  Raises PeerGone, having written
-        nothing more, once the connection is closed (by the cap, too)."""
+        The write counts against ``budget``, or without one the pool's cap (there is
+        one), and the time the peer takes to take it is its stall.  Raises PeerGone,
+        having written nothing more, once the connection is closed (by a cap, too)."""
         async with self._send_lock:
-            counted = counted and self.inflight is not None
+            own = budget is None  # the pool's
+            budget = self.inflight if own else budget
             write = self.stream.send_all
-            if counted:
+            if budget is not None:
                 write = self._timed_send_all
-                self._writing = len(data)
-                self._hold()
+                if own:
+                    self._writing = len(data)
+                    self._hold()
+                elif not self.closed.is_set():
+                    budget.hold(self, len(data))
             try:
                 if self.closed.is_set():  # before the first byte: closed now, perhaps by the cap just told
                     raise PeerGone("connection closed")
@@ -318,10 +324,13 @@ class Endpoint:
                 self.close()
                 raise PeerGone(f"send failed: {exc}") from None
             finally:
-                if counted:
-                    self._writing = 0
+                if budget is not None:
                     self._write.reset()  # nothing held for the peer to take now
-                    self._hold()
+                    if own:
+                        self._writing = 0
+                        self._hold()
+                    else:
+                        budget.release(self)
 
     async def _timed_send_all(self, data: bytes | memoryview) -> None:
         """One write, the time the peer takes to take it counted as waiting for it."""

@@ -481,10 +481,10 @@ class Session:
         return dropped
 
     async def hand_back(self, handback: HandBack, timeout: float) -> bytes:
-        """Ask the client to take pages back; its per-page answer.  Not counted in flight:
-        the store chose to send it (the drain window and the pressure loop bound these)."""
+        """Ask the client to take pages back; its per-page answer.  Counted in flight
+        against the hand-backs' own budget, not the pool's: the store chose to send it."""
         with trio.fail_after(timeout):
-            return await self.endpoint.request(handback, counted=False)
+            return await self.endpoint.request(handback, budget=self.server.handbacks)
 
 
 class Server:
@@ -499,6 +499,8 @@ class Server:
         self.pools = Pools(self.config.max_connections, store.counters)
         # What each pool's peers can make the store hold: TCP cannot crowd out admin or unix.
         self.inflight = {pool: InFlight(self.config.max_in_flight, self.config.shed_after) for pool in Pool}
+        # The store's own hand-backs while their peers take them: a budget of their own.
+        self.handbacks = InFlight(self.config.max_in_flight, self.config.shed_after)
         self._per_peer: Counter[str] = Counter()
         self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
         self._changed = trio.Event()
@@ -630,7 +632,7 @@ class Server:
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener, nursery)
             nursery.start_soon(self._pressure_loop)
-            for inflight in self.inflight.values():
+            for inflight in (*self.inflight.values(), self.handbacks):
                 nursery.start_soon(inflight.watch)
             bound = [listener_address(lst) for lst in listeners]
             log.info("listening on %s; capacity %d pages", ", ".join(map(str, bound)),

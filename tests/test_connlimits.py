@@ -611,3 +611,29 @@ async def test_a_tokenless_flood_from_the_same_host_cannot_keep_a_token_holder_o
                 assert "pages_stored" in await query(tcp, Stats(), timeout=5.0, token=TOKEN)
         stop.set()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_never_takes_its_hand_backs_is_closed_past_their_budget(tmp_path, disk_dir) -> None:
+    """The store's own hand-backs have a budget of their own (here 100 kB): a peer with
+    pages that never reads what the store sends holds a hand-back it cannot write, and
+    is closed once it has kept the store waiting --shed-after; a pager taking its
+    pages back promptly meanwhile is handed all of them and never closed."""
+    level = [10.0]
+    store = pressured_store(capacity=4096, pressure=level)
+    async with trio.open_nursery() as nursery:
+        tcp, unix, server = await start_server(nursery, tmp_path, store, max_in_flight=100_000, shed_after=0.2)
+        stream, conn = await peer(tcp.port, SOURCES[0], say_hello=True, name="never-reads")
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await stream.send_all(conn.send_request(Put(0, 1, page(1) * MAX_PUT_PAGES))[1])
+        assert (await answer_of(stream, conn)).answer == bytes(MAX_PUT_PAGES)
+        _, pager = await pager_on(nursery, unix, "prompt", 1024, disk_dir)
+        level[0] = 95.0  # past the high watermark: everything goes back
+        with trio.fail_after(30):
+            while store.counters[HostCounter.CLOSED_IN_FLIGHT] < 1 or store.clients["prompt"].count:
+                await trio.sleep(0.05)
+        level[0] = 10.0
+        assert store.counters[HostCounter.CLOSED_IN_FLIGHT] == 1
+        assert store.counters[HostCounter.HANDED_BACK_PRESSURE] >= 1024
+        assert await closed_by_server(stream)
+        await read_back(pager, 1024)
+        nursery.cancel_scope.cancel()
