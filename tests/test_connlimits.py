@@ -16,13 +16,14 @@ from array import array
 
 import pytest
 import trio
+import trio.testing
 
 from hoststore import auth
 from hoststore import protocol as p
 from hoststore.access import Access, host_key
 from hoststore.address import Address
 from hoststore.counters import Counters
-from hoststore.endpoint import InFlight
+from hoststore.endpoint import Endpoint, InFlight, PeerGone
 from hoststore.messages import (
     MAX_GET_PAGES,
     MAX_PUT_PAGES,
@@ -638,3 +639,15 @@ async def test_a_peer_that_never_takes_its_hand_backs_is_closed_past_their_budge
         assert await closed_by_server(stream)
         await read_back(pager, 1024)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_send_that_the_cap_closes_its_own_connection_for_writes_nothing() -> None:
+    """Telling the cap about a write can close the very connection (here every holder
+    past the cap goes at once): the send stops there, with PeerGone, not one byte out."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    endpoint = Endpoint(ours, p.Connection("server"), inflight=InFlight(cap=10))  # floor 0: no peer is prompt enough
+    with pytest.raises(PeerGone):
+        await endpoint.send(b"x" * 100)
+    assert endpoint.closed.is_set()
+    with trio.move_on_after(0.1):
+        assert await theirs.receive_some(1) == b""  # nothing came (the stream was not even written)
