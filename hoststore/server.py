@@ -144,6 +144,12 @@ def request_cost(msg: Any) -> int:
     return REQUEST_COST
 
 
+def counted_as(uid: int | None, peer: str) -> str:
+    """Whom a new connection counts against for the per-peer limits: a unix-socket peer
+    its uid (``peer``) from the start, a TCP peer its host's connections not past hello."""
+    return peer if uid is not None else before_hello(peer)
+
+
 class _Stopped(Exception):
     """This connection was closed from outside (its client reconnected on another, or a
     limit closed it): serve nothing more on it."""
@@ -166,7 +172,7 @@ class Session:
                                  on_shed=self._shed)
         self.nonce = auth.nonce()
         self.peer = peer or peer_key(stream)
-        self.counted = self.peer if self.uid is not None else before_hello(self.peer)
+        self.counted = counted_as(self.uid, self.peer)
         self.took_token = False  # from self.counted's bucket, as it connected
         self.admin = self.access.is_admin(self.uid)
         self.identity = peer_identity(self.uid, self.access.token)  # who owns the names it creates
@@ -586,13 +592,14 @@ class Server:
 
     def _admit_connection(self, stream: trio.SocketStream) -> Session | None:
         """The session of a new connection, in its pool; None if a limit closes it."""
-        session = Session(self, stream, peer_key(stream))
-        key, pool = session.counted, first_pool(session.uid, self.access)
+        uid, peer = peer_uid(stream), peer_key(stream)
+        key, pool = counted_as(uid, peer), first_pool(uid, self.access)
         over = self._over_limits(key, pool)
-        if not isinstance(over, bool):
+        if not isinstance(over, bool):  # refused before anything is set up for it
             self.store.counters.add(over[0])
             peer_log(over[0].value, logging.WARNING, "closing a connection from %s: %s", key, over[1])
             return None
+        session = Session(self, stream, peer)
         session.took_token = over
         if not self.pools.join(session, pool):
             peer_log("max connections", logging.WARNING,
