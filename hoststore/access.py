@@ -85,17 +85,34 @@ def peer_key(stream: trio.abc.Stream) -> str:
         return "unknown peer"
 
 
+# An IPv6 host is given a /64 (or more) to number its interfaces as it likes.
+IPV6_HOST_PREFIX = 64
+
+
 def host_key(address: str) -> str:
     """A TCP peer's host.  Loopback is one host, whatever address of it a peer uses:
     any local process can connect from each of 127.0.0.0/8 (and ::1, and IPv4
-    mapped into IPv6), so counting them apart would multiply its limits."""
+    mapped into IPv6), so counting them apart would multiply its limits.  For the
+    same reason an IPv6 peer is its /64: one host can take any address of it."""
     try:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
         return f"address {address}"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return "loopback" if ip.is_loopback else f"address {ip}"
+    if ip.is_loopback:
+        return "loopback"
+    if isinstance(ip, ipaddress.IPv6Address):
+        return f"network {ipaddress.IPv6Network((ip, IPV6_HOST_PREFIX), strict=False)}"
+    return f"address {ip}"
+
+
+def before_hello(key: str) -> str:
+    """Whom a TCP connection counts against until its hello succeeds: its host's
+    connections not yet past hello, apart from those that are (their own rate
+    and count), so that a peer without the token cannot spend a token holder's
+    limits on the same host."""
+    return f"{key}, before hello"
 
 
 def is_loopback(host: str) -> bool:

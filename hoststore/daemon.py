@@ -28,7 +28,8 @@ from .pressure import Sampler, parse_source, read_psi, sample
 from .redistier import TierUnavailable, connect
 from .tierconfig import HEARTBEATS_PER_TTL, TierConfig, parse_heartbeat_ttl, parse_prefix, parse_tier
 from .pools import POOLS, pool_limit
-from .protocol import HEADER, MAX_REQUEST_FRAME, get_answer_size
+from .endpoint import RECEIVE_SIZE, SEND_BATCH_BYTES
+from .protocol import get_answer_size
 from .server import Server, ServerConfig, fmt_pages, open_listener
 from .sizes import format_size, parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
@@ -36,9 +37,11 @@ from .tieredstore import TieredStore
 
 log = logging.getLogger("hoststore")
 
-# The least --max-in-flight that serves anyone: the largest message each way (a put
-# coming in, a get answer going out), held for one connection at once.
-LEAST_IN_FLIGHT = HEADER.size + MAX_REQUEST_FRAME + get_answer_size(MAX_GET_PAGES)
+# The least --max-in-flight that serves anyone: the most one connection holds at once,
+# a read of the largest message coming in (a put) and a write of answers going out
+# (answers are sent once they pass SEND_BATCH_BYTES: that, and one more get answer).
+# The store's own hand-backs count against a budget of their own (hoststore.endpoint).
+LEAST_IN_FLIGHT = RECEIVE_SIZE + SEND_BATCH_BYTES + get_answer_size(MAX_GET_PAGES)
 
 DESCRIPTION = """\
 Keep swap pages offered by vswapfs clients in RAM, accepting or refusing each
@@ -78,8 +81,8 @@ oldest goes for the newest).  Loopback TCP counts as one host, whatever 127.x
 address it uses.  What peers can make the store hold while it waits for the
 rest of their messages is capped too: a put carries at most {format_size(MAX_PUT_PAGES * PAGE_SIZE)}
 (clients split larger writes), a message begun must be finished within
---frame-timeout, and past --max-in-flight for all connections together the
-ones that kept the store waiting longest are closed.
+--frame-timeout, and past --max-in-flight for the connections of one pool
+the ones that kept the store waiting longest (over --shed-after) are closed.
 """
 
 
@@ -136,13 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-connections-per-peer", type=argtype(count),
                     default=ServerConfig.max_connections_per_peer, metavar="N",
                     help="at most N connections per uid (unix socket) or host (TCP; every loopback address is "
-                         "one host) (default %(default)s)")
+                         "one host, an IPv6 /64 is one host), and apart from those N, N of a host's TCP "
+                         "connections that have not said hello yet (default %(default)s)")
     ap.add_argument("--max-clients", type=argtype(count), default=1024, metavar="N",
                     help="client names kept at once; names away and holding no page are forgotten to make "
                          "room, and beyond that new names are refused (default 1024)")
-    ap.add_argument("--connection-rate", type=argtype(_positive), default=50.0, metavar="N",
+    ap.add_argument("--connection-rate", type=argtype(_positive), default=ServerConfig.connection_rate,
+                    metavar="N",
                     help="new connections per second per uid or host, in bursts of up to 2N; more are "
-                         "closed at once (default 50)")
+                         "closed at once.  A host's TCP connections have a rate for their connecting and "
+                         "another once their hello succeeded (a token holder's are not spent by tokenless "
+                         "peers on its host); over the first, one is still let in while the hello pool has "
+                         "room (default %(default)g)")
     ap.add_argument("--hello-timeout", type=argtype(_positive), default=ServerConfig.hello_timeout,
                     metavar="SECONDS",
                     help="close a connection that has not said hello within this long (default %(default)g)")
@@ -152,11 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "long of waiting for it (default %(default)g)")
     ap.add_argument("--max-in-flight", type=argtype(parse_size), default=ServerConfig.max_in_flight,
                     metavar="SIZE",
-                    help="bytes that all connections together may make the store hold while it waits for their "
-                         "peers: the start of a message not finished, an answer not yet taken; beyond it, the "
-                         "connections whose peers have kept it waiting longest are closed (default "
-                         f"{format_size(ServerConfig.max_in_flight)}; a connection holds at most one message "
-                         f"each way: {LEAST_IN_FLIGHT} bytes is the least allowed)")
+                    help="bytes that the connections of one pool together may make the store hold while it "
+                         "waits for their peers: the start of a message not finished, answers not yet taken "
+                         "(the store's own hand-backs have a budget as large of their own); beyond it, the "
+                         "connections whose peers have kept it waiting longest, over --shed-after, are closed "
+                         f"(default {format_size(ServerConfig.max_in_flight)} per pool; a connection holds at most one "
+                         f"read coming in and {format_size(SEND_BATCH_BYTES)} of answers and one more going out: "
+                         f"{LEAST_IN_FLIGHT} bytes is the least allowed)")
+    ap.add_argument("--shed-after", type=argtype(_positive), default=ServerConfig.shed_after, metavar="SECONDS",
+                    help="past --max-in-flight, close only connections whose peers have kept the store waiting "
+                         "this long (for the rest of a message, or to take answers): a peer reading promptly "
+                         "is never closed for it (default %(default)g)")
     ap.add_argument("--idle-timeout", type=argtype(_positive), default=300.0, metavar="SECONDS",
                     help="close a connection silent for this long (default 300; vswapfs keeps its own alive)")
     ap.add_argument("--policy", type=argtype(_policy), default=None, metavar="SPEC",
@@ -247,14 +261,14 @@ def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> S
     if twice:
         ap.error(f"--max-connections gives pool {', '.join(twice)} more than once")
     if args.max_in_flight < LEAST_IN_FLIGHT:
-        ap.error(f"--max-in-flight {args.max_in_flight} is below the largest message each way "
+        ap.error(f"--max-in-flight {args.max_in_flight} is below what one connection may hold "
                  f"({LEAST_IN_FLIGHT} bytes): a client putting and reading the most it may would be closed")
     return ServerConfig(
         handback_rate=args.handback_rate / PAGE_SIZE, drain_timeout=args.drain_timeout,
         max_connections=MappingProxyType(dict(args.max_connections)),
         max_connections_per_peer=args.max_connections_per_peer,
         hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout, connection_rate=args.connection_rate,
-        frame_timeout=args.frame_timeout, max_in_flight=args.max_in_flight,
+        frame_timeout=args.frame_timeout, max_in_flight=args.max_in_flight, shed_after=args.shed_after,
     )
 
 

@@ -10,9 +10,14 @@ A store's endpoints also bound what peers can make it hold (the clients'
 endpoints leave this off): each reads no more than one frame of the largest
 size allowed (``Connection.room``); a frame begun must be finished within
 ``frame_timeout`` of waiting for the peer; and an :class:`InFlight` shared by
-all of them caps the bytes they hold for their peers together (the start of a
-frame, an answer not yet taken), closing the connections whose peers have kept
-us waiting longest when the cap is passed.
+the connections of one pool caps the bytes they hold for their peers together
+(the start of a frame, answers not yet taken), closing, when the cap is passed,
+the connections whose peers have kept us waiting longest, and only those that
+kept us waiting at least its ``floor``.  Requests the store itself sends (hand-
+backs) count against a budget of their own (``request(..., budget=)``), not
+the pool's: no peer made us hold them, and a pool's peers must not wait or be
+closed for them; a peer that does not take them is closed past that budget
+all the same.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import socket
 from array import array
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -47,39 +52,88 @@ class FrameTimeout(Exception):
     """The peer began a frame and did not finish it within the endpoint's frame_timeout."""
 
 
+class Holder(Protocol):
+    def stalled(self, now: float) -> float: ...
+
+    def shed(self) -> None: ...
+
+
 class InFlight:
-    """The bytes a store holds for its connections' peers, all together, under one
-    cap: the start of a frame a peer has not finished sending, and a write it has
-    not finished taking.  Past the cap, the connections whose peers have kept us
-    waiting longest (:meth:`Endpoint.stalled`) are closed (:meth:`Endpoint.shed`)
-    until the rest fit: a crowd of peers that start large frames and stall, or
-    ask for large answers and never read them, costs the store this much, and a
-    client keeping up is the last to go."""
+    """The bytes the store holds for the peers of one pool of connections, all
+    together, under one cap: the start of a frame a peer has not finished sending,
+    and a write of answers it has not finished taking.  Past the cap, the
+    connections whose peers have kept us waiting longest (:meth:`Endpoint.stalled`)
+    are closed (:meth:`Endpoint.shed`) until the rest fit, but only those that kept
+    us waiting ``floor`` seconds or more: a peer taking what it is sent promptly is
+    never closed for this, however much the pool holds.  A crowd of peers that
+    start large frames and stall, or ask for large answers and never read them,
+    costs the store this much once they have stalled ``floor`` seconds;
+    :meth:`watch` closes them as they pass it.  Until then no connection of the
+    pool reads a new message (:meth:`wait_room`): the pool's peers wait, and what
+    the pool holds can grow past the cap only by what connections already reading
+    bring in and answer."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, floor: float = 0.0) -> None:
         self.cap = cap
+        self.floor = floor
         self.total = 0
-        self._held: dict[Endpoint, int] = {}
+        self._held: dict[Holder, int] = {}
+        self._over = trio.Event()  # set while the total is past the cap
+        self._fits = trio.Event()  # set while it is not
+        self._fits.set()
 
-    def hold(self, endpoint: "Endpoint", nbytes: int) -> None:
+    def hold(self, endpoint: Holder, nbytes: int) -> None:
         """``endpoint`` holds ``nbytes`` now (in place of what it held before)."""
         self.release(endpoint)
         if nbytes:
             self._held[endpoint] = nbytes
             self.total += nbytes
             if self.total > self.cap:
-                self._shed()
+                if self._fits.is_set():
+                    self._fits = trio.Event()
+                self.shed(trio.current_time())
 
-    def release(self, endpoint: "Endpoint") -> None:
+    def release(self, endpoint: Holder) -> None:
         self.total -= self._held.pop(endpoint, 0)
+        if self.total <= self.cap:
+            self._fits.set()
 
-    def _shed(self) -> None:
-        now = trio.current_time()
+    async def wait_room(self) -> None:
+        """Return once the pool holds no more than its cap (at once, without a
+        checkpoint, if it does: this is on every read's path)."""
+        if not self._fits.is_set():
+            await self._fits.wait()
+
+    def shed(self, now: float) -> None:
+        """Close the longest stalled (past the floor) until the total fits the cap;
+        :meth:`watch` is woken if it still does not."""
         for endpoint in sorted(self._held, key=lambda e: e.stalled(now), reverse=True):
-            if self.total <= self.cap:
-                return
+            if self.total <= self.cap or endpoint.stalled(now) < self.floor:
+                break
             self.release(endpoint)
             endpoint.shed()
+        if self.total > self.cap:
+            self._over.set()
+
+    def _next_check(self, now: float) -> float:
+        """When the longest stalled connection (if it stays stalled) passes the floor,
+        never sooner than a tenth of the floor from now (those not stalled now may
+        never pass it: then this is a slow poll while the cap is passed)."""
+        longest = max((e.stalled(now) for e in self._held), default=0.0)
+        return now + max(self.floor - longest, self.floor / 10)
+
+    async def watch(self) -> None:
+        """Run by the server: while the cap is passed, close connections as their
+        peers' stalls pass the floor (nothing else would notice: a stalled peer
+        makes no more calls to :meth:`hold`)."""
+        while True:
+            await self._over.wait()
+            now = trio.current_time()
+            self.shed(now)
+            if self.total <= self.cap:
+                self._over = trio.Event()
+                continue
+            await trio.sleep_until(self._next_check(now))
 
 
 class RemoteError(Exception):
@@ -171,13 +225,15 @@ class Endpoint:
         if self.on_shed is not None:
             self.on_shed()
 
-    async def request(self, message: p.Request) -> Any:
-        """Send a request and wait for its typed answer.  The caller puts the deadline around it."""
+    async def request(self, message: p.Request, budget: InFlight | None = None) -> Any:
+        """Send a request and wait for its typed answer.  The caller puts the deadline around it.
+        ``budget``: what its bytes count against while the peer takes them, in place of
+        the pool's (a store's own hand-back: not the peer's doing)."""
         if self.closed.is_set():
             raise PeerGone("connection closed")
         msgid, data, waiter = self._framed(message)
         try:
-            await self.send(data)
+            await self.send(data, budget=budget)
             await waiter.event.wait()
         finally:
             self._waiters.pop(msgid, None)
@@ -221,20 +277,29 @@ class Endpoint:
             raise RemoteError(response.error)
         return response.answer
 
-    async def send(self, data: bytes, paced: bool = False, fds: list[int] | None = None) -> None:
+    async def send(self, data: bytes, paced: bool = False, fds: list[int] | None = None,
+                   budget: InFlight | None = None) -> None:
         """Write ``data`` whole.  ``paced``: large writes await ``self.pace`` before each
         slice (only the receive loop's own answers: a request this end sends, such as
         a hand-back, comes from another task and must not take that loop's turns).
-        ``fds``: file descriptors passed along with the first bytes (unix sockets)."""
+        ``fds``: file descriptors passed along with the first bytes (unix sockets).
+        The write counts against ``budget``, or without one the pool's cap (there is
+        one), and the time the peer takes to take it is its stall.  Raises PeerGone,
+        having written nothing more, once the connection is closed (by a cap, too)."""
         async with self._send_lock:
-            if self.closed.is_set():
-                raise PeerGone("connection closed")
+            own = budget is None  # the pool's
+            budget = self.inflight if own else budget
             write = self.stream.send_all
-            if self.inflight is not None:
+            if budget is not None:
                 write = self._timed_send_all
-                self._writing = len(data)
-                self._hold()
+                if own:
+                    self._writing = len(data)
+                    self._hold()
+                elif not self.closed.is_set():
+                    budget.hold(self, len(data))
             try:
+                if self.closed.is_set():  # before the first byte: closed now, perhaps by the cap just told
+                    raise PeerGone("connection closed")
                 if fds:
                     sock = self.stream.socket  # type: ignore[attr-defined]
                     sent = await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))])
@@ -246,9 +311,9 @@ class Endpoint:
                     with memoryview(data) as view:
                         for at in range(0, len(view), SEND_SLICE):
                             if paced and self.pace is not None:
-                                if self.closed.is_set():
-                                    raise PeerGone("connection closed")
                                 await self.pace(min(SEND_SLICE, len(view) - at))
+                            if self.closed.is_set():  # closed from outside between two slices
+                                raise PeerGone("connection closed")
                             await write(view[at : at + SEND_SLICE])
             except trio.Cancelled:
                 # A send cut short leaves part of a frame on the wire: nothing
@@ -259,10 +324,13 @@ class Endpoint:
                 self.close()
                 raise PeerGone(f"send failed: {exc}") from None
             finally:
-                if self.inflight is not None:
-                    self._writing = 0
+                if budget is not None:
                     self._write.reset()  # nothing held for the peer to take now
-                    self._hold()
+                    if own:
+                        self._writing = 0
+                        self._hold()
+                    else:
+                        budget.release(self)
 
     async def _timed_send_all(self, data: bytes | memoryview) -> None:
         """One write, the time the peer takes to take it counted as waiting for it."""
@@ -287,6 +355,8 @@ class Endpoint:
             while not self.conn.closed:
                 if on_wait is not None:
                     on_wait()
+                if self.inflight is not None and not self.conn.buffered:
+                    await self.inflight.wait_room()  # holding nothing: begin nothing while the pool is over
                 data = await self._read()
                 if not data or self.closed.is_set():  # gone, or closed from outside while the read came
                     return
@@ -362,6 +432,15 @@ class Endpoint:
         if held != self._holding and not self.closed.is_set():
             self._holding = held
             self.inflight.hold(self, held)
+
+    def move(self, inflight: InFlight) -> None:
+        """Count against ``inflight`` from now on (the connection changed pools)."""
+        if self.inflight is not None:
+            self.inflight.release(self)
+        self.inflight = inflight
+        self._holding = 0
+        if not self.closed.is_set():
+            self._hold()
 
     async def _flush(self, out: list[Any], lent: list[Callable[[], None]]) -> bool:
         """Send and empty ``out``, then give pooled buffers back; False if the peer is gone."""

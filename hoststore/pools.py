@@ -13,11 +13,20 @@ limit (``hoststore --max-connections POOL=N``):
 
 A TCP connection starts in ``hello`` and moves to ``tcp`` when its hello
 succeeds; if ``tcp`` is full, that hello is refused.  The ``hello`` pool is
-small and never refuses a newcomer: when it is full, its oldest member is
-closed instead, so connections that never say hello cannot keep a good client
-from getting as far as its own (which takes a round trip).  Nothing on TCP
-counts against ``admin`` or ``unix``, and no unauthenticated peer against
-``tcp``.
+small and never refuses a newcomer within its host's connection rate: when it
+is full, its oldest member is closed instead, so connections that never say
+hello cannot keep a good client from getting as far as its own (which takes a
+round trip).  Nothing on TCP counts against ``admin`` or ``unix``, and no
+unauthenticated peer against ``tcp``.
+
+The per-peer limits (``--connection-rate``, ``--max-connections-per-peer``)
+count a TCP host's connections not past hello apart from those that are
+(hoststore.access.before_hello): a good hello moves the connection to its
+host's own count, charged to its host's own rate then, and gives back what its
+connecting took.  Over its rate, a connection not past hello is still let in
+while the hello pool has room (it evicts no one), so a tokenless flood from the
+same host or NAT address cannot keep a token holder out of it.  Each pool has
+its own budget for bytes in flight, too (hoststore.endpoint.InFlight).
 """
 
 from __future__ import annotations
@@ -111,6 +120,9 @@ class Pools:
     def count(self, pool: Pool) -> int:
         return len(self._members[pool])
 
+    def full(self, pool: Pool) -> bool:
+        return len(self._members[pool]) >= self.limits[pool]
+
     def pool_of(self, member: Member) -> Pool | None:
         return self._pool_of.get(member)
 
@@ -118,7 +130,7 @@ class Pools:
         """Take ``member`` into ``pool`` (out of the one it was in); False, counted, if
         the pool is full and does not evict (it then stays where it was)."""
         members = self._members[pool]
-        if len(members) >= self.limits[pool]:
+        if self.full(pool):
             rule = POOLS[pool]
             self.counters.add(rule.full)
             if not rule.evicts:

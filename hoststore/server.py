@@ -30,7 +30,7 @@ import trio
 
 from . import auth
 from . import protocol as p
-from .access import Access, check_listener, peer_identity, peer_key, peer_uid, socket_mode
+from .access import Access, before_hello, check_listener, peer_identity, peer_key, peer_uid, socket_mode
 from .address import Address
 from .clientpages import ClientPages
 from .slab import INDEX_BLOCK
@@ -125,7 +125,9 @@ class ServerConfig:
     idle_timeout: float = 300.0  # no complete message for this long: closed (clients keep alive)
     connection_rate: float = 50.0  # new connections per second per peer (burst: twice that)
     frame_timeout: float = 5.0  # waiting for the rest of a frame begun, at most this long in all
-    max_in_flight: int = 4 << 20  # bytes held for peers (frames begun, answers not taken), all together
+    max_in_flight: int = 4 << 20  # bytes held for peers (frames begun, answers not taken), per pool
+    # Past max_in_flight, only a connection whose peer kept the store waiting this long is closed.
+    shed_after: float = 0.5
 
 
 # What serving any one request costs, in pages' worth of the store's time
@@ -142,6 +144,12 @@ def request_cost(msg: Any) -> int:
     return REQUEST_COST
 
 
+def counted_as(uid: int | None, peer: str) -> str:
+    """Whom a new connection counts against for the per-peer limits: a unix-socket peer
+    its uid (``peer``) from the start, a TCP peer its host's connections not past hello."""
+    return peer if uid is not None else before_hello(peer)
+
+
 class _Stopped(Exception):
     """This connection was closed from outside (its client reconnected on another, or a
     limit closed it): serve nothing more on it."""
@@ -151,16 +159,21 @@ class Session:
     """One connection: its protocol state, and the client it serves once the hello is done."""
 
     def __init__(self, server: "Server", stream: trio.abc.Stream, peer: str | None = None) -> None:
-        """``peer``: whom it counts against for the per-peer limits (hoststore.access.peer_key)."""
+        """``peer``: whom it counts against for the per-peer limits once it is past its hello
+        (hoststore.access.peer_key); ``counted``: whom it counts against now."""
         self.server = server
         self.store = server.store
         self.access = server.access
         cfg = server.config
-        self.endpoint = Endpoint(stream, p.Connection("server"), pace=self._pace, inflight=server.inflight,
-                                 frame_timeout=cfg.frame_timeout, on_shed=self._shed)
-        self.nonce = auth.nonce()
         self.uid = peer_uid(stream)
+        inflight = server.inflight[first_pool(self.uid, self.access)]  # moves with it (_leave_hello_pool)
+        self.endpoint = Endpoint(stream, p.Connection("server"), pace=self._pace,
+                                 inflight=inflight, frame_timeout=cfg.frame_timeout,
+                                 on_shed=self._shed)
+        self.nonce = auth.nonce()
         self.peer = peer or peer_key(stream)
+        self.counted = counted_as(self.uid, self.peer)
+        self.took_token = False  # from self.counted's bucket, as it connected
         self.admin = self.access.is_admin(self.uid)
         self.identity = peer_identity(self.uid, self.access.token)  # who owns the names it creates
         self.client: ClientPages | None = None
@@ -264,11 +277,12 @@ class Session:
         self.stop()
 
     def _shed(self) -> None:
-        """Closed by the in-flight cap (InFlight): its peer kept the store waiting longest."""
+        """Closed by its pool's in-flight cap (InFlight): its peer kept the store waiting longest."""
         self.store.counters.add(HostCounter.CLOSED_IN_FLIGHT)
-        peer_log("in flight", logging.WARNING, "closing a connection%s from %s: what the store holds for its "
-                 "peers passed --max-in-flight, and this one has kept it waiting longest (for the rest of a "
-                 "message, or to take an answer)", self._who(), self.peer)
+        peer_log("in flight", logging.WARNING, "closing a connection%s from %s: what the store holds for the "
+                 "peers of its pool passed --max-in-flight, and this one has kept it waiting longest (over "
+                 "%gs, for the rest of a message, or to take answers)", self._who(), self.peer,
+                 self.server.config.shed_after)
         self.stop()
 
     # -- requests ---------------------------------------------------------------------
@@ -325,14 +339,22 @@ class Session:
                                                   "authentication failed: wrong token")
         return None
 
-    def _leave_hello_pool(self) -> str | None:
+    def _leave_hello_pool(self) -> tuple[HostCounter | None, str] | None:
         """A TCP peer's hello is good: it moves to the tcp pool, if that has room
-        (counted there if not); why not, or None."""
-        pools = self.server.pools
-        if pools.pool_of(self) is not Pool.HELLO or pools.join(self, Pool.TCP):
+        (counted there if not) and its host is within its own limits (apart from
+        the connections not past hello); why not, or None."""
+        server = self.server
+        pools = server.pools
+        if pools.pool_of(self) is not Pool.HELLO or self.uid is not None:
             return None
-        return (f"the store has {pools.limits[Pool.TCP]} TCP connections already "
-                f"(hoststore --max-connections tcp=N)")
+        refusal = server.past_hello(self)
+        if refusal is not None:
+            return refusal
+        if pools.join(self, Pool.TCP):
+            self.endpoint.move(server.inflight[Pool.TCP])
+            return None
+        return None, (f"the store has {pools.limits[Pool.TCP]} TCP connections already "
+                      f"(hoststore --max-connections tcp=N)")
 
     def _hello(self, msgid: int, hello: Hello) -> bytes:
         conn = self.endpoint.conn
@@ -341,7 +363,7 @@ class Session:
             return self._refuse(msgid, hello, *refusal)
         full = self._leave_hello_pool()
         if full is not None:
-            return self._refuse(msgid, hello, None, full)
+            return self._refuse(msgid, hello, *full)
         try:
             client, answer, superseded = self.store.attach(hello, self.nonce, can_share=self._can_share,
                                                            owner=self.identity)
@@ -465,9 +487,10 @@ class Session:
         return dropped
 
     async def hand_back(self, handback: HandBack, timeout: float) -> bytes:
-        """Ask the client to take pages back; its per-page answer."""
+        """Ask the client to take pages back; its per-page answer.  Counted in flight
+        against the hand-backs' own budget, not the pool's: the store chose to send it."""
         with trio.fail_after(timeout):
-            return await self.endpoint.request(handback)
+            return await self.endpoint.request(handback, budget=self.server.handbacks)
 
 
 class Server:
@@ -480,7 +503,10 @@ class Server:
         self.fair = FairShare(on_wait=lambda: store.counters.add(HostCounter.FAIR_WAITS))
         self.frames = p.FramePool()
         self.pools = Pools(self.config.max_connections, store.counters)
-        self.inflight = InFlight(self.config.max_in_flight)
+        # What each pool's peers can make the store hold: TCP cannot crowd out admin or unix.
+        self.inflight = {pool: InFlight(self.config.max_in_flight, self.config.shed_after) for pool in Pool}
+        # The store's own hand-backs while their peers take them: a budget of their own.
+        self.handbacks = InFlight(self.config.max_in_flight, self.config.shed_after)
         self._per_peer: Counter[str] = Counter()
         self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
         self._changed = trio.Event()
@@ -528,29 +554,53 @@ class Server:
                 await trio.aclose_forcefully(session.endpoint.stream)
         finally:
             self.pools.leave(session)
-            key = session.peer
-            self._per_peer[key] -= 1
-            if not self._per_peer[key]:
-                del self._per_peer[key]
+            self._uncount(session.counted)
+
+    def _uncount(self, key: str) -> None:
+        self._per_peer[key] -= 1
+        if not self._per_peer[key]:
+            del self._per_peer[key]
+
+    def _over_limits(self, key: str, pool: Pool) -> tuple[HostCounter, str] | bool:
+        """Whether a new connection of ``key``, joining ``pool``, is past its connection
+        rate or count: the counter and the reason, or, if not, whether it took a token.
+        A TCP connection not past hello is let in over its rate while the hello pool
+        has room (so that a flood from its host cannot keep a token holder there out),
+        taking no token and evicting no one."""
+        cfg = self.config
+        took = self._take_token(key)
+        if not took and (pool is not Pool.HELLO or self.pools.full(pool)):
+            return HostCounter.REFUSED_CONNECTION_RATE, f"more than {cfg.connection_rate:g} new connections a second"
+        if self._per_peer[key] >= cfg.max_connections_per_peer:
+            return (HostCounter.REFUSED_PEER_CONNECTIONS,
+                    f"it has {self._per_peer[key]} already (--max-connections-per-peer)")
+        return took
+
+    def past_hello(self, session: Session) -> tuple[HostCounter, str] | None:
+        """A TCP connection's hello is good: it counts against its host from now on, within
+        the host's own rate and count (why not, or None), and gives back the token its
+        connecting took from its host's connections not past hello."""
+        over = self._over_limits(session.peer, Pool.TCP)
+        if not isinstance(over, bool):
+            return over[0], f"{session.peer}: {over[1]}"
+        if session.took_token:
+            self._refund(session.counted)
+        self._uncount(session.counted)
+        session.counted = session.peer
+        self._per_peer[session.counted] += 1
+        return None
 
     def _admit_connection(self, stream: trio.SocketStream) -> Session | None:
         """The session of a new connection, in its pool; None if a limit closes it."""
-        cfg, counters = self.config, self.store.counters
-        key = peer_key(stream)
-        if not self._take_token(key):
-            counters.add(HostCounter.REFUSED_CONNECTION_RATE)
-            peer_log("connection rate", logging.WARNING,
-                     "closing a connection from %s: more than %g new connections a second", key,
-                     cfg.connection_rate)
+        uid, peer = peer_uid(stream), peer_key(stream)
+        key, pool = counted_as(uid, peer), first_pool(uid, self.access)
+        over = self._over_limits(key, pool)
+        if not isinstance(over, bool):  # refused before anything is set up for it
+            self.store.counters.add(over[0])
+            peer_log(over[0].value, logging.WARNING, "closing a connection from %s: %s", key, over[1])
             return None
-        if self._per_peer[key] >= cfg.max_connections_per_peer:
-            counters.add(HostCounter.REFUSED_PEER_CONNECTIONS)
-            peer_log("max per peer", logging.WARNING,
-                     "closing a connection from %s: it has %d already (--max-connections-per-peer)", key,
-                     self._per_peer[key])
-            return None
-        session = Session(self, stream, key)
-        pool = first_pool(session.uid, self.access)
+        session = Session(self, stream, peer)
+        session.took_token = over
         if not self.pools.join(session, pool):
             peer_log("max connections", logging.WARNING,
                      "closing a connection from %s: the %s pool is full (--max-connections %s=%d)", key, pool,
@@ -575,6 +625,12 @@ class Server:
         self._buckets[key] = (tokens - 1, now)
         return True
 
+    def _refund(self, key: str) -> None:
+        """Give back a token ``_take_token`` took from ``key``."""
+        if key in self._buckets:
+            tokens, when = self._buckets[key]
+            self._buckets[key] = (min(2 * self.config.connection_rate, tokens + 1), when)
+
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled, or until a drain has finished."""
@@ -583,6 +639,8 @@ class Server:
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener, nursery)
             nursery.start_soon(self._pressure_loop)
+            for inflight in (*self.inflight.values(), self.handbacks):
+                nursery.start_soon(inflight.watch)
             bound = [listener_address(lst) for lst in listeners]
             log.info("listening on %s; capacity %d pages", ", ".join(map(str, bound)),
                      self.store.limits.capacity_pages)

@@ -56,7 +56,7 @@ def test_help(module: str) -> None:
         ("hoststore", ["--listen", "unix:/x", "--max-connections", "256"], "give POOL=N"),
         ("hoststore", ["--listen", "unix:/x", "--max-connections", "tcp=8", "--max-connections", "tcp=9"],
          "pool tcp more than once"),
-        ("hoststore", ["--listen", "unix:/x", "--max-in-flight", "1M"], "below the largest message each way"),
+        ("hoststore", ["--listen", "unix:/x", "--max-in-flight", "1M"], "below what one connection may hold"),
         ("hoststore", ["--listen", "tcp:127.0.0.1:0", "--token-file", "/nonexistent"], "cannot open token file"),
         # TCP without a token: refused unless --insecure-tcp, and that only on loopback.
         ("hoststore", ["--listen", "tcp:127.0.0.1:0"], "accept that with --insecure-tcp"),

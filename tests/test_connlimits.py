@@ -7,19 +7,23 @@ from several loopback addresses (127.0.0.2 ...), as any local process can.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
+import threading
+from functools import partial
 from array import array
 
 import pytest
 import trio
+import trio.testing
 
 from hoststore import auth
 from hoststore import protocol as p
 from hoststore.access import Access, host_key
 from hoststore.address import Address
 from hoststore.counters import Counters
-from hoststore.endpoint import InFlight
+from hoststore.endpoint import Endpoint, InFlight, PeerGone
 from hoststore.messages import (
     MAX_GET_PAGES,
     MAX_PUT_PAGES,
@@ -27,6 +31,7 @@ from hoststore.messages import (
     PROTOCOL_VERSION,
     ROLE_PAGER,
     Get,
+    Drain,
     Hello,
     Put,
     Stats,
@@ -38,6 +43,9 @@ from hoststore.store import HostCounter, Store
 from vswapfs.hostclient import HostClient, LinkCounter, query
 from vswapfs.pagestore import StoreError
 
+from .test_rpc import new_store as pressured_store
+from .test_drain import FOREVER, pager_on, read_back
+from .test_drain import start_server as drain_server
 from .test_access import INSECURE, TOKEN, answer_of, closed_by_server, new_store, page, start_client
 
 SOURCES = [f"127.0.0.{i}" for i in range(2, 8)]  # six loopback addresses: still one host
@@ -126,6 +134,12 @@ def test_loopback_is_one_host_whatever_address_it_uses() -> None:
     assert host_key("10.0.0.2") != host_key("10.0.0.1")
 
 
+def test_an_ipv6_host_is_its_slash_64() -> None:
+    """A host can take any address of its /64: counted apart, each would multiply its limits."""
+    assert host_key("2001:db8:1:2::1") == host_key("2001:db8:1:2:ffff:1:2:3") == "network 2001:db8:1:2::/64"
+    assert host_key("2001:db8:1:3::1") != host_key("2001:db8:1:2::1")
+
+
 def test_each_connection_starts_in_the_pool_of_what_is_known_of_it() -> None:
     access = Access(allowed_uids=frozenset({1234}))
     assert first_pool(None, access) is Pool.HELLO  # TCP proves itself at hello
@@ -182,10 +196,13 @@ async def test_each_pool_refuses_only_its_own_kind_and_a_loopback_host_is_counte
         with trio.fail_after(5):
             while len(server.pools) > 2:  # the refused one is gone
                 await trio.sleep(0.01)
-        held.append(await peer(tcp.port, SOURCES[3], say_hello=False))  # the host's 3rd, in the hello pool
-        assert held[-1] is not None and server.pools.count(Pool.HELLO) == 1
-        # A 4th loopback connection, from yet another 127 address, is the host's 4th.
-        extra = await trio.open_tcp_stream("127.0.0.1", tcp.port, local_address=SOURCES[4])
+        # Connections not past hello count apart from those that are: three more, from
+        # three more 127 addresses, are the host's three of that kind, and a fourth is one too many.
+        for source in SOURCES[3:6]:
+            held.append(await peer(tcp.port, source, say_hello=False))
+            assert held[-1] is not None
+        assert server.pools.count(Pool.HELLO) == 3
+        extra = await trio.open_tcp_stream("127.0.0.1", tcp.port, local_address=SOURCES[0])
         assert await closed_by_server(extra)
         assert store.counters[HostCounter.REFUSED_PEER_CONNECTIONS] == 1
         # The unix socket's admin pool is its own: the TCP crowd took none of it.
@@ -245,12 +262,15 @@ async def test_connections_that_never_say_hello_cannot_keep_a_client_with_the_to
 
 
 class _Holder:
-    def __init__(self, stalled: float) -> None:
+    """Stalled ``stalled`` seconds now, and more as time passes if ``growing``."""
+
+    def __init__(self, stalled: float, growing: bool = False) -> None:
         self._stalled = stalled
+        self._since = trio.current_time() if growing else None
         self.shed_calls = 0
 
     def stalled(self, now: float) -> float:
-        return self._stalled
+        return self._stalled + (now - self._since if self._since is not None else 0.0)
 
     def shed(self) -> None:
         self.shed_calls += 1
@@ -268,6 +288,38 @@ async def test_past_the_in_flight_cap_the_connections_waited_for_longest_go_firs
     assert inflight.total == 70
     inflight.hold(fast, 101)  # 141: the slow one, then, still over, the fast one itself
     assert (slow.shed_calls, fast.shed_calls) == (1, 1) and inflight.total == 0
+
+
+async def test_past_the_in_flight_cap_a_peer_that_kept_us_waiting_less_than_the_floor_stays() -> None:
+    inflight = InFlight(cap=100, floor=1.0)
+    slow, prompt = _Holder(2.0), _Holder(0.2)
+    inflight.hold(prompt, 90)
+    inflight.hold(slow, 20)
+    assert (slow.shed_calls, prompt.shed_calls) == (1, 0) and inflight.total == 90
+    inflight.hold(prompt, 150)  # over the cap, but nobody kept us waiting a second: nobody goes
+    assert prompt.shed_calls == 0 and inflight.total == 150
+    inflight.hold(prompt, 0)
+    assert inflight.total == 0
+
+
+async def test_past_the_in_flight_cap_peers_are_closed_as_their_stalls_pass_the_floor(autojump_clock) -> None:
+    """Nothing calls hold while peers stall: the watcher closes them when they pass the
+    floor, the longest stalled first, and leaves the rest once the total fits."""
+    inflight = InFlight(cap=100, floor=1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inflight.watch)
+        early, late, prompt = _Holder(0.5, growing=True), _Holder(0.0, growing=True), _Holder(0.0)
+        start = trio.current_time()
+        inflight.hold(early, 60)
+        inflight.hold(late, 50)
+        inflight.hold(prompt, 30)  # 140, nobody past the floor yet
+        assert inflight.total == 140 and not early.shed_calls
+        while not early.shed_calls:
+            await trio.sleep(0.01)
+        assert trio.current_time() - start == pytest.approx(0.5, abs=0.11)  # when it passed the floor
+        await trio.sleep(5)  # 80 fits: the others stay, however long they stall
+        assert (early.shed_calls, late.shed_calls, prompt.shed_calls) == (1, 0, 0) and inflight.total == 80
+        nursery.cancel_scope.cancel()
 
 
 def stalled_put(conn: p.Connection, seq: int) -> bytes:
@@ -289,14 +341,16 @@ async def still_open(stream: trio.SocketStream) -> bool:
 async def test_a_crowd_of_stalled_puts_is_held_under_the_in_flight_cap_the_oldest_closed_first(tmp_path) -> None:
     """Twelve peers with the token each send all but the last byte of the largest legal
     put and stall.  The store holds at most --max-in-flight of them (here 2 MiB: seven
-    such frames) and closes the ones that have kept it waiting longest; a pager on
-    the unix socket, putting batches larger than a wire put and reading 1 MiB
-    answers, is served meanwhile (closing more stalled peers to make room)."""
+    such frames) once they have stalled --shed-after, and closes the ones that have
+    kept it waiting longest; a pager on the unix socket, putting batches larger than
+    a wire put and reading 1 MiB answers, is served meanwhile from its own pool's
+    budget (closing no TCP peer, and closed by none)."""
     store = new_store(capacity=1024)
     cap = 2 << 20
     async with trio.open_nursery() as nursery:
         tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN), max_in_flight=cap,
-                                               frame_timeout=60.0)
+                                               frame_timeout=60.0, shed_after=0.2)
+        inflight = server.inflight[Pool.TCP]
         stalled = []
         for i in range(12):
             got = await peer(tcp.port, SOURCES[i % len(SOURCES)], say_hello=True, token=TOKEN)
@@ -307,7 +361,7 @@ async def test_a_crowd_of_stalled_puts_is_held_under_the_in_flight_cap_the_oldes
             await stream.send_all(data)
             stalled.append(stream)
             with trio.fail_after(5):  # the store has read all of it, and closed what it had to
-                while server.inflight.total != min(i + 1, kept) * len(data):
+                while inflight.total != min(i + 1, kept) * len(data):
                     await trio.sleep(0.01)
         assert kept == 7
         for stream in stalled[:-kept]:  # the oldest went
@@ -321,9 +375,9 @@ async def test_a_crowd_of_stalled_puts_is_held_under_the_in_flight_cap_the_oldes
             data = b"".join(page(i) for i in range(256))
             assert await pager.put(0, 1, data) == bytes(256)
             assert (await pager.get(array("Q", range(256)))).data == data
-        # Its puts, one frame at a time, made room for themselves by closing stalled peers.
         assert pager.counters[LinkCounter.CONNECTS] == 1 and pager.counters[LinkCounter.DISCONNECTS] == 0
-        assert server.inflight.total <= cap
+        assert store.counters[HostCounter.CLOSED_IN_FLIGHT] == len(stalled) - kept
+        assert inflight.total <= cap
         nursery.cancel_scope.cancel()
 
 
@@ -335,7 +389,9 @@ async def test_answers_never_read_are_held_under_the_in_flight_cap(tmp_path) -> 
     store = new_store(capacity=1024)
     cap = 3 << 20
     async with trio.open_nursery() as nursery:
-        tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN), max_in_flight=cap)
+        tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN), max_in_flight=cap,
+                                               shed_after=0.2)
+        inflight = server.inflight[Pool.TCP]
         unread = []
         for i in range(8):
             stream, conn = await peer(tcp.port, SOURCES[i % len(SOURCES)], say_hello=True, token=TOKEN)
@@ -348,7 +404,7 @@ async def test_answers_never_read_are_held_under_the_in_flight_cap(tmp_path) -> 
         with trio.fail_after(10):  # every one of them blocked on its answers, and all but `kept` closed
             while store.counters[HostCounter.CLOSED_IN_FLIGHT] < len(unread) - kept:
                 await trio.sleep(0.01)
-        assert server.inflight.total <= cap
+        assert inflight.total <= cap
         pager = await start_client(nursery, unix, "pager", npages=1024, token=TOKEN, share=False)
         with trio.fail_after(10):
             await pager.wait_connected()
@@ -357,14 +413,14 @@ async def test_answers_never_read_are_held_under_the_in_flight_cap(tmp_path) -> 
             for _ in range(4):
                 assert (await pager.get(array("Q", range(MAX_GET_PAGES)))).data == data
         assert pager.counters[LinkCounter.DISCONNECTS] == 0
-        assert server.inflight.total <= cap
+        assert inflight.total <= cap
         nursery.cancel_scope.cancel()
 
 
-async def test_a_message_begun_must_be_finished_within_the_frame_timeout(tmp_path) -> None:
+async def test_a_message_begun_must_be_finished_within_the_frame_timeout(tmp_path, autojump_clock) -> None:
     """A byte now and then does not keep a message open: the deadline is for the rest of
     the frame, counted while the store waits for it.  A put sent in a few slow parts
-    that ends in time is served."""
+    that ends in time is served.  (On trio's fake clock: the pauses are exact.)"""
     store = new_store()
     async with trio.open_nursery() as nursery:
         tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN), frame_timeout=1.5,
@@ -393,7 +449,8 @@ async def test_a_message_begun_must_be_finished_within_the_frame_timeout(tmp_pat
                     closed = True
                     break
         assert closed or await closed_by_server(dribbler)
-        assert trio.current_time() - start < 5.0  # 1.5 s of waiting for the rest, not 100 bytes' 20 s
+        # 1.5 s of waiting for the rest (and the 0.2 s pause that noticed), not 100 bytes' 20 s
+        assert 1.5 <= trio.current_time() - start <= 1.5 + 0.2 + 0.05
         assert store.counters[HostCounter.CLOSED_FRAME_TIMEOUT] == 1
         assert set(store.clients) >= {"slow-but-fine"}
         nursery.cancel_scope.cancel()
@@ -414,3 +471,183 @@ async def test_a_batch_larger_than_a_wire_put_goes_as_several_and_fails_as_one(t
         with pytest.raises(StoreError, match="outside"):
             await client.put(0, 2, data)
         nursery.cancel_scope.cancel()
+
+
+# -- what the cap must never close: the store's own hand-backs, prompt peers of other pools ------
+
+
+async def test_a_drain_of_six_clients_closes_none_of_them_for_the_in_flight_cap(tmp_path, disk_dir) -> None:
+    """Six pagers of 1024 pages drained at once: four 256-page hand-backs in flight per
+    client (24 MiB, past the default cap six times) are the store's own requests, not
+    something a peer made it hold.  Every page comes back, no connection is closed."""
+    npages = 1024
+    async with trio.open_nursery() as nursery:
+        address, server = await drain_server(nursery, str(tmp_path / "s"), 6 * npages, drain_timeout=10.0)
+        pagers = [await pager_on(nursery, address, f"c{i}", npages, disk_dir) for i in range(6)]
+        report = await query(address, Drain(), timeout=FOREVER)
+        assert report["handed_back"] == {f"c{i}": npages for i in range(6)}
+        assert server.store.counters[HostCounter.CLOSED_IN_FLIGHT] == 0
+        for _, pager in pagers:
+            await read_back(pager, npages)
+        nursery.cancel_scope.cancel()
+
+
+async def test_hand_back_under_pressure_to_six_clients_closes_none_of_them(tmp_path, disk_dir) -> None:
+    npages = 2048
+    level = [10.0]
+    store = pressured_store(capacity=6 * npages, pressure=level)
+    server = Server(store, ServerConfig())
+    async with trio.open_nursery() as nursery:
+        [address] = await nursery.start(server.serve, [await open_listener(Address("unix", path=str(tmp_path / "s")))])
+        pagers = [await pager_on(nursery, address, f"c{i}", npages, disk_dir) for i in range(6)]
+        level[0] = 95.0  # past the high watermark: everything goes back
+        with trio.fail_after(30):
+            while store.pages > 0:
+                await trio.sleep(0.05)
+        level[0] = 10.0
+        assert store.counters[HostCounter.HANDED_BACK_PRESSURE] == 6 * npages
+        assert store.counters[HostCounter.CLOSED_IN_FLIGHT] == 0
+        for _, pager in pagers:
+            await read_back(pager, npages)
+        nursery.cancel_scope.cancel()
+
+
+async def get_flood(port: int, source: str, name: str, stop: trio.Event) -> None:
+    """A peer with the token that pipelines the largest gets and reads every answer
+    (greedy, not stalled): connects again whenever it is closed."""
+    while not stop.is_set():
+        try:
+            got = await peer(port, source, say_hello=True, token=TOKEN, name=name)
+            if got is None:  # refused (its old connection not yet gone): again
+                await trio.sleep(0.05)
+                continue
+            stream, conn = got
+            await stream.send_all(conn.send_request(Put(0, 1, page(1) * 64))[1])
+            while not stop.is_set():
+                gets = [conn.send_request(Get(array("Q", range(MAX_GET_PAGES))))[1] for _ in range(64)]
+                await stream.send_all(b"".join(gets))
+                while conn.pending > 8:
+                    await next_event(stream, conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, p.ProtocolError):
+            await trio.sleep(0.05)
+
+
+async def test_a_crowd_of_greedy_tcp_peers_never_closes_an_admin_pager(tmp_path) -> None:
+    """Fifty TCP peers with the token pipelining 256-page gets hold far more than the
+    cap in answers; a pager on the unix socket, in the admin pool, has its own budget
+    and is never closed for theirs (nor are they, while they keep reading)."""
+    store = new_store(capacity=65536)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN),
+                                               max_connections_per_peer=256)
+        pager = await start_client(nursery, unix, "good", npages=4096, token=TOKEN, share=False)
+        await pager.wait_connected()
+        for i in range(50):
+            nursery.start_soon(get_flood, tcp.port, SOURCES[i % len(SOURCES)], f"greedy-{i}", stop)
+        with trio.fail_after(20):  # the flood is on: answers held past the TCP pool's cap
+            while server.inflight[Pool.TCP].total <= server.config.max_in_flight:
+                await trio.sleep(0.01)
+        data = b"".join(page(i) for i in range(8))
+        with trio.move_on_after(4):
+            for n in itertools.count(1):
+                first = (n * 8) % 4088
+                assert await pager.put(first, n, data) == bytes(8)
+                assert (await pager.get(array("Q", range(first, first + 8)))).data == data
+        assert pager.counters[LinkCounter.DISCONNECTS] == 0 and pager.counters[LinkCounter.CONNECTS] == 1
+        stop.set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_while_a_pool_is_over_its_cap_its_connections_begin_no_new_message(autojump_clock) -> None:
+    inflight = InFlight(cap=100, floor=1.0)
+    stuck = _Holder(0.0)
+    inflight.hold(stuck, 150)
+    waited = trio.Event()
+
+    async def reader() -> None:
+        await inflight.wait_room()
+        waited.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.sleep(10)
+        assert not waited.is_set()  # over the cap: the reader waits
+        inflight.hold(stuck, 60)
+        with trio.fail_after(1):
+            await waited.wait()
+
+
+
+# -- a token holder and tokenless peers on the same host ----------------------------------------
+
+
+async def test_a_tokenless_flood_from_the_same_host_cannot_keep_a_token_holder_out(tmp_path) -> None:
+    """Tokenless connections from 127.0.0.9, opened and closed as fast as two threads can,
+    spend the rate of its host's connections not past hello many times over: a token
+    holder's stats queries from 127.0.0.1, the same host, all get through, its
+    connections let in while the hello pool has room and charged to the host's own
+    rate only once their hello proved the token."""
+    store = new_store()
+    async with trio.open_nursery() as nursery:
+        tcp, unix, server = await start_server(nursery, tmp_path, store, Access(TOKEN))
+
+        stop = threading.Event()
+
+        def flood() -> None:  # in a thread: the store's event loop is the test's
+            while not stop.is_set():
+                with socket.socket() as sock:
+                    try:
+                        sock.bind(("127.0.0.9", 0))
+                        sock.connect(("127.0.0.1", tcp.port))
+                    except OSError:
+                        pass
+
+        for _ in range(2):
+            nursery.start_soon(partial(trio.to_thread.run_sync, flood, abandon_on_cancel=True))
+        with trio.fail_after(10):  # the flood has spent its host's rate many times over (a burst of 100)
+            while store.counters[HostCounter.CONNECTIONS] + store.counters[HostCounter.REFUSED_CONNECTION_RATE] < 500:
+                await trio.sleep(0.01)
+        for _ in range(10):
+            with trio.fail_after(5):
+                assert "pages_stored" in await query(tcp, Stats(), timeout=5.0, token=TOKEN)
+        stop.set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_never_takes_its_hand_backs_is_closed_past_their_budget(tmp_path, disk_dir) -> None:
+    """The store's own hand-backs have a budget of their own (here 100 kB): a peer with
+    pages that never reads what the store sends holds a hand-back it cannot write, and
+    is closed once it has kept the store waiting --shed-after; a pager taking its
+    pages back promptly meanwhile is handed all of them and never closed."""
+    level = [10.0]
+    store = pressured_store(capacity=4096, pressure=level)
+    async with trio.open_nursery() as nursery:
+        tcp, unix, server = await start_server(nursery, tmp_path, store, max_in_flight=100_000, shed_after=0.2)
+        stream, conn = await peer(tcp.port, SOURCES[0], say_hello=True, name="never-reads")
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await stream.send_all(conn.send_request(Put(0, 1, page(1) * MAX_PUT_PAGES))[1])
+        assert (await answer_of(stream, conn)).answer == bytes(MAX_PUT_PAGES)
+        _, pager = await pager_on(nursery, unix, "prompt", 1024, disk_dir)
+        level[0] = 95.0  # past the high watermark: everything goes back
+        with trio.fail_after(30):
+            while store.counters[HostCounter.CLOSED_IN_FLIGHT] < 1 or store.clients["prompt"].count:
+                await trio.sleep(0.05)
+        level[0] = 10.0
+        assert store.counters[HostCounter.CLOSED_IN_FLIGHT] == 1
+        assert store.counters[HostCounter.HANDED_BACK_PRESSURE] >= 1024
+        assert await closed_by_server(stream)
+        await read_back(pager, 1024)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_send_that_the_cap_closes_its_own_connection_for_writes_nothing() -> None:
+    """Telling the cap about a write can close the very connection (here every holder
+    past the cap goes at once): the send stops there, with PeerGone, not one byte out."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    endpoint = Endpoint(ours, p.Connection("server"), inflight=InFlight(cap=10))  # floor 0: no peer is prompt enough
+    with pytest.raises(PeerGone):
+        await endpoint.send(b"x" * 100)
+    assert endpoint.closed.is_set()
+    with trio.move_on_after(0.1):
+        assert await theirs.receive_some(1) == b""  # nothing came (the stream was not even written)

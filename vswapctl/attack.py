@@ -10,8 +10,15 @@ the token (a client gone bad): pipelined floods of the largest ``get``, the
 same never reading the answers, streams of huge ``invalidate`` requests, and
 puts of the largest legal size stalled one byte short.  Meanwhile an admin
 observer asks for the store's stats on a fresh connection ten times a second,
-as ``vswapctl stats`` does.  Reports both good clients' latencies, the store's
+as ``vswapctl stats`` does, and four more good clients on the unix socket keep
+storing pages that the store hands back to them under memory pressure (the
+store's pressure is a file the harness sets high; its admission policy is
+accept-all so that the good pager's puts are admitted all the same).  All of
+them run in both phases, so that the store's RSS before the attack already
+holds what they cost it.  Reports the good clients' latencies, the
+pages handed back and whether any good client lost its connection, the store's
 peak RSS growth, and its counters of connections closed or refused, by reason.
+The store runs with its defaults for every connection limit and timeout.
 """
 
 from __future__ import annotations
@@ -43,11 +50,13 @@ from hoststore.messages import (
     PROTOCOL_VERSION,
     ROLE_PAGER,
     Get,
+    HandBack,
     MAX_PUT_PAGES,
     Hello,
     Invalidate,
     Put,
     Stats,
+    TakeStatus,
     Welcome,
 )
 
@@ -68,9 +77,10 @@ KINDS = {
     "stalled_put": 16,
 }
 SOURCES = tuple(f"127.0.0.{i}" for i in range(2, 8))  # loopback addresses the attackers connect from
-# The store's pool for connections not past hello, smaller than the default so
-# that the attackers that never say hello overflow it.
-HELLO_POOL = 16
+# Good clients storing pages the store hands back to them under pressure: what the store
+# sends them itself must never get them closed (B1 of the review of issue 17).
+HANDED_BACK_CLIENTS = 4
+HANDED_BACK_PAGES = 256  # each stores this many pages (1 MiB), again every second
 CLOSE_REASONS = ("protocol_errors", "closed_oversized_frame", "closed_hello_timeout", "closed_hello_pool",
                  "closed_idle", "closed_frame_timeout", "closed_in_flight", "refused_tcp_connections",
                  "refused_peer_connections", "refused_connection_rate", "refused_auth", "hello_refused",
@@ -307,15 +317,56 @@ async def _observer(address: Address, seconds: float, token: bytes) -> list[floa
     return latencies
 
 
+class _HandedBack:
+    """A good client on the unix socket that stores HANDED_BACK_PAGES pages, again every
+    second, while the store (under pressure) hands them back to it.  Connected before
+    the attack, so that what a client costs the store before any page is not counted
+    as the attack's; on the wire (no shared staging memory), as vswapfs over TCP is."""
+
+    def __init__(self, address: Address, token: bytes, index: int) -> None:
+        from vswapfs.hostclient import HostClient
+
+        self.taken = 0
+        self.client = HostClient(address, f"handed-back-{os.getpid()}-{index}", HANDED_BACK_PAGES * PAGE_SIZE,
+                                 connect_timeout=10, token=token, share=False)  # on the wire, as hostile ones
+        self.client.set_handlers(self._take, lambda: None)
+
+    async def _take(self, handback: HandBack) -> bytes:
+        self.taken += len(handback.pages)
+        return bytes([TakeStatus.TAKEN]) * len(handback.pages)
+
+    async def store_again(self, seconds: float) -> None:
+        from vswapfs.pagestore import StoreUnavailable
+
+        data = os.urandom(MAX_PUT_PAGES * PAGE_SIZE)
+        seq = itertools.count(1)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            for first in range(0, HANDED_BACK_PAGES, MAX_PUT_PAGES):
+                try:
+                    await self.client.put(first, next(seq), data)  # refusals are the store's to make
+                except StoreUnavailable as exc:
+                    raise RuntimeError(f"a good client handed pages back lost its connection: {exc}") from None
+            await trio.sleep(1.0)  # the pace of this load, not an ordering
+
+    def report(self) -> dict[str, int]:
+        """The pages it took back, and how often it lost its connection (it must not)."""
+        from vswapfs.hostclient import LinkCounter
+
+        return {"taken": self.taken, "disconnects": self.client.counters[LinkCounter.DISCONNECTS]}
+
+
 async def _good_clients(address: Address, seconds: float, token: bytes,
-                        between: Any) -> dict[str, list[float]]:
+                        between: Any) -> tuple[dict[str, list[float]], list[dict[str, int]]]:
     """The pager (one connection throughout, so that its shared memory is the same in
-    both phases) and the observer, alone, then after ``between()`` (which starts the
-    attack) again; their latencies by phase."""
+    both phases), the observer and the clients handed pages back, alone, then after
+    ``between()`` (which starts the attack) again; the first two's latencies by
+    phase, and what each of the others took back in all."""
     from vswapfs.hostclient import HostClient
 
     client = HostClient(address, f"good-{os.getpid()}", 4096 * PAGE_SIZE, connect_timeout=10, token=token)
     results: dict[str, list[float]] = {}
+    handed_back = [_HandedBack(address, token, index) for index in range(HANDED_BACK_CLIENTS)]
     batches = itertools.count(1)
 
     async def observe(phase: str) -> None:
@@ -325,8 +376,9 @@ async def _good_clients(address: Address, seconds: float, token: bytes,
         results[f"pager_{phase}"] = await _pager(client, seconds, batches)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        await client.wait_connected()
+        for good in (client, *(other.client for other in handed_back)):
+            await nursery.start(good.run)
+            await good.wait_connected()
         await _pager(client, 1.0, batches)  # warm up: the store's slab, index and shared memory exist
         for phase in ("alone", "under_attack"):
             if phase == "under_attack":
@@ -334,9 +386,11 @@ async def _good_clients(address: Address, seconds: float, token: bytes,
             async with trio.open_nursery() as both:
                 both.start_soon(observe, phase)
                 both.start_soon(page, phase)
+                for other in handed_back:
+                    both.start_soon(other.store_again, seconds)
         await client.invalidate(0, 4096, MAX_SEQ)
         nursery.cancel_scope.cancel()
-    return results
+    return results, [other.report() for other in handed_back]
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -389,6 +443,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _set_pressure(path: str, percent: float) -> None:
+    """The store's memory pressure (--pressure-source file:PATH), replaced whole."""
+    with open(f"{path}.new", "w") as f:
+        f.write(f"{percent}\n")
+    os.replace(f"{path}.new", path)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -401,8 +462,8 @@ def _summary(latencies: list[float]) -> dict[str, float]:
             "max_ms": round(max(latencies) * 1e3, 3)}
 
 
-def run(seconds: float = 10.0, hello_timeout: float = 2.0, kinds: dict[str, int] | None = None) -> dict[str, Any]:
-    """One run: the good clients alone, then under attack; the store's figures."""
+def run(seconds: float = 10.0, kinds: dict[str, int] | None = None) -> dict[str, Any]:
+    """One run: the good clients alone, then under attack and pressure; the store's figures."""
     from vswapfs.hostclient import query
 
     port = _free_port()
@@ -413,10 +474,11 @@ def run(seconds: float = 10.0, hello_timeout: float = 2.0, kinds: dict[str, int]
         with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(os.urandom(32).hex())
         token = auth.load_token(token_file)
+        pressure = os.path.join(private, "pressure")
+        _set_pressure(pressure, 95.0)  # past the high watermark: the store hands pages back throughout
         with bench_store("vswapctl-attack-", "--listen", f"tcp:127.0.0.1:{port}", "--capacity", "256M",
-                         "--token-file", token_file, "--max-connections", f"hello={HELLO_POOL}",
-                         "--hello-timeout", str(hello_timeout), "--frame-timeout", str(hello_timeout * 2),
-                         "--idle-timeout", str(hello_timeout * 3), "--drain-timeout", "1") as (store, sock, _):
+                         "--token-file", token_file, "--pressure-source", f"file:{pressure}",
+                         "--policy", "accept-all", "--drain-timeout", "1") as (store, sock, _):
             measured: dict[str, Any] = {}
 
             def start_attack() -> float:
@@ -433,7 +495,7 @@ def run(seconds: float = 10.0, hello_timeout: float = 2.0, kinds: dict[str, int]
 
             try:
                 address = Address("unix", path=sock)
-                latencies = trio.run(_good_clients, address, seconds, token, start_attack)
+                latencies, handed_back = trio.run(_good_clients, address, seconds, token, start_attack)
                 assert attacker is not None
                 cpu_start, wall_start = measured["cpu_start"]
                 wall = time.monotonic() - wall_start
@@ -458,6 +520,9 @@ def run(seconds: float = 10.0, hello_timeout: float = 2.0, kinds: dict[str, int]
         "good_under_attack": _summary(latencies["pager_under_attack"]),
         "observer_alone": _summary(latencies["observer_alone"]),
         "observer_under_attack": _summary(latencies["observer_under_attack"]),
+        "handed_back": {"clients": len(handed_back), "pages": sum(c["taken"] for c in handed_back),
+                        "fewest_pages": min(c["taken"] for c in handed_back),
+                        "disconnects": sum(c["disconnects"] for c in handed_back)},
         "cpu_percent_under_attack": cpu,
         "rss_kib": {"before_attack": rss_before, "peak": rss_peak, "after_attack": rss_after,
                     "growth": max(rss_peak, rss_after) - rss_before},

@@ -681,6 +681,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
                        ("observer alone", "observer_alone"), ("observer under attack", "observer_under_attack")):
         print(f"  {label:<26} p50 {median((key, 'p50_ms')):.2f} ms  p99 {median((key, 'p99_ms')):.2f} ms  "
               f"requests {median((key, 'requests')):.0f}")
+    print(f"  handed back (both phases)  {median(('handed_back', 'pages')):.0f} pages to "
+          f"{attack.HANDED_BACK_CLIENTS} clients; their disconnects (all runs) "
+          f"{sum(r['handed_back']['disconnects'] for r in reports)}")
     print(f"  store RSS growth (peak)    {median(('rss_kib', 'growth')) / 1024:.1f} MiB")
     print(f"  store CPU under attack     {statistics.median(r['cpu_percent_under_attack']['store'] for r in reports):.0f}%")
     print("  closed or refused, by reason (last run):")
@@ -995,8 +998,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(garbage, oversized frames, a byte a second, never a hello, connection "
                                      "floods, hellos without the token, and with it: get floods, gets never "
                                      "read, invalidate streams, largest puts stalled a byte short) run from "
-                                     "another process; report latencies, the store's peak RSS growth and "
-                                     "connections closed by reason.")
+                                     "another process, and four more good clients on the unix socket are "
+                                     "handed their pages back under pressure (the store's pressure is a file "
+                                     "set high during the attack, its policy accept-all; every connection "
+                                     "limit and timeout is the store's default); report latencies, pages "
+                                     "handed back and the good clients' disconnects, the store's peak RSS "
+                                     "growth and connections closed by reason.")
     atk.add_argument("--seconds", type=float, default=10.0, help="per measurement (default 10)")
     atk.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
     atk.add_argument("--json", action="store_true")
