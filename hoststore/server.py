@@ -403,7 +403,7 @@ class Session:
             if not self.admin:
                 raise RequestError("evict needs an admin connection (root or the store's own user, on the unix "
                                    "socket)")
-            dropped = store.evict(msg.client)
+            dropped = store.evict(msg.client, msg.force)
             self.server.client_changed()  # a drain may have been waiting for that client
             return {"client": msg.client, "dropped": dropped}
         if isinstance(msg, TraceRead):

@@ -22,6 +22,7 @@ import trio
 from redis.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
+from hoststore.access import IN_PROCESS
 from hoststore.address import Address
 from hoststore.clientpages import NIL
 from hoststore.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
@@ -60,7 +61,7 @@ def make(cluster: LocalCluster, capacity: int = 1 << 20, **tier: object) -> Tier
 
 
 def attach(store: TieredStore, name: str = "a", npages: int = 1 << 16, instance: str = "i1"):  # type: ignore[no-untyped-def]
-    client, _, _ = store.attach(hello(name, npages, instance), b"s" * 16)
+    client, _, _ = store.attach(hello(name, npages, instance), b"s" * 16, owner=IN_PROCESS)
     store.bind(client, object())
     return client
 
