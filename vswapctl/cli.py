@@ -866,14 +866,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "pages, hand every page back to its clients (they write them to their "
                                        "backing files), and exit.  A planned restart of the store loses "
                                        "nothing this way; SIGTERM does the same.  The drain goes on as long as "
-                                       "clients keep taking pages back, however slowly; the store gives up only "
-                                       "on a client that makes no progress for its --drain-timeout, and reports "
-                                       "what it dropped.")
+                                       "clients keep taking pages back at an average of at least 256 pages "
+                                       "(1 MiB) per the store's --drain-timeout; the store gives up on a client "
+                                       "that falls below that, and reports what it dropped.")
     _store_options(drain)
     drain.add_argument("--timeout", type=float, metavar="SECONDS",
                        help="how long to wait for the store's report (default: as long as the drain goes on; the "
-                            "store bounds it by progress, giving up on a client that takes no page back for its "
-                            "--drain-timeout)")
+                            "store bounds it by a minimum rate, giving up on a client that takes back fewer than "
+                            "256 pages per its --drain-timeout)")
     drain.add_argument("--json", action="store_true", help="print the store's report as JSON")
     drain.set_defaults(func=cmd_drain)
 
