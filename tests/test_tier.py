@@ -19,7 +19,7 @@ from array import array
 import pytest
 import redis
 import trio
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 
 from hoststore.access import IN_PROCESS
@@ -763,4 +763,40 @@ async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, 
     finally:
         if replica is not None:
             cluster.kill(replica)
+        await store.aclose()
+
+
+
+async def test_a_node_that_is_no_confirmed_master_cannot_say_a_page_is_lost(redis_cluster: LocalCluster) -> None:
+    """The review's finding: the tier's answer that a page is missing (or at another
+    version) was taken as "page lost" whoever gave it, and the store dropped its record
+    for good (EIO, SIGBUS).  With reads allowed while the cluster is down, an old master
+    on the minority side or one restarted empty can answer.  Here the store's slot map
+    points, as a map learned from a confused node would, at a node that answers reads
+    but is no master: a replica restarted empty, its sync held back.  Its "missing"
+    must not count: the store learns the slots again and asks the real master, within
+    the read deadline, and every page reads back."""
+    cluster = redis_cluster
+    store = make(cluster)
+    try:
+        client = attach(store)
+        n = 16 * RUN_PAGES  # 16 runs: every master holds some
+        for first in range(0, n, RUN_PAGES):
+            assert await store.put_async(client, Put(first, 1, data(first, RUN_PAGES, 1))) == bytes(RUN_PAGES)
+        master = cluster.masters()[0]
+        empty = cluster.unsync_replica(master)  # answers reads (READONLY), with nothing
+        nodes = store.tier._cluster.nodes_manager
+        stale = ClusterNode("127.0.0.1", empty, server_type="replica")
+        nodes.nodes_cache[stale.name] = stale
+        store.tier._cluster.read_from_replicas = True  # its connections say READONLY: it answers reads
+        nodes.create_redis_connections([stale])
+        moved = [slot for slot, serving in nodes.slots_cache.items() if serving[0].port == master]
+        for slot in moved:
+            nodes.slots_cache[slot] = [stale]
+        status, seqs, got = await read_back(store, client, 0, n)
+        assert status == bytes(n) and got == data(0, n, 1) and set(seqs) == {1}
+        counters = store.tier.counters
+        assert counters[TierCounter.LOST] == 0 and client.count == n
+        assert counters[TierCounter.READ_RETRIES] >= 1 and counters[TierCounter.UNCONFIRMED_READS] >= 1
+    finally:
         await store.aclose()
