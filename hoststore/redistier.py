@@ -50,7 +50,8 @@ import socket
 import threading
 import time
 from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 from redis.utils import str_if_bytes
@@ -223,6 +224,11 @@ class RedisClusterTier:
         self.unreplicated: frozenset[str] = frozenset()
         self.failover: Failover | None = None  # what a master's death costs (read_failover)
         self._beats: set[bytes] = set()  # heartbeat keys written
+        # Heartbeat writes run on their own threads, one per master at most (a master whose
+        # last write still hangs is skipped), so a hung master delays neither the others'
+        # heartbeats nor the page reads and writes on self._pool.
+        self._beat_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tier-beat")
+        self._beating: dict[str, Future[None]] = {}  # master -> its heartbeat write still under way
         self._cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
             socket_timeout=config.socket_timeout, socket_connect_timeout=min(config.socket_timeout, 0.5),
@@ -505,20 +511,40 @@ class RedisClusterTier:
         return list(keys.values())
 
     def beat(self) -> int:
-        """Write this store instance's heartbeat on every master, with the TTL.
+        """Write this store instance's heartbeat on every master, with the TTL, on all
+        of them at once, and wait at most one heartbeat interval (a fifth of the TTL):
+        a master that hangs (up to the socket timeout, which may be longer than the
+        TTL) costs only its own heartbeat, never the others'.  A master whose last
+        write has not finished is not written again (at most one thread each).
         Returns the masters that took it; raises TierUnavailable if none did."""
         value = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                             "ttl": self.config.heartbeat_ttl}).encode()
         ttl_ms = max(1, int(self.config.heartbeat_ttl * 1000))
-        written, failures = 0, []
+        failures: list[str] = []
+        started: dict[str, tuple[bytes, Future[None]]] = {}
         for node, key in self._heartbeat_keys():
+            if node.name in self._beating:
+                failures.append(f"{node.name}: its last heartbeat write has not finished")
+                continue
             try:
-                self._cluster.get_redis_connection(node).set(key, value, px=ttl_ms)
+                connection = self._cluster.get_redis_connection(node)
             except FAILURES as exc:
                 failures.append(f"{node.name}: {_why(exc)}")
                 continue
-            self._beats.add(key)
-            written += 1
+            future = self._beat_pool.submit(connection.set, key, value, px=ttl_ms)
+            self._beating[node.name] = future
+            future.add_done_callback(lambda _, name=node.name: self._beating.pop(name, None))
+            started[node.name] = (key, future)
+        wait_futures([f for _, f in started.values()], timeout=self.heartbeat_interval())
+        written = 0
+        for name, (key, future) in started.items():
+            if not future.done():
+                failures.append(f"{name}: no answer within {self.heartbeat_interval():g}s")
+            elif (exc := future.exception()) is not None:
+                failures.append(f"{name}: {_why(exc)}")
+            else:
+                self._beats.add(key)
+                written += 1
         self.count(TierCounter.HEARTBEAT_FAILURES, len(failures))
         if failures:
             self.refresh()
@@ -653,6 +679,7 @@ class RedisClusterTier:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._beat_pool.shutdown(wait=False)
         try:
             self._cluster.close()
         except FAILURES:

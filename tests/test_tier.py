@@ -800,3 +800,33 @@ async def test_a_node_that_is_no_confirmed_master_cannot_say_a_page_is_lost(redi
         assert counters[TierCounter.READ_RETRIES] >= 1 and counters[TierCounter.UNCONFIRMED_READS] >= 1
     finally:
         await store.aclose()
+
+
+async def test_a_hung_master_costs_only_its_own_heartbeat(redis_cluster: LocalCluster) -> None:
+    """The review's finding: beat() wrote the masters one after another, each with the
+    5 s socket timeout, so with a 1 s TTL one hung master let the others' heartbeats
+    expire and tier-sweep took a running store for gone.  Now the others' heartbeats
+    are written at once and beat() is back within one heartbeat interval; the hung
+    master's write, still under way, is not started again."""
+    cluster = redis_cluster
+    store = make(cluster, heartbeat_ttl=1.0)
+    tier = store.tier
+    masters = cluster.masters()
+    frozen = masters[0]
+    try:
+        assert tier.beat() == 3
+        cluster.kill(frozen, signal.SIGSTOP)
+        for attempt in range(2):  # the second finds the first's write to the frozen master unfinished
+            started = time.monotonic()
+            assert tier.beat() == 2
+            assert time.monotonic() - started < tier.heartbeat_interval() + 0.1
+            assert tier.counters[TierCounter.HEARTBEAT_FAILURES] == attempt + 1
+        assert len(tier._beating) == 1  # one thread for the frozen master, not one per beat
+        for port in masters:
+            if port != frozen:  # each live master holds a heartbeat with its TTL running
+                keys = cluster.cli(port, "eval", f"return redis.call('keys', 'vswap:{{{tier.instance}.alive.*')", "0")
+                [key] = keys.split()
+                assert 0 < int(cluster.cli(port, "pttl", key)) <= 1000
+    finally:
+        cluster.kill(frozen, signal.SIGCONT)
+        await store.aclose()
