@@ -17,7 +17,7 @@ from types import MappingProxyType
 from .access import INSECURE_TCP_GIVES_UP, Access, AccessError, check_listener, check_tcp_options
 from .address import Address, parse_address
 from .auth import TokenError, load_token
-from .cliutil import argtype, count, percent, quota
+from .cliutil import argtype, count, percent, positive, quota
 from .hardening import harden
 from .logsetup import OUTPUT, setup_logging
 from . import metrics
@@ -86,21 +86,11 @@ the ones that kept the store waiting longest (over --shed-after) are closed.
 """
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise ValueError(f"{text} is not positive")
-    return value
-
-
 def _weight(text: str) -> tuple[str, float]:
     name, sep, weight = text.rpartition("=")
     if not sep or not name:
         raise ValueError(f"weight {text!r} is not NAME=W")
-    return name, _positive(weight)
+    return name, positive(weight)
 
 
 
@@ -144,17 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-clients", type=argtype(count), default=1024, metavar="N",
                     help="client names kept at once; names away and holding no page are forgotten to make "
                          "room, and beyond that new names are refused (default 1024)")
-    ap.add_argument("--connection-rate", type=argtype(_positive), default=ServerConfig.connection_rate,
+    ap.add_argument("--connection-rate", type=argtype(positive), default=ServerConfig.connection_rate,
                     metavar="N",
                     help="new connections per second per uid or host, in bursts of up to 2N; more are "
                          "closed at once.  A host's TCP connections have a rate for their connecting and "
                          "another once their hello succeeded (a token holder's are not spent by tokenless "
                          "peers on its host); over the first, one is still let in while the hello pool has "
                          "room (default %(default)g)")
-    ap.add_argument("--hello-timeout", type=argtype(_positive), default=ServerConfig.hello_timeout,
+    ap.add_argument("--hello-timeout", type=argtype(positive), default=ServerConfig.hello_timeout,
                     metavar="SECONDS",
                     help="close a connection that has not said hello within this long (default %(default)g)")
-    ap.add_argument("--frame-timeout", type=argtype(_positive), default=ServerConfig.frame_timeout,
+    ap.add_argument("--frame-timeout", type=argtype(positive), default=ServerConfig.frame_timeout,
                     metavar="SECONDS",
                     help="close a connection that began a message and has not sent the rest of it after this "
                          "long of waiting for it (default %(default)g)")
@@ -167,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(default {format_size(ServerConfig.max_in_flight)} per pool; a connection holds at most one "
                          f"read coming in and {format_size(SEND_BATCH_BYTES)} of answers and one more going out: "
                          f"{LEAST_IN_FLIGHT} bytes is the least allowed)")
-    ap.add_argument("--shed-after", type=argtype(_positive), default=ServerConfig.shed_after, metavar="SECONDS",
+    ap.add_argument("--shed-after", type=argtype(positive), default=ServerConfig.shed_after, metavar="SECONDS",
                     help="past --max-in-flight, close only connections whose peers have kept the store waiting "
                          "this long (for the rest of a message, or to take answers): a peer reading promptly "
                          "is never closed for it (default %(default)g)")
-    ap.add_argument("--idle-timeout", type=argtype(_positive), default=300.0, metavar="SECONDS",
+    ap.add_argument("--idle-timeout", type=argtype(positive), default=300.0, metavar="SECONDS",
                     help="close a connection silent for this long (default 300; vswapfs keeps its own alive)")
     ap.add_argument("--policy", type=argtype(_policy), default=None, metavar="SPEC",
                     help="admission policy (default pressure): pressure, psi[:HIGH[:LOW]], accept-all, refuse-all, "
@@ -196,13 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--handback-rate", type=argtype(parse_size), default=100 << 20, metavar="SIZE",
                     help="under pressure, hand pages back to their clients at most this fast, per second "
                          "(default 100M)")
-    ap.add_argument("--drain-timeout", type=argtype(_positive), default=60.0, metavar="SECONDS",
-                    help="on SIGTERM/SIGINT or `vswapctl drain`, how long to wait for a client that makes no "
-                         "progress before giving up on its pages: a client that is away gets this long from the "
-                         "start of the drain to come back, a connected one this long from the last page it took "
-                         "back (or from its return).  A client that keeps taking pages back is drained to the "
-                         "end, however slow its disk (default 60)")
-    ap.add_argument("--away-timeout", type=argtype(_positive), default=DEFAULT_AWAY_TIMEOUT, metavar="SECONDS",
+    ap.add_argument("--drain-timeout", type=argtype(positive), default=ServerConfig.drain_timeout,
+                    metavar="SECONDS",
+                    help="on SIGTERM/SIGINT or `vswapctl drain`, the drain's minimum rate: it waits for a client "
+                         "while it takes its pages back at an average of at least 256 pages (1 MiB) per SECONDS "
+                         "(each page taken moves its deadline SECONDS/256 on, to at most SECONDS ahead; pages "
+                         "answered FAILED earn nothing).  A client that is away gets SECONDS from the drain's "
+                         "start to come back, and SECONDS from its first return.  A drain lasts at most "
+                         "2*SECONDS plus SECONDS per 256 pages of the client holding most "
+                         "(default %(default)g)")
+    ap.add_argument("--away-timeout", type=argtype(positive), default=DEFAULT_AWAY_TIMEOUT, metavar="SECONDS",
                     help="a client that disconnected keeps its pages this long against a new instance of the "
                          "same identity under its name (a restarted vswapfs: same uid, or the token on TCP), "
                          "which then replaces it (default 300).  Its own reconnect is always accepted, and "
@@ -216,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "maxmemory, maxmemory-policy noeviction and a replica each")
     tier.add_argument("--tier-replicas", type=argtype(count), default=1, metavar="N",
                       help="a page is stored only once N replicas acknowledged it (default 1)")
-    tier.add_argument("--tier-wait-timeout", type=argtype(_positive), default=0.5, metavar="SECONDS",
+    tier.add_argument("--tier-wait-timeout", type=argtype(positive), default=0.5, metavar="SECONDS",
                       help="how long a write waits for the replicas; pages not acknowledged by then are refused "
                            "and go to the client's backing file (default 0.5)")
-    tier.add_argument("--tier-read-timeout", type=argtype(_positive), default=20.0, metavar="SECONDS",
+    tier.add_argument("--tier-read-timeout", type=argtype(positive), default=20.0, metavar="SECONDS",
                       help="how long a read keeps asking while a node is down (a failover takes a few seconds; "
                            "keep it below vswapfs --read-timeout, 30 by default) (default 20)")
     tier.add_argument("--tier-prefix", type=argtype(parse_prefix), default="vswap", metavar="PREFIX",

@@ -619,22 +619,26 @@ class Drain(_Parameterless):
 class Evict:
     """Admin: drop every page of client ``client``, which must be away (not connected),
     and forget it, which frees its name; answered {"client": NAME, "dropped": PAGES}.
-    A connected client is refused: it would lose pages it is using."""
+    A connected client is refused: it would lose pages it is using.  So is one away
+    for less than the store's away timeout, unless ``force``: it may be reconnecting."""
 
     method: ClassVar[str] = "evict"
     sent_by: ClassVar[str] = "client"
     client: str
+    force: bool = False
 
     def __post_init__(self) -> None:
         check_client_name(self.client)
+        if not isinstance(self.force, bool):
+            raise MessageError("evict's force must be true or false")
 
     def to_wire(self) -> list[Any]:
-        return [self.client]
+        return [self.client, self.force]
 
     @classmethod
     def from_wire(cls, params: Any) -> "Evict":
-        (client,) = _fields(params, 1, cls.method)
-        return cls(client)
+        client, force = _fields(params, 2, cls.method)
+        return cls(client, force)
 
     def answer_to_wire(self, answer: dict[str, Any]) -> Any:
         return answer

@@ -50,9 +50,11 @@ import socket
 import threading
 import time
 from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
+from redis.utils import str_if_bytes
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 
@@ -119,6 +121,8 @@ class TierCounter(enum.StrEnum):
     READ = "tier_read"
     READ_RETRIES = "tier_read_retries"  # reads asked again after a node failed to answer
     READ_FAILURES = "tier_read_failures"  # requests whose read gave up (the cluster never answered)
+    # reads where a node that is not a master of a cluster in state ok said pages were missing: asked again
+    UNCONFIRMED_READS = "tier_unconfirmed_reads"
     LOST = "tier_lost"  # pages the store held that the cluster no longer had
     DELETED = "tier_deleted"
     DELETE_RETRIES = "tier_delete_retries"  # delete batches kept for later after a failure
@@ -220,6 +224,11 @@ class RedisClusterTier:
         self.unreplicated: frozenset[str] = frozenset()
         self.failover: Failover | None = None  # what a master's death costs (read_failover)
         self._beats: set[bytes] = set()  # heartbeat keys written
+        # Heartbeat writes run on their own threads, one per master at most (a master whose
+        # last write still hangs is skipped), so a hung master delays neither the others'
+        # heartbeats nor the page reads and writes on self._pool.
+        self._beat_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tier-beat")
+        self._beating: dict[str, Future[None]] = {}  # master -> its heartbeat write still under way
         self._cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
             socket_timeout=config.socket_timeout, socket_connect_timeout=min(config.socket_timeout, 0.5),
@@ -349,8 +358,12 @@ class RedisClusterTier:
 
     def read(self, client: int, pages: Sequence[int], seqs: Sequence[int]) -> list[memoryview | None]:
         """Each page's data where the cluster holds exactly version ``seqs[i]``, else
-        None.  Raises TierUnavailable if a node did not answer (nothing is lost by
-        asking again once the cluster has settled)."""
+        None: the caller takes None for a page lost, so it is given only on the word of
+        a node that says, after the read, that it is a master in a cluster in state ok
+        (``_confirm_master``).  Raises TierUnavailable if a node did not answer, or
+        answered "missing" without that (an old master back empty, or on the minority
+        side, which reads-when-down lets answer): nothing is lost by asking again once
+        the cluster has settled."""
         batches = self._group(client, pages)
 
         def work(batch: _NodeBatch) -> list:  # type: ignore[type-arg]
@@ -365,12 +378,37 @@ class RedisClusterTier:
             if failure is not None:
                 self.refresh()
                 raise TierUnavailable(f"node {batch.node.name}: {_why(failure)}")
+            complete = True
             for items, values in zip(batch.items, result):
                 for i, value in zip(items, values):
                     if value is not None and len(value) == VALUE_SIZE and value[:SEQ_DIGITS] == encode_seq(seqs[i]):
                         out[i] = memoryview(value)[SEQ_DIGITS:]  # no copy; the caller copies once
+                    else:
+                        complete = False
+            if not complete:
+                self._confirm_master(batch.node)
         self.count(TierCounter.READ, sum(v is not None for v in out))
         return out
+
+    def _confirm_master(self, node: ClusterNode) -> None:
+        """``node`` said pages were missing: believe it only if it says now that it is
+        a master and that its cluster is in state ok; else learn the slots again and
+        raise TierUnavailable (the caller asks again)."""
+        try:
+            pipe = self._cluster.get_redis_connection(node).pipeline(transaction=False)
+            pipe.execute_command("ROLE")
+            pipe.execute_command("CLUSTER INFO")
+            role, info = pipe.execute()
+        except FAILURES as exc:
+            role, info = None, f"no answer ({_why(exc)})"
+        role_name = str_if_bytes(role[0]) if isinstance(role, (list, tuple)) and role else None
+        state = _cluster_state(info)
+        if role_name == "master" and state == "ok":
+            return
+        self.count(TierCounter.UNCONFIRMED_READS)
+        self.refresh()
+        raise TierUnavailable(f"node {node.name} answered that pages were missing, but it is not a master of a "
+                              f"cluster in state ok (role {role_name}, cluster_state {state or info!r})")
 
     def delete(self, client: int, pages: Sequence[int], seqs: Sequence[int]) -> int:
         """Delete each page's stored version if it is not newer than ``seqs[i]``.
@@ -473,20 +511,40 @@ class RedisClusterTier:
         return list(keys.values())
 
     def beat(self) -> int:
-        """Write this store instance's heartbeat on every master, with the TTL.
+        """Write this store instance's heartbeat on every master, with the TTL, on all
+        of them at once, and wait at most one heartbeat interval (a fifth of the TTL):
+        a master that hangs (up to the socket timeout, which may be longer than the
+        TTL) costs only its own heartbeat, never the others'.  A master whose last
+        write has not finished is not written again (at most one thread each).
         Returns the masters that took it; raises TierUnavailable if none did."""
         value = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                             "ttl": self.config.heartbeat_ttl}).encode()
         ttl_ms = max(1, int(self.config.heartbeat_ttl * 1000))
-        written, failures = 0, []
+        failures: list[str] = []
+        started: dict[str, tuple[bytes, Future[None]]] = {}
         for node, key in self._heartbeat_keys():
+            if node.name in self._beating:
+                failures.append(f"{node.name}: its last heartbeat write has not finished")
+                continue
             try:
-                self._cluster.get_redis_connection(node).set(key, value, px=ttl_ms)
+                connection = self._cluster.get_redis_connection(node)
             except FAILURES as exc:
                 failures.append(f"{node.name}: {_why(exc)}")
                 continue
-            self._beats.add(key)
-            written += 1
+            future = self._beat_pool.submit(connection.set, key, value, px=ttl_ms)
+            self._beating[node.name] = future
+            future.add_done_callback(lambda _, name=node.name: self._beating.pop(name, None))
+            started[node.name] = (key, future)
+        wait_futures([f for _, f in started.values()], timeout=self.heartbeat_interval())
+        written = 0
+        for name, (key, future) in started.items():
+            if not future.done():
+                failures.append(f"{name}: no answer within {self.heartbeat_interval():g}s")
+            elif (exc := future.exception()) is not None:
+                failures.append(f"{name}: {_why(exc)}")
+            else:
+                self._beats.add(key)
+                written += 1
         self.count(TierCounter.HEARTBEAT_FAILURES, len(failures))
         if failures:
             self.refresh()
@@ -621,6 +679,7 @@ class RedisClusterTier:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._beat_pool.shutdown(wait=False)
         try:
             self._cluster.close()
         except FAILURES:
@@ -685,6 +744,18 @@ def _failover(settings: dict[str, dict[str, str]], refused: list[str], read_time
                                f"it is back; {fix}",
     }[worst]
     return Failover(worst, cost, settings)
+
+
+def _cluster_state(info: object) -> str | None:
+    """``cluster_state`` from CLUSTER INFO's answer, parsed or not."""
+    if isinstance(info, bytes):
+        info = info.decode(errors="replace")
+    if isinstance(info, str):
+        info = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    if isinstance(info, dict):
+        state = info.get("cluster_state")
+        return str_if_bytes(state).strip() if state is not None else None
+    return None
 
 
 def _why(exc: BaseException) -> str:

@@ -112,9 +112,13 @@ class ServerConfig:
     handback_rate: float = 25600.0  # pages per second under pressure (100 MiB/s)
     handback_timeout: float = 30.0  # a client that does not answer in time keeps its pages, for now
     handback_interval: float = 0.05  # how often pressure is checked for hand-back
-    # A drain gives up on a client that makes no progress for this long: from the drain's start
-    # for one that is away, from the last page it took back (or its return) for a connected one.
-    # One that keeps taking pages back is drained to the end.
+    # A drain waits for a client while it takes its pages back at an average of at least
+    # handback_batch pages (1 MiB) per drain_timeout: each page taken back adds
+    # drain_timeout / handback_batch seconds to its deadline, which is never more than
+    # drain_timeout ahead; it starts at the drain's start plus drain_timeout, and once, on the
+    # client's first return during the drain, at that return plus drain_timeout.  Pages it
+    # answers FAILED (or does not answer) earn nothing: so a drain lasts at most 2 * drain_timeout
+    # plus drain_timeout for each handback_batch pages of the client holding most.
     drain_timeout: float = 60.0
     drain_window: int = 4  # hand-back requests in flight per client while draining
     handback_rest: float = 5.0  # a client that took nothing back is left alone this long under pressure
@@ -375,7 +379,7 @@ class Session:
         if client is not None:
             self.store.bind(client, self)
             self.client = client
-            self.server.drain_progress(client)
+            self.server.drain_returned(client)
             self.server.client_changed()
         log.info("hello from %s %r (%s)", hello.role, hello.client, "resumed" if answer.resumed else "new")
         answer = replace(answer, admin=self.admin)
@@ -425,7 +429,7 @@ class Session:
             if not self.admin:
                 raise RequestError("evict needs an admin connection (root or the store's own user, on the unix "
                                    "socket)")
-            dropped = store.evict(msg.client)
+            dropped = store.evict(msg.client, msg.force)
             self.server.client_changed()  # a drain may have been waiting for that client
             return {"client": msg.client, "dropped": dropped}
         if isinstance(msg, TraceRead):
@@ -513,8 +517,8 @@ class Server:
         self._returned = trio.Event()  # set (and replaced) whenever a hand-back's pages are no longer lent
         self._drain_started = False
         self._drain_done = trio.Event()
-        self._drain_start = 0.0
-        self._drain_progress: dict[str, float] = {}  # client name -> its last progress in the drain
+        self._drain_deadlines: dict[str, float] = {}  # client name -> when the drain gives up on it
+        self._drain_returned: set[str] = set()  # clients that came back during the drain (once is credited)
         self.drain_report: dict[str, Any] | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -734,12 +738,14 @@ class Server:
         return self.drain_report
 
     async def _drain(self) -> None:
-        """Hand every client its pages back, for as long as it makes progress.  The only
-        clock is ``drain_timeout`` without progress, per client (see ``_drain_round``):
-        a slow backing disk slows the drain down, it does not cut it short."""
+        """Hand every client its pages back, for as long as it keeps up the drain's
+        minimum rate (``ServerConfig.drain_timeout``; ``drain_progress``): a slow backing
+        disk slows the drain down, down to that rate; a client that answers FAILED, or
+        nothing, is given up on."""
         store = self.store
         store.draining = True
-        self._drain_start = trio.current_time()
+        start = trio.current_time()
+        self._drain_deadlines = {name: start + self.config.drain_timeout for name in store.clients}
         before = {name: c[HostCounter.HANDED_BACK_DRAIN] for name, c in store.client_counters.items()}
         log.info("draining: refusing new pages, handing %d pages of %d client(s) back", store.pages,
                  sum(1 for c in store.clients.values() if c.count))
@@ -763,7 +769,8 @@ class Server:
                                  "dropped": held}
             for name, n in held.items():
                 client = store.clients[name]
-                why = (f"connected, but it took no page back for {self.config.drain_timeout:g}s" if client.connected
+                why = (f"connected, but it took its pages back at less than {self.config.handback_batch} per "
+                       f"{self.config.drain_timeout:g}s" if client.connected
                        else f"away, and not back to take them within {self.config.drain_timeout:g}s")
                 log.error("DRAIN INCOMPLETE: client %r (%s) still has %s here; they are lost when the store exits",
                           name, why, fmt_pages(n))
@@ -774,9 +781,9 @@ class Server:
     def _drain_round(self, nursery: trio.Nursery, workers: dict[str, trio.CancelScope], given_up: set[str]
                      ) -> float:
         """One look at every client holding pages: start handing back to those that are
-        connected, give up on those without progress for ``drain_timeout`` (their hand-backs
-        in flight are cancelled, their pages stay), and return when the next one would
-        time out (infinity: nobody left to wait for, the drain is over)."""
+        connected, give up on those past their deadline (``drain_progress``; their
+        hand-backs in flight are cancelled, their pages stay), and return when the next
+        one would time out (infinity: nobody left to wait for, the drain is over)."""
         store, timeout = self.store, self.config.drain_timeout
         now = trio.current_time()
         next_deadline = math.inf
@@ -784,7 +791,7 @@ class Server:
             name = client.name
             if not client.count:
                 continue
-            deadline = self._drain_progress.get(name, self._drain_start) + timeout
+            deadline = self._drain_deadlines.setdefault(name, now + timeout)
             if now >= deadline:
                 scope = workers.pop(name, None)
                 if scope is not None:
@@ -792,8 +799,8 @@ class Server:
                 if name not in given_up:
                     given_up.add(name)
                     store.counters.add(HostCounter.DRAIN_GAVE_UP)
-                    log.warning("drain: giving up on client %r: no page taken back for %gs, %s still here",
-                                name, timeout, fmt_pages(client.count))
+                    log.warning("drain: giving up on client %r: it took pages back at less than %d per %gs, "
+                                "%s still here", name, self.config.handback_batch, timeout, fmt_pages(client.count))
                 continue
             given_up.discard(name)
             next_deadline = min(next_deadline, deadline)
@@ -802,10 +809,26 @@ class Server:
                 nursery.start_soon(self._drain_client, client, scope, workers)
         return next_deadline
 
-    def drain_progress(self, client: ClientPages) -> None:
-        """While draining, the client took pages back, or came back: its clock starts over."""
-        if self.store.draining:
-            self._drain_progress[client.name] = trio.current_time()
+    def drain_progress(self, client: ClientPages, freed: int) -> None:
+        """While draining, the client took ``freed`` pages back: each moves its deadline
+        ``drain_timeout / handback_batch`` seconds on, to at most ``drain_timeout`` from
+        now.  So only a rate counts: one page taken per batch offered, the rest FAILED,
+        earns a 256th of what a whole batch does."""
+        if not self.store.draining:
+            return
+        cfg, now = self.config, trio.current_time()
+        deadline = self._drain_deadlines.get(client.name, now + cfg.drain_timeout)
+        credit = freed * cfg.drain_timeout / cfg.handback_batch
+        self._drain_deadlines[client.name] = min(now + cfg.drain_timeout, deadline + credit)
+
+    def drain_returned(self, client: ClientPages) -> None:
+        """While draining, the client came back: ``drain_timeout`` from now to take its pages,
+        the first time only (reconnecting over and over earns nothing)."""
+        if self.store.draining and client.name not in self._drain_returned:
+            self._drain_returned.add(client.name)
+            now = trio.current_time()
+            old = self._drain_deadlines.get(client.name, now)
+            self._drain_deadlines[client.name] = max(old, now + self.config.drain_timeout)
 
     async def _drain_client(self, client: ClientPages, scope: trio.CancelScope,
                             workers: dict[str, trio.CancelScope]) -> None:
@@ -830,7 +853,7 @@ class Server:
                 continue
             freed = await self.hand_back(client, HandBackCause.DRAIN, self.config.handback_batch)
             if freed:
-                self.drain_progress(client)
+                self.drain_progress(client, freed)
                 backoff = 0.05
             else:
                 await trio.sleep(backoff)

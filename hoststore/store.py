@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from types import MappingProxyType
 
 from . import auth
-from .access import IN_PROCESS
 from .clientpages import NIL, ClientPages
 from .counters import Counters
 from .logsetup import OUTPUT
@@ -186,9 +185,10 @@ class Store:
 
     # -- clients --------------------------------------------------------------------
 
-    def attach(self, hello: Hello, server_nonce: bytes, can_share: bool = False, owner: str = IN_PROCESS
+    def attach(self, hello: Hello, server_nonce: bytes, can_share: bool = False, *, owner: str
                ) -> tuple[ClientPages | None, HelloAnswer, object | None]:
-        """Admit a hello from a peer of identity ``owner`` (``access.peer_identity``):
+        """Admit a hello from a peer of identity ``owner`` (``access.peer_identity``;
+        ``access.IN_PROCESS`` for a store inside its one client's process):
         (the client's pages, the answer, a connection this one supersedes).
 
         A name belongs to the identity that created it: another identity is refused,
@@ -197,71 +197,103 @@ class Store:
         its name against the owner's reconnect.  A reconnect that proves it is the
         instance holding the client's secret keeps the pages (and replaces a connection
         the store still thinks is up).  ``can_share``: the connection can pass a memfd,
-        so a new client that asks for shared page memory gets it.  A name in use is
-        refused, and so is a new instance of the same identity under the name of a
-        client that is away with pages, until it has been away for ``away_timeout``:
-        its owner may be on its way back.  After that, or if it holds no pages, the new
-        instance replaces it (its pages are dropped).
+        so a new client that asks for shared page memory gets it.  A new instance of
+        the owner replaces the old one under the rules of :meth:`_replace`; a new name
+        needs room under ``max_clients`` (:meth:`_make_room`).
         """
         if hello.role != ROLE_PAGER:
             return None, HelloAnswer(self.instance, False, auth.new_secret(), admin=True), None
         if hello.device_size > self.limits.max_device_size:
             raise RequestError(f"device size {hello.device_size} is above this store's limit of "
                                f"{self.limits.max_device_size} bytes (--max-device-size)")
-        name = hello.client
-        old = self.clients.get(name)
-        if old is not None and self.owners[name] != owner:
+        old = self.clients.get(hello.client)
+        if old is None:
+            self._make_room(owner)
+        else:
+            self._check_owner(old, owner)
+            if self._proves_reconnect(old, hello, server_nonce):
+                return self._resume(old, can_share)
+            self._replace(old)
+        client = self._new_client(hello, owner, can_share)
+        return client, HelloAnswer(self.instance, False, client.secret, shared=_layout(client)), None
+
+    def _check_owner(self, client: ClientPages, owner: str) -> None:
+        """Refuse ``owner`` the name of ``client`` unless it created it."""
+        if self.owners[client.name] != owner:
             self.counters.add(HostCounter.REFUSED_NAME_OWNER)
-            raise RequestError(f"client name {name!r} belongs to {self.owners[name]}, not to {owner}: no other "
-                               f"identity may take it over (an admin can free it: vswapctl evict)")
-        if old is not None and old.instance == hello.instance and old.npages == hello.npages and auth.check(
-            auth.reconnect_proof(old.secret, name, server_nonce, hello.nonce), hello.proof
-        ):
-            superseded = old.session
-            if superseded is not None:
-                self.counters.add(HostCounter.TAKEOVERS)
-            shared = _layout(old) if can_share else None  # its memfds cannot travel on this connection
-            return old, HelloAnswer(self.instance, True, old.secret, shared=shared), superseded
-        if old is not None:
-            if old.connected:
-                raise RequestError(f"client name {name!r} is in use by another connection")
-            away = self.clock() - (old.away_since or 0.0)
-            if old.count and away < self.away_timeout:
-                raise RequestError(
-                    f"client name {name!r} belongs to a client that is away with {old.count} pages; it has "
-                    f"{self.away_timeout - away:.0f}s left to come back for them (--away-timeout)"
-                )
-            log.warning("client %r came back as a new instance: dropping the %d pages of the old one",
-                        name, old.count)
-            self._count(old, HostCounter.DROPPED_SESSIONS, old.count)
-            self.pages -= self.close_client(old)
-        if old is None and len(self.clients) >= self.max_clients:
-            self._forget_empty_clients(owner)
-            if len(self.clients) >= self.max_clients:
-                self.counters.add(HostCounter.REFUSED_CLIENTS)
-                raise RequestError(f"this store keeps {len(self.clients)} clients already (--max-clients)")
+            raise RequestError(f"client name {client.name!r} belongs to {self.owners[client.name]}, not to "
+                               f"{owner}: no other identity may take it over (an admin can free it: vswapctl evict)")
+
+    @staticmethod
+    def _proves_reconnect(client: ClientPages, hello: Hello, server_nonce: bytes) -> bool:
+        """The hello comes from the instance holding ``client``'s secret (for this connection's nonces)."""
+        return client.instance == hello.instance and client.npages == hello.npages and auth.check(
+            auth.reconnect_proof(client.secret, client.name, server_nonce, hello.nonce), hello.proof)
+
+    def _resume(self, client: ClientPages, can_share: bool) -> tuple[ClientPages, HelloAnswer, object | None]:
+        """The client's own reconnect: its pages, and the connection it supersedes (if the store thought it up)."""
+        superseded = client.session
+        if superseded is not None:
+            self.counters.add(HostCounter.TAKEOVERS)
+        shared = _layout(client) if can_share else None  # its memfds cannot travel on this connection
+        return client, HelloAnswer(self.instance, True, client.secret, shared=shared), superseded
+
+    def _replace(self, old: ClientPages) -> None:
+        """A new instance of the owner under ``old``'s name: refused while ``old`` is
+        connected, and while it is away with pages for less than ``away_timeout`` (its
+        owner may be on its way back).  After that, or if it holds no pages, ``old``
+        goes with its pages."""
+        name = old.name
+        if old.connected:
+            raise RequestError(f"client name {name!r} is in use by another connection")
+        away = self.away_seconds(old) or 0.0
+        if old.count and away < self.away_timeout:
+            raise RequestError(
+                f"client name {name!r} belongs to a client that is away with {old.count} pages; it has "
+                f"{self.away_timeout - away:.0f}s left to come back for them (--away-timeout)"
+            )
+        log.warning("client %r came back as a new instance: dropping the %d pages of the old one", name, old.count)
+        self._count(old, HostCounter.DROPPED_SESSIONS, old.count)
+        self.pages -= self.close_client(old)
+
+    def _make_room(self, owner: str) -> None:
+        """Room for a new name of ``owner`` under ``max_clients``.  Names that are away
+        and hold no page cost memory and nothing else, so ``owner``'s own are forgotten
+        (with their counters) to make it: a peer inventing names pushes out its own.
+        Never another identity's: its owner may come back for the name, and a name
+        forgotten is a name anyone may claim.  So the names held stay at most
+        ``max_clients``, and beyond them a new one is refused (``refused_clients``)
+        until their owners reuse them or an admin evicts some."""
+        if len(self.clients) < self.max_clients:
+            return
+        for name in [n for n, c in self.clients.items() if self.owners[n] == owner and not c.connected
+                     and not c.count]:
+            self._remove(name)
+        if len(self.clients) >= self.max_clients:
+            self.counters.add(HostCounter.REFUSED_CLIENTS)
+            raise RequestError(f"this store keeps {len(self.clients)} client names already (--max-clients), none "
+                               f"of them yours to forget; an admin can free names that are away (vswapctl evict)")
+
+    def _new_client(self, hello: Hello, owner: str, can_share: bool) -> ClientPages:
+        """A new client under ``hello``'s name, owned by ``owner``; away until bound to a connection."""
+        name = hello.client
         # Slot numbers are uint32 in the shared index (slot + 1): a store that large shares nothing.
         # Room for the capacity, or 4 GiB if that is more (the capacity may grow at run
         # time; unused slots cost address space only).
         slots = min(hello.npages, max(self.limits.capacity_pages, 1 << 20)) if can_share and hello.shared else 0
         slots = slots if slots < (1 << 32) - 1 else 0
         client = self.new_client(name, hello.npages, hello.instance, slots)
+        client.away_since = self.clock()
         self.clients[name] = client
         self.client_counters[name] = Counters(HostCounter)
         self.owners[name] = owner
-        return client, HelloAnswer(self.instance, False, client.secret, shared=_layout(client)), None
+        return client
 
-    def _forget_empty_clients(self, owner: str) -> None:
-        """Names that are away and hold no page cost memory and nothing else: forget
-        them (their counters with them), so that no peer can grow the store by
-        inventing names.  One that comes back starts as a new client, with nothing
-        lost: it had nothing here.  The newcomer's own identity's names go first, and
-        others' only if that makes no room: a peer inventing names pushes out its own,
-        not the names of others who may come back for them."""
-        empty = [n for n, c in self.clients.items() if not c.connected and not c.count]
-        own = [n for n in empty if self.owners[n] == owner]
-        for name in own or empty:
-            self._remove(name)
+    def away_seconds(self, client: ClientPages) -> float | None:
+        """How long ``client`` has been without a connection; None while it has one."""
+        if client.connected or client.away_since is None:
+            return None
+        return self.clock() - client.away_since
 
     def _remove(self, name: str) -> int:
         """Forget client ``name``: its pages, counters and owner go.  Returns the pages it held."""
@@ -271,23 +303,31 @@ class Store:
         self.owners.pop(name, None)
         return dropped
 
-    def evict(self, name: str) -> int:
+    def evict(self, name: str, force: bool = False) -> int:
         """An admin's request: drop the pages of client ``name``, which is away, and
         forget it, so that its name is free for anyone.  A connected client is
         refused: its pages are in use, and it could take them back instead (a drain,
-        or its own shutdown).  Returns the pages dropped."""
+        or its own shutdown).  So is, unless ``force``, one away for less than
+        ``away_timeout``: it may be reconnecting (its link just dropped, a backoff),
+        and its processes would get SIGBUS for every page dropped.  Returns the
+        pages dropped."""
         client = self.clients.get(name)
         if client is None:
             raise RequestError(f"no client named {name!r} here")
         if client.connected:
             raise RequestError(f"client {name!r} is connected: its pages are in use, and evict drops only the "
                                f"pages of a client that is away (stop that client first)")
+        away = self.away_seconds(client) or 0.0
+        if not force and away < self.away_timeout:
+            raise RequestError(f"client {name!r} has been away for {away:.0f}s only, less than --away-timeout "
+                               f"({self.away_timeout:g}s): it may be on its way back, and its processes would "
+                               f"get SIGBUS for each of its {client.count} pages dropped; wait, or use --force")
         owner = self.owners[name]
         dropped = self._remove(name)
         self.counters.add(HostCounter.EVICT_REQUESTS)
         self.counters.add(HostCounter.EVICTED, dropped)
-        log.warning("client %r (of %s) evicted by an admin: %d pages dropped, its name is free", name, owner,
-                    dropped)
+        log.warning("client %r (of %s, away for %.0fs) evicted by an admin%s: %d pages dropped, its name is free",
+                    name, owner, away, " (forced)" if force else "", dropped)
         if self.trace.active:
             self.trace.emit("evict", client=name, pages=dropped)
         return dropped
@@ -580,6 +620,7 @@ class Store:
             "share_pages": terms.share_pages,
             "device_pages": client.npages,
             "connected": client.connected,
+            "away_seconds": None if (away := self.away_seconds(client)) is None else round(away, 1),
             "lent": client.lent_count,
             "slab_bytes_mapped": client.slab.mapped_bytes,
             "index_bytes": client.index.nbytes,

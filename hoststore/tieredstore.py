@@ -87,8 +87,8 @@ class TieredStore(Store):
 
     # -- clients --------------------------------------------------------------------
 
-    def attach(self, hello: Any, server_nonce: bytes, can_share: bool = False, **kw: Any) -> Any:
-        return super().attach(hello, server_nonce, can_share=False, **kw)  # no page is in our memory to share
+    def attach(self, hello: Any, server_nonce: bytes, can_share: bool = False, *, owner: str) -> Any:
+        return super().attach(hello, server_nonce, can_share=False, owner=owner)  # no page is in our memory to share
 
     def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
         self._ids += 1

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from hoststore import auth
+from hoststore.access import IN_PROCESS
 from hoststore.messages import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
@@ -77,7 +78,7 @@ class FakeStore:
         self.store = Store(Limits(capacity_pages=self.capacity),
                            Sampler(0, source=lambda: Snapshot.fake(self.pressure)))
         hello = Hello(PROTOCOL_VERSION, "fake", ROLE_PAGER, self.npages * PAGE_SIZE, "i" * 8, auth.nonce())
-        self.client, _, _ = self.store.attach(hello, auth.nonce())
+        self.client, _, _ = self.store.attach(hello, auth.nonce(), owner=IN_PROCESS)
         self.instances += 1
 
     # -- knobs ------------------------------------------------------------------------

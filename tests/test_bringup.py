@@ -7,6 +7,7 @@ test_device.py."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -128,6 +129,52 @@ def test_every_python_child_of_the_project_goes_through_launch() -> None:
                 with open(os.path.join(TOP, path)) as f:
                     offenders += [f"{path}:{n}" for n, line in enumerate(f, 1) if "sys.executable" in line]
     assert not offenders, offenders
+
+
+# A python the tools' shell scripts start: the interpreter variables they use, python3 by
+# name, or a venv's python or pip.
+PYTHON_COMMAND = re.compile(r'"\$\{?(py|python)\}?"|(?<![\w/.-])python3(?![\w.-])|/bin/(python|pip)[\w.]*"?')
+
+
+def python_without_isolation(script: str) -> list[str]:
+    """The lines of a shell script that start a python that may import from the caller's
+    directory: every python must be given -I, except one run after the script has
+    changed to the checkout (`cd "$top"`), where the directory is the project's own."""
+    offenders = []
+    in_checkout = False
+    with open(script) as f:
+        for n, line in enumerate(f, 1):
+            code = line.split("#", 1)[0] if not line.lstrip().startswith("#") else ""
+            if re.fullmatch(r'\s*cd "\$top"\s*', code):
+                in_checkout = True
+            for match in PYTHON_COMMAND.finditer(code):
+                if code[:match.start()].endswith(("=", ":-")):
+                    continue  # a name given to a variable (py=${PYTHON:-python3}), not a run
+                if not code[match.end():].lstrip().startswith("-I") and not in_checkout:
+                    offenders.append(f"{os.path.basename(script)}:{n}: {line.strip()}")
+    return offenders
+
+
+def test_the_tools_run_no_python_from_the_callers_directory() -> None:
+    """tools/*.sh run as root from wherever they are started: a venv.py (or ensurepip.py,
+    pip.py, ...) in that directory must never run.  The review found bootstrap.sh's
+    `"$py" -c 'import ensurepip, venv'` and `-m venv` doing just that."""
+    tools = os.path.join(TOP, "tools")
+    offenders = []
+    for name in sorted(os.listdir(tools)):
+        if name.endswith(".sh"):
+            offenders += python_without_isolation(os.path.join(tools, name))
+    assert not offenders, offenders
+
+
+def test_the_tools_check_sees_a_python_run_in_the_callers_directory(tmp_path) -> None:
+    """The check itself: each form of python start is caught without -I, and passes with it
+    or after `cd "$top"`."""
+    script = tmp_path / "t.sh"
+    script.write_text('py=${PYTHON:-python3}\n"$py" -c "import venv"\n"$py" -I -m venv x\n'
+                      'python3 -m venv y  # a comment: python3 -m venv\n"$venv/bin/python" -m pip install\n'
+                      '"$home/venv/bin/pip" install z\ncd "$top"\nexec "$python" -m pytest\n')
+    assert [line.split(":")[1] for line in python_without_isolation(str(script))] == ["2", "4", "5", "6"]
 
 
 # -- 9: one mount point, one bring-up at a time ----------------------------------------------------

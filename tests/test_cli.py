@@ -172,9 +172,12 @@ def test_membench_reports_the_memory_of_both_daemons() -> None:
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOBODY = 65534
-# python as bootstrap calls it: its checks pass; `-m venv DIR` fails ("venv exploded") or, with
+# python as bootstrap calls it: always isolated (-I, or it fails: code from the caller's
+# directory must never run), its checks pass; `-m venv DIR` fails ("venv exploded") or, with
 # VENV=ok, makes DIR/bin/python a copy of this stand-in, whose `-m pip ...` installs nothing.
 PYTHON_STAND_IN = """#!/bin/sh
+[ "$1" = -I ] || { echo "stand-in: python run without -I: $*" >&2; exit 9; }
+shift
 if [ "$1" = -m ] && [ "$2" = venv ]; then
   [ "$VENV" = ok ] || { echo 'venv exploded'; exit 3; }
   mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && exit 0

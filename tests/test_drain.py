@@ -2,13 +2,20 @@
 on trio's fake clock (moved by the work: a slow disk is a sleep, and a drain of
 many seconds takes a fraction of one).
 
-``--drain-timeout`` is how long the drain waits for a client that makes no
-progress: one that is away (from the drain's start, or its last page taken),
-or one that is connected and takes nothing.  A client that keeps taking pages,
-however slowly, is drained to the end.
+``--drain-timeout`` (T) sets the drain's minimum rate: a client is waited for
+while it takes its pages back at an average of at least one hand-back batch
+(256 pages) per T.  Each page taken moves its deadline T/256 on, to at most T
+from now; it starts at T from the drain's start, and once T from its return.
+So a client away for longer than T is given up on, and so is one that takes
+nothing, or takes one page of each batch and answers FAILED for the rest.  One
+that keeps taking pages at that rate, however slow its disk, is drained to the
+end.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
 import trio
@@ -41,10 +48,33 @@ async def start_server(nursery: trio.Nursery, path: str, capacity: int, **config
     return address, server
 
 
-async def pager_on(nursery: trio.Nursery, address: Address, name: str, npages: int, backing_dir: str
+@pytest.fixture
+def backings(disk_dir: str) -> Iterator[Backings]:
+    """Where the tests' pagers keep their backing files; every one is closed at teardown,
+    whatever the test did."""
+    opened = Backings(disk_dir)
+    try:
+        yield opened
+    finally:
+        for backing in opened.files:
+            backing.close()
+
+
+@dataclass
+class Backings:
+    directory: str
+    files: list[Backing] = field(default_factory=list)
+
+    def open(self, name: str, size: int) -> Backing:
+        backing = Backing.open(f"{self.directory}/{name}", size)
+        self.files.append(backing)
+        return backing
+
+
+async def pager_on(nursery: trio.Nursery, address: Address, name: str, npages: int, backings: Backings
                    ) -> tuple[HostClient, Pager]:
     """A HostClient and a Pager on a real backing file, with ``npages`` pages written to the store."""
-    backing = Backing.open(f"{backing_dir}/{name}", npages * PAGE_SIZE)
+    backing = backings.open(name, npages * PAGE_SIZE)
     client = HostClient(address, name, npages * PAGE_SIZE, backoff_min=0.01, backoff_max=0.05)
     pager = Pager(backing, client, write_timeout=30.0)
     await nursery.start(client.run)
@@ -78,13 +108,13 @@ async def read_back(pager: Pager, npages: int) -> None:
 
 
 async def test_a_slow_client_that_keeps_taking_pages_is_drained_to_the_end(
-        autojump_clock: trio.testing.MockClock, tmp_path, disk_dir) -> None:
+        autojump_clock: trio.testing.MockClock, tmp_path, backings: Backings) -> None:
     """The issue's reproduction: 4096 pages, each batch of 256 taken in 0.4 s by a slow
     disk (two at a time): 3.2 s in all against a 1 s timeout.  Every page comes back."""
     npages = 4096
     async with trio.open_nursery() as nursery:
         address, server = await start_server(nursery, str(tmp_path / "s"), npages, drain_timeout=1.0)
-        client, pager = await pager_on(nursery, address, "slow", npages, disk_dir)
+        client, pager = await pager_on(nursery, address, "slow", npages, backings)
         client.set_handlers(slow_disk(pager, 0.4), pager.pages_lost)
         start = trio.current_time()
         report = await query(address, Drain(), timeout=FOREVER)
@@ -96,11 +126,10 @@ async def test_a_slow_client_that_keeps_taking_pages_is_drained_to_the_end(
         assert pager.map.counts()["backing"] == npages
         await read_back(pager, npages)
         nursery.cancel_scope.cancel()
-    pager.backing.close()
 
 
 async def test_a_client_that_stops_taking_pages_is_given_up_one_timeout_after_its_last(
-        autojump_clock: trio.testing.MockClock, tmp_path, disk_dir) -> None:
+        autojump_clock: trio.testing.MockClock, tmp_path, backings: Backings) -> None:
     """A connected client takes three batches (the last at 0.8 s) and then answers no
     more; another is away and never comes back.  The drain gives up on the away one at
     1 s, on the stalled one 1 s after its last page taken, and not a moment before:
@@ -110,12 +139,12 @@ async def test_a_client_that_stops_taking_pages_is_given_up_one_timeout_after_it
         address, server = await start_server(nursery, str(tmp_path / "s"), 4096, drain_timeout=timeout)
         store = server.store
         async with trio.open_nursery() as away:
-            await pager_on(away, address, "away", 300, disk_dir)
+            await pager_on(away, address, "away", 300, backings)
             away.cancel_scope.cancel()
         with trio.fail_after(5):
             while store.clients["away"].connected:
                 await trio.sleep(0.01)
-        client, pager = await pager_on(nursery, address, "stuck", 2048, disk_dir)
+        client, pager = await pager_on(nursery, address, "stuck", 2048, backings)
         taken_at: list[float] = []
         take = slow_disk(pager, 0.4, taken_at)
         calls = 0
@@ -139,11 +168,10 @@ async def test_a_client_that_stops_taking_pages_is_given_up_one_timeout_after_it
         assert store.clients["stuck"].count == 2048 - 3 * BATCH and store.clients["stuck"].lent_count == 0
         assert pager.map.counts()["backing"] == 3 * BATCH
         nursery.cancel_scope.cancel()
-    pager.backing.close()
 
 
 async def test_an_away_client_that_comes_back_late_is_drained_to_the_end(
-        autojump_clock: trio.testing.MockClock, tmp_path, disk_dir) -> None:
+        autojump_clock: trio.testing.MockClock, tmp_path, backings: Backings) -> None:
     """Away when the drain starts, back 1.5 s into a 2 s timeout, then 1.2 s to take its
     1024 pages: all of them come back; one that never returns is dropped at 2 s."""
     timeout = 2.0
@@ -151,8 +179,8 @@ async def test_an_away_client_that_comes_back_late_is_drained_to_the_end(
         address, server = await start_server(nursery, str(tmp_path / "s"), 2048, drain_timeout=timeout)
         store = server.store
         async with trio.open_nursery() as away:
-            back, pager = await pager_on(away, address, "back", 1024, disk_dir)
-            await pager_on(away, address, "gone", 7, disk_dir)
+            back, pager = await pager_on(away, address, "back", 1024, backings)
+            await pager_on(away, address, "gone", 7, backings)
             away.cancel_scope.cancel()  # both disconnect
         with trio.fail_after(5):
             while store.connections_active:
@@ -177,4 +205,38 @@ async def test_an_away_client_that_comes_back_late_is_drained_to_the_end(
         assert back.hello_answer.resumed and store.counters[HostCounter.DRAIN_GAVE_UP] == 1
         await read_back(pager, 1024)
         nursery.cancel_scope.cancel()
-    pager.backing.close()
+
+
+async def test_a_client_that_takes_one_page_a_batch_and_fails_the_rest_is_given_up_on(
+        autojump_clock: trio.testing.MockClock, tmp_path, backings: Backings) -> None:
+    """The review's reproduction: a client answers each batch after half the timeout,
+    having taken one page and answered FAILED for the rest.  That used to count as
+    progress, so the drain would last about a batch's worth of half-timeouts for every
+    page; now the drain gives up on it one timeout after its start, plus the few
+    pages' worth of credit (T/256 each) it earned."""
+    timeout, npages = 1.0, 2048
+    async with trio.open_nursery() as nursery:
+        address, server = await start_server(nursery, str(tmp_path / "s"), npages, drain_timeout=timeout)
+        store = server.store
+        client, pager = await pager_on(nursery, address, "trickle", npages, backings)
+        taken = 0
+
+        async def one_page_then_failed(handback: HandBack) -> bytes:
+            nonlocal taken
+            await trio.sleep(timeout / 2)
+            first = HandBack(handback.cause, handback.pages[:1], handback.seqs[:1], handback.data[:PAGE_SIZE])
+            statuses = await pager.take_back(first)
+            taken += statuses.count(TakeStatus.TAKEN)
+            return statuses + bytes([TakeStatus.FAILED]) * (len(handback.pages) - 1)
+
+        client.set_handlers(one_page_then_failed, pager.pages_lost)
+        start = trio.current_time()
+        report = await query(address, Drain(), timeout=FOREVER)
+        elapsed = trio.current_time() - start
+        assert 0 < taken < 16
+        assert elapsed == pytest.approx(timeout + taken * timeout / BATCH, abs=0.05)
+        assert report == {"handed_back": {"trickle": taken}, "dropped": {"trickle": npages - taken}}
+        assert store.counters[HostCounter.DRAIN_GAVE_UP] == 1
+        assert store.clients["trickle"].count == npages - taken and store.clients["trickle"].lent_count == 0
+        assert pager.map.counts()["backing"] == taken
+        nursery.cancel_scope.cancel()

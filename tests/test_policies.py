@@ -12,6 +12,7 @@ import sys
 import pytest
 import trio
 
+from hoststore.access import IN_PROCESS
 from hoststore.address import Address
 from hoststore.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, PageStatus, Put
 from hoststore.policies import DecisionContext, PolicyError, parse_policy
@@ -105,7 +106,7 @@ def test_a_plug_in_registered_as_an_entry_point(monkeypatch) -> None:
 
 def attached(store: Store, name: str = "c"):
     hello = Hello(PROTOCOL_VERSION, name, ROLE_PAGER, 64 * PAGE_SIZE, "i", os.urandom(16))
-    client, _, _ = store.attach(hello, os.urandom(16))
+    client, _, _ = store.attach(hello, os.urandom(16), owner=IN_PROCESS)
     store.bind(client, object())
     return client
 

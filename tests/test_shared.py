@@ -16,6 +16,7 @@ from array import array
 import pytest
 import trio
 
+from hoststore.access import IN_PROCESS
 from hoststore.address import Address
 from hoststore.clientpages import ClientPages
 from hoststore.messages import PAGE_SIZE, SharedLayout
@@ -294,11 +295,11 @@ def test_a_store_gives_shared_memory_only_where_asked_and_possible() -> None:
     def hello(name: str, shared: bool) -> Hello:
         return Hello(PROTOCOL_VERSION, name, ROLE_PAGER, 64 * PAGE_SIZE, "i" + name, os.urandom(16), shared=shared)
 
-    client, answer, _ = store.attach(hello("a", True), os.urandom(16), can_share=True)
+    client, answer, _ = store.attach(hello("a", True), os.urandom(16), can_share=True, owner=IN_PROCESS)
     assert answer.shared == SharedLayout(64, 64, STAGING_PAGES)  # slots: up to the device (the capacity may grow)
-    _, answer, _ = store.attach(hello("b", True), os.urandom(16), can_share=False)  # TCP
+    _, answer, _ = store.attach(hello("b", True), os.urandom(16), can_share=False, owner=IN_PROCESS)  # TCP
     assert answer.shared is None
-    _, answer, _ = store.attach(hello("c", False), os.urandom(16), can_share=True)
+    _, answer, _ = store.attach(hello("c", False), os.urandom(16), can_share=True, owner=IN_PROCESS)
     assert answer.shared is None
     store.close()
 
@@ -441,7 +442,7 @@ def test_a_client_replaced_again_and_again_leaks_no_file_descriptor() -> None:
     for i in range(40):
         hello = Hello(PROTOCOL_VERSION, "c", ROLE_PAGER, 64 * PAGE_SIZE, f"instance-{i}", os.urandom(16),
                       shared=True)
-        client, answer, _ = store.attach(hello, os.urandom(16), can_share=True)
+        client, answer, _ = store.attach(hello, os.urandom(16), can_share=True, owner=IN_PROCESS)
         assert answer.shared is not None
         store.bind(client, object())
         store.detach(client, client.session)  # away with nothing: the next instance replaces it

@@ -8,6 +8,7 @@ from array import array
 import pytest
 
 from hoststore import auth
+from hoststore.access import IN_PROCESS
 from hoststore.clientpages import ClientPages
 from hoststore.messages import (
     PAGE_SIZE,
@@ -64,7 +65,7 @@ def hello(name: str = "a", npages: int = 16, instance: str = "i1", nonce: bytes 
 
 
 def attach(store: Store, name: str = "a", npages: int = 16, instance: str = "i1") -> ClientPages:
-    client, answer, _ = store.attach(hello(name, npages, instance), NONCE)
+    client, answer, _ = store.attach(hello(name, npages, instance), NONCE, owner=IN_PROCESS)
     assert client is not None and not answer.resumed
     store.bind(client, object())
     return client
@@ -154,7 +155,7 @@ def test_reconnect_with_proof_keeps_pages_and_supersedes_the_old_connection() ->
     put(store, c, 0, 1, page(0), page(1), page(2))
     client_nonce = b"x" * 16
     proof = auth.reconnect_proof(c.secret, "a", NONCE, client_nonce)
-    again, answer, superseded = store.attach(hello(nonce=client_nonce, proof=proof), NONCE)
+    again, answer, superseded = store.attach(hello(nonce=client_nonce, proof=proof), NONCE, owner=IN_PROCESS)
     assert again is c and answer.resumed and superseded is old_session and store.pages == 3
     assert store.counters[HostCounter.TAKEOVERS] == 1
 
@@ -164,11 +165,11 @@ def test_name_in_use_without_proof_is_refused_and_a_replay_does_not_work() -> No
     c = attach(store)
     put(store, c, 0, 1, page(0))
     with pytest.raises(RequestError, match="in use"):
-        store.attach(hello(instance="i2"), NONCE)
+        store.attach(hello(instance="i2"), NONCE, owner=IN_PROCESS)
     # A hello with a proof made for another server nonce (a replay) proves nothing.
     stale = auth.reconnect_proof(c.secret, "a", b"o" * 16, b"c" * 16)
     with pytest.raises(RequestError, match="in use"):
-        store.attach(hello(proof=stale), NONCE)
+        store.attach(hello(proof=stale), NONCE, owner=IN_PROCESS)
 
 
 
@@ -180,15 +181,15 @@ def test_an_away_client_keeps_its_name_and_pages_for_the_away_timeout() -> None:
     store.detach(c, c.session)
     clock.now += 299
     with pytest.raises(RequestError, match="away with 1 pages"):
-        store.attach(hello(instance="i2"), NONCE)
+        store.attach(hello(instance="i2"), NONCE, owner=IN_PROCESS)
     # Its owner can always come back.
     proof = auth.reconnect_proof(c.secret, "a", NONCE, b"c" * 16)
-    again, answer, _ = store.attach(hello(proof=proof), NONCE)
+    again, answer, _ = store.attach(hello(proof=proof), NONCE, owner=IN_PROCESS)
     assert again is c and answer.resumed
     store.bind(c, object())
     store.detach(c, c.session)
     clock.now += 301  # away too long: a new instance under its name replaces it, dropping its pages
-    fresh, answer, _ = store.attach(hello(instance="i2"), NONCE)
+    fresh, answer, _ = store.attach(hello(instance="i2"), NONCE, owner=IN_PROCESS)
     assert fresh is not c and not answer.resumed and store.pages == 0
     assert store.counters[HostCounter.DROPPED_SESSIONS] == 1
 
@@ -197,7 +198,7 @@ def test_a_client_without_pages_is_replaced_at_once() -> None:
     store, _ = make_store()
     c = attach(store)
     store.detach(c, c.session)
-    fresh, _, _ = store.attach(hello(instance="i2"), NONCE)
+    fresh, _, _ = store.attach(hello(instance="i2"), NONCE, owner=IN_PROCESS)
     assert fresh is not c
 
 
@@ -261,16 +262,19 @@ def test_the_same_identity_keeps_its_old_rules() -> None:
 
 
 def test_evict_drops_an_away_clients_pages_and_frees_its_name_but_never_a_connected_ones() -> None:
-    store, _ = make_store()
+    clock = Clock()
+    store, _ = make_store(clock=clock)
     c, _ = attach_as(store, OWNER)
     store.bind(c, object())
     put(store, c, 0, 1, page(0), page(1), page(2))
-    with pytest.raises(RequestError, match="connected"):
-        store.evict("a")
+    for force in (False, True):  # connected: not even --force
+        with pytest.raises(RequestError, match="connected"):
+            store.evict("a", force)
     assert store.pages == 3 and store.counters[HostCounter.EVICT_REQUESTS] == 0
     with pytest.raises(RequestError, match="no client named 'b'"):
         store.evict("b")
     store.detach(c, c.session)
+    clock.now += store.away_timeout
     assert store.evict("a") == 3
     assert store.pages == 0 and "a" not in store.clients and "a" not in store.client_counters
     assert store.counters[HostCounter.EVICT_REQUESTS] == 1 and store.counters[HostCounter.EVICTED] == 3
@@ -278,27 +282,75 @@ def test_evict_drops_an_away_clients_pages_and_frees_its_name_but_never_a_connec
     assert fresh is not None and not resumed and store.owners["a"] == OTHER
 
 
+def test_evict_refuses_a_client_away_for_a_moment_unless_forced() -> None:
+    """A client whose connection just dropped (a reconnect backoff) is on its way back:
+    evicting it would SIGBUS its processes.  Refused until it has been away for
+    --away-timeout, or with --force; how long it has been away is in its stats."""
+    clock = Clock()
+    store, _ = make_store(clock=clock)
+    c, _ = attach_as(store, OWNER)
+    store.bind(c, object())
+    put(store, c, 0, 1, page(0), page(1))
+    assert store.client_stats(c)["away_seconds"] is None
+    store.detach(c, c.session)
+    clock.now += store.away_timeout - 1
+    assert store.stats(admin=True)["clients"]["a"]["away_seconds"] == store.away_timeout - 1
+    with pytest.raises(RequestError, match=r"away for 299s only, less than --away-timeout \(300s\).*--force"):
+        store.evict("a")
+    assert store.pages == 2 and store.counters[HostCounter.EVICT_REQUESTS] == 0
+    proof = auth.reconnect_proof(c.secret, "a", NONCE, b"c" * 16)
+    assert attach_as(store, OWNER, proof=proof) == (c, True)  # it did come back, with its pages
+    assert get(store, c, 0, 1).data == page(0) + page(1)
+    store.detach(c, c.session)
+    assert store.evict("a", force=True) == 2  # the admin insists
+    assert store.pages == 0 and store.counters[HostCounter.EVICTED] == 2
+
+
 def test_a_flood_of_names_pushes_out_the_flooders_own_empty_names_first() -> None:
     """At --max-clients, names away and holding nothing make room, the newcomer's own
-    identity's first: inventing names cannot push another owner's name out (and then
-    take it)."""
+    identity's: inventing names cannot push another owner's name out (and then take it)."""
     store, _ = make_store()
     store.max_clients = 3
     owner, _ = attach_as(store, OWNER, name="victim")
     store.detach(owner, owner.session)  # away, holding nothing
     for i in range(20):  # each hello under a new name, then gone (never bound: away)
         attach_as(store, OTHER, name=f"junk{i}", instance=f"j{i}")
-    assert "victim" in store.clients and store.owners["victim"] == OWNER
+    assert "victim" in store.clients and store.owners["victim"] == OWNER and len(store.clients) == 3
     with pytest.raises(RequestError, match="belongs to uid 1000"):
         attach_as(store, OTHER, name="victim", instance="thief")
     proof = auth.reconnect_proof(owner.secret, "victim", NONCE, b"c" * 16)
     assert attach_as(store, OWNER, name="victim", proof=proof) == (owner, True)
 
 
+def test_a_full_store_never_forgets_another_identitys_name_to_make_room() -> None:
+    """The review's reproduction: another identity fills --max-clients with names that
+    hold a page each, then says hello under one more.  The victim's name (away and
+    empty after a clean stop) used to be forgotten for it, and then claimed, so that
+    the owner's next start was refused.  Now the newcomer is refused instead, and
+    the owner's restart gets its name."""
+    store, _ = make_store(capacity=64)
+    store.max_clients = 4
+    victim, _ = attach_as(store, OWNER, name="victim")
+    store.detach(victim, victim.session)  # stopped cleanly: away, holding nothing
+    for i in range(3):  # the other identity's names, each holding a page: never forgotten
+        c, _ = attach_as(store, OTHER, name=f"junk{i}", instance=f"j{i}")
+        put(store, c, 0, 1, page(0))
+        store.detach(c, c.session)
+    with pytest.raises(RequestError, match="max-clients.*none of them yours to forget.*vswapctl evict"):
+        attach_as(store, OTHER, name="y", instance="y")  # no empty name of its own to give up
+    assert store.counters[HostCounter.REFUSED_CLIENTS] == 1
+    assert set(store.clients) == {"victim", "junk0", "junk1", "junk2"} and store.owners["victim"] == OWNER
+    with pytest.raises(RequestError, match="belongs to uid 1000"):
+        attach_as(store, OTHER, name="victim", instance="thief")
+    restarted, resumed = attach_as(store, OWNER, name="victim", instance="restarted")  # the owner's next start
+    assert restarted is not None and restarted is not victim and not resumed
+    assert store.owners["victim"] == OWNER and store.pages == 3
+
+
 def test_device_size_above_the_cap_is_refused_and_memory_follows_pages() -> None:
     store, _ = make_store(max_device_size=1 << 40)
     with pytest.raises(RequestError, match="max-device-size"):
-        store.attach(hello(npages=(1 << 40) // PAGE_SIZE + 1), NONCE)
+        store.attach(hello(npages=(1 << 40) // PAGE_SIZE + 1), NONCE, owner=IN_PROCESS)
     # A client claiming a huge device costs nothing until it stores pages.
     big = attach(store, "big", npages=(1 << 40) // PAGE_SIZE)
     assert big.index.nbytes == 0 and big.slab.mapped_bytes == 0
@@ -308,7 +360,8 @@ def test_device_size_above_the_cap_is_refused_and_memory_follows_pages() -> None
 
 def test_observer_hello_takes_no_name() -> None:
     store, _ = make_store()
-    client, answer, _ = store.attach(Hello(PROTOCOL_VERSION, "a", ROLE_OBSERVER, 0, "x", NONCE), NONCE)
+    client, answer, _ = store.attach(Hello(PROTOCOL_VERSION, "a", ROLE_OBSERVER, 0, "x", NONCE), NONCE,
+                                     owner=IN_PROCESS)
     assert client is None and answer.admin and "a" not in store.clients
 
 

@@ -19,9 +19,10 @@ from array import array
 import pytest
 import redis
 import trio
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 
+from hoststore.access import IN_PROCESS
 from hoststore.address import Address
 from hoststore.clientpages import NIL
 from hoststore.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
@@ -60,7 +61,7 @@ def make(cluster: LocalCluster, capacity: int = 1 << 20, **tier: object) -> Tier
 
 
 def attach(store: TieredStore, name: str = "a", npages: int = 1 << 16, instance: str = "i1"):  # type: ignore[no-untyped-def]
-    client, _, _ = store.attach(hello(name, npages, instance), b"s" * 16)
+    client, _, _ = store.attach(hello(name, npages, instance), b"s" * 16, owner=IN_PROCESS)
     store.bind(client, object())
     return client
 
@@ -762,4 +763,70 @@ async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, 
     finally:
         if replica is not None:
             cluster.kill(replica)
+        await store.aclose()
+
+
+
+async def test_a_node_that_is_no_confirmed_master_cannot_say_a_page_is_lost(redis_cluster: LocalCluster) -> None:
+    """The review's finding: the tier's answer that a page is missing (or at another
+    version) was taken as "page lost" whoever gave it, and the store dropped its record
+    for good (EIO, SIGBUS).  With reads allowed while the cluster is down, an old master
+    on the minority side or one restarted empty can answer.  Here the store's slot map
+    points, as a map learned from a confused node would, at a node that answers reads
+    but is no master: a replica restarted empty, its sync held back.  Its "missing"
+    must not count: the store learns the slots again and asks the real master, within
+    the read deadline, and every page reads back."""
+    cluster = redis_cluster
+    store = make(cluster)
+    try:
+        client = attach(store)
+        n = 16 * RUN_PAGES  # 16 runs: every master holds some
+        for first in range(0, n, RUN_PAGES):
+            assert await store.put_async(client, Put(first, 1, data(first, RUN_PAGES, 1))) == bytes(RUN_PAGES)
+        master = cluster.masters()[0]
+        empty = cluster.unsync_replica(master)  # answers reads (READONLY), with nothing
+        nodes = store.tier._cluster.nodes_manager
+        stale = ClusterNode("127.0.0.1", empty, server_type="replica")
+        nodes.nodes_cache[stale.name] = stale
+        store.tier._cluster.read_from_replicas = True  # its connections say READONLY: it answers reads
+        nodes.create_redis_connections([stale])
+        moved = [slot for slot, serving in nodes.slots_cache.items() if serving[0].port == master]
+        for slot in moved:
+            nodes.slots_cache[slot] = [stale]
+        status, seqs, got = await read_back(store, client, 0, n)
+        assert status == bytes(n) and got == data(0, n, 1) and set(seqs) == {1}
+        counters = store.tier.counters
+        assert counters[TierCounter.LOST] == 0 and client.count == n
+        assert counters[TierCounter.READ_RETRIES] >= 1 and counters[TierCounter.UNCONFIRMED_READS] >= 1
+    finally:
+        await store.aclose()
+
+
+async def test_a_hung_master_costs_only_its_own_heartbeat(redis_cluster: LocalCluster) -> None:
+    """The review's finding: beat() wrote the masters one after another, each with the
+    5 s socket timeout, so with a 1 s TTL one hung master let the others' heartbeats
+    expire and tier-sweep took a running store for gone.  Now the others' heartbeats
+    are written at once and beat() is back within one heartbeat interval; the hung
+    master's write, still under way, is not started again."""
+    cluster = redis_cluster
+    store = make(cluster, heartbeat_ttl=1.0)
+    tier = store.tier
+    masters = cluster.masters()
+    frozen = masters[0]
+    try:
+        assert tier.beat() == 3
+        cluster.kill(frozen, signal.SIGSTOP)
+        for attempt in range(2):  # the second finds the first's write to the frozen master unfinished
+            started = time.monotonic()
+            assert tier.beat() == 2
+            assert time.monotonic() - started < tier.heartbeat_interval() + 0.1
+            assert tier.counters[TierCounter.HEARTBEAT_FAILURES] == attempt + 1
+        assert len(tier._beating) == 1  # one thread for the frozen master, not one per beat
+        for port in masters:
+            if port != frozen:  # each live master holds a heartbeat with its TTL running
+                keys = cluster.cli(port, "eval", f"return redis.call('keys', 'vswap:{{{tier.instance}.alive.*')", "0")
+                [key] = keys.split()
+                assert 0 < int(cluster.cli(port, "pttl", key)) <= 1000
+    finally:
+        cluster.kill(frozen, signal.SIGCONT)
         await store.aclose()

@@ -10,6 +10,7 @@ import sys
 import pytest
 import trio
 
+from hoststore.access import IN_PROCESS
 from hoststore.address import Address
 from hoststore.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, Put, TraceRead
 from hoststore.policy import Limits
@@ -20,7 +21,7 @@ from hoststore.trace import QUEUE
 
 def attached(store: Store, name: str = "vm1"):
     client, _, _ = store.attach(Hello(PROTOCOL_VERSION, name, ROLE_PAGER, 4096 * PAGE_SIZE, "i", os.urandom(16)),
-                                os.urandom(16))
+                                os.urandom(16), owner=IN_PROCESS)
     store.bind(client, object())
     return client
 

@@ -6,6 +6,10 @@
 # Safe to run again; prints the venv's python on the last line.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Nothing in the caller's directory may run (demo.sh and test.sh call this as root, from
+# wherever they were started): every python below runs with -I (no current directory on
+# sys.path, no PYTHON* variables), and from the checkout.
+cd "$top"
 venv="$top/.venv"
 py=${PYTHON:-python3}
 
@@ -34,7 +38,7 @@ command -v losetup >/dev/null || missing+=(mount)
 command -v mkswap >/dev/null || missing+=(util-linux)
 command -v gcc >/dev/null || missing+=(gcc)
 command -v patch >/dev/null || missing+=(patch)
-"$py" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+"$py" -I -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 can_install=0
 [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && can_install=1
 # The page tier's local cluster (tools/redis-cluster.sh): wanted, not needed; its tests skip without it.
@@ -50,12 +54,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
 
-"$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-  || { log "$("$py" --version) is too old: vswapfs needs Python 3.11 or newer"; exit 1; }
+"$py" -I -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { log "$("$py" -I --version) is too old: vswapfs needs Python 3.11 or newer"; exit 1; }
 
 if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
-  quiet "$py" -m venv "$venv"
+  quiet "$py" -I -m venv "$venv"
 fi
 
 # Reinstall only when what we install from changed.
@@ -68,17 +72,17 @@ install_patched_pyfuse3() {
   local work
   work=$(mktemp -d)
   log "building pyfuse3 $pyfuse3_version with patches/pyfuse3-$pyfuse3_version-fallocate.patch"
-  quiet "$venv/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$work" "pyfuse3==$pyfuse3_version"
+  quiet "$venv/bin/python" -I -m pip download -q --no-deps --no-binary :all: -d "$work" "pyfuse3==$pyfuse3_version"
   quiet tar -xzf "$work/pyfuse3-$pyfuse3_version.tar.gz" -C "$work"
   quiet patch -s -d "$work/pyfuse3-$pyfuse3_version" -p1 -i "$top/patches/pyfuse3-$pyfuse3_version-fallocate.patch"
-  quiet "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$pyfuse3_version"
+  quiet "$venv/bin/python" -I -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$pyfuse3_version"
   rm -rf "$work"
 }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing trio, then vswapfs and its dependencies into $venv"
-  quiet "$venv/bin/python" -m pip install -q trio
+  quiet "$venv/bin/python" -I -m pip install -q trio
   install_patched_pyfuse3
-  quiet "$venv/bin/python" -m pip install -q -e "$top[test,chart]"  # chart: vswapctl bench --chart
+  quiet "$venv/bin/python" -I -m pip install -q -e "$top[test,chart]"  # chart: vswapctl bench --chart
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"

@@ -64,12 +64,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 if [ ! -x "$home/venv/bin/vng" ]; then
   say "installing virtme-ng into $home/venv"
-  quiet python3 -m venv "$home/venv"
-  quiet "$home/venv/bin/pip" install -q virtme-ng
+  quiet python3 -I -m venv "$home/venv"
+  quiet "$home/venv/bin/python" -I -m pip install -q virtme-ng
 fi
 if [ "$profile" != 0 ] && [ ! -x "$home/venv/bin/py-spy" ]; then
   say "installing py-spy into $home/venv (for --profile)"
-  quiet "$home/venv/bin/pip" install -q py-spy
+  quiet "$home/venv/bin/python" -I -m pip install -q py-spy
 fi
 export PATH="$home/venv/bin:$PATH"
 kernel=""

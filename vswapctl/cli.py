@@ -552,7 +552,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
     if isinstance(target, str):
         return _fail(target)
     try:
-        answer = target.ask(Evict(args.name))
+        answer = target.ask(Evict(args.name, args.force))
     except (StoreUnavailable, StoreError, OSError, TokenError) as exc:
         return _fail(f"evict of {args.name!r} at {target.address}: {exc}")
     if args.json:
@@ -869,14 +869,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "pages, hand every page back to its clients (they write them to their "
                                        "backing files), and exit.  A planned restart of the store loses "
                                        "nothing this way; SIGTERM does the same.  The drain goes on as long as "
-                                       "clients keep taking pages back, however slowly; the store gives up only "
-                                       "on a client that makes no progress for its --drain-timeout, and reports "
-                                       "what it dropped.")
+                                       "clients keep taking pages back at an average of at least 256 pages "
+                                       "(1 MiB) per the store's --drain-timeout; the store gives up on a client "
+                                       "that falls below that, and reports what it dropped.")
     _store_options(drain)
     drain.add_argument("--timeout", type=float, metavar="SECONDS",
                        help="how long to wait for the store's report (default: as long as the drain goes on; the "
-                            "store bounds it by progress, giving up on a client that takes no page back for its "
-                            "--drain-timeout)")
+                            "store bounds it by a minimum rate, giving up on a client that takes back fewer than "
+                            "256 pages per its --drain-timeout)")
     drain.add_argument("--json", action="store_true", help="print the store's report as JSON")
     drain.set_defaults(func=cmd_drain)
 
@@ -888,10 +888,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "uid on the unix socket, the token on TCP) and no other identity can take it over, whatever "
                     "it holds: this is how an admin frees one.  Only a client that is away: a connected client "
                     "is refused, since its pages are in use (stop it first; a client that stops cleanly leaves "
-                    "nothing behind).  The client loses those pages: a vswapfs still running reads them as "
-                    "lost (EIO) when it comes back.")
+                    "nothing behind), and so is one away for less than the store's --away-timeout unless "
+                    "--force is given: its link may just have dropped, and it may be on its way "
+                    "back.  `vswapctl stats` shows how long each client has been away (away_seconds).  The "
+                    "client loses those pages: a vswapfs still running reads them as lost (EIO) when it comes "
+                    "back, and the processes whose pages they were get SIGBUS.")
     ev.add_argument("name", metavar="NAME", help="the client's name (`vswapctl stats` lists them under clients)")
     _store_options(ev)
+    ev.add_argument("--force", action="store_true",
+                    help="evict a client that has been away for less than the store's --away-timeout too")
     ev.add_argument("--json", action="store_true", help="print the store's answer as JSON")
     ev.set_defaults(func=cmd_evict)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from hoststore.access import IN_PROCESS
 from hoststore.address import INPROC, Address
 from hoststore.messages import (
     PROTOCOL_VERSION,
@@ -59,7 +60,7 @@ class InprocStore:
         self.store = Store(limits, sampler or Sampler())
         hello = Hello(PROTOCOL_VERSION, name, ROLE_PAGER, device_size, secrets.token_hex(8),
                       os.urandom(NONCE_SIZE))
-        client, _answer, _old = self.store.attach(hello, os.urandom(NONCE_SIZE))
+        client, _answer, _old = self.store.attach(hello, os.urandom(NONCE_SIZE), owner=IN_PROCESS)
         assert client is not None
         self.client = client
         self.store.bind(client, self)

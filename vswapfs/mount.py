@@ -18,7 +18,7 @@ import trio
 from hoststore.access import INSECURE_TCP_GIVES_UP, check_tcp_options
 from hoststore.address import INPROC, Address, parse_store_address
 from hoststore.auth import TokenError, load_token
-from hoststore.cliutil import argtype, percent
+from hoststore.cliutil import argtype, percent, positive
 from hoststore.hardening import harden
 from hoststore import metrics
 from hoststore.logsetup import OUTPUT, setup_logging
@@ -47,13 +47,6 @@ go to the backing file before the write is answered.  Attach it as swap with:
 
 MOUNTPOINT/stats holds the counters as JSON.  `vswapctl up` does all of this.
 """
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise ValueError(f"{text} is not a positive number of seconds")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--insecure-tcp", action="store_true",
                     help="use --host tcp:HOST:PORT without --token-file, on loopback addresses only, giving up "
                          f"what the token proves: {INSECURE_TCP_GIVES_UP}")
-    ap.add_argument("--write-timeout", type=argtype(_seconds), default=1.0, metavar="SECONDS",
+    ap.add_argument("--write-timeout", type=argtype(positive), default=1.0, metavar="SECONDS",
                     help="a batch the store has not answered by then goes to the backing file (default 1)")
-    ap.add_argument("--read-timeout", type=argtype(_seconds), default=30.0, metavar="SECONDS",
+    ap.add_argument("--read-timeout", type=argtype(positive), default=30.0, metavar="SECONDS",
                     help="how long a read of a page in the store may wait for the store before "
                          "failing with EIO (default 30)")
     ap.add_argument("--writethrough", action="store_true",
