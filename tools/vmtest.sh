@@ -14,8 +14,10 @@
 #
 # Without arguments: the quick scenario (vswapfs with a local hoststore, backing
 # file on ext4), as CI runs it.  --all: every scenario; `--list` names them.
-# --device SIZE: the swap device (default 2G); --page-cluster N: the guest's
-# vm.page-cluster (swap readahead of 2^N pages; default the kernel's, 3).
+# --device SIZE: the swap device (default 4G: a swap device over half full frees
+# the slot of every page read back, and each is written out again);
+# --page-cluster N: the guest's vm.page-cluster, for every scenario alike (swap
+# readahead of 2^N pages; default 5: vswapfs pays per request; - keeps the kernel's 3).
 # --profile SECONDS: py-spy samples vswapfs that long once the workload starts
 # (in the results: vswapfs-profile.txt, collapsed stacks).
 set -euo pipefail
@@ -25,10 +27,10 @@ top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 home=${VMTEST_HOME:-$top/.vmtest}
 ALL=(loop zram hoststore inproc writethrough refuse-all handback xfs blockdev)
 QUICK=(hoststore)
-memory=1G workload=1536M bystander=64M device=2G passes=1 timeout=1500 stall=240 profile=0 out="" page_cluster=-
+memory=1G workload=1536M bystander=64M device=4G passes=1 timeout=1500 stall=240 profile=0 out="" page_cluster=5
 scenarios=()
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 say() { echo "vmtest: $*" >&2; }
 while [ $# -gt 0 ]; do
   case $1 in
