@@ -66,7 +66,7 @@ class Output:
     C code writing to fd 1 or 2 gets EAGAIN instead of blocking."""
 
     def __init__(self) -> None:
-        self.dropped = 0  # lines (writes) that found the pipe full
+        self.dropped = 0  # lines (writes) that found the pipe full, and chunks the log file refused
         self.started = False
 
     def start(self) -> None:
@@ -81,7 +81,7 @@ class Output:
         os.dup2(write_end, 2)
         os.close(write_end)
         self._target = target
-        self._copier = threading.Thread(target=_copy, args=(read_end, target), name="output", daemon=True)
+        self._copier = threading.Thread(target=_copy, args=(read_end, target, self), name="output", daemon=True)
         self._copier.start()
         sys.stdout = _DroppingStream(1, self)  # type: ignore[assignment]
         sys.stderr = _DroppingStream(2, self)  # type: ignore[assignment]
@@ -99,15 +99,19 @@ class Output:
         self._copier.join(wait)
 
 
-def _copy(read_end: int, target: int) -> None:
-    """The one place that may wait for the log file."""
+def _copy(read_end: int, target: int, output: "Output | None" = None, retry_after: float = 1.0) -> None:
+    """The one place that may wait for the log file.  A write that fails (a full disk)
+    loses that chunk, counted as one drop, not the log: the copier goes on with the next."""
     while data := os.read(read_end, 1 << 16):
         view = memoryview(data)
         while view:
             try:
                 view = view[os.write(target, view):]
             except OSError:
-                return
+                if output is not None:
+                    output.dropped += 1
+                time.sleep(retry_after)  # meanwhile the pipe fills, and the daemon drops and counts
+                break
 
 
 OUTPUT = Output()  # the daemon's, once started

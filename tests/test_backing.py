@@ -174,6 +174,48 @@ def test_scattered_writes_and_long_reads_round_trip(disk_dir: str, monkeypatch: 
         b.close()
 
 
+def test_a_read_leaves_the_access_time_alone(disk_dir: str) -> None:
+    """An access-time update is a journal transaction on ext4 or xfs without lazytime, on
+    the swap-in path: the file is opened O_NOATIME."""
+    path = os.path.join(disk_dir, "backing")
+    b = Backing.open(path, SIZE)
+    try:
+        b.pwrite_many([(0, memoryview(b"x" * PAGE_SIZE))])
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns - 3 * 86400 * 10**9, st.st_mtime_ns))  # relatime would update it
+        before = os.stat(path).st_atime_ns
+        assert b.read_sync(0, PAGE_SIZE) == b"x" * PAGE_SIZE
+        assert os.stat(path).st_atime_ns == before
+    finally:
+        b.close()
+
+
+def test_a_write_that_makes_no_progress_fails_instead_of_spinning(disk_dir: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    b = Backing.open(os.path.join(disk_dir, "backing"), SIZE)
+    try:
+        monkeypatch.setattr(backing_module.os, "pwrite", lambda fd, data, offset: 0)
+        with pytest.raises(OSError, match="no progress"):
+            b.pwrite_many([(0, memoryview(b"x" * PAGE_SIZE))])
+    finally:
+        monkeypatch.undo()
+        b.close()
+
+
+def test_the_loops_own_read_takes_no_new_buffer_when_every_worker_holds_one(disk_dir: str) -> None:
+    """A buffer made on the I/O path is not yet resident: its first use faults, under pressure."""
+    b = Backing.open(os.path.join(disk_dir, "backing"), SIZE)
+    try:
+        assert b._bounce is not None
+        held = [b._bounce.take() for _ in range(backing_module.READ_THREADS + backing_module.WRITE_THREADS)]
+        assert b._bounce._free, "no buffer left for the read done on the event loop"
+        b._bounce.give(b._bounce.take())
+        for buf in held:
+            b._bounce.give(buf)
+    finally:
+        b.close()
+
+
 # -- block devices -----------------------------------------------------------------------
 
 
@@ -303,3 +345,20 @@ def test_a_loop_device_says_which_filesystem_its_file_is_on(disk_dir: str) -> No
     with loop_device(image) as dev:
         assert loop_backing_device(dev) == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     assert loop_backing_device(os.path.join(disk_dir, "no-such-loop")) is None
+
+
+def test_up_says_why_a_new_backing_file_could_not_be_written(disk_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while `up` writes the new file: a one-line reason (UpFailed), not a traceback."""
+    from vswapctl import device
+
+    def full(fd: int, size: int, path: str, direct: bool) -> None:
+        raise BackingError(f"cannot write {path} in full (No space left on device)")
+
+    monkeypatch.setattr(backing_module, "fill", full)
+    path = os.path.join(disk_dir, "backing")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with pytest.raises(device.UpFailed, match="No space left"):
+            device._fill(fd, path, SIZE, lambda line: None)
+    finally:
+        os.close(fd)

@@ -59,3 +59,37 @@ def test_what_fits_reaches_the_log_file(tmp_path) -> None:
     assert done.returncode == 0
     text = path.read_text()
     assert "child[" in text and "INFO line 2" in text and "printed 2" in text and "from C-level code" in text
+
+
+def test_a_chunk_the_log_file_refuses_is_counted_and_the_copier_goes_on(tmp_path, monkeypatch) -> None:
+    """One failed write (a full disk) must not end the daemon's log for good."""
+    import threading
+    import types
+
+    from hoststore import logsetup
+
+    failures = []
+
+    def write(fd: int, data) -> int:
+        if fd == target and not failures:
+            failures.append(bytes(data))
+            raise OSError(28, "No space left on device")
+        return os.write(fd, data)
+
+    monkeypatch.setattr(logsetup, "os", types.SimpleNamespace(read=os.read, write=write))
+    output = logsetup.Output()
+    read_end, write_end = os.pipe()
+    target = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(write_end, b"lost\n")
+    copier = threading.Thread(target=logsetup._copy, args=(read_end, target, output, 0.0))
+    copier.start()
+    deadline = time.monotonic() + 10
+    while not failures and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling for the copier's first write, with a deadline
+    os.write(write_end, b"kept\n")
+    os.close(write_end)
+    copier.join(10)
+    os.close(read_end)
+    os.close(target)
+    assert not copier.is_alive() and failures == [b"lost\n"] and output.dropped == 1
+    assert (tmp_path / "log").read_bytes() == b"kept\n"

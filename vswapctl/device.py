@@ -331,11 +331,15 @@ def _make_places(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
 def _fill(fd: int, path: str, size: int, say: Say) -> None:
     """Write zeros over the new backing file, once (vswapfs.backing says why)."""
     from vswapfs.backing import fill, set_direct
+    from vswapfs.backingcheck import BackingError
 
     start = time.monotonic()
     say(f"writing {format_size(size)} of zeros to {path}, once: from then on no swap-out waits for the "
         f"filesystem to allocate a block")
-    fill(fd, size, path, set_direct(fd, path))
+    try:
+        fill(fd, size, path, set_direct(fd, path))
+    except BackingError as exc:  # a full disk, say: up undoes what it did and says why
+        raise UpFailed(str(exc)) from None
     say(f"{path} written in {time.monotonic() - start:.1f}s")
 
 

@@ -116,7 +116,8 @@ class Backing:
         self.read_seconds = 0.0  # recent small reads' duration: see read_into
         self._write_threads = trio.CapacityLimiter(WRITE_THREADS)
         self._read_threads = trio.CapacityLimiter(READ_THREADS)
-        self._bounce = _Bounce(READ_THREADS + WRITE_THREADS, BOUNCE_BYTES) if direct else None
+        # One per worker thread, and one for the small reads done on the event loop itself.
+        self._bounce = _Bounce(READ_THREADS + WRITE_THREADS + 1, BOUNCE_BYTES) if direct else None
 
     @classmethod
     def open(cls, path: str, size: int | None, mountpoint: str | None = None,
@@ -287,6 +288,8 @@ def _chunks(parts: list[tuple[int, memoryview]], limit: int) -> list[tuple[int, 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
+        if n == 0:  # nothing written and no error: asking again would spin for ever
+            raise OSError(errno.EIO, "backing write made no progress")
         view = view[n:]
         offset += n
 
@@ -308,14 +311,14 @@ def _open_file(path: str, size: int | None) -> tuple[int, bool]:
     except FileNotFoundError:
         raise BackingError(f"the directory of backing file {path} does not exist") from None
     try:
-        fd = os.open(path, flags)
+        fd = _open_noatime(path, flags)
         created = False
     except FileNotFoundError:
         if size is None:
             raise BackingError(f"backing file {path} does not exist: give --size to create it") from None
         _check_size(size, path)
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOATIME, 0o600)
         except OSError as exc:
             raise BackingError(f"cannot create backing file {path}: {exc.strerror}") from None
         created = True
@@ -336,6 +339,17 @@ def _open_file(path: str, size: int | None) -> tuple[int, bool]:
             os.unlink(path)
         raise
     return fd, created
+
+
+def _open_noatime(path: str, flags: int) -> int:
+    """Open with O_NOATIME: a read would otherwise update the access time, on ext4 or xfs
+    without ``lazytime`` a journal transaction, on the swap-in path (docs/pressure.md).
+    Only the file's owner (or root) may ask for it; for anyone else the open is done
+    without it, and the ownership check that follows refuses the file with its reason."""
+    try:
+        return os.open(path, flags | os.O_NOATIME)
+    except PermissionError:
+        return os.open(path, flags)
 
 
 def set_direct(fd: int, path: str) -> bool:
