@@ -44,7 +44,7 @@ from vswapfs.hostclient import HostClient, LinkCounter, query
 from vswapfs.pagestore import StoreError
 
 from .test_rpc import new_store as pressured_store
-from .test_drain import FOREVER, pager_on, read_back
+from .test_drain import FOREVER, backings, pager_on, read_back  # noqa: F401 (backings: a fixture)
 from .test_drain import start_server as drain_server
 from .test_access import INSECURE, TOKEN, answer_of, closed_by_server, new_store, page, start_client
 
@@ -476,14 +476,14 @@ async def test_a_batch_larger_than_a_wire_put_goes_as_several_and_fails_as_one(t
 # -- what the cap must never close: the store's own hand-backs, prompt peers of other pools ------
 
 
-async def test_a_drain_of_six_clients_closes_none_of_them_for_the_in_flight_cap(tmp_path, disk_dir) -> None:
+async def test_a_drain_of_six_clients_closes_none_of_them_for_the_in_flight_cap(tmp_path, backings) -> None:
     """Six pagers of 1024 pages drained at once: four 256-page hand-backs in flight per
     client (24 MiB, past the default cap six times) are the store's own requests, not
     something a peer made it hold.  Every page comes back, no connection is closed."""
     npages = 1024
     async with trio.open_nursery() as nursery:
         address, server = await drain_server(nursery, str(tmp_path / "s"), 6 * npages, drain_timeout=10.0)
-        pagers = [await pager_on(nursery, address, f"c{i}", npages, disk_dir) for i in range(6)]
+        pagers = [await pager_on(nursery, address, f"c{i}", npages, backings) for i in range(6)]
         report = await query(address, Drain(), timeout=FOREVER)
         assert report["handed_back"] == {f"c{i}": npages for i in range(6)}
         assert server.store.counters[HostCounter.CLOSED_IN_FLIGHT] == 0
@@ -492,14 +492,14 @@ async def test_a_drain_of_six_clients_closes_none_of_them_for_the_in_flight_cap(
         nursery.cancel_scope.cancel()
 
 
-async def test_hand_back_under_pressure_to_six_clients_closes_none_of_them(tmp_path, disk_dir) -> None:
+async def test_hand_back_under_pressure_to_six_clients_closes_none_of_them(tmp_path, backings) -> None:
     npages = 2048
     level = [10.0]
     store = pressured_store(capacity=6 * npages, pressure=level)
     server = Server(store, ServerConfig())
     async with trio.open_nursery() as nursery:
         [address] = await nursery.start(server.serve, [await open_listener(Address("unix", path=str(tmp_path / "s")))])
-        pagers = [await pager_on(nursery, address, f"c{i}", npages, disk_dir) for i in range(6)]
+        pagers = [await pager_on(nursery, address, f"c{i}", npages, backings) for i in range(6)]
         level[0] = 95.0  # past the high watermark: everything goes back
         with trio.fail_after(30):
             while store.pages > 0:
@@ -615,7 +615,7 @@ async def test_a_tokenless_flood_from_the_same_host_cannot_keep_a_token_holder_o
         nursery.cancel_scope.cancel()
 
 
-async def test_a_peer_that_never_takes_its_hand_backs_is_closed_past_their_budget(tmp_path, disk_dir) -> None:
+async def test_a_peer_that_never_takes_its_hand_backs_is_closed_past_their_budget(tmp_path, backings) -> None:
     """The store's own hand-backs have a budget of their own (here 100 kB): a peer with
     pages that never reads what the store sends holds a hand-back it cannot write, and
     is closed once it has kept the store waiting --shed-after; a pager taking its
@@ -628,7 +628,7 @@ async def test_a_peer_that_never_takes_its_hand_backs_is_closed_past_their_budge
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await stream.send_all(conn.send_request(Put(0, 1, page(1) * MAX_PUT_PAGES))[1])
         assert (await answer_of(stream, conn)).answer == bytes(MAX_PUT_PAGES)
-        _, pager = await pager_on(nursery, unix, "prompt", 1024, disk_dir)
+        _, pager = await pager_on(nursery, unix, "prompt", 1024, backings)
         level[0] = 95.0  # past the high watermark: everything goes back
         with trio.fail_after(30):
             while store.counters[HostCounter.CLOSED_IN_FLIGHT] < 1 or store.clients["prompt"].count:

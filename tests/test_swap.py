@@ -93,10 +93,19 @@ def test_workload_through_host_and_backing_has_no_bad_pages(state_dir: str, disk
     assert fs["host_writes"] - before["vswapfs"]["host_writes"] > 0
     assert fs["backing_writes"] - before["vswapfs"]["backing_writes"] > 0
     assert fs["host_reads"] > 0 and fs["backing_reads"] > 0
-    assert host["accepted"] == fs["host_writes"] and host["refused_capacity"] > 0
+    assert_store_took_what_was_sent(fs, host)
+    assert host["refused_capacity"] > 0
     assert fs["io_errors"] == 0 and fs["read_failures"] == 0
     status = vswapctl(state_dir, "status")
     assert status.returncode == 0 and "host" in status.stdout and "backing" in status.stdout
+
+
+def assert_store_took_what_was_sent(fs: dict, store: dict) -> None:
+    """The store accepted every page vswapfs counts as written to it, and beyond those at
+    most the pages of puts whose answer came too late or never (on a loaded machine): those
+    went to the backing file, though the store may have taken them too."""
+    unanswered = sum(fs[k] for k in ("fallback_timeout", "fallback_unreachable", "fallback_error"))
+    assert fs["host_writes"] <= store["accepted"] <= fs["host_writes"] + unanswered
 
 
 def test_workload_through_the_in_process_store_and_backing(state_dir: str, disk_dir: str) -> None:
@@ -148,7 +157,8 @@ def test_workload_through_a_store_on_loopback_tcp_without_a_token(state_dir: str
         after = stats(state_dir)
         fs, host_stats = after["vswapfs"], after["hoststore"]
         assert fs["host_address"] == host and not fs["shared_memory"]
-        assert host_stats["accepted"] == fs["host_writes"] > 0 and fs["host_reads"] > 0
+        assert_store_took_what_was_sent(fs, host_stats)
+        assert fs["host_writes"] > 0 and fs["host_reads"] > 0
         assert fs["io_errors"] == 0 and fs["read_failures"] == 0 and fs["checksum_errors"] == 0
     finally:
         vswapctl(state_dir, "down", timeout=1800)  # swap off first; then the store may go
