@@ -528,8 +528,8 @@ async def get_flood(port: int, source: str, name: str, stop: trio.Event) -> None
                 await stream.send_all(b"".join(gets))
                 while conn.pending > 8:
                     await next_event(stream, conn)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, p.ProtocolError):
-            await trio.sleep(0.05)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError, p.ProtocolError):
+            await trio.sleep(0.05)  # closed (on a loaded machine, one may fall behind the floor): again
 
 
 async def test_a_crowd_of_greedy_tcp_peers_never_closes_an_admin_pager(tmp_path) -> None:
