@@ -535,7 +535,8 @@ async def get_flood(port: int, source: str, name: str, stop: trio.Event) -> None
 async def test_a_crowd_of_greedy_tcp_peers_never_closes_an_admin_pager(tmp_path) -> None:
     """Fifty TCP peers with the token pipelining 256-page gets hold far more than the
     cap in answers; a pager on the unix socket, in the admin pool, has its own budget
-    and is never closed for theirs (nor are they, while they keep reading)."""
+    and is never closed for theirs (the floor that keeps a prompt reader open is
+    tested on the fake clock below: here, on the real one, a flooder may fall behind)."""
     store = new_store(capacity=65536)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
