@@ -310,3 +310,15 @@ def test_a_second_user_bootstraps_after_root_did_and_no_log_name_can_be_planted(
     assert logs_in(shared) == sorted([os.path.basename(planted), os.path.basename(root_log), os.path.basename(log)])
     assert os.stat(root_log).st_uid == 0
 
+
+
+def test_the_demo_prints_only_counters_vswapfs_has() -> None:
+    """tools/demo.sh formats vswapfs's counters by name after its workload: a counter
+    renamed or removed made the quick start end in a KeyError."""
+    import re
+
+    from vswapfs.pager import PagerCounter
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "tools", "demo.sh")) as f:
+        names = re.findall(r"%\((\w+)\)d", f.read())
+    assert names and set(names) <= {c.value for c in PagerCounter}

@@ -37,7 +37,7 @@ import json, os
 fs = json.loads(os.environ["STATS"])["vswapfs"]
 print("written to the host store: %(host_writes)d pages, to the backing file: %(backing_writes)d pages" % fs)
 print("read back from the host: %(host_reads)d, from the backing file: %(backing_reads)d, errors: %(io_errors)d" % fs)
-print("given back by discard: %(discard_host_pages)d host pages, %(discard_backing_pages)d backing pages" % fs)
+print("given back to the store by discard: %(discard_host_pages)d pages (backing blocks stay written)" % fs)
 PY
 
 step "vswapctl stats"
