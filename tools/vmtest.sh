@@ -88,6 +88,11 @@ if [ -w /dev/kvm ] && timeout 60 vng --run "$kernel" --force-9p --memory 256M --
 fi
 say "kernel $kernel, ${accel[*]:-KVM}; guest memory $memory, workload $workload, bystander $bystander, device $device, page-cluster ${page_cluster/-/default}"
 
+# The guest sees this machine's root, but fresh tmpfs on /tmp, /var/tmp and /run: a checkout
+# there is shared with it on its own (read-only, like the rest).
+share=()
+case $top/ in /tmp/*|/var/tmp/*|/run/*) share=(--rodir "$top") ;; esac
+
 # -- the scenarios -----------------------------------------------------------------------
 out=${out:-$home/results-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
@@ -104,7 +109,7 @@ for scenario in "${scenarios[@]}"; do
   say "$scenario: starting (console: $dir/console.log)"
   rc=0
   (cd / && "$python" -I "$top/tools/vm/vmrun.py" "$dir/console.log" "$stall" "$timeout" -- \
-      vng --run "$kernel" "${accel[@]}" --force-9p --verbose --memory "$memory" --cpus 2 "${disks[@]}" \
+      vng --run "$kernel" "${accel[@]}" --force-9p --verbose --memory "$memory" --cpus 2 "${disks[@]}" "${share[@]}" \
       --exec "env VMTEST_PROFILE=$profile VMTEST_HOME=$home $top/tools/vm/guest.sh $scenario $workload $bystander $device $passes $page_cluster") || rc=$?
   tar -xf "$dir/results.img" -C "$dir" 2>/dev/null || true
   rm -f "$dir/data.img" "$dir/spare.img"
