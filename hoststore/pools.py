@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from .access import Access
+from .cliutil import count
 from .counters import Counters
 from .store import HostCounter
 
@@ -88,12 +89,9 @@ def pool_limit(text: str) -> tuple[Pool, int]:
     except ValueError:
         raise ValueError(f"unknown connection pool {name!r} (pools: {names})") from None
     try:
-        value = int(number)
-    except ValueError:
-        raise ValueError(f"{text!r}: {number!r} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"{text!r}: a pool holds at least 1 connection")
-    return pool, value
+        return pool, count(number)
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc} (a pool holds at least 1 connection)") from None
 
 
 class Member(Protocol):

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from array import array
+from typing import Any
 
 import pytest
 import redis
@@ -651,14 +652,20 @@ async def test_the_delete_loop_outlives_an_unexpected_error(redis_cluster_sessio
 # -- a cluster of the test's own: a master dies ----------------------------------------------
 
 
+async def fill_every_master(store) -> tuple[Any, int]:
+    """A client and 16 runs of its pages stored, so that every master holds some."""
+    client = attach(store)
+    n = 16 * RUN_PAGES
+    for first in range(0, n, RUN_PAGES):
+        assert await store.put_async(client, Put(first, 1, data(first, RUN_PAGES, 1))) == bytes(RUN_PAGES)
+    return client, n
+
+
 async def test_reads_go_on_through_a_masters_death(redis_cluster: LocalCluster) -> None:
     cluster = redis_cluster
     store = make(cluster)
     try:
-        client = attach(store)
-        n = 16 * RUN_PAGES  # 16 runs: every master holds some
-        for first in range(0, n, RUN_PAGES):
-            assert await store.put_async(client, Put(first, 1, data(first, RUN_PAGES, 1))) == bytes(RUN_PAGES)
+        client, n = await fill_every_master(store)
         victim = cluster.masters()[0]
         cluster.kill(victim)
         started = time.monotonic()
@@ -779,10 +786,7 @@ async def test_a_node_that_is_no_confirmed_master_cannot_say_a_page_is_lost(redi
     cluster = redis_cluster
     store = make(cluster)
     try:
-        client = attach(store)
-        n = 16 * RUN_PAGES  # 16 runs: every master holds some
-        for first in range(0, n, RUN_PAGES):
-            assert await store.put_async(client, Put(first, 1, data(first, RUN_PAGES, 1))) == bytes(RUN_PAGES)
+        client, n = await fill_every_master(store)
         master = cluster.masters()[0]
         empty = cluster.unsync_replica(master)  # answers reads (READONLY), with nothing
         nodes = store.tier._cluster.nodes_manager

@@ -216,23 +216,19 @@ class HostClient:
         return shared is not None and self.connected and shared.read(page, seq, out)
 
     async def call(self, message: Request) -> Any:
-        endpoint = self._endpoint
-        if endpoint is None or endpoint.closed.is_set():
-            raise StoreUnavailable(f"not connected to {self.address}")
-        try:
-            return await endpoint.request(message)
-        except PeerGone as exc:
-            raise StoreUnavailable(str(exc)) from None
-        except RemoteError as exc:
-            raise StoreError(str(exc)) from None
+        return await self._on_endpoint(lambda endpoint: endpoint.request(message))
 
     async def _call_all(self, messages: list[Request]) -> list[Any]:
         """As :meth:`call`, for several requests in one write (Endpoint.request_all)."""
+        return await self._on_endpoint(lambda endpoint: endpoint.request_all(messages))
+
+    async def _on_endpoint(self, send: Callable[[Endpoint], Awaitable[Any]]) -> Any:
+        """``send`` on the live connection, its failures as the page store's errors."""
         endpoint = self._endpoint
         if endpoint is None or endpoint.closed.is_set():
             raise StoreUnavailable(f"not connected to {self.address}")
         try:
-            return await endpoint.request_all(messages)
+            return await send(endpoint)
         except PeerGone as exc:
             raise StoreUnavailable(str(exc)) from None
         except RemoteError as exc:
