@@ -546,8 +546,8 @@ class RedisClusterTier:
                 self._beats.add(key)
                 written += 1
         self.count(TierCounter.HEARTBEAT_FAILURES, len(failures))
-        if failures:
-            self.refresh()
+        if failures:  # learnt meanwhile: asking the nodes may wait on the hung one, beat() may not
+            self._beat_pool.submit(self.refresh)
         if not written:
             raise TierUnavailable("no master took the heartbeat (" + "; ".join(failures) + ")")
         if failures:
