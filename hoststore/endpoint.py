@@ -27,7 +27,7 @@ import os
 import socket
 from array import array
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -40,8 +40,14 @@ RECEIVE_SIZE = p.HEADER.size + p.MAX_REQUEST_FRAME
 # waits in memory: a read full of small requests for large answers (gets)
 # is answered as it goes, so the peer's reading pace bounds what we hold.
 SEND_BATCH_BYTES = 1 << 20
+# A read that does not continue a frame of known length takes at most this much (a
+# batch of small requests; the start of a large frame, whose rest is then read
+# straight into a buffer of its size): below glibc's mmap threshold, so that the
+# read's buffer comes from the heap and costs no system call.
+FIRST_READ = 64 << 10
 SEND_SLICE = RECEIVE_SIZE
 MAX_FDS = 4  # file descriptors a peer may pass us, in all (we expect one)
+T = TypeVar("T")
 
 
 class PeerGone(Exception):
@@ -357,10 +363,8 @@ class Endpoint:
                     on_wait()
                 if self.inflight is not None and not self.conn.buffered:
                     await self.inflight.wait_room()  # holding nothing: begin nothing while the pool is over
-                data = await self._read()
-                if not data or self.closed.is_set():  # gone, or closed from outside while the read came
+                if not await self._read():  # gone, or closed from outside while the read came
                     return
-                self.conn.receive_data(data)
                 if self.inflight is not None:
                     self._hold()
                 out: list[bytes] = []
@@ -399,36 +403,63 @@ class Endpoint:
                 release()
             self.close()
 
-    async def _read(self) -> bytes:
-        """The next bytes from the peer, at most ``conn.room``; empty once it is gone."""
-        size = min(RECEIVE_SIZE, self.conn.room)
-        receive = self._receive_with_fds if self.accept_fds else self.stream.receive_some
+    async def _read(self) -> bool:
+        """The next bytes from the peer into the connection, at most ``conn.room``; False
+        once it is gone (or closed from outside while they came).  The rest of a frame
+        whose length is known is read straight into the buffer made for it."""
+        sock = getattr(self.stream, "socket", None)
+        into = sock is not None and self.conn.frame_rest > 0
         try:
-            if self.conn.buffered and (self.inflight is not None or self.frame_timeout is not None):
-                return await self._rest_of_frame(receive, size)
-            return await receive(size)
+            if into:
+                view = self.conn.receive_buffer(RECEIVE_SIZE)
+                try:
+                    n = await self._waiting_for_frame(lambda: self._receive_into(sock, view))
+                finally:
+                    view.release()
+                if n and not self.closed.is_set():
+                    self.conn.received(n)
+                    return True
+                return False
+            size = min(FIRST_READ, self.conn.room)
+            receive = self._receive_with_fds if self.accept_fds else self.stream.receive_some
+            data = await self._waiting_for_frame(lambda: receive(size)) if self.conn.buffered else await receive(size)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return b""
+            return False
+        if not data or self.closed.is_set():
+            return False
+        self.conn.receive_data(data)
+        return True
 
-    async def _rest_of_frame(self, receive: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
+    async def _waiting_for_frame(self, receive: Callable[[], Awaitable[T]]) -> T:
         """More of a frame begun: the time waiting for it is the peer's (``stalled``), and
-        all of it together may not pass ``frame_timeout``."""
+        all of it together may not pass ``frame_timeout`` (a store's endpoints; a
+        client's neither time nor limit this)."""
+        if self.inflight is None and self.frame_timeout is None:
+            return await receive()
         deadline = math.inf
         if self.frame_timeout is not None:
             deadline = trio.current_time() + self.frame_timeout - self._frame.total
         self._frame.start()
         try:
             with trio.move_on_at(deadline):
-                return await receive(size)
+                return await receive()
         finally:
             self._frame.stop()
         raise FrameTimeout(f"{self.conn.buffered} bytes of a frame, and nothing more for "
                            f"{self.frame_timeout:g}s of waiting")
 
+    async def _receive_into(self, sock: Any, view: memoryview) -> int:
+        if not self.accept_fds:
+            return await sock.recv_into(view)
+        n, ancdata, _flags, _addr = await sock.recvmsg_into([view], socket.CMSG_SPACE(4 * MAX_FDS),
+                                                            socket.MSG_CMSG_CLOEXEC)
+        self._keep_fds(ancdata)
+        return n
+
     def _hold(self) -> None:
         """Tell the cap (there is one) what this connection holds for its peer now."""
         assert self.inflight is not None
-        held = self.conn.buffered + self._writing
+        held = self.conn.reserved + self._writing
         if held != self._holding and not self.closed.is_set():
             self._holding = held
             self.inflight.hold(self, held)
@@ -460,6 +491,11 @@ class Endpoint:
         sock = self.stream.socket  # type: ignore[attr-defined]
         data, ancdata, _flags, _addr = await sock.recvmsg(size, socket.CMSG_SPACE(4 * MAX_FDS),
                                                           socket.MSG_CMSG_CLOEXEC)
+        self._keep_fds(ancdata)
+        return data
+
+    def _keep_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        """File descriptors that came with the bytes just read (at most MAX_FDS kept)."""
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array("i")
@@ -467,7 +503,6 @@ class Endpoint:
                 self.received_fds.extend(fds)
         while len(self.received_fds) > MAX_FDS:  # a peer cannot make us hold more
             os.close(self.received_fds.pop())
-        return data
 
     def take_fds(self) -> list[int]:
         """The file descriptors received so far, now the caller's to close."""

@@ -136,8 +136,9 @@ class Connection:
         self.role = role
         self._state = _AWAIT_WELCOME if role == "client" else _AWAIT_HELLO
         self._welcomed = False
-        self._inbox = bytearray()
+        self._inbox = bytearray()  # received bytes are _inbox[_pos:_end]; beyond _end, room to read into
         self._pos = 0
+        self._end = 0
         self._next_msgid = 0
         self._pending: dict[int, Request] = {}
         self._hello_msgid: int | None = None
@@ -161,7 +162,7 @@ class Connection:
     @property
     def buffered(self) -> int:
         """Received bytes not yet turned into events."""
-        return len(self._inbox) - self._pos
+        return self._end - self._pos
 
     @property
     def frame_limit(self) -> int:
@@ -182,7 +183,7 @@ class Connection:
         when the garbage collector gets to whatever still refers to this connection)."""
         self._state = _CLOSED
         self._inbox = bytearray()
-        self._pos = 0
+        self._pos = self._end = 0
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -248,20 +249,74 @@ class Connection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the transport."""
         self._check_open()
-        if self._pos and self._pos * 2 >= len(self._inbox):
-            del self._inbox[: self._pos]
-            self._pos = 0
-        self._inbox += data
+        n = len(data)
+        self._reserve(n)
+        self._inbox[self._end : self._end + n] = data
+        self._end += n
+        self._reserve(0)  # a length just read: room for the rest of its frame, counted from now
+
+    @property
+    def frame_rest(self) -> int:
+        """Bytes still to come of a frame begun whose length is known and allowed, else 0
+        (a length above the limit is refused by :meth:`next_event`, nothing reserved)."""
+        if self._end - self._pos < HEADER.size:
+            return 0
+        (length,) = HEADER.unpack_from(self._inbox, self._pos)
+        if length > self.frame_limit:
+            return 0
+        return max(0, HEADER.size + length - (self._end - self._pos))
+
+    @property
+    def reserved(self) -> int:
+        """Bytes the receive buffer takes: what a peer makes this end hold, the room made
+        for the rest of its frame included."""
+        return len(self._inbox)
+
+    def receive_buffer(self, limit: int) -> memoryview:
+        """Room to read the rest of a frame begun into (``socket.recv_into``): at most
+        ``limit`` bytes, ``room`` and the frame's rest.  Release the view, then call
+        :meth:`received` with the count read.  The buffer is made once at the
+        frame's exact size: the bytes read are not copied, and a large frame arriving
+        in many reads does not regrow its buffer (and leave the heap with the
+        pieces) read by read."""
+        self._check_open()
+        size = max(1, min(limit, self.room, self.frame_rest or limit))
+        self._reserve(size)
+        return memoryview(self._inbox)[self._end : self._end + size]
+
+    def received(self, n: int) -> None:
+        """``n`` bytes were written into the last :meth:`receive_buffer`."""
+        self._check_open()
+        if not 0 <= n <= len(self._inbox) - self._end:
+            raise ValueError(f"{n} bytes received into a buffer of {len(self._inbox) - self._end}")
+        self._end += n
+
+    def _reserve(self, n: int) -> None:
+        """Room for ``n`` more bytes after those held (and, with a frame's length known,
+        for all of that frame at once).  Held bytes move to the start of the buffer
+        when it has room that way, else to a new buffer of the size needed."""
+        held = self._end - self._pos
+        need = max(n, self.frame_rest)
+        if len(self._inbox) - self._end >= need:
+            return
+        with memoryview(self._inbox) as view:
+            kept = bytes(view[self._pos : self._end])
+        if len(self._inbox) < held + need:
+            self._inbox = bytearray(held + need)
+        self._inbox[:held] = kept  # the same size: in place, never a resize
+        self._pos, self._end = 0, held
 
     def _consumed(self, end: int) -> None:
         """Frames up to ``end`` are events now.  On a store, once nothing is left the
         buffer goes at once: a peer that sent one large put and went quiet leaves it
-        holding nothing.  A client keeps it until more comes (``receive_data``): let
-        go after each 1 MiB answer, the allocator hands back fresh memory for the next
-        one, and faulting it in costs about as much as the answer itself."""
-        if end == len(self._inbox) and self.role == "server":
+        holding nothing.  A client keeps it for the next answer (let go after each
+        1 MiB answer, the next would be fresh memory to fault in, which costs about
+        as much as the answer itself)."""
+        if end == self._end and self.role == "server":
             self._inbox = bytearray()
-            self._pos = 0
+            self._pos = self._end = 0
+        elif end == self._end:
+            self._pos = self._end = 0
         else:
             self._pos = end
 
@@ -270,7 +325,7 @@ class Connection:
         connection was closed by the last event: a refused hello)."""
         if self._state == _CLOSED:
             return None
-        avail = len(self._inbox) - self._pos
+        avail = self._end - self._pos
         if avail < HEADER.size:
             return None
         (length,) = HEADER.unpack_from(self._inbox, self._pos)
@@ -387,11 +442,12 @@ class FramePool:
     """A few buffers for the largest answers, used again and again: no page faults
     and no heap growth for a stream of large gets, and a fixed amount of memory
     for them however many come at once (beyond the pool, answers get mappings of
-    their own, returned to the kernel once sent).  Four: the pool is kept once
+    their own, returned to the kernel once sent).  Two: the pool is kept once
     made, so it is memory a crowd of peers asking for large answers leaves the
-    store holding for good; more at once is rare (swap reads 32 pages at most)."""
+    store holding for good (four were a quarter of what 50 hostile connections
+    grew it by); more at once is rare (swap reads 32 pages at most)."""
 
-    def __init__(self, count: int = 4, size: int = 0) -> None:
+    def __init__(self, count: int = 2, size: int = 0) -> None:
         self.size = size or get_answer_size(MAX_GET_PAGES)
         self.count = count
         self._free: list[bytearray] = []
@@ -452,9 +508,54 @@ def get_answer_frame(msgid: int, n: int, buffer: bytearray | None = None) -> Get
     return GetAnswerFrame(frame, view[s0 : s0 + n], view[q0 : q0 + 8 * n].cast("Q"), view[d0 : d0 + n * PAGE_SIZE])
 
 
-def _frame(obj: Any) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
-    return HEADER.pack(len(body)) + body
+# A message whose last field is page data at least this large (a put, a hand-back, a
+# tier's get answer) is framed around it: one copy of the data, not three.
+SPLICE_BYTES = 64 << 10
+_EMPTY_BIN = b"\xc4\x00"  # msgpack bin 8 of length 0 (use_bin_type)
+
+
+def _frame(obj: Any) -> bytes | bytearray:
+    """The frame of ``obj``.  msgpack would copy large page data into its own buffer
+    (growing it as it goes), then into the bytes it returns, and the length prefix
+    would copy it a third time: a hand-back of 1 MiB briefly cost the store 3-4 MiB,
+    and under a crowd these peaks were most of what it grew by.  So the data at the
+    end of a message (the last leaf, in msgpack order the last bytes of the frame) is
+    packed as an empty bin, and the frame is assembled once, at its exact size."""
+    tail = _large_tail(obj)
+    if tail is None:
+        body = msgpack.packb(obj, use_bin_type=True)
+        return HEADER.pack(len(body)) + body
+    data = tail[-1]
+    head = msgpack.packb(_replace_tail(obj, b""), use_bin_type=True)
+    assert head.endswith(_EMPTY_BIN)
+    head = head[: -len(_EMPTY_BIN)]
+    n = len(data)
+    size = len(head) + 5 + n
+    frame = bytearray(HEADER.size + size)
+    HEADER.pack_into(frame, 0, size)
+    at = HEADER.size + len(head)
+    frame[HEADER.size : at] = head
+    frame[at] = 0xC6  # bin 32
+    frame[at + 1 : at + 5] = n.to_bytes(4, "big")
+    frame[at + 5 :] = data
+    return frame
+
+
+def _large_tail(obj: Any) -> list[Any] | None:
+    """The list whose last item is the message's last leaf, if that leaf is page data
+    of SPLICE_BYTES or more."""
+    while isinstance(obj, list) and obj:
+        if isinstance(obj[-1], bytes | bytearray | memoryview):
+            return obj if len(obj[-1]) >= SPLICE_BYTES else None
+        obj = obj[-1]
+    return None
+
+
+def _replace_tail(obj: Any, leaf: bytes) -> Any:
+    """A copy of the nested lists down to the last leaf, which is ``leaf``."""
+    if not isinstance(obj, list):
+        return leaf
+    return [*obj[:-1], _replace_tail(obj[-1], leaf)]
 
 
 def _is_msgid(value: Any) -> bool:

@@ -357,11 +357,12 @@ async def test_a_crowd_of_stalled_puts_is_held_under_the_in_flight_cap_the_oldes
             assert got is not None
             stream, conn = got
             data = stalled_put(conn, 1)
-            kept = cap // len(data)
+            frame = len(data) + 1  # what each holds: its buffer is made for the whole frame
+            kept = cap // frame
             await stream.send_all(data)
             stalled.append(stream)
             with trio.fail_after(5):  # the store has read all of it, and closed what it had to
-                while inflight.total != min(i + 1, kept) * len(data):
+                while inflight.total != min(i + 1, kept) * frame:
                     await trio.sleep(0.01)
         assert kept == 7
         for stream in stalled[:-kept]:  # the oldest went

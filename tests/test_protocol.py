@@ -358,3 +358,80 @@ def test_a_closed_connection_lets_its_buffer_go_at_once() -> None:
     assert server.next_event() is None and server.buffered == len(data) - 1
     server.close()
     assert len(server._inbox) == 0 and server.buffered == 0
+
+
+def test_the_rest_of_a_large_frame_is_read_into_one_buffer_made_for_it() -> None:
+    """Found measuring `vswapctl attack`: a put arriving in many reads regrew the receive
+    buffer read by read (and each read was a buffer of its own), and a crowd of such
+    peers left the store's heap several MiB larger.  Once the length is known, the
+    buffer is made at the frame's size, once, and later reads go straight into it."""
+    client, server = handshake()
+    _, data = client.send_request(Put(0, 7, bytes(range(256)) * (MAX_PUT_PAGES * PAGE_SIZE // 256)))
+    server.receive_data(data[:1000])
+    buffer = server._inbox
+    assert server.reserved == len(data) and server.frame_rest == len(data) - 1000
+    at = 1000
+    while at < len(data):
+        with server.receive_buffer(4096) as view:
+            n = len(view)
+            view[:] = data[at : at + n]
+        server.received(n)
+        at += n
+        assert server._inbox is buffer
+    event = server.next_event()
+    assert event.message.seq == 7 and bytes(event.message.data) == data[-MAX_PUT_PAGES * PAGE_SIZE :]
+    assert server.reserved == 0  # taken whole: let go
+
+
+def test_a_peer_that_sent_only_a_length_is_counted_for_the_frame_it_announced() -> None:
+    """The store makes room for a whole frame once its length is read, so that room is
+    what the peer holds (``reserved``, what the in-flight cap counts), not the four
+    bytes sent; a length above the limit gets no room, only the refusal."""
+    client, server = handshake()
+    _, data = client.send_request(Put(0, 1, bytes(MAX_PUT_PAGES * PAGE_SIZE)))
+    server.receive_data(data[: p.HEADER.size])
+    assert server.next_event() is None
+    assert server.buffered == p.HEADER.size and server.reserved == len(data)
+    client, server = handshake()
+    server.receive_data(p.HEADER.pack(p.MAX_REQUEST_FRAME + 1))
+    assert server.frame_rest == 0 and server.reserved == p.HEADER.size
+    with pytest.raises(p.FrameTooLarge):
+        server.next_event()
+
+
+def test_a_client_keeps_its_buffer_and_reads_small_messages_after_large_ones_into_it() -> None:
+    """A client's buffer stays for the next answer; what is left of a read moves to its
+    start when the end has no room, without a new buffer."""
+    client, server = handshake()
+    wires = []
+    for seq in (1, 2, 3):
+        msgid, _ = client.send_request(Get(array("Q", range(64))))
+        answer = GetAnswer(bytes(64), array("Q", [seq] * 64), bytes([seq]) * (64 * PAGE_SIZE))
+        wires.append(server.send_answer(msgid, Get(array("Q", range(64))), answer))
+    client.receive_data(wires[0] + wires[1][:100])
+    assert client.next_event().answer.seqs[0] == 1
+    client.receive_data(wires[1][100:] + wires[2])
+    assert [client.next_event().answer.seqs[0] for _ in range(2)] == [2, 3]
+    assert client.buffered == 0
+    small = server.send_answer(client.send_request(Stats())[0], Stats(), {"clients": {}})
+    kept = client._inbox
+    client.receive_data(small)
+    assert client._inbox is kept and client.next_event().answer == {"clients": {}}
+
+
+@pytest.mark.parametrize("message", [
+    Put(3, 9, bytes(range(256)) * (MAX_PUT_PAGES * PAGE_SIZE // 256)),
+    Put(3, 9, b"x" * (p.SPLICE_BYTES - PAGE_SIZE)),  # below the splice: packed as before
+    HandBack("pressure", array("Q", range(256)), array("Q", [5] * 256), b"\x07" * (256 * PAGE_SIZE)),
+])
+def test_large_page_data_is_framed_around_and_read_back_as_packed(message) -> None:
+    """A message ending in large page data is framed in one buffer, the data copied
+    once; the peer reads it exactly as msgpack packs it."""
+    client, server = handshake()
+    sender, receiver = (client, server) if message.sent_by == "client" else (server, client)
+    msgid, wire = sender.send_request(message)
+    body = msgpack.packb([p.REQUEST, msgid, message.method, message.to_wire()], use_bin_type=True)
+    assert p.HEADER.unpack_from(wire)[0] == len(wire) - p.HEADER.size
+    assert msgpack.unpackb(bytes(wire[p.HEADER.size :]), raw=False) == msgpack.unpackb(body, raw=False)
+    [event] = feed_all(receiver, wire)
+    assert event.message == message
