@@ -12,13 +12,12 @@ connections throughout (the harness raises otherwise); four good clients that
 the store hands pages back to under pressure meanwhile take pages back and are
 never disconnected (the store's own hand-backs once got them closed as if they
 had stalled); each kind of attack is closed for its own reason and counted; and
-the store's peak RSS grows by less than 32 MiB.  That bound was 16 MiB while one
-4 MiB cap covered every connection and stalled peers were closed at once: now
-the attackers with the token reach two budgets (the tcp pool's, and the store's
-own hand-backs' under pressure), a peer is closed only once it has stalled
---shed-after (0.5 s), and the harness runs the store with its defaults and
-under pressure; `vswapctl attack --runs 3` measured medians of 16 to 22 MiB.  It
-still fails the old code's way of growing without bound (212 MiB).
+the store's peak RSS under attack is less than 24 MiB above its peak before it
+(with the good clients alone).  The README's promise is 16 MiB, checked by the
+benchmark (`vswapctl attack --runs 3`: medians of 11 to 13 MiB in December 2026,
+over nine runs 10.8 to 15.1); the bound here is looser so that a noisy machine
+cannot fail the suite.  It still fails the old code's way of growing without
+bound (212 MiB).
 
 Latency is a benchmark figure (`vswapctl attack`, medians in the README); here
 it is only bounded loosely, so that a noisy 2-core machine cannot fail the suite
@@ -39,7 +38,7 @@ def test_good_clients_are_served_through_an_attack_and_the_store_stays_small() -
     assert attacked["requests"] >= 100
     assert attacked["p99_ms"] <= max(10 * alone["p99_ms"], 30.0), report
     assert report["observer_under_attack"]["requests"] >= 2 * seconds, report
-    assert report["rss_kib"]["growth"] < 32 * 1024, report
+    assert report["rss_kib"]["growth"] < 24 * 1024, report
     handed_back = report["handed_back"]
     assert handed_back["clients"] == attack.HANDED_BACK_CLIENTS and handed_back["fewest_pages"] > 0, report
     assert handed_back["disconnects"] == 0, report

@@ -14,10 +14,14 @@ as ``vswapctl stats`` does, and four more good clients on the unix socket keep
 storing pages that the store hands back to them under memory pressure (the
 store's pressure is a file the harness sets high; its admission policy is
 accept-all so that the good pager's puts are admitted all the same).  All of
-them run in both phases, so that the store's RSS before the attack already
-holds what they cost it.  Reports the good clients' latencies, the
-pages handed back and whether any good client lost its connection, the store's
-peak RSS growth, and its counters of connections closed or refused, by reason.
+them run in both phases, and the store's growth is its peak RSS under attack
+less its peak RSS in the phase before, when only they ran: what they cost it
+is in both, and a hand-back burst of theirs (the store briefly holds several
+MiB for one) is not the attack's.  (Over the RSS sampled once just before the
+attack, as ``growth_over_before``, such a burst under attack would count.)
+Reports the good clients' latencies, the pages handed back and whether any
+good client lost its connection, the store's peak RSS growth, and its counters
+of connections closed or refused, by reason.
 The store runs with its defaults for every connection limit and timeout.
 """
 
@@ -357,11 +361,12 @@ class _HandedBack:
 
 
 async def _good_clients(address: Address, seconds: float, token: bytes,
-                        between: Any) -> tuple[dict[str, list[float]], list[dict[str, int]]]:
+                        phase_starts: Any) -> tuple[dict[str, list[float]], list[dict[str, int]]]:
     """The pager (one connection throughout, so that its shared memory is the same in
-    both phases), the observer and the clients handed pages back, alone, then after
-    ``between()`` (which starts the attack) again; the first two's latencies by
-    phase, and what each of the others took back in all."""
+    both phases), the observer and the clients handed pages back, alone, then again
+    under attack; ``phase_starts(phase)`` is called before each (the second starts the
+    attack) and says how long to wait before it.  The first two's latencies by phase,
+    and what each of the others took back in all."""
     from vswapfs.hostclient import HostClient
 
     client = HostClient(address, f"good-{os.getpid()}", 4096 * PAGE_SIZE, connect_timeout=10, token=token)
@@ -381,8 +386,7 @@ async def _good_clients(address: Address, seconds: float, token: bytes,
             await good.wait_connected()
         await _pager(client, 1.0, batches)  # warm up: the store's slab, index and shared memory exist
         for phase in ("alone", "under_attack"):
-            if phase == "under_attack":
-                await trio.sleep(await trio.to_thread.run_sync(between))  # the attack gets under way
+            await trio.sleep(await trio.to_thread.run_sync(phase_starts, phase))  # the attack gets under way
             async with trio.open_nursery() as both:
                 both.start_soon(observe, phase)
                 both.start_soon(page, phase)
@@ -481,10 +485,15 @@ def run(seconds: float = 10.0, kinds: dict[str, int] | None = None) -> dict[str,
                          "--policy", "accept-all", "--drain-timeout", "1") as (store, sock, _):
             measured: dict[str, Any] = {}
 
-            def start_attack() -> float:
-                """Between the phases: the store's RSS now, its peak from now on, the
-                attackers started; how long to give them to get going."""
+            def phase_starts(phase: str) -> float:
+                """Before each phase, the store's peak RSS from now on; between the phases,
+                the first phase's peak and the RSS now, then the attackers started: how
+                long to give them to get going."""
                 nonlocal attacker
+                if phase == "alone":
+                    measured["peak_alone"] = _PeakRss(store.pid)
+                    return 0.0
+                measured["peak_alone"] = measured["peak_alone"].peak()
                 measured["rss_before"] = _rss_kib(store.pid)
                 measured["peak"] = _PeakRss(store.pid)
                 attacker = subprocess.Popen(["nice", "-n", "19", *launch.module_argv(
@@ -495,7 +504,7 @@ def run(seconds: float = 10.0, kinds: dict[str, int] | None = None) -> dict[str,
 
             try:
                 address = Address("unix", path=sock)
-                latencies, handed_back = trio.run(_good_clients, address, seconds, token, start_attack)
+                latencies, handed_back = trio.run(_good_clients, address, seconds, token, phase_starts)
                 assert attacker is not None
                 cpu_start, wall_start = measured["cpu_start"]
                 wall = time.monotonic() - wall_start
@@ -510,7 +519,7 @@ def run(seconds: float = 10.0, kinds: dict[str, int] | None = None) -> dict[str,
                 if attacker is not None and attacker.poll() is None:
                     attacker.kill()
                     attacker.wait()
-    rss_before = measured["rss_before"]
+    rss_before, peak_alone = measured["rss_before"], measured["peak_alone"]
     return {
         "seconds": seconds,
         "hostile_connections_at_once": sum(kinds.values()),
@@ -524,8 +533,9 @@ def run(seconds: float = 10.0, kinds: dict[str, int] | None = None) -> dict[str,
                         "fewest_pages": min(c["taken"] for c in handed_back),
                         "disconnects": sum(c["disconnects"] for c in handed_back)},
         "cpu_percent_under_attack": cpu,
-        "rss_kib": {"before_attack": rss_before, "peak": rss_peak, "after_attack": rss_after,
-                    "growth": max(rss_peak, rss_after) - rss_before},
+        "rss_kib": {"peak_alone": peak_alone, "before_attack": rss_before, "peak": rss_peak,
+                    "after_attack": rss_after, "growth": max(rss_peak, rss_after) - peak_alone,
+                    "growth_over_before": max(rss_peak, rss_after) - rss_before},
         "closed_by_reason": {k: stats.get(k, 0) for k in CLOSE_REASONS},
         "bytes_stored_after": stats.get("bytes_stored", 0),
         "connections": stats.get("connections", 0),

@@ -684,7 +684,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     print(f"  handed back (both phases)  {median(('handed_back', 'pages')):.0f} pages to "
           f"{attack.HANDED_BACK_CLIENTS} clients; their disconnects (all runs) "
           f"{sum(r['handed_back']['disconnects'] for r in reports)}")
-    print(f"  store RSS growth (peak)    {median(('rss_kib', 'growth')) / 1024:.1f} MiB")
+    print(f"  store RSS growth (peak)    {median(('rss_kib', 'growth')) / 1024:.1f} MiB over its peak before the attack "
+          f"({median(('rss_kib', 'growth_over_before')) / 1024:.1f} MiB over its RSS just before)")
     print(f"  store CPU under attack     {statistics.median(r['cpu_percent_under_attack']['store'] for r in reports):.0f}%")
     print("  closed or refused, by reason (last run):")
     for reason, n in reports[-1]["closed_by_reason"].items():
