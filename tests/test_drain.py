@@ -240,3 +240,50 @@ async def test_a_client_that_takes_one_page_a_batch_and_fails_the_rest_is_given_
         assert store.clients["trickle"].count == npages - taken and store.clients["trickle"].lent_count == 0
         assert pager.map.counts()["backing"] == taken
         nursery.cancel_scope.cancel()
+
+
+async def test_coming_back_again_and_again_earns_one_timeout_only(
+        autojump_clock: trio.testing.MockClock, tmp_path, backings: Backings) -> None:
+    """Only a client's first return during a drain moves its deadline to a whole timeout
+    from then: one that reconnects every half timeout and takes nothing would otherwise
+    keep the drain (and the store's exit) waiting for as long as it went on.  Away at
+    the start, back at 1.5 s of a 2 s timeout and again every half second: given up on
+    at 3.5 s, while it is still coming and going (it would go on until 10 s)."""
+    timeout, npages = 2.0, 300
+    async with trio.open_nursery() as nursery:
+        address, server = await start_server(nursery, str(tmp_path / "s"), npages, drain_timeout=timeout)
+        store = server.store
+        async with trio.open_nursery() as away:
+            client, pager = await pager_on(away, address, "flapper", npages, backings)
+            away.cancel_scope.cancel()
+        with trio.fail_after(5):
+            while store.connections_active:
+                await trio.sleep(0.01)
+        connects = 0
+
+        async def take_nothing(handback: HandBack) -> bytes:
+            return bytes([TakeStatus.FAILED]) * len(handback.pages)
+
+        async def come_and_go() -> None:
+            nonlocal connects
+            await trio.sleep(1.5)
+            client.set_handlers(take_nothing, pager.pages_lost)
+            while trio.current_time() - start < 10:
+                async with trio.open_nursery() as link:
+                    await link.start(client.run)
+                    await client.wait_connected()
+                    connects += 1
+                    await trio.sleep(timeout / 8)
+                    link.cancel_scope.cancel()
+                await trio.sleep(timeout / 8)
+
+        start = trio.current_time()
+        nursery.start_soon(come_and_go)
+        report = await query(address, Drain(), timeout=FOREVER)
+        elapsed = trio.current_time() - start
+        assert connects >= 4  # it came back again and again before the drain gave up on it
+        assert elapsed == pytest.approx(1.5 + timeout, abs=0.3)
+        assert report == {"handed_back": {"flapper": 0}, "dropped": {"flapper": npages}}
+        assert store.counters[HostCounter.DRAIN_GAVE_UP] == 1
+        assert store.clients["flapper"].count == npages and store.clients["flapper"].lent_count == 0
+        nursery.cancel_scope.cancel()
