@@ -70,6 +70,9 @@ MAX_REQUEST_FRAME = MAX_PUT_PAGES * PAGE_SIZE + 4096
 # Until the hello is answered, frames are small: an unauthenticated peer cannot
 # make this end buffer a page batch.
 MAX_HANDSHAKE_FRAME = 4096
+# A client keeps a receive buffer this large between answers (a get's largest, and
+# then some); a larger one (a hand-back's) is let go once it is read.
+CLIENT_KEEP_BYTES = 2 << 20
 # How many requests may wait for answers; a peer that answers none of them is broken.
 MAX_PENDING = 1 << 16
 
@@ -249,6 +252,7 @@ class Connection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the transport."""
         self._check_open()
+        data = memoryview(data).cast("B")  # counted in bytes, whatever its items are
         n = len(data)
         self._reserve(n)
         self._inbox[self._end : self._end + n] = data
@@ -309,16 +313,18 @@ class Connection:
     def _consumed(self, end: int) -> None:
         """Frames up to ``end`` are events now.  On a store, once nothing is left the
         buffer goes at once: a peer that sent one large put and went quiet leaves it
-        holding nothing.  A client keeps it for the next answer (let go after each
-        1 MiB answer, the next would be fresh memory to fault in, which costs about
-        as much as the answer itself)."""
-        if end == self._end and self.role == "server":
-            self._inbox = bytearray()
-            self._pos = self._end = 0
-        elif end == self._end:
+        holding nothing.  A client keeps one of up to CLIENT_KEEP_BYTES for the next
+        answer (let go after each 1 MiB answer, the next would be fresh memory to
+        fault in, which costs about as much as the answer itself).  With bytes left,
+        a length already among them gets the room for its frame now, so that what a
+        peer makes this end hold is counted (``reserved``) before the next read."""
+        if end == self._end:
+            if self.role == "server" or len(self._inbox) > CLIENT_KEEP_BYTES:
+                self._inbox = bytearray()
             self._pos = self._end = 0
         else:
             self._pos = end
+            self._reserve(0)
 
     def next_event(self) -> Event | None:
         """The next complete message, or None when more bytes are needed (or the
@@ -525,7 +531,7 @@ def _frame(obj: Any) -> bytes | bytearray:
     if tail is None:
         body = msgpack.packb(obj, use_bin_type=True)
         return HEADER.pack(len(body)) + body
-    data = tail[-1]
+    data = memoryview(tail[-1]).cast("B")  # its length in bytes (an array('Q') view counts items)
     head = msgpack.packb(_replace_tail(obj, b""), use_bin_type=True)
     assert head.endswith(_EMPTY_BIN)
     head = head[: -len(_EMPTY_BIN)]
@@ -546,7 +552,7 @@ def _large_tail(obj: Any) -> list[Any] | None:
     of SPLICE_BYTES or more."""
     while isinstance(obj, list) and obj:
         if isinstance(obj[-1], bytes | bytearray | memoryview):
-            return obj if len(obj[-1]) >= SPLICE_BYTES else None
+            return obj if memoryview(obj[-1]).nbytes >= SPLICE_BYTES else None
         obj = obj[-1]
     return None
 
