@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -45,6 +46,17 @@ def positive(text: str) -> float:
         raise ValueError(f"{text!r} is not a number") from None
     if not value > 0:
         raise ValueError(f"{text} is not positive")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """A finite number, 0 or more (seconds, where 0 turns something off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{text} is not a finite number of 0 or more")
     return value
 
 

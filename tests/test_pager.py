@@ -34,7 +34,8 @@ def backing(disk_dir: str):
 def make(backing: Backing, capacity: int | None = None, **kw) -> tuple[Pager, FakeStore]:
     store = FakeStore(NPAGES, capacity)
     return Pager(backing, store, write_timeout=kw.get("write_timeout", 1.0),
-                 read_timeout=kw.get("read_timeout", 5.0), writethrough=kw.get("writethrough", False)), store
+                 read_timeout=kw.get("read_timeout", 5.0), writethrough=kw.get("writethrough", False),
+                 pressure_holdoff=kw.get("pressure_holdoff", 1.0)), store
 
 
 def stat(pager: Pager, name: str) -> int:
@@ -64,16 +65,25 @@ async def test_read_at_or_past_the_end_is_short(backing: Backing) -> None:
         await pager.read(100, PAGE_SIZE)
 
 
-async def test_refuse_every_nth_page_random_io(backing: Backing) -> None:
-    pager, store = make(backing)
+@pytest.mark.parametrize("holdoff", [0.0, 1.0])
+async def test_refuse_every_nth_page_random_io(backing: Backing, holdoff: float) -> None:
+    """A third of the pages refused for pressure, at random places in random writes,
+    every page read back as last written; with a hold-off, a single page refused
+    (a whole batch) sends what follows straight to the backing file for a while."""
+    pager, store = make(backing, pressure_holdoff=holdoff)
     store.refuse_every = 3
     rng = random.Random(1)
     truth: dict[int, int] = {}
-    for version in range(1, 400):
-        first = rng.randrange(NPAGES)
-        n = rng.randint(1, min(16, NPAGES - first))
-        await pager.write(first * PAGE_SIZE, b"".join(page(first + i, version) for i in range(n)))
-        truth.update({first + i: version for i in range(n)})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pager.drop_orphans)  # old copies of pages held off go from the store
+        for version in range(1, 400):
+            first = rng.randrange(NPAGES)
+            n = rng.randint(1, min(16, NPAGES - first))
+            await pager.write(first * PAGE_SIZE, b"".join(page(first + i, version) for i in range(n)))
+            truth.update({first + i: version for i in range(n)})
+        while pager.orphans_pending:
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
     for p in range(NPAGES):
         expected = page(p, truth[p]) if p in truth else bytes(PAGE_SIZE)
         assert await pager.read(p * PAGE_SIZE, PAGE_SIZE) == expected, p
@@ -81,7 +91,9 @@ async def test_refuse_every_nth_page_random_io(backing: Backing) -> None:
     assert whole == b"".join(page(p, truth[p]) if p in truth else bytes(PAGE_SIZE) for p in range(NPAGES))
     s = pager.stats()
     assert s["host_writes"] > 0 and s["backing_writes"] > 0
-    assert s["refused_pressure"] == s["fallback_refused"] == s["backing_writes"]
+    assert s["refused_pressure"] == s["fallback_refused"]
+    assert s["backing_writes"] == s["fallback_refused"] + s["fallback_held_off"]
+    assert (s["fallback_held_off"] > 0) == (holdoff > 0)
     assert s["pages_host"] == store.pages_stored and s["checksum_errors"] == 0
 
 
@@ -358,3 +370,54 @@ async def test_store_lost_while_the_refused_pages_are_written_keeps_the_accepted
     monkeypatch.setattr(backing, "write_many", real_write_many)
     assert pager.map.get(0) == BACKING and stat(pager, "fallback_store_lost") == 1
     assert await pager.read(0, 2 * PAGE_SIZE) == page(0, 1) + page(1, 1)
+
+
+def puts(store: FakeStore) -> int:
+    """Put requests the store has served."""
+    return store.store.counters["put_requests"]  # type: ignore[index]
+
+
+async def test_a_store_refusing_a_whole_batch_for_pressure_is_not_offered_pages_for_a_while(
+        backing: Backing, autojump_clock) -> None:
+    """Under pressure the store refuses every page; offering each batch anyway costs both
+    daemons a round trip that ends the same way (the VM's machine-wide pressure runs,
+    docs/pressure.md).  After a whole batch is refused for pressure, batches go straight
+    to the backing file for --pressure-holdoff; an old copy the store holds of a page
+    written meanwhile is dropped all the same; then offers resume."""
+    pager, store = make(backing, pressure_holdoff=1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pager.drop_orphans)
+        await pager.write(0, page(0, 1))
+        assert pager.map.get(0) == HOST and puts(store) == 1
+        store.pressure = 99.0
+        await pager.write(PAGE_SIZE, page(1, 1))
+        assert pager.map.get(1) == BACKING and puts(store) == 2 and stat(pager, "refused_pressure") == 1
+        store.pressure = 10.0  # the store would take pages again, but it is not asked yet
+        await pager.write(0, page(0, 2) + page(1, 2))
+        assert puts(store) == 2 and stat(pager, "fallback_held_off") == 2
+        assert pager.map.get(0) == BACKING and pager.map.get(1) == BACKING
+        assert await pager.read(0, 2 * PAGE_SIZE) == page(0, 2) + page(1, 2)
+        while pager.orphans_pending:
+            await trio.sleep(0.01)
+        assert store.pages_stored == 0  # page 0's old copy is gone from the store
+        await trio.sleep(1.0)
+        await pager.write(2 * PAGE_SIZE, page(2, 1))
+        assert pager.map.get(2) == HOST and puts(store) == 3 and stat(pager, "fallback_held_off") == 2
+        assert await pager.read(0, 3 * PAGE_SIZE) == page(0, 2) + page(1, 2) + page(2, 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_refused_in_part_or_a_holdoff_of_zero_keeps_every_batch_offered(
+        backing: Backing, autojump_clock) -> None:
+    """Only a batch refused whole for pressure holds offers off, and only while
+    --pressure-holdoff is above 0."""
+    pager, store = make(backing, pressure_holdoff=1.0)
+    store.refuse_every = 2  # half of each batch refused for pressure
+    await pager.write(0, page(0, 1) + page(1, 1))
+    await pager.write(2 * PAGE_SIZE, page(2, 1) + page(3, 1))
+    assert puts(store) == 2 and stat(pager, "fallback_held_off") == 0
+    pager, store = make(backing, pressure_holdoff=0.0)
+    store.pressure = 99.0
+    for n in range(3):
+        await pager.write(n * PAGE_SIZE, page(n, 1))
+    assert puts(store) == 3 and stat(pager, "refused_pressure") == 3 and stat(pager, "fallback_held_off") == 0

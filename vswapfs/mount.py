@@ -18,7 +18,7 @@ import trio
 from hoststore.access import INSECURE_TCP_GIVES_UP, check_tcp_options
 from hoststore.address import INPROC, Address, parse_store_address
 from hoststore.auth import TokenError, load_token
-from hoststore.cliutil import argtype, percent, positive
+from hoststore.cliutil import argtype, non_negative, percent, positive
 from hoststore.hardening import harden
 from hoststore import metrics
 from hoststore.logsetup import OUTPUT, setup_logging
@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"what the token proves: {INSECURE_TCP_GIVES_UP}")
     ap.add_argument("--write-timeout", type=argtype(positive), default=1.0, metavar="SECONDS",
                     help="a batch the store has not answered by then goes to the backing file (default 1)")
+    ap.add_argument("--pressure-holdoff", type=argtype(non_negative), default=1.0, metavar="SECONDS",
+                    help="after the store refuses a whole batch for memory pressure, send batches straight to "
+                         "the backing file for this long before offering again: under pressure an offer costs "
+                         "both daemons a round trip that ends the same way (default 1; 0 offers every batch)")
     ap.add_argument("--read-timeout", type=argtype(positive), default=30.0, metavar="SECONDS",
                     help="how long a read of a page in the store may wait for the store before "
                          "failing with EIO (default 30)")
@@ -320,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         client = HostClient(address, name, backing.size, token=token, share=args.shared_memory,
                             insecure_tcp=args.insecure_tcp)
     pager = Pager(backing, client, write_timeout=args.write_timeout, read_timeout=args.read_timeout,
-                  writethrough=args.writethrough)
+                  writethrough=args.writethrough, pressure_holdoff=args.pressure_holdoff)
     ops = Operations(pager)
     unhardened = harden(log)
     ops.stats = lambda: combined_stats(pager, client, ops, unhardened)

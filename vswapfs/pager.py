@@ -4,7 +4,10 @@
   backing file before the write returns.  With ``writethrough`` every page
   also goes to the backing file, and the store is only a cache.
 * If the store is unreachable or does not answer within ``write_timeout``,
-  the whole write goes to the backing file.  A batch that timed out may still
+  the whole write goes to the backing file.  If it refused a whole batch for
+  memory pressure, batches go straight to the backing file for
+  ``pressure_holdoff`` seconds: under pressure each offer costs both daemons
+  a round trip that ends the same way.  A batch that timed out may still
   be applied by the store later, so the pager then asks the store to drop
   that version; sequence numbers keep that request from ever dropping a
   newer version.
@@ -133,6 +136,7 @@ class PagerCounter(enum.StrEnum):
     FALLBACK_UNREACHABLE = "fallback_unreachable"
     FALLBACK_ERROR = "fallback_error"  # the store answered the batch with an error
     FALLBACK_STORE_LOST = "fallback_store_lost"  # accepted by a store that was gone before the write was done
+    FALLBACK_HELD_OFF = "fallback_held_off"  # not offered: the store refused a whole batch for pressure just before
     REFUSED_PRESSURE = "refused_pressure"
     REFUSED_CAPACITY = "refused_capacity"
     REFUSED_QUOTA = "refused_quota"
@@ -221,6 +225,7 @@ class Pager:
         write_timeout: float = 1.0,
         read_timeout: float = 30.0,
         writethrough: bool = False,
+        pressure_holdoff: float = 1.0,
     ) -> None:
         self.backing = backing
         self.store = store
@@ -231,6 +236,8 @@ class Pager:
         self.write_timeout = write_timeout
         self.read_timeout = read_timeout
         self.writethrough = writethrough
+        self.pressure_holdoff = pressure_holdoff
+        self._held_off_until = -math.inf  # no offers before this (trio time): the store said pressure
         self.counters: Counters[PagerCounter] = Counters(PagerCounter)
         self._seq = 0
         self._orphans_send, self._orphans_recv = trio.open_memory_channel[_Orphan](math.inf)
@@ -419,6 +426,8 @@ class Pager:
         """The store's per-page answer, or all-refused when it is unreachable or too slow."""
         if not self.store.connected:
             return self._fall_back(first, n, seq, PagerCounter.FALLBACK_UNREACHABLE)
+        if trio.current_time() < self._held_off_until:
+            return self._fall_back(first, n, seq, PagerCounter.FALLBACK_HELD_OFF)
         with trio.move_on_after(self.write_timeout) as scope:
             try:
                 statuses = await self.store.put(first, seq, data)
@@ -430,6 +439,8 @@ class Pager:
         if scope.cancelled_caught:
             return self._fall_back(first, n, seq, PagerCounter.FALLBACK_TIMEOUT, sent=True)
         refused = n - statuses.count(_STORED)
+        if self.pressure_holdoff and statuses.count(PageStatus.REFUSED_PRESSURE) == n:
+            self._held_off_until = trio.current_time() + self.pressure_holdoff
         if refused:
             c = self.counters
             c.add(PagerCounter.FALLBACK_REFUSED, refused)
