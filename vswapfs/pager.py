@@ -1,4 +1,4 @@
-"""The page rules (ARCHITECTURE.md), testable without FUSE.
+"""The page rules (README, "The page rules"), testable without FUSE.
 
 * A write is offered to the store as one batch; refused pages go to the
   backing file before the write returns.  With ``writethrough`` every page
