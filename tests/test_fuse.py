@@ -74,6 +74,22 @@ def test_random_o_direct_pages_read_back_and_counters_add_up(daemons: Daemons) -
     assert host["reads"] == fs["host_reads"] - fs["shared_reads"]
 
 
+def test_requests_are_read_without_splice(daemons: Daemons) -> None:
+    """libfuse reads requests with splice(2) unless told not to, and for each the kernel
+    allocates: in a guest short of memory vswapfs sat in that allocation's reclaim for
+    minutes while the swap writes it was to serve waited (docs/pressure.md, cycle 4).
+    The mounted vswapfs negotiated plain reads (patches/pyfuse3-*-splice.patch), and
+    serves pages all the same."""
+    fd = os.open(daemons.swapfile, os.O_RDWR)
+    try:
+        os.pwrite(fd, pattern(3, 1), 3 * PAGE_SIZE)
+        assert os.pread(fd, PAGE_SIZE, 3 * PAGE_SIZE) == pattern(3, 1)
+    finally:
+        os.close(fd)
+    stats = daemons.stats()
+    assert stats["fuse_splice_read"] is False and not any("splice" in r for r in stats["pressure_risks"])
+
+
 def test_unaligned_io_is_einval_and_statfs_works(daemons: Daemons) -> None:
     fd = os.open(daemons.swapfile, os.O_RDWR)
     try:

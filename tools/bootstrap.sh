@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what vswapfs needs, skipping what is already there:
 #   Debian packages (fuse3, libfuse3-dev, pkg-config, util-linux, redis-server) when missing,
-#   and a virtualenv in .venv holding pyfuse3 (built from source, with our patch
-#   patches/pyfuse3-*-fallocate.patch applied) and this project.
+#   and a virtualenv in .venv holding pyfuse3 (built from source, with our patches
+#   patches/pyfuse3-*-{fallocate,splice}.patch applied) and this project.
 # Safe to run again; prints the venv's python on the last line.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -66,15 +66,17 @@ fi
 stamp="$venv/.vswapfs-stamp"
 want=$(find "$top/setup.cfg" "$top/pyproject.toml" "$top/patches" "$top/tools/bootstrap.sh" -type f -print0 \
        | sort -z | xargs -0 cat | sha256sum | cut -d' ' -f1)
-# pyfuse3 from its sdist with our fallocate patch (see the patch's header for why).
+# pyfuse3 from its sdist with our patches, fallocate then splice (see each patch's header for why).
 pyfuse3_version=3.5.0
 install_patched_pyfuse3() {
-  local work
+  local work name
   work=$(mktemp -d)
-  log "building pyfuse3 $pyfuse3_version with patches/pyfuse3-$pyfuse3_version-fallocate.patch"
+  log "building pyfuse3 $pyfuse3_version with patches/pyfuse3-$pyfuse3_version-{fallocate,splice}.patch"
   quiet "$venv/bin/python" -I -m pip download -q --no-deps --no-binary :all: -d "$work" "pyfuse3==$pyfuse3_version"
   quiet tar -xzf "$work/pyfuse3-$pyfuse3_version.tar.gz" -C "$work"
-  quiet patch -s -d "$work/pyfuse3-$pyfuse3_version" -p1 -i "$top/patches/pyfuse3-$pyfuse3_version-fallocate.patch"
+  for name in fallocate splice; do
+    quiet patch -s -d "$work/pyfuse3-$pyfuse3_version" -p1 -i "$top/patches/pyfuse3-$pyfuse3_version-$name.patch"
+  done
   quiet "$venv/bin/python" -I -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$pyfuse3_version"
   rm -rf "$work"
 }

@@ -35,6 +35,10 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 # pyfuse3 routes fallocate to Operations only with patches/pyfuse3-*-fallocate.patch;
 # without it libfuse answers ENOSYS and the loop driver turns discard off.
 DISCARD_SUPPORTED = hasattr(pyfuse3.Operations, "fallocate")
+# libfuse reads requests with splice(2) unless told not to, which pyfuse3 allows only
+# with patches/pyfuse3-*-splice.patch: each splice makes the kernel allocate, on the
+# swap path (docs/pressure.md, cycle 4).
+SPLICE_READ_CAN_BE_OFF = hasattr(pyfuse3.Operations, "enable_splice_read")
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE  # what the loop driver sends for a discard
@@ -79,6 +83,7 @@ def fuse_errors(method: F) -> F:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    enable_splice_read = False  # requests read into a buffer made once (SPLICE_READ_CAN_BE_OFF)
 
     def __init__(self, pager: Pager, stats: Callable[[], dict[str, Any]] | None = None) -> None:
         super().__init__()

@@ -30,7 +30,7 @@ from hoststore.sizes import parse_size
 from . import fusectl
 from .backing import Backing, BackingError
 from .control import remove_stale, serve_control
-from .fs import DISCARD_SUPPORTED, Operations
+from .fs import DISCARD_SUPPORTED, SPLICE_READ_CAN_BE_OFF, Operations
 from .hostclient import HostClient
 from .inproc import InprocStore
 from .pager import Pager
@@ -194,6 +194,7 @@ def combined_stats(pager: Pager, client: StoreClient, ops: Operations, unhardene
     stats["pid"] = os.getpid()
     stats["swap_opens"] = ops.swap_opens
     stats["discard_supported"] = DISCARD_SUPPORTED
+    stats["fuse_splice_read"] = getattr(ops, "splice_read", True)  # negotiated at init (the patch says)
     return stats
 
 
@@ -327,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                   writethrough=args.writethrough, pressure_holdoff=args.pressure_holdoff)
     ops = Operations(pager)
     unhardened = harden(log)
+    if not SPLICE_READ_CAN_BE_OFF:
+        unhardened.append("pyfuse3 without the splice patch: each FUSE request read makes the kernel allocate "
+                          "(install pyfuse3 with tools/bootstrap.sh)")
+        log.warning("not safe under machine-wide memory pressure: %s", unhardened[-1])
     ops.stats = lambda: combined_stats(pager, client, ops, unhardened)
     for risk in backing.pressure_risks:
         log.warning("not safe under machine-wide memory pressure: %s", risk)
