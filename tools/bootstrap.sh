@@ -75,7 +75,7 @@ install_patched_pyfuse3() {
   quiet "$venv/bin/python" -I -m pip download -q --no-deps --no-binary :all: -d "$work" "pyfuse3==$pyfuse3_version"
   quiet tar -xzf "$work/pyfuse3-$pyfuse3_version.tar.gz" -C "$work"
   for name in fallocate splice; do
-    quiet patch -s -d "$work/pyfuse3-$pyfuse3_version" -p1 -i "$top/patches/pyfuse3-$pyfuse3_version-$name.patch"
+    quiet patch -s --batch -d "$work/pyfuse3-$pyfuse3_version" -p1 -i "$top/patches/pyfuse3-$pyfuse3_version-$name.patch"
   done
   quiet "$venv/bin/python" -I -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$pyfuse3_version"
   rm -rf "$work"

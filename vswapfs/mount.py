@@ -183,6 +183,8 @@ async def serve(ops: Operations, pager: Pager, client: StoreClient, args: argpar
 def combined_stats(pager: Pager, client: StoreClient, ops: Operations, unhardened: list[str]) -> dict[str, Any]:
     stats = pager.stats()
     stats["pressure_risks"] = pager.backing.pressure_risks + unhardened
+    if getattr(ops, "splice_read", None) is True and SPLICE_READ_CAN_BE_OFF:  # libfuse would not be told
+        stats["pressure_risks"].append("FUSE requests are read with splice(2): the kernel allocates for each")
     stats["log_lines_dropped"] = OUTPUT.dropped
     if isinstance(client, InprocStore):
         stats["inproc_store"] = client.stats()  # its counters share names with the pager's: kept apart

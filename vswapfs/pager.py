@@ -236,6 +236,8 @@ class Pager:
         self.write_timeout = write_timeout
         self.read_timeout = read_timeout
         self.writethrough = writethrough
+        if not 0 <= pressure_holdoff < math.inf:
+            raise ValueError(f"pressure_holdoff must be a finite number of seconds, 0 or more, not {pressure_holdoff}")
         self.pressure_holdoff = pressure_holdoff
         self._held_off_until = -math.inf  # no offers before this (trio time): the store said pressure
         self.counters: Counters[PagerCounter] = Counters(PagerCounter)
@@ -699,7 +701,9 @@ class Pager:
 
     def pages_lost(self) -> None:
         """The store no longer holds our pages: those only it had are lost, cached ones
-        are read from the backing file from now on."""
+        are read from the backing file from now on.  A new store is offered pages at
+        once: the pressure an old one reported was its own."""
+        self._held_off_until = -math.inf
         self.map.replace_state(HOST_WT, BACKING)
         lost = self.map.replace_state(HOST, LOST)
         if lost:
