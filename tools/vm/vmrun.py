@@ -7,8 +7,9 @@ Starts the guest with a QMP socket next to LOG, copies its console to LOG (and
 its VMTEST lines to stdout: the rest is boot and kernel noise, in the log),
 and watches the guest's heartbeat (``VMTEST-BEAT`` lines from
 tools/vm/watch.py, locked in the guest's memory).  If no beat comes for STALL
-seconds once the first has come, or the whole run passes TIMEOUT seconds, it
-sends the guest an NMI: the guest kernel (``unknown_nmi_panic``,
+seconds once the first has come, or beats come while nothing in swap moves for
+STALL seconds (something being in it), or the whole run passes TIMEOUT
+seconds, it sends the guest an NMI: the guest kernel (``unknown_nmi_panic``,
 ``panic_print``) prints every task's stack and the memory state.  A minute
 later, or once the guest is gone, QEMU is killed.  Exit status: the guest's,
 or 124 after a stall or timeout.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -65,10 +67,40 @@ def run(log_path: str, stall: float, timeout: float, command: list[str]) -> int:
             pass
 
 
+BEAT = re.compile(rb"VMTEST-BEAT .*?swap_used=(\d+)kB pswpout=(\d+) pswpin=(\d+)")
+
+
+class SwapProgress:
+    """When swap last moved, from the heartbeat's counters.  A guest whose heartbeat
+    beats while nothing it has in swap moves is stalled all the same: a daemon spinning
+    in reclaim (docs/pressure.md, cycle 4) let the heartbeat run for minutes while no
+    swap request completed.  Nothing in swap (before the workload, after it) is not a
+    stall."""
+
+    def __init__(self) -> None:
+        self._counters: tuple[int, int] | None = None
+        self._since: float | None = None
+
+    def beat(self, text: bytes, now: float) -> None:
+        match = BEAT.search(text)
+        if match is None:
+            return
+        used, out, into = map(int, match.groups())
+        if not used:
+            self._counters, self._since = None, None
+        elif (out, into) != self._counters:
+            self._counters, self._since = (out, into), now
+
+    def still_for(self, now: float) -> float:
+        """Seconds since swap last moved while something was in it (0: moving, or empty)."""
+        return 0.0 if self._since is None else now - self._since
+
+
 def _watch(proc: subprocess.Popen[bytes], log_path: str, qmp_path: str, stall: float, timeout: float) -> int:
     assert proc.stdout is not None
     start = time.monotonic()
     last_beat: float | None = None
+    swap = SwapProgress()
     nmi_at: float | None = None
     line = b""
     with open(log_path, "wb") as log:
@@ -90,6 +122,7 @@ def _watch(proc: subprocess.Popen[bytes], log_path: str, qmp_path: str, stall: f
                 for text in lines:
                     if b"VMTEST-BEAT" in text:
                         last_beat = time.monotonic()
+                        swap.beat(text, last_beat)
                     if b"VMTEST" in text:
                         sys.stdout.buffer.write(text.strip(b"\r") + b"\n")
                 sys.stdout.flush()
@@ -99,6 +132,8 @@ def _watch(proc: subprocess.Popen[bytes], log_path: str, qmp_path: str, stall: f
                 why = None
                 if last_beat is not None and now - last_beat > stall:
                     why = f"no heartbeat for {now - last_beat:.0f}s"
+                elif swap.still_for(now) > stall:
+                    why = f"nothing in swap moved for {swap.still_for(now):.0f}s"
                 elif now - start > timeout:
                     why = f"still running after {timeout:.0f}s"
                 if why:
