@@ -304,10 +304,12 @@ class Connection:
         if len(self._inbox) - self._end >= need:
             return
         with memoryview(self._inbox) as view:
-            kept = bytes(view[self._pos : self._end])
-        if len(self._inbox) < held + need:
-            self._inbox = bytearray(held + need)
-        self._inbox[:held] = kept  # the same size: in place, never a resize
+            if len(self._inbox) >= held + need:  # in place: the bytes move down, through a copy (they may overlap)
+                self._inbox[:held] = bytes(view[self._pos : self._end])
+            else:  # a new buffer: one copy of what is held, straight into it
+                new = bytearray(held + need)
+                new[:held] = view[self._pos : self._end]
+                self._inbox = new
         self._pos, self._end = 0, held
 
     def _consumed(self, end: int) -> None:
