@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 from array import array
 
-from .messages import PAGE_SIZE
-from .sharedpages import SharedError, SharedSlab
+from pagewire.messages import PAGE_SIZE
+from pagewire.sharedmem import SharedError
+
+from .sharedslab import SharedSlab
 from .slab import CountSlab, PageIndex, Slab, SlabFull
 
 log = logging.getLogger("hoststore")
@@ -27,7 +29,7 @@ class ClientPages:
     def __init__(self, name: str, npages: int, instance: str, secret: bytes, shared_slots: int = 0,
                  tier_id: int = 0) -> None:
         """``shared_slots``: keep the data in memory shared with the client (that many
-        slots at most; see ``hoststore.sharedpages``), or 0 for private memory.  Where
+        slots at most; see ``pagewire.sharedmem``), or 0 for private memory.  Where
         shared memory cannot be had, private memory serves (``shared`` tells).
         ``tier_id``: a page tier keeps the data under this number (see
         ``hoststore.redistier``), and this object keeps only the pages' versions."""

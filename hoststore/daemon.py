@@ -14,24 +14,24 @@ import trio
 
 from types import MappingProxyType
 
-from .access import INSECURE_TCP_GIVES_UP, Access, AccessError, check_listener, check_tcp_options
-from .address import Address, parse_address
-from .auth import TokenError, load_token
-from .cliutil import argtype, count, percent, positive, quota
-from .hardening import harden
-from .logsetup import OUTPUT, setup_logging
-from . import metrics
+from pagewire.access import INSECURE_TCP_GIVES_UP, Access, AccessError, check_listener, check_tcp_options
+from pagewire.address import Address, parse_address
+from pagewire.auth import TokenError, load_token
+from vswapcommon.cliutil import argtype, count, percent, positive, quota
+from vswapcommon.hardening import harden
+from vswapcommon.logsetup import OUTPUT, setup_logging
+from vswapcommon import metrics
 from .policies import Policy, parse_policy
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
-from .messages import MAX_GET_PAGES, MAX_PUT_PAGES, PAGE_SIZE
+from pagewire.messages import MAX_GET_PAGES, MAX_PUT_PAGES, PAGE_SIZE
 from .pressure import Sampler, parse_source, read_psi, sample
 from .redistier import TierUnavailable, connect
 from .tierconfig import HEARTBEATS_PER_TTL, TierConfig, parse_heartbeat_ttl, parse_prefix, parse_tier
 from .pools import POOLS, pool_limit
-from .endpoint import RECEIVE_SIZE, SEND_BATCH_BYTES
-from .protocol import get_answer_size
+from pagewire.endpoint import RECEIVE_SIZE, SEND_BATCH_BYTES
+from pagewire.protocol import get_answer_size
 from .server import Server, ServerConfig, fmt_pages, open_listener
-from .sizes import format_size, parse_size
+from vswapcommon.sizes import format_size, parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
 from .tieredstore import TieredStore
 
@@ -40,7 +40,7 @@ log = logging.getLogger("hoststore")
 # The least --max-in-flight that serves anyone: the most one connection holds at once,
 # a read of the largest message coming in (a put) and a write of answers going out
 # (answers are sent once they pass SEND_BATCH_BYTES: that, and one more get answer).
-# The store's own hand-backs count against a budget of their own (hoststore.endpoint).
+# The store's own hand-backs count against a budget of their own (pagewire.endpoint).
 LEAST_IN_FLIGHT = RECEIVE_SIZE + SEND_BATCH_BYTES + get_answer_size(MAX_GET_PAGES)
 
 DESCRIPTION = """\

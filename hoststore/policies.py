@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .messages import PageStatus
+from pagewire.messages import PageStatus
 from .pressure import Snapshot
 
 log = logging.getLogger("hoststore")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .pressure import Snapshot
-from .messages import PageStatus
+from pagewire.messages import PageStatus
 
 DEFAULT_MAX_DEVICE_SIZE = 16 << 40  # 16 TiB
 # Once the store is this full, a client at or above its weighted share gets no

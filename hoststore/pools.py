@@ -21,12 +21,12 @@ unauthenticated peer against ``tcp``.
 
 The per-peer limits (``--connection-rate``, ``--max-connections-per-peer``)
 count a TCP host's connections not past hello apart from those that are
-(hoststore.access.before_hello): a good hello moves the connection to its
+(pagewire.access.before_hello): a good hello moves the connection to its
 host's own count, charged to its host's own rate then, and gives back what its
 connecting took.  Over its rate, a connection not past hello is still let in
 while the hello pool has room (it evicts no one), so a tokenless flood from the
 same host or NAT address cannot keep a token holder out of it.  Each pool has
-its own budget for bytes in flight, too (hoststore.endpoint.InFlight).
+its own budget for bytes in flight, too (pagewire.endpoint.InFlight).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
-from .access import Access
-from .cliutil import count
-from .counters import Counters
+from pagewire.access import Access
+from vswapcommon.cliutil import count
+from vswapcommon.counters import Counters
 from .store import HostCounter
 
 

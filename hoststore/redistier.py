@@ -58,9 +58,9 @@ from redis.utils import str_if_bytes
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 
-from .counters import Counters
-from .logsetup import RateLimited
-from .messages import PAGE_SIZE, PageStatus
+from vswapcommon.counters import Counters
+from vswapcommon.logsetup import RateLimited
+from pagewire.messages import PAGE_SIZE, PageStatus
 from .pressure import Snapshot
 from .slab import INDEX_SHIFT
 from .tierconfig import HEARTBEATS_PER_TTL, TierConfig

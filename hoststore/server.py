@@ -28,17 +28,17 @@ from typing import Any
 
 import trio
 
-from . import auth
-from . import protocol as p
-from .access import Access, before_hello, check_listener, peer_identity, peer_key, peer_uid, socket_mode
-from .address import Address
+from pagewire import auth
+from pagewire import protocol as p
+from pagewire.access import Access, before_hello, check_listener, peer_identity, peer_key, peer_uid, socket_mode
+from pagewire.address import Address
 from .clientpages import ClientPages
 from .slab import INDEX_BLOCK
-from .endpoint import Endpoint, FrameTimeout, InFlight, Lent, PeerGone, RemoteError
+from pagewire.endpoint import Endpoint, FrameTimeout, InFlight, Lent, PeerGone, RemoteError
 from .fairshare import FairShare
-from .logsetup import RateLimited
+from vswapcommon.logsetup import RateLimited
 from .pools import Pool, Pools, first_pool
-from .messages import (
+from pagewire.messages import (
     Configure,
     Drain,
     Evict,
@@ -164,7 +164,7 @@ class Session:
 
     def __init__(self, server: "Server", stream: trio.abc.Stream, peer: str | None = None) -> None:
         """``peer``: whom it counts against for the per-peer limits once it is past its hello
-        (hoststore.access.peer_key); ``counted``: whom it counts against now."""
+        (pagewire.access.peer_key); ``counted``: whom it counts against now."""
         self.server = server
         self.store = server.store
         self.access = server.access

@@ -15,7 +15,7 @@ from __future__ import annotations
 import mmap
 from array import array
 
-from .messages import PAGE_SIZE
+from pagewire.messages import PAGE_SIZE
 
 CHUNK_PAGES = 1024  # 4 MiB of page data per mapping
 INDEX_SHIFT = 8  # 256 pages per index block (1 KiB)

@@ -24,11 +24,11 @@ from array import array
 from collections.abc import Callable, Iterator
 from types import MappingProxyType
 
-from . import auth
+from pagewire import auth
 from .clientpages import NIL, ClientPages
-from .counters import Counters
-from .logsetup import OUTPUT
-from .messages import (
+from vswapcommon.counters import Counters
+from vswapcommon.logsetup import OUTPUT
+from pagewire.messages import (
     PAGE_SIZE,
     Configure,
     Get,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .address import parse_address
+from pagewire.address import parse_address
 
 SCHEME = "redis-cluster://"
 

@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from . import auth
+from pagewire import auth
 from .clientpages import NIL, ClientPages
-from .messages import PAGE_SIZE, Get, GetAnswer, HandBack, HandBackCause, PageStatus, Put, PutStaged
+from pagewire.messages import PAGE_SIZE, Get, GetAnswer, HandBack, HandBackCause, PageStatus, Put, PutStaged
 from .pressure import Sampler
 from .redistier import FailoverScope, RedisClusterTier, TierCounter, TierUnavailable
 from .store import REFUSAL_COUNTER, HostCounter, RequestError, Store

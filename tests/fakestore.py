@@ -20,9 +20,9 @@ from typing import Any
 
 import trio
 
-from hoststore import auth
-from hoststore.access import IN_PROCESS
-from hoststore.messages import (
+from pagewire import auth
+from pagewire.access import IN_PROCESS
+from pagewire.messages import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
     ROLE_PAGER,

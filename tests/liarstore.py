@@ -14,8 +14,8 @@ import logging
 import sys
 import trio
 
-from hoststore.address import parse_address
-from hoststore.messages import PageStatus
+from pagewire.address import parse_address
+from pagewire.messages import PageStatus
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler
 from hoststore.server import Server, open_listener

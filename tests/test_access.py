@@ -20,11 +20,11 @@ import pytest
 import trio
 import trio.testing
 
-from hoststore import auth
-from hoststore import protocol as p
-from hoststore.access import Access, AccessError, check_listener, check_socket_dir, is_loopback
-from hoststore.address import Address
-from hoststore.messages import (
+from pagewire import auth
+from pagewire import protocol as p
+from pagewire.access import Access, AccessError, check_listener, check_socket_dir, is_loopback
+from pagewire.address import Address
+from pagewire.messages import (
     MAX_GET_PAGES,
     MAX_SEQ,
     PAGE_SIZE,
@@ -234,7 +234,7 @@ async def comes_back_with_its_pages(nursery: trio.Nursery, owner: HostClient, st
 
 CLAIM_NAME = textwrap.dedent("""
     import os, sys, trio
-    from hoststore.address import Address
+    from pagewire.address import Address
     from vswapfs.hostclient import HostClient, LinkCounter
     uid = int(sys.argv[2]); os.setgid(uid); os.setuid(uid)
 
@@ -583,8 +583,8 @@ async def test_unix_peers_are_checked_against_the_allowed_uids(tmp_path) -> None
         access = Access(None, frozenset({12345}))
         script = textwrap.dedent("""
             import os, sys, trio
-            from hoststore.address import Address
-            from hoststore.messages import Stats
+            from pagewire.address import Address
+            from pagewire.messages import Stats
             from vswapfs.hostclient import query
             uid = int(sys.argv[2]); os.setgid(uid); os.setuid(uid)
             try:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hoststore.messages import PAGE_SIZE
+from pagewire.messages import PAGE_SIZE
 from vswapfs import backing as backing_module
 from vswapfs.backing import Backing, BackingError, _chunks, mount_options
 from vswapfs.backingcheck import check_device, signature

@@ -11,8 +11,8 @@ import tempfile
 
 import pytest
 
-from hoststore.address import parse_address
-from hoststore.sizes import format_size, parse_size
+from pagewire.address import parse_address
+from vswapcommon.sizes import format_size, parse_size
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,5 +1,5 @@
 """What a crowd of peers can take from a store: connection pools (hoststore.pools)
-and the bytes it holds for unfinished messages (hoststore.endpoint.InFlight).
+and the bytes it holds for unfinished messages (pagewire.endpoint.InFlight).
 
 Servers run in the test's nursery (``nursery.start``); hand-made TCP peers connect
 from several loopback addresses (127.0.0.2 ...), as any local process can.
@@ -18,13 +18,13 @@ import pytest
 import trio
 import trio.testing
 
-from hoststore import auth
-from hoststore import protocol as p
-from hoststore.access import Access, host_key
-from hoststore.address import Address
-from hoststore.counters import Counters
-from hoststore.endpoint import Endpoint, InFlight, PeerGone
-from hoststore.messages import (
+from pagewire import auth
+from pagewire import protocol as p
+from pagewire.access import Access, host_key
+from pagewire.address import Address
+from vswapcommon.counters import Counters
+from pagewire.endpoint import Endpoint, InFlight, PeerGone
+from pagewire.messages import (
     MAX_GET_PAGES,
     MAX_PUT_PAGES,
     PAGE_SIZE,

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from hoststore.protocol import PAGE_SIZE
+from pagewire.protocol import PAGE_SIZE
 from vswapfs.backing import Backing
 from vswapfs.extents import unwritten_ranges
 from vswapfs.fs import PUNCH_HOLE as PUNCH

@@ -21,8 +21,8 @@ import pytest
 import trio
 import trio.testing
 
-from hoststore.address import Address
-from hoststore.messages import PAGE_SIZE, Drain, HandBack, TakeStatus
+from pagewire.address import Address
+from pagewire.messages import PAGE_SIZE, Drain, HandBack, TakeStatus
 from hoststore.server import Server, ServerConfig, open_listener
 from hoststore.store import HostCounter
 from vswapfs.backing import Backing

@@ -15,8 +15,8 @@ import time
 import msgpack
 import pytest
 
-from hoststore import protocol as p
-from hoststore.messages import PAGE_SIZE, PROTOCOL_VERSION
+from pagewire import protocol as p
+from pagewire.messages import PAGE_SIZE, PROTOCOL_VERSION
 from vswapctl import faults
 from vswapctl.faults import pattern
 

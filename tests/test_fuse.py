@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hoststore.protocol import PAGE_SIZE
+from pagewire.protocol import PAGE_SIZE
 
 from .conftest import fuse_unavailable
 from .daemons import Daemons, wait_for

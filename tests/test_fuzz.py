@@ -19,8 +19,8 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hoststore import protocol as p
-from hoststore.messages import (
+from pagewire import protocol as p
+from pagewire.messages import (
     MAX_SEQ,
     PAGE_SIZE,
     PROTOCOL_VERSION,

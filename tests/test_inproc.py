@@ -11,8 +11,8 @@ import trio
 
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
-from hoststore.messages import PAGE_SIZE, HandBackCause
-from vswapfs import mount
+from pagewire.messages import PAGE_SIZE, HandBackCause
+from vswapfs import inproc, mount, options
 from vswapfs.backing import Backing
 from vswapfs.inproc import InprocStore
 from vswapfs.pager import Pager
@@ -159,9 +159,9 @@ def test_bad_inproc_options_are_refused(argv: list[str], message: str, tmp_path,
 
 
 def test_inproc_defaults_to_the_device_size_and_the_usual_watermarks() -> None:
-    args = mount.build_parser().parse_args(["/mnt", "--backing", "/b", "--host", "inproc"])
-    assert mount.check_inproc_options(args, True) is None
-    store = mount.inproc_store(args, "n", 1 << 20)
+    args = options.build_parser().parse_args(["/mnt", "--backing", "/b", "--host", "inproc"])
+    assert options.check_inproc_options(args, True) is None
+    store = inproc.from_options(args, "n", 1 << 20)
     limits = store.store.limits
     assert (limits.capacity_pages, limits.high_percent, limits.low_percent) == (256, 90.0, 80.0)
 

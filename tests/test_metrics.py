@@ -13,8 +13,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from hoststore import metrics
-from hoststore.messages import PAGE_SIZE
+from vswapcommon import metrics
+from pagewire.messages import PAGE_SIZE
 
 from .daemons import Daemons
 from .conftest import fuse_unavailable
@@ -79,7 +79,7 @@ def test_a_running_store_serves_its_counters_and_a_busy_port_is_an_error(tmp_pat
 
     port = free_port()
     with bench_store("vswapctl-metricstest-", "--capacity", "16M", "--metrics", str(port)) as (proc, sock, _dir):
-        from hoststore.address import Address
+        from pagewire.address import Address
         from vswapfs.hostclient import HostClient
 
         async def put_some() -> None:

@@ -1,4 +1,4 @@
-"""A daemon's output never waits for its log file (hoststore.logsetup.Output)."""
+"""A daemon's output never waits for its log file (vswapcommon.logsetup.Output)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 CHILD = textwrap.dedent("""
     import logging, os, sys, time
-    from hoststore.logsetup import OUTPUT, setup_logging
+    from vswapcommon.logsetup import OUTPUT, setup_logging
     setup_logging(False, "child")
     OUTPUT.start()
     log = logging.getLogger("child")
@@ -66,7 +66,7 @@ def test_a_chunk_the_log_file_refuses_is_counted_and_the_copier_goes_on(tmp_path
     import threading
     import types
 
-    from hoststore import logsetup
+    from vswapcommon import logsetup
 
     failures = []
 

@@ -6,7 +6,7 @@ from array import array
 
 import pytest
 
-from hoststore.messages import PAGE_SIZE, PageStatus
+from pagewire.messages import PAGE_SIZE, PageStatus
 from vswapfs.pagemap import (
     BACKING,
     HOST,

@@ -9,7 +9,7 @@ import random
 import pytest
 import trio
 
-from hoststore.messages import PAGE_SIZE, HandBackCause
+from pagewire.messages import PAGE_SIZE, HandBackCause
 from vswapfs.backing import Backing
 from vswapfs.pagemap import BACKING, HOST, LOST
 from vswapfs.pager import InvalidIO, Pager, PageUnavailable, WriteFailed
@@ -207,7 +207,7 @@ async def test_read_from_a_gone_store_is_eio_not_zeros(backing: Backing, autojum
 async def test_a_page_the_store_does_not_hold_is_lost_and_fails_fast(backing: Backing) -> None:
     pager, store = make(backing)
     await pager.write(0, page(0, 1) + page(1, 1))
-    from hoststore.messages import Invalidate
+    from pagewire.messages import Invalidate
 
     store.store.invalidate(store.client, Invalidate(1, 1, 10**9))  # the store forgot page 1
     with pytest.raises(PageUnavailable):
@@ -308,7 +308,7 @@ async def test_hand_back_with_bad_data_is_refused(backing: Backing) -> None:
     pager, store = make(backing)
     await pager.write(0, page(0, 1))
     hb = store.store.lend(store.client, HandBackCause.DRAIN, 10)
-    from hoststore.messages import HandBack
+    from pagewire.messages import HandBack
 
     forged = HandBack(hb.cause, hb.pages, hb.seqs, page(0, 666))
     statuses = await pager.take_back(forged)

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from hoststore.messages import PAGE_SIZE, HandBackCause
+from pagewire.messages import PAGE_SIZE, HandBackCause
 from vswapfs.backing import Backing
 from vswapfs.pagemap import HOST, HOST_WT, IN_STORE, SAME
 from vswapfs.pager import Pager, PageUnavailable

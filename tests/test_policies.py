@@ -12,9 +12,9 @@ import sys
 import pytest
 import trio
 
-from hoststore.access import IN_PROCESS
-from hoststore.address import Address
-from hoststore.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, PageStatus, Put
+from pagewire.access import IN_PROCESS
+from pagewire.address import Address
+from pagewire.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, PageStatus, Put
 from hoststore.policies import DecisionContext, PolicyError, parse_policy
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
@@ -157,7 +157,7 @@ async def test_a_delay_holds_each_put_answer_back(autojump_clock, tmp_path) -> N
 
 
 async def test_only_an_admin_may_change_a_running_store(tmp_path, monkeypatch) -> None:
-    from hoststore import access
+    from pagewire import access
     from hoststore.server import Server, ServerConfig, open_listener
     from vswapfs.hostclient import query
     from vswapfs.pagestore import StoreError

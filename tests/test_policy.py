@@ -6,7 +6,7 @@ import pytest
 
 from hoststore.policy import Limits, admit, under_pressure
 from hoststore.pressure import Sampler, Snapshot, read_psi
-from hoststore.protocol import PageStatus
+from pagewire.protocol import PageStatus
 
 LIMITS = Limits(high_percent=90, low_percent=80, capacity_pages=100, quota_pages=10)
 

@@ -7,8 +7,8 @@ from array import array
 import msgpack
 import pytest
 
-from hoststore import protocol as p
-from hoststore.messages import (
+from pagewire import protocol as p
+from pagewire.messages import (
     MAX_BATCH_PAGES,
     MAX_PUT_PAGES,
     PAGE_SIZE,
@@ -311,7 +311,7 @@ def test_a_frame_taken_whole_leaves_no_buffer_behind() -> None:
 def test_a_get_answer_built_in_place_decodes_as_the_packed_one() -> None:
     """The server fills get answers in their frame; the client must read them exactly
     as it reads the generically packed ones."""
-    from hoststore.messages import GetAnswer
+    from pagewire.messages import GetAnswer
 
     for n in (1, 7, 255, 256):
         client, server = handshake()

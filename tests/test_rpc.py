@@ -9,9 +9,9 @@ import msgpack
 import pytest
 import trio
 
-from hoststore import protocol as p
-from hoststore.address import Address
-from hoststore.messages import (
+from pagewire import protocol as p
+from pagewire.address import Address
+from pagewire.messages import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
     Drain,
@@ -74,7 +74,7 @@ async def listening_socket(path: str) -> trio.socket.SocketType:
 
 async def accept_pager(sock: trio.socket.SocketType) -> tuple[trio.SocketStream, p.Connection]:
     """Accept one connection and play the store's half of the handshake by hand."""
-    from hoststore.messages import HelloAnswer
+    from pagewire.messages import HelloAnswer
 
     conn_sock, _ = await sock.accept()
     stream = trio.SocketStream(conn_sock)
@@ -265,7 +265,7 @@ async def test_client_matches_out_of_order_answers(tmp_path) -> None:
     sock.listen(1)
 
     async def reverse_server() -> None:
-        from hoststore.messages import HelloAnswer
+        from pagewire.messages import HelloAnswer
 
         conn_sock, _ = await sock.accept()
         stream = trio.SocketStream(conn_sock)
@@ -414,7 +414,7 @@ async def test_store_request_then_hangup_is_survived(tmp_path) -> None:
     counts nothing as an error, and reconnects."""
     path = str(tmp_path / "s")
     sock = await listening_socket(path)
-    from hoststore.messages import HandBack
+    from pagewire.messages import HandBack
 
     async def rude_server() -> None:
         while True:
@@ -494,7 +494,7 @@ async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnec
     of X waiting for the exclusive lock, then the connection drops.  The hand-back
     used to live in the connection's nursery, so no reconnect could happen until the
     read gave up with EIO, although the store still had the page."""
-    from hoststore.messages import Get
+    from pagewire.messages import Get
     from hoststore.server import Session
     from vswapfs.backing import Backing
     from vswapfs.pager import Pager
@@ -584,7 +584,7 @@ async def test_a_flood_of_hand_backs_is_bounded(tmp_path) -> None:
     while waiting; now beyond a few in hand they are answered 'failed' at once."""
     path = str(tmp_path / "s")
     sock = await listening_socket(path)
-    from hoststore.messages import HandBack
+    from pagewire.messages import HandBack
 
     answers: list[bytes] = []
     blocked = trio.Event()

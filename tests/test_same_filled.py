@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from hoststore.messages import PAGE_SIZE, HandBackCause, TakeStatus
+from pagewire.messages import PAGE_SIZE, HandBackCause, TakeStatus
 from vswapfs.backing import Backing
 from vswapfs.pagemap import BACKING, HOST, HOST_WT, SAME, UNWRITTEN
 from vswapfs.pager import Pager

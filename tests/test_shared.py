@@ -1,5 +1,5 @@
 """Shared page memory: the store's slots in a memfd its one client maps read-only
-and reads without a round trip, seqlock style (``hoststore.sharedpages``)."""
+and reads without a round trip, seqlock style (``pagewire.sharedmem``)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from array import array
 import pytest
 import trio
 
-from hoststore.access import IN_PROCESS
-from hoststore.address import Address
+from pagewire.access import IN_PROCESS
+from pagewire.address import Address
 from hoststore.clientpages import ClientPages
-from hoststore.messages import PAGE_SIZE, SharedLayout
-from hoststore.sharedpages import STAGING_PAGES, SharedError, SharedPages, SharedSlab
+from pagewire.messages import PAGE_SIZE, SharedLayout
+from hoststore.sharedslab import SharedSlab
+from pagewire.sharedmem import STAGING_PAGES, SharedError, SharedPages
 from hoststore.store import Store
 
 from .test_rpc import new_store, start_server
@@ -288,7 +289,7 @@ async def test_file_descriptors_a_client_sends_are_never_kept_by_the_store(tmp_p
 
 
 def test_a_store_gives_shared_memory_only_where_asked_and_possible() -> None:
-    from hoststore.messages import PROTOCOL_VERSION, ROLE_PAGER, Hello
+    from pagewire.messages import PROTOCOL_VERSION, ROLE_PAGER, Hello
 
     store: Store = new_store(capacity=32)
 
@@ -365,7 +366,7 @@ def test_reads_racing_a_store_that_changes_every_page_never_see_a_wrong_page() -
 
 
 async def test_puts_go_through_the_staging_area_and_fall_back_to_the_wire_when_it_is_full(tmp_path) -> None:
-    from hoststore.sharedpages import STAGING_PAGES
+    from pagewire.sharedmem import STAGING_PAGES
     from vswapfs.hostclient import HostClient, LinkCounter
 
     store = new_store(capacity=256)
@@ -388,7 +389,7 @@ async def test_puts_go_through_the_staging_area_and_fall_back_to_the_wire_when_i
 
 
 async def test_a_staged_put_outside_the_staging_area_or_without_one_is_an_error(tmp_path) -> None:
-    from hoststore.messages import PutStaged
+    from pagewire.messages import PutStaged
     from vswapfs.hostclient import HostClient
     from vswapfs.pagestore import StoreError
 
@@ -435,7 +436,7 @@ async def test_a_lost_connection_lets_the_shared_memory_go_until_the_reconnect(t
 
 
 def test_a_client_replaced_again_and_again_leaks_no_file_descriptor() -> None:
-    from hoststore.messages import PROTOCOL_VERSION, ROLE_PAGER, Hello
+    from pagewire.messages import PROTOCOL_VERSION, ROLE_PAGER, Hello
 
     store: Store = new_store(capacity=32)
     counts = []
@@ -454,7 +455,7 @@ def test_a_client_replaced_again_and_again_leaks_no_file_descriptor() -> None:
 async def test_a_peer_let_in_by_allow_uid_gets_no_shared_memory(tmp_path, monkeypatch) -> None:
     """Only root or the store's own user get the store's memfds: a client holding them
     could make the store fault on pages of its choosing."""
-    from hoststore import access
+    from pagewire import access
     from vswapfs.hostclient import HostClient
 
     me = os.geteuid()

@@ -7,10 +7,10 @@ from array import array
 
 import pytest
 
-from hoststore import auth
-from hoststore.access import IN_PROCESS
+from pagewire import auth
+from pagewire.access import IN_PROCESS
 from hoststore.clientpages import ClientPages
-from hoststore.messages import (
+from pagewire.messages import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
     ROLE_OBSERVER,

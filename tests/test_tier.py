@@ -23,10 +23,10 @@ import trio
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 
-from hoststore.access import IN_PROCESS
-from hoststore.address import Address
+from pagewire.access import IN_PROCESS
+from pagewire.address import Address
 from hoststore.clientpages import NIL
-from hoststore.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
+from pagewire.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
 from hoststore.policy import Limits
 from hoststore.redistier import (
     FULL_COVERAGE,

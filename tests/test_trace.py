@@ -10,9 +10,9 @@ import sys
 import pytest
 import trio
 
-from hoststore.access import IN_PROCESS
-from hoststore.address import Address
-from hoststore.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, Put, TraceRead
+from pagewire.access import IN_PROCESS
+from pagewire.address import Address
+from pagewire.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, Put, TraceRead
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
 from hoststore.store import Store
@@ -63,7 +63,7 @@ def test_a_slow_reader_loses_its_oldest_events_counted_and_the_store_goes_on() -
 
 
 async def test_following_the_trace_over_the_socket_is_for_admins_only(tmp_path, monkeypatch) -> None:
-    from hoststore import access
+    from pagewire import access
     from hoststore.server import Server, ServerConfig, open_listener
     from vswapfs.hostclient import HostClient, query
     from vswapfs.pagestore import StoreError

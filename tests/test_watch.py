@@ -10,8 +10,8 @@ import sys
 import pytest
 import trio
 
-from hoststore.address import Address
-from hoststore.messages import PAGE_SIZE
+from pagewire.address import Address
+from pagewire.messages import PAGE_SIZE
 from vswapctl import watch
 from vswapctl.benchstore import bench_store
 

@@ -44,10 +44,10 @@ from typing import Any
 
 import trio
 
-from hoststore import auth
-from hoststore import protocol as p
-from hoststore.address import Address
-from hoststore.messages import (
+from pagewire import auth
+from pagewire import protocol as p
+from pagewire.address import Address
+from pagewire.messages import (
     MAX_GET_PAGES,
     MAX_SEQ,
     PAGE_SIZE,

@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from hoststore.address import INPROC
+from pagewire.address import INPROC
 
 from . import device, system
 from .state import Busy, State

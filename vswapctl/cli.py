@@ -21,11 +21,11 @@ from typing import Any
 
 import trio
 
-from hoststore.access import INSECURE_TCP_GIVES_UP, check_tcp_options
-from hoststore.address import INPROC, Address, parse_address, parse_store_address
-from hoststore.cliutil import argtype, count, percent, positive, quota
-from hoststore.messages import PAGE_SIZE, Drain, Stats
-from hoststore.sizes import format_size, parse_size
+from pagewire.access import INSECURE_TCP_GIVES_UP, check_tcp_options
+from pagewire.address import INPROC, Address, parse_address, parse_store_address
+from vswapcommon.cliutil import argtype, count, percent, positive, quota
+from pagewire.messages import PAGE_SIZE, Drain, Stats
+from vswapcommon.sizes import format_size, parse_size
 from vswapfs.backingcheck import is_block_device
 
 from . import device, launch, system
@@ -100,7 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if problem:
         return _fail(problem)
     if args.token_file:
-        from hoststore.auth import TokenError, load_token
+        from pagewire.auth import TokenError, load_token
 
         try:
             load_token(args.token_file)  # refused now, before anything is changed
@@ -176,7 +176,7 @@ class StoreTarget:
 
     def token(self) -> bytes | None:
         """The token, read from its file now (TokenError if it cannot be used)."""
-        from hoststore.auth import load_token
+        from pagewire.auth import load_token
 
         return load_token(self.token_file) if self.token_file else None
 
@@ -191,7 +191,7 @@ class StoreTarget:
 
 
 def read_host_stats(target: StoreTarget) -> dict[str, Any] | str:
-    from hoststore.auth import TokenError
+    from pagewire.auth import TokenError
     from vswapfs.pagestore import StoreError, StoreUnavailable
 
     try:
@@ -348,7 +348,7 @@ def _store_options(parser: argparse.ArgumentParser, host_help: str = "the store'
 
 
 def _configure(args: argparse.Namespace, message: Any, what: str) -> int:
-    from hoststore.auth import TokenError
+    from pagewire.auth import TokenError
     from vswapfs.hostclient import StoreError, StoreUnavailable
 
     target = _store_target(args, f"{what} needs one")
@@ -371,13 +371,13 @@ def _configure(args: argparse.Namespace, message: Any, what: str) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from hoststore.messages import Configure
+    from pagewire.messages import Configure
 
     return _configure(args, Configure(policy=args.spec), "the store's policy")
 
 
 def cmd_limits(args: argparse.Namespace) -> int:
-    from hoststore.messages import Configure
+    from pagewire.messages import Configure
 
     quotas = {name or "": size for name, size in args.quota} or None
     return _configure(args, Configure(capacity=args.capacity, high_percent=args.high_watermark,
@@ -399,8 +399,8 @@ def format_event(event: dict[str, Any]) -> str:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from hoststore.auth import TokenError
-    from hoststore.messages import TraceRead
+    from pagewire.auth import TokenError
+    from pagewire.messages import TraceRead
     from vswapfs.hostclient import StoreError, StoreUnavailable, follow
 
     target = _store_target(args, "the trace needs one")
@@ -516,7 +516,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     """Ask a hoststore to hand every page back to its clients and exit."""
-    from hoststore.auth import TokenError
+    from pagewire.auth import TokenError
     from vswapfs.hostclient import StoreError, StoreUnavailable
 
     target = _store_target(args, "its pages leave vswapfs's memory as swapoff reads them back (`vswapctl down`)")
@@ -540,8 +540,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 def cmd_evict(args: argparse.Namespace) -> int:
     """Drop the pages of a client that is away, and free its name."""
-    from hoststore.auth import TokenError
-    from hoststore.messages import Evict, MessageError, check_client_name
+    from pagewire.auth import TokenError
+    from pagewire.messages import Evict, MessageError, check_client_name
     from vswapfs.hostclient import StoreError, StoreUnavailable
 
     try:

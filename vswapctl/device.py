@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hoststore.address import INPROC
-from hoststore.messages import PAGE_SIZE
-from hoststore.sizes import format_size
+from pagewire.address import INPROC
+from pagewire.messages import PAGE_SIZE
+from vswapcommon.sizes import format_size
 from vswapfs.backingcheck import is_block_device
 
 from . import launch, system
@@ -387,8 +387,8 @@ def _store_pid(socket_path: str) -> int | None:
     """The pid the store at ``socket_path`` reports, or None if it does not answer."""
     import trio
 
-    from hoststore.address import Address
-    from hoststore.messages import Stats
+    from pagewire.address import Address
+    from pagewire.messages import Stats
     from vswapfs.hostclient import query
     from vswapfs.pagestore import StoreError, StoreUnavailable
 

@@ -7,7 +7,7 @@ then releases them.  Measured from /proc, in the two processes we started
 (nothing machine-wide):
 
 * the store: what a client costs it once connected, before any page (a
-  shared client's staging area, kept resident: hoststore.sharedpages says
+  shared client's staging area, kept resident: pagewire.sharedmem says
   why); then its resident memory growth per byte of page data stored (index,
   bookkeeping and slab together; pages in shared memory count where the store
   touched them), and how much of it goes back once the pages leave;
@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from hoststore.messages import PAGE_SIZE
+from pagewire.messages import PAGE_SIZE
 
 from . import launch
 from .benchstore import bench_store
@@ -51,7 +51,7 @@ def _pager_main(socket_path: str, backing_path: str, device_size: int, pages: in
     """In a fresh process: store ``pages`` pages, read them back, report, release."""
     import trio
 
-    from hoststore.address import Address
+    from pagewire.address import Address
     from vswapfs.backing import Backing
     from vswapfs.hostclient import HostClient
     from vswapfs.pager import Pager

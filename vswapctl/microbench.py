@@ -22,8 +22,8 @@ from typing import Any
 
 import trio
 
-from hoststore.address import Address
-from hoststore.messages import PAGE_SIZE
+from pagewire.address import Address
+from pagewire.messages import PAGE_SIZE
 
 from .benchstore import bench_store
 
@@ -129,7 +129,7 @@ def _free_port() -> int:
 def run(seconds: float = 1.0, capacity: str = "512M",
         transports: tuple[str, ...] = TRANSPORTS) -> dict[str, Any]:
     from hoststore.policy import Limits
-    from hoststore.sizes import parse_size
+    from vswapcommon.sizes import parse_size
     from vswapfs.hostclient import HostClient
     from vswapfs.inproc import InprocStore
 

@@ -115,8 +115,8 @@ class MountedDevice:
     def host_stats(self) -> dict[str, Any]:
         import trio
 
-        from hoststore.address import Address
-        from hoststore.messages import Stats
+        from pagewire.address import Address
+        from pagewire.messages import Stats
         from vswapfs.hostclient import query
 
         return trio.run(query, Address("unix", path=self.socket), Stats())

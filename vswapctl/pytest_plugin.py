@@ -80,19 +80,19 @@ class VswapDevice:
 
     def set_policy(self, spec: str) -> dict[str, Any]:
         """Change the store's admission policy now; returns the policy and limits in force."""
-        from hoststore.messages import Configure
+        from pagewire.messages import Configure
 
         return self._query(Configure(policy=spec))
 
     def drain(self, timeout: float = 600.0) -> dict[str, Any]:
         """The store hands every page back to vswapfs (the backing file) and exits."""
-        from hoststore.messages import Drain
+        from pagewire.messages import Drain
 
         return self._query(Drain(), timeout)
 
 
 def _bring_up(config: pytest.Config, say: Callable[[str], None]) -> tuple[VswapDevice, str]:
-    from hoststore.sizes import parse_size
+    from vswapcommon.sizes import parse_size
 
     from . import device, system
 
@@ -156,7 +156,7 @@ class _Cgroup:
 @pytest.fixture
 def memory_cgroup() -> Iterator[Callable[[str], _Cgroup]]:
     """``memory_cgroup("64M").run(argv, **subprocess_kwargs)``: a command in a fresh memory cgroup."""
-    from hoststore.sizes import parse_size
+    from vswapcommon.sizes import parse_size
 
     from . import cgroup
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import trio
 
-from hoststore.protocol import PAGE_SIZE
+from pagewire.protocol import PAGE_SIZE
 
 from .backingcheck import (
     PRESSURE_SAFE_FS,

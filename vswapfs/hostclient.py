@@ -6,7 +6,7 @@ in whatever order they come.  A call on a connection that is down fails at
 once with :class:`StoreUnavailable`, so a write can fall back to the backing
 file without delay; callers put their own deadline around each call.
 :meth:`HostClient.run` reconnects with exponential backoff and proves, at each
-reconnect, that it is the instance the store knows (``hoststore.auth``), so
+reconnect, that it is the instance the store knows (``pagewire.auth``), so
 the store keeps its pages.
 
 Whatever the store sends that the protocol does not allow closes the
@@ -27,14 +27,14 @@ from typing import Any
 
 import trio
 
-from hoststore import auth
-from hoststore import protocol as p
-from hoststore.access import peer_uid, tcp_refusal
-from hoststore.address import Address
-from hoststore.counters import Counters
-from hoststore.endpoint import Endpoint, PeerGone, RemoteError
-from hoststore.sharedpages import SharedError, SharedPages
-from hoststore.messages import (
+from pagewire import auth
+from pagewire import protocol as p
+from pagewire.access import peer_uid, tcp_refusal
+from pagewire.address import Address
+from vswapcommon.counters import Counters
+from pagewire.endpoint import Endpoint, PeerGone, RemoteError
+from pagewire.sharedmem import SharedError, SharedPages
+from pagewire.messages import (
     ROLE_OBSERVER,
     ROLE_PAGER,
     GetAnswer,
@@ -116,7 +116,7 @@ class HostClient:
         insecure_tcp: bool = False,
     ) -> None:
         """``share``: on a unix socket, ask the store for shared page memory, so that
-        reads of pages it holds need no round trip (see ``hoststore.sharedpages``).
+        reads of pages it holds need no round trip (see ``pagewire.sharedmem``).
         ``insecure_tcp``: use TCP without a token (loopback only), where nothing proves
         the store is the store; without it, TCP without a token is refused here
         (StoreAuthError), before any connection."""
@@ -411,6 +411,13 @@ class HostClient:
             log.warning("not using the store's shared page memory (%s): reads go over the wire", exc)
             return
         self.counters.add(LinkCounter.SHARED_MAPS)
+
+    def report(self, stats: dict[str, Any]) -> None:
+        stats.update(self.counters.as_dict())
+        stats["shared_memory"] = self.sharing
+
+    def close(self) -> None:
+        """Nothing to release here: the connection ends with :meth:`run`."""
 
     @property
     def sharing(self) -> bool:

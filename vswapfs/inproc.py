@@ -17,17 +17,19 @@ What is different from a store daemon, by nature:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import secrets
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from hoststore.access import IN_PROCESS
-from hoststore.address import INPROC, Address
-from hoststore.messages import (
+from pagewire.access import IN_PROCESS
+from pagewire.address import INPROC, Address
+from pagewire.messages import (
     PROTOCOL_VERSION,
     ROLE_PAGER,
     Get,
@@ -39,9 +41,10 @@ from hoststore.messages import (
     MessageError,
     Put,
 )
+from vswapcommon.sizes import PAGE_SIZE
 from hoststore.clientpages import NIL
 from hoststore.policy import Limits
-from hoststore.pressure import Sampler
+from hoststore.pressure import Sampler, Snapshot, parse_source
 from hoststore.store import HostCounter, RequestError, Store
 
 from .pagestore import HandBackHandler, PagesLostHandler, StoreError
@@ -157,5 +160,23 @@ class InprocStore:
         """The store's counters, as a hoststore reports them to its client."""
         return self.store.stats(self.client)
 
+    def report(self, stats: dict[str, Any]) -> None:
+        stats["inproc_store"] = self.stats()  # its counters share names with the pager's: kept apart
+        stats["shared_memory"] = True
+
     def close(self) -> None:
         self.store.close()
+
+
+def parse_pressure_source(text: str) -> Callable[[], Snapshot]:
+    """``--pressure-source``: where the in-process store reads memory pressure."""
+    return parse_source(text)
+
+
+def from_options(args: argparse.Namespace, name: str, device_size: int) -> InprocStore:
+    """The in-process store vswapfs's options describe (``--capacity``, the watermarks, the source)."""
+    capacity = args.capacity if args.capacity is not None else device_size
+    limits = Limits(high_percent=args.high_watermark, low_percent=args.low_watermark,
+                    capacity_pages=capacity // PAGE_SIZE)
+    sampler = Sampler(source=args.pressure_source or parse_source("psutil"))
+    return InprocStore(name, device_size, limits, sampler)

@@ -13,7 +13,7 @@ from array import array
 
 import xxhash
 
-from hoststore.messages import PAGE_SIZE
+from pagewire.messages import PAGE_SIZE
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15

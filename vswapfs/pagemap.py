@@ -26,7 +26,7 @@ from array import array
 from collections.abc import Iterator
 from operator import eq
 
-from hoststore.messages import PAGE_SIZE, PageStatus
+from pagewire.messages import PAGE_SIZE, PageStatus
 
 UNWRITTEN = 0
 HOST = 1  # only in the store (write-back)

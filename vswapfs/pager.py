@@ -44,8 +44,8 @@ from typing import Any
 
 import trio
 
-from hoststore.counters import Counters
-from hoststore.messages import MAX_BATCH_PAGES, MAX_GET_PAGES, PAGE_SIZE, HandBack, PageStatus, TakeStatus
+from vswapcommon.counters import Counters
+from pagewire.messages import MAX_BATCH_PAGES, MAX_GET_PAGES, PAGE_SIZE, HandBack, PageStatus, TakeStatus
 
 from .backing import Backing
 from .integrity import checksum, checksums

@@ -22,7 +22,7 @@ The contract, beyond the method signatures:
   pager still checks the copy's checksum, and asks with ``get`` otherwise.
   A store without shared memory always says False.
 * The store may ask for pages back (``on_handback``); the handler answers
-  one :class:`~hoststore.messages.TakeStatus` per page, and the store frees a
+  one :class:`~pagewire.messages.TakeStatus` per page, and the store frees a
   page only after that answer.
 """
 
@@ -30,9 +30,12 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-from hoststore.messages import GetAnswer, HandBack
+import trio
+
+from pagewire.address import Address
+from pagewire.messages import GetAnswer, HandBack
 
 
 class StoreUnavailable(Exception):
@@ -69,3 +72,16 @@ class PageStore(Protocol):
     def read_shared(self, page: int, seq: int, out: memoryview) -> bool: ...
 
     def set_handlers(self, on_handback: HandBackHandler, on_pages_lost: PagesLostHandler) -> None: ...
+
+
+class StoreClient(PageStore, Protocol):
+    """A store as vswapfs runs one: the pager's contract, plus what the daemon around it needs."""
+
+    address: Address
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+    def report(self, stats: dict[str, Any]) -> None:
+        """Add this store's own figures to vswapfs's stats."""
+
+    def close(self) -> None: ...

@@ -20,10 +20,11 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from vswapcommon.sizes import PAGE_SIZE
+
 # 3: a put carries at most MAX_PUT_PAGES pages on the wire (the hello answer says
 # how many), where version 2 took MAX_BATCH_PAGES.
 PROTOCOL_VERSION = 3
-PAGE_SIZE = 4096
 NONCE_SIZE = 16
 PROOF_SIZE = 32  # HMAC-SHA256
 SECRET_SIZE = 32
@@ -247,7 +248,7 @@ MAX_STAGING_PAGES = 1 << 16
 
 @dataclass(frozen=True, slots=True)
 class SharedLayout:
-    """Where things are in a client's shared page memory (``hoststore.sharedpages``):
+    """Where things are in a client's shared page memory (``pagewire.sharedmem``):
     a header per slot, an index entry per device page, then the slots' data.
     Both ends compute it from the two counts, so a peer cannot describe a
     layout whose parts overlap or run past the end."""
@@ -327,7 +328,7 @@ class HelloAnswer:
 @dataclass(frozen=True, slots=True)
 class Hello:
     """The client's first request.  ``instance`` names this client process; a
-    reconnect of the same instance carries ``proof`` (see ``hoststore.auth``)."""
+    reconnect of the same instance carries ``proof`` (see ``pagewire.auth``)."""
 
     method: ClassVar[str] = "hello"
     sent_by: ClassVar[str] = "client"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+PAGE_SIZE = 4096  # the unit of swap, of the wire and of every store
+
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 

@@ -7,8 +7,7 @@ import math
 from collections.abc import Callable
 from typing import TypeVar
 
-from .messages import PAGE_SIZE
-from .sizes import parse_size
+from .sizes import PAGE_SIZE, parse_size
 
 T = TypeVar("T")
 

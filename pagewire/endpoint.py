@@ -1,6 +1,6 @@
 """The trio side of one connection, shared by the store and its clients.
 
-An :class:`Endpoint` owns a stream and its :class:`~hoststore.protocol.Connection`:
+An :class:`Endpoint` owns a stream and its :class:`~pagewire.protocol.Connection`:
 any number of tasks may send requests at once (answers are matched by msgid,
 in whatever order they come), and :meth:`Endpoint.receive_loop` hands every
 incoming request to the owner's handler.  Answers produced while one read's

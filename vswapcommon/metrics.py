@@ -21,7 +21,7 @@ import trio
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .messages import REFUSALS
+from pagewire.messages import REFUSALS
 
 DEFAULT_HOST = "127.0.0.1"
 PUBLISH_INTERVAL = 1.0

@@ -2,7 +2,7 @@
 
 Nothing here touches a socket or trio (as in h11): bytes go in through
 :meth:`Connection.receive_data` and come out as events from
-:meth:`Connection.next_event`; messages (``hoststore.messages``) go in through
+:meth:`Connection.next_event`; messages (``pagewire.messages``) go in through
 ``send_*`` and come out as bytes for the caller to write.  Either end may send
 requests: the store asks its clients to take pages back.
 

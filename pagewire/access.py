@@ -6,7 +6,7 @@
   store's own user alone.
 * TCP: nobody is known by address.  With ``--token-file`` both sides prove at
   hello that they hold the shared token (HMAC over both connection nonces, see
-  ``hoststore.auth``), so vswapfs also knows it reached the real store.  Without
+  ``pagewire.auth``), so vswapfs also knows it reached the real store.  Without
   a token both sides refuse TCP unless told ``--insecure-tcp``, and even then
   only on loopback (:func:`tcp_refusal`: one rule for the store, vswapfs and
   vswapctl).
