@@ -40,7 +40,7 @@ from typing import Protocol
 from pagewire.access import Access
 from vswapcommon.cliutil import count
 from vswapcommon.counters import Counters
-from .store import HostCounter
+from .hostcounters import HostCounter
 
 
 class Pool(enum.StrEnum):

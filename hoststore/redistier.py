@@ -64,6 +64,7 @@ from pagewire.messages import PAGE_SIZE, PageStatus
 from .pressure import Snapshot
 from .slab import INDEX_SHIFT
 from .tierconfig import HEARTBEATS_PER_TTL, TierConfig
+from .tiercounters import TierCounter
 
 log = logging.getLogger("hoststore")
 # What the cluster client raises when a node or the cluster fails us.
@@ -108,27 +109,6 @@ for i = 1, #ARGV, 2 do
 end
 return n
 """
-
-
-class TierCounter(enum.StrEnum):
-    """What the tier counts (pages unless the name says otherwise)."""
-
-    WRITTEN = "tier_written"  # pages a replica acknowledged
-    REFUSED_REPLICATION = "tier_refused_replication"  # no replica acknowledged them in time
-    REFUSED_NO_REPLICA = "tier_refused_no_replica"  # their master has too few replicas in sync: not even sent
-    REFUSED_UNREACHABLE = "tier_refused_unreachable"  # their node did not answer, or had moved them
-    REFUSED_OOM = "tier_refused_oom"  # their node answered OOM (at maxmemory)
-    READ = "tier_read"
-    READ_RETRIES = "tier_read_retries"  # reads asked again after a node failed to answer
-    READ_FAILURES = "tier_read_failures"  # requests whose read gave up (the cluster never answered)
-    # reads where a node that is not a master of a cluster in state ok said pages were missing: asked again
-    UNCONFIRMED_READS = "tier_unconfirmed_reads"
-    LOST = "tier_lost"  # pages the store held that the cluster no longer had
-    DELETED = "tier_deleted"
-    DELETE_RETRIES = "tier_delete_retries"  # delete batches kept for later after a failure
-    TOPOLOGY_REFRESHES = "tier_topology_refreshes"
-    FAILOVERS = "tier_failovers"  # slot ranges seen served by a new master after a refresh
-    HEARTBEAT_FAILURES = "tier_heartbeat_failures"  # heartbeat writes a master did not take
 
 
 class TierUnavailable(Exception):

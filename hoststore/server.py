@@ -54,7 +54,8 @@ from pagewire.messages import (
     TraceRead,
     Welcome,
 )
-from .store import HostCounter, RequestError, Store
+from .hostcounters import HostCounter
+from .store import RequestError, Store
 
 log = logging.getLogger("hoststore")
 # Lines a peer can cause by connecting, one per connection: rate-limited.

@@ -15,7 +15,6 @@ a request sent before another is never applied after it.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import os
 import secrets
@@ -26,6 +25,7 @@ from types import MappingProxyType
 
 from pagewire import auth
 from .clientpages import NIL, ClientPages
+from .hostcounters import HANDBACK_COUNTER, REFUSAL_COUNTER, HostCounter
 from vswapcommon.counters import Counters
 from vswapcommon.logsetup import OUTPUT
 from pagewire.messages import (
@@ -52,86 +52,6 @@ from .slab import SlabFull
 from .trace import Trace
 
 log = logging.getLogger("hoststore")
-
-
-class HostCounter(enum.StrEnum):
-    """What the store counts, by cause (pages unless the name says requests)."""
-
-    ACCEPTED = "accepted"
-    REPLACED = "replaced"  # accepted over an older stored version
-    REFUSED_PRESSURE = "refused_pressure"
-    REFUSED_CAPACITY = "refused_capacity"
-    REFUSED_QUOTA = "refused_quota"
-    REFUSED_OUTDATED = "refused_outdated"
-    REFUSED_NOMEM = "refused_nomem"
-    REFUSED_DRAINING = "refused_draining"
-    REFUSED_SHARE = "refused_share"  # the store was nearly full and the client held its weighted share
-    REFUSED_POLICY = "refused_policy"  # the admission policy said no
-    REFUSED_POLICY_ERROR = "refused_policy_error"  # the policy plug-in failed
-    REFUSED_REPLICATION = "refused_replication"  # the page tier: no replica acknowledged them in time
-    REFUSED_TIER = "refused_tier"  # the page tier: their node failed or was unreachable
-    POLICY_CHANGES = "policy_changes"  # requests: the policy or the limits changed at run time
-    STALE_DROPPED = "stale_dropped"  # stored copies dropped because their new version was refused
-    READS = "reads"
-    MISSES = "misses"
-    INVALIDATED = "invalidated"
-    DROPPED_SESSIONS = "dropped_sessions"  # pages of a client that came back as a new instance
-    HANDED_BACK_PRESSURE = "handed_back_pressure"  # freed after the client took them back
-    HANDED_BACK_DRAIN = "handed_back_drain"
-    HANDED_BACK_REPLICATION = "handed_back_replication"  # the page tier: their master had no replica in sync
-    HANDBACK_NOT_NEEDED = "handback_not_needed"  # of those, pages the client no longer needed
-    HANDBACK_FAILED = "handback_failed"  # pages a client could not take (kept)
-    HANDBACK_REQUESTS = "handback_requests"
-    PUT_REQUESTS = "put_requests"
-    GET_REQUESTS = "get_requests"
-    INVALIDATE_REQUESTS = "invalidate_requests"
-    CONNECTIONS = "connections"
-    HELLO_REFUSED = "hello_refused"
-    PROTOCOL_ERRORS = "protocol_errors"  # connections closed for breaking the protocol
-    BAD_REQUESTS = "bad_requests"  # requests answered with an error, connection kept
-    CONNECTION_ERRORS = "connection_errors"  # connections closed by an unexpected error in serving them
-    TAKEOVERS = "takeovers"  # a client's reconnect superseded its old connection
-    HANDBACK_ERRORS = "handback_errors"  # unexpected errors while handing back (pages kept)
-    DRAIN_GAVE_UP = "drain_gave_up"  # clients a drain stopped waiting for: no page taken back in --drain-timeout
-    EVICT_REQUESTS = "evict_requests"  # requests: clients that were away dropped by an admin (vswapctl evict)
-    EVICTED = "evicted"  # their pages
-    # Limits and access: each refusal by its cause (connections unless the name says pages).
-    REFUSED_AUTH = "refused_auth"  # hellos without the token's proof, or a wrong one
-    REFUSED_UID = "refused_uid"  # hellos from a unix-socket peer whose uid is not allowed
-    REFUSED_ADMIN_CONNECTIONS = "refused_admin_connections"  # closed at once: --max-connections admin=N reached
-    REFUSED_UNIX_CONNECTIONS = "refused_unix_connections"  # closed at once: --max-connections unix=N reached
-    REFUSED_TCP_CONNECTIONS = "refused_tcp_connections"  # hellos refused: --max-connections tcp=N reached
-    CLOSED_HELLO_POOL = "closed_hello_pool"  # closed before their hello for a newer one: --max-connections hello=N
-    REFUSED_PEER_CONNECTIONS = "refused_peer_connections"  # closed at once: --max-connections-per-peer
-    REFUSED_CONNECTION_RATE = "refused_connection_rate"  # closed at once: --connection-rate
-    REFUSED_CLIENTS = "refused_clients"  # hellos of new names beyond --max-clients
-    REFUSED_NAME_OWNER = "refused_name_owner"  # hellos under a name that another identity holds
-    CLOSED_HELLO_TIMEOUT = "closed_hello_timeout"  # no answered hello within --hello-timeout
-    CLOSED_IDLE = "closed_idle"  # no complete message within --idle-timeout
-    CLOSED_OVERSIZED = "closed_oversized_frame"  # a length prefix above any legal message
-    CLOSED_FRAME_TIMEOUT = "closed_frame_timeout"  # a frame begun and not finished within --frame-timeout
-    CLOSED_IN_FLIGHT = "closed_in_flight"  # waited for longest, while held for peers passed --max-in-flight
-    FAIR_WAITS = "fair_waits"  # requests held back while other connections had their turn
-
-
-REFUSAL_COUNTER = {
-    PageStatus.REFUSED_PRESSURE: HostCounter.REFUSED_PRESSURE,
-    PageStatus.REFUSED_CAPACITY: HostCounter.REFUSED_CAPACITY,
-    PageStatus.REFUSED_QUOTA: HostCounter.REFUSED_QUOTA,
-    PageStatus.REFUSED_OUTDATED: HostCounter.REFUSED_OUTDATED,
-    PageStatus.REFUSED_NOMEM: HostCounter.REFUSED_NOMEM,
-    PageStatus.REFUSED_DRAINING: HostCounter.REFUSED_DRAINING,
-    PageStatus.REFUSED_SHARE: HostCounter.REFUSED_SHARE,
-    PageStatus.REFUSED_POLICY: HostCounter.REFUSED_POLICY,
-    PageStatus.REFUSED_POLICY_ERROR: HostCounter.REFUSED_POLICY_ERROR,
-    PageStatus.REFUSED_REPLICATION: HostCounter.REFUSED_REPLICATION,
-    PageStatus.REFUSED_TIER: HostCounter.REFUSED_TIER,
-}
-HANDBACK_COUNTER = {
-    HandBackCause.PRESSURE: HostCounter.HANDED_BACK_PRESSURE,
-    HandBackCause.DRAIN: HostCounter.HANDED_BACK_DRAIN,
-    HandBackCause.REPLICATION: HostCounter.HANDED_BACK_REPLICATION,
-}
 
 
 def _layout(client: ClientPages) -> SharedLayout | None:

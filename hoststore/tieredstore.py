@@ -46,8 +46,10 @@ from pagewire import auth
 from .clientpages import NIL, ClientPages
 from pagewire.messages import PAGE_SIZE, Get, GetAnswer, HandBack, HandBackCause, PageStatus, Put, PutStaged
 from .pressure import Sampler
-from .redistier import FailoverScope, RedisClusterTier, TierCounter, TierUnavailable
-from .store import REFUSAL_COUNTER, HostCounter, RequestError, Store
+from .redistier import FailoverScope, RedisClusterTier, TierUnavailable
+from .tiercounters import TierCounter
+from .hostcounters import REFUSAL_COUNTER, HostCounter
+from .store import RequestError, Store
 
 if TYPE_CHECKING:
     from .server import Server

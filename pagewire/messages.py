@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 from vswapcommon.sizes import PAGE_SIZE
 
+from .causes import HandBackCause, PageStatus
+
 # 3: a put carries at most MAX_PUT_PAGES pages on the wire (the hello answer says
 # how many), where version 2 took MAX_BATCH_PAGES.
 PROTOCOL_VERSION = 3
@@ -53,25 +55,6 @@ class MessageError(ValueError):
     """A message whose shape or values the protocol does not allow."""
 
 
-class PageStatus(enum.IntEnum):
-    """One byte per page in a ``put`` or ``get`` answer: stored, or why not."""
-
-    STORED = 0
-    REFUSED_PRESSURE = 1
-    REFUSED_CAPACITY = 2
-    REFUSED_QUOTA = 3
-    REFUSED_OUTDATED = 4  # a newer version of the page is stored
-    MISSING = 5  # get: the store does not hold this page
-    REFUSED_NOMEM = 6  # the store could not allocate memory for it
-    REFUSED_DRAINING = 7  # the store is shutting down and hands pages back
-    REFUSED_SHARE = 8  # the store is nearly full and this client holds its weighted share
-    REFUSED_POLICY = 9  # the store's admission policy (``hoststore.policies``) said no
-    REFUSED_POLICY_ERROR = 10  # the store's policy plug-in failed: refused, to be safe
-    REFUSED_REPLICATION = 11  # the store's page tier: no replica acknowledged the page in time
-    REFUSED_TIER = 12  # the store's page tier: the node for the page failed or could not be reached
-
-
-REFUSALS = frozenset(s for s in PageStatus if s not in (PageStatus.STORED, PageStatus.MISSING))
 _PUT_STATUSES = bytes(s for s in PageStatus if s != PageStatus.MISSING)
 _GET_STATUSES = bytes((PageStatus.STORED, PageStatus.MISSING))
 
@@ -82,12 +65,6 @@ class TakeStatus(enum.IntEnum):
     TAKEN = 0  # written to the client's backing file; the store may free it
     NOT_NEEDED = 1  # the client holds a newer version elsewhere (or none): free it
     FAILED = 2  # the client could not take it (backing I/O error): keep it
-
-
-class HandBackCause(enum.StrEnum):
-    PRESSURE = "pressure"
-    DRAIN = "drain"
-    REPLICATION = "replication"  # the store's page tier: their master has no replica in sync
 
 
 ROLE_PAGER = "pager"

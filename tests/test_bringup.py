@@ -16,6 +16,7 @@ import time
 import pytest
 
 from vswapctl import cli, device, launch, state
+from vswapctl.commands import lifecycle
 from vswapctl.state import Busy, MountLock, State
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,14 +105,14 @@ def test_up_hands_the_daemons_absolute_paths_only(tmp_path, monkeypatch) -> None
     monkeypatch.chdir(tmp_path)
     args = cli.build_parser().parse_args(["--state-dir", "st", "up", "--size", "1M", "--host", "unix:s/host.sock",
                                           "--pressure-source", "file:p/used", "--backing", "b/backing"])
-    cfg = cli.up_config(args)
+    cfg = lifecycle.up_config(args)
     assert args.state_dir == f"{tmp_path}/st"
     assert cfg.host == f"unix:{tmp_path}/s/host.sock"
     assert cfg.pressure_source == f"file:{tmp_path}/p/used"
     assert cfg.backing == f"{tmp_path}/b/backing" and cfg.mountpoint == f"{tmp_path}/st/mnt"
     for host, source in (("tcp:127.0.0.1:7070", "psutil"), ("inproc", None)):
         args = cli.build_parser().parse_args(["up", "--host", host] + (["--pressure-source", source] if source else []))
-        cfg = cli.up_config(args)
+        cfg = lifecycle.up_config(args)
         assert (cfg.host, cfg.pressure_source) == (host, source)
 
 

@@ -21,25 +21,10 @@ import trio
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pagewire.messages import REFUSALS
+from .counters import Unit, description_of, reason_of, unit_of
 
 DEFAULT_HOST = "127.0.0.1"
 PUBLISH_INTERVAL = 1.0
-
-# Counters that count something other than pages, by their name's suffix or exact name.
-_CONNECTION_COUNTERS = frozenset({
-    "connections", "hello_refused", "protocol_errors", "connection_errors", "takeovers", "refused_auth",
-    "refused_uid", "refused_admin_connections", "refused_unix_connections", "refused_tcp_connections",
-    "closed_hello_pool", "refused_peer_connections", "refused_connection_rate", "refused_clients",
-    "refused_name_owner", "closed_hello_timeout", "closed_idle", "closed_oversized_frame",
-    "closed_frame_timeout", "closed_in_flight",
-})
-_EVENT_COUNTERS = frozenset({"bad_requests", "handback_errors", "fair_waits", "policy_changes", "io_errors",
-                             "orphan_invalidations", "checksum_errors", "tier_read_retries", "tier_read_failures",
-                             "tier_delete_retries", "tier_topology_refreshes", "tier_failovers",
-                             "drain_gave_up", "tier_heartbeat_failures"})
-_PAGE_REFUSALS = tuple(sorted(s.name.lower().removeprefix("refused_") for s in REFUSALS))
-
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
     """``PORT`` (on loopback) or ``HOST:PORT``; ValueError names the problem."""
@@ -55,13 +40,10 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
 
 
 def _unit(name: str) -> str:
-    if name in _CONNECTION_COUNTERS:
-        return "connections"
-    if name.endswith("_requests"):
-        return ""
-    if name in _EVENT_COUNTERS:
-        return ""
-    return "pages"
+    """The unit a counter's metric name ends with: pages and connections are named, requests
+    and events are plain counts.  A counter defined nowhere counts pages."""
+    unit = unit_of(name) or Unit.PAGES
+    return unit.value if unit in (Unit.PAGES, Unit.CONNECTIONS) else ""
 
 
 def counter_families(prefix: str, counters: dict[str, Any], labels: dict[str, str] | None = None
@@ -76,14 +58,14 @@ def counter_families(prefix: str, counters: dict[str, Any], labels: dict[str, st
     for name, value in sorted(counters.items()):
         if not isinstance(value, int) or isinstance(value, bool):
             continue
-        reason = name.removeprefix("refused_")
-        if name.startswith("refused_") and reason in _PAGE_REFUSALS:
+        reason = reason_of(name)
+        if reason is not None:
             refused.add_metric([*label_values, reason], value)
             any_refused = True
             continue
         unit = _unit(name)
         metric = name if not unit or name.endswith(unit) else f"{name}_{unit}"
-        family = CounterMetricFamily(f"{prefix}_{metric}", f"{name.replace('_', ' ')} ({unit or 'count'})",
+        family = CounterMetricFamily(f"{prefix}_{metric}", description_of(name) or name.replace("_", " "),
                                      labels=label_names)
         family.add_metric(label_values, value)
         yield family

@@ -61,22 +61,22 @@ class VswapDevice:
 
     def stats(self) -> dict[str, Any]:
         """Both daemons' counters: {"vswapfs": {...}, "hoststore": {...}}."""
-        from . import cli
+        from .commands import common
         from .state import State
 
         state = State.load(self.state_dir)
         assert state is not None
-        return {"vswapfs": cli.read_vswapfs_stats(state), "hoststore": cli.read_host_stats(cli.StoreTarget.of(state))}
+        return {"vswapfs": common.read_vswapfs_stats(state), "hoststore": common.read_host_stats(common.StoreTarget.of(state))}
 
     def _query(self, message: Any, wait: float | None = None) -> Any:
         """One request to this device's store, reached as `up` was told to (its token,
         --insecure-tcp), the answer waited for ``wait`` seconds (default: vswapctl's)."""
-        from . import cli
+        from .commands import common
         from .state import State
 
         state = State.load(self.state_dir)
         assert state is not None
-        return cli.StoreTarget.of(state).ask(message, wait)
+        return common.StoreTarget.of(state).ask(message, wait)
 
     def set_policy(self, spec: str) -> dict[str, Any]:
         """Change the store's admission policy now; returns the policy and limits in force."""

@@ -16,7 +16,6 @@ raise out of here.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import secrets
@@ -54,30 +53,12 @@ from pagewire.messages import (
 )
 
 from .pagestore import HandBackHandler, PagesLostHandler, StoreAuthError, StoreError, StoreUnavailable
+from .linkcounters import LinkCounter
 
 log = logging.getLogger("vswapfs.hostclient")
 
 HANDBACK_CONCURRENCY = 2  # hand-backs being applied at once
 HANDBACK_PENDING_MAX = 4  # held at once (applied or waiting); more are answered "failed" at once
-
-
-class LinkCounter(enum.StrEnum):
-    CONNECTS = "link_connects"
-    CONNECT_FAILURES = "link_connect_failures"
-    DISCONNECTS = "link_disconnects"
-    HOST_RESTARTS = "link_host_restarts"  # the store came back as a new instance
-    SESSIONS_LOST = "link_sessions_lost"  # reconnects where the store no longer held our pages
-    HELLO_REFUSED = "link_hello_refused"
-    PROTOCOL_ERRORS = "link_protocol_errors"  # connections closed: the store broke the protocol
-    ERRORS = "link_errors"  # connections closed by an unexpected error
-    HANDBACK_REQUESTS = "link_handback_requests"
-    HANDBACKS_DEFERRED = "link_handbacks_deferred"  # answered "failed" at once: too many already in hand
-    HANDBACK_ANSWERS_LOST = "link_handback_answers_lost"  # pages taken whose answer could not be sent
-    STORE_AUTH_FAILED = "link_store_auth_failed"  # peers that could not prove they are the store: sent nothing
-    KEEPALIVES = "link_keepalives"
-    SHARED_MAPS = "link_shared_maps"  # shared page memory mapped (at each hello that offered it)
-    SHARED_UNUSABLE = "link_shared_unusable"  # offered, but not usable: pages are read over the wire
-    STAGED_PUT_PAGES = "link_staged_put_pages"  # pages put through the shared staging area, not the socket
 
 
 KEEPALIVE_INTERVAL = 60.0  # well inside the store's idle timeout (300 s by default)

@@ -45,7 +45,8 @@ from vswapcommon.sizes import PAGE_SIZE
 from hoststore.clientpages import NIL
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot, parse_source
-from hoststore.store import HostCounter, RequestError, Store
+from hoststore.hostcounters import HostCounter
+from hoststore.store import RequestError, Store
 
 from .pagestore import HandBackHandler, PagesLostHandler, StoreError
 

@@ -1,0 +1,44 @@
+"""Counters and refusal causes are defined once, and docs/counters.md is what the definitions say."""
+
+from __future__ import annotations
+
+from hoststore.hostcounters import HANDBACK_COUNTER, REFUSAL_COUNTER, HostCounter
+from hoststore.tiercounters import TierCounter
+from pagewire.causes import REFUSAL_CAUSES, REFUSALS, HandBackCause, PageStatus
+from vswapctl import counterdoc
+from vswapfs.linkcounters import LinkCounter
+from vswapfs.pagercounters import REFUSAL_COUNTER as PAGER_REFUSAL_COUNTER
+from vswapfs.pagercounters import PagerCounter
+
+
+def test_the_document_is_what_the_definitions_say() -> None:
+    assert counterdoc.DOC.read_text() == counterdoc.render(), (
+        "docs/counters.md differs from the definitions: run python -m vswapctl.counterdoc --write")
+
+
+def test_every_counter_is_described_and_in_the_document() -> None:
+    text = counterdoc.DOC.read_text()
+    for counters in (PagerCounter, LinkCounter, HostCounter, TierCounter):
+        for c in counters:
+            assert c.description.strip(), c
+            assert f"| `{c.value}` | {c.unit.value} |" in text, c
+
+
+def test_each_refusal_cause_gives_a_status_and_a_counter_on_both_sides() -> None:
+    assert len(REFUSALS) == len(REFUSAL_CAUSES)
+    codes = [int(s) for s in PageStatus]
+    assert len(codes) == len(set(codes)) == len(REFUSAL_CAUSES) + 2  # and STORED, MISSING
+    for status in REFUSALS:
+        assert REFUSAL_COUNTER[status].value == PAGER_REFUSAL_COUNTER[status].value == status.name.lower()
+        assert REFUSAL_COUNTER[status].reason == status.name.lower().removeprefix("refused_")
+    assert set(HANDBACK_COUNTER) == set(HandBackCause)
+
+
+def test_every_store_counter_is_reported(tmp_path) -> None:
+    from hoststore.policy import Limits
+    from hoststore.pressure import Sampler, Snapshot
+    from hoststore.store import Store
+
+    store = Store(Limits(capacity_pages=16), Sampler(source=lambda: Snapshot.fake(10.0)))
+    stats = store.stats(admin=True)
+    assert {c.value for c in HostCounter} <= set(stats)

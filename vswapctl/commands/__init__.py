@@ -1,0 +1,1 @@
+"""vswapctl's commands, by group; each group module registers its own subparsers."""
