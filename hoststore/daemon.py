@@ -33,7 +33,7 @@ from pagewire.protocol import get_answer_size
 from .server import Server, ServerConfig, fmt_pages, open_listener
 from vswapcommon.sizes import format_size, parse_size
 from .store import DEFAULT_AWAY_TIMEOUT, Store
-from .tieredstore import TieredStore
+from .tierbackend import tiered_store
 
 log = logging.getLogger("hoststore")
 
@@ -302,17 +302,14 @@ async def run(addresses: list[Address], server: Server, metrics_at: tuple[str, i
     """Serve until a drain finishes.  The first SIGTERM/SIGINT starts the drain;
     a second one exits at once, saying which pages it drops."""
     store = server.store
-    if isinstance(store, TieredStore):
-        try:
-            async with trio.open_nursery() as tier_nursery:
-                await tier_nursery.start(store.run, server)
-                await _serve(addresses, server, metrics_at)
-                tier_nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await store.aclose()
-        return
-    await _serve(addresses, server, metrics_at)
+    try:
+        async with trio.open_nursery() as upkeep:
+            await upkeep.start(store.run, server)  # the page backend's (a tier's heartbeat, deletes)
+            await _serve(addresses, server, metrics_at)
+            upkeep.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
 
 
 async def _serve(addresses: list[Address], server: Server, metrics_at: tuple[str, int] | None) -> None:
@@ -402,7 +399,7 @@ def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: L
         tier = connect(config)
     except TierUnavailable as exc:
         raise SystemExit(f"hoststore: error: --tier: {exc}") from None
-    store = TieredStore(limits, tier=tier, **options)
+    store = tiered_store(limits, tier, **options)
     log.info("pages go to the cluster at %s (%d masters; a replica must acknowledge each write within %gs)",
              config, len(tier.memory), config.wait_timeout)
     return store

@@ -33,7 +33,6 @@ from pagewire import protocol as p
 from pagewire.access import Access, before_hello, check_listener, peer_identity, peer_key, peer_uid, socket_mode
 from pagewire.address import Address
 from .clientpages import ClientPages
-from .slab import INDEX_BLOCK
 from pagewire.endpoint import Endpoint, FrameTimeout, InFlight, Lent, PeerGone, RemoteError
 from .fairshare import FairShare
 from vswapcommon.logsetup import RateLimited
@@ -55,14 +54,14 @@ from pagewire.messages import (
     Welcome,
 )
 from .hostcounters import HostCounter
-from .store import RequestError, Store
+from .handback import HandBackEngine, Pace
+from .store import RequestError, Store, get_answer
 
 log = logging.getLogger("hoststore")
 # Lines a peer can cause by connecting, one per connection: rate-limited.
 peer_log = RateLimited(log)
 
 SERVER_NAME = "hoststore"
-INVALIDATE_BLOCKS = 64  # index blocks (64 * 256 pages) scanned between two yields to other connections
 ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 
 
@@ -398,13 +397,13 @@ class Session:
         three; a large one in a pooled buffer (no page faults, no heap growth)."""
         conn, pool = self.endpoint.conn, self.server.frames
         n = len(msg.pages)
-        if not (p.IN_PLACE and self.store.in_place_get):  # a big-endian host, or a page tier: the generic path
-            return conn.send_answer(msgid, msg, await self.store.get_async(client, msg))
+        if not p.IN_PLACE:  # a big-endian host: the generic path
+            return conn.send_answer(msgid, msg, await get_answer(self.store, client, msg.pages))
         buf = pool.take() if p.get_answer_size(n) >= p.OWN_MAPPING_BYTES else None
         try:
             frame = p.get_answer_frame(msgid, n, buf)
             assert frame is not None
-            self.store.get_into(client, msg, frame.statuses, frame.seqs, frame.data)
+            await self.store.get(client, msg.pages, frame.statuses, frame.seqs, frame.data)
             await trio.lowlevel.checkpoint()
             data = conn.send_get_answer(frame)
         except BaseException:
@@ -445,14 +444,17 @@ class Session:
         if client is None:
             raise RequestError(f"{msg.method!r} needs a pager connection")
         if isinstance(msg, Put | PutStaged):
-            statuses = await store.put_async(client, msg)
+            if isinstance(msg, PutStaged):
+                statuses = await store.put_staged(client, msg.first, msg.seq, msg.at, msg.n)
+            else:
+                statuses = await store.put(client, msg.first, msg.seq, msg.data)
             delay = store.policy.delay
             if delay:  # a slow or distant host, as the policy asks: this connection waits, no other
                 self.server.fair.idle(self)
                 await trio.sleep(delay)
             return statuses
         if isinstance(msg, Get):
-            return await store.get_async(client, msg)
+            return await get_answer(store, client, msg.pages)
         if isinstance(msg, Invalidate):
             return await self._invalidate(client, msg)
         raise RequestError(f"{msg.method!r} is not served here")
@@ -474,22 +476,13 @@ class Session:
         connection's fair share, so that one client's huge invalidate cannot hold
         the store for everyone else.  The work follows the pages stored in the
         range, not its length: a 4 TiB range with nothing stored is one step."""
-        end = msg.first + msg.count
-        if end > client.npages:
-            raise RequestError(f"pages {msg.first}..{end - 1} outside the device's {client.npages} pages")
         await self.server.fair.turn(self, REQUEST_COST)
-        index = client.index
-        blocks = index.blocks_in(msg.first, msg.count)  # only the stored parts of the range
-        dropped = 0
-        for at in range(0, len(blocks), INVALIDATE_BLOCKS):
-            if at:
-                await trio.sleep(0)
-            window = blocks[at : at + INVALIDATE_BLOCKS]
-            await self.server.fair.turn(self, len(window) * INDEX_BLOCK)
-            pages = [page for page, _ in index.stored_in_blocks(window, msg.first, end)]
-            dropped += self.store.invalidate_pages(client, pages, msg.seq)
-        self.store.counters.add(HostCounter.INVALIDATE_REQUESTS)
-        return dropped
+
+        async def pace(pages: int) -> None:
+            await trio.sleep(0)  # other connections in between two slices
+            await self.server.fair.turn(self, pages)
+
+        return await self.store.invalidate(client, msg.first, msg.count, msg.seq, pace=pace)
 
     async def hand_back(self, handback: HandBack, timeout: float) -> bytes:
         """Ask the client to take pages back; its per-page answer.  Counted in flight
@@ -515,7 +508,11 @@ class Server:
         self._per_peer: Counter[str] = Counter()
         self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
         self._changed = trio.Event()
-        self._returned = trio.Event()  # set (and replaced) whenever a hand-back's pages are no longer lent
+        cfg = self.config
+        self.handback = HandBackEngine(
+            store, self._ask, can_ask=lambda client: isinstance(client.session, Session),
+            refused=(PeerGone, RemoteError, trio.TooSlowError, MessageError),
+            pace=Pace(cfg.handback_batch, cfg.handback_rate, cfg.handback_interval, cfg.handback_rest))
         self._drain_started = False
         self._drain_done = trio.Event()
         self._drain_deadlines: dict[str, float] = {}  # client name -> when the drain gives up on it
@@ -643,7 +640,7 @@ class Server:
             self._nursery = nursery
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener, nursery)
-            nursery.start_soon(self._pressure_loop)
+            nursery.start_soon(self.handback.under_pressure)
             for inflight in (*self.inflight.values(), self.handbacks):
                 nursery.start_soon(inflight.watch)
             bound = [listener_address(lst) for lst in listeners]
@@ -657,73 +654,14 @@ class Server:
     # -- hand-back --------------------------------------------------------------------
 
     async def hand_back(self, client: ClientPages, cause: HandBackCause, limit: int) -> int:
-        """Lend up to ``limit`` of the client's oldest pages, hand them back, settle
-        with the answer.  Pages freed; pages without an answer stay stored."""
+        """Hand up to ``limit`` of the client's pages back over its connection (the engine:
+        ``hoststore.handback``); pages freed."""
+        return await self.handback.hand_back(client, cause, limit)
+
+    async def _ask(self, client: ClientPages, handback: HandBack) -> bytes:
         session = client.session
-        if not isinstance(session, Session):
-            return 0
-        store = self.store
-        try:
-            handback = await store.lend_async(client, cause, limit)
-        except Exception:  # noqa: BLE001 - a bug here must not take every client's pages down
-            store.counters.add(HostCounter.HANDBACK_ERRORS)
-            log.exception("could not pick pages of client %r to hand back", client.name)
-            return 0
-        if handback is None:
-            return 0
-        try:
-            statuses = await session.hand_back(handback, self.config.handback_timeout)
-            return store.settle(client, handback, statuses)
-        except (PeerGone, RemoteError, trio.TooSlowError, MessageError) as exc:
-            log.warning("client %r did not take %d pages back (%s): they stay here",
-                        client.name, len(handback.pages), str(exc) or type(exc).__name__)
-        except Exception:  # noqa: BLE001
-            store.counters.add(HostCounter.HANDBACK_ERRORS)
-            log.exception("error handing %d pages back to client %r: they stay here",
-                          len(handback.pages), client.name)
-        finally:
-            store.unlend(client, handback)  # whatever is still lent (no answer, or an error) stays stored
-            self._returned.set()
-            self._returned = trio.Event()
-        return 0
-
-    async def _pressure_loop(self) -> None:
-        """While the host is under pressure (hysteresis: from the high watermark down
-        to the low one), hand the least recently used pages back at a bounded rate.
-        Each client has at most one hand-back in flight, so a client that is slow to
-        answer (or never does) holds up only itself; one that failed rests a while."""
-        cfg = self.config
-        per_round = max(1, int(cfg.handback_rate * cfg.handback_interval))
-        busy: set[str] = set()
-        resting: dict[str, float] = {}
-
-        async def one(client: ClientPages, limit: int) -> None:
-            try:
-                if not await self.hand_back(client, HandBackCause.PRESSURE, limit):
-                    resting[client.name] = trio.current_time() + cfg.handback_rest
-            finally:
-                busy.discard(client.name)
-
-        async with trio.open_nursery() as nursery:
-            while True:
-                await trio.sleep(cfg.handback_interval)
-                try:
-                    store = self.store
-                    if store.draining or not store.pages or not store.update_pressure():
-                        continue
-                    budget, now = per_round, trio.current_time()
-                    for client in store.handback_order():
-                        if budget <= 0:
-                            break
-                        if client.name in busy or resting.get(client.name, 0.0) > now:
-                            continue
-                        limit = min(budget, cfg.handback_batch)
-                        budget -= limit
-                        busy.add(client.name)
-                        nursery.start_soon(one, client, limit)
-                except Exception:  # noqa: BLE001
-                    self.store.counters.add(HostCounter.HANDBACK_ERRORS)
-                    log.exception("error in the pressure hand-back loop; going on")
+        assert isinstance(session, Session)
+        return await session.hand_back(handback, self.config.handback_timeout)
 
     # -- drain ------------------------------------------------------------------------
 
@@ -850,7 +788,7 @@ class Server:
         backoff = 0.05
         while client.connected and client.count:
             if client.count == client.lent_count:  # the other workers have the rest in flight
-                await self._returned.wait()
+                await self.handback.returned()
                 continue
             freed = await self.hand_back(client, HandBackCause.DRAIN, self.config.handback_batch)
             if freed:

@@ -20,81 +20,46 @@ import os
 import secrets
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import MappingProxyType
+from typing import Any
 
-from pagewire import auth
-from .clientpages import NIL, ClientPages
-from .hostcounters import HANDBACK_COUNTER, REFUSAL_COUNTER, HostCounter
+import trio
+
+from pagewire.messages import PAGE_SIZE, Configure, GetAnswer, HandBack, HandBackCause, PageStatus, TakeStatus
 from vswapcommon.counters import Counters
 from vswapcommon.logsetup import OUTPUT
-from pagewire.messages import (
-    PAGE_SIZE,
-    Configure,
-    Get,
-    GetAnswer,
-    HandBack,
-    HandBackCause,
-    Hello,
-    HelloAnswer,
-    Invalidate,
-    PageStatus,
-    Put,
-    PutStaged,
-    TakeStatus,
-    ROLE_PAGER,
-    SharedLayout,
-)
+
+from .backend import MemoryPages, PageBackend, PutPlan
+from .clientpages import NIL, ClientPages
+from .clients import DEFAULT_AWAY_TIMEOUT, DEFAULT_MAX_CLIENTS, ClientRegistry, RequestError
+from .hostcounters import HANDBACK_COUNTER, REFUSAL_COUNTER, HostCounter
 from .policies import DecisionContext, Policy, PolicyError, Pressure, parse_policy
 from .policy import ClientTerms, Limits, admit, share, under_pressure
-from .pressure import Sampler, Snapshot
-from .slab import SlabFull
+from .pressure import Sampler
+from .slab import INDEX_BLOCK, SlabFull
 from .trace import Trace
 
+__all__ = ["DEFAULT_AWAY_TIMEOUT", "DEFAULT_MAX_CLIENTS", "HostCounter", "PutPlan", "RequestError", "Store"]
+
 log = logging.getLogger("hoststore")
-
-
-def _layout(client: ClientPages) -> SharedLayout | None:
-    shared = client.shared
-    return None if shared is None else shared.layout
-
-
-@dataclasses.dataclass
-class PutPlan:
-    """A put's decisions: a status per page, and which pages were recorded as stored."""
-
-    msg: Put
-    out: bytearray
-    snapshot: Snapshot
-    accepted: list[int] = dataclasses.field(default_factory=list)  # batch indices recorded as stored
-    replaced: list[int] = dataclasses.field(default_factory=list)  # of those, over an older version
-
-
-class RequestError(Exception):
-    """A request the store will not serve (answered with an error; the connection stays)."""
-
-
-DEFAULT_AWAY_TIMEOUT = 300.0
-DEFAULT_MAX_CLIENTS = 1024
+INVALIDATE_BLOCKS = 64  # index blocks (64 * 256 pages) an invalidate scans between two turns of its pace
 
 
 class Store:
+    """All clients' pages, the admission state and the counters; one async path per operation."""
+
     def __init__(self, limits: Limits, sampler: Sampler, *, away_timeout: float = DEFAULT_AWAY_TIMEOUT,
                  max_clients: int = DEFAULT_MAX_CLIENTS, clock: Callable[[], float] = time.monotonic,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None, backend: PageBackend | None = None) -> None:
         self.limits = limits
         self.policy: Policy = policy or Pressure()
         self.trace = Trace()
-        self.max_clients = max_clients
         self.sampler = sampler
+        self.backend: PageBackend = backend or MemoryPages()
         # What keeps this store from serving reliably under machine-wide memory pressure
         # (its memory not locked, its reclaim not kept from doing I/O), as the daemon found it.
         self.pressure_risks: list[str] = []
-        self.away_timeout = away_timeout
-        self.clock = clock
-        self.clients: dict[str, ClientPages] = {}
-        self.client_counters: dict[str, Counters[HostCounter]] = {}
-        self.owners: dict[str, str] = {}  # client name -> the identity that created it (access.peer_identity)
         self.counters: Counters[HostCounter] = Counters(HostCounter)
         self.instance = secrets.token_hex(8)
         self.pressure = False
@@ -102,202 +67,60 @@ class Store:
         self.pages = 0  # all clients together
         self.connections_active = 0
         self._stamp = 0
+        self.registry = ClientRegistry(self, away_timeout=away_timeout, max_clients=max_clients, clock=clock)
+        self.clients = self.registry.clients
+        self.client_counters = self.registry.client_counters
+        self.attach, self.bind, self.detach = self.registry.attach, self.registry.bind, self.registry.detach
+        self.evict, self.held = self.registry.evict, self.registry.held
+        self.backend.bind(self)
 
-    # -- clients --------------------------------------------------------------------
+    @property
+    def away_timeout(self) -> float:
+        return self.registry.away_timeout
 
-    def attach(self, hello: Hello, server_nonce: bytes, can_share: bool = False, *, owner: str
-               ) -> tuple[ClientPages | None, HelloAnswer, object | None]:
-        """Admit a hello from a peer of identity ``owner`` (``access.peer_identity``;
-        ``access.IN_PROCESS`` for a store inside its one client's process):
-        (the client's pages, the answer, a connection this one supersedes).
-
-        A name belongs to the identity that created it: another identity is refused,
-        whatever the client holds and however long it has been away (only an admin's
-        ``evict`` frees it).  So a squatter can neither drop an owner's pages nor hold
-        its name against the owner's reconnect.  A reconnect that proves it is the
-        instance holding the client's secret keeps the pages (and replaces a connection
-        the store still thinks is up).  ``can_share``: the connection can pass a memfd,
-        so a new client that asks for shared page memory gets it.  A new instance of
-        the owner replaces the old one under the rules of :meth:`_replace`; a new name
-        needs room under ``max_clients`` (:meth:`_make_room`).
-        """
-        if hello.role != ROLE_PAGER:
-            return None, HelloAnswer(self.instance, False, auth.new_secret(), admin=True), None
-        if hello.device_size > self.limits.max_device_size:
-            raise RequestError(f"device size {hello.device_size} is above this store's limit of "
-                               f"{self.limits.max_device_size} bytes (--max-device-size)")
-        old = self.clients.get(hello.client)
-        if old is None:
-            self._make_room(owner)
-        else:
-            self._check_owner(old, owner)
-            if self._proves_reconnect(old, hello, server_nonce):
-                return self._resume(old, can_share)
-            self._replace(old)
-        client = self._new_client(hello, owner, can_share)
-        return client, HelloAnswer(self.instance, False, client.secret, shared=_layout(client)), None
-
-    def _check_owner(self, client: ClientPages, owner: str) -> None:
-        """Refuse ``owner`` the name of ``client`` unless it created it."""
-        if self.owners[client.name] != owner:
-            self.counters.add(HostCounter.REFUSED_NAME_OWNER)
-            raise RequestError(f"client name {client.name!r} belongs to {self.owners[client.name]}, not to "
-                               f"{owner}: no other identity may take it over (an admin can free it: vswapctl evict)")
-
-    @staticmethod
-    def _proves_reconnect(client: ClientPages, hello: Hello, server_nonce: bytes) -> bool:
-        """The hello comes from the instance holding ``client``'s secret (for this connection's nonces)."""
-        return client.instance == hello.instance and client.npages == hello.npages and auth.check(
-            auth.reconnect_proof(client.secret, client.name, server_nonce, hello.nonce), hello.proof)
-
-    def _resume(self, client: ClientPages, can_share: bool) -> tuple[ClientPages, HelloAnswer, object | None]:
-        """The client's own reconnect: its pages, and the connection it supersedes (if the store thought it up)."""
-        superseded = client.session
-        if superseded is not None:
-            self.counters.add(HostCounter.TAKEOVERS)
-        shared = _layout(client) if can_share else None  # its memfds cannot travel on this connection
-        return client, HelloAnswer(self.instance, True, client.secret, shared=shared), superseded
-
-    def _replace(self, old: ClientPages) -> None:
-        """A new instance of the owner under ``old``'s name: refused while ``old`` is
-        connected, and while it is away with pages for less than ``away_timeout`` (its
-        owner may be on its way back).  After that, or if it holds no pages, ``old``
-        goes with its pages."""
-        name = old.name
-        if old.connected:
-            raise RequestError(f"client name {name!r} is in use by another connection")
-        away = self.away_seconds(old) or 0.0
-        if old.count and away < self.away_timeout:
-            raise RequestError(
-                f"client name {name!r} belongs to a client that is away with {old.count} pages; it has "
-                f"{self.away_timeout - away:.0f}s left to come back for them (--away-timeout)"
-            )
-        log.warning("client %r came back as a new instance: dropping the %d pages of the old one", name, old.count)
-        self._count(old, HostCounter.DROPPED_SESSIONS, old.count)
-        self.pages -= self.close_client(old)
-
-    def _make_room(self, owner: str) -> None:
-        """Room for a new name of ``owner`` under ``max_clients``.  Names that are away
-        and hold no page cost memory and nothing else, so ``owner``'s own are forgotten
-        (with their counters) to make it: a peer inventing names pushes out its own.
-        Never another identity's: its owner may come back for the name, and a name
-        forgotten is a name anyone may claim.  So the names held stay at most
-        ``max_clients``, and beyond them a new one is refused (``refused_clients``)
-        until their owners reuse them or an admin evicts some."""
-        if len(self.clients) < self.max_clients:
-            return
-        for name in [n for n, c in self.clients.items() if self.owners[n] == owner and not c.connected
-                     and not c.count]:
-            self._remove(name)
-        if len(self.clients) >= self.max_clients:
-            self.counters.add(HostCounter.REFUSED_CLIENTS)
-            raise RequestError(f"this store keeps {len(self.clients)} client names already (--max-clients), none "
-                               f"of them yours to forget; an admin can free names that are away (vswapctl evict)")
-
-    def _new_client(self, hello: Hello, owner: str, can_share: bool) -> ClientPages:
-        """A new client under ``hello``'s name, owned by ``owner``; away until bound to a connection."""
-        name = hello.client
-        # Slot numbers are uint32 in the shared index (slot + 1): a store that large shares nothing.
-        # Room for the capacity, or 4 GiB if that is more (the capacity may grow at run
-        # time; unused slots cost address space only).
-        slots = min(hello.npages, max(self.limits.capacity_pages, 1 << 20)) if can_share and hello.shared else 0
-        slots = slots if slots < (1 << 32) - 1 else 0
-        client = self.new_client(name, hello.npages, hello.instance, slots)
-        client.away_since = self.clock()
-        self.clients[name] = client
-        self.client_counters[name] = Counters(HostCounter)
-        self.owners[name] = owner
-        return client
-
-    def away_seconds(self, client: ClientPages) -> float | None:
-        """How long ``client`` has been without a connection; None while it has one."""
-        if client.connected or client.away_since is None:
-            return None
-        return self.clock() - client.away_since
-
-    def _remove(self, name: str) -> int:
-        """Forget client ``name``: its pages, counters and owner go.  Returns the pages it held."""
-        dropped = self.close_client(self.clients.pop(name))
-        self.pages -= dropped
-        self.client_counters.pop(name, None)
-        self.owners.pop(name, None)
-        return dropped
-
-    def evict(self, name: str, force: bool = False) -> int:
-        """An admin's request: drop the pages of client ``name``, which is away, and
-        forget it, so that its name is free for anyone.  A connected client is
-        refused: its pages are in use, and it could take them back instead (a drain,
-        or its own shutdown).  So is, unless ``force``, one away for less than
-        ``away_timeout``: it may be reconnecting (its link just dropped, a backoff),
-        and its processes would get SIGBUS for every page dropped.  Returns the
-        pages dropped."""
-        client = self.clients.get(name)
-        if client is None:
-            raise RequestError(f"no client named {name!r} here")
-        if client.connected:
-            raise RequestError(f"client {name!r} is connected: its pages are in use, and evict drops only the "
-                               f"pages of a client that is away (stop that client first)")
-        away = self.away_seconds(client) or 0.0
-        if not force and away < self.away_timeout:
-            raise RequestError(f"client {name!r} has been away for {away:.0f}s only, less than --away-timeout "
-                               f"({self.away_timeout:g}s): it may be on its way back, and its processes would "
-                               f"get SIGBUS for each of its {client.count} pages dropped; wait, or use --force")
-        owner = self.owners[name]
-        dropped = self._remove(name)
-        self.counters.add(HostCounter.EVICT_REQUESTS)
-        self.counters.add(HostCounter.EVICTED, dropped)
-        log.warning("client %r (of %s, away for %.0fs) evicted by an admin%s: %d pages dropped, its name is free",
-                    name, owner, away, " (forced)" if force else "", dropped)
-        if self.trace.active:
-            self.trace.emit("evict", client=name, pages=dropped)
-        return dropped
-
-    def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
-        return ClientPages(name, npages, instance, auth.new_secret(), shared_slots=shared_slots)
-
-    def close_client(self, client: ClientPages) -> int:
-        """A client is done with: its pages go.  Returns how many it held."""
-        return client.close()
-
-    def bind(self, client: ClientPages, session: object) -> None:
-        client.session = session
-        client.away_since = None
-        if client.shared is not None:
-            client.shared.keep_staging_resident()
-
-    def detach(self, client: ClientPages, session: object) -> None:
-        if client.session is session:
-            client.session = None
-            client.away_since = self.clock()
-            if client.shared is not None:
-                client.shared.release_staging()
-
-    def _count(self, client: ClientPages, cause: HostCounter, n: int = 1) -> None:
+    def count(self, client: ClientPages, cause: HostCounter, n: int = 1) -> None:
+        """Count for the store and for the client."""
         self.counters.add(cause, n)
         self.client_counters[client.name].add(cause, n)
 
-    def _next_stamp(self) -> int:
+    def next_stamp(self) -> int:
         self._stamp += 1
         return self._stamp
 
     # -- pages ----------------------------------------------------------------------
 
-    def put(self, client: ClientPages, msg: Put) -> bytes:
-        """Offer a batch; one status per page.  A refused page's older stored copy is dropped."""
-        return self.finish_put(client, self.admit_put(client, msg, msg.data))
+    async def put(self, client: ClientPages, first: int, seq: int, data: bytes | memoryview) -> bytes:
+        """Offer pages ``first ..`` at version ``seq``; one status per page.  A refused
+        page's older stored copy is dropped."""
+        plan = self._admit(client, first, seq, data)
+        if plan.accepted and not self.backend.keeps_data:
+            await self.backend.commit(client, plan, data)
+        return self.finish_put(client, plan)
 
-    def admit_put(self, client: ClientPages, msg: Put, data: bytes | memoryview | None) -> PutPlan:
-        """Decide each page of a put and record the accepted ones (with ``data``, or
-        their versions only when ``data`` is None: a page tier holds the data)."""
-        first, n, seq = msg.first, msg.n, msg.seq
+    async def put_staged(self, client: ClientPages, first: int, seq: int, at: int, n: int) -> bytes:
+        """A put whose ``n`` pages are in the client's staging memory, from page ``at`` of it."""
+        shared = client.shared
+        if shared is None:
+            raise RequestError("put_staged needs shared memory, which this client does not have")
+        try:
+            view = shared.staged(at, n)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        with view:
+            return await self.put(client, first, seq, view)
+
+    def _admit(self, client: ClientPages, first: int, seq: int, data: bytes | memoryview) -> PutPlan:
+        """Decide each page of a put and record the accepted ones (with their data where
+        the backend keeps it in the slab, their versions only otherwise)."""
+        n = len(data) // PAGE_SIZE
         self._check_range(client, first, n)
         self.counters.add(HostCounter.PUT_REQUESTS)
         snapshot = self.sampler.get()
         self.pressure = under_pressure(snapshot, self.limits, self.pressure)
-        stamp = self._next_stamp()
-        plan = PutPlan(msg, bytearray(n), snapshot)
+        stamp = self.next_stamp()
+        plan = PutPlan(first, n, seq, bytearray(n), snapshot)
         out = plan.out
-        view = memoryview(data) if data is not None else None
+        view = memoryview(data) if self.backend.keeps_data else None
         index, seq_of, limits = client.index, client.seq_of, self.limits
         terms = self.terms(client)
         verdict = self.policy.decide(DecisionContext(
@@ -308,7 +131,7 @@ class Store:
             slot = index.get(page)
             if slot != NIL and seq <= seq_of[slot]:
                 out[i] = PageStatus.REFUSED_OUTDATED
-                self._count(client, HostCounter.REFUSED_OUTDATED)
+                self.count(client, HostCounter.REFUSED_OUTDATED)
                 continue
             if self.draining:
                 status = PageStatus.REFUSED_DRAINING
@@ -338,14 +161,15 @@ class Store:
     def refuse(self, client: ClientPages, plan: PutPlan, i: int, status: PageStatus) -> None:
         """Page ``i`` of the plan is refused; an older stored copy must not outlive the refusal, and goes."""
         plan.out[i] = status
-        self._count(client, REFUSAL_COUNTER[status])
-        slot = client.index.get(plan.msg.first + i)
+        self.count(client, REFUSAL_COUNTER[status])
+        slot = client.index.get(plan.first + i)
         if slot != NIL:  # never stale: the old version must not outlive a refused new one
             self.drop(client, slot)
-            self._count(client, HostCounter.STALE_DROPPED)
+            self.count(client, HostCounter.STALE_DROPPED)
 
     def drop(self, client: ClientPages, slot: int) -> None:
         """Forget one stored page."""
+        self.backend.forgotten(client, client.page_of[slot], client.seq_of[slot])
         client.remove(slot)
         self.pages -= 1
 
@@ -355,67 +179,46 @@ class Store:
         accepted = sum(1 for i in plan.accepted if out[i] == PageStatus.STORED)
         replaced = sum(1 for i in plan.replaced if out[i] == PageStatus.STORED)
         if accepted:
-            self._count(client, HostCounter.ACCEPTED, accepted)
+            self.count(client, HostCounter.ACCEPTED, accepted)
         if replaced:
-            self._count(client, HostCounter.REPLACED, replaced)
+            self.count(client, HostCounter.REPLACED, replaced)
         if self.trace.active:
-            msg = plan.msg
             refused = {PageStatus(s).name.lower().removeprefix("refused_"): out.count(s) for s in set(out) if s}
-            self.trace.emit("put", client=client.name, first=msg.first, pages=msg.n,
-                            stored=msg.n - sum(refused.values()), refused=refused,
+            self.trace.emit("put", client=client.name, first=plan.first, pages=plan.n,
+                            stored=plan.n - sum(refused.values()), refused=refused,
                             used_percent=plan.snapshot.used_percent, policy=self.policy.spec)
         return bytes(out)
 
-    def put_staged(self, client: ClientPages, msg: PutStaged) -> bytes:
-        """A put whose pages are in the client's staging memory."""
-        shared = client.shared
-        if shared is None:
-            raise RequestError("put_staged needs shared memory, which this client does not have")
-        try:
-            view = shared.staged(msg.at, msg.n)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        with view:
-            return self.put(client, Put(msg.first, msg.seq, view))
-
-    def get(self, client: ClientPages, msg: Get) -> GetAnswer:
-        """Status, version and data of each page asked for (zeros where missing)."""
-        n = len(msg.pages)
-        status = bytearray(n)
-        seqs = array("Q", bytes(8 * n))
-        data = bytearray(n * PAGE_SIZE)
-        self.get_into(client, msg, status, memoryview(seqs), memoryview(data))
-        return GetAnswer(bytes(status), seqs, data)
-
-    def get_into(self, client: ClientPages, msg: Get, status: bytearray | memoryview, seqs: memoryview,
-                 data: bytearray | memoryview) -> None:
-        """As :meth:`get`, written into the caller's zeroed buffers (an answer frame)."""
-        pages = msg.pages
-        n = len(pages)
+    async def get(self, client: ClientPages, pages: array, status: bytearray | memoryview, seqs: memoryview,
+                  data: bytearray | memoryview) -> None:
+        """Status, version and data of each page asked for, into the caller's zeroed
+        buffers (an answer frame, or :func:`get_answer`'s); missing pages stay zeros."""
         if max(pages) >= client.npages:
             raise RequestError(f"get asks for pages outside the device's {client.npages} pages")
         self.counters.add(HostCounter.GET_REQUESTS)
-        stamp = self._next_stamp()
-        index, slab, seq_of = client.index, client.slab, client.seq_of
-        hits = 0
-        for i, page in enumerate(pages):
-            slot = index.get(page)
-            if slot == NIL:
-                status[i] = PageStatus.MISSING
-                continue
-            data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = slab.view(slot)
-            seqs[i] = seq_of[slot]
-            client.touch(slot, stamp)
-            hits += 1
-        self._count(client, HostCounter.READS, hits)
-        if hits < n:
-            self._count(client, HostCounter.MISSES, n - hits)
+        hits = await self.backend.get_into(client, pages, status, seqs, data)
+        self.count(client, HostCounter.READS, hits)
+        if hits < len(pages):
+            self.count(client, HostCounter.MISSES, len(pages) - hits)
 
-    def invalidate(self, client: ClientPages, msg: Invalidate) -> int:
-        """Drop stored pages in the range whose version is not newer than ``msg.seq``."""
-        self._check_range(client, msg.first, msg.count)
+    async def invalidate(self, client: ClientPages, first: int, count: int, seq: int,
+                         pace: Callable[[int], Awaitable[None]] | None = None) -> int:
+        """Drop stored pages in ``first .. first + count`` whose version is not newer than
+        ``seq``; pages dropped.  The work follows what is stored, a window of the index
+        at a time; ``pace(pages)`` is awaited before each (a server's fair share), so a
+        huge range holds up no one."""
+        self._check_range(client, first, count)
         self.counters.add(HostCounter.INVALIDATE_REQUESTS)
-        return self.invalidate_pages(client, self.stored_pages(client, msg.first, msg.count), msg.seq)
+        index, end = client.index, first + count
+        blocks = index.blocks_in(first, count)  # only the stored parts of the range
+        dropped = 0
+        for at in range(0, len(blocks), INVALIDATE_BLOCKS):
+            window = blocks[at : at + INVALIDATE_BLOCKS]
+            if pace is not None:
+                await pace(len(window) * INDEX_BLOCK)
+            dropped += self.invalidate_pages(client, [page for page, _ in index.stored_in_blocks(window, first, end)],
+                                             seq)
+        return dropped
 
     def stored_pages(self, client: ClientPages, first: int, count: int) -> list[int]:
         """The client's stored pages in ``first .. first + count`` (work follows what is stored)."""
@@ -432,7 +235,7 @@ class Store:
             if slot != NIL and seq_of[slot] <= seq:
                 self.drop(client, slot)
                 dropped += 1
-        self._count(client, HostCounter.INVALIDATED, dropped)
+        self.count(client, HostCounter.INVALIDATED, dropped)
         if self.trace.active and dropped:
             self.trace.emit("invalidate", client=client.name, pages=dropped)
         return dropped
@@ -444,26 +247,13 @@ class Store:
 
     # -- hand-back ------------------------------------------------------------------
 
-    # The server's entry points for pages.  Here they are served at once; a store
-    # whose page data is in a tier elsewhere waits for it (hoststore.tieredstore).
-    in_place_get = True  # get answers may be written straight into a frame (get_into)
-
-    async def put_async(self, client: ClientPages, msg: Put | PutStaged) -> bytes:
-        return self.put_staged(client, msg) if isinstance(msg, PutStaged) else self.put(client, msg)
-
-    async def get_async(self, client: ClientPages, msg: Get) -> GetAnswer:
-        return self.get(client, msg)
-
-    async def lend_async(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
-        return self.lend(client, cause, limit)
-
-    def lend(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
-        """The client's least recently used pages, to be handed back; None if it has none to lend."""
-        pages, seqs, data = client.lend_oldest(limit)
-        if not pages:
-            return None
-        self.counters.add(HostCounter.HANDBACK_REQUESTS)
-        return HandBack(cause, pages, seqs, data)
+    async def lend(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
+        """Up to ``limit`` pages to hand back (the least recently used, as the backend
+        picks them), lent until settled; None if the client has none to lend."""
+        handback = await self.backend.lend(client, cause, limit)
+        if handback is not None:
+            self.counters.add(HostCounter.HANDBACK_REQUESTS)
+        return handback
 
     def settle(self, client: ClientPages, handback: HandBack, statuses: bytes) -> int:
         """Apply a hand-back answer: free what the client took or no longer needs, keep
@@ -480,14 +270,14 @@ class Store:
             self.drop(client, slot)
             freed += 1
             not_needed += status == TakeStatus.NOT_NEEDED
-        self._count(client, HANDBACK_COUNTER[HandBackCause(handback.cause)], freed)
+        self.count(client, HANDBACK_COUNTER[HandBackCause(handback.cause)], freed)
         if self.trace.active:
             self.trace.emit("handback", client=client.name, cause=str(handback.cause), pages=len(handback.pages),
                             freed=freed, not_needed=not_needed, failed=failed)
         if not_needed:
-            self._count(client, HostCounter.HANDBACK_NOT_NEEDED, not_needed)
+            self.count(client, HostCounter.HANDBACK_NOT_NEEDED, not_needed)
         if failed:
-            self._count(client, HostCounter.HANDBACK_FAILED, failed)
+            self.count(client, HostCounter.HANDBACK_FAILED, failed)
         return freed
 
     def unlend(self, client: ClientPages, handback: HandBack) -> None:
@@ -527,10 +317,6 @@ class Store:
 
     # -- reporting ------------------------------------------------------------------
 
-    def held(self) -> dict[str, int]:
-        """Pages held per client (for the drain report)."""
-        return {c.name: c.count for c in self.clients.values() if c.count}
-
     def client_stats(self, client: ClientPages) -> dict[str, object]:
         terms = self.terms(client)
         stats: dict[str, object] = {
@@ -540,7 +326,7 @@ class Store:
             "share_pages": terms.share_pages,
             "device_pages": client.npages,
             "connected": client.connected,
-            "away_seconds": None if (away := self.away_seconds(client)) is None else round(away, 1),
+            "away_seconds": None if (away := self.registry.away_seconds(client)) is None else round(away, 1),
             "lent": client.lent_count,
             "slab_bytes_mapped": client.slab.mapped_bytes,
             "index_bytes": client.index.nbytes,
@@ -614,6 +400,9 @@ class Store:
             "log_lines_dropped": OUTPUT.dropped,
         }
         stats.update(self.counters.as_dict())
+        backend = self.backend.stats()
+        if backend is not None:
+            stats["tier"] = backend
         if admin:
             stats["clients"] = {c.name: self.client_stats(c) for c in self.clients.values()}
         elif client is not None:
@@ -623,3 +412,18 @@ class Store:
     def close(self) -> None:
         for client in self.clients.values():
             client.slab.close()
+
+    async def run(self, server: Any = None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The backend's upkeep, until cancelled (a tier's heartbeat, deletes and rescue)."""
+        await self.backend.run(self, server, task_status=task_status)
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+
+async def get_answer(store: Store, client: ClientPages, pages: array) -> GetAnswer:
+    """:meth:`Store.get` into buffers of its own, as one answer."""
+    n = len(pages)
+    status, seqs, data = bytearray(n), array("Q", bytes(8 * n)), bytearray(n * PAGE_SIZE)
+    await store.get(client, pages, status, memoryview(seqs), data)
+    return GetAnswer(bytes(status), seqs, data)

@@ -15,29 +15,29 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import trio
 
 from pagewire import auth
 from pagewire.access import IN_PROCESS
-from pagewire.messages import (
-    PAGE_SIZE,
-    PROTOCOL_VERSION,
-    ROLE_PAGER,
-    Get,
-    GetAnswer,
-    HandBackCause,
-    Hello,
-    Invalidate,
-    PageStatus,
-    Put,
-)
+from pagewire.messages import (PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Get, GetAnswer, HandBackCause, Hello, PageStatus, Put)
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
-from hoststore.store import Store
+from hoststore.store import Store, get_answer
 from vswapfs.pagestore import HandBackHandler, PagesLostHandler, StoreError, StoreUnavailable
+
+
+def _at_once(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a request of the in-memory store, which never waits, to its end now: the
+    fake wire serves a request atomically (and ``disconnect`` serves some on the spot)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise AssertionError("the in-memory store waited in the middle of a request")
 
 
 class _Call:
@@ -125,7 +125,7 @@ class FakeStore:
         assert self._on_handback is not None
         freed = 0
         while self.client.count > self.client.lent_count and (limit is None or freed < limit):
-            batch = self.store.lend(self.client, cause, 64 if limit is None else min(64, limit - freed))
+            batch = await self.store.lend(self.client, cause, 64 if limit is None else min(64, limit - freed))
             if batch is None:
                 break
             statuses = await self._on_handback(batch)
@@ -162,8 +162,7 @@ class FakeStore:
         return await self._call(lambda: self._get(msg))
 
     async def invalidate(self, first: int, count: int, seq: int) -> int:
-        msg = Invalidate(first, count, seq)
-        return await self._call(lambda: self.store.invalidate(self.client, msg))
+        return await self._call(lambda: self.store.invalidate(self.client, first, count, seq))
 
     def read_shared(self, page: int, seq: int, out: memoryview) -> bool:
         return False  # every page travels on the (fake) wire
@@ -204,23 +203,23 @@ class FakeStore:
 
     def _serve(self, call: _Call) -> None:
         try:
-            call.result = call.apply()
+            call.result = _at_once(call.apply())
         except Exception as exc:  # noqa: BLE001 - the store's error goes to the caller, as over the wire
             call.error = StoreError(str(exc))
 
-    def _put(self, msg: Put) -> bytes:
-        out = bytearray(self.store.put(self.client, msg))
+    async def _put(self, msg: Put) -> bytes:
+        out = bytearray(await self.store.put(self.client, msg.first, msg.seq, msg.data))
         if self.refuse_every:
             for i in range(len(out)):
                 self.offered += 1
                 if self.offered % self.refuse_every == 0 and out[i] == PageStatus.STORED:
                     # Refuse as the store would: drop what it just stored.
-                    self.store.invalidate(self.client, Invalidate(msg.first + i, 1, msg.seq))
+                    await self.store.invalidate(self.client, msg.first + i, 1, msg.seq)
                     out[i] = PageStatus.REFUSED_PRESSURE
         return bytes(out)
 
-    def _get(self, msg: Get) -> GetAnswer:
-        answer = self.store.get(self.client, msg)
+    async def _get(self, msg: Get) -> GetAnswer:
+        answer = await get_answer(self.store, self.client, msg.pages)
         lie, self.lie = self.lie, None
         if lie == "data" and answer.statuses[0] == PageStatus.STORED:
             data = bytearray(answer.data)

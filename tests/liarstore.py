@@ -27,13 +27,13 @@ class LyingStore(Store):
         super().__init__(*args, **kwargs)
         self.lie = lie
 
-    def put(self, client, msg) -> bytes:  # type: ignore[override]
+    async def put(self, client, first, seq, data) -> bytes:  # type: ignore[override]
         """Where the client reads pages from shared memory, lie there too: damaged
         bytes (at another offset than the get answer's), or a header naming the wrong version."""
-        statuses = super().put(client, msg)
+        statuses = await super().put(client, first, seq, data)
         if client.shared is not None:
             for i, status in enumerate(statuses):
-                page = msg.first + i
+                page = first + i
                 if page % 2 and status == PageStatus.STORED:
                     slot = client.index.get(page)
                     if self.lie == "data":
@@ -42,10 +42,10 @@ class LyingStore(Store):
                         client.slab.publish(slot, page, client.seq_of[slot] + 1)
         return statuses
 
-    def get_into(self, client, msg, statuses, seqs, data) -> None:  # type: ignore[override]
+    async def get(self, client, pages, statuses, seqs, data) -> None:  # type: ignore[override]
         """The store builds get answers in place: lie there, after the truth is written."""
-        super().get_into(client, msg, statuses, seqs, data)
-        for i, page in enumerate(msg.pages):
+        await super().get(client, pages, statuses, seqs, data)
+        for i, page in enumerate(pages):
             if page % 2 and statuses[i] == PageStatus.STORED:
                 if self.lie == "data":
                     data[i * 4096 + 123] ^= 0xFF

@@ -767,7 +767,7 @@ async def test_a_huge_invalidate_stream_does_not_hold_the_store(tmp_path) -> Non
 # -- quotas and fairness -----------------------------------------------------------------------
 
 
-def test_quotas_by_name_a_default_and_weighted_shares() -> None:
+async def test_quotas_by_name_a_default_and_weighted_shares() -> None:
     from types import MappingProxyType
 
     from .test_store import attach
@@ -777,9 +777,9 @@ def test_quotas_by_name_a_default_and_weighted_shares() -> None:
     big, small = attach(store, "big", 256), attach(store, "small", 256)
     assert store.terms(big).quota_pages == 60 and store.terms(small).quota_pages == 30
     assert store.terms(big).share_pages == 75 and store.terms(small).share_pages == 25
-    out = store.put(small, Put(0, 1, b"".join(page(i) for i in range(40))))
+    out = await store.put(small, 0, 1, b"".join(page(i) for i in range(40)))
     assert out.count(PageStatus.STORED) == 30 and out.count(PageStatus.REFUSED_QUOTA) == 10
-    out = store.put(big, Put(0, 1, b"".join(page(i) for i in range(70))))
+    out = await store.put(big, 0, 1, b"".join(page(i) for i in range(70)))
     # The store reaches 90 % (the fair reserve) at 60 + 30: big, above its share of 75? no, so its quota
     # of 60 stops it first.
     assert out.count(PageStatus.STORED) == 60 and out.count(PageStatus.REFUSED_QUOTA) == 10
@@ -787,16 +787,16 @@ def test_quotas_by_name_a_default_and_weighted_shares() -> None:
     assert stats["quota_pages"] == 60 and stats["share_pages"] == 75 and stats["weight"] == 3.0
 
 
-def test_near_capacity_a_client_at_its_share_yields_to_one_below() -> None:
+async def test_near_capacity_a_client_at_its_share_yields_to_one_below() -> None:
     from .test_store import attach
 
     store = new_store(capacity=100)
     greedy, late = attach(store, "greedy", 256), attach(store, "late", 256)
-    out = store.put(greedy, Put(0, 1, b"".join(page(i) for i in range(100))))
+    out = await store.put(greedy, 0, 1, b"".join(page(i) for i in range(100)))
     # Shares are 50/50; up to 90 pages anyone may grow, past that only a client below its share.
     assert out.count(PageStatus.STORED) == 90 and out.count(PageStatus.REFUSED_SHARE) == 10
     assert store.counters[HostCounter.REFUSED_SHARE] == 10
-    out = store.put(late, Put(0, 1, b"".join(page(i) for i in range(20))))
+    out = await store.put(late, 0, 1, b"".join(page(i) for i in range(20)))
     assert out.count(PageStatus.STORED) == 10 and out.count(PageStatus.REFUSED_CAPACITY) == 10
     # Under pressure, hand-back takes from the one furthest above its share first.
     assert [c.name for c in store.handback_order()] == ["greedy", "late"]
@@ -819,12 +819,12 @@ async def test_a_refused_drain_does_not_lift_the_idle_timeout(tmp_path) -> None:
         nursery.cancel_scope.cancel()
 
 
-def test_names_holding_nothing_are_forgotten_and_new_names_capped() -> None:
+async def test_names_holding_nothing_are_forgotten_and_new_names_capped() -> None:
     from .test_store import attach
 
     store = Store(Limits(capacity_pages=64), Sampler(0, source=lambda: Snapshot.fake(10.0)), max_clients=2)
     a, b = attach(store, "a"), attach(store, "b")
-    store.put(b, Put(0, 1, page(0)))
+    await store.put(b, 0, 1, page(0))
     store.detach(a, a.session)
     store.detach(b, b.session)
     attach(store, "c")  # room made by forgetting "a" (away, nothing stored); "b" keeps its page

@@ -207,9 +207,8 @@ async def test_read_from_a_gone_store_is_eio_not_zeros(backing: Backing, autojum
 async def test_a_page_the_store_does_not_hold_is_lost_and_fails_fast(backing: Backing) -> None:
     pager, store = make(backing)
     await pager.write(0, page(0, 1) + page(1, 1))
-    from pagewire.messages import Invalidate
 
-    store.store.invalidate(store.client, Invalidate(1, 1, 10**9))  # the store forgot page 1
+    await store.store.invalidate(store.client, 1, 1, 10**9)  # the store forgot page 1
     with pytest.raises(PageUnavailable):
         await pager.read(0, 2 * PAGE_SIZE)
     assert pager.map.get(1) == LOST and stat(pager, "pages_lost") == 1
@@ -295,7 +294,7 @@ async def test_hand_back_moves_pages_to_the_backing_file(backing: Backing) -> No
 async def test_hand_back_of_a_page_rewritten_meanwhile_changes_nothing(backing: Backing) -> None:
     pager, store = make(backing)
     await pager.write(0, page(0, 1))
-    hb = store.store.lend(store.client, HandBackCause.DRAIN, 10)
+    hb = await store.store.lend(store.client, HandBackCause.DRAIN, 10)
     await pager.write(0, page(0, 2))  # replaces the lent version in the store
     statuses = await pager.take_back(hb)
     assert list(statuses) == [1]  # NOT_NEEDED
@@ -307,7 +306,7 @@ async def test_hand_back_of_a_page_rewritten_meanwhile_changes_nothing(backing: 
 async def test_hand_back_with_bad_data_is_refused(backing: Backing) -> None:
     pager, store = make(backing)
     await pager.write(0, page(0, 1))
-    hb = store.store.lend(store.client, HandBackCause.DRAIN, 10)
+    hb = await store.store.lend(store.client, HandBackCause.DRAIN, 10)
     from pagewire.messages import HandBack
 
     forged = HandBack(hb.cause, hb.pages, hb.seqs, page(0, 666))

@@ -14,7 +14,7 @@ import trio
 
 from pagewire.access import IN_PROCESS
 from pagewire.address import Address
-from pagewire.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, PageStatus, Put
+from pagewire.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, PageStatus
 from hoststore.policies import DecisionContext, PolicyError, parse_policy
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
@@ -111,21 +111,21 @@ def attached(store: Store, name: str = "c"):
     return client
 
 
-def put(store: Store, client, first: int, n: int, seq: int) -> list[int]:
-    return list(store.put(client, Put(first, seq, bytes(n * PAGE_SIZE))))
+async def put(store: Store, client, first: int, n: int, seq: int) -> list[int]:
+    return list(await store.put(client, first, seq, bytes(n * PAGE_SIZE)))
 
 
-def test_a_store_counts_refusals_by_its_policy_and_its_limits_still_apply() -> None:
+async def test_a_store_counts_refusals_by_its_policy_and_its_limits_still_apply() -> None:
     level = [95.0]
     store = Store(Limits(capacity_pages=4), Sampler(0, source=lambda: Snapshot.fake(level[0])),
                   policy=parse_policy("accept-all"))
     client = attached(store)
     # accept-all ignores pressure, not capacity
-    assert put(store, client, 0, 6, 1) == [S] * 4 + [PageStatus.REFUSED_CAPACITY] * 2
+    assert await put(store, client, 0, 6, 1) == [S] * 4 + [PageStatus.REFUSED_CAPACITY] * 2
     store.configure(Configure(policy="tests.policyplugins:explode"))
-    assert put(store, client, 10, 2, 2) == [ERR] * 2
+    assert await put(store, client, 10, 2, 2) == [ERR] * 2
     store.configure(Configure(policy="refuse-all"))
-    assert put(store, client, 0, 1, 3) == [POL]  # and the older copy of page 0 is dropped: never stale
+    assert await put(store, client, 0, 1, 3) == [POL]  # and the older copy of page 0 is dropped: never stale
     stats = store.stats()
     assert stats["refused_policy_error"] == 2 and stats["refused_policy"] == 1 and stats["stale_dropped"] == 1
     assert stats["policy_changes"] == 2 and stats["policy"] == "refuse-all" and store.pages == 3

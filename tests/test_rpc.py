@@ -182,14 +182,14 @@ async def test_an_exception_in_one_connection_closes_only_it(tmp_path, monkeypat
         address, _ = await start_server(nursery, str(tmp_path / "s"), store)
         good = await start_client(nursery, address, name="good")
         assert await good.put(0, 1, page(0)) == bytes(1)
-        real_get = store.get_into
+        real_get = store.get
 
-        def exploding_get(client, msg, *buffers):
+        async def exploding_get(client, pages, *buffers):
             if client.name == "bad":
                 raise MemoryError("poison")
-            return real_get(client, msg, *buffers)
+            return await real_get(client, pages, *buffers)
 
-        monkeypatch.setattr(store, "get_into", exploding_get)
+        monkeypatch.setattr(store, "get", exploding_get)
         bad = await start_client(nursery, address, name="bad")
         with pytest.raises(StoreUnavailable):
             await bad.get(array("Q", [0]))

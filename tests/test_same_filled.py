@@ -183,7 +183,7 @@ async def test_discarding_same_filled_pages_forgets_them(backing: Backing) -> No
 async def test_a_hand_back_of_a_page_that_became_same_filled_is_not_needed(backing: Backing) -> None:
     pager, store = make(backing)
     await pager.write(0, page(0, 1) + page(1, 1))
-    hb = store.store.lend(store.client, HandBackCause.PRESSURE, 10)
+    hb = await store.store.lend(store.client, HandBackCause.PRESSURE, 10)
     await pager.write(0, ONES)  # the lent version of page 0 is stale now
     statuses = await pager.take_back(hb)
     assert list(statuses) == [TakeStatus.NOT_NEEDED, TakeStatus.TAKEN]

@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from pagewire.access import IN_PROCESS
 from pagewire.address import Address
 from hoststore.clientpages import NIL
-from pagewire.messages import PAGE_SIZE, Get, HandBackCause, Invalidate, PageStatus, Put, TakeStatus
+from pagewire.messages import PAGE_SIZE, HandBackCause, PageStatus, TakeStatus
 from hoststore.policy import Limits
 from hoststore.redistier import (
     FULL_COVERAGE,
@@ -40,8 +40,8 @@ from hoststore.redistier import (
     replicas_in_sync,
 )
 from hoststore.tierconfig import TierConfigError, parse_heartbeat_ttl, parse_prefix, parse_tier
-from hoststore.store import HostCounter, RequestError
-from hoststore.tieredstore import TieredStore
+from hoststore.store import HostCounter, RequestError, Store, get_answer
+from hoststore.tierbackend import tiered_store
 from vswapctl import rediscluster
 from vswapfs.hostclient import HostClient
 
@@ -56,32 +56,32 @@ def data(first: int, n: int, version: int) -> bytes:
     return b"".join(page(first + i, version) for i in range(n))
 
 
-def make(cluster: LocalCluster, capacity: int = 1 << 20, **tier: object) -> TieredStore:
+def make(cluster: LocalCluster, capacity: int = 1 << 20, **tier: object) -> Store:
     config = dataclasses.replace(parse_tier(cluster.address), **tier)  # type: ignore[arg-type]
-    return TieredStore(Limits(capacity_pages=capacity), tier=connect(config))
+    return tiered_store(Limits(capacity_pages=capacity), connect(config))
 
 
-def attach(store: TieredStore, name: str = "a", npages: int = 1 << 16, instance: str = "i1"):  # type: ignore[no-untyped-def]
+def attach(store: Store, name: str = "a", npages: int = 1 << 16, instance: str = "i1"):  # type: ignore[no-untyped-def]
     client, _, _ = store.attach(hello(name, npages, instance), b"s" * 16, owner=IN_PROCESS)
     store.bind(client, object())
     return client
 
 
-async def read_back(store: TieredStore, client, first: int, n: int):  # type: ignore[no-untyped-def]
+async def read_back(store: Store, client, first: int, n: int):  # type: ignore[no-untyped-def]
     status, seqs, got = b"", array("Q"), b""
     for at in range(first, first + n, 256):  # a get asks for 256 pages at most
-        answer = await store.get_async(client, Get(array("Q", range(at, min(at + 256, first + n)))))
+        answer = await get_answer(store, client, array("Q", range(at, min(at + 256, first + n))))
         status, seqs, got = status + answer.statuses, seqs + answer.seqs, got + bytes(answer.data)
     return status, seqs, got
 
 
-def fields(cluster: LocalCluster, store: TieredStore, client, pages: range) -> int:  # type: ignore[no-untyped-def]
+def fields(cluster: LocalCluster, store: Store, client, pages: range) -> int:  # type: ignore[no-untyped-def]
     """How many of these pages have a field in the cluster (any version), asked by a
     client of the test's own."""
     host, port = parse_tier(cluster.address).nodes[0]
     probe = RedisCluster(host=host, port=port)
     try:
-        return sum(probe.hexists(store.tier.key(client.tier_id, p // RUN_PAGES), str(p % RUN_PAGES)) for p in pages)
+        return sum(probe.hexists(store.backend.tier.key(client.tier_id, p // RUN_PAGES), str(p % RUN_PAGES)) for p in pages)
     finally:
         probe.close()
 
@@ -199,23 +199,23 @@ async def test_put_get_invalidate_against_the_cluster(redis_cluster_session: Loc
     try:
         client = attach(store)
         first, n = 200, 112  # two runs
-        statuses = await store.put_async(client, Put(first, 5, data(first, n, 1)))
+        statuses = await store.put(client, first, 5, data(first, n, 1))
         assert statuses == bytes(n) and store.pages == n == client.count
         status, seqs, got = await read_back(store, client, first, n)
         assert status == bytes(n) and set(seqs) == {5} and got == data(first, n, 1)
         assert fields(cluster, store, client, range(first, first + n)) == n
         # A client's runs spread over every master; the pages of one run stay on one.
-        nodes = {store.tier._node_of(store.tier.key(client.tier_id, run)).name for run in range(16)}
+        nodes = {store.backend.tier._node_of(store.backend.tier.key(client.tier_id, run)).name for run in range(16)}
         assert len(nodes) == 3
-        assert store.counters[HostCounter.ACCEPTED] == n and store.tier.counters[TierCounter.WRITTEN] == n
+        assert store.counters[HostCounter.ACCEPTED] == n and store.backend.tier.counters[TierCounter.WRITTEN] == n
         # A newer version replaces; an older one is refused as outdated.
-        assert await store.put_async(client, Put(first, 7, data(first, 10, 2))) == bytes(10)
-        assert await store.put_async(client, Put(first, 6, data(first, 10, 3))) == bytes([S.REFUSED_OUTDATED]) * 10
+        assert await store.put(client, first, 7, data(first, 10, 2)) == bytes(10)
+        assert await store.put(client, first, 6, data(first, 10, 3)) == bytes([S.REFUSED_OUTDATED]) * 10
         status, seqs, got = await read_back(store, client, first, 10)
         assert set(seqs) == {7} and got == data(first, 10, 2)
         # Invalidate drops what is not newer than its version, here and (soon) in the cluster.
-        assert store.invalidate(client, Invalidate(first, 80, 6)) == 70
-        await store.flush_deletes()
+        assert await store.invalidate(client, first, 80, 6) == 70
+        await store.backend.flush_deletes()
         status, _, _ = await read_back(store, client, first, 80)
         assert status == bytes(10) + bytes([S.MISSING]) * 70
         assert fields(cluster, store, client, range(first, first + 80)) == 10
@@ -228,7 +228,7 @@ async def test_put_get_invalidate_against_the_cluster(redis_cluster_session: Loc
 async def test_a_late_delete_never_removes_a_newer_write(redis_cluster_session: LocalCluster) -> None:
     store = make(redis_cluster_session)
     try:
-        tier = store.tier
+        tier = store.backend.tier
         assert tier.write(9, 10, [1], [page(1, 10)]) == [S.STORED]
         assert tier.write(9, 8, [1], [page(1, 8)]) == [S.STORED]  # an older write, arriving late: ignored
         assert tier.read(9, [1], [10]) == [page(1, 10)] and tier.read(9, [1], [8]) == [None]
@@ -245,17 +245,17 @@ async def test_pages_no_replica_acknowledged_are_refused_and_the_old_copy_goes(
     store = make(cluster, wait_timeout=0.1)
     try:
         client = attach(store)
-        assert await store.put_async(client, Put(0, 1, data(0, 8, 1))) == bytes(8)
-        store.tier.config = dataclasses.replace(store.tier.config, replicas=2)  # each master has one
-        statuses = await store.put_async(client, Put(0, 2, data(0, 8, 2)))
+        assert await store.put(client, 0, 1, data(0, 8, 1)) == bytes(8)
+        store.backend.tier.config = dataclasses.replace(store.backend.tier.config, replicas=2)  # each master has one
+        statuses = await store.put(client, 0, 2, data(0, 8, 2))
         assert statuses == bytes([S.REFUSED_REPLICATION]) * 8
         assert store.pages == 0 and client.count == 0  # neither the new version nor the old one is kept
         assert store.counters[HostCounter.REFUSED_REPLICATION] == 8
         assert store.counters[HostCounter.STALE_DROPPED] == 8
-        assert store.tier.counters[TierCounter.REFUSED_REPLICATION] == 8
+        assert store.backend.tier.counters[TierCounter.REFUSED_REPLICATION] == 8
         status, _, _ = await read_back(store, client, 0, 8)
         assert status == bytes([S.MISSING]) * 8
-        await store.flush_deletes()
+        await store.backend.flush_deletes()
         assert fields(cluster, store, client, range(8)) == 0  # what reached the master alone was deleted
     finally:
         await store.aclose()
@@ -269,13 +269,13 @@ async def test_a_node_that_does_not_answer_in_time_gets_its_pages_refused(
         client = attach(store)
         for port in cluster.masters():
             cluster.cli(port, "client", "pause", "1500", "write")
-        statuses = await store.put_async(client, Put(0, 1, data(0, 4, 1)))
+        statuses = await store.put(client, 0, 1, data(0, 4, 1))
         assert statuses == bytes([S.REFUSED_TIER]) * 4 and store.pages == 0
-        assert store.tier.counters[TierCounter.REFUSED_UNREACHABLE] == 4
+        assert store.backend.tier.counters[TierCounter.REFUSED_UNREACHABLE] == 4
         await trio.sleep(1.6)  # the paused write now lands on the master...
-        await store.flush_deletes()
+        await store.backend.flush_deletes()
         assert fields(cluster, store, client, range(4)) == 0  # ...and is deleted by version
-        assert await store.put_async(client, Put(0, 2, data(0, 4, 2))) == bytes(4)
+        assert await store.put(client, 0, 2, data(0, 4, 2)) == bytes(4)
     finally:
         await store.aclose()
 
@@ -286,9 +286,9 @@ async def test_a_full_node_answers_oom_which_is_a_refusal(redis_cluster_session:
     try:
         client = attach(store)
         cluster.set_maxmemory("1")
-        statuses = await store.put_async(client, Put(0, 1, data(0, 4, 1)))
+        statuses = await store.put(client, 0, 1, data(0, 4, 1))
         assert statuses == bytes([S.REFUSED_NOMEM]) * 4 and store.pages == 0
-        assert store.tier.counters[TierCounter.REFUSED_OOM] == 4
+        assert store.backend.tier.counters[TierCounter.REFUSED_OOM] == 4
     finally:
         cluster.set_maxmemory("256mb")
         await store.aclose()
@@ -299,19 +299,19 @@ async def test_admission_follows_the_masters_memory_with_hysteresis(redis_cluste
     store = make(cluster)
     try:
         client = attach(store)
-        used = max(m.used for m in store.tier.poll_memory())
+        used = max(m.used for m in store.backend.tier.poll_memory())
         cluster.set_maxmemory(str(int(used / 0.95)))  # about 95 % used: above the high watermark (90)
-        store.tier.poll_memory()
-        assert store.tier.snapshot().used_percent > 90
-        statuses = await store.put_async(client, Put(0, 1, data(0, 4, 1)))
+        store.backend.tier.poll_memory()
+        assert store.backend.tier.snapshot().used_percent > 90
+        statuses = await store.put(client, 0, 1, data(0, 4, 1))
         assert statuses == bytes([S.REFUSED_PRESSURE]) * 4
         assert store.counters[HostCounter.REFUSED_PRESSURE] == 4 and store.pressure
         cluster.set_maxmemory(str(int(used / 0.85)))  # 85 %: between the watermarks, still refusing
-        store.tier.poll_memory()
-        assert await store.put_async(client, Put(0, 2, data(0, 4, 1))) == bytes([S.REFUSED_PRESSURE]) * 4
+        store.backend.tier.poll_memory()
+        assert await store.put(client, 0, 2, data(0, 4, 1)) == bytes([S.REFUSED_PRESSURE]) * 4
         cluster.set_maxmemory("256mb")  # far below the low watermark: accepting again
-        store.tier.poll_memory()
-        assert await store.put_async(client, Put(0, 3, data(0, 4, 1))) == bytes(4)
+        store.backend.tier.poll_memory()
+        assert await store.put(client, 0, 3, data(0, 4, 1)) == bytes(4)
         assert not store.pressure
         assert store.stats(admin=True)["tier"]["masters"]  # type: ignore[index]
     finally:
@@ -324,14 +324,14 @@ async def test_hand_back_reads_from_the_cluster_and_frees_there(redis_cluster_se
     store = make(cluster)
     try:
         client = attach(store)
-        assert await store.put_async(client, Put(0, 1, data(0, 64, 1))) == bytes(64)
-        handback = await store.lend_async(client, HandBackCause.PRESSURE, 16)
+        assert await store.put(client, 0, 1, data(0, 64, 1)) == bytes(64)
+        handback = await store.lend(client, HandBackCause.PRESSURE, 16)
         assert handback is not None and len(handback.pages) == 16
         for i, p in enumerate(handback.pages):
             assert handback.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] == page(p, 1)
         answer = bytes([TakeStatus.TAKEN]) * 15 + bytes([TakeStatus.FAILED])
         assert store.settle(client, handback, answer) == 15
-        await store.flush_deletes()
+        await store.backend.flush_deletes()
         assert store.pages == 49 and fields(cluster, store, client, range(64)) == 49
         assert store.counters[HostCounter.HANDED_BACK_PRESSURE] == 15
     finally:
@@ -345,12 +345,12 @@ async def test_a_client_replaced_by_a_new_instance_leaves_nothing_in_the_cluster
     try:
         old = attach(store, instance="old")
         for first in (1000, 5000, 9000):
-            assert await store.put_async(old, Put(first, 1, data(first, 200, 1))) == bytes(200)
+            assert await store.put(old, first, 1, data(first, 200, 1)) == bytes(200)
         store.detach(old, old.session)
-        store.clock = lambda: 1e12  # long after --away-timeout
+        store.registry.clock = lambda: 1e12  # long after --away-timeout
         new = attach(store, instance="new")
         assert new.tier_id != old.tier_id and store.pages == 0
-        await store.flush_deletes()
+        await store.backend.flush_deletes()
         assert cluster.keys(f"vswap:{{{store.instance}.{old.tier_id}.*") == 0
     finally:
         await store.aclose()
@@ -429,10 +429,10 @@ async def test_a_store_deletes_its_heartbeat_at_a_clean_exit_after_its_sweep(
     cluster = redis_cluster_session
     store = make(cluster)
     client = attach(store)
-    assert await store.put_async(client, Put(0, 1, data(0, 8, 1))) == bytes(8)
+    assert await store.put(client, 0, 1, data(0, 8, 1)) == bytes(8)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        found = store.tier.instances()[store.instance]
+        found = store.backend.tier.instances()[store.instance]
         assert found.keys == 1 and found.heartbeat is not None and found.heartbeat["pid"] == os.getpid()
         nursery.cancel_scope.cancel()
     await store.aclose()
@@ -448,7 +448,7 @@ async def test_the_store_says_what_a_masters_death_costs(redis_cluster_session: 
     stores = [make(cluster)]
     port = cluster.masters()[0]
     try:
-        failover = stores[0].tier.failover
+        failover = stores[0].backend.tier.failover
         assert failover is not None and failover.scope == FailoverScope.SHARD
         assert len(failover.settings) == 3
         assert all(v == {FULL_COVERAGE: "no", READS_WHEN_DOWN: "yes"} for v in failover.settings.values())
@@ -461,14 +461,14 @@ async def test_the_store_says_what_a_masters_death_costs(redis_cluster_session: 
         assert "page tier: a master that dies stops the WHOLE cluster" in caplog.text
         assert f"127.0.0.1:{port}: {FULL_COVERAGE} yes" in caplog.text
         cluster.cli(port, "config", "set", READS_WHEN_DOWN, "yes")
-        assert stores[1].tier.read_failover().scope == FailoverScope.WRITES
+        assert stores[1].backend.tier.read_failover().scope == FailoverScope.WRITES
         # Where CONFIG is not allowed (a managed cluster may rename it), the store says it cannot tell.
         def no_config(*args: object, **kwargs: object) -> None:
             raise ResponseError("unknown command 'CONFIG'")
 
         with monkeypatch.context() as patch:
             patch.setattr(redis.Redis, "config_get", no_config)
-            failover = stores[1].tier.read_failover()
+            failover = stores[1].backend.tier.read_failover()
         assert failover.scope == FailoverScope.UNKNOWN and "cannot tell" in failover.cost
         assert all(f"127.0.0.1:{p} (ResponseError: unknown command 'CONFIG')" in failover.cost
                    for p in cluster.masters())
@@ -493,15 +493,15 @@ async def test_a_page_on_its_way_to_the_cluster_is_neither_lost_nor_handed_back(
             answers: list[bytes] = []
 
             async def put() -> None:
-                answers.append(await store.put_async(client, Put(0, 1, data(0, 4, 1))))
+                answers.append(await store.put(client, 0, 1, data(0, 4, 1)))
 
             nursery.start_soon(put)
             await trio.sleep(0.2)  # recorded, the write waiting at the node
             assert client.count == 4
-            assert await store.lend_async(client, HandBackCause.DRAIN, 256) is None
+            assert await store.lend(client, HandBackCause.DRAIN, 256) is None
             assert client.lent_count == 0 and client.count == 4
         assert answers == [bytes(4)]
-        assert store.tier.counters[TierCounter.LOST] == 0
+        assert store.backend.tier.counters[TierCounter.LOST] == 0
         status, _, got = await read_back(store, client, 0, 4)
         assert status == bytes(4) and got == data(0, 4, 1)
     finally:
@@ -513,7 +513,7 @@ async def test_a_write_that_lands_while_a_hand_back_reads_is_not_taken_for_lost(
     """The race a pause cannot order: the hand-back's read misses the page, the write
     then lands and its put answers stored, and only then does the read come back."""
     store = make(redis_cluster_session)
-    tier = store.tier
+    tier = store.backend.tier
     real_write, gate = tier.write, threading.Event()
 
     def gated_write(*args):  # type: ignore[no-untyped-def]
@@ -533,11 +533,11 @@ async def test_a_write_that_lands_while_a_hand_back_reads_is_not_taken_for_lost(
         async with trio.open_nursery() as nursery:
 
             async def put() -> None:
-                answers.append(await store.put_async(client, Put(0, 1, data(0, 4, 1))))
+                answers.append(await store.put(client, 0, 1, data(0, 4, 1)))
 
             nursery.start_soon(put)
             await trio.sleep(0.1)
-            handback = await store.lend_async(client, HandBackCause.PRESSURE, 256)
+            handback = await store.lend(client, HandBackCause.PRESSURE, 256)
             gate.set()
         assert handback is None and answers == [bytes(4)]
         assert tier.counters[TierCounter.LOST] == 0 and client.count == 4 and client.lent_count == 0
@@ -553,30 +553,30 @@ async def test_overlapping_puts_keep_each_others_writes_marked_in_flight(
     """An old session's put and a new session's put of the same page, then a put of
     another page: the old put finishing last must not unmark the other page's write."""
     store = make(redis_cluster_session)
-    real_write = store.tier.write
+    real_write = store.backend.tier.write
     gates = {seq: threading.Event() for seq in (1, 2, 3)}
 
     def gated_write(client_id, seq, pages, data):  # type: ignore[no-untyped-def]
         gates[seq].wait(5)
         return real_write(client_id, seq, pages, data)
 
-    monkeypatch.setattr(store.tier, "write", gated_write)
+    monkeypatch.setattr(store.backend.tier, "write", gated_write)
     try:
         client = attach(store)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.put_async, client, Put(0, 1, data(0, 1, 1)))  # the old session's
+            nursery.start_soon(store.put, client, 0, 1, data(0, 1, 1))  # the old session's
             await trio.sleep(0.05)
-            nursery.start_soon(store.put_async, client, Put(0, 2, data(0, 1, 2)))  # the new session's
+            nursery.start_soon(store.put, client, 0, 2, data(0, 1, 2))  # the new session's
             await trio.sleep(0.05)
             gates[2].set()
             await trio.sleep(0.3)
-            nursery.start_soon(store.put_async, client, Put(9, 3, data(9, 1, 3)))
+            nursery.start_soon(store.put, client, 9, 3, data(9, 1, 3))
             await trio.sleep(0.05)
             gates[1].set()
             await trio.sleep(0.3)
-            assert store._being_written(client, 9, 3)
+            assert store.backend._being_written(client, 9, 3)
             gates[3].set()
-        assert not store._writing
+        assert not store.backend._writing
     finally:
         for gate in gates.values():
             gate.set()
@@ -589,11 +589,11 @@ async def test_a_put_cancelled_before_its_write_keeps_nothing(redis_cluster_sess
     store = make(redis_cluster_session)
     try:
         client = attach(store)
-        assert await store.put_async(client, Put(0, 1, data(0, 4, 1))) == bytes(4)
-        store._limiter = trio.CapacityLimiter(1)
-        async with store._limiter:  # every worker busy
+        assert await store.put(client, 0, 1, data(0, 4, 1)) == bytes(4)
+        store.backend._limiter = trio.CapacityLimiter(1)
+        async with store.backend._limiter:  # every worker busy
             with trio.move_on_after(0.2):
-                await store.put_async(client, Put(0, 2, data(0, 8, 2)))
+                await store.put(client, 0, 2, data(0, 8, 2))
         assert client.count == 0 and store.pages == 0
         assert store.counters[HostCounter.REFUSED_TIER] == 8 and store.counters[HostCounter.STALE_DROPPED] == 4
         status, _, _ = await read_back(store, client, 0, 8)
@@ -607,13 +607,13 @@ async def test_reads_give_up_at_the_deadline_however_long_an_attempt_takes(
     store = make(redis_cluster_session, read_timeout=0.5)
     try:
         client = attach(store)
-        assert await store.put_async(client, Put(0, 1, data(0, 4, 1))) == bytes(4)
-        monkeypatch.setattr(store.tier, "read", lambda *a: time.sleep(3))  # a node that hangs
+        assert await store.put(client, 0, 1, data(0, 4, 1)) == bytes(4)
+        monkeypatch.setattr(store.backend.tier, "read", lambda *a: time.sleep(3))  # a node that hangs
         started = trio.current_time()
         with pytest.raises(RequestError, match="did not answer in 0.5s"):
             await read_back(store, client, 0, 4)
         assert trio.current_time() - started < 1.5
-        assert store.tier.counters[TierCounter.READ_FAILURES] == 1
+        assert store.backend.tier.counters[TierCounter.READ_FAILURES] == 1
         assert client.count == 4  # a page not read is not a page lost
     finally:
         await store.aclose()
@@ -623,7 +623,7 @@ async def test_the_delete_loop_outlives_an_unexpected_error(redis_cluster_sessio
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     cluster = redis_cluster_session
     store = make(cluster)
-    real_delete = store.tier.delete
+    real_delete = store.backend.tier.delete
     calls = []
 
     def flaky(*args: object) -> int:
@@ -632,18 +632,18 @@ async def test_the_delete_loop_outlives_an_unexpected_error(redis_cluster_sessio
             raise RuntimeError("a bug in a dependency")
         return real_delete(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store.tier, "delete", flaky)
+    monkeypatch.setattr(store.backend.tier, "delete", flaky)
     try:
         client = attach(store)
-        assert await store.put_async(client, Put(0, 1, data(0, 4, 1))) == bytes(4)
+        assert await store.put(client, 0, 1, data(0, 4, 1)) == bytes(4)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
-            assert store.invalidate(client, Invalidate(0, 4, 1)) == 4
+            assert await store.invalidate(client, 0, 4, 1) == 4
             with trio.fail_after(10):
-                while store._deletes:
+                while store.backend._deletes:
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
-        assert len(calls) >= 2 and store.tier.counters[TierCounter.DELETE_RETRIES] >= 1
+        assert len(calls) >= 2 and store.backend.tier.counters[TierCounter.DELETE_RETRIES] >= 1
         assert fields(cluster, store, client, range(4)) == 0
     finally:
         await store.aclose()
@@ -657,7 +657,7 @@ async def fill_every_master(store) -> tuple[Any, int]:
     client = attach(store)
     n = 16 * RUN_PAGES
     for first in range(0, n, RUN_PAGES):
-        assert await store.put_async(client, Put(first, 1, data(first, RUN_PAGES, 1))) == bytes(RUN_PAGES)
+        assert await store.put(client, first, 1, data(first, RUN_PAGES, 1)) == bytes(RUN_PAGES)
     return client, n
 
 
@@ -671,15 +671,15 @@ async def test_reads_go_on_through_a_masters_death(redis_cluster: LocalCluster) 
         started = time.monotonic()
         status, _, got = await read_back(store, client, 0, n)  # waits out the failover
         assert status == bytes(n) and got == data(0, n, 1)
-        assert time.monotonic() - started < store.tier.config.read_timeout
-        counters = store.tier.counters
+        assert time.monotonic() - started < store.backend.tier.config.read_timeout
+        counters = store.backend.tier.counters
         assert counters[TierCounter.READ_RETRIES] >= 1 and counters[TierCounter.FAILOVERS] >= 1
         assert counters[TierCounter.LOST] == 0
         cluster.wait_failover(victim)
-        store.tier.poll_memory()  # what the store's memory watch does ten times a second
+        store.backend.tier.poll_memory()  # what the store's memory watch does ten times a second
         # The promoted master takes new pages (it has no replica left: they are refused, not lost).
-        store.tier.config = dataclasses.replace(store.tier.config, wait_timeout=0.1)
-        statuses = b"".join([await store.put_async(client, Put(first, 2, data(first, RUN_PAGES, 2)))
+        store.backend.tier.config = dataclasses.replace(store.backend.tier.config, wait_timeout=0.1)
+        statuses = b"".join([await store.put(client, first, 2, data(first, RUN_PAGES, 2))
                              for first in range(0, n, RUN_PAGES)])
         assert set(statuses) <= {S.STORED, S.REFUSED_REPLICATION, S.REFUSED_TIER}
         assert S.STORED in set(statuses)
@@ -722,7 +722,7 @@ async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, 
             for first in range(0, n, RUN_PAGES):
                 assert await client.put(first, 1, data(first, RUN_PAGES, 1)) == bytes(RUN_PAGES)
             pages = store.clients["c"]
-            tier = store.tier
+            tier = store.backend.tier
             victim = tier._node_of(tier.key(pages.tier_id, 0)).name
             victim_port = int(victim.rsplit(":", 1)[1])
             on_victim = [p for p in range(n) if tier._node_of(tier.key(pages.tier_id, p // RUN_PAGES)).name == victim]
@@ -789,17 +789,17 @@ async def test_a_node_that_is_no_confirmed_master_cannot_say_a_page_is_lost(redi
         client, n = await fill_every_master(store)
         master = cluster.masters()[0]
         empty = cluster.unsync_replica(master)  # answers reads (READONLY), with nothing
-        nodes = store.tier._cluster.nodes_manager
+        nodes = store.backend.tier._cluster.nodes_manager
         stale = ClusterNode("127.0.0.1", empty, server_type="replica")
         nodes.nodes_cache[stale.name] = stale
-        store.tier._cluster.read_from_replicas = True  # its connections say READONLY: it answers reads
+        store.backend.tier._cluster.read_from_replicas = True  # its connections say READONLY: it answers reads
         nodes.create_redis_connections([stale])
         moved = [slot for slot, serving in nodes.slots_cache.items() if serving[0].port == master]
         for slot in moved:
             nodes.slots_cache[slot] = [stale]
         status, seqs, got = await read_back(store, client, 0, n)
         assert status == bytes(n) and got == data(0, n, 1) and set(seqs) == {1}
-        counters = store.tier.counters
+        counters = store.backend.tier.counters
         assert counters[TierCounter.LOST] == 0 and client.count == n
         assert counters[TierCounter.READ_RETRIES] >= 1 and counters[TierCounter.UNCONFIRMED_READS] >= 1
     finally:
@@ -814,7 +814,7 @@ async def test_a_hung_master_costs_only_its_own_heartbeat(redis_cluster: LocalCl
     master's write, still under way, is not started again."""
     cluster = redis_cluster
     store = make(cluster, heartbeat_ttl=1.0)
-    tier = store.tier
+    tier = store.backend.tier
     masters = cluster.masters()
     frozen = masters[0]
     try:

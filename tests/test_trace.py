@@ -12,7 +12,7 @@ import trio
 
 from pagewire.access import IN_PROCESS
 from pagewire.address import Address
-from pagewire.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, Put, TraceRead
+from pagewire.messages import PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Configure, Hello, TraceRead
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
 from hoststore.store import Store
@@ -30,13 +30,13 @@ def new_store() -> Store:
     return Store(Limits(capacity_pages=4), Sampler(0, source=lambda: Snapshot.fake(12.5)))
 
 
-def test_nothing_is_built_while_nobody_reads_and_a_reader_sees_each_decision() -> None:
+async def test_nothing_is_built_while_nobody_reads_and_a_reader_sees_each_decision() -> None:
     store = new_store()
     client = attached(store)
-    store.put(client, Put(0, 1, bytes(2 * PAGE_SIZE)))
+    await store.put(client, 0, 1, bytes(2 * PAGE_SIZE))
     assert not store.trace.active
     reader = store.trace.reader("me", 1)
-    store.put(client, Put(10, 2, bytes(4 * PAGE_SIZE)))  # 2 fit, 2 over capacity
+    await store.put(client, 10, 2, bytes(4 * PAGE_SIZE))  # 2 fit, 2 over capacity
     store.invalidate_pages(client, [0, 1], 5)
     events, dropped = reader.take(10)
     assert dropped == 0 and [e["event"] for e in events] == ["put", "invalidate"]
@@ -46,14 +46,14 @@ def test_nothing_is_built_while_nobody_reads_and_a_reader_sees_each_decision() -
     assert events[1]["pages"] == 2
 
 
-def test_a_slow_reader_loses_its_oldest_events_counted_and_the_store_goes_on() -> None:
+async def test_a_slow_reader_loses_its_oldest_events_counted_and_the_store_goes_on() -> None:
     store = new_store()
     store.configure(Configure(policy="refuse-all"))
     client = attached(store)
     reader = store.trace.reader("slow", 1)
     sampled = store.trace.reader("sampled", 10)
     for seq in range(1, QUEUE + 101):
-        store.put(client, Put(seq % 4000, seq, bytes(PAGE_SIZE)))
+        await store.put(client, seq % 4000, seq, bytes(PAGE_SIZE))
     assert len(reader.events) == QUEUE  # bounded
     events, dropped = reader.take(QUEUE)
     assert dropped == 100 and len(events) == QUEUE

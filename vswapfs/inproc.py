@@ -29,24 +29,13 @@ import trio
 
 from pagewire.access import IN_PROCESS
 from pagewire.address import INPROC, Address
-from pagewire.messages import (
-    PROTOCOL_VERSION,
-    ROLE_PAGER,
-    Get,
-    GetAnswer,
-    HandBackCause,
-    Hello,
-    Invalidate,
-    NONCE_SIZE,
-    MessageError,
-    Put,
-)
+from pagewire.messages import NONCE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, GetAnswer, HandBack, HandBackCause, Hello
 from vswapcommon.sizes import PAGE_SIZE
-from hoststore.clientpages import NIL
+from hoststore.clientpages import NIL, ClientPages
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot, parse_source
-from hoststore.hostcounters import HostCounter
-from hoststore.store import RequestError, Store
+from hoststore.handback import HandBackEngine, Pace
+from hoststore.store import RequestError, Store, get_answer
 
 from .pagestore import HandBackHandler, PagesLostHandler, StoreError
 
@@ -69,10 +58,14 @@ class InprocStore:
         self.client = client
         self.store.bind(client, self)
         self.store.connections_active = 1
-        self.handback_interval = handback_interval
-        self.handback_batch = handback_batch
-        self.handback_rate = handback_rate
         self._on_handback: HandBackHandler | None = None
+        # The engine a store daemon uses, asking the pager directly; between two rounds,
+        # as many batches as the rate allows, and a pager that took nothing is asked
+        # again at the next round.
+        per_round = max(1, int(handback_rate * handback_interval))
+        self.handback = HandBackEngine(self.store, self._ask, can_ask=lambda client: self._on_handback is not None,
+                                       pace=Pace(handback_batch, handback_rate, handback_interval,
+                                                 rest=handback_interval, per_client=per_round))
 
     # -- the PageStore contract -------------------------------------------------------
 
@@ -92,8 +85,8 @@ class InprocStore:
 
     async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes:
         try:
-            statuses = self.store.put(self.client, Put(first, seq, data))
-        except (RequestError, MessageError) as exc:
+            statuses = await self.store.put(self.client, first, seq, data)
+        except RequestError as exc:
             raise StoreError(str(exc)) from None
         if self.store.policy.delay:
             await trio.sleep(self.store.policy.delay)
@@ -101,14 +94,14 @@ class InprocStore:
 
     async def get(self, pages: array) -> GetAnswer:
         try:
-            return self.store.get(self.client, Get(pages))
-        except (RequestError, MessageError) as exc:
+            return await get_answer(self.store, self.client, pages)
+        except RequestError as exc:
             raise StoreError(str(exc)) from None
 
     async def invalidate(self, first: int, count: int, seq: int) -> int:
         try:
-            return self.store.invalidate(self.client, Invalidate(first, count, seq))
-        except (RequestError, MessageError) as exc:
+            return await self.store.invalidate(self.client, first, count, seq)
+        except RequestError as exc:
             raise StoreError(str(exc)) from None
 
     def read_shared(self, page: int, seq: int, out: memoryview) -> bool:
@@ -127,35 +120,16 @@ class InprocStore:
         """While the host is under pressure, hand the least recently used pages back
         to the pager (to the backing file) at a bounded rate, as a store daemon does."""
         task_status.started()
-        per_round = max(1, int(self.handback_rate * self.handback_interval))
-        while True:
-            await trio.sleep(self.handback_interval)
-            budget = per_round
-            while budget > 0 and self.store.pages and self.store.update_pressure():
-                freed = await self.hand_back(HandBackCause.PRESSURE, min(budget, self.handback_batch))
-                if not freed:
-                    break
-                budget -= freed
+        await self.handback.under_pressure()
 
     async def hand_back(self, cause: HandBackCause, limit: int) -> int:
         """Lend up to ``limit`` of the oldest pages to the pager, free what it took;
         pages it could not take stay here.  Pages freed."""
-        store, client = self.store, self.client
-        if self._on_handback is None:
-            return 0
-        handback = store.lend(client, cause, limit)
-        if handback is None:
-            return 0
-        try:
-            statuses = await self._on_handback(handback)
-            return store.settle(client, handback, statuses)
-        except Exception:  # noqa: BLE001 - the pages stay here; the next round tries again
-            store.counters.add(HostCounter.HANDBACK_ERRORS)
-            log.exception("error handing %d pages back to the backing file: they stay in memory",
-                          len(handback.pages))
-            return 0
-        finally:
-            store.unlend(client, handback)
+        return await self.handback.hand_back(self.client, cause, limit)
+
+    async def _ask(self, client: ClientPages, handback: HandBack) -> bytes:
+        assert self._on_handback is not None
+        return await self._on_handback(handback)
 
     def stats(self) -> dict[str, Any]:
         """The store's counters, as a hoststore reports them to its client."""

@@ -1,8 +1,8 @@
-"""A store whose page data lives in a Redis Cluster (``hoststore --tier``).
+"""A page backend in a Redis Cluster (``hoststore --tier``): the store's data lives there.
 
 The store keeps its whole role: clients, admission, counters, hand-back, all as
 in :class:`~hoststore.store.Store`, whose metadata (which pages, which version,
-how old) stays here.  Only the data moves to the tier, and admission reads the
+how old) stays here; this backend (the contract: ``hoststore.backend``) holds the data.  Only the data moves to the tier, and admission reads the
 cluster's memory instead of this machine's.
 
 How a page is never lost or served wrong:
@@ -43,13 +43,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from pagewire import auth
+from pagewire.messages import PAGE_SIZE, HandBack, HandBackCause, PageStatus
+
 from .clientpages import NIL, ClientPages
-from pagewire.messages import PAGE_SIZE, Get, GetAnswer, HandBack, HandBackCause, PageStatus, Put, PutStaged
+from .clients import RequestError
+from .hostcounters import REFUSAL_COUNTER, HostCounter
+from .policy import Limits
 from .pressure import Sampler
 from .redistier import FailoverScope, RedisClusterTier, TierUnavailable
+from .backend import Bookkeeper, PutPlan
+from .store import Store
 from .tiercounters import TierCounter
-from .hostcounters import REFUSAL_COUNTER, HostCounter
-from .store import RequestError, Store
 
 if TYPE_CHECKING:
     from .server import Server
@@ -62,14 +66,19 @@ DELETE_INTERVAL = 0.05  # seconds between delete batches
 DELETE_BATCH = 4096  # pages per delete batch
 
 
-class TieredStore(Store):
-    in_place_get = False
+def tiered_store(limits: Limits, tier: RedisClusterTier, **options: Any) -> Store:
+    """A store whose pages live in ``tier``; its memory pressure is the cluster's."""
+    options.setdefault("sampler", Sampler(0.0, source=tier.snapshot))
+    return Store(limits, backend=TierPages(tier), **options)
 
-    def __init__(self, *args: Any, tier: RedisClusterTier, **kwargs: Any) -> None:
-        kwargs.setdefault("sampler", Sampler(0.0, source=tier.snapshot))
-        super().__init__(*args, **kwargs)
+
+class TierPages:
+    keeps_data = False  # admission records versions; commit writes the data to the cluster
+    shares_memory = False  # no page is in our memory to share
+
+    def __init__(self, tier: RedisClusterTier) -> None:
         self.tier = tier
-        tier.instance = self.instance  # every key names the store instance its clients see
+        self._store: Bookkeeper | None = None
         self._ids = 0
         self._limiter = trio.CapacityLimiter(16)  # writes, deletes, upkeep
         # Reads of their own: one abandoned at its deadline keeps its worker until its
@@ -84,13 +93,19 @@ class TieredStore(Store):
         log.log(logging.INFO if failover.scope == FailoverScope.SHARD else logging.WARNING,
                 "page tier: %s", failover.cost)
 
+    @property
+    def store(self) -> Bookkeeper:
+        assert self._store is not None, "the backend is not bound to a store"
+        return self._store
+
+    def bind(self, store: Bookkeeper) -> None:
+        self._store = store
+        self.tier.instance = store.instance  # every key names the store instance its clients see
+
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     # -- clients --------------------------------------------------------------------
-
-    def attach(self, hello: Any, server_nonce: bytes, can_share: bool = False, *, owner: str) -> Any:
-        return super().attach(hello, server_nonce, can_share=False, owner=owner)  # no page is in our memory to share
 
     def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
         self._ids += 1
@@ -101,28 +116,21 @@ class TieredStore(Store):
         if runs:
             self._drops.append((client.tier_id, runs))
             self._wake.set()
-        return super().close_client(client)
+        return client.close()
 
     # -- pages ----------------------------------------------------------------------
 
-    def drop(self, client: ClientPages, slot: int) -> None:
-        self._forget(client, client.page_of[slot], client.seq_of[slot])
-        super().drop(client, slot)
-
-    def _forget(self, client: ClientPages, page: int, seq: int) -> None:
+    def forgotten(self, client: ClientPages, page: int, seq: int) -> None:
+        """A version the store dropped: deleted from the cluster in the background."""
         self._deletes.append((client.tier_id, page, seq))
         self._wake.set()
 
-    def put(self, client: ClientPages, msg: Put) -> bytes:
-        raise RequestError("this store keeps pages in its tier: puts are served by put_async")
-
-    async def put_async(self, client: ClientPages, msg: Put | PutStaged) -> bytes:
-        if isinstance(msg, PutStaged):
-            raise RequestError("put_staged needs shared memory, which a store on a page tier does not give")
-        plan = self.admit_put(client, msg, None)
+    async def commit(self, client: ClientPages, plan: PutPlan, data: bytes | memoryview) -> None:
+        """Write the pages admitted to the cluster; any a replica did not acknowledge in
+        time is refused with the reason, and unrecorded."""
         if plan.accepted:
-            first, seq = msg.first, msg.seq
-            view = memoryview(msg.data)
+            first, seq = plan.first, plan.seq
+            view = memoryview(data)
             pages = [first + i for i in plan.accepted]
             data = [view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in plan.accepted]
             writing = self._writing.setdefault(client.tier_id, {})
@@ -149,7 +157,6 @@ class TieredStore(Store):
                 # connection that superseded this one): either way not ours to answer stored.
                 self._unrecord(client, plan.out, i, first + i, seq,
                                status if status != PageStatus.STORED else PageStatus.REFUSED_TIER, i in replaced)
-        return self.finish_put(client, plan)
 
     def _being_written(self, client: ClientPages, page: int, seq: int) -> bool:
         """Version ``seq`` of ``page`` is recorded and on its way to the tier, not there yet."""
@@ -160,14 +167,14 @@ class TieredStore(Store):
         """The tier did not take version ``seq`` of ``page``: refused, and forgotten here
         (unless something newer came meanwhile).  What it may have written goes too."""
         out[i] = status
-        self._count(client, REFUSAL_COUNTER[status])
+        self.store.count(client, REFUSAL_COUNTER[status])
         slot = client.index.get(page)
         if slot != NIL and client.seq_of[slot] == seq:
-            self.drop(client, slot)
+            self.store.drop(client, slot)
             if replaced:  # the older version went when this one was recorded
-                self._count(client, HostCounter.STALE_DROPPED)
+                self.store.count(client, HostCounter.STALE_DROPPED)
         else:
-            self._forget(client, page, seq)
+            self.forgotten(client, page, seq)
 
     async def _read(self, client: ClientPages, pages: list[int], seqs: list[int]) -> list[memoryview | None]:
         """The pages' data at those versions, asking again while the cluster settles;
@@ -199,21 +206,17 @@ class TieredStore(Store):
             self.tier.count(TierCounter.LOST)
             log.error("page tier: page %d of client %r (version %d) is not in the cluster any more", page,
                       client.name, seq)
-            self.drop(client, slot)
+            self.store.drop(client, slot)
 
-    async def get_async(self, client: ClientPages, msg: Get) -> GetAnswer:
-        pages = msg.pages
-        n = len(pages)
-        if max(pages) >= client.npages:
-            raise RequestError(f"get asks for pages outside the device's {client.npages} pages")
-        self.counters.add(HostCounter.GET_REQUESTS)
-        status = bytearray([PageStatus.MISSING]) * n
-        seqs = array("Q", bytes(8 * n))
-        data = bytearray(n * PAGE_SIZE)
+    async def get_into(self, client: ClientPages, pages: array, status: bytearray | memoryview, seqs: memoryview,
+                       data: bytearray | memoryview) -> int:
+        """Each page held, read from the cluster at the version recorded here; pages read."""
         want: list[int] = []
         for i, page in enumerate(pages):
             slot = client.index.get(page)
-            if slot != NIL:
+            if slot == NIL:
+                status[i] = PageStatus.MISSING
+            else:
                 want.append(i)
                 seqs[i] = client.seq_of[slot]
         if want:
@@ -221,31 +224,21 @@ class TieredStore(Store):
             # and may be by the time the read is back: missing then, never lost.
             in_flight = {i for i in want if self._being_written(client, pages[i], seqs[i])}
             found = await self._read(client, [pages[i] for i in want], [seqs[i] for i in want])
-            stamp = self._next_stamp()
+            stamp = self.store.next_stamp()
             for i, value in zip(want, found):
                 if value is None:
                     if i not in in_flight:
                         self._lost(client, pages[i], seqs[i])
                     seqs[i] = 0
+                    status[i] = PageStatus.MISSING
                     continue
-                status[i] = PageStatus.STORED
                 data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = value
                 slot = client.index.get(pages[i])
                 if slot != NIL and client.seq_of[slot] == seqs[i]:
                     client.touch(slot, stamp)
-        hits = status.count(PageStatus.STORED)
-        self._count(client, HostCounter.READS, hits)
-        if hits < n:
-            self._count(client, HostCounter.MISSES, n - hits)
-        return GetAnswer(bytes(status), seqs, data)
+        return sum(1 for s in status[: len(pages)] if s == PageStatus.STORED)
 
-    def get(self, client: ClientPages, msg: Get) -> GetAnswer:
-        raise RequestError("this store keeps pages in its tier: gets are served by get_async")
-
-    def get_into(self, *args: Any) -> None:
-        raise RequestError("this store keeps pages in its tier: gets are served by get_async")
-
-    async def lend_async(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
+    async def lend(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
         """The oldest pages (for ``replication``: pages on masters without a replica in
         sync), read from the tier; pages it cannot give now stay stored."""
         if cause == HandBackCause.REPLICATION:
@@ -285,7 +278,6 @@ class TieredStore(Store):
             data += value
         if not kept_pages:
             return None
-        self.counters.add(HostCounter.HANDBACK_REQUESTS)
         return HandBack(cause, kept_pages, kept_seqs, data)
 
     async def _unreplicated_slots(self, client: ClientPages, limit: int) -> list[int]:
@@ -305,7 +297,7 @@ class TieredStore(Store):
 
     # -- the cluster's upkeep -------------------------------------------------------
 
-    async def run(self, server: Server | None = None, *,
+    async def run(self, store: Bookkeeper, server: Server | None = None, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled: keep the heartbeat (the first one before anything else),
         watch the masters' memory and replicas, delete what the store forgot, and, with
@@ -345,7 +337,7 @@ class TieredStore(Store):
 
         async def rescue(client: ClientPages) -> None:
             try:
-                while not self.draining and self.tier.unreplicated and client.connected:
+                while not self.store.draining and self.tier.unreplicated and client.connected:
                     if not await server.hand_back(client, HandBackCause.REPLICATION, config.handback_batch):
                         resting[client.name] = trio.current_time() + config.handback_rest
                         return
@@ -355,10 +347,10 @@ class TieredStore(Store):
         async with trio.open_nursery() as nursery:
             while True:
                 await trio.sleep(MEMORY_INTERVAL)
-                if self.draining or not self.tier.unreplicated:
+                if self.store.draining or not self.tier.unreplicated:
                     continue
                 now = trio.current_time()
-                for client in list(self.clients.values()):
+                for client in list(self.store.clients.values()):
                     if (client.connected and client.count > client.lent_count and client.name not in busy
                             and resting.get(client.name, 0.0) <= now):
                         busy.add(client.name)
@@ -413,10 +405,8 @@ class TieredStore(Store):
                 await self._call(self.tier.delete, tier_id, pages, seqs)
             del self._deletes[: len(batch)]
 
-    def stats(self, client: ClientPages | None = None, admin: bool = False) -> dict[str, object]:
-        stats = super().stats(client, admin)
-        stats["tier"] = {**self.tier.stats(), "deletes_waiting": len(self._deletes) + len(self._drops)}
-        return stats
+    def stats(self) -> dict[str, Any]:
+        return {**self.tier.stats(), "deletes_waiting": len(self._deletes) + len(self._drops)}
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """At exit: delete what is waiting, then every key this store instance left,
