@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--listen", action="append", type=argtype(parse_address), required=True, metavar="ADDR",
                     help="unix:PATH or tcp:HOST:PORT; repeat to listen on several")
+    _add_capacity_arguments(ap)
+    _add_access_arguments(ap)
+    _add_connection_arguments(ap)
+    _add_admission_arguments(ap)
+    _add_handback_arguments(ap)
+    _add_tier_arguments(ap)
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return ap
+
+
+def _add_capacity_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--capacity", type=argtype(parse_size), default=parse_size("1G"), metavar="SIZE",
                     help="most page data held for all clients together (K/M/G suffixes; default 1G)")
     ap.add_argument("--quota", type=argtype(quota), action="append", default=[], metavar="[NAME=]SIZE",
@@ -112,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="client NAME's weight (default 1): once the store is 90%% full, a client holding its "
                          "weighted share of the capacity gets no more pages, and under pressure clients above "
                          "their share hand pages back first")
+
+
+def _add_access_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--token-file", metavar="PATH",
                     help="a shared secret (at least 16 bytes, mode 0600) that clients must prove they hold, "
                          "and that this store proves back; needed to listen on TCP (but see --insecure-tcp)")
@@ -134,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-clients", type=argtype(count), default=1024, metavar="N",
                     help="client names kept at once; names away and holding no page are forgotten to make "
                          "room, and beyond that new names are refused (default 1024)")
+
+
+def _add_connection_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--connection-rate", type=argtype(positive), default=ServerConfig.connection_rate,
                     metavar="N",
                     help="new connections per second per uid or host, in bursts of up to 2N; more are "
@@ -163,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "is never closed for it (default %(default)g)")
     ap.add_argument("--idle-timeout", type=argtype(positive), default=300.0, metavar="SECONDS",
                     help="close a connection silent for this long (default 300; vswapfs keeps its own alive)")
+
+
+def _add_admission_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--policy", type=argtype(_policy), default=None, metavar="SPEC",
                     help="admission policy (default pressure): pressure, psi[:HIGH[:LOW]], accept-all, refuse-all, "
                          "refuse-fraction:P[:SEED], refuse-every:N, MODULE:CALLABLE, a name under the "
@@ -183,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the cluster's memory")
     ap.add_argument("--max-device-size", type=argtype(parse_size), default=DEFAULT_MAX_DEVICE_SIZE,
                     metavar="SIZE", help="refuse clients whose device is larger (default 16T)")
+
+
+def _add_handback_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--handback-rate", type=argtype(parse_size), default=100 << 20, metavar="SIZE",
                     help="under pressure, hand pages back to their clients at most this fast, per second "
                          "(default 100M)")
@@ -200,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "same identity under its name (a restarted vswapfs: same uid, or the token on TCP), "
                          "which then replaces it (default 300).  Its own reconnect is always accepted, and "
                          "another identity never gets the name (see `vswapctl evict`)")
+
+
+def _add_tier_arguments(ap: argparse.ArgumentParser) -> None:
     tier = ap.add_argument_group(
         "page tier", "keep page data in a Redis Cluster instead of this machine's memory (see the README, "
         "'A page tier on Redis Cluster'); admission then follows the masters' memory (used_memory against "
@@ -222,8 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the store keeps a heartbeat key on every master, rewritten %d times within this TTL; "
                            "`vswapctl tier-sweep` deletes a store's keys only once it has expired on all of "
                            "them (default %%(default)g)" % HEARTBEATS_PER_TTL)
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return ap
 
 
 def limits_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Limits:

@@ -43,15 +43,11 @@ next beat; a copy on each master survives any one failover.
 from __future__ import annotations
 
 import enum
-import json
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Collection, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from redis.utils import str_if_bytes
@@ -63,7 +59,7 @@ from vswapcommon.logsetup import RateLimited
 from pagewire.messages import PAGE_SIZE, PageStatus
 from .pressure import Snapshot
 from .slab import INDEX_SHIFT
-from .tierconfig import HEARTBEATS_PER_TTL, TierConfig
+from .tierconfig import TierConfig
 from .tiercounters import TierCounter
 
 log = logging.getLogger("hoststore")
@@ -76,7 +72,6 @@ RUN_SHIFT = INDEX_SHIFT  # 256 pages per run: the store's index blocks, so its b
 RUN_PAGES = 1 << RUN_SHIFT
 SEQ_DIGITS = 16  # the version, in hex, before each page's data
 VALUE_SIZE = SEQ_DIGITS + PAGE_SIZE
-HEARTBEAT_TAG = "alive"  # heartbeat keys PREFIX:{INSTANCE.alive.N}; page keys PREFIX:{INSTANCE.CLIENT.RUN}
 # A replica counts as in sync with its master while it has acknowledged within this
 # many seconds (replicas acknowledge every second; a few missed under load are no loss) ...
 REPLICA_MAX_LAG = 5
@@ -159,14 +154,6 @@ class Failover:
 
 
 @dataclass
-class Instance:
-    """What a store instance has in the cluster (``vswapctl tier-sweep``)."""
-
-    keys: int = 0  # page keys
-    heartbeat: dict[str, object] | None = None  # what its heartbeat says, while it has one: it is running
-
-
-@dataclass
 class NodeMemory:
     name: str
     used: int
@@ -203,13 +190,7 @@ class RedisClusterTier:
         # their pages are one failure from lost, and are handed back while they can be read.
         self.unreplicated: frozenset[str] = frozenset()
         self.failover: Failover | None = None  # what a master's death costs (read_failover)
-        self._beats: set[bytes] = set()  # heartbeat keys written
-        # Heartbeat writes run on their own threads, one per master at most (a master whose
-        # last write still hangs is skipped), so a hung master delays neither the others'
-        # heartbeats nor the page reads and writes on self._pool.
-        self._beat_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tier-beat")
-        self._beating: dict[str, Future[None]] = {}  # master -> its heartbeat write still under way
-        self._cluster = RedisCluster(
+        self.cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
             socket_timeout=config.socket_timeout, socket_connect_timeout=min(config.socket_timeout, 0.5),
             require_full_coverage=False)
@@ -220,16 +201,9 @@ class RedisClusterTier:
     def key(self, client: int, run: int) -> bytes:
         return f"{self.config.prefix}:{{{self.instance}.{client}.{run}}}".encode()
 
-    def _heartbeat_key(self, n: int) -> bytes:
-        return f"{self.config.prefix}:{{{self.instance}.{HEARTBEAT_TAG}.{n}}}".encode()
-
-    def _pattern(self, instance: str, rest: str) -> bytes:
-        """A SCAN pattern for keys of ``instance`` (or ``*``): ``rest`` follows its tag's first dot."""
-        return f"{self.config.prefix}:{{{instance}.{rest}".encode()
-
-    def _node_of(self, key: bytes) -> ClusterNode:
+    def node_of(self, key: bytes) -> ClusterNode:
         try:
-            return self._cluster.get_node_from_key(key)
+            return self.cluster.get_node_from_key(key)
         except FAILURES as exc:
             raise TierUnavailable(f"no master serves key {key!r}: {exc}") from None
 
@@ -242,7 +216,7 @@ class RedisClusterTier:
             items = by_key.get(run)
             if items is None:
                 key = self.key(client, run)
-                node = self._node_of(key)
+                node = self.node_of(key)
                 batch = by_node.setdefault(node.name, _NodeBatch(node))
                 items = by_key[run] = []
                 batch.keys.append(key)
@@ -280,7 +254,7 @@ class RedisClusterTier:
         replicas, wait_ms = self.config.replicas, max(1, int(self.config.wait_timeout * 1000))
 
         def work(batch: _NodeBatch) -> list:  # type: ignore[type-arg]
-            pipe = self._cluster.get_redis_connection(batch.node).pipeline(transaction=False)
+            pipe = self.cluster.get_redis_connection(batch.node).pipeline(transaction=False)
             for key, items in zip(batch.keys, batch.items):
                 args: list[bytes] = []
                 for i in items:
@@ -290,11 +264,17 @@ class RedisClusterTier:
             pipe.execute_command("WAIT", replicas, wait_ms)
             return pipe.execute(raise_on_error=False)
 
-        refresh = False
-        # A master without enough replicas in sync (its own died and it was promoted, its
-        # replica's first sync is not done, or it lags) would take each write and time out
-        # its WAIT: its pages are refused without the wait.  (As its last INFO said; a
-        # master not polled yet is tried, and WAIT decides.)
+        batches = self._refuse_unreplicated(batches, out)
+        if self._settle_writes(batches, self._each_node(batches, work) if batches else [], out):
+            self.refresh()
+        return out
+
+    def _refuse_unreplicated(self, batches: list[_NodeBatch], out: list[PageStatus]) -> list[_NodeBatch]:
+        """A master without enough replicas in sync (its own died and it was promoted, its
+        replica's first sync is not done, or it lags) would take each write and time out
+        its WAIT: its pages are refused without the wait.  (As its last INFO said; a
+        master not polled yet is tried, and WAIT decides.)  The batches still to write."""
+        replicas = self.config.replicas
         for batch in [b for b in batches if self._replicas.get(b.node.name, replicas) < replicas]:
             batches.remove(batch)
             n = sum(len(items) for items in batch.items)
@@ -305,7 +285,14 @@ class RedisClusterTier:
             for items in batch.items:
                 for i in items:
                     out[i] = PageStatus.REFUSED_REPLICATION
-        for batch, result in zip(batches, self._each_node(batches, work) if batches else []):
+        return batches
+
+    def _settle_writes(self, batches: list[_NodeBatch], results: list[object], out: list[PageStatus]) -> bool:
+        """Each page's status from its node's answers (scripts, then WAIT); True if a node
+        failed in a way that asks for a fresh look at the cluster."""
+        replicas = self.config.replicas
+        refresh = False
+        for batch, result in zip(batches, results):
             n = sum(len(items) for items in batch.items)
             if isinstance(result, BaseException):
                 limited("write failed", logging.WARNING, "page tier: node %s failed a write (%s); refusing %d "
@@ -332,9 +319,7 @@ class RedisClusterTier:
                     self.count(TierCounter.WRITTEN, len(items))
                 for i in items:
                     out[i] = status
-        if refresh:
-            self.refresh()
-        return out
+        return refresh
 
     def read(self, client: int, pages: Sequence[int], seqs: Sequence[int]) -> list[memoryview | None]:
         """Each page's data where the cluster holds exactly version ``seqs[i]``, else
@@ -347,7 +332,7 @@ class RedisClusterTier:
         batches = self._group(client, pages)
 
         def work(batch: _NodeBatch) -> list:  # type: ignore[type-arg]
-            pipe = self._cluster.get_redis_connection(batch.node).pipeline(transaction=False)
+            pipe = self.cluster.get_redis_connection(batch.node).pipeline(transaction=False)
             for key, items in zip(batch.keys, batch.items):
                 pipe.execute_command("HMGET", key, *(b"%d" % (pages[i] & (RUN_PAGES - 1)) for i in items))
             return pipe.execute(raise_on_error=False)
@@ -375,7 +360,7 @@ class RedisClusterTier:
         a master and that its cluster is in state ok; else learn the slots again and
         raise TierUnavailable (the caller asks again)."""
         try:
-            pipe = self._cluster.get_redis_connection(node).pipeline(transaction=False)
+            pipe = self.cluster.get_redis_connection(node).pipeline(transaction=False)
             pipe.execute_command("ROLE")
             pipe.execute_command("CLUSTER INFO")
             role, info = pipe.execute()
@@ -396,7 +381,7 @@ class RedisClusterTier:
         batches = self._group(client, pages)
 
         def work(batch: _NodeBatch) -> list:  # type: ignore[type-arg]
-            pipe = self._cluster.get_redis_connection(batch.node).pipeline(transaction=False)
+            pipe = self.cluster.get_redis_connection(batch.node).pipeline(transaction=False)
             for key, items in zip(batch.keys, batch.items):
                 args: list[bytes] = []
                 for i in items:
@@ -424,7 +409,7 @@ class RedisClusterTier:
         batches = self._group(client, first_pages)
 
         def work(batch: _NodeBatch) -> list:  # type: ignore[type-arg]
-            pipe = self._cluster.get_redis_connection(batch.node).pipeline(transaction=False)
+            pipe = self.cluster.get_redis_connection(batch.node).pipeline(transaction=False)
             for key in batch.keys:
                 pipe.execute_command("UNLINK", key)
             return pipe.execute(raise_on_error=False)
@@ -435,129 +420,13 @@ class RedisClusterTier:
                 self.refresh()
                 raise TierUnavailable(f"node {batch.node.name}: {_why(bad)}")
 
-    def sweep(self) -> int:
-        """Delete every page key of this store instance (at exit, after the drain:
-        whatever a failed delete left behind; or, by ``vswapctl tier-sweep``, what a
-        store that is gone left).  Not its heartbeat.  Returns keys deleted; raises
-        TierUnavailable."""
-        pattern = self._pattern(self.instance, "[0-9]*")  # a client number follows the dot
-        deleted = 0
-        for node in self._cluster.get_primaries():
-            conn = self._cluster.get_redis_connection(node)
-            try:
-                for key in conn.scan_iter(match=pattern, count=1000):
-                    deleted += conn.unlink(key)
-            except FAILURES as exc:
-                raise TierUnavailable(f"node {node.name}: {_why(exc)}") from None
-        return deleted
-
-    def instances(self, instance: str = "*") -> dict[str, Instance]:
-        """The store instances with keys under this tier's prefix (or only ``instance``):
-        their page keys, and their heartbeat while they run.  Every master is asked;
-        one that does not answer raises TierUnavailable (it may hold the only heartbeat
-        left of a running store)."""
-        found: dict[str, Instance] = {}
-        for node in self._cluster.get_primaries():
-            conn = self._cluster.get_redis_connection(node)
-            try:
-                for key in conn.scan_iter(match=self._pattern(instance, "*"), count=1000):
-                    name, _, rest = key.decode(errors="replace").partition("{")[2].partition(".")
-                    entry = found.setdefault(name, Instance())
-                    if not rest.startswith(HEARTBEAT_TAG + "."):
-                        entry.keys += 1
-                    elif entry.heartbeat is None:
-                        entry.heartbeat = _heartbeat_value(conn.get(key))
-            except FAILURES as exc:
-                raise TierUnavailable(f"node {node.name}: {_why(exc)}") from None
-        return {name: entry for name, entry in found.items() if entry.keys or entry.heartbeat is not None}
-
-    # -- the heartbeat --------------------------------------------------------------
-
-    def _heartbeat_keys(self) -> list[tuple[ClusterNode, bytes]]:
-        """One heartbeat key per master: ``PREFIX:{INSTANCE.alive.N}`` with the first N
-        whose slot it serves (a master of a handful of slots may get none)."""
-        masters = {node.name for node in self._cluster.get_primaries()}
-        keys: dict[str, tuple[ClusterNode, bytes]] = {}
-        for n in range(64 * len(masters)):
-            key = self._heartbeat_key(n)
-            try:
-                node = self._node_of(key)
-            except TierUnavailable:
-                continue
-            if node.name in masters:
-                keys.setdefault(node.name, (node, key))
-                if len(keys) == len(masters):
-                    break
-        return list(keys.values())
-
-    def beat(self) -> int:
-        """Write this store instance's heartbeat on every master, with the TTL, on all
-        of them at once, and wait at most one heartbeat interval (a fifth of the TTL):
-        a master that hangs (up to the socket timeout, which may be longer than the
-        TTL) costs only its own heartbeat, never the others'.  A master whose last
-        write has not finished is not written again (at most one thread each).
-        Returns the masters that took it; raises TierUnavailable if none did."""
-        value = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                            "ttl": self.config.heartbeat_ttl}).encode()
-        ttl_ms = max(1, int(self.config.heartbeat_ttl * 1000))
-        failures: list[str] = []
-        started: dict[str, tuple[bytes, Future[None]]] = {}
-        for node, key in self._heartbeat_keys():
-            if node.name in self._beating:
-                failures.append(f"{node.name}: its last heartbeat write has not finished")
-                continue
-            try:
-                connection = self._cluster.get_redis_connection(node)
-            except FAILURES as exc:
-                failures.append(f"{node.name}: {_why(exc)}")
-                continue
-            future = self._beat_pool.submit(connection.set, key, value, px=ttl_ms)
-            self._beating[node.name] = future
-            future.add_done_callback(lambda _, name=node.name: self._beating.pop(name, None))
-            started[node.name] = (key, future)
-        wait_futures([f for _, f in started.values()], timeout=self.heartbeat_interval())
-        written = 0
-        for name, (key, future) in started.items():
-            if not future.done():
-                failures.append(f"{name}: no answer within {self.heartbeat_interval():g}s")
-            elif (exc := future.exception()) is not None:
-                failures.append(f"{name}: {_why(exc)}")
-            else:
-                self._beats.add(key)
-                written += 1
-        self.count(TierCounter.HEARTBEAT_FAILURES, len(failures))
-        if failures:  # learnt meanwhile: asking the nodes may wait on the hung one, beat() may not
-            self._beat_pool.submit(self.refresh)
-        if not written:
-            raise TierUnavailable("no master took the heartbeat (" + "; ".join(failures) + ")")
-        if failures:
-            limited("heartbeat", logging.WARNING, "page tier: the heartbeat did not reach %s", "; ".join(failures))
-        return written
-
-    def heartbeat_interval(self) -> float:
-        return self.config.heartbeat_ttl / HEARTBEATS_PER_TTL
-
-    def end_heartbeat(self) -> None:
-        """Delete the heartbeat (a clean exit, after the sweep).  Raises TierUnavailable;
-        what is not deleted expires with its TTL."""
-        failures = []
-        for key in sorted(self._beats):
-            try:
-                self._cluster.get_redis_connection(self._node_of(key)).unlink(key)
-            except (*FAILURES, TierUnavailable) as exc:
-                failures.append(f"{key.decode()}: {_why(exc)}")
-                continue
-            self._beats.discard(key)
-        if failures:
-            raise TierUnavailable("deleting the heartbeat failed: " + "; ".join(failures))
-
     # -- the cluster ----------------------------------------------------------------
 
     def _slot_primaries(self) -> dict[int, str]:
         """The master serving each slot range (by its first slot)."""
         out = {}
-        for slot, nodes in self._cluster.nodes_manager.slots_cache.items():
-            if nodes and (slot == 0 or self._cluster.nodes_manager.slots_cache.get(slot - 1) != nodes):
+        for slot, nodes in self.cluster.nodes_manager.slots_cache.items():
+            if nodes and (slot == 0 or self.cluster.nodes_manager.slots_cache.get(slot - 1) != nodes):
                 out[slot] = nodes[0].name
         return out
 
@@ -570,7 +439,7 @@ class RedisClusterTier:
                 return
             self._refreshed_at = now
             try:
-                self._cluster.nodes_manager.initialize()
+                self.cluster.nodes_manager.initialize()
             except FAILURES as exc:
                 log.warning("page tier: cannot learn the cluster's slots now (%s)", _why(exc))
                 return
@@ -586,9 +455,9 @@ class RedisClusterTier:
         master; a master that does not answer is left out."""
         out = []
         failed = False
-        for node in self._cluster.get_primaries():
+        for node in self.cluster.get_primaries():
             try:
-                info = self._cluster.get_redis_connection(node).info("memory", "replication")
+                info = self.cluster.get_redis_connection(node).info("memory", "replication")
             except FAILURES:
                 failed = True
                 continue
@@ -608,7 +477,7 @@ class RedisClusterTier:
         out = []
         for run in runs:
             try:
-                if self._node_of(self.key(client, run)).name in masters:
+                if self.node_of(self.key(client, run)).name in masters:
                     out.append(run)
             except TierUnavailable:
                 continue
@@ -619,8 +488,8 @@ class RedisClusterTier:
         and cluster-allow-reads-when-down) and say it in words."""
         settings: dict[str, dict[str, str]] = {}
         refused: list[str] = []
-        for node in self._cluster.get_primaries():
-            conn = self._cluster.get_redis_connection(node)
+        for node in self.cluster.get_primaries():
+            conn = self.cluster.get_redis_connection(node)
             try:
                 got = {name: conn.config_get(name).get(name) for name in (FULL_COVERAGE, READS_WHEN_DOWN)}
             except FAILURES as exc:
@@ -659,9 +528,8 @@ class RedisClusterTier:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-        self._beat_pool.shutdown(wait=False)
         try:
-            self._cluster.close()
+            self.cluster.close()
         except FAILURES:
             pass
 
@@ -679,18 +547,6 @@ def _failure(result: object) -> BaseException | None:
     if isinstance(result, BaseException):
         return result
     return next((r for r in result if isinstance(r, BaseException)), None)  # type: ignore[attr-defined]
-
-
-def _heartbeat_value(raw: bytes | None) -> dict[str, object] | None:
-    """A heartbeat's value (None: it expired meanwhile); one that is not ours to read
-    still says that its store runs."""
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = None
-    return value if isinstance(value, dict) else {}
 
 
 def _failover(settings: dict[str, dict[str, str]], refused: list[str], read_timeout: float) -> Failover:

@@ -54,6 +54,7 @@ from .redistier import FailoverScope, RedisClusterTier, TierUnavailable
 from .backend import Bookkeeper, PutPlan
 from .store import Store
 from .tiercounters import TierCounter
+from .tierpresence import Presence
 
 if TYPE_CHECKING:
     from .server import Server
@@ -78,6 +79,7 @@ class TierPages:
 
     def __init__(self, tier: RedisClusterTier) -> None:
         self.tier = tier
+        self.presence = Presence(tier)  # the heartbeat, and the sweep at exit
         self._store: Bookkeeper | None = None
         self._ids = 0
         self._limiter = trio.CapacityLimiter(16)  # writes, deletes, upkeep
@@ -314,7 +316,7 @@ class TierPages:
 
     async def _beat(self) -> None:
         try:
-            await trio.to_thread.run_sync(self.tier.beat, limiter=self._beat_limiter)
+            await trio.to_thread.run_sync(self.presence.beat, limiter=self._beat_limiter)
         except TierUnavailable as exc:
             log.warning("page tier: the heartbeat reached no master (%s); `vswapctl tier-sweep` takes this store "
                         "for gone %gs after its last one", exc, self.tier.config.heartbeat_ttl)
@@ -322,7 +324,7 @@ class TierPages:
             log.exception("page tier: error while writing the heartbeat")
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.tier.heartbeat_interval()
+        interval = self.presence.heartbeat_interval()
         while True:
             await trio.sleep(interval)
             await self._beat()
@@ -414,15 +416,16 @@ class TierPages:
         with trio.move_on_after(timeout):
             try:
                 await self.flush_deletes()
-                swept = await self._call(self.tier.sweep)
+                swept = await self._call(self.presence.sweep)
                 if swept:
                     log.info("page tier: deleted %d keys left by this store", swept)
             except TierUnavailable as exc:
                 log.warning("page tier: could not clean up the cluster at exit (%s)", exc)
         with trio.move_on_after(timeout):
             try:
-                await self._call(self.tier.end_heartbeat)
+                await self._call(self.presence.end_heartbeat)
             except TierUnavailable as exc:
                 log.warning("page tier: the heartbeat stays until it expires (%s)", exc)
+        self.presence.close()
         self.tier.close()
 

@@ -205,7 +205,7 @@ async def test_put_get_invalidate_against_the_cluster(redis_cluster_session: Loc
         assert status == bytes(n) and set(seqs) == {5} and got == data(first, n, 1)
         assert fields(cluster, store, client, range(first, first + n)) == n
         # A client's runs spread over every master; the pages of one run stay on one.
-        nodes = {store.backend.tier._node_of(store.backend.tier.key(client.tier_id, run)).name for run in range(16)}
+        nodes = {store.backend.tier.node_of(store.backend.tier.key(client.tier_id, run)).name for run in range(16)}
         assert len(nodes) == 3
         assert store.counters[HostCounter.ACCEPTED] == n and store.backend.tier.counters[TierCounter.WRITTEN] == n
         # A newer version replaces; an older one is refused as outdated.
@@ -432,7 +432,7 @@ async def test_a_store_deletes_its_heartbeat_at_a_clean_exit_after_its_sweep(
     assert await store.put(client, 0, 1, data(0, 8, 1)) == bytes(8)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        found = store.backend.tier.instances()[store.instance]
+        found = store.backend.presence.instances()[store.instance]
         assert found.keys == 1 and found.heartbeat is not None and found.heartbeat["pid"] == os.getpid()
         nursery.cancel_scope.cancel()
     await store.aclose()
@@ -696,6 +696,35 @@ async def test_reads_go_on_through_a_masters_death(redis_cluster: LocalCluster) 
         await store.aclose()
 
 
+def _pages_on_the_master_of_page_0(tier, tier_id: int, n: int) -> tuple[str, list[int]]:  # type: ignore[no-untyped-def]
+    """The master holding page 0 of a client, and which of its first ``n`` pages it holds."""
+    victim = tier.node_of(tier.key(tier_id, 0)).name
+    return victim, [p for p in range(n) if tier.node_of(tier.key(tier_id, p // RUN_PAGES)).name == victim]
+
+
+async def _all_and_only_handed_back(store: Store, pages, handed: list[int],  # type: ignore[no-untyped-def]
+                                    taken: dict[int, bytes]) -> None:
+    """Every page of ``handed`` is handed back (and taken, at version 1), and only those."""
+    with trio.fail_after(30):
+        while any(pages.index.get(p) != NIL for p in handed):
+            await trio.sleep(0.05)
+    assert sorted(taken) == handed and all(taken[p] == page(p, 1) for p in handed)
+    assert store.counters[HostCounter.HANDED_BACK_REPLICATION] == len(handed)
+
+
+async def _read_back_runs(client, n: int, missing: list[int], newer: int) -> None:  # type: ignore[no-untyped-def]
+    """Every run of ``n`` pages reads back: the runs starting in ``missing`` are missing,
+    the others hold version 1, but for the first 8 pages of run ``newer`` (version 2)."""
+    for first in range(0, n, RUN_PAGES):
+        answer = await client.get(array("Q", range(first, first + RUN_PAGES)))
+        if first in missing:
+            assert answer.statuses == bytes([S.MISSING]) * RUN_PAGES  # handed back before
+            continue
+        version = 2 if first == newer else 1
+        expected = data(first, 8, version) + data(first + 8, RUN_PAGES - 8, 1)
+        assert answer.statuses == bytes(RUN_PAGES) and bytes(answer.data) == expected
+
+
 async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, tmp_path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A master whose replica's first sync never finishes: its new pages are refused
@@ -723,20 +752,12 @@ async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, 
                 assert await client.put(first, 1, data(first, RUN_PAGES, 1)) == bytes(RUN_PAGES)
             pages = store.clients["c"]
             tier = store.backend.tier
-            victim = tier._node_of(tier.key(pages.tier_id, 0)).name
+            victim, on_victim = _pages_on_the_master_of_page_0(tier, pages.tier_id, n)
             victim_port = int(victim.rsplit(":", 1)[1])
-            on_victim = [p for p in range(n) if tier._node_of(tier.key(pages.tier_id, p // RUN_PAGES)).name == victim]
             assert 0 < len(on_victim) < n
-
-            replica = cluster.unsync_replica(victim_port)
-            # Every page it held is handed back, and only those.
-            with trio.fail_after(30):
-                while any(pages.index.get(p) != NIL for p in on_victim):
-                    await trio.sleep(0.05)
-            assert victim in tier.unreplicated
-            assert sorted(taken) == on_victim and all(taken[p] == page(p, 1) for p in on_victim)
-            assert store.counters[HostCounter.HANDED_BACK_REPLICATION] == len(on_victim)
-            assert store.pages == n - len(on_victim)
+            replica = cluster.unsync_replica(victim_port)  # every page it held is handed back, and only those
+            await _all_and_only_handed_back(store, pages, on_victim, taken)
+            assert victim in tier.unreplicated and store.pages == n - len(on_victim)
             # Its new pages are refused at once, the other masters' are stored.
             first_elsewhere = next(p for p in range(0, n, RUN_PAGES) if p not in on_victim)
             assert await client.put(0, 2, data(0, 8, 2)) == bytes([S.REFUSED_REPLICATION]) * 8
@@ -750,20 +771,13 @@ async def test_a_master_whose_replica_never_synced(redis_cluster: LocalCluster, 
                     await trio.sleep(0.1)
             # The pages of the other masters still read back, at once.
             started = time.monotonic()
-            for first in range(0, n, RUN_PAGES):
-                answer = await client.get(array("Q", range(first, first + RUN_PAGES)))
-                if first in on_victim:
-                    assert answer.statuses == bytes([S.MISSING]) * RUN_PAGES  # handed back before
-                    continue
-                version = 2 if first == first_elsewhere else 1
-                expected = data(first, 8, version) + data(first + 8, RUN_PAGES - 8, 1)
-                assert answer.statuses == bytes(RUN_PAGES) and bytes(answer.data) == expected
+            await _read_back_runs(client, n, on_victim, first_elsewhere)
             assert time.monotonic() - started < tier.config.read_timeout
             assert tier.counters[TierCounter.LOST] == 0
             # The dead master misses its heartbeat (the others take it), and a sweep is
             # refused while a master does not answer: it might hold what says the store runs.
             failures = tier.counters[TierCounter.HEARTBEAT_FAILURES]
-            assert tier.beat() == 2 and tier.counters[TierCounter.HEARTBEAT_FAILURES] == failures + 1
+            assert store.backend.presence.beat() == 2 and tier.counters[TierCounter.HEARTBEAT_FAILURES] == failures + 1
             code, _, err = await trio.to_thread.run_sync(_sweep, capsys, cluster.address, store.instance)
             assert code == 1 and f"node {victim}" in err
             nursery.cancel_scope.cancel()
@@ -789,10 +803,10 @@ async def test_a_node_that_is_no_confirmed_master_cannot_say_a_page_is_lost(redi
         client, n = await fill_every_master(store)
         master = cluster.masters()[0]
         empty = cluster.unsync_replica(master)  # answers reads (READONLY), with nothing
-        nodes = store.backend.tier._cluster.nodes_manager
+        nodes = store.backend.tier.cluster.nodes_manager
         stale = ClusterNode("127.0.0.1", empty, server_type="replica")
         nodes.nodes_cache[stale.name] = stale
-        store.backend.tier._cluster.read_from_replicas = True  # its connections say READONLY: it answers reads
+        store.backend.tier.cluster.read_from_replicas = True  # its connections say READONLY: it answers reads
         nodes.create_redis_connections([stale])
         moved = [slot for slot, serving in nodes.slots_cache.items() if serving[0].port == master]
         for slot in moved:
@@ -818,14 +832,14 @@ async def test_a_hung_master_costs_only_its_own_heartbeat(redis_cluster: LocalCl
     masters = cluster.masters()
     frozen = masters[0]
     try:
-        assert tier.beat() == 3
+        assert store.backend.presence.beat() == 3
         cluster.kill(frozen, signal.SIGSTOP)
         for attempt in range(2):  # the second finds the first's write to the frozen master unfinished
             started = time.monotonic()
-            assert tier.beat() == 2
-            assert time.monotonic() - started < tier.heartbeat_interval() + 0.1
+            assert store.backend.presence.beat() == 2
+            assert time.monotonic() - started < store.backend.presence.heartbeat_interval() + 0.1
             assert tier.counters[TierCounter.HEARTBEAT_FAILURES] == attempt + 1
-        assert len(tier._beating) == 1  # one thread for the frozen master, not one per beat
+        assert len(store.backend.presence._beating) == 1  # one thread for the frozen master, not one per beat
         for port in masters:
             if port != frozen:  # each live master holds a heartbeat with its TTL running
                 keys = cluster.cli(port, "eval", f"return redis.call('keys', 'vswap:{{{tier.instance}.alive.*')", "0")

@@ -474,9 +474,7 @@ def run(seconds: float = 10.0, kinds: dict[str, int] | None = None) -> dict[str,
     kinds = kinds or KINDS
     attacker: subprocess.Popen[str] | None = None
     with tempfile.TemporaryDirectory(prefix="vswapctl-attack-token-") as private:
-        token_file = os.path.join(private, "token")
-        with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            f.write(os.urandom(32).hex())
+        token_file = _write_token(private)
         token = auth.load_token(token_file)
         pressure = os.path.join(private, "pressure")
         _set_pressure(pressure, 95.0)  # past the high watermark: the store hands pages back throughout
@@ -510,21 +508,36 @@ def run(seconds: float = 10.0, kinds: dict[str, int] | None = None) -> dict[str,
                 wall = time.monotonic() - wall_start
                 cpu = {"store": round((_cpu_seconds(store.pid) - cpu_start) / wall * 100),
                        "attackers": round(_cpu_seconds(attacker.pid) / wall * 100)}
-                out, _ = attacker.communicate(timeout=60)
-                stats = trio.run(query, address, Stats(), 5.0, token)
-                rss_after = _rss_kib(store.pid)
-                rss_peak = measured["peak"].peak()
-                alive = store.poll() is None
+                measured["out"], _ = attacker.communicate(timeout=60)
+                measured["stats"] = trio.run(query, address, Stats(), 5.0, token)
+                measured["rss_after"] = _rss_kib(store.pid)
+                measured["peak"] = measured["peak"].peak()
+                measured["alive"] = store.poll() is None
             finally:
                 if attacker is not None and attacker.poll() is None:
                     attacker.kill()
                     attacker.wait()
-    rss_before, peak_alone = measured["rss_before"], measured["peak_alone"]
+    return _report(seconds, kinds, latencies, handed_back, cpu, measured)
+
+
+def _write_token(directory: str) -> str:
+    """A fresh token in a file of mode 0600 in ``directory``; its path."""
+    path = os.path.join(directory, "token")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(os.urandom(32).hex())
+    return path
+
+
+def _report(seconds: float, kinds: dict[str, int], latencies: dict[str, list[float]],
+            handed_back: list[dict[str, int]], cpu: dict[str, int], measured: dict[str, Any]) -> dict[str, Any]:
+    """One run's figures, as ``vswapctl attack --json`` prints them."""
+    stats, peak_alone, rss_before = measured["stats"], measured["peak_alone"], measured["rss_before"]
+    rss_peak, rss_after = measured["peak"], measured["rss_after"]
     return {
         "seconds": seconds,
         "hostile_connections_at_once": sum(kinds.values()),
         "hostile_kinds": kinds,
-        "hostile_connections_opened": int(out.strip() or 0),
+        "hostile_connections_opened": int(measured["out"].strip() or 0),
         "good_alone": _summary(latencies["pager_alone"]),
         "good_under_attack": _summary(latencies["pager_under_attack"]),
         "observer_alone": _summary(latencies["observer_alone"]),
@@ -539,7 +552,7 @@ def run(seconds: float = 10.0, kinds: dict[str, int] | None = None) -> dict[str,
         "closed_by_reason": {k: stats.get(k, 0) for k in CLOSE_REASONS},
         "bytes_stored_after": stats.get("bytes_stored", 0),
         "connections": stats.get("connections", 0),
-        "store_alive": alive,
+        "store_alive": measured["alive"],
     }
 
 

@@ -33,32 +33,14 @@ from pagewire.address import Address
 from vswapcommon.counters import Counters
 from pagewire.endpoint import Endpoint, PeerGone, RemoteError
 from pagewire.sharedmem import SharedError, SharedPages
-from pagewire.messages import (
-    ROLE_OBSERVER,
-    ROLE_PAGER,
-    GetAnswer,
-    Get,
-    HandBack,
-    Hello,
-    HelloAnswer,
-    Invalidate,
-    MAX_PUT_PAGES,
-    PAGE_SIZE,
-    Put,
-    PutStaged,
-    Request,
-    Stats,
-    TakeStatus,
-    Welcome,
-)
+from pagewire.messages import (ROLE_OBSERVER, ROLE_PAGER, GetAnswer, Get, HandBack, Hello, HelloAnswer, Invalidate, MAX_PUT_PAGES, PAGE_SIZE, Put, PutStaged, Request, Stats, Welcome)
 
 from .pagestore import HandBackHandler, PagesLostHandler, StoreAuthError, StoreError, StoreUnavailable
 from .linkcounters import LinkCounter
+from .linkhandback import HandBackTaker
 
 log = logging.getLogger("vswapfs.hostclient")
 
-HANDBACK_CONCURRENCY = 2  # hand-backs being applied at once
-HANDBACK_PENDING_MAX = 4  # held at once (applied or waiting); more are answered "failed" at once
 
 
 KEEPALIVE_INTERVAL = 60.0  # well inside the store's idle timeout (300 s by default)
@@ -123,15 +105,8 @@ class HostClient:
         self._epoch = 0
         self._endpoint: Endpoint | None = None
         self._connected = trio.Event()
-        self._on_handback: HandBackHandler | None = None
         self._on_pages_lost: PagesLostHandler | None = None
-        self._handback_slots = trio.Semaphore(HANDBACK_CONCURRENCY)
-        self._handbacks_pending = 0
-        self._tasks: trio.Nursery | None = None
-        # (page, version) the store handed back and we took, whose answer never reached
-        # it: the store still holds them, so they are dropped there after a reconnect.
-        self._untold: list[tuple[int, int]] = []
-        self._telling = False
+        self.taker = HandBackTaker(self.counters)
 
     # -- the PageStore contract ---------------------------------------------------------
 
@@ -148,7 +123,7 @@ class HostClient:
             await self._connected.wait()
 
     def set_handlers(self, on_handback: HandBackHandler, on_pages_lost: PagesLostHandler) -> None:
-        self._on_handback = on_handback
+        self.taker.on_handback = on_handback
         self._on_pages_lost = on_pages_lost
 
     async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes:
@@ -234,7 +209,7 @@ class HostClient:
             # Hand-backs run here, not in one connection's nursery: one waiting for a
             # page lock must never hold up a reconnect (the lock's holder may be a
             # read waiting for that very reconnect).
-            self._tasks = tasks
+            self.taker.tasks = tasks
             while True:
                 try:
                     if await self._serve_link(report_started):
@@ -291,7 +266,7 @@ class HostClient:
                     self._endpoint = endpoint
                     self._connected.set()
                     on_connected()
-                    self._tell_untold_soon()
+                    self.taker.connected(endpoint)
                     nursery.start_soon(self._keep_alive, endpoint)
                     await endpoint.closed.wait()
                     self._disconnected(endpoint)
@@ -319,6 +294,7 @@ class HostClient:
     def _disconnected(self, endpoint: Endpoint) -> None:
         if self._endpoint is endpoint:
             self._endpoint = None
+            self.taker.connected(None)
             # The store may be gone: its memory is then no longer locked by it, may be
             # swapped out (perhaps to a device we serve), and must not be touched.  A
             # reconnect maps it again.
@@ -425,19 +401,7 @@ class HostClient:
             if isinstance(event, p.BadRequest) or not isinstance(event.message, HandBack):
                 # A store sending requests we do not understand is broken or hostile.
                 raise p.ProtocolError(f"store sent a request we do not accept: {event}")
-            self.counters.add(LinkCounter.HANDBACK_REQUESTS)
-            handback = event.message
-            if self._handbacks_pending >= HANDBACK_PENDING_MAX or self._tasks is None:
-                # Bounded: a store cannot make us hold more than a few batches.  It keeps
-                # these pages and may offer them again later.  The answer goes out from its
-                # own task: this loop must keep reading whatever the store does, or a store
-                # that stops reading while it sends could wedge both ends.
-                self.counters.add(LinkCounter.HANDBACKS_DEFERRED)
-                statuses = bytes([TakeStatus.FAILED]) * len(handback.pages)
-                nursery.start_soon(self._answer, endpoint, endpoint.conn.send_answer(event.msgid, handback, statuses))
-                return None
-            self._handbacks_pending += 1
-            self._tasks.start_soon(self._take_back, endpoint, event.msgid, handback)
+            self.taker.receive(endpoint, event.msgid, event.message, nursery)
             return None
 
         def on_event(event: p.Event) -> None:
@@ -454,60 +418,6 @@ class HostClient:
             log.exception("error on the host store connection, reconnecting")
         finally:
             endpoint.close()
-
-    @staticmethod
-    async def _answer(endpoint: Endpoint, data: bytes) -> None:
-        try:
-            await endpoint.send(data)
-        except PeerGone:
-            pass
-
-    async def _take_back(self, endpoint: Endpoint, msgid: int, handback: HandBack) -> None:
-        """Serve one hand-back: the pages are saved whether or not the answer gets out.
-        If it cannot be sent, the store still holds the pages we took: they are
-        dropped there once we are connected again."""
-        # This runs in the client's nursery, not the connection's: a lost connection
-        # does not cut it short.  Only shutting the client down cancels it, and the
-        # pager's take_back is safe to cancel (the map moves only after the write).
-        try:
-            async with self._handback_slots:
-                if self._on_handback is None:
-                    statuses = bytes([TakeStatus.FAILED]) * len(handback.pages)
-                else:
-                    statuses = await self._on_handback(handback)
-        finally:
-            self._handbacks_pending -= 1
-        try:
-            await endpoint.send(endpoint.conn.send_answer(msgid, handback, statuses))
-        except (PeerGone, p.ProtocolError):
-            taken = [(page, seq) for page, seq, status in zip(handback.pages, handback.seqs, statuses, strict=True)
-                     if status != TakeStatus.FAILED]
-            self._untold.extend(taken)
-            self.counters.add(LinkCounter.HANDBACK_ANSWERS_LOST, len(taken))
-            log.warning("could not answer a hand-back of %d pages (the connection is gone): the store's "
-                        "copies will be dropped once connected", len(handback.pages))
-            self._tell_untold_soon()
-
-    def _tell_untold_soon(self) -> None:
-        if self._untold and not self._telling and self._tasks is not None and self._endpoint is not None:
-            self._telling = True
-            self._tasks.start_soon(self._tell_untold, self._endpoint)
-
-    async def _tell_untold(self, endpoint: Endpoint) -> None:
-        """Drop, one version at a time, the store's copies of pages we took back but
-        could not say so.  A newer version the store holds is never touched."""
-        try:
-            while self._untold:
-                page, seq = self._untold[-1]
-                try:
-                    await endpoint.request(Invalidate(page, 1, seq))
-                except RemoteError as exc:
-                    log.error("the store refused to drop a page we took back: %s", exc)
-                except PeerGone:
-                    return
-                self._untold.pop()
-        finally:
-            self._telling = False
 
     # -- tools ---------------------------------------------------------------------------
 

@@ -121,13 +121,15 @@ def cmd_tier_sweep(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from hoststore.redistier import TierUnavailable, connect
+    from hoststore.tierpresence import Presence
 
     config = replace(args.tier, prefix=args.prefix)
     try:
         tier = connect(config, args.instance or "")
+        presence = Presence(tier)
         try:
             if not args.instance:
-                found = tier.instances()
+                found = presence.instances()
                 if not found:
                     say(f"no keys under {args.prefix}: in {config}")
                 for instance, entry in sorted(found.items()):
@@ -135,15 +137,16 @@ def cmd_tier_sweep(args: argparse.Namespace) -> int:
                 return 0
             # Asked of every master (one that does not answer is an error): a running store
             # has a heartbeat on each, so one failover cannot hide it.
-            entry = tier.instances(args.instance).get(args.instance)
+            entry = presence.instances(args.instance).get(args.instance)
             if entry is not None and entry.heartbeat is not None:
                 ttl = entry.heartbeat.get("ttl")
                 after = f"{ttl:g} s" if isinstance(ttl, int | float) else "its TTL"
                 return fail(f"store instance {args.instance} is {_liveness(entry.heartbeat)}: its keys hold its "
                              "clients' pages, and tier-sweep deletes only what a store that is gone left (its "
                              f"heartbeat expires {after} after it stops)")
-            deleted = tier.sweep()
+            deleted = presence.sweep()
         finally:
+            presence.close()
             tier.close()
     except TierUnavailable as exc:
         return fail(str(exc))
