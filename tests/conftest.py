@@ -24,7 +24,7 @@ PROJECT_TMP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def disk_base() -> str:
-    """A directory on a disk filesystem for backing files (never tmpfs: README, "Things that bite").
+    """A directory on a disk filesystem for backing files (never tmpfs: docs/operations.md, "Things that bite").
 
     /tmp, then /var/tmp, then a directory in the checkout.  If none is on a
     disk, the tests that need one fail, saying so: the page rules are not

@@ -13,12 +13,12 @@ the store hands pages back to under pressure meanwhile take pages back and are
 never disconnected (the store's own hand-backs once got them closed as if they
 had stalled); each kind of attack is closed for its own reason and counted; and
 the store's peak RSS under attack is less than 24 MiB above its peak before it
-(with the good clients alone).  The README's promise is 16 MiB, checked by the
+(with the good clients alone).  The promise (docs/security.md) is 16 MiB, checked by the
 benchmark (`vswapctl attack --runs 3`, December 2026: 11.8, 12.1 and 15.2 MiB);
 the bound here is looser so that a noisy machine cannot fail the suite.  It still fails the old code's way of growing without
 bound (212 MiB).
 
-Latency is a benchmark figure (`vswapctl attack`, medians in the README); here
+Latency is a benchmark figure (`vswapctl attack`, medians in docs/security.md); here
 it is only bounded loosely, so that a noisy 2-core machine cannot fail the suite
 while a store that serves attackers before its clients would.
 """

@@ -42,3 +42,5 @@ def test_every_store_counter_is_reported(tmp_path) -> None:
     store = Store(Limits(capacity_pages=16), Sampler(source=lambda: Snapshot.fake(10.0)))
     stats = store.stats(admin=True)
     assert {c.value for c in HostCounter} <= set(stats)
+    # and everything else it reports is described as state
+    assert set(stats) - {c.value for c in HostCounter} - {"tier"} == set(counterdoc.STORE_STATE) - {"tier"}

@@ -1,6 +1,6 @@
 """Faults injected into a live store, observed on the mounted file with O_DIRECT.
 
-Never on live swap (README, "Things that bite"): a fault that loses pages there would hit
+Never on live swap (docs/operations.md, "Things that bite"): a fault that loses pages there would hit
 unrelated processes.  Each test asserts what happens to every page: read back
 intact, or EIO for exactly the pages whose only copy was lost, at once.
 """

@@ -1,4 +1,4 @@
-"""The systemd units: installed as the README says (tools/install-units.sh, naming the
+"""The systemd units: installed as docs/operations.md says (tools/install-units.sh, naming the
 console scripts of the checkout's .venv), checked by systemd-analyze verify where it
 exists; and the settings that keep systemd from ever killing a daemon whose pages are
 swapped on."""

@@ -15,6 +15,7 @@ from hoststore.tiercounters import TierCounter
 from pagewire.causes import HANDBACK_CAUSES, REFUSAL_CAUSES
 from vswapcommon.counters import CounterEnum
 from vswapfs.linkcounters import LinkCounter
+from vswapfs.pagemap import STATE_NAMES
 from vswapfs.pagercounters import PagerCounter
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "counters.md"
@@ -34,6 +35,51 @@ those, and `_total`; the `refused_*` counters are one family,
 `..._refused_pages_total{reason="..."}`.  A store's per-client counters carry a
 `client` label (`vswap_store_client_...`).
 """
+
+
+# What the daemons report beside their counters: their state now (gauges, settings).
+STORE_STATE = {
+    "instance": "this store instance's id (a new one at each start)",
+    "pid": "the daemon's process id",
+    "pages_stored": "pages held now, all clients together",
+    "bytes_stored": "their bytes",
+    "slab_bytes_mapped": "memory mapped for page data (it follows the pages held)",
+    "capacity_pages": "--capacity, in pages",
+    "quota_pages": "the default quota, in pages (null: none)",
+    "under_pressure": "true while the store refuses pages for memory pressure (between the watermarks' hysteresis)",
+    "policy": "the admission policy (docs/policies.md)",
+    "draining": "true once a drain started: pages are refused and handed back",
+    "used_percent": "the host's used memory, as the last pressure sample saw it",
+    "high_percent": "--high-watermark",
+    "low_percent": "--low-watermark",
+    "pressure_samples": "pressure samples taken (at most one per --pressure-interval)",
+    "connections_active": "connections open now",
+    "pressure_risks": "what keeps the daemon from being safe under machine-wide memory pressure (empty: nothing)",
+    "log_lines_dropped": "log lines dropped because the log could not keep up (the daemon never waits for it)",
+    "tier": "the page tier's counters and state, on a store with --tier",
+    "clients": "per client: its counters, pages, quota, weight, share, lent pages and memory (all clients for an "
+               "admin, a pager's own otherwise)",
+}
+PAGER_STATE = {
+    "device_bytes": "the device's size", "device_pages": "the same in pages",
+    "writethrough": "true with --writethrough",
+    "pages_<state>": "device pages by where they live now, one field per state: "
+                     + ", ".join(f"`pages_{name}`" for name in STATE_NAMES.values()),
+    "host_connected": "true while the store is reachable", "orphans_pending": "drop requests not yet sent",
+    "pressure_risks": "what keeps vswapfs from being safe under machine-wide memory pressure (empty: nothing)",
+    "log_lines_dropped": "log lines dropped (vswapfs never waits for its log)",
+    "inproc_store": "with --host inproc: the in-process store's own stats (as a store daemon's)",
+    "host_address": "the store's address", "shared_memory": "true while pages are read from shared memory",
+    "backing_file": "the backing file's path", "pid": "vswapfs's process id",
+    "swap_opens": "opens of the swap file now (the loop device holds one)",
+    "discard_supported": "false with a pyfuse3 without the fallocate patch",
+    "fuse_splice_read": "whether FUSE requests are read with splice(2) (false with the splice patch)",
+}
+
+
+def _state(title: str, fields: dict[str, str]) -> list[str]:
+    rows = ["", f"## {title}", "", "| field | meaning |", "|---|---|"]
+    return rows + [f"| `{name}` | {meaning} |" for name, meaning in fields.items()]
 
 
 def _table(counters: type[CounterEnum]) -> list[str]:
@@ -58,6 +104,8 @@ def render() -> str:
     for counters in SECTIONS:
         lines += ["", f"## {counters.__doc__}", ""]
         lines += _table(counters)
+    lines += _state("vswapfs's state, beside its counters", PAGER_STATE)
+    lines += _state("hoststore's state, beside its counters", STORE_STATE)
     return "\n".join(lines) + "\n"
 
 
