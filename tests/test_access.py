@@ -398,8 +398,14 @@ async def test_a_store_without_the_token_gets_no_page(tmp_path, answer_auth) -> 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     received: list[bytes] = []
+    listened = trio.Event()
+
+    async def impostor() -> None:
+        await fake_store(listeners[0], answer_auth, received)
+        listened.set()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fake_store, listeners[0], answer_auth, received)
+        nursery.start_soon(impostor)
         client = HostClient(Address("tcp", host="127.0.0.1", port=port), "c", 128 * PAGE_SIZE, token=TOKEN,
                             backoff_min=0.5, backoff_max=1.0)
         await nursery.start(client.run)
@@ -407,7 +413,8 @@ async def test_a_store_without_the_token_gets_no_page(tmp_path, answer_auth) -> 
         assert client.counters[LinkCounter.STORE_AUTH_FAILED] == 1
         with pytest.raises(StoreUnavailable):
             await client.put(0, 1, page(0))
-        await trio.sleep(1.1)
+        with trio.fail_after(10):  # the impostor listened to the connection for its whole second
+            await listened.wait()
         assert received == []  # not a byte after the hello: no page, no request
         nursery.cancel_scope.cancel()
 
@@ -691,9 +698,11 @@ async def test_hello_and_idle_timeouts_close_silent_connections_not_quiet_client
         assert (await answer_of(stream, conn)).error is None
         assert await closed_by_server(stream, within=3)
         assert store.counters[HostCounter.CLOSED_IDLE] == 1
-        await trio.sleep(1.0)  # past the idle timeout again: the keepalives hold "quiet" up
-        assert quiet.connected and quiet.counters[LinkCounter.CONNECTS] == 1
-        assert quiet.counters[LinkCounter.KEEPALIVES] >= 3
+        kept = quiet.counters[LinkCounter.KEEPALIVES]
+        with trio.fail_after(10):  # four keepalives on, 0.8 s: past the idle timeout again...
+            while quiet.counters[LinkCounter.KEEPALIVES] < kept + 4:
+                await trio.sleep(0.01)
+        assert quiet.connected and quiet.counters[LinkCounter.CONNECTS] == 1  # ...they hold "quiet" up
         assert (await quiet.get(array("Q", [0]))).data == page(0)
         nursery.cancel_scope.cancel()
 

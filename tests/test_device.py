@@ -377,16 +377,16 @@ def test_the_daemons_leave_the_memory_cgroup_of_whoever_ran_up(state_dir: str, d
 
 @needs_root_fuse
 def test_sigterm_to_up_midway_undoes_what_it_did(state_dir: str, disk_dir: str, tmp_path) -> None:
-    env = fake_command(tmp_path, "losetup", "sleep 30\n")  # up stops here, a daemon or two started
+    reached = tmp_path / "losetup-reached"
+    # up stops here, its daemons started: in the stand-in for losetup, which says it was reached
+    env = fake_command(tmp_path, "losetup", f"touch {reached}\nsleep 30\n")
     proc = subprocess.Popen([sys.executable, "-m", "vswapctl", "--state-dir", state_dir, "up", "--size", "16M",
                              "--capacity", "4M", "--backing", os.path.join(disk_dir, "backing")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 30
-    while "serving" not in (open(os.path.join(state_dir, "vswapfs.log")).read()
-                            if os.path.exists(os.path.join(state_dir, "vswapfs.log")) else ""):
+    while not reached.exists():
         assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.1)
-    time.sleep(0.5)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "interrupted" in err, out + err

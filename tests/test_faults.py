@@ -118,10 +118,14 @@ def test_sigstop_writes_still_answered_in_time_and_reads_recover(make_daemons) -
         latencies = [dev.write_run(200 + i * 8, 8, 2) for i in range(10)]
         assert max(latencies) < 2.0, latencies  # the write timeout, plus the backing write
         result: list[bytes | None] = []
+        asked = d.stats()["read_requests"]
         reader = threading.Thread(target=lambda: result.append(dev.read(5)))
         reader.start()  # waits for the stopped store (up to --read-timeout)
-        time.sleep(1.0)
-        assert not result
+        deadline = time.monotonic() + 10
+        while d.stats()["read_requests"] == asked:  # the read reached vswapfs...
+            assert time.monotonic() < deadline, "the read never reached vswapfs"
+            time.sleep(0.01)
+        assert not result  # ...and waits there
     finally:
         d.signal_hoststore(signal.SIGCONT)
     reader.join(20)

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
@@ -175,8 +176,8 @@ async def test_a_one_page_read_is_served_at_once_unless_a_writer_holds_the_page(
     async with trio.open_nursery() as nursery:
         async with pager.locks.exclusive(0, 1):  # a write of page 0 in progress
             nursery.start_soon(lambda: _append(got, pager.read(0, PAGE_SIZE)))
-            await trio.sleep(0.05)
-            assert not got  # the read waits for the writer, as on the general path
+            await trio.testing.wait_all_tasks_blocked()
+            assert not got and pager.locks.waiting() == 1  # the read waits for the writer, as on the general path
         with trio.fail_after(2):
             while not got:
                 await trio.sleep(0.01)

@@ -155,12 +155,16 @@ def test_writes_are_answered_while_many_reads_wait_for_a_stopped_store(disk_dir:
 
         d.signal_hoststore(signal.SIGSTOP)
         try:
+            asked = d.stats()["read_requests"]
             for page in range(96):  # more reads waiting for the store than the old 64 FUSE workers
                 t = threading.Thread(target=read, args=(page,))
                 t.start()
                 readers.append(t)
-            time.sleep(0.5)
-            assert not results  # they wait
+            deadline = time.monotonic() + 20
+            while d.stats()["read_requests"] - asked <= 64:  # more than 64 of them reached vswapfs...
+                assert time.monotonic() < deadline, "the reads never reached vswapfs"
+                time.sleep(0.01)
+            assert not results  # ...and wait there
             latencies = [dev.write(512 + i * 8, [3] * 8) for i in range(20)]
         finally:
             d.signal_hoststore(signal.SIGCONT)

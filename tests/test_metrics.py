@@ -103,7 +103,13 @@ def test_a_running_store_serves_its_counters_and_a_busy_port_is_an_error(tmp_pat
         # The 8 pages belong to a client that is gone: a drain would wait for it; no swap
         # is on this store, so the second SIGTERM (exit at once) loses nothing of anyone's.
         proc.send_signal(15)
-        time.sleep(0.3)
+        from pagewire.messages import Stats
+        from vswapfs.hostclient import query
+
+        deadline = time.monotonic() + 10
+        while not trio.run(query, Address("unix", path=sock), Stats()).get("draining"):  # the first one is in
+            assert time.monotonic() < deadline, "the store never began its drain"
+            time.sleep(0.05)
         proc.send_signal(15)
 
 

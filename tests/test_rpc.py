@@ -367,14 +367,22 @@ async def test_store_hands_pages_back_under_pressure(tmp_path) -> None:
             while store.pages > 10:
                 await trio.sleep(0.01)
         level[0] = 70.0  # below the low watermark: stops
-        await trio.sleep(0.1)
         remaining = store.pages
-        await trio.sleep(0.1)
+        await pressure_rounds(store, 10)  # the loop looked again and again, and took nothing
         assert store.pages == remaining > 0
         first_pages = [pg for batch in taken for pg in batch][:20]
         assert sorted(first_pages) == list(range(20, 40))  # least recently used first
         assert store.counters[HostCounter.HANDED_BACK_PRESSURE] == 40 - remaining
         nursery.cancel_scope.cancel()
+
+
+async def pressure_rounds(store: Store, rounds: int) -> None:
+    """Until the store has sampled its pressure ``rounds`` more times (its pressure loop
+    samples once a round): what the loop would do, it has done by then."""
+    seen = store.sampler.samples
+    with trio.fail_after(10):
+        while store.sampler.samples < seen + rounds:
+            await trio.sleep(0.01)
 
 
 async def test_drain_hands_everything_back_then_the_server_stops(tmp_path, autojump_clock) -> None:
@@ -494,7 +502,6 @@ async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnec
     of X waiting for the exclusive lock, then the connection drops.  The hand-back
     used to live in the connection's nursery, so no reconnect could happen until the
     read gave up with EIO, although the store still had the page."""
-    from pagewire.messages import Get
     from hoststore.server import Session
     from vswapfs.backing import Backing
     from vswapfs.pager import Pager
@@ -502,23 +509,26 @@ async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnec
     store = new_store(capacity=64)
     backing = Backing.open(f"{disk_dir}/backing", 64 * PAGE)
     slow_get = [False]
-    real_serve = Session._serve
+    real_get = Session._get
+    get_in_flight = trio.Event()
 
-    async def serve(self, msg):
-        if isinstance(msg, Get) and slow_get[0]:
-            await trio.sleep(0.3)
-        return await real_serve(self, msg)
+    async def serve_get(self, msgid, msg, client):
+        if slow_get[0]:
+            get_in_flight.set()
+            await trio.sleep(0.3)  # a slow store
+        return await real_get(self, msgid, msg, client)
 
     try:
         async with trio.open_nursery() as nursery:
             listener = await open_listener(Address("unix", path=str(tmp_path / "s")))
             server = Server(store, ServerConfig(handback_interval=3600))
             [address] = await nursery.start(server.serve, [listener])
-            client = HostClient(address, "c", 64 * PAGE, backoff_min=0.01, backoff_max=0.05)
+            # No shared memory: the read must ask the store, and wait for its answer.
+            client = HostClient(address, "c", 64 * PAGE, backoff_min=0.01, backoff_max=0.05, share=False)
             pager = Pager(backing, client, read_timeout=5.0)
             await nursery.start(client.run)
             await pager.write(0, ELEVENS * 4)
-            Session._serve = serve  # type: ignore[method-assign]
+            Session._get = serve_get  # type: ignore[method-assign]
             slow_get[0] = True
             got: list[bytes] = []
 
@@ -526,9 +536,11 @@ async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnec
                 got.append(await pager.read(0, PAGE))
 
             nursery.start_soon(reader)
-            await trio.sleep(0.05)  # the read holds the shared lock; its get is in flight
+            await get_in_flight.wait()  # the read holds the shared lock; its get is in flight
             nursery.start_soon(server.hand_back, store.clients["c"], HandBackCause.PRESSURE, 4)
-            await trio.sleep(0.05)  # the hand-back waits for the exclusive lock
+            with trio.fail_after(5):  # the hand-back reached the pager, and waits for the exclusive lock
+                while not pager.locks.waiting():
+                    await trio.sleep(0.01)
             start = trio.current_time()
             await store.clients["c"].session.endpoint.aclose()  # the connection drops
             slow_get[0] = False
@@ -545,7 +557,7 @@ async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnec
             assert await pager.read(0, 4 * PAGE) == ELEVENS * 4
             nursery.cancel_scope.cancel()
     finally:
-        Session._serve = real_serve  # type: ignore[method-assign]
+        Session._get = real_get  # type: ignore[method-assign]
         backing.close()
 
 

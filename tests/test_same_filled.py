@@ -208,16 +208,21 @@ async def test_a_store_lost_while_a_later_run_is_out_does_not_keep_the_earlier_r
     without its pages meanwhile, the runs it took earlier must go to the backing file
     too, not be recorded in a store that no longer has them (write-back: its only copy)."""
 
+    run_a_answered = trio.Event()
+
     class DiesDuringRunB(FakeStore):
         async def put(self, first: int, seq: int, data: bytes | memoryview) -> bytes:
             if first == 2:
-                await trio.sleep(0.05)
-                self.kill()
+                await run_a_answered.wait()  # run [0] is answered first...
+                self.kill()  # ...then the store dies while run [2] is out
                 self.reconnect()
                 from vswapfs.pagestore import StoreUnavailable
 
                 raise StoreUnavailable("gone")
-            return await super().put(first, seq, data)
+            try:
+                return await super().put(first, seq, data)
+            finally:
+                run_a_answered.set()
 
     store = DiesDuringRunB(NPAGES)
     pager = Pager(backing, store, write_timeout=1.0, read_timeout=0.5)

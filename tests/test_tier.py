@@ -272,7 +272,9 @@ async def test_a_node_that_does_not_answer_in_time_gets_its_pages_refused(
         statuses = await store.put(client, 0, 1, data(0, 4, 1))
         assert statuses == bytes([S.REFUSED_TIER]) * 4 and store.pages == 0
         assert store.backend.tier.counters[TierCounter.REFUSED_UNREACHABLE] == 4
-        await trio.sleep(1.6)  # the paused write now lands on the master...
+        # Not an ordering but the pause this test set: once its 1.5 s are over, the write
+        # that waited at the master lands, or was dropped with its timed-out connection...
+        await trio.sleep(1.6)
         await store.backend.flush_deletes()
         assert fields(cluster, store, client, range(4)) == 0  # ...and is deleted by version
         assert await store.put(client, 0, 2, data(0, 4, 2)) == bytes(4)
@@ -496,7 +498,9 @@ async def test_a_page_on_its_way_to_the_cluster_is_neither_lost_nor_handed_back(
                 answers.append(await store.put(client, 0, 1, data(0, 4, 1)))
 
             nursery.start_soon(put)
-            await trio.sleep(0.2)  # recorded, the write waiting at the node
+            with trio.fail_after(5):  # recorded, the write on its way (waiting at the paused node)
+                while not store.backend._being_written(client, 3, 1):
+                    await trio.sleep(0.01)
             assert client.count == 4
             assert await store.lend(client, HandBackCause.DRAIN, 256) is None
             assert client.lent_count == 0 and client.count == 4
@@ -514,15 +518,16 @@ async def test_a_write_that_lands_while_a_hand_back_reads_is_not_taken_for_lost(
     then lands and its put answers stored, and only then does the read come back."""
     store = make(redis_cluster_session)
     tier = store.backend.tier
-    real_write, gate = tier.write, threading.Event()
+    real_write, gate, arrived, answered = tier.write, threading.Event(), threading.Event(), threading.Event()
 
     def gated_write(*args):  # type: ignore[no-untyped-def]
+        arrived.set()
         gate.wait(5)
         return real_write(*args)
 
     def early_read(client_id, pages, seqs):  # type: ignore[no-untyped-def]
         gate.set()  # the write goes on now...
-        time.sleep(0.3)  # ...and is answered before this read, which missed it
+        assert answered.wait(5)  # ...and is answered before this read, which missed it
         return [None] * len(pages)
 
     monkeypatch.setattr(tier, "write", gated_write)
@@ -534,9 +539,10 @@ async def test_a_write_that_lands_while_a_hand_back_reads_is_not_taken_for_lost(
 
             async def put() -> None:
                 answers.append(await store.put(client, 0, 1, data(0, 4, 1)))
+                answered.set()
 
             nursery.start_soon(put)
-            await trio.sleep(0.1)
+            assert await trio.to_thread.run_sync(arrived.wait, 5)  # recorded, its write at the gate
             handback = await store.lend(client, HandBackCause.PRESSURE, 256)
             gate.set()
         assert handback is None and answers == [bytes(4)]
@@ -555,25 +561,36 @@ async def test_overlapping_puts_keep_each_others_writes_marked_in_flight(
     store = make(redis_cluster_session)
     real_write = store.backend.tier.write
     gates = {seq: threading.Event() for seq in (1, 2, 3)}
+    arrived = {seq: threading.Event() for seq in (1, 2, 3)}
 
     def gated_write(client_id, seq, pages, data):  # type: ignore[no-untyped-def]
+        arrived[seq].set()
         gates[seq].wait(5)
         return real_write(client_id, seq, pages, data)
 
     monkeypatch.setattr(store.backend.tier, "write", gated_write)
     try:
         client = attach(store)
+        finished = {seq: trio.Event() for seq in (1, 2, 3)}
+
+        async def put(first: int, seq: int) -> None:
+            await store.put(client, first, seq, data(first, 1, seq))
+            finished[seq].set()
+
+        async def at_its_write(seq: int) -> None:
+            assert await trio.to_thread.run_sync(arrived[seq].wait, 5)
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.put, client, 0, 1, data(0, 1, 1))  # the old session's
-            await trio.sleep(0.05)
-            nursery.start_soon(store.put, client, 0, 2, data(0, 1, 2))  # the new session's
-            await trio.sleep(0.05)
+            nursery.start_soon(put, 0, 1)  # the old session's
+            await at_its_write(1)
+            nursery.start_soon(put, 0, 2)  # the new session's
+            await at_its_write(2)
             gates[2].set()
-            await trio.sleep(0.3)
-            nursery.start_soon(store.put, client, 9, 3, data(9, 1, 3))
-            await trio.sleep(0.05)
+            await finished[2].wait()
+            nursery.start_soon(put, 9, 3)
+            await at_its_write(3)
             gates[1].set()
-            await trio.sleep(0.3)
+            await finished[1].wait()
             assert store.backend._being_written(client, 9, 3)
             gates[3].set()
         assert not store.backend._writing

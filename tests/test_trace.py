@@ -102,7 +102,8 @@ async def test_following_the_trace_over_the_socket_is_for_admins_only(tmp_path, 
 
 def test_vswapctl_trace_prints_decisions_as_json_lines() -> None:
     import json
-    import time
+    import queue
+    import threading
 
     from vswapctl.benchstore import bench_store
 
@@ -110,23 +111,30 @@ def test_vswapctl_trace_prints_decisions_as_json_lines() -> None:
         tracer = subprocess.Popen([sys.executable, "-m", "vswapctl", "trace", "--json", "--host", f"unix:{sock}"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(1.0)  # the tracer connects and reads
+            lines: queue.Queue[str] = queue.Queue()
+            assert tracer.stdout is not None
+            threading.Thread(target=lambda: [lines.put(line) for line in tracer.stdout], daemon=True).start()
 
-            async def put_some() -> None:
+            async def put_until_traced() -> None:
+                """Puts until the tracer, once connected and reading, shows one: it sees
+                only decisions made after it began to read."""
                 from vswapfs.hostclient import HostClient
 
                 client = HostClient(Address("unix", path=sock), "vm1", 64 * PAGE_SIZE)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(client.run)
                     await client.wait_connected()
-                    await client.put(5, 1, os.urandom(3 * PAGE_SIZE))
-                    await client.invalidate(0, 64, 2)  # nothing left: the store's stop need not wait
+                    with trio.fail_after(20):
+                        seq = 0
+                        while lines.empty():
+                            seq += 1
+                            await client.put(5, seq, os.urandom(3 * PAGE_SIZE))
+                            await trio.sleep(0.05)
+                    await client.invalidate(0, 64, seq + 1)  # nothing left: the store's stop need not wait
                     nursery.cancel_scope.cancel()
 
-            trio.run(put_some)
-            assert tracer.stdout is not None
-            line = tracer.stdout.readline()
-            event = json.loads(line)
+            trio.run(put_until_traced)
+            event = json.loads(lines.get(timeout=5))
             assert event["event"] == "put" and event["first"] == 5 and event["stored"] == 3
         finally:
             tracer.send_signal(2)  # ^C

@@ -59,3 +59,7 @@ class RangeLock:
     @property
     def held(self) -> int:
         return len(self._holders)
+
+    def waiting(self) -> int:
+        """Tasks waiting for a range (tests wait for a task to reach its lock)."""
+        return self._lot.statistics().tasks_waiting
