@@ -28,6 +28,7 @@ from .pressure import Sampler, parse_source, read_psi, sample
 from .redistier import TierUnavailable, connect
 from .tierconfig import HEARTBEATS_PER_TTL, TierConfig, parse_heartbeat_ttl, parse_prefix, parse_tier
 from .pools import POOLS, pool_limit
+from .storemetrics import store_families
 from pagewire.endpoint import RECEIVE_SIZE, SEND_BATCH_BYTES
 from pagewire.protocol import get_answer_size
 from .server import Server, ServerConfig, fmt_pages, open_listener
@@ -325,22 +326,23 @@ def make_socket_dir(directory: str, access: Access) -> None:
 async def run(addresses: list[Address], server: Server, metrics_at: tuple[str, int] | None = None) -> None:
     """Serve until a drain finishes.  The first SIGTERM/SIGINT starts the drain;
     a second one exits at once, saying which pages it drops."""
+    try:  # before any task starts: a failure here is one line, not a traceback
+        listeners = [await open_listener(a, server.access) for a in addresses]
+    except OSError as exc:
+        raise SystemExit(f"hoststore: error: cannot listen: {exc.strerror or exc}") from None
     store = server.store
     try:
         async with trio.open_nursery() as upkeep:
             await upkeep.start(store.run, server)  # the page backend's (a tier's heartbeat, deletes)
-            await _serve(addresses, server, metrics_at)
+            await _serve(addresses, listeners, server, metrics_at)
             upkeep.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
 
 
-async def _serve(addresses: list[Address], server: Server, metrics_at: tuple[str, int] | None) -> None:
-    try:
-        listeners = [await open_listener(a, server.access) for a in addresses]
-    except OSError as exc:
-        raise SystemExit(f"hoststore: error: cannot listen: {exc.strerror or exc}") from None
+async def _serve(addresses: list[Address], listeners: list[trio.SocketListener], server: Server,
+                 metrics_at: tuple[str, int] | None) -> None:
     # Our socket files, by inode: at exit, remove them only if no newer daemon took the path.
     ours = {a.path: os.stat(a.path).st_ino for a in addresses if a.kind == "unix"}
     try:
@@ -368,7 +370,7 @@ async def _serve(addresses: list[Address], server: Server, metrics_at: tuple[str
                 nursery.start_soon(watch_signals)
                 if metrics_at is not None:
                     try:
-                        snapshot = metrics.start(metrics_at, metrics.store_families)
+                        snapshot = metrics.start(metrics_at, store_families)
                     except OSError as exc:
                         raise SystemExit(f"hoststore: error: --metrics {metrics_at[0]}:{metrics_at[1]}: "
                                          f"{exc.strerror or exc}") from None
@@ -429,6 +431,11 @@ def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: L
     return store
 
 
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -447,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(store, config, access)
     try:
         trio.run(run, args.listen, server, args.metrics)
+    except BaseExceptionGroup as group:  # an exit asked for from inside a task: its one line, no traceback
+        exits, rest = group.split(SystemExit)
+        if exits is None or rest is not None:
+            raise
+        raise _first_leaf(exits) from None
     finally:
         store.close()
     return 0

@@ -660,7 +660,8 @@ class Server:
 
     async def _ask(self, client: ClientPages, handback: HandBack) -> bytes:
         session = client.session
-        assert isinstance(session, Session)
+        if not isinstance(session, Session):  # it went while its pages were picked (a tier's lend waits)
+            raise PeerGone(f"client {client.name!r} has no connection now")
         return await session.hand_back(handback, self.config.handback_timeout)
 
     # -- drain ------------------------------------------------------------------------

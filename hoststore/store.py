@@ -92,6 +92,8 @@ class Store:
     async def put(self, client: ClientPages, first: int, seq: int, data: bytes | memoryview) -> bytes:
         """Offer pages ``first ..`` at version ``seq``; one status per page.  A refused
         page's older stored copy is dropped."""
+        if not data or len(data) % PAGE_SIZE or seq < 1:
+            raise RequestError(f"a put is whole pages at a version of 1 or more, not {len(data)} bytes at {seq}")
         plan = self._admit(client, first, seq, data)
         if plan.accepted and not self.backend.keeps_data:
             await self.backend.commit(client, plan, data)
@@ -193,8 +195,8 @@ class Store:
                   data: bytearray | memoryview) -> None:
         """Status, version and data of each page asked for, into the caller's zeroed
         buffers (an answer frame, or :func:`get_answer`'s); missing pages stay zeros."""
-        if max(pages) >= client.npages:
-            raise RequestError(f"get asks for pages outside the device's {client.npages} pages")
+        if not pages or max(pages) >= client.npages:
+            raise RequestError(f"a get asks for no page, or for pages outside the device's {client.npages} pages")
         self.counters.add(HostCounter.GET_REQUESTS)
         hits = await self.backend.get_into(client, pages, status, seqs, data)
         self.count(client, HostCounter.READS, hits)
@@ -207,6 +209,8 @@ class Store:
         ``seq``; pages dropped.  The work follows what is stored, a window of the index
         at a time; ``pace(pages)`` is awaited before each (a server's fair share), so a
         huge range holds up no one."""
+        if count < 1 or first < 0:
+            raise RequestError(f"an invalidate drops 1 or more pages, not {count} from page {first}")
         self._check_range(client, first, count)
         self.counters.add(HostCounter.INVALIDATE_REQUESTS)
         index, end = client.index, first + count

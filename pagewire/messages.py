@@ -371,8 +371,22 @@ class Hello:
 # -- pages --------------------------------------------------------------------------
 
 
+class _PutAnswer:
+    """A put's answer, whichever way its pages came: one status byte per page."""
+
+    __slots__ = ()
+    method: ClassVar[str]
+    n: int
+
+    def answer_to_wire(self, statuses: bytes) -> Any:
+        return statuses
+
+    def answer_from_wire(self, result: Any) -> bytes:
+        return _statuses(result, self.n, _PUT_STATUSES, self.method)
+
+
 @dataclass(frozen=True, slots=True)
-class Put:
+class Put(_PutAnswer):
     """Offer pages ``first .. first + n`` (one FUSE write), version ``seq``;
     answered with one :class:`PageStatus` per page."""
 
@@ -401,15 +415,9 @@ class Put:
         first, seq, data = _fields(params, 3, cls.method)
         return cls(first, seq, data)
 
-    def answer_to_wire(self, statuses: bytes) -> Any:
-        return statuses
-
-    def answer_from_wire(self, result: Any) -> bytes:
-        return _statuses(result, self.n, _PUT_STATUSES, self.method)
-
 
 @dataclass(frozen=True, slots=True)
-class PutStaged:
+class PutStaged(_PutAnswer):
     """As :class:`Put`, the pages' data already in the client's staging memory
     (shared, ``SharedLayout.staging``) at page ``at``: the message carries none."""
 
@@ -432,12 +440,6 @@ class PutStaged:
     @classmethod
     def from_wire(cls, params: Any) -> "PutStaged":
         return cls(*_fields(params, 4, cls.method))
-
-    def answer_to_wire(self, statuses: bytes) -> Any:
-        return statuses
-
-    def answer_from_wire(self, result: Any) -> bytes:
-        return _statuses(result, self.n, _PUT_STATUSES, self.method)
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,3 +186,21 @@ async def test_a_one_page_read_is_served_at_once_unless_a_writer_holds_the_page(
 
 async def _append(out: list[bytes], read) -> None:
     out.append(await read)
+
+
+async def test_the_in_process_store_checks_requests_as_the_wire_does(backing: Backing) -> None:
+    """No message is built in process, so the store checks what a message would have:
+    a put of part of a page, a get of nothing, an invalidate of no page are refused,
+    and nothing is stored or dropped for them."""
+    from array import array
+
+    from vswapfs.pagestore import StoreError
+
+    pager, store = make(backing)
+    await pager.write(0, page(0, 1))
+    for bad in (store.put(1, 2, b"x" * 100), store.put(1, 2, b""), store.put(1, 0, page(1, 1)),
+                store.get(array("Q")), store.get(array("Q", [NPAGES])), store.invalidate(0, 0, 9),
+                store.invalidate(NPAGES - 1, 2, 9)):
+        with pytest.raises(StoreError):
+            await bad
+    assert store.store.pages == 1 and await pager.read(0, PAGE_SIZE) == page(0, 1)

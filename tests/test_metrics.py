@@ -13,6 +13,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from hoststore.storemetrics import store_families
 from vswapcommon import metrics
 from pagewire.messages import PAGE_SIZE
 
@@ -60,7 +61,7 @@ def test_store_counters_become_prometheus_families() -> None:
              "under_pressure": True, "instance": "abc",
              "clients": {"vm1": {"pages": 5, "accepted": 5, "refused_pressure": 2}}}
     names = {}
-    for family in metrics.store_families(stats):
+    for family in store_families(stats):
         for sample in family.samples:
             names[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     assert names[("vswap_store_accepted_pages_total", ())] == 5
@@ -100,6 +101,8 @@ def test_a_running_store_serves_its_counters_and_a_busy_port_is_an_error(tmp_pat
         busy = subprocess.run([sys.executable, "-m", "hoststore", "--listen", f"unix:{tmp_path}/s.sock",
                                "--metrics", str(port)], capture_output=True, text=True, timeout=30)
         assert busy.returncode != 0 and f"--metrics 127.0.0.1:{port}" in busy.stderr
+        assert "Traceback" not in busy.stderr, busy.stderr
+        assert busy.stderr.strip().splitlines()[-1] == f"hoststore: error: --metrics 127.0.0.1:{port}: Address already in use"
         # The 8 pages belong to a client that is gone: a drain would wait for it; no swap
         # is on this store, so the second SIGTERM (exit at once) loses nothing of anyone's.
         proc.send_signal(15)
@@ -144,3 +147,15 @@ def test_a_scrape_of_vswapfs_during_a_run(disk_dir: str) -> None:
         assert samples[("vswap_pager_store_connected", ())] == 1
     finally:
         d.stop()
+
+
+def test_a_store_that_cannot_listen_says_so_in_one_line(tmp_path) -> None:
+    """The port is taken: one line naming the problem, no traceback, exit status 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "hoststore", "--listen", f"tcp:127.0.0.1:{port}",
+                               "--insecure-tcp"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "hoststore: error: cannot listen: Address already in use"

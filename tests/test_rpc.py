@@ -506,11 +506,8 @@ async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnec
     from vswapfs.backing import Backing
     from vswapfs.pager import Pager
 
-    store = new_store(capacity=64)
-    backing = Backing.open(f"{disk_dir}/backing", 64 * PAGE)
-    slow_get = [False]
-    real_get = Session._get
-    get_in_flight = trio.Event()
+    store, backing = new_store(capacity=64), Backing.open(f"{disk_dir}/backing", 64 * PAGE)
+    slow_get, real_get, get_in_flight = [False], Session._get, trio.Event()
 
     async def serve_get(self, msgid, msg, client):
         if slow_get[0]:
@@ -661,4 +658,43 @@ async def test_an_error_while_lending_pages_does_not_stop_the_store(tmp_path, mo
             while store.counters[HostCounter.HANDBACK_ERRORS] < 3:
                 await trio.sleep(0.01)
         assert (await client.get(array("Q", [0]))).data == page(0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_gone_while_its_pages_are_picked_keeps_them_and_is_no_error(tmp_path) -> None:
+    """A backend may wait while it picks the pages to hand back (a tier reads them from its
+    cluster): if the client's connection goes meanwhile, the pages stay stored and lent to
+    no one, and the store counts no error of its own (the review's finding: it did)."""
+    store = new_store(capacity=64)
+    picking, go_on = trio.Event(), trio.Event()
+    real_lend = store.backend.lend
+
+    async def slow_lend(client, cause, limit):  # type: ignore[no-untyped-def]
+        picking.set()
+        await go_on.wait()
+        return await real_lend(client, cause, limit)
+
+    store.backend.lend = slow_lend  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        address, server = await start_server(nursery, str(tmp_path / "s"), store, handback_interval=3600)
+        client = await start_client(nursery, address)
+        await client.put(0, 1, b"".join(page(i) for i in range(8)))
+        freed: list[int] = []
+
+        async def hand_back() -> None:
+            freed.append(await server.hand_back(store.clients["c"], HandBackCause.PRESSURE, 8))
+
+        nursery.start_soon(hand_back)
+        await picking.wait()
+        await store.clients["c"].session.endpoint.aclose()  # the connection goes
+        with trio.fail_after(5):
+            while store.clients["c"].connected:
+                await trio.sleep(0.01)
+        go_on.set()
+        with trio.fail_after(5):
+            while not freed:
+                await trio.sleep(0.01)
+        pages = store.clients["c"]
+        assert freed == [0] and store.pages == 8 and pages.lent_count == 0
+        assert store.counters[HostCounter.HANDBACK_ERRORS] == 0
         nursery.cancel_scope.cancel()

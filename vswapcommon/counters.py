@@ -50,9 +50,6 @@ class CounterEnum(enum.StrEnum):
         return member
 
 
-DEFINED: dict[str, type[CounterEnum]] = {}  # every counter enum, by its name, in the order defined
-
-
 def define(enum_name: str, definitions: Iterable[Definition], doc: str) -> type[CounterEnum]:
     """A counter enum from its definitions (each name once); ``doc`` says whose counters they are."""
     defs = list(definitions)
@@ -61,33 +58,19 @@ def define(enum_name: str, definitions: Iterable[Definition], doc: str) -> type[
         raise ValueError(f"{enum_name}: a counter is defined twice")
     made = CounterEnum(enum_name, [(d.member, (d.name, d.unit, d.description, d.reason)) for d in defs])
     made.__doc__ = doc
-    DEFINED[enum_name] = made
     return made
 
 
-def _find(name: str) -> CounterEnum | None:
-    for counters in DEFINED.values():
-        member = counters._value2member_map_.get(name)
-        if member is not None:
-            return member  # type: ignore[return-value]
-    return None
-
-
-def unit_of(name: str) -> Unit | None:
-    """The unit of the counter users see as ``name``, in whichever enum defines it."""
-    member = _find(name)
-    return None if member is None else member.unit
-
-
-def description_of(name: str) -> str | None:
-    member = _find(name)
-    return None if member is None else member.description
-
-
-def reason_of(name: str) -> str | None:
-    """The refusal reason a counter stands for, if it is one of the refused-pages family."""
-    member = _find(name)
-    return None if member is None else member.reason
+def index(*enums: type[CounterEnum]) -> dict[str, CounterEnum]:
+    """Every counter of these enums, by the name users see (a name in two of them
+    must mean the same: same unit, same refusal reason)."""
+    found: dict[str, CounterEnum] = {}
+    for counters in enums:
+        for counter in counters:
+            other = found.setdefault(counter.value, counter)
+            if (other.unit, other.reason) != (counter.unit, counter.reason):
+                raise ValueError(f"counter {counter.value!r} means two things")
+    return found
 
 
 C = TypeVar("C", bound=enum.StrEnum)

@@ -26,6 +26,7 @@ from .fs import DISCARD_SUPPORTED, SPLICE_READ_CAN_BE_OFF, Operations
 from .hostclient import HostClient
 from .options import build_parser, check_args, default_name
 from .pager import Pager
+from .pagermetrics import pager_families
 from .pagestore import StoreClient
 
 log = logging.getLogger("vswapfs")
@@ -204,7 +205,7 @@ def _start_metrics(args: argparse.Namespace) -> Any:
     if not args.metrics:
         return None
     try:
-        return metrics.start(args.metrics, metrics.pager_families)
+        return metrics.start(args.metrics, pager_families)
     except OSError as exc:
         raise Unusable(f"--metrics {args.metrics[0]}:{args.metrics[1]}: {exc.strerror or exc}") from None
 

@@ -39,6 +39,7 @@ lost pages), :mod:`~vswapfs.drops` (orphan, discard and shutdown drops), sharing
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pagewire.messages import HandBack
@@ -69,6 +70,16 @@ class Pager:
         self.reader = Reader(core)
         self.takeback = TakeBack(core)
         store.set_handlers(self.takeback.take_back, self.takeback.pages_lost)
+        # The entry points are the parts' own methods: the facade adds no call to the page path.
+        self.write: Callable[[int, bytes | memoryview], Awaitable[int]] = self.writer.write
+        self.read: Callable[[int, int], Awaitable[bytes]] = self.reader.read
+        self.discard: Callable[[int, int], Awaitable[None]] = self.drops.discard
+        self.take_back: Callable[[HandBack], Awaitable[bytes]] = self.takeback.take_back
+        self.pages_lost: Callable[[], None] = self.takeback.pages_lost
+        # Background task: send the queued drop requests (timed-out puts, discards, same-filled pages).
+        self.drop_orphans: Callable[[], Awaitable[None]] = self.drops.run
+        # On clean shutdown: tell the store it may drop everything left there.
+        self.release_all: Callable[[], Awaitable[None]] = self.drops.release_all
 
     # What the device is, for its users (fs.py, the tests, the benchmarks).
     backing: Backing = property(lambda self: self.core.backing)  # type: ignore[assignment]
@@ -80,28 +91,6 @@ class Pager:
     npages: int = property(lambda self: self.core.npages)  # type: ignore[assignment]
     writethrough: bool = property(lambda self: self.core.writethrough)  # type: ignore[assignment]
     orphans_pending: int = property(lambda self: self.drops.pending)  # type: ignore[assignment]
-
-    async def write(self, offset: int, data: bytes | memoryview) -> int:
-        return await self.writer.write(offset, data)
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.reader.read(offset, length)
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self.drops.discard(offset, length)
-
-    async def take_back(self, handback: HandBack) -> bytes:
-        return await self.takeback.take_back(handback)
-
-    def pages_lost(self) -> None:
-        self.takeback.pages_lost()
-
-    async def drop_orphans(self) -> None:
-        """Background task: send the queued drop requests (:meth:`Drops.run`)."""
-        await self.drops.run()
-
-    async def release_all(self) -> None:
-        await self.drops.release_all()
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"device_bytes": self.core.size, "device_pages": self.core.npages,

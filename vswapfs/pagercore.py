@@ -89,6 +89,7 @@ class Part:
 
     def __init__(self, core: PagerCore) -> None:
         self.core = core
+        self.size = core.size
         self.map = core.map
         self.locks = core.locks
         self.store = core.store

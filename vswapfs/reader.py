@@ -31,9 +31,9 @@ class Reader(Part):
         """Read whole pages.  At or past the end of the device, reads are short."""
         if offset < 0 or offset % PAGE_SIZE or length % PAGE_SIZE:
             raise InvalidIO(f"read at {offset}+{length} is not aligned to {PAGE_SIZE} bytes")
-        if offset >= self.core.size or not length:
+        if offset >= self.size or not length:
             return b""
-        length = min(length, self.core.size - offset)
+        length = min(length, self.size - offset)
         first, n = offset // PAGE_SIZE, length // PAGE_SIZE
         self.counters.add(PagerCounter.READ_REQUESTS)
         if n == 1:

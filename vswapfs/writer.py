@@ -59,8 +59,8 @@ class Writer(Part):
     def _pages(self, offset: int, length: int) -> tuple[int, int]:
         if offset % PAGE_SIZE or length % PAGE_SIZE:
             raise InvalidIO(f"I/O at {offset}+{length} is not aligned to {PAGE_SIZE} bytes")
-        if offset < 0 or offset + length > self.core.size:
-            raise InvalidIO(f"I/O at {offset}+{length} is outside the {self.core.size}-byte device")
+        if offset < 0 or offset + length > self.size:
+            raise InvalidIO(f"I/O at {offset}+{length} is outside the {self.size}-byte device")
         return offset // PAGE_SIZE, length // PAGE_SIZE
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
