@@ -95,14 +95,19 @@ class ClientPages:
 
     def _unlink(self, slot: int) -> None:
         p, n = self.prev[slot], self.next[slot]
+        self._join(p, n, n, p)
+
+    def _join(self, p: int, n: int, after_p: int, before_n: int) -> None:
+        """The slot before a place in the list (``p``) now has ``after_p`` after it, and the
+        slot after it (``n``) ``before_n`` before it; NIL ends are the head and the tail."""
         if p != NIL:
-            self.next[p] = n
+            self.next[p] = after_p
         else:
-            self.head = n
+            self.head = after_p
         if n != NIL:
-            self.prev[n] = p
+            self.prev[n] = before_n
         else:
-            self.tail = p
+            self.tail = before_n
 
     def touch(self, slot: int, stamp: int) -> None:
         self.stamp[slot] = stamp
@@ -184,14 +189,7 @@ class ClientPages:
         p, n = self.prev[src], self.next[src]
         self.prev[dst], self.next[dst] = p, n
         if not self.lent[src]:
-            if p != NIL:
-                self.next[p] = dst
-            else:
-                self.head = dst
-            if n != NIL:
-                self.prev[n] = dst
-            else:
-                self.tail = dst
+            self._join(p, n, dst, dst)
         self.index.set(self.page_of[src], dst)
 
     def close(self) -> int:
