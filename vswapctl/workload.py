@@ -16,6 +16,11 @@ back from the wrong slot, from an older run, or as zeros is caught:
                             every byte, as it would for real data.
   compressible              one 16-byte cell (index ^ seed, a random number)
                             repeated: compresses to almost nothing.
+  json                      the header, then a window of a pool of JSON records
+                            (ids, users, tags and text drawn from a vocabulary
+                            with Zipf-distributed frequencies, s = 1.1): pages
+                            that compress as application data does (zlib at
+                            its fastest: about 2.5 to 1).
 
 Making and checking a page is a slice and a compare at C speed either way: the
 workload's own time is part of what the benchmark measures.
@@ -34,7 +39,7 @@ import time
 from collections.abc import Callable
 
 PAGE = 4096
-DATA_KINDS = ("incompressible", "compressible")
+DATA_KINDS = ("incompressible", "compressible", "json")
 HEADER = 16
 WINDOW = PAGE - HEADER
 POOL_SIZE = 4 << 20  # random bytes made once per run; each page is a window of it
@@ -52,8 +57,8 @@ class Pages:
             raise ValueError(f"data {data!r} is not one of {', '.join(DATA_KINDS)}")
         self.seed = seed & _MASK64
         self.data = data
-        if data == "incompressible":
-            self._pool = random.Random(seed).randbytes(POOL_SIZE)
+        if data in ("incompressible", "json"):
+            self._pool = random.Random(seed).randbytes(POOL_SIZE) if data == "incompressible" else json_pool(seed)
             self.expected = self._incompressible
         else:
             rng = random.Random(seed)
@@ -69,6 +74,34 @@ class Pages:
 
     def check(self, page: bytes, index: int) -> bool:
         return page == self.expected(index)
+
+
+ZIPF_S = 1.1
+VOCABULARY = 8192
+
+
+def json_pool(seed: int, size: int = POOL_SIZE) -> bytes:
+    """``size`` bytes of JSON records, one per line, made from ``seed``: what a cache
+    or a document store holds.  Words come from a vocabulary of ``VOCABULARY``
+    made-up words whose frequencies follow Zipf's law (rank r is drawn in
+    proportion to 1 / r ** ``ZIPF_S``), as words in text do."""
+    rng = random.Random(seed ^ 0x6A736F6E)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(VOCABULARY)]
+    cum, total = [], 0.0
+    for rank in range(1, VOCABULARY + 1):
+        total += 1.0 / rank**ZIPF_S
+        cum.append(total)
+    lines, length, n = [], 0, 0
+    while length < size:
+        drawn = rng.choices(words, cum_weights=cum, k=26)
+        record = {"id": n, "user": drawn[0], "tags": drawn[1:4], "score": round(rng.random() * 100, 2),
+                  "active": rng.random() < 0.7, "text": " ".join(drawn[4 : 4 + rng.randint(8, 22)])}
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        lines.append(line)
+        length += len(line)
+        n += 1
+    return "".join(lines).encode()[:size]
 
 
 def parse_size(text: str) -> int:

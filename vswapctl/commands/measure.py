@@ -11,11 +11,12 @@ import sys
 from typing import Any
 
 
-from vswapcommon.cliutil import argtype
+from vswapcommon.cliutil import argtype, count
 from pagewire.messages import PAGE_SIZE
 from vswapcommon.sizes import format_size, parse_size
 
 from .. import launch, system
+from ..workload import DATA_KINDS
 from .common import fail, interrupt, page_size, say
 
 
@@ -122,7 +123,8 @@ def cmd_workload(args: argparse.Namespace) -> int:
     except cgroup.CgroupUnavailable as exc:
         return fail(str(exc))
     try:
-        argv = launch.module_argv("vswapctl.workload", "--size", str(args.size), "--passes", str(args.passes))
+        argv = launch.module_argv("vswapctl.workload", "--size", str(args.size), "--passes", str(args.passes),
+                                  "--data", args.data)
         done = cg.run(argv, cwd=launch.WORKDIR)
     finally:
         cg.remove()
@@ -243,9 +245,14 @@ def _add_workload(sub: Any) -> None:
     work = sub.add_parser("workload", help="run a verifying workload in a memory cgroup",
                           description="Fill SIZE of memory with per-page patterns inside a memory cgroup "
                                       "limited to LIMIT, read it all back and verify every page.")
-    work.add_argument("--size", type=argtype(page_size), default=parse_size("256M"))
-    work.add_argument("--limit", type=argtype(page_size), default=parse_size("64M"))
-    work.add_argument("--passes", type=int, default=2)
+    work.add_argument("--size", type=argtype(page_size), default=parse_size("256M"),
+                      help="memory the workload fills (default 256M)")
+    work.add_argument("--limit", type=argtype(page_size), default=parse_size("64M"),
+                      help="its memory cgroup's limit: the rest goes to swap (default 64M)")
+    work.add_argument("--passes", type=argtype(count), default=2, help="verification passes (default 2)")
+    work.add_argument("--data", choices=DATA_KINDS, default="incompressible",
+                      help="page contents: incompressible (default), compressible or json (see `vswapctl bench "
+                           "--help`)")
     work.set_defaults(func=cmd_workload)
 
 
@@ -283,8 +290,9 @@ def _add_bench(sub: Any) -> None:
                        help=f"comma-separated, run in this order (default: {','.join(benchlib.TARGETS)}, "
                             "zram only where there is one)")
     bench.add_argument("--data", choices=benchlib.DATA_KINDS, default="incompressible",
-                       help="page contents: incompressible (default; random, no page compresses) or "
-                            "compressible (one 16-byte pattern per page)")
+                       help="page contents: incompressible (default; random, no page compresses), "
+                            "compressible (one 16-byte pattern per page) or json (JSON records with "
+                            "Zipf-distributed words: compresses as application data does)")
     bench.add_argument("--runs", type=argtype(benchlib.parse_runs), default=benchlib.MIN_RUNS, metavar="N",
                        help=f"runs per target, at least {benchlib.MIN_RUNS}; medians are reported (default "
                             f"{benchlib.MIN_RUNS})")
