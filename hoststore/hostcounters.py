@@ -13,7 +13,7 @@ _PAGES = (
     *refusal_counters("pages refused"),
     Definition("STALE_DROPPED", "stale_dropped", PAGES,
                "stored copies dropped because a newer version of their page was refused"),
-    Definition("READS", "reads", PAGES, "pages read (get answers and shared reads the store served)"),
+    Definition("READS", "reads", PAGES, "pages served in get answers (reads from shared memory never reach the store)"),
     Definition("MISSES", "misses", PAGES, "pages asked for that the store did not hold"),
     Definition("INVALIDATED", "invalidated", PAGES, "pages dropped on the client's request (invalidate)"),
     Definition("DROPPED_SESSIONS", "dropped_sessions", PAGES,
@@ -39,7 +39,9 @@ _REQUESTS = (
 )
 _CONNECTIONS = (
     Definition("CONNECTIONS", "connections", CONNECTIONS, "connections accepted"),
-    Definition("HELLO_REFUSED", "hello_refused", CONNECTIONS, "hellos refused (of which the causes below)"),
+    Definition("HELLO_REFUSED", "hello_refused", CONNECTIONS,
+               "hellos refused, for any reason (refused_auth, refused_uid, refused_tcp_connections, "
+               "refused_clients and refused_name_owner among them)"),
     Definition("PROTOCOL_ERRORS", "protocol_errors", CONNECTIONS, "connections closed for breaking the protocol"),
     Definition("CONNECTION_ERRORS", "connection_errors", CONNECTIONS,
                "connections closed by an unexpected error in serving them"),
@@ -66,7 +68,8 @@ _CONNECTIONS = (
     Definition("CLOSED_FRAME_TIMEOUT", "closed_frame_timeout", CONNECTIONS,
                "a frame begun and not finished within --frame-timeout"),
     Definition("CLOSED_IN_FLIGHT", "closed_in_flight", CONNECTIONS,
-               "the connection waited for longest while the store held --max-in-flight bytes for its peers"),
+               "closed because the store held more than --max-in-flight for their pool (or for its own "
+               "hand-backs), their peers having kept it waiting longest, over --shed-after"),
 )
 
 HostCounter = define("HostCounter", (*_PAGES, *_REQUESTS, *_CONNECTIONS),

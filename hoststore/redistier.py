@@ -2,7 +2,7 @@
 reads, deletes, and each node's memory.
 
 Everything here is synchronous (redis-py's cluster client); the store calls it in
-worker threads (``hoststore.tieredstore``).  The store keeps each page's metadata
+worker threads (``hoststore.tierbackend``).  The store keeps each page's metadata
 (which pages it holds, their versions, their age) in its own memory, as it does
 for its slab; only page data lives in the cluster.
 
@@ -29,7 +29,7 @@ for by the deadline, and the pages are refused (they go to the client's backing
 file); a master that dies after that has them on the replica its failover
 promotes.  A master whose replicas are not in sync (see ``replicas_in_sync``) gets
 its pages refused without being sent, and the store hands back what it holds
-there (``hoststore.tieredstore``).
+there (``hoststore.tierbackend``).
 
 A running store says so with a heartbeat: a key with a TTL on every master,
 ``PREFIX:{INSTANCE.alive.N}`` (N picked so that its slot is that master's),
@@ -600,7 +600,7 @@ def _why(exc: BaseException) -> str:
 
 def connect(config: TierConfig, instance: str = "") -> RedisClusterTier:
     """A tier on a reachable cluster; TierUnavailable names why not.  ``instance``: the
-    store whose keys it reads and writes (a TieredStore sets its own)."""
+    store whose keys it reads and writes (the tier backend sets its own)."""
     try:
         tier = RedisClusterTier(config, instance)
         tier.poll_memory()

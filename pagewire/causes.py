@@ -26,12 +26,13 @@ REFUSAL_CAUSES = (
     Cause(2, "capacity", "the store held --capacity"),
     Cause(3, "quota", "the client held its quota (--quota)"),
     Cause(4, "outdated", "a newer version of the page was stored already"),
-    Cause(6, "nomem", "the store could not allocate memory for the page"),
+    Cause(6, "nomem", "the store could not allocate memory for the page (with a page tier: its node answered OOM)"),
     Cause(7, "draining", "the store was shutting down, handing pages back"),
     Cause(8, "share", "the store was nearly full and the client held its weighted share"),
     Cause(9, "policy", "the store's admission policy said no"),
     Cause(10, "policy_error", "the store's policy plug-in failed: refused, to be safe"),
-    Cause(11, "replication", "the page tier: no replica acknowledged the page in time"),
+    Cause(11, "replication", "the page tier: no replica acknowledged the page in time, or its master had too "
+                               "few replicas in sync to send it at all"),
     Cause(12, "tier", "the page tier: the node for the page failed or could not be reached"),
 )
 HANDBACK_CAUSES = (

@@ -161,7 +161,7 @@ def test_writes_are_answered_while_many_reads_wait_for_a_stopped_store(disk_dir:
                 t.start()
                 readers.append(t)
             deadline = time.monotonic() + 20
-            while d.stats()["read_requests"] - asked <= 64:  # more than 64 of them reached vswapfs...
+            while d.stats()["read_requests"] == asked:  # they reach vswapfs...
                 assert time.monotonic() < deadline, "the reads never reached vswapfs"
                 time.sleep(0.01)
             assert not results  # ...and wait there

@@ -119,3 +119,18 @@ def test_no_function_or_class_is_too_long(kind: type | tuple[type, ...], limit: 
             for path in ALL_SOURCES for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, kind) and node.end_lineno - node.lineno + 1 > limit]
     assert not long, long
+
+
+def test_every_package_of_the_tree_is_installed() -> None:
+    """setup.cfg's package list takes in every package, subpackages too: a `pip install .`
+    without ``vswapctl.commands`` would install a vswapctl that cannot start."""
+    import configparser
+
+    import setuptools
+
+    cfg = configparser.ConfigParser()
+    cfg.read(TOP / "setup.cfg")
+    include = cfg["options.packages.find"]["include"].split()
+    installed = set(setuptools.find_packages(str(TOP), include=include))
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert "vswapctl.commands" in packages and packages <= installed, packages - installed

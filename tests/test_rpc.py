@@ -367,6 +367,10 @@ async def test_store_hands_pages_back_under_pressure(tmp_path) -> None:
             while store.pages > 10:
                 await trio.sleep(0.01)
         level[0] = 70.0  # below the low watermark: stops
+        await pressure_rounds(store, 2)  # the loop saw it...
+        with trio.fail_after(5):  # ...and a hand-back still out when it did has settled
+            while store.clients["c"].lent_count:
+                await trio.sleep(0.01)
         remaining = store.pages
         await pressure_rounds(store, 10)  # the loop looked again and again, and took nothing
         assert store.pages == remaining > 0
@@ -533,7 +537,8 @@ async def test_a_hand_back_waiting_for_a_page_lock_does_not_hold_up_the_reconnec
                 got.append(await pager.read(0, PAGE))
 
             nursery.start_soon(reader)
-            await get_in_flight.wait()  # the read holds the shared lock; its get is in flight
+            with trio.fail_after(5):
+                await get_in_flight.wait()  # the read holds the shared lock; its get is in flight
             nursery.start_soon(server.hand_back, store.clients["c"], HandBackCause.PRESSURE, 4)
             with trio.fail_after(5):  # the hand-back reached the pager, and waits for the exclusive lock
                 while not pager.locks.waiting():

@@ -21,7 +21,8 @@ PagerCounter = define("PagerCounter", (
     Definition("SHARED_READS", "shared_reads", PAGES,
                "of those, read straight from memory the store shares with us (no round trip)"),
     Definition("SHARED_RETRIES", "shared_retries", PAGES,
-               "shared copies that failed their check (changed meanwhile): asked for over the wire"),
+               "pages copied from shared memory whose checksum failed (damaged, or rewritten under the "
+               "copy): asked for over the wire"),
     Definition("BACKING_READS", "backing_reads", PAGES, "pages read from the backing file, checked"),
     Definition("ZERO_READS", "zero_reads", PAGES, "never-written pages read back as zeros"),
     Definition("SAME_FILLED_WRITES", "same_filled_writes", PAGES, "pages kept in the map as their fill word"),
@@ -41,13 +42,16 @@ PagerCounter = define("PagerCounter", (
     *refusal_counters("pages the store refused"),
     Definition("STALE_DROPPED", "stale_dropped", PAGES, "pages whose store copy was superseded by a backing write"),
     Definition("ORPHAN_INVALIDATIONS", "orphan_invalidations", REQUESTS,
-               "timed-out batches the store was asked to drop"),
+               "drop requests the store answered for batches that went to the backing file (timed out, "
+               "failed, unreachable or held off) while it might hold a copy"),
     Definition("DISCARD_REQUESTS", "discard_requests", REQUESTS, "discards (freed swap slots)"),
     Definition("DISCARD_PAGES", "discard_pages", PAGES, "whole pages forgotten by the page map (they read as zeros)"),
     Definition("DISCARD_HOST_PAGES", "discard_host_pages", PAGES, "of those, pages the store dropped"),
     Definition("IO_ERRORS", "io_errors", REQUESTS, "FUSE requests answered with an error"),
     Definition("READ_FAILURES", "read_failures", PAGES, "pages that could not be produced (the read failed: EIO)"),
-    Definition("CHECKSUM_ERRORS", "checksum_errors", PAGES, "pages whose version or checksum did not match the map"),
+    Definition("CHECKSUM_ERRORS", "checksum_errors", PAGES,
+               "pages whose version or checksum did not match the map (from the store, the backing file or "
+               "a hand-back): refused, never returned"),
     Definition("PAGES_LOST", "pages_lost", PAGES, "pages marked lost: their only copy is gone"),
     Definition("LOST_READS", "lost_reads", PAGES, "reads of lost pages, failed at once"),
     Definition("BACKING_WRITE_ERRORS", "backing_write_errors", PAGES, "pages the backing file failed to take"),
