@@ -57,6 +57,10 @@ def data(first: int, n: int, version: int) -> bytes:
 
 
 def make(cluster: LocalCluster, capacity: int = 1 << 20, **tier: object) -> Store:
+    """A store on ``cluster``.  A replica gets 3 s to acknowledge a write, not the daemon's
+    0.5 s: on a loaded CI machine a healthy replica can take longer (a test of a slow or
+    missing replica sets its own)."""
+    tier.setdefault("wait_timeout", 3.0)
     config = dataclasses.replace(parse_tier(cluster.address), **tier)  # type: ignore[arg-type]
     return tiered_store(Limits(capacity_pages=capacity), connect(config))
 
