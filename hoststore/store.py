@@ -224,11 +224,6 @@ class Store:
                                              seq)
         return dropped
 
-    def stored_pages(self, client: ClientPages, first: int, count: int) -> list[int]:
-        """The client's stored pages in ``first .. first + count`` (work follows what is stored)."""
-        self._check_range(client, first, count)
-        return [page for page, _ in client.index.stored_in(first, count)]
-
     def invalidate_pages(self, client: ClientPages, pages: list[int], seq: int) -> int:
         """Drop those of ``pages`` still stored whose version is not newer than ``seq``.
         Pages may have left since the list was made (a hand-back, between two slices)."""
