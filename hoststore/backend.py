@@ -22,16 +22,22 @@ from __future__ import annotations
 
 from array import array
 import dataclasses
+import logging
+import time
 from typing import Any, Protocol
 
 import trio
 
 from pagewire import auth
+from pagewire.codec import DecodeError
 from pagewire.messages import PAGE_SIZE, HandBack, HandBackCause, PageStatus
 
 from .clientpages import NIL, ClientPages
+from .encoder import Encoder
 from .hostcounters import HostCounter
 from .pressure import Snapshot
+
+log = logging.getLogger("hoststore")
 
 
 @dataclasses.dataclass
@@ -53,6 +59,7 @@ class Bookkeeper(Protocol):
     instance: str
     draining: bool
     clients: dict[str, ClientPages]
+    encoder: Encoder
 
     def next_stamp(self) -> int: ...
 
@@ -100,7 +107,8 @@ class MemoryPages:
         self.store = store
 
     def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
-        return ClientPages(name, npages, instance, auth.new_secret(), shared_slots=shared_slots)
+        return ClientPages(name, npages, instance, auth.new_secret(), shared_slots=shared_slots,
+                           compress=self.store.encoder.compress if self.store is not None else None)
 
     def close_client(self, client: ClientPages) -> int:
         return client.close()
@@ -110,26 +118,49 @@ class MemoryPages:
 
     async def get_into(self, client: ClientPages, pages: array, status: bytearray | memoryview, seqs: memoryview,
                        data: bytearray | memoryview) -> int:
-        """Copy each page held into the answer (``status`` zeroed: STORED); pages read."""
+        """Copy each page held into the answer (``status`` zeroed: STORED); pages read.
+        A page that does not decode goes as version 0, which no client holds: the client
+        counts a checksum error and fails the read (EIO), and no data that is not the
+        page can pass for it."""
         assert self.store is not None
         stamp = self.store.next_stamp()
-        index, slab, seq_of = client.index, client.slab, client.seq_of
+        index, read_into, seq_of = client.index, client.slab.read_into, client.seq_of
+        out = memoryview(data)
         hits = 0
+        start = time.perf_counter_ns()
         for i, page in enumerate(pages):
             slot = index.get(page)
             if slot == NIL:
                 status[i] = PageStatus.MISSING
                 continue
-            data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = slab.view(slot)
+            try:
+                read_into(slot, out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+            except DecodeError as exc:
+                self._damaged(client, page, exc)
+                out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
+                continue
             seqs[i] = seq_of[slot]
             client.touch(slot, stamp)
             hits += 1
+        if client.compress is not None:
+            self.store.encoder.decompress_ns += time.perf_counter_ns() - start
         return hits
 
     async def lend(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
-        """The client's least recently used pages, with their data."""
-        pages, seqs, data = client.lend_oldest(limit)
+        """The client's least recently used pages, with their data.  A page that does
+        not decode is not handed back: it is dropped (a read of it then fails, EIO)."""
+        assert self.store is not None
+        pages, seqs, data, damaged = client.lend_oldest(limit)
+        for page in sorted((client.page_of[s] for s in damaged)):
+            self._damaged(client, page, DecodeError("while handing it back"))
+            self.store.drop(client, client.index.get(page))
         return HandBack(cause, pages, seqs, data) if pages else None
+
+    def _damaged(self, client: ClientPages, page: int, exc: DecodeError) -> None:
+        assert self.store is not None
+        self.store.count(client, HostCounter.DECODE_ERRORS)
+        log.error("client %r: page %d does not decode (%s): it is damaged in the store's memory",
+                  client.name, page, exc)
 
     def forgotten(self, client: ClientPages, page: int, seq: int) -> None:
         """Nothing to do: the slab forgot the data with the page."""

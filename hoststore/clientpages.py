@@ -14,11 +14,15 @@ from __future__ import annotations
 import logging
 from array import array
 
+from pagewire.codec import Codec, DecodeError
 from pagewire.messages import PAGE_SIZE
 from pagewire.sharedmem import SharedError
 
-from .sharedslab import SharedSlab
+from .sharedslab import SharedSlab, ZSharedSlab
 from .slab import CountSlab, PageIndex, Slab, SlabFull
+from .zslab import Encoded, PrivateZSlab, ZSlab
+
+AnySlab = Slab | SharedSlab | CountSlab | ZSlab
 
 log = logging.getLogger("hoststore")
 
@@ -27,13 +31,16 @@ NIL = -1
 
 class ClientPages:
     def __init__(self, name: str, npages: int, instance: str, secret: bytes, shared_slots: int = 0,
-                 tier_id: int = 0) -> None:
+                 tier_id: int = 0, compress: Codec | None = None) -> None:
         """``shared_slots``: keep the data in memory shared with the client (that many
         slots at most; see ``pagewire.sharedmem``), or 0 for private memory.  Where
         shared memory cannot be had, private memory serves (``shared`` tells).
         ``tier_id``: a page tier keeps the data under this number (see
-        ``hoststore.redistier``), and this object keeps only the pages' versions."""
+        ``hoststore.redistier``), and this object keeps only the pages' versions.
+        ``compress``: keep the pages in this encoding where they shrink (``hoststore.zslab``);
+        the data given to :meth:`add` and :meth:`replace` is then encoded (``pagewire.codec``)."""
         self.name = name
+        self.compress = compress
         self.tier_id = tier_id
         self.npages = npages
         self.instance = instance
@@ -45,7 +52,7 @@ class ClientPages:
 
     def _reset(self, slab: bool = True) -> None:
         self.index = PageIndex()
-        self.slab: Slab | SharedSlab | CountSlab = self._new_slab() if slab else Slab()
+        self.slab: AnySlab = self._new_slab() if slab else Slab()
         self.page_of = array("Q")
         self.seq_of = array("Q")
         self.stamp = array("Q")
@@ -56,15 +63,34 @@ class ClientPages:
         self.tail = NIL  # least recently used: handed back first
         self.lent_count = 0
 
-    def _new_slab(self) -> Slab | SharedSlab | CountSlab:
+    def _new_slab(self) -> AnySlab:
         if self.tier_id:
             return CountSlab()
         if self.shared_slots:
             try:
+                if self.compress is not None:
+                    return ZSharedSlab(self.npages, self.shared_slots)
                 return SharedSlab(self.npages, self.shared_slots)
             except SharedError as exc:
                 log.warning("client %r: no shared page memory (%s); its pages travel on the wire", self.name, exc)
-        return Slab()
+        return PrivateZSlab(self.npages) if self.compress is not None else Slab()
+
+    @property
+    def zslab(self) -> ZSlab | None:
+        """The compressed pages, when this client's are kept compressed."""
+        slab = self.slab
+        return slab.z if isinstance(slab, ZSharedSlab) else slab if isinstance(slab, ZSlab) else None
+
+    @property
+    def charged_bytes(self) -> int:
+        """What this client's pages cost against capacity and quotas: 4 KiB each,
+        or their size classes' bytes when they are kept compressed."""
+        z = self.zslab
+        return self.count * PAGE_SIZE if z is None else z.charged_bytes
+
+    @property
+    def charged_pages(self) -> int:
+        return -(-self.charged_bytes // PAGE_SIZE)
 
     @property
     def shared(self) -> SharedSlab | None:
@@ -117,7 +143,7 @@ class ClientPages:
 
     # -- pages ----------------------------------------------------------------------
 
-    def add(self, page: int, seq: int, data: memoryview | bytes | None, stamp: int) -> int:
+    def add(self, page: int, seq: int, data: memoryview | bytes | Encoded | None, stamp: int) -> int:
         """Store a page not stored yet (its version only, where ``data`` is None: a
         tier holds the data); raises SlabFull when no memory can be had.
         All or nothing: a failure half-way leaves everything as it was."""
@@ -146,7 +172,7 @@ class ClientPages:
         self._link_front(slot)
         return slot
 
-    def replace(self, slot: int, seq: int, data: memoryview | bytes | None, stamp: int) -> None:
+    def replace(self, slot: int, seq: int, data: memoryview | bytes | Encoded | None, stamp: int) -> None:
         """A newer version over a stored one; a page being handed back is taken back from the hand-back."""
         page = self.page_of[slot]
         self.slab.retract(slot, page)
@@ -202,9 +228,10 @@ class ClientPages:
 
     # -- hand-back ------------------------------------------------------------------
 
-    def lend_oldest(self, limit: int, with_data: bool = True) -> tuple[array, array, bytearray]:
+    def lend_oldest(self, limit: int, with_data: bool = True) -> tuple[array, array, bytearray, list[int]]:
         """Take up to ``limit`` least recently used pages off the list to hand back:
-        their page numbers, versions and data (copied; none without ``with_data``)."""
+        their page numbers, versions and data (copied; none without ``with_data``),
+        and the slots whose data could not be read (damaged, not lent)."""
         slots = []
         slot = self.tail
         while slot != NIL and len(slots) < limit:
@@ -212,17 +239,30 @@ class ClientPages:
             slot = self.prev[slot]
         return self.lend_slots(slots, with_data)
 
-    def lend_slots(self, slots: list[int], with_data: bool = True) -> tuple[array, array, bytearray]:
+    def lend_slots(self, slots: list[int], with_data: bool = True) -> tuple[array, array, bytearray, list[int]]:
         """Take these pages (stored, none lent yet) off the list to hand back, as ``lend_oldest``."""
-        pages, seqs = array("Q", (self.page_of[s] for s in slots)), array("Q", (self.seq_of[s] for s in slots))
-        data = bytearray(len(slots) * PAGE_SIZE if with_data else 0)
-        for i, s in enumerate(slots):
-            if with_data:
-                data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self.slab.view(s)
+        damaged = []
+        if with_data:
+            data = bytearray(len(slots) * PAGE_SIZE)
+            view, good = memoryview(data), []
+            for s in slots:
+                try:
+                    self.slab.read_into(s, view[len(good) * PAGE_SIZE : (len(good) + 1) * PAGE_SIZE])
+                except DecodeError:
+                    damaged.append(s)
+                else:
+                    good.append(s)
+            view.release()
+            del data[len(good) * PAGE_SIZE :]
+            slots = good
+        else:
+            data = bytearray()
+        for s in slots:
             self._unlink(s)
             self.lent[s] = 1
         self.lent_count += len(slots)
-        return pages, seqs, data
+        pages, seqs = array("Q", (self.page_of[s] for s in slots)), array("Q", (self.seq_of[s] for s in slots))
+        return pages, seqs, data, damaged
 
     def lent_slot(self, page: int, seq: int) -> int:
         """The slot still lent out with exactly this version, or NIL."""

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from pagewire.access import INSECURE_TCP_GIVES_UP, Access, AccessError, check_listener, check_tcp_options
 from pagewire.address import Address, parse_address
 from pagewire.auth import TokenError, load_token
+from pagewire.codec import COMPRESS_CHOICES, COMPRESS_HELP, DEFAULT_COMPRESS
 from vswapcommon.cliutil import argtype, count, percent, positive, quota
 from vswapcommon.hardening import harden
 from vswapcommon.logsetup import OUTPUT, setup_logging
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_capacity_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--capacity", type=argtype(parse_size), default=parse_size("1G"), metavar="SIZE",
                     help="most page data held for all clients together (K/M/G suffixes; default 1G)")
+    ap.add_argument("--compress", choices=sorted(COMPRESS_CHOICES), default=DEFAULT_COMPRESS, help=COMPRESS_HELP)
     ap.add_argument("--quota", type=argtype(quota), action="append", default=[], metavar="[NAME=]SIZE",
                     help="most page data held for client NAME, or without NAME for any client that has no "
                          "quota of its own (default: no quota); repeat for several clients")
@@ -415,7 +417,10 @@ def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: L
     cluster that cannot be reached is an error before anything listens)."""
     options = dict(away_timeout=args.away_timeout, max_clients=args.max_clients, policy=policy)
     if args.tier is None:
-        return Store(limits, Sampler(args.pressure_interval, source=args.pressure_source or sample), **options)
+        return Store(limits, Sampler(args.pressure_interval, source=args.pressure_source or sample), **options,
+                     compress=COMPRESS_CHOICES[args.compress])
+    if COMPRESS_CHOICES[args.compress] is not None:
+        ap.error("--compress does not go with --tier: the tier keeps pages as they are")
     if args.pressure_source is not None:
         ap.error("--pressure-source does not go with --tier: the cluster's memory is the pressure")
     config = replace(args.tier, replicas=args.tier_replicas, wait_timeout=args.tier_wait_timeout,

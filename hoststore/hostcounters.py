@@ -23,6 +23,11 @@ _PAGES = (
                "of the pages handed back, those the client no longer needed"),
     Definition("HANDBACK_FAILED", "handback_failed", PAGES, "pages handed back that the client could not take (kept)"),
     Definition("EVICTED", "evicted", PAGES, "pages of away clients dropped by an admin (vswapctl evict)"),
+    Definition("DECODE_ERRORS", "decode_errors", PAGES,
+               "compressed pages that did not decode to a page when read or handed back (damaged in the store's "
+               "memory: a read of one fails, EIO, and a hand-back drops it)"),
+    Definition("RECOMPRESSED", "recompressed_pages", PAGES,
+               "idle pages recompressed with the stronger setting (--recompress-after)"),
 )
 _REQUESTS = (
     Definition("PUT_REQUESTS", "put_requests", REQUESTS, "put requests (batches of pages offered)"),

@@ -4,42 +4,18 @@ client's reads.  The layout and its rules: ``pagewire.sharedmem``."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import fcntl
 import logging
 import mmap
 import os
 
 from pagewire.messages import PAGE_SIZE, SharedLayout
-from pagewire.sharedmem import SEALS, STAGING_PAGES, SharedError
+from pagewire.sharedmem import STAGING_PAGES, SharedError
 
+from .memfd import punch, sealed_memfd
 from .slab import CHUNK_PAGES, SlabFull
+from .zslab import Encoded, Release, ZSlab
 
 log = logging.getLogger("hoststore")
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def _sealed_memfd(name: str, size: int) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _punch(fd: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class SharedSlab:
@@ -48,16 +24,16 @@ class SharedSlab:
     header and index kept up to date for the client's reads."""
 
     def __init__(self, npages: int, slots: int, chunk_pages: int = CHUNK_PAGES,
-                 staging: int = STAGING_PAGES) -> None:
-        self.layout = SharedLayout(npages, slots, staging)
+                 staging: int = STAGING_PAGES, compressed: bool = False) -> None:
+        self.layout = SharedLayout(npages, slots, staging, compressed)
         self.chunk_pages = chunk_pages
         self.used = 0
         self._touched = 0  # chunks of data that may hold memory
         size, rw = self.layout.size, mmap.PROT_READ | mmap.PROT_WRITE
         fds: list[int] = []
         try:
-            fds.append(_sealed_memfd("hoststore-pages", size))
-            fds.append(_sealed_memfd("hoststore-staging", max(self.layout.staging_size, PAGE_SIZE)))
+            fds.append(sealed_memfd("hoststore-pages", size))
+            fds.append(sealed_memfd("hoststore-staging", max(self.layout.staging_size, PAGE_SIZE)))
             self._map = mmap.mmap(fds[0], size, mmap.MAP_SHARED, rw)
             self._staging_map = mmap.mmap(fds[1], max(self.layout.staging_size, PAGE_SIZE), mmap.MAP_SHARED, rw)
         except (OSError, ValueError) as exc:
@@ -97,7 +73,7 @@ class SharedSlab:
         if not self.staging_resident:
             return
         try:
-            _punch(self.staging_fd, 0, len(self._staging))
+            punch(self.staging_fd, 0, len(self._staging))
         except OSError as exc:
             log.warning("cannot give back %d bytes of staging memory: %s", len(self._staging), exc)
             return
@@ -134,7 +110,7 @@ class SharedSlab:
             start = self.layout.data_offset + needed * chunk_bytes
             end = min(self.layout.data_offset + self._touched * chunk_bytes, self.layout.size)
             try:
-                _punch(self.fd, start, end - start)
+                punch(self.fd, start, end - start)
             except OSError as exc:
                 log.warning("cannot give back %d bytes of shared page memory: %s", end - start, exc)
                 return
@@ -145,6 +121,9 @@ class SharedSlab:
 
     def write(self, slot: int, page: memoryview | bytes) -> None:
         self._data[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE] = page
+
+    def read_into(self, slot: int, out: memoryview | bytearray) -> None:
+        out[:PAGE_SIZE] = self.view(slot)
 
     def copy(self, src: int, dst: int) -> None:
         self.write(dst, self.view(src))
@@ -181,3 +160,47 @@ class SharedSlab:
                 os.close(fd)
         self.fd = self.staging_fd = -1
         self.used = 0
+
+
+class ZSharedSlab(SharedSlab):
+    """A shared slab whose pages are kept compressed (``hoststore.zslab``): the layout's
+    compressed form, each header saying where its page's bytes are."""
+
+    def __init__(self, npages: int, slots: int, staging: int = STAGING_PAGES) -> None:
+        super().__init__(npages, slots, staging=staging, compressed=True)
+        self.z = ZSlab(self._data, Release(self.fd, self.layout.data_offset), self._headers, self._index)
+
+    def grow(self) -> int:
+        slot = self.z.grow()
+        self.used = self.z.used
+        return slot
+
+    def shrink(self) -> None:
+        self.z.shrink()
+        self.used = self.z.used
+
+    def write(self, slot: int, page: Encoded) -> None:  # type: ignore[override]
+        self.z.write(slot, page)
+
+    def read_into(self, slot: int, out: memoryview | bytearray) -> None:
+        self.z.read_into(slot, out)
+
+    def view(self, slot: int) -> memoryview:
+        return self.z.view(slot)
+
+    def copy(self, src: int, dst: int) -> None:
+        self.z.copy(src, dst)
+
+    def publish(self, slot: int, page: int, seq: int) -> None:
+        self.z.publish(slot, page, seq)
+
+    def retract(self, slot: int, page: int) -> None:
+        self.z.retract(slot, page)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self.z.mapped_bytes
+
+    def close(self) -> None:
+        self.z.close()
+        super().close()

@@ -63,6 +63,9 @@ class Slab:
         off = index * PAGE_SIZE
         self._chunks[chunk][off : off + PAGE_SIZE] = page
 
+    def read_into(self, slot: int, out: memoryview | bytearray) -> None:
+        out[:PAGE_SIZE] = self.view(slot)
+
     def copy(self, src: int, dst: int) -> None:
         self.write(dst, self.view(src))
 
@@ -106,6 +109,9 @@ class CountSlab:
         raise LookupError("this store's page data is in its tier, not here")
 
     def write(self, slot: int, page: memoryview | bytes) -> None:
+        raise LookupError("this store's page data is in its tier, not here")
+
+    def read_into(self, slot: int, out: memoryview | bytearray) -> None:
         raise LookupError("this store's page data is in its tier, not here")
 
     def copy(self, src: int, dst: int) -> None:

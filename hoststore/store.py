@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import secrets
 import time
 from array import array
@@ -26,19 +25,22 @@ from typing import Any
 
 import trio
 
+from pagewire.codec import Codec
 from pagewire.messages import PAGE_SIZE, Configure, GetAnswer, HandBack, HandBackCause, PageStatus, TakeStatus
 from vswapcommon.counters import Counters
-from vswapcommon.logsetup import OUTPUT
 
 from .backend import MemoryPages, PageBackend, PutPlan
 from .clientpages import NIL, ClientPages
 from .clients import DEFAULT_AWAY_TIMEOUT, DEFAULT_MAX_CLIENTS, ClientRegistry, RequestError
+from .encoder import Encoder
 from .hostcounters import HANDBACK_COUNTER, REFUSAL_COUNTER, HostCounter
 from .policies import DecisionContext, Policy, PolicyError, Pressure, parse_policy
 from .policy import ClientTerms, Limits, admit, share, under_pressure
 from .pressure import Sampler
 from .slab import INDEX_BLOCK, SlabFull
+from .storestats import client_stats, store_stats
 from .trace import Trace
+from .zslab import Encoded
 
 __all__ = ["DEFAULT_AWAY_TIMEOUT", "DEFAULT_MAX_CLIENTS", "HostCounter", "PutPlan", "RequestError", "Store"]
 
@@ -51,11 +53,13 @@ class Store:
 
     def __init__(self, limits: Limits, sampler: Sampler, *, away_timeout: float = DEFAULT_AWAY_TIMEOUT,
                  max_clients: int = DEFAULT_MAX_CLIENTS, clock: Callable[[], float] = time.monotonic,
-                 policy: Policy | None = None, backend: PageBackend | None = None) -> None:
+                 policy: Policy | None = None, backend: PageBackend | None = None,
+                 compress: Codec | None = None) -> None:
         self.limits = limits
         self.policy: Policy = policy or Pressure()
         self.trace = Trace()
         self.sampler = sampler
+        self.encoder = Encoder(compress)  # before the backend: it asks how to keep pages
         self.backend: PageBackend = backend or MemoryPages()
         # What keeps this store from serving reliably under machine-wide memory pressure
         # (its memory not locked, its reclaim not kept from doing I/O), as the daemon found it.
@@ -94,7 +98,8 @@ class Store:
         page's older stored copy is dropped."""
         if not data or len(data) % PAGE_SIZE or seq < 1:
             raise RequestError(f"a put is whole pages at a version of 1 or more, not {len(data)} bytes at {seq}")
-        plan = self._admit(client, first, seq, data)
+        encoded = await self.encoder.encode(data) if client.zslab is not None else None
+        plan = self._admit(client, first, seq, data, encoded)
         if plan.accepted and not self.backend.keeps_data:
             await self.backend.commit(client, plan, data)
         return self.finish_put(client, plan)
@@ -111,10 +116,14 @@ class Store:
         with view:
             return await self.put(client, first, seq, view)
 
-    def _admit(self, client: ClientPages, first: int, seq: int, data: bytes | memoryview) -> PutPlan:
+    def _admit(self, client: ClientPages, first: int, seq: int, data: bytes | memoryview,
+               encoded: list[Encoded] | None = None) -> PutPlan:
         """Decide each page of a put and record the accepted ones (with their data where
-        the backend keeps it in the slab, their versions only otherwise)."""
+        the backend keeps it in the slab, encoded where it keeps them compressed, their
+        versions only otherwise)."""
         n = len(data) // PAGE_SIZE
+        if encoded is not None and client.zslab is None:
+            raise RequestError("this client's pages were dropped while its put was being compressed")
         self._check_range(client, first, n)
         self.counters.add(HostCounter.PUT_REQUESTS)
         snapshot = self.sampler.get()
@@ -125,8 +134,9 @@ class Store:
         view = memoryview(data) if self.backend.keeps_data else None
         index, seq_of, limits = client.index, client.seq_of, self.limits
         terms = self.terms(client)
+        used = self.charged_pages()
         verdict = self.policy.decide(DecisionContext(
-            client.name, first, n, snapshot, self.pages, limits.capacity_pages, client.count, terms.quota_pages,
+            client.name, first, n, snapshot, used, limits.capacity_pages, client.charged_pages, terms.quota_pages,
             terms.share_pages, self.pressure))
         for i in range(n):
             page = first + i
@@ -140,25 +150,40 @@ class Store:
             elif verdict is not None and verdict[i] != PageStatus.STORED:
                 status = PageStatus(verdict[i])
             else:
-                status = admit(limits, False, self.pages, client.count, slot != NIL, terms)
-            page_data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] if view is not None else None
+                status = admit(limits, False, used, client.charged_pages, slot != NIL, terms)
             if status == PageStatus.STORED:
-                if slot != NIL:
-                    client.replace(slot, seq, page_data, stamp)
-                    plan.replaced.append(i)
-                    plan.accepted.append(i)
+                page_data = encoded[i] if encoded is not None else view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] \
+                    if view is not None else None
+                before = client.charged_pages
+                if self._record(client, plan, i, slot, page_data, stamp):
+                    used += client.charged_pages - before
                     continue
-                try:
-                    client.add(page, seq, page_data, stamp)
-                except SlabFull as exc:
-                    status = PageStatus.REFUSED_NOMEM
-                    log.warning("cannot map memory for a page (%s): refusing with reason nomem", exc)
-                else:
-                    self.pages += 1
-                    plan.accepted.append(i)
-                    continue
+                status = PageStatus.REFUSED_NOMEM
             self.refuse(client, plan, i, status)
         return plan
+
+    def _record(self, client: ClientPages, plan: PutPlan, i: int, slot: int,
+                page_data: memoryview | Encoded | None, stamp: int) -> bool:
+        """Store page ``i`` of the plan (over ``slot``, its older version, unless NIL);
+        False when no memory could be had for it."""
+        try:
+            if slot != NIL:
+                client.replace(slot, plan.seq, page_data, stamp)
+                plan.replaced.append(i)
+            else:
+                client.add(plan.first + i, plan.seq, page_data, stamp)
+                self.pages += 1
+        except SlabFull as exc:
+            log.warning("cannot map memory for a page (%s): refusing with reason nomem", exc)
+            return False
+        plan.accepted.append(i)
+        return True
+
+    def charged_pages(self) -> int:
+        """What all clients' pages cost against the capacity (``ClientPages.charged_bytes``)."""
+        if self.encoder.compress is None:
+            return self.pages
+        return sum(c.charged_pages for c in self.clients.values())
 
     def refuse(self, client: ClientPages, plan: PutPlan, i: int, status: PageStatus) -> None:
         """Page ``i`` of the plan is refused; an older stored copy must not outlive the refusal, and goes."""
@@ -316,24 +341,6 @@ class Store:
 
     # -- reporting ------------------------------------------------------------------
 
-    def client_stats(self, client: ClientPages) -> dict[str, object]:
-        terms = self.terms(client)
-        stats: dict[str, object] = {
-            "pages": client.count,
-            "quota_pages": terms.quota_pages,
-            "weight": self.limits.weight_of(client.name),
-            "share_pages": terms.share_pages,
-            "device_pages": client.npages,
-            "connected": client.connected,
-            "away_seconds": None if (away := self.registry.away_seconds(client)) is None else round(away, 1),
-            "lent": client.lent_count,
-            "slab_bytes_mapped": client.slab.mapped_bytes,
-            "index_bytes": client.index.nbytes,
-            "shared_memory": client.shared is not None,
-        }
-        stats.update(self.client_counters[client.name].as_dict())
-        return stats
-
     def configure(self, msg: Configure) -> dict[str, object]:
         """Change the policy and limits now (an admin's request); all or nothing."""
         policy, limits = self.policy, self.limits
@@ -378,35 +385,10 @@ class Store:
 
     def stats(self, client: ClientPages | None = None, admin: bool = False) -> dict[str, object]:
         """The store's counters; per-client detail for an admin, or only the asking client's own."""
-        snap = self.sampler.get()
-        stats: dict[str, object] = {
-            "instance": self.instance,
-            "pid": os.getpid(),
-            "pages_stored": self.pages,
-            "bytes_stored": self.pages * PAGE_SIZE,
-            "slab_bytes_mapped": sum(c.slab.mapped_bytes for c in self.clients.values()),
-            "capacity_pages": self.limits.capacity_pages,
-            "quota_pages": self.limits.quota_pages,
-            "under_pressure": self.pressure,
-            "policy": self.policy.spec,
-            "draining": self.draining,
-            "used_percent": snap.used_percent,
-            "high_percent": self.limits.high_percent,
-            "low_percent": self.limits.low_percent,
-            "pressure_samples": self.sampler.samples,
-            "connections_active": self.connections_active,
-            "pressure_risks": self.pressure_risks,
-            "log_lines_dropped": OUTPUT.dropped,
-        }
-        stats.update(self.counters.as_dict())
-        backend = self.backend.stats()
-        if backend is not None:
-            stats["tier"] = backend
-        if admin:
-            stats["clients"] = {c.name: self.client_stats(c) for c in self.clients.values()}
-        elif client is not None:
-            stats["clients"] = {client.name: self.client_stats(client)}
-        return stats
+        return store_stats(self, client, admin)
+
+    def client_stats(self, client: ClientPages) -> dict[str, object]:
+        return client_stats(self, client)
 
     def close(self) -> None:
         for client in self.clients.values():

@@ -244,10 +244,10 @@ class TierPages:
         """The oldest pages (for ``replication``: pages on masters without a replica in
         sync), read from the tier; pages it cannot give now stay stored."""
         if cause == HandBackCause.REPLICATION:
-            lent_pages, lent_seqs, _ = client.lend_slots(await self._unreplicated_slots(client, limit),
+            lent_pages, lent_seqs, _, _ = client.lend_slots(await self._unreplicated_slots(client, limit),
                                                          with_data=False)
         else:
-            lent_pages, lent_seqs, _ = client.lend_oldest(limit, with_data=False)
+            lent_pages, lent_seqs, _, _ = client.lend_oldest(limit, with_data=False)
         pages, seqs = array("Q"), array("Q")
         for page, seq in zip(lent_pages, lent_seqs):
             if self._being_written(client, page, seq):  # not acknowledged yet: not ours to hand back

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from vswapcommon.sizes import PAGE_SIZE
 
 from .causes import HandBackCause, PageStatus
+from .codec import region_bytes
 
 # 3: a put carries at most MAX_PUT_PAGES pages on the wire (the hello answer says
 # how many), where version 2 took MAX_BATCH_PAGES.
@@ -220,6 +221,7 @@ def _round_up(n: int, to: int = PAGE_SIZE) -> int:
 
 
 SHARED_HEADER_BYTES = 16  # per slot: (version, page), two uint64
+SHARED_ZHEADER_BYTES = 24  # compressed: (version, page, where), three uint64 (``pagewire.sharedmem``)
 MAX_STAGING_PAGES = 1 << 16
 
 
@@ -233,11 +235,18 @@ class SharedLayout:
     npages: int  # device pages: entries in the index
     slots: int  # page slots: the most pages the store can keep for this client
     staging: int = 0  # pages of the second memfd, the client's to write pages to put there
+    compressed: bool = False  # pages kept compressed in size classes (``pagewire.codec``)
 
     def __post_init__(self) -> None:
         _int(self.npages, "shared npages", 1, MAX_DEVICE_PAGES)
         _int(self.slots, "shared slots", 1, self.npages)
         _int(self.staging, "shared staging", 0, MAX_STAGING_PAGES)
+        if not isinstance(self.compressed, bool):
+            raise MessageError(f"shared compressed must be true or false, not {self.compressed!r}")
+
+    @property
+    def header_words(self) -> int:
+        return (SHARED_ZHEADER_BYTES if self.compressed else SHARED_HEADER_BYTES) // 8
 
     @property
     def header_offset(self) -> int:
@@ -245,7 +254,7 @@ class SharedLayout:
 
     @property
     def index_offset(self) -> int:
-        return _round_up(self.slots * SHARED_HEADER_BYTES)
+        return _round_up(self.slots * self.header_words * 8)
 
     @property
     def data_offset(self) -> int:
@@ -253,14 +262,21 @@ class SharedLayout:
 
     @property
     def size(self) -> int:
-        return self.data_offset + self.slots * PAGE_SIZE
+        return self.data_offset + self.data_size
+
+    @property
+    def data_size(self) -> int:
+        return region_bytes(self.slots) if self.compressed else self.slots * PAGE_SIZE
 
     @property
     def staging_size(self) -> int:
         return self.staging * PAGE_SIZE
 
     def to_wire(self) -> dict[str, Any]:
-        return {"npages": self.npages, "slots": self.slots, "staging": self.staging}
+        wire: dict[str, Any] = {"npages": self.npages, "slots": self.slots, "staging": self.staging}
+        if self.compressed:
+            wire["compressed"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any) -> "SharedLayout | None":
@@ -268,7 +284,7 @@ class SharedLayout:
             return None
         m = _map(value, "shared layout")
         try:
-            return cls(m["npages"], m["slots"], m.get("staging", 0))
+            return cls(m["npages"], m["slots"], m.get("staging", 0), m.get("compressed", False))
         except KeyError as exc:
             raise MessageError(f"shared layout lacks {exc}") from None
 

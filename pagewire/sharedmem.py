@@ -13,6 +13,14 @@ client only.  Its layout (:class:`~pagewire.messages.SharedLayout`):
 * index, per device page: its slot + 1, or 0 when the store does not hold it;
 * data, per slot: the page.
 
+A store that keeps pages compressed (``hoststore --compress``) says so in the
+layout (``compressed``): each header then has a third word saying where the
+slot's bytes are in the data area (offset << 16 | length << 3 | encoding,
+``pagewire.codec``), and the data area holds the size classes' chunks
+(``hoststore.sizeclasses``).  The reader copies those bytes under the same
+rule, then decodes them; a copy that does not decode to a page is a torn or
+damaged one, and goes to the store over the wire like any other.
+
 The store stays in charge: it admits, refuses, frees and hands back as over
 the wire, and it never reads the header or the index back (a client that
 scribbled on them could only mislead itself).  A client reads a page it
@@ -47,6 +55,7 @@ import fcntl
 import mmap
 import os
 
+from .codec import Codec, DecodeError, decode
 from .messages import PAGE_SIZE, SharedLayout
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -91,6 +100,8 @@ class SharedPages:
         self._index = whole[layout.index_offset : layout.data_offset].cast("I")
         self._data = whole[layout.data_offset :]
         whole.release()
+        if layout.compressed:
+            self.read = self._read_compressed  # type: ignore[method-assign]
 
     def read(self, page: int, seq: int, out: memoryview) -> bool:
         """Copy version ``seq`` of ``page`` into ``out`` if the store holds exactly
@@ -105,6 +116,29 @@ class SharedPages:
             return False
         out[:] = self._data[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE]
         return headers[h] == seq and headers[h + 1] == page
+
+    def _read_compressed(self, page: int, seq: int, out: memoryview) -> bool:
+        """:meth:`read` of a compressed layout: copy the bytes, check, then decode them."""
+        if page >= self.layout.npages:
+            return False
+        slot = self._index[page] - 1
+        if slot < 0 or slot >= self.layout.slots:
+            return False
+        headers, h = self._headers, 3 * slot
+        where = headers[h + 2]
+        if headers[h] != seq or headers[h + 1] != page:
+            return False
+        offset, length, codec = where >> 16, (where >> 3) & 0x1FFF, where & 7
+        if codec == Codec.ZSTD_DICT or not 0 < length <= PAGE_SIZE or offset + length > len(self._data):
+            return False
+        blob = bytes(self._data[offset : offset + length])
+        if headers[h] != seq or headers[h + 1] != page or headers[h + 2] != where:
+            return False
+        try:
+            decode(codec, blob, out)
+        except DecodeError:
+            return False
+        return True
 
     def close(self) -> None:
         for view in (self._headers, self._index, self._data):

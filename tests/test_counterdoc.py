@@ -43,4 +43,9 @@ def test_every_store_counter_is_reported(tmp_path) -> None:
     stats = store.stats(admin=True)
     assert {c.value for c in HostCounter} <= set(stats)
     # and everything else it reports is described as state
+    optional = {"tier", "compression"}  # a store with --tier, with --compress
+    assert set(stats) - {c.value for c in HostCounter} - optional == set(counterdoc.STORE_STATE) - optional
+    from pagewire.codec import Codec
+
+    stats = Store(Limits(capacity_pages=16), Sampler(source=lambda: Snapshot.fake(10.0)), compress=Codec.LZ4).stats(admin=True)
     assert set(stats) - {c.value for c in HostCounter} - {"tier"} == set(counterdoc.STORE_STATE) - {"tier"}

@@ -56,6 +56,11 @@ STORE_STATE = {
     "connections_active": "connections open now",
     "pressure_risks": "what keeps the daemon from being safe under machine-wide memory pressure (empty: nothing)",
     "log_lines_dropped": "log lines dropped because the log could not keep up (the daemon never waits for it)",
+    "compression": "with --compress: the algorithm, `orig_data_bytes` (pages held, as pages), `compr_data_bytes` "
+                   "(their compressed bytes), `mem_used_bytes` (memory the size classes hold), `charged_bytes` "
+                   "(what --capacity and quotas count), `incompressible_pages` (held as they are), `ratio` "
+                   "(orig_data_bytes / mem_used_bytes), `compress_seconds`, `decompress_seconds`; each client "
+                   "has the same fields but the times",
     "tier": "the page tier's counters and state, on a store with --tier",
     "clients": "per client: its counters, pages, quota, weight, share, lent pages and memory (all clients for an "
                "admin, a pager's own otherwise)",

@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from pagewire.access import IN_PROCESS
+from pagewire.codec import COMPRESS_CHOICES, DEFAULT_COMPRESS, Codec, DecodeError
 from pagewire.address import INPROC, Address
 from pagewire.messages import NONCE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, GetAnswer, HandBack, HandBackCause, Hello
 from vswapcommon.sizes import PAGE_SIZE
@@ -49,8 +50,8 @@ class InprocStore:
 
     def __init__(self, name: str, device_size: int, limits: Limits, sampler: Sampler | None = None, *,
                  handback_interval: float = 0.05, handback_batch: int = 256,
-                 handback_rate: float = 25600.0) -> None:
-        self.store = Store(limits, sampler or Sampler())
+                 handback_rate: float = 25600.0, compress: Codec | None = None) -> None:
+        self.store = Store(limits, sampler or Sampler(), compress=compress)
         hello = Hello(PROTOCOL_VERSION, name, ROLE_PAGER, device_size, secrets.token_hex(8),
                       os.urandom(NONCE_SIZE))
         client, _answer, _old = self.store.attach(hello, os.urandom(NONCE_SIZE), owner=IN_PROCESS)
@@ -111,7 +112,10 @@ class InprocStore:
         slot = client.index.get(page)
         if slot == NIL or client.seq_of[slot] != seq:
             return False
-        out[:] = client.slab.view(slot)
+        try:
+            client.slab.read_into(slot, out)
+        except DecodeError:
+            return False  # the store's get decides: an answer that fails the checksum
         return True
 
     # -- pressure -----------------------------------------------------------------------
@@ -154,4 +158,5 @@ def from_options(args: argparse.Namespace, name: str, device_size: int) -> Inpro
     limits = Limits(high_percent=args.high_watermark, low_percent=args.low_watermark,
                     capacity_pages=capacity // PAGE_SIZE)
     sampler = Sampler(source=args.pressure_source or parse_source("psutil"))
-    return InprocStore(name, device_size, limits, sampler)
+    return InprocStore(name, device_size, limits, sampler,
+                       compress=COMPRESS_CHOICES[getattr(args, "compress", None) or DEFAULT_COMPRESS])

@@ -53,6 +53,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "host_connected": fs["host_connected"] if fs_ok else None,
         "vswapfs_stats": None if fs_ok else fs,
         "pressure_risks": pressure_risks(state, fs),
+        "compression": _compression(state, fs),
     }
     if args.json:
         print(json.dumps(status, indent=1))
@@ -82,8 +83,24 @@ def cmd_status(args: argparse.Namespace) -> int:
                               f"never written {pages['unwritten']}  lost {pages['lost_now']}"))
     else:
         rows.append(("pages", f"unknown: {fs}"))
+    comp = status["compression"]
+    if comp:
+        ratio = f"{comp['ratio']:.2f}:1" if comp.get("ratio") else "nothing held yet"
+        rows.append(("compression", f"{comp['algorithm']}: {format_size(comp['orig_data_bytes'])} of pages in "
+                                    f"{format_size(comp['mem_used_bytes'])} of memory ({ratio}), "
+                                    f"{comp['incompressible_pages']} pages kept as they are"))
     table(rows)
     return 0
+
+
+def _compression(state: State, fs: dict[str, Any] | str) -> dict[str, Any] | None:
+    """The store's compression figures (``hoststore --compress``), if it compresses."""
+    if state.host == INPROC:
+        host = fs.get("inproc_store") if isinstance(fs, dict) else None
+    else:
+        host = read_host_stats(StoreTarget.of(state))
+    comp = host.get("compression") if isinstance(host, dict) else None
+    return comp if isinstance(comp, dict) else None
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

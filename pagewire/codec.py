@@ -1,0 +1,116 @@
+"""How a page is kept compressed, and how it is read back: defined once for both ends.
+
+A store started with ``--compress`` keeps each page it admits in one of these
+encodings; a client whose pages it shares reads them in the same form from
+shared memory, so the encodings, the size classes and the bound on the memory
+they take are part of the shared layout (``pagewire.sharedmem``).
+
+* A page that does not shrink to :data:`INCOMPRESSIBLE_BYTES` or less is kept
+  as it is (:attr:`Codec.RAW`): decompressing it would cost more than the
+  little memory it saves (zswap and zram draw the line at about 3/4 of a page
+  too).
+* Compressed pages are raw blocks without a header of their own (lz4 block,
+  zstd frame without a content size): the length is kept with the page, and
+  decoding must give back exactly one page, or the page is damaged.
+* :attr:`Codec.ZSTD_DICT` pages were recompressed by the store with a
+  dictionary trained on its own pages (``hoststore.recompress``); only the
+  store holds that dictionary, so a client asks for them over the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable
+
+import lz4.block
+import zstandard
+
+from vswapcommon.sizes import PAGE_SIZE
+
+INCOMPRESSIBLE_BYTES = 3 * PAGE_SIZE // 4
+CLASS_STEP = 64  # size classes: 64, 128, ... 3072 bytes, then whole pages
+CLASS_SIZES: tuple[int, ...] = (*range(CLASS_STEP, INCOMPRESSIBLE_BYTES + 1, CLASS_STEP), PAGE_SIZE)
+CHUNK_BYTES = 64 * 1024  # a size class takes memory in chunks of this much
+ZSTD_FAST_LEVEL = 1  # what a page goes in with
+ZSTD_IDLE_LEVEL = 6  # what an idle page is recompressed with
+
+
+class Codec(enum.IntEnum):
+    RAW = 0
+    LZ4 = 1
+    ZSTD = 2
+    ZSTD_DICT = 3
+
+
+COMPRESS_CHOICES = {"off": None, "lz4": Codec.LZ4, "zstd": Codec.ZSTD}
+DEFAULT_COMPRESS = "off"
+COMPRESS_HELP = ("keep admitted pages compressed: zstd (level 1; the most pages per byte of memory), lz4 "
+                 "(half zstd's CPU, less saved) or off (the default: every page at 4 KiB, the fastest); "
+                 "pages that do not shrink to 3 KiB are kept as they are, and --capacity and quotas count "
+                 "the memory pages take, not how many there are")
+
+
+class DecodeError(ValueError):
+    """Compressed bytes that do not decode to exactly one page."""
+
+
+def class_of(length: int) -> int:
+    """The size class (index into :data:`CLASS_SIZES`) that holds ``length`` bytes."""
+    if length > INCOMPRESSIBLE_BYTES:
+        return len(CLASS_SIZES) - 1
+    return max(0, (length - 1) // CLASS_STEP)
+
+
+def region_bytes(slots: int) -> int:
+    """Memory enough for ``slots`` pages in their size classes, whatever their sizes:
+    each class wastes less than one object per chunk (so at most 1/16 of a chunk of
+    whole pages), and holds at most one partly filled chunk and one spare."""
+    chunks = -(-slots * PAGE_SIZE * 16 // (15 * CHUNK_BYTES)) + 2 * len(CLASS_SIZES)
+    return chunks * CHUNK_BYTES
+
+
+class _Coders(threading.local):
+    """Compression contexts are not for two threads at once: one set per thread."""
+
+    def __init__(self) -> None:
+        self.zstd_fast = zstandard.ZstdCompressor(level=ZSTD_FAST_LEVEL, write_content_size=False,
+                                                  write_checksum=False)
+        self.zstd_out = zstandard.ZstdDecompressor()
+
+
+_CODERS = _Coders()
+
+
+def encode(page: bytes | memoryview, codec: Codec) -> tuple[Codec, bytes]:
+    """``page`` in ``codec`` if that makes it small enough, else as it is (RAW)."""
+    if codec == Codec.LZ4:
+        blob = lz4.block.compress(page, store_size=False)
+    elif codec == Codec.ZSTD:
+        blob = _CODERS.zstd_fast.compress(page)
+    else:
+        return Codec.RAW, bytes(page)
+    if len(blob) > INCOMPRESSIBLE_BYTES:
+        return Codec.RAW, bytes(page)
+    return codec, blob
+
+
+def decode(codec: int, blob: bytes | memoryview, out: memoryview | bytearray,
+           dictionary: Callable[[], zstandard.ZstdDecompressor] | None = None) -> None:
+    """The page ``blob`` holds, into ``out`` (one page); DecodeError if it is not one."""
+    try:
+        if codec == Codec.RAW:
+            page = blob
+        elif codec == Codec.LZ4:
+            page = lz4.block.decompress(blob, uncompressed_size=PAGE_SIZE)
+        elif codec == Codec.ZSTD:
+            page = _CODERS.zstd_out.decompress(blob, max_output_size=PAGE_SIZE)
+        elif codec == Codec.ZSTD_DICT and dictionary is not None:
+            page = dictionary().decompress(blob, max_output_size=PAGE_SIZE)
+        else:
+            raise DecodeError(f"no decoder here for encoding {codec}")
+    except (lz4.block.LZ4BlockError, zstandard.ZstdError) as exc:
+        raise DecodeError(str(exc)) from None
+    if len(page) != PAGE_SIZE:
+        raise DecodeError(f"decoded to {len(page)} bytes, not a page")
+    out[:PAGE_SIZE] = page

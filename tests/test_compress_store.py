@@ -1,0 +1,207 @@
+"""A store that keeps pages compressed, under the pager's page rules: every path gives
+back the page (reads from memory, get, hand-back, drain), capacity counts memory, and a
+page that does not decode is EIO, never data."""
+
+from __future__ import annotations
+
+import os
+import random
+from array import array
+
+import pytest
+import trio
+
+from hoststore.hostcounters import HostCounter
+from hoststore.policy import Limits
+from hoststore.pressure import Sampler, Snapshot
+from hoststore.server import Server, ServerConfig, open_listener
+from hoststore.store import Store
+from pagewire.address import Address
+from pagewire.codec import Codec
+from pagewire.messages import PAGE_SIZE, Drain, HandBackCause
+from vswapctl.workload import json_pool
+from vswapfs.backing import Backing
+from vswapfs.hostclient import HostClient
+from vswapfs.inproc import InprocStore
+from vswapfs.pagemap import BACKING, LOST
+from vswapfs.pagercore import PageUnavailable
+from vswapfs.pager import Pager
+
+from .test_inproc import Pressure
+
+NPAGES = 256
+POOL = json_pool(7, NPAGES * PAGE_SIZE * 2)
+
+
+def jpage(n: int, version: int) -> bytes:
+    """Application-like data (JSON records, about 2.5:1), a different page per version."""
+    at = ((n * 7 + version * 13) % NPAGES) * PAGE_SIZE
+    return n.to_bytes(4, "little") + version.to_bytes(4, "little") + POOL[at + 8 : at + PAGE_SIZE]
+
+
+def noise(n: int, version: int) -> bytes:
+    return random.Random(n * 1000 + version).randbytes(PAGE_SIZE)
+
+
+@pytest.fixture
+def backing(disk_dir: str):
+    b = Backing.open(os.path.join(disk_dir, "backing"), NPAGES * PAGE_SIZE)
+    yield b
+    b.close()
+
+
+def make(backing: Backing, capacity: int = NPAGES, pressure: Pressure | None = None,
+         codec: Codec = Codec.ZSTD) -> tuple[Pager, InprocStore]:
+    sampler = Sampler(interval=0.0, source=pressure or Pressure())
+    store = InprocStore("test", backing.size, Limits(capacity_pages=capacity), sampler, handback_interval=0.01,
+                        compress=codec)
+    return Pager(backing, store), store
+
+
+def damage(store: InprocStore, n: int) -> None:
+    """Scribble over page ``n``'s compressed bytes in the store's memory."""
+    z = store.client.zslab
+    blob = z.encoded_view(store.client.index.get(n))
+    blob[:] = bytes(len(blob))
+
+
+@pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.LZ4])
+async def test_pages_round_trip_compressed(backing: Backing, codec: Codec) -> None:
+    pager, store = make(backing, codec=codec)
+    data = [jpage(i, 1) for i in range(64)] + [noise(i, 1) for i in range(64, 72)]
+    await pager.write(0, b"".join(data))
+    assert await pager.read(0, 72 * PAGE_SIZE) == b"".join(data)
+    comp = store.stats()["compression"]
+    assert comp["algorithm"] == codec.name.lower() and comp["orig_data_bytes"] == 72 * PAGE_SIZE
+    assert comp["incompressible_pages"] == 8
+    assert comp["compr_data_bytes"] < comp["charged_bytes"] <= comp["mem_used_bytes"] < comp["orig_data_bytes"]
+    assert comp["compress_seconds"] > 0
+    assert pager.stats()["shared_reads"] == 72 and pager.stats()["checksum_errors"] == 0
+    got = await store.get(array("Q", range(72)))  # over the "wire" too
+    assert bytes(got.data) == b"".join(data) and list(got.seqs) == [pager.map.seqs[i] for i in range(72)]
+
+
+async def test_capacity_counts_the_memory_pages_take(backing: Backing) -> None:
+    """16 pages of capacity hold many more compressible pages, and exactly 16 that do not shrink."""
+    pager, store = make(backing, capacity=16)
+    await pager.write(0, b"".join(jpage(i, 1) for i in range(64)))
+    stats = store.stats()
+    assert stats["accepted"] > 32
+    assert stats["compression"]["charged_bytes"] <= 16 * PAGE_SIZE
+    assert stats["accepted"] + stats["refused_capacity"] == 64
+    assert await pager.read(0, 64 * PAGE_SIZE) == b"".join(jpage(i, 1) for i in range(64))
+    await pager.write(64 * PAGE_SIZE, b"".join(noise(i, 1) for i in range(64, 128)))
+    assert store.stats()["accepted"] == stats["accepted"]  # full: not one more page
+    await pager.discard(0, 64 * PAGE_SIZE)
+    assert store.stats()["compression"]["charged_bytes"] == 0
+    await pager.write(64 * PAGE_SIZE, b"".join(noise(i, 2) for i in range(64, 128)))
+    assert store.stats()["accepted"] == stats["accepted"] + 16  # at 4 KiB each
+    assert await pager.read(64 * PAGE_SIZE, 64 * PAGE_SIZE) == b"".join(noise(i, 2) for i in range(64, 128))
+
+
+async def test_rewrites_and_discards_keep_the_accounting_exact(backing: Backing) -> None:
+    pager, store = make(backing)
+    rng = random.Random(2)
+    truth: dict[int, bytes] = {}
+    for step in range(300):
+        n = rng.randrange(NPAGES)
+        if rng.random() < 0.8:
+            truth[n] = jpage(n, step) if rng.random() < 0.8 else noise(n, step)
+            await pager.write(n * PAGE_SIZE, truth[n])
+        else:
+            await pager.discard(n * PAGE_SIZE, PAGE_SIZE)
+            truth.pop(n, None)
+    store.client.zslab.check()
+    store.client.check()
+    comp = store.stats()["compression"]
+    assert comp["orig_data_bytes"] == len(truth) * PAGE_SIZE
+    for n, want in truth.items():
+        assert await pager.read(n * PAGE_SIZE, PAGE_SIZE) == want
+
+
+async def test_pressure_hands_compressed_pages_back_as_pages(backing: Backing) -> None:
+    pressure = Pressure()
+    pager, store = make(backing, pressure=pressure)
+    data = [jpage(i, 1) for i in range(48)]
+    await pager.write(0, b"".join(data))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        pressure.used = 95.0
+        with trio.fail_after(5):
+            while store.stats()["pages_stored"]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert store.stats()["handed_back_pressure"] == 48 and pager.map.counts()["backing"] == 48
+    assert store.stats()["compression"]["mem_used_bytes"] <= 4 * 64 * 1024  # the spare chunks at most
+    assert await pager.read(0, 48 * PAGE_SIZE) == b"".join(data)
+
+
+async def test_a_page_that_does_not_decode_is_eio_and_a_checksum_error(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, jpage(0, 1) + jpage(1, 1))
+    damage(store, 1)
+    assert await pager.read(0, PAGE_SIZE) == jpage(0, 1)
+    with pytest.raises(PageUnavailable):
+        await pager.read(PAGE_SIZE, PAGE_SIZE)
+    assert pager.stats()["checksum_errors"] == 1 and store.stats()["decode_errors"] == 1
+    assert pager.stats()["shared_reads"] == 1  # the damaged copy never passed for the page
+
+
+async def test_a_page_that_does_not_decode_is_not_handed_back_but_dropped(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, b"".join(jpage(i, 1) for i in range(8)))
+    damage(store, 3)
+    freed = await store.hand_back(HandBackCause.PRESSURE, 8)
+    assert freed == 7 and store.stats()["decode_errors"] == 1 and store.stats()["pages_stored"] == 0
+    assert pager.map.get(3) != BACKING
+    for n in (0, 1, 2, 4, 5, 6, 7):
+        assert await pager.read(n * PAGE_SIZE, PAGE_SIZE) == jpage(n, 1)
+    with pytest.raises(PageUnavailable):
+        await pager.read(3 * PAGE_SIZE, PAGE_SIZE)
+    assert pager.map.get(3) == LOST
+
+
+async def test_a_store_daemon_shares_compressed_pages_and_drains_them(tmp_path, disk_dir: str) -> None:
+    """Over a unix socket: reads from shared memory decode, a get decodes, a drain hands
+    every page back as it was written."""
+    store = Store(Limits(capacity_pages=NPAGES), Sampler(0, source=lambda: Snapshot.fake(10.0)),
+                  compress=Codec.ZSTD)
+    backing = Backing.open(os.path.join(disk_dir, "b"), NPAGES * PAGE_SIZE)
+    try:
+        async with trio.open_nursery() as nursery:
+            listener = await open_listener(Address("unix", path=str(tmp_path / "s")))
+            server = Server(store, ServerConfig(handback_interval=60.0))
+            [address] = await nursery.start(server.serve, [listener])
+            client = HostClient(address, "c", NPAGES * PAGE_SIZE, backoff_min=0.01, backoff_max=0.05)
+            pager = Pager(backing, client)
+            await nursery.start(client.run)
+            await client.wait_connected()
+            assert client.sharing
+            data = b"".join(jpage(i, 1) for i in range(128))
+            await pager.write(0, data)
+            assert await pager.read(0, 128 * PAGE_SIZE) == data
+            assert pager.stats()["shared_reads"] == 128 and store.counters[HostCounter.GET_REQUESTS] == 0
+            report = await server.drain()
+            assert report["handed_back"] == {"c": 128} and store.pages == 0
+            assert pager.map.counts()["backing"] == 128
+            assert await pager.read(0, 128 * PAGE_SIZE) == data
+            nursery.cancel_scope.cancel()
+    finally:
+        backing.close()
+    _ = Drain
+
+
+async def test_the_metrics_say_what_compression_saves(backing: Backing) -> None:
+    from prometheus_client.core import Metric
+
+    from hoststore.storemetrics import store_families
+
+    pager, store = make(backing)
+    await pager.write(0, b"".join(jpage(i, 1) for i in range(32)))
+    families: dict[str, Metric] = {f.name: f for f in store_families(store.store.stats(admin=True))}
+    comp = store.stats()["compression"]
+    assert families["vswap_store_orig_data_bytes"].samples[0].value == 32 * PAGE_SIZE
+    assert families["vswap_store_mem_used_bytes"].samples[0].value == comp["mem_used_bytes"]
+    [client] = families["vswap_store_client_mem_used_bytes"].samples
+    assert client.labels == {"client": "test"} and client.value == comp["mem_used_bytes"]
+    assert families["vswap_store_compress_seconds"].samples[0].value > 0
