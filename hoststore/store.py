@@ -38,7 +38,7 @@ from .policies import DecisionContext, Policy, PolicyError, Pressure, parse_poli
 from .policy import ClientTerms, Limits, admit, share, under_pressure
 from .pressure import Sampler
 from .slab import INDEX_BLOCK, SlabFull
-from .storestats import client_stats, store_stats
+from .storestats import Fullest, client_stats, store_stats
 from .trace import Trace
 from .zslab import Encoded
 
@@ -60,6 +60,7 @@ class Store:
         self.trace = Trace()
         self.sampler = sampler
         self.encoder = Encoder(compress)  # before the backend: it asks how to keep pages
+        self.fullest = Fullest()
         self.backend: PageBackend = backend or MemoryPages()
         # What keeps this store from serving reliably under machine-wide memory pressure
         # (its memory not locked, its reclaim not kept from doing I/O), as the daemon found it.
@@ -102,6 +103,8 @@ class Store:
         plan = self._admit(client, first, seq, data, encoded)
         if plan.accepted and not self.backend.keeps_data:
             await self.backend.commit(client, plan, data)
+        if plan.accepted:
+            self.fullest.note(self.pages * PAGE_SIZE, self.clients.values())
         return self.finish_put(client, plan)
 
     async def put_staged(self, client: ClientPages, first: int, seq: int, at: int, n: int) -> bytes:

@@ -4,6 +4,7 @@ each client's, and what compression saves."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from pagewire.messages import PAGE_SIZE
@@ -35,6 +36,7 @@ def store_stats(store: Store, client: ClientPages | None = None, admin: bool = F
         "connections_active": store.connections_active,
         "pressure_risks": store.pressure_risks,
         "log_lines_dropped": OUTPUT.dropped,
+        "fullest": store.fullest.as_dict(),
     }
     stats.update(store.counters.as_dict())
     if store.encoder.compress is not None:
@@ -71,6 +73,26 @@ def client_stats(store: Store, client: ClientPages) -> dict[str, object]:
         stats.update(compression_stats([client]))
     stats.update(store.client_counters[client.name].as_dict())
     return stats
+
+
+class Fullest:
+    """The memory the page data took when the store held the most (and the most it ever
+    took, as zram's mem_used_max): what a benchmark compares, since by the time it asks
+    its pages are gone."""
+
+    def __init__(self) -> None:
+        self.data_bytes = 0
+        self.mem_bytes = 0
+        self.mem_max = 0
+
+    def note(self, data_bytes: int, clients: Iterable[ClientPages]) -> None:
+        mem = sum(c.slab.mapped_bytes for c in clients)
+        self.mem_max = max(self.mem_max, mem)
+        if data_bytes >= self.data_bytes:
+            self.data_bytes, self.mem_bytes = data_bytes, mem
+
+    def as_dict(self) -> dict[str, int]:
+        return {"data_bytes": self.data_bytes, "mem_bytes": self.mem_bytes, "mem_used_max_bytes": self.mem_max}
 
 
 def compression_stats(clients: list[ClientPages]) -> dict[str, object]:

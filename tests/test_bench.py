@@ -173,7 +173,7 @@ def test_cmd_bench_refuses_a_bad_configuration_before_running(capsys: pytest.Cap
 
 
 def test_choose_targets() -> None:
-    assert bench.choose_targets(None, {"zram": None}) == (list(bench.TARGETS), {})
+    assert bench.choose_targets(None, {"zram": None}) == (list(bench.DEFAULT_TARGETS), {})
     missing = {"zram": "no zram here", "redis-cluster": "no redis-server"}
     chosen, skipped = bench.choose_targets(None, missing)
     assert chosen == ["loop", "inproc", "hoststore", "hoststore-small"] and skipped == missing
@@ -266,6 +266,32 @@ def test_table_without_baselines() -> None:
     assert "ratio to" not in table and "loop" in table
 
 
+def test_memory_per_byte_is_reported_with_its_ratio_to_zram(tmp_path: Path) -> None:
+    samples = {"zram": [sample(1.0, 1.0, 1.0, data_per_mem=v) for v in (1.5, 1.6, 1.7)],
+               "hoststore-zstd": [sample(1.0, 1.0, 1.0, data_per_mem=v) for v in (2.4, 2.0, 2.5)],
+               "loop": [sample(1.0, 1.0, 1.0)]}
+    report = benchreport.build(samples, PARAMS)
+    assert report["medians"]["zram"]["data_per_mem"] == 1.6 and "data_per_mem" not in report["medians"]["loop"]
+    lines = benchreport.format_table(report).splitlines()
+    at = lines.index("memory: bytes of pages held per byte of memory at the fullest (median; higher is better)")
+    assert lines[at + 2].split() == ["zram", "1.60", "1.00x"]
+    assert lines[at + 3].split() == ["hoststore-zstd", "2.40", "1.50x"]
+    pytest.importorskip("matplotlib")
+    benchreport.write_chart(report, str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_zram_memory_is_sampled_at_its_fullest(tmp_path: Path) -> None:
+    memory = benchtargets.ZramMemory("zram-test")
+    memory.path = str(tmp_path / "mm_stat")
+    for data, mem in ((100, 60), (400, 250), (300, 100), (400, 240), (0, 0)):
+        (tmp_path / "mm_stat").write_text(f"{data} 50 {mem} 0 {mem} 0 0 0 0\n")
+        memory.sample()
+    assert (memory.data_bytes, memory.mem_bytes) == (400, 240)
+    assert benchtargets.fullest(400, 240) == {"data_bytes_fullest": 400, "mem_bytes_fullest": 240,
+                                             "data_per_mem": round(400 / 240, 3)}
+
+
 def test_chart(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     for name in ("bench.png", "bench.svg"):
@@ -308,7 +334,7 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     monkeypatch.setattr(bench, "run_workload", fake_workload)
     monkeypatch.setattr(bench, "check_workdir", lambda d: None)
     monkeypatch.setattr(bench, "WORKDIR_PARENT", str(tmp_path))
-    monkeypatch.setattr(bench, "zram_missing", lambda: "no zram here")
+    monkeypatch.setattr(bench, "zram_missing", lambda name="zram": "no zram here")
     monkeypatch.setattr(bench, "redis_missing", lambda: "no redis-server here")
     return events
 

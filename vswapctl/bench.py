@@ -27,6 +27,8 @@ from .benchtargets import (
     open_target,
     state_dirs,
     zram_missing,
+    DEFAULT_TARGETS,
+    ZRAM_TARGETS,
 )
 from .rediscluster import redis_missing
 from .state import State
@@ -99,7 +101,7 @@ def check_config(cfg: BenchConfig) -> list[str]:
         problems.append("--limit must be below --size, or nothing is swapped")
     if cfg.device_size < cfg.size:
         problems.append("--device-size must be at least --size: every page the workload swaps must fit")
-    targets = cfg.targets if cfg.targets is not None else TARGETS
+    targets = cfg.targets if cfg.targets is not None else DEFAULT_TARGETS
     if "hoststore-small" in targets and not 0 < cfg.small_capacity < cfg.size:
         problems.append("--small-capacity must be above 0 and below --size (the point of hoststore-small)")
     for name, value in (("--size", cfg.size), ("--limit", cfg.limit), ("--device-size", cfg.device_size),
@@ -111,12 +113,12 @@ def check_config(cfg: BenchConfig) -> list[str]:
 
 def choose_targets(asked: Sequence[str] | None, missing: dict[str, str | None]
                    ) -> tuple[list[str], dict[str, str]]:
-    """(targets to run, {skipped target: why}).  By default every target, those this
-    machine lacks (``missing``: target -> why, or None) skipped; one asked for by name
-    that is missing is an error."""
+    """(targets to run, {skipped target: why}).  By default every default target, those
+    this machine lacks (``missing``: target -> why, or None) skipped; one asked for by
+    name that is missing is an error."""
     if asked is None:
-        skipped = {name: why for name, why in missing.items() if why}
-        return [t for t in TARGETS if t not in skipped], skipped
+        skipped = {name: why for name, why in missing.items() if why and name in DEFAULT_TARGETS}
+        return [t for t in DEFAULT_TARGETS if t not in skipped], skipped
     for name in asked:
         why = missing.get(name)
         if why:
@@ -155,6 +157,8 @@ def progress_line(run: int, runs: int, name: str, sample: dict[str, Any], step: 
         "  ".join(f"{phase} {sample[phase]:.2f}s" for phase in benchreport.PHASES)
     if "pages_to_store" in sample and "pages_to_backing" in sample:
         line += f"; pages to store {sample['pages_to_store']}, to backing file {sample['pages_to_backing']}"
+    if "data_per_mem" in sample:
+        line += f"; {sample['data_per_mem']:.2f} bytes of pages per byte of memory at the fullest"
     if "zram_mem_used_max" in sample:
         line += f"; zram used at most {sample['zram_mem_used_max'] / (1 << 20):.0f}M of RAM"
     left = (steps - step) * elapsed / step
@@ -166,7 +170,8 @@ def bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     problems = check_config(cfg)
     if problems:
         raise BenchError("; ".join(problems))
-    targets, skipped = choose_targets(cfg.targets, {"zram": zram_missing(), "redis-cluster": redis_missing()})
+    missing = {name: zram_missing(name) for name in ZRAM_TARGETS} | {"redis-cluster": redis_missing()}
+    targets, skipped = choose_targets(cfg.targets, missing)
     for name, reason in skipped.items():
         say(f"skipping {name}: {reason}")
     if not targets:

@@ -18,6 +18,8 @@ PHASE_LABELS = {"fill": "fill (swap-out)", "verify_seq": "sequential verify (swa
                 "verify_random": "random verify (swap-in)"}
 BASELINES = ("zram", "inproc", "hoststore")  # ratios are taken to these, when they ran
 COUNTERS = ("pages_to_store", "pages_to_backing")  # vswapfs targets: where the pages went, per run
+# Bytes of page data held per byte of memory, when the target held the most (zram and the stores)
+MEMORY = "data_per_mem"
 CHART_FORMATS = ("png", "svg", "pdf")
 CHART_EXTRA = "pip install 'vswapfs[chart]'"
 
@@ -36,6 +38,8 @@ def medians(samples: Mapping[str, Sequence[Sample]]) -> dict[str, dict[str, Any]
         for counter in COUNTERS:
             if all(isinstance(r.get(counter), int) for r in runs):
                 entry[counter] = int(statistics.median(r[counter] for r in runs))
+        if all(isinstance(r.get(MEMORY), int | float) for r in runs):
+            entry[MEMORY] = statistics.median(float(r[MEMORY]) for r in runs)
         out[target] = entry
     return out
 
@@ -111,12 +115,25 @@ def format_table(report: Mapping[str, Any]) -> str:
         if all(c in m for c in COUNTERS):
             lines.append(f"{target}: {m['pages_to_store']} pages to the store, {m['pages_to_backing']} to the "
                          "backing file (median per run)")
+    lines += memory_lines(meds)
     for key, table in report.get("ratios", {}).items():
         base = key.removeprefix("vs_")
         lines += ["", f"ratio to {base} (median / {base}'s median; lower is better, 1.00 = as fast as {base})"]
         lines += _grid([header] + [[t, *("-" if r[p] is None else f"{r[p]:.2f}x" for p in PHASES)]
                                    for t, r in table.items()])
     return "\n".join(lines)
+
+
+def memory_lines(meds: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Bytes of pages held per byte of memory, each target that reports it, and the ratio to zram's."""
+    held = {t: m[MEMORY] for t, m in meds.items() if MEMORY in m}
+    if not held:
+        return []
+    base = held.get("zram")
+    rows = [["target", "bytes per byte", "vs zram"]]
+    rows += [[t, f"{v:.2f}", "-" if not base else f"{v / base:.2f}x"] for t, v in held.items()]
+    return ["", "memory: bytes of pages held per byte of memory at the fullest (median; higher is better)",
+            *_grid(rows)]
 
 
 # -- the chart ------------------------------------------------------------------------
@@ -157,8 +174,14 @@ def write_chart(report: Mapping[str, Any], path: str) -> None:
     runs: Mapping[str, Sequence[Sample]] = report.get("runs", {})
     targets = list(meds)
     ratio_key = next(iter(report.get("ratios", {})), None)
-    fig = Figure(figsize=(max(7.0, 0.6 * len(targets) * len(PHASES)), 4.8), layout="constrained")
-    ax = fig.add_subplot()
+    held = {t: m[MEMORY] for t, m in meds.items() if MEMORY in m}
+    fig = Figure(figsize=(max(7.0, 0.6 * len(targets) * len(PHASES)) + (3.0 if held else 0.0), 4.8),
+                 layout="constrained")
+    if held:
+        ax, mem = fig.subplots(1, 2, width_ratios=[3, 1])
+        _memory_panel(mem, held)
+    else:
+        ax = fig.add_subplot()
     width = 0.8 / max(len(targets), 1)
     for n, target in enumerate(targets):
         xs = [i - 0.4 + width * (n + 0.5) for i in range(len(PHASES))]
@@ -181,3 +204,12 @@ def write_chart(report: Mapping[str, Any], path: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.savefig(path)
+
+
+def _memory_panel(ax: Any, held: Mapping[str, float]) -> None:
+    """Bytes of pages held per byte of memory, a bar per target that reports it."""
+    bars = ax.bar(range(len(held)), list(held.values()), color=[f"C{i}" for i in range(len(held))])
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in held.values()], fontsize=7, padding=2)
+    ax.set_xticks(range(len(held)), list(held), rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("bytes of pages per byte of memory (higher is better)")
+    ax.set_title("memory at the fullest (median)", fontsize=9)

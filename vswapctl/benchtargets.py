@@ -1,12 +1,16 @@
 """The swap devices ``vswapctl bench`` measures, each a context manager that sets one
 up, yields it swapped on, and takes it down again in ``finally``:
 
-  zram             a zram device (compresses each page in RAM)
+  zram             a zram device (compresses each page in RAM), its default algorithm
+  zram-lzo ...     the same with that algorithm (zram-lzo, zram-lz4, zram-zstd: skipped
+                   where this kernel's zram does not offer it)
   loop             a file on disk (the bench's directory under /var/tmp, never tmpfs)
                    on a loop device with direct I/O
   inproc           vswapfs with its in-process store (``up --host inproc``), capacity
                    the device size
   hoststore        vswapfs with its own hoststore, capacity the device size: every page admitted
+  hoststore-zstd   the same, the store keeping pages compressed (``--compress zstd``)
+  hoststore-lz4    the same with ``--compress lz4``
   hoststore-small  the same with a store capacity below the workload: the rest goes to
                    the backing file
   redis-cluster    vswapfs with its own hoststore keeping its pages on a local Redis
@@ -22,6 +26,7 @@ finish.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -32,8 +37,13 @@ from pagewire.address import INPROC
 from . import device, system
 from .state import Busy, State
 
-TARGETS = ("zram", "loop", "inproc", "hoststore", "hoststore-small", "redis-cluster")
-VSWAPFS_TARGETS = ("inproc", "hoststore", "hoststore-small", "redis-cluster")
+ZRAM_TARGETS = {"zram": None, "zram-lzo": "lzo", "zram-lz4": "lz4", "zram-zstd": "zstd"}  # target: algorithm
+COMPRESSED_TARGETS = {"hoststore-zstd": "zstd", "hoststore-lz4": "lz4"}  # target: hoststore --compress
+TARGETS = (*ZRAM_TARGETS, "loop", "inproc", "hoststore", *COMPRESSED_TARGETS, "hoststore-small", "redis-cluster")
+# What a bench without --targets runs: the compressing ones are asked for by name.
+DEFAULT_TARGETS = ("zram", "loop", "inproc", "hoststore", "hoststore-small", "redis-cluster")
+VSWAPFS_TARGETS = ("inproc", "hoststore", *COMPRESSED_TARGETS, "hoststore-small", "redis-cluster")
+SAMPLE_INTERVAL = 0.02  # zram's memory, sampled while the workload runs
 ZRAM_CONTROL = "/sys/class/zram-control"
 PRIORITY = 32767  # above any swap the machine already has: the workload's pages go here
 SWAPOFF_TIMEOUT = 1800
@@ -54,10 +64,15 @@ class Target:
     report: Callable[[], dict[str, Any]] = field(default=dict)
 
 
-def zram_missing() -> str | None:
-    """Why there is no zram target here, or None."""
+def zram_missing(target: str = "zram") -> str | None:
+    """Why there is no such zram target here, or None."""
     if not os.path.exists(os.path.join(ZRAM_CONTROL, "hot_add")):
         return f"no {ZRAM_CONTROL} (modprobe zram to bench against it)"
+    algorithm = ZRAM_TARGETS[target]
+    if algorithm is not None:
+        offered = zram_algorithms()
+        if algorithm not in offered:
+            return f"this kernel's zram offers {', '.join(offered) or 'no algorithm'}, not {algorithm}"
     return None
 
 
@@ -130,9 +145,50 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
-def _zram_report(name: str) -> dict[str, Any]:
-    """The compressor, and the most RAM the device ever used (mm_stat's mem_used_max):
-    the workload's pages are gone from it by now."""
+def zram_algorithms() -> list[str]:
+    """The algorithms this kernel's zram offers (a device added and removed to ask)."""
+    index = _read(os.path.join(ZRAM_CONTROL, "hot_add"))
+    if not index.isdigit():
+        return []
+    try:
+        return [a.strip("[]") for a in _read(f"/sys/block/zram{index}/comp_algorithm").split()]
+    finally:
+        _write(os.path.join(ZRAM_CONTROL, "hot_remove"), index)
+
+
+class ZramMemory:
+    """zram's mm_stat, sampled while the workload runs: the data it held at its fullest
+    and the memory that took (``orig_data_size`` and ``mem_used_total`` then)."""
+
+    def __init__(self, name: str) -> None:
+        self.path = f"/sys/block/{name}/mm_stat"
+        self.data_bytes = self.mem_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="zram-mm-stat", daemon=True)
+
+    def sample(self) -> None:
+        fields = _read(self.path).split()
+        if len(fields) >= 3 and fields[0].isdigit() and fields[2].isdigit():
+            data, mem = int(fields[0]), int(fields[2])
+            if data >= self.data_bytes:
+                self.data_bytes, self.mem_bytes = data, mem
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL):
+            self.sample()
+
+    def __enter__(self) -> "ZramMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _zram_report(name: str, memory: ZramMemory) -> dict[str, Any]:
+    """The compressor, the most RAM the device ever used (mm_stat's mem_used_max), and
+    its memory at its fullest (sampled: the workload's pages are gone from it by now)."""
     out: dict[str, Any] = {}
     algorithms = _read(f"/sys/block/{name}/comp_algorithm").split()
     chosen = [a.strip("[]") for a in algorithms if a.startswith("[")]
@@ -141,12 +197,22 @@ def _zram_report(name: str) -> dict[str, Any]:
     mm_stat = _read(f"/sys/block/{name}/mm_stat").split()
     if len(mm_stat) >= 5 and mm_stat[4].isdigit():
         out["zram_mem_used_max"] = int(mm_stat[4])
+    memory.sample()
+    out.update(fullest(memory.data_bytes, memory.mem_bytes))
     return out
 
 
+def fullest(data_bytes: int, mem_bytes: int) -> dict[str, Any]:
+    """What a target reports of its memory: page data at its fullest, and the memory that took."""
+    if not data_bytes or not mem_bytes:
+        return {}
+    return {"data_bytes_fullest": data_bytes, "mem_bytes_fullest": mem_bytes,
+            "data_per_mem": round(data_bytes / mem_bytes, 3)}
+
+
 @contextmanager
-def zram_swap(size: int) -> Iterator[Target]:
-    missing = zram_missing()
+def zram_swap(size: int, target: str = "zram") -> Iterator[Target]:
+    missing = zram_missing(target)
     if missing:
         raise BenchError(missing)
     index = _read(os.path.join(ZRAM_CONTROL, "hot_add"))
@@ -156,9 +222,12 @@ def zram_swap(size: int) -> Iterator[Target]:
     dev = f"/dev/{name}"
     finish = f"swapoff {dev}; echo {index} > {ZRAM_CONTROL}/hot_remove"
     with _undo_unless_swapped_on(dev, finish, lambda: _write(os.path.join(ZRAM_CONTROL, "hot_remove"), index)):
+        algorithm = ZRAM_TARGETS[target]
+        if algorithm is not None:
+            _write(f"/sys/block/{name}/comp_algorithm", algorithm)
         _write(f"/sys/block/{name}/disksize", str(size))
-        with swap_on(dev):
-            yield Target(dev, lambda: _zram_report(name))
+        with swap_on(dev), ZramMemory(name) as memory:
+            yield Target(dev, lambda: _zram_report(name, memory))
 
 
 def _detach(loop: str, path: str) -> None:
@@ -202,7 +271,8 @@ def _unlink(path: str) -> None:
 
 def _vswapfs_report(state_dir: str) -> dict[str, Any]:
     """Pages written to the store and to the backing file in this run (vswapfs is new each
-    run, so its counters are this run's), from its control socket; {} if it does not answer."""
+    run, so its counters are this run's), from its control socket, and the store's memory
+    at its fullest; {} if it does not answer."""
     from vswapfs.control import ControlUnavailable, query
 
     state = State.load(state_dir)
@@ -212,16 +282,27 @@ def _vswapfs_report(state_dir: str) -> dict[str, Any]:
         stats = query(state.control, 2.0)
     except ControlUnavailable:
         return {}
-    out = {}
+    out: dict[str, Any] = {}
     for key, name in (("pages_to_store", "host_writes"), ("pages_to_backing", "backing_writes")):
         if isinstance(stats.get(name), int):
             out[key] = stats[name]
+    store = stats.get("inproc_store") if state.host == INPROC else _store_stats(state)
+    full = store.get("fullest") if isinstance(store, dict) else None
+    if isinstance(full, dict):
+        out.update(fullest(full.get("data_bytes", 0), full.get("mem_bytes", 0)))
     return out
+
+
+def _store_stats(state: State) -> dict[str, Any] | None:
+    from .commands.common import StoreTarget, read_host_stats
+
+    stats = read_host_stats(StoreTarget.of(state))
+    return stats if isinstance(stats, dict) else None
 
 
 @contextmanager
 def vswapfs_swap(name: str, size: int, capacity: int, host: str | None, workdir: str,
-                 say: Say, tier: str | None = None) -> Iterator[Target]:
+                 say: Say, tier: str | None = None, compress: str = "off") -> Iterator[Target]:
     """A vswapfs device brought up as ``vswapctl up`` does, in a state directory of its own
     under ``workdir``.  A store it starts (a hoststore, or vswapfs's own in-process one)
     has its pressure source pinned at 0 % used:
@@ -232,7 +313,7 @@ def vswapfs_swap(name: str, size: int, capacity: int, host: str | None, workdir:
     cfg = device.UpConfig(size=size, backing=os.path.join(workdir, f"{name}.backing"),
                           mountpoint=system.resolve_mountpoint(os.path.join(state_dir, "mnt")),
                           capacity=capacity, host=host, priority=PRIORITY,
-                          extra_hoststore=["--tier", tier] if tier else [])
+                          extra_hoststore=["--tier", tier] if tier else [], compress=compress)
     if tier is None and (host is None or host == INPROC):
         pressure = os.path.join(workdir, "pressure-off")
         _write(pressure, "0\n")
@@ -291,8 +372,10 @@ def redis_cluster_swap(size: int, workdir: str, say: Say) -> Iterator[Target]:
 
 def open_target(name: str, workdir: str, device_size: int, small_capacity: int,
                 say: Say) -> AbstractContextManager[Target]:
-    if name == "zram":
-        return zram_swap(device_size)
+    if name in ZRAM_TARGETS:
+        return zram_swap(device_size, name)
+    if name in COMPRESSED_TARGETS:
+        return vswapfs_swap(name, device_size, device_size, None, workdir, say, compress=COMPRESSED_TARGETS[name])
     if name == "loop":
         return loop_swap(device_size, workdir)
     if name == "inproc":
