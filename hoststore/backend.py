@@ -33,7 +33,7 @@ from pagewire.codec import DecodeError
 from pagewire.messages import PAGE_SIZE, HandBack, HandBackCause, PageStatus
 
 from .clientpages import NIL, ClientPages
-from .encoder import Encoder
+from .compressor import Compressor
 from .hostcounters import HostCounter
 from .pressure import Snapshot
 
@@ -59,7 +59,7 @@ class Bookkeeper(Protocol):
     instance: str
     draining: bool
     clients: dict[str, ClientPages]
-    encoder: Encoder
+    compressor: Compressor
 
     def next_stamp(self) -> int: ...
 
@@ -108,7 +108,7 @@ class MemoryPages:
 
     def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
         return ClientPages(name, npages, instance, auth.new_secret(), shared_slots=shared_slots,
-                           compress=self.store.encoder.compress if self.store is not None else None)
+                           compress=self.store.compressor.codec if self.store is not None else None)
 
     def close_client(self, client: ClientPages) -> int:
         return client.close()
@@ -143,7 +143,7 @@ class MemoryPages:
             client.touch(slot, stamp)
             hits += 1
         if client.compress is not None:
-            self.store.encoder.decompress_ns += time.perf_counter_ns() - start
+            self.store.compressor.decompress_ns += time.perf_counter_ns() - start
         return hits
 
     async def lend(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:

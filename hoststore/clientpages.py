@@ -143,13 +143,17 @@ class ClientPages:
 
     # -- pages ----------------------------------------------------------------------
 
-    def add(self, page: int, seq: int, data: memoryview | bytes | Encoded | None, stamp: int) -> int:
+    def add(self, page: int, seq: int, data: memoryview | bytes | Encoded | None, stamp: int,
+            pending: bool = False) -> int:
         """Store a page not stored yet (its version only, where ``data`` is None: a
-        tier holds the data); raises SlabFull when no memory can be had.
+        tier holds the data); raises SlabFull when no memory can be had.  ``pending``:
+        compressed pages only, ``data`` is the page as it came, to be compressed later.
         All or nothing: a failure half-way leaves everything as it was."""
         slot = self.slab.grow()
         try:
-            if data is not None:
+            if pending:
+                self.slab.write(slot, data, pending=True)  # type: ignore[call-arg]
+            elif data is not None:
                 self.slab.write(slot, data)
             self.slab.publish(slot, page, seq)
             self.page_of.append(page)
@@ -172,11 +176,14 @@ class ClientPages:
         self._link_front(slot)
         return slot
 
-    def replace(self, slot: int, seq: int, data: memoryview | bytes | Encoded | None, stamp: int) -> None:
+    def replace(self, slot: int, seq: int, data: memoryview | bytes | Encoded | None, stamp: int,
+                pending: bool = False) -> None:
         """A newer version over a stored one; a page being handed back is taken back from the hand-back."""
         page = self.page_of[slot]
         self.slab.retract(slot, page)
-        if data is not None:
+        if pending:
+            self.slab.write(slot, data, pending=True)  # type: ignore[call-arg]
+        elif data is not None:
             self.slab.write(slot, data)
         self.slab.publish(slot, page, seq)
         self.seq_of[slot] = seq
@@ -185,6 +192,14 @@ class ClientPages:
             self.lent_count -= 1
             self._link_front(slot)
         self.touch(slot, stamp)
+
+    def recode(self, slot: int, data: Encoded) -> None:
+        """The same version of the page in ``slot``, encoded anew (compressed at last, or
+        harder): readers of shared memory see it retracted while it moves."""
+        page = self.page_of[slot]
+        self.slab.retract(slot, page)
+        self.slab.write(slot, data)
+        self.slab.publish(slot, page, self.seq_of[slot])
 
     def remove(self, slot: int) -> None:
         """Forget the page in ``slot``; the last slot moves into its place."""

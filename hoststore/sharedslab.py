@@ -179,8 +179,8 @@ class ZSharedSlab(SharedSlab):
         self.z.shrink()
         self.used = self.z.used
 
-    def write(self, slot: int, page: Encoded) -> None:  # type: ignore[override]
-        self.z.write(slot, page)
+    def write(self, slot: int, page: Encoded, pending: bool = False) -> None:  # type: ignore[override]
+        self.z.write(slot, page, pending)
 
     def read_into(self, slot: int, out: memoryview | bytearray) -> None:
         self.z.read_into(slot, out)

@@ -32,7 +32,7 @@ from vswapcommon.counters import Counters
 from .backend import MemoryPages, PageBackend, PutPlan
 from .clientpages import NIL, ClientPages
 from .clients import DEFAULT_AWAY_TIMEOUT, DEFAULT_MAX_CLIENTS, ClientRegistry, RequestError
-from .encoder import Encoder
+from .compressor import Compressor
 from .hostcounters import HANDBACK_COUNTER, REFUSAL_COUNTER, HostCounter
 from .policies import DecisionContext, Policy, PolicyError, Pressure, parse_policy
 from .policy import ClientTerms, Limits, admit, share, under_pressure
@@ -40,7 +40,6 @@ from .pressure import Sampler
 from .slab import INDEX_BLOCK, SlabFull
 from .storestats import Fullest, client_stats, store_stats
 from .trace import Trace
-from .zslab import Encoded
 
 __all__ = ["DEFAULT_AWAY_TIMEOUT", "DEFAULT_MAX_CLIENTS", "HostCounter", "PutPlan", "RequestError", "Store"]
 
@@ -59,7 +58,8 @@ class Store:
         self.policy: Policy = policy or Pressure()
         self.trace = Trace()
         self.sampler = sampler
-        self.encoder = Encoder(compress)  # before the backend: it asks how to keep pages
+        # Before the backend: it asks how to keep pages.
+        self.compressor = Compressor(compress, registered=lambda c: self.clients.get(c.name) is c)
         self.fullest = Fullest()
         self.backend: PageBackend = backend or MemoryPages()
         # What keeps this store from serving reliably under machine-wide memory pressure
@@ -99,8 +99,7 @@ class Store:
         page's older stored copy is dropped."""
         if not data or len(data) % PAGE_SIZE or seq < 1:
             raise RequestError(f"a put is whole pages at a version of 1 or more, not {len(data)} bytes at {seq}")
-        encoded = await self.encoder.encode(data) if client.zslab is not None else None
-        plan = self._admit(client, first, seq, data, encoded)
+        plan = self._admit(client, first, seq, data)
         if plan.accepted and not self.backend.keeps_data:
             await self.backend.commit(client, plan, data)
         if plan.accepted:
@@ -119,14 +118,11 @@ class Store:
         with view:
             return await self.put(client, first, seq, view)
 
-    def _admit(self, client: ClientPages, first: int, seq: int, data: bytes | memoryview,
-               encoded: list[Encoded] | None = None) -> PutPlan:
+    def _admit(self, client: ClientPages, first: int, seq: int, data: bytes | memoryview) -> PutPlan:
         """Decide each page of a put and record the accepted ones (with their data where
-        the backend keeps it in the slab, encoded where it keeps them compressed, their
-        versions only otherwise)."""
+        the backend keeps it in the slab, their versions only otherwise).  Pages kept
+        compressed go in as they came: the compressor's turn comes after the answer."""
         n = len(data) // PAGE_SIZE
-        if encoded is not None and client.zslab is None:
-            raise RequestError("this client's pages were dropped while its put was being compressed")
         self._check_range(client, first, n)
         self.counters.add(HostCounter.PUT_REQUESTS)
         snapshot = self.sampler.get()
@@ -155,8 +151,7 @@ class Store:
             else:
                 status = admit(limits, False, used, client.charged_pages, slot != NIL, terms)
             if status == PageStatus.STORED:
-                page_data = encoded[i] if encoded is not None else view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] \
-                    if view is not None else None
+                page_data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] if view is not None else None
                 before = client.charged_pages
                 if self._record(client, plan, i, slot, page_data, stamp):
                     used += client.charged_pages - before
@@ -166,25 +161,29 @@ class Store:
         return plan
 
     def _record(self, client: ClientPages, plan: PutPlan, i: int, slot: int,
-                page_data: memoryview | Encoded | None, stamp: int) -> bool:
+                page_data: memoryview | None, stamp: int) -> bool:
         """Store page ``i`` of the plan (over ``slot``, its older version, unless NIL);
         False when no memory could be had for it."""
+        pending = page_data is not None and client.zslab is not None
+        data = (Codec.RAW, page_data) if pending else page_data
         try:
             if slot != NIL:
-                client.replace(slot, plan.seq, page_data, stamp)
+                client.replace(slot, plan.seq, data, stamp, pending)
                 plan.replaced.append(i)
             else:
-                client.add(plan.first + i, plan.seq, page_data, stamp)
+                client.add(plan.first + i, plan.seq, data, stamp, pending)
                 self.pages += 1
         except SlabFull as exc:
             log.warning("cannot map memory for a page (%s): refusing with reason nomem", exc)
             return False
         plan.accepted.append(i)
+        if pending:
+            self.compressor.admitted(client, plan.first + i, plan.seq)
         return True
 
     def charged_pages(self) -> int:
         """What all clients' pages cost against the capacity (``ClientPages.charged_bytes``)."""
-        if self.encoder.compress is None:
+        if self.compressor.codec is None:
             return self.pages
         return sum(c.charged_pages for c in self.clients.values())
 
@@ -398,8 +397,13 @@ class Store:
             client.slab.close()
 
     async def run(self, server: Any = None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The backend's upkeep, until cancelled (a tier's heartbeat, deletes and rescue)."""
-        await self.backend.run(self, server, task_status=task_status)
+        """The store's upkeep, until cancelled: the compressor, and the backend's (a tier's
+        heartbeat, deletes and rescue)."""
+        async with trio.open_nursery() as nursery:
+            if self.compressor.codec is not None:
+                await nursery.start(self.compressor.run)
+            await nursery.start(self.backend.run, self, server)
+            task_status.started()
 
     async def aclose(self) -> None:
         await self.backend.aclose()

@@ -39,11 +39,11 @@ def store_stats(store: Store, client: ClientPages | None = None, admin: bool = F
         "fullest": store.fullest.as_dict(),
     }
     stats.update(store.counters.as_dict())
-    if store.encoder.compress is not None:
-        stats["compression"] = {"algorithm": store.encoder.compress.name.lower(),
+    if store.compressor.codec is not None:
+        stats["compression"] = {"algorithm": store.compressor.codec.name.lower(),
                                 **compression_stats(list(store.clients.values())),
-                                "compress_seconds": store.encoder.compress_ns / 1e9,
-                                "decompress_seconds": store.encoder.decompress_ns / 1e9}
+                                "compress_seconds": store.compressor.compress_ns / 1e9,
+                                "decompress_seconds": store.compressor.decompress_ns / 1e9}
     backend = store.backend.stats()
     if backend is not None:
         stats["tier"] = backend
@@ -104,4 +104,5 @@ def compression_stats(clients: list[ClientPages]) -> dict[str, object]:
     return {"orig_data_bytes": orig, "compr_data_bytes": sum(z.compr_bytes for z in zslabs),
             "mem_used_bytes": mem, "charged_bytes": sum(z.charged_bytes for z in zslabs),
             "incompressible_pages": sum(z.incompressible for z in zslabs),
+            "pending_pages": sum(z.pending for z in zslabs),
             "ratio": round(orig / mem, 3) if mem else None}

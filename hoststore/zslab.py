@@ -51,8 +51,10 @@ class ZSlab:
         self._codec = array("B")
         self._page = array("Q")  # as published: to publish again after a move
         self._seq = array("Q")  # 0: not published
+        self._pending = bytearray()  # 1: held as it came, waiting to be compressed (hoststore.compressor)
         self.compr_bytes = 0
-        self.incompressible = 0
+        self.incompressible = 0  # held as they are because they do not shrink enough
+        self.pending = 0
         self.dictionary = None  # set by the recompressor: what ZSTD_DICT pages decode with
 
     # -- the Slab interface ------------------------------------------------------------
@@ -60,7 +62,7 @@ class ZSlab:
     def grow(self) -> int:
         slot = self.used
         for arr, value in ((self._cls, NO_OBJECT), (self._idx, 0), (self._len, 0), (self._codec, 0),
-                           (self._page, 0), (self._seq, 0)):
+                           (self._page, 0), (self._seq, 0), (self._pending, 0)):
             arr.append(value)
         self.used += 1
         return slot
@@ -68,21 +70,31 @@ class ZSlab:
     def shrink(self) -> None:
         last = self.used - 1
         self._free(last)
-        for arr in (self._cls, self._idx, self._len, self._codec, self._page, self._seq):
+        for arr in (self._cls, self._idx, self._len, self._codec, self._page, self._seq, self._pending):
             arr.pop()
         self.used -= 1
 
-    def write(self, slot: int, encoded: Encoded) -> None:
-        """Slot ``slot`` now holds ``encoded`` (its old object freed).  SlabFull: no memory."""
+    def write(self, slot: int, encoded: Encoded, pending: bool = False) -> None:
+        """Slot ``slot`` now holds ``encoded`` (its old object freed).  ``pending``: a page
+        held as it came, to be compressed later.  SlabFull: no memory."""
         codec, blob = encoded
         self._free(slot)
-        cls = class_of(len(blob))
-        idx = self.classes.alloc(cls, slot)
-        at = self.classes.offset(cls, idx)
-        self.region[at : at + len(blob)] = blob
-        self._cls[slot], self._idx[slot], self._len[slot], self._codec[slot] = cls, idx, len(blob), codec
-        self.compr_bytes += len(blob)
-        self.incompressible += codec == Codec.RAW
+        length = len(blob)
+        cls = class_of(length)
+        classes = self.classes
+        idx = classes.alloc(cls, slot)
+        at = classes.offset(cls, idx)
+        self.region[at : at + length] = blob
+        self._cls[slot], self._idx[slot], self._len[slot], self._codec[slot] = cls, idx, length, codec
+        self.compr_bytes += length
+        if pending:
+            self._pending[slot] = 1
+            self.pending += 1
+        elif codec == Codec.RAW:
+            self.incompressible += 1
+
+    def is_pending(self, slot: int) -> bool:
+        return bool(self._pending[slot])
 
     def read_into(self, slot: int, out: memoryview | bytearray) -> None:
         """The page in ``slot``, decoded into ``out`` (DecodeError: damaged)."""
@@ -110,6 +122,7 @@ class ZSlab:
         self._free(dst)
         cls, idx = self._cls[src], self._idx[src]
         self._cls[dst], self._idx[dst], self._len[dst], self._codec[dst] = cls, idx, self._len[src], self._codec[src]
+        self._pending[dst], self._pending[src] = self._pending[src], 0
         self._cls[src] = NO_OBJECT
         if cls != NO_OBJECT:
             self.classes.set_owner(cls, idx, dst)
@@ -158,7 +171,11 @@ class ZSlab:
             return
         idx = self._idx[slot]
         self.compr_bytes -= self._len[slot]
-        self.incompressible -= self._codec[slot] == Codec.RAW
+        if self._pending[slot]:
+            self._pending[slot] = 0
+            self.pending -= 1
+        elif self._codec[slot] == Codec.RAW:
+            self.incompressible -= 1
         self._cls[slot] = NO_OBJECT
         mover = self.classes.tail_owner(cls)
         seq = self._seq[mover] if mover != slot else 0
@@ -179,6 +196,9 @@ class ZSlab:
             assert class_of(self._len[s]) == self._cls[s]
         assert sum(self.classes.count(c) for c in range(len(CLASS_SIZES))) == len(held)
         assert self.compr_bytes == sum(self._len[s] for s in held)
+        assert self.pending == sum(self._pending[s] for s in held) == sum(self._pending)
+        raw = sum(1 for s in held if self._codec[s] == Codec.RAW and not self._pending[s])
+        assert self.incompressible == raw
 
 
 class Release:

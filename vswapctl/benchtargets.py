@@ -4,6 +4,9 @@ up, yields it swapped on, and takes it down again in ``finally``:
   zram             a zram device (compresses each page in RAM), its default algorithm
   zram-lzo ...     the same with that algorithm (zram-lzo, zram-lz4, zram-zstd: skipped
                    where this kernel's zram does not offer it)
+  floor            the least a pyfuse3 server can do (``vswapctl.floorfs``: pages in its
+                   own memory, no store, no checksum) on a loop device with direct I/O:
+                   what vswapfs's paths are measured against
   loop             a file on disk (the bench's directory under /var/tmp, never tmpfs)
                    on a loop device with direct I/O
   inproc           vswapfs with its in-process store (``up --host inproc``), capacity
@@ -26,7 +29,9 @@ finish.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -34,15 +39,16 @@ from typing import Any
 
 from pagewire.address import INPROC
 
-from . import device, system
+from . import device, launch, system
 from .state import Busy, State
 
 ZRAM_TARGETS = {"zram": None, "zram-lzo": "lzo", "zram-lz4": "lz4", "zram-zstd": "zstd"}  # target: algorithm
 COMPRESSED_TARGETS = {"hoststore-zstd": "zstd", "hoststore-lz4": "lz4"}  # target: hoststore --compress
-TARGETS = (*ZRAM_TARGETS, "loop", "inproc", "hoststore", *COMPRESSED_TARGETS, "hoststore-small", "redis-cluster")
+TARGETS = (*ZRAM_TARGETS, "floor", "loop", "inproc", "hoststore", *COMPRESSED_TARGETS, "hoststore-small", "redis-cluster")
 # What a bench without --targets runs: the compressing ones are asked for by name.
 DEFAULT_TARGETS = ("zram", "loop", "inproc", "hoststore", "hoststore-small", "redis-cluster")
 VSWAPFS_TARGETS = ("inproc", "hoststore", *COMPRESSED_TARGETS, "hoststore-small", "redis-cluster")
+FLOOR_START_TIMEOUT = 10.0
 SAMPLE_INTERVAL = 0.02  # zram's memory, sampled while the workload runs
 ZRAM_CONTROL = "/sys/class/zram-control"
 PRIORITY = 32767  # above any swap the machine already has: the workload's pages go here
@@ -262,6 +268,32 @@ def loop_swap(size: int, workdir: str) -> Iterator[Target]:
             _unlink(path)
 
 
+@contextmanager
+def floor_swap(size: int, workdir: str) -> Iterator[Target]:
+    """floorfs mounted in ``workdir``, its file on a loop device with direct I/O, swapped on."""
+    mnt = os.path.join(workdir, "floor-mnt")
+    os.makedirs(mnt, exist_ok=True)
+    proc = launch.popen("vswapctl.floorfs", mnt, str(size), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + FLOOR_START_TIMEOUT
+        while system.mount_type(mnt) != "fuse.floorfs":
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"floorfs did not mount on {mnt}: {proc.stderr.read().decode()[-300:] if proc.stderr else ''}")
+            time.sleep(0.05)
+        path = os.path.join(mnt, "swap")
+        loop = system.run(["losetup", "--direct-io=on", "--find", "--show", path]).strip()
+        finish = f"swapoff {loop}; losetup -d {loop}; umount {mnt}; kill {proc.pid}"
+        with _undo_unless_swapped_on(loop, finish, lambda: _detach(loop, path)):
+            with swap_on(loop):
+                yield Target(loop, lambda: {"direct_io": system.loop_dio(loop)})
+    finally:
+        if not system.loops_for(os.path.join(mnt, "swap")):  # never under a loop device still attached
+            if system.mount_type(mnt) == "fuse.floorfs":
+                system.run(["umount", mnt])
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -378,6 +410,8 @@ def open_target(name: str, workdir: str, device_size: int, small_capacity: int,
         return vswapfs_swap(name, device_size, device_size, None, workdir, say, compress=COMPRESSED_TARGETS[name])
     if name == "loop":
         return loop_swap(device_size, workdir)
+    if name == "floor":
+        return floor_swap(device_size, workdir)
     if name == "inproc":
         return vswapfs_swap(name, device_size, device_size, "inproc", workdir, say)
     if name == "hoststore":

@@ -122,9 +122,12 @@ class InprocStore:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """While the host is under pressure, hand the least recently used pages back
-        to the pager (to the backing file) at a bounded rate, as a store daemon does."""
-        task_status.started()
-        await self.handback.under_pressure()
+        to the pager (to the backing file) at a bounded rate, as a store daemon does;
+        and the store's own upkeep (its compressor, with --compress)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.store.run)
+            task_status.started()
+            await self.handback.under_pressure()
 
     async def hand_back(self, cause: HandBackCause, limit: int) -> int:
         """Lend up to ``limit`` of the oldest pages to the pager, free what it took;
