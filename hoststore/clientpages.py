@@ -193,12 +193,12 @@ class ClientPages:
             self._link_front(slot)
         self.touch(slot, stamp)
 
-    def recode(self, slot: int, data: Encoded) -> None:
+    def recode(self, slot: int, data: Encoded, hard: bool = False) -> None:
         """The same version of the page in ``slot``, encoded anew (compressed at last, or
-        harder): readers of shared memory see it retracted while it moves."""
+        ``hard``er as idle): readers of shared memory see it retracted while it moves."""
         page = self.page_of[slot]
         self.slab.retract(slot, page)
-        self.slab.write(slot, data)
+        self.slab.write(slot, data, hard=hard)  # type: ignore[call-arg]
         self.slab.publish(slot, page, self.seq_of[slot])
 
     def remove(self, slot: int) -> None:

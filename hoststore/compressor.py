@@ -1,51 +1,100 @@
-"""Compressing admitted pages behind the put, in worker threads.
+"""Compressing pages the store holds, in worker threads: behind the put, and again when idle.
 
-A put is answered as soon as its pages are admitted: each goes into its
-client's size classes as it came (a whole page, ``pending``), and the store's
-answer does not wait for any compression.  This engine takes the pending
+**Behind the put.** A put is answered as soon as its pages are admitted: each
+goes into its client's size classes as it came (a whole page, *pending*), and
+the answer waits for no compression.  :meth:`Compressor.run` takes pending
 pages in batches, compresses them in a worker thread (the compressors release
 the GIL: the event loop keeps serving meanwhile), and puts each one back in
-its smaller class, unless it changed in between (a newer version, a drop, a
-hand-back under way: then it is left as it is, and the newer version has its
-own turn).  Shared readers see the page retracted for the move and published
-again after, as for any rewrite.
+its smaller class.  Until its turn a page costs a whole page against the
+capacity, as it really does; ``pending_pages`` says how far behind it is.
 
-Until its turn a page costs a whole page against the capacity, as it really
-does; ``pending_pages`` says how far behind the engine is.
+**Idle pages, harder** (``--recompress-after``): pages nobody has read or
+written for that long are compressed again with zstd's stronger setting, and
+with ``--recompress-dictionary`` with a dictionary trained on the client's
+own idle pages, at most ``--recompress-rate`` pages a second.  A page with a
+dictionary decodes in the store only: its client asks for it over the wire,
+which is what an idle page costs least.
+
+Both work on a copy and put the result back only where the page is still the
+same version, still where it was, and not being handed back; anything else is
+left as it now is.  Shared readers see the page retracted for the move and
+published again after, as for any rewrite.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import dataclasses
 import logging
 import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
+import zstandard
 
-from pagewire.codec import Codec, encode
+from pagewire.codec import DEFAULT_RECOMPRESS_RATE, Codec, DecodeError, encode, encode_hard, hard_compressor
+from pagewire.messages import PAGE_SIZE
 
 from .clientpages import NIL, ClientPages
+from .hostcounters import HostCounter
 from .zslab import Encoded
 
 log = logging.getLogger("hoststore")
 
 BATCH = 256  # pages per trip to a worker thread
+DICTIONARY_BYTES = 32 * 1024
+DICTIONARY_SAMPLES = 2000  # idle pages a dictionary is trained on (fewer: not yet)
+
+
+@dataclasses.dataclass(frozen=True)
+class Idle:
+    """``--recompress-after`` and its companions."""
+
+    after: float = 0.0  # seconds unread and unwritten; 0: never
+    rate: float = DEFAULT_RECOMPRESS_RATE  # pages a second at most, all clients together
+    dictionary: bool = False
+    tick: float = 1.0
+    samples: int = DICTIONARY_SAMPLES  # idle pages a dictionary is trained on
+
+
+def idle_from_args(args: argparse.Namespace) -> Idle:
+    """The recompression its options ask for (``pagewire.codec.add_compress_arguments``)."""
+    if not args.recompress_after:
+        return Idle()
+    return Idle(after=args.recompress_after, rate=args.recompress_rate or DEFAULT_RECOMPRESS_RATE,
+                dictionary=bool(args.recompress_dictionary))
+
+
+Work = tuple[ClientPages, int, int]  # a client, a page, the version to work on
+
+
+def _timed(encode_all: Callable[[ClientPages, list[bytes]], list[Encoded]], client: ClientPages,
+           pages: list[bytes]) -> tuple[list[Encoded], int]:
+    """In the worker thread: the work, and the time it took there."""
+    start = time.perf_counter_ns()
+    out = encode_all(client, pages)
+    return out, time.perf_counter_ns() - start
 
 
 class Compressor:
     def __init__(self, codec: Codec | None, threads: int | None = None,
-                 registered: Callable[[ClientPages], bool] = lambda client: True) -> None:
+                 registered: Callable[[ClientPages], bool] = lambda client: True,
+                 count: Callable[[ClientPages, HostCounter, int], None] = lambda client, cause, n: None) -> None:
         """``registered``: whether a client is still the store's (a page of one dropped or
-        replaced by a new instance is not worth compressing)."""
+        replaced by a new instance is not worth compressing); ``count``: the store's counters."""
         self.codec = codec
         self.registered = registered
+        self.count = count
         self.limiter = trio.CapacityLimiter(threads or os.cpu_count() or 1)
-        self.queue: collections.deque[tuple[ClientPages, int, int]] = collections.deque()
+        self.queue: collections.deque[Work] = collections.deque()
         self._wake = trio.Event()
         self.compress_ns = 0
         self.decompress_ns = 0
+
+    # -- behind the put ------------------------------------------------------------------
 
     def admitted(self, client: ClientPages, page: int, seq: int) -> None:
         """Version ``seq`` of ``page`` went in as it came: compress it when its turn comes."""
@@ -64,42 +113,137 @@ class Compressor:
         """Compress every page pending now; how many were compressed."""
         done = 0
         while self.queue:
-            done += await self._round()
+            batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+            done += await self._recode([w for w in batch if self._pending(*w)], self._encode_fast, self._pending)
         return done
 
-    def _slot(self, client: ClientPages, page: int, seq: int) -> int:
-        """The slot still holding exactly that version, pending and not being handed back; or NIL."""
+    def _pending(self, client: ClientPages, page: int, seq: int) -> bool:
+        slot = self._slot(client, page, seq)
+        return slot != NIL and client.zslab.is_pending(slot)  # type: ignore[union-attr]
+
+    def _encode_fast(self, client: ClientPages, pages: list[bytes]) -> list[Encoded]:
+        codec = self.codec
+        assert codec is not None
+        return [encode(page, codec) for page in pages]
+
+    # -- idle pages, harder -----------------------------------------------------------------
+
+    async def recompress_idle(self, idle: Idle, clients: Callable[[], Iterable[ClientPages]],
+                              stamp: Callable[[], int], *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Every tick, recompress up to ``rate * tick`` pages idle for ``after`` seconds,
+        oldest first, until cancelled.  ``stamp``: the store's use stamp now (a page used
+        since a stamp has a later one)."""
+        marks: collections.deque[tuple[float, int]] = collections.deque()
+        task_status.started()
+        while True:
+            now = trio.current_time()
+            marks.append((now, stamp()))
+            while len(marks) > 1 and marks[1][0] <= now - idle.after:
+                marks.popleft()
+            if marks[0][0] <= now - idle.after:
+                await self.recompress_round(idle, clients(), marks[0][1], int(idle.rate * idle.tick))
+            await trio.sleep(idle.tick)
+
+    async def recompress_round(self, idle: Idle, clients: Iterable[ClientPages], before: int, budget: int) -> int:
+        """Recompress up to ``budget`` pages last used at stamp ``before`` or earlier; how many."""
+        done = 0
+        for client in list(clients):
+            z = client.zslab
+            if z is None or budget <= 0:
+                continue
+            work = self._idle_pages(client, before, budget)
+            if idle.dictionary and z.dictionary is None:
+                if len(work) < idle.samples <= client.count:
+                    work = self._idle_pages(client, before, idle.samples)
+                if len(work) >= idle.samples:
+                    await self._train(client, work, idle.samples)
+            n = await self._recode(work[:budget], self._encode_hard, self._idle, hard=True)
+            budget -= n
+            done += n
+            if n:
+                self.count(client, HostCounter.RECOMPRESSED, n)
+        return done
+
+    def _idle_pages(self, client: ClientPages, before: int, limit: int) -> list[Work]:
+        """Up to ``limit`` pages last used at stamp ``before`` or earlier, not recompressed yet,
+        oldest first (a walk of the least recently used end, bounded)."""
         z = client.zslab
-        if z is None or not self.registered(client):
+        assert z is not None
+        out: list[Work] = []
+        slot, steps = client.tail, 0
+        while slot != NIL and len(out) < limit and steps < 8 * limit and client.stamp[slot] <= before:
+            if not z.is_pending(slot) and not z.is_hard(slot) and z.encoding(slot) != Codec.RAW:
+                out.append((client, client.page_of[slot], client.seq_of[slot]))
+            slot, steps = client.prev[slot], steps + 1
+        return out
+
+    def _idle(self, client: ClientPages, page: int, seq: int) -> bool:
+        slot = self._slot(client, page, seq)
+        z = client.zslab
+        return slot != NIL and z is not None and not z.is_pending(slot) and not z.is_hard(slot)
+
+    async def _train(self, client: ClientPages, work: list[Work], samples_wanted: int) -> None:
+        """A dictionary from a sample of the client's idle pages (decoded here, trained in a thread)."""
+        z = client.zslab
+        assert z is not None
+        samples = []
+        for _, page, _ in random.Random(len(work)).sample(work, samples_wanted):
+            out = bytearray(PAGE_SIZE)
+            z.read_into(client.index.get(page), out)
+            samples.append(bytes(out))
+        try:
+            trained = await trio.to_thread.run_sync(zstandard.train_dictionary, DICTIONARY_BYTES, samples,
+                                                    limiter=self.limiter)
+        except zstandard.ZstdError as exc:
+            log.warning("client %r: no dictionary could be trained on its idle pages (%s)", client.name, exc)
+            return
+        if client.zslab is z and z.dictionary is None:
+            z.set_dictionary(trained)
+            log.info("client %r: idle pages are now recompressed with a %d-byte dictionary trained on them",
+                     client.name, len(trained.as_bytes()))
+
+    def _encode_hard(self, client: ClientPages, pages: list[bytes]) -> list[Encoded]:
+        z = client.zslab
+        dictionary = z.dictionary if z is not None else None
+        compressor = hard_compressor(dictionary)
+        codec = Codec.ZSTD if dictionary is None else Codec.ZSTD_DICT
+        return [encode_hard(page, compressor, codec) for page in pages]
+
+    # -- the one recode step ------------------------------------------------------------------
+
+    def _slot(self, client: ClientPages, page: int, seq: int) -> int:
+        """The slot still holding exactly that version, not being handed back; or NIL."""
+        if client.zslab is None or not self.registered(client):
             return NIL
         slot = client.index.get(page)
-        if slot == NIL or client.seq_of[slot] != seq or client.lent[slot] or not z.is_pending(slot):
+        if slot == NIL or client.seq_of[slot] != seq or client.lent[slot]:
             return NIL
         return slot
 
-    async def _round(self) -> int:
-        batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
-        todo, raw = [], []
-        for client, page, seq in batch:
-            slot = self._slot(client, page, seq)
-            if slot != NIL:
-                todo.append((client, page, seq))
-                raw.append(bytes(client.zslab.encoded_view(slot)))  # type: ignore[union-attr]
-        if not todo:
-            return 0
-        encoded, took = await trio.to_thread.run_sync(self._encode_all, raw, limiter=self.limiter)
-        self.compress_ns += took
+    async def _recode(self, work: list[Work], encode_all: Callable[[ClientPages, list[bytes]], list[Encoded]],
+                      still: Callable[[ClientPages, int, int], bool], hard: bool = False) -> int:
+        """Encode the pages of ``work`` anew in a worker thread (by client: a dictionary is a
+        client's), and put each back where ``still`` holds; how many were."""
+        by_client: dict[int, list[Work]] = {}
+        for w in work:
+            by_client.setdefault(id(w[0]), []).append(w)
         done = 0
-        for (client, page, seq), enc in zip(todo, encoded):
-            slot = self._slot(client, page, seq)
-            if slot != NIL:
-                client.recode(slot, enc)
-                done += 1
+        for items in by_client.values():
+            client = items[0][0]
+            z = client.zslab
+            assert z is not None
+            pages, kept = [], []
+            for item in items:
+                try:
+                    pages.append(z.decoded(client.index.get(item[1])))
+                except DecodeError:
+                    continue  # damaged: a read of it fails, and says so
+                kept.append(item)
+            encoded, took = await trio.to_thread.run_sync(_timed, encode_all, client, pages, limiter=self.limiter)
+            self.compress_ns += took
+            for (c, page, seq), enc in zip(kept, encoded):
+                if still(c, page, seq):
+                    c.recode(c.index.get(page), enc, hard)
+                    done += 1
         return done
-
-    def _encode_all(self, pages: list[bytes]) -> tuple[list[Encoded], int]:
-        codec = self.codec
-        assert codec is not None
-        start = time.perf_counter_ns()
-        out = [encode(page, codec) for page in pages]
-        return out, time.perf_counter_ns() - start

@@ -17,11 +17,12 @@ from types import MappingProxyType
 from pagewire.access import INSECURE_TCP_GIVES_UP, Access, AccessError, check_listener, check_tcp_options
 from pagewire.address import Address, parse_address
 from pagewire.auth import TokenError, load_token
-from pagewire.codec import COMPRESS_CHOICES, COMPRESS_HELP, DEFAULT_COMPRESS
+from pagewire.codec import COMPRESS_CHOICES, add_compress_arguments, recompress_problem
 from vswapcommon.cliutil import argtype, count, percent, positive, quota
 from vswapcommon.hardening import harden
 from vswapcommon.logsetup import OUTPUT, setup_logging
 from vswapcommon import metrics
+from .compressor import idle_from_args
 from .policies import Policy, parse_policy
 from .policy import DEFAULT_MAX_DEVICE_SIZE, Limits
 from pagewire.messages import MAX_GET_PAGES, MAX_PUT_PAGES, PAGE_SIZE
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_capacity_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--capacity", type=argtype(parse_size), default=parse_size("1G"), metavar="SIZE",
                     help="most page data held for all clients together (K/M/G suffixes; default 1G)")
-    ap.add_argument("--compress", choices=sorted(COMPRESS_CHOICES), default=DEFAULT_COMPRESS, help=COMPRESS_HELP)
+    add_compress_arguments(ap)
     ap.add_argument("--quota", type=argtype(quota), action="append", default=[], metavar="[NAME=]SIZE",
                     help="most page data held for client NAME, or without NAME for any client that has no "
                          "quota of its own (default: no quota); repeat for several clients")
@@ -416,9 +417,12 @@ def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: L
     """The store: pages in our memory, or in the cluster of --tier (reached now: a
     cluster that cannot be reached is an error before anything listens)."""
     options = dict(away_timeout=args.away_timeout, max_clients=args.max_clients, policy=policy)
+    problem = recompress_problem(args)
+    if problem:
+        ap.error(problem)
     if args.tier is None:
         return Store(limits, Sampler(args.pressure_interval, source=args.pressure_source or sample), **options,
-                     compress=COMPRESS_CHOICES[args.compress])
+                     compress=COMPRESS_CHOICES[args.compress], idle=idle_from_args(args))
     if COMPRESS_CHOICES[args.compress] is not None:
         ap.error("--compress does not go with --tier: the tier keeps pages as they are")
     if args.pressure_source is not None:

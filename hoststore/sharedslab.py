@@ -179,8 +179,9 @@ class ZSharedSlab(SharedSlab):
         self.z.shrink()
         self.used = self.z.used
 
-    def write(self, slot: int, page: Encoded, pending: bool = False) -> None:  # type: ignore[override]
-        self.z.write(slot, page, pending)
+    def write(self, slot: int, page: Encoded, pending: bool = False,  # type: ignore[override]
+              hard: bool = False) -> None:
+        self.z.write(slot, page, pending, hard)
 
     def read_into(self, slot: int, out: memoryview | bytearray) -> None:
         self.z.read_into(slot, out)

@@ -32,7 +32,7 @@ from vswapcommon.counters import Counters
 from .backend import MemoryPages, PageBackend, PutPlan
 from .clientpages import NIL, ClientPages
 from .clients import DEFAULT_AWAY_TIMEOUT, DEFAULT_MAX_CLIENTS, ClientRegistry, RequestError
-from .compressor import Compressor
+from .compressor import Compressor, Idle
 from .hostcounters import HANDBACK_COUNTER, REFUSAL_COUNTER, HostCounter
 from .policies import DecisionContext, Policy, PolicyError, Pressure, parse_policy
 from .policy import ClientTerms, Limits, admit, share, under_pressure
@@ -53,13 +53,15 @@ class Store:
     def __init__(self, limits: Limits, sampler: Sampler, *, away_timeout: float = DEFAULT_AWAY_TIMEOUT,
                  max_clients: int = DEFAULT_MAX_CLIENTS, clock: Callable[[], float] = time.monotonic,
                  policy: Policy | None = None, backend: PageBackend | None = None,
-                 compress: Codec | None = None) -> None:
+                 compress: Codec | None = None, idle: Idle = Idle()) -> None:
         self.limits = limits
         self.policy: Policy = policy or Pressure()
         self.trace = Trace()
         self.sampler = sampler
         # Before the backend: it asks how to keep pages.
-        self.compressor = Compressor(compress, registered=lambda c: self.clients.get(c.name) is c)
+        self.compressor = Compressor(compress, registered=lambda c: self.clients.get(c.name) is c,
+                                     count=self.count)
+        self.idle = idle
         self.fullest = Fullest()
         self.backend: PageBackend = backend or MemoryPages()
         # What keeps this store from serving reliably under machine-wide memory pressure
@@ -402,6 +404,9 @@ class Store:
         async with trio.open_nursery() as nursery:
             if self.compressor.codec is not None:
                 await nursery.start(self.compressor.run)
+                if self.idle.after > 0:
+                    await nursery.start(self.compressor.recompress_idle, self.idle,
+                                        lambda: self.clients.values(), lambda: self._stamp)
             await nursery.start(self.backend.run, self, server)
             task_status.started()
 

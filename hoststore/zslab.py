@@ -20,6 +20,8 @@ import mmap
 import os
 from array import array
 
+import zstandard
+
 from pagewire.codec import CLASS_SIZES, Codec, DecodeError, class_of, decode, region_bytes
 from pagewire.messages import PAGE_SIZE
 
@@ -52,17 +54,20 @@ class ZSlab:
         self._page = array("Q")  # as published: to publish again after a move
         self._seq = array("Q")  # 0: not published
         self._pending = bytearray()  # 1: held as it came, waiting to be compressed (hoststore.compressor)
+        self._hard = bytearray()  # 1: recompressed harder, idle (hoststore.compressor)
         self.compr_bytes = 0
         self.incompressible = 0  # held as they are because they do not shrink enough
         self.pending = 0
-        self.dictionary = None  # set by the recompressor: what ZSTD_DICT pages decode with
+        self.dictionary: zstandard.ZstdCompressionDict | None = None  # what ZSTD_DICT pages decode with
+        self._decompressor: zstandard.ZstdDecompressor | None = None
+        self._dictionary_bytes = 0
 
     # -- the Slab interface ------------------------------------------------------------
 
     def grow(self) -> int:
         slot = self.used
         for arr, value in ((self._cls, NO_OBJECT), (self._idx, 0), (self._len, 0), (self._codec, 0),
-                           (self._page, 0), (self._seq, 0), (self._pending, 0)):
+                           (self._page, 0), (self._seq, 0), (self._pending, 0), (self._hard, 0)):
             arr.append(value)
         self.used += 1
         return slot
@@ -70,13 +75,14 @@ class ZSlab:
     def shrink(self) -> None:
         last = self.used - 1
         self._free(last)
-        for arr in (self._cls, self._idx, self._len, self._codec, self._page, self._seq, self._pending):
+        for arr in (self._cls, self._idx, self._len, self._codec, self._page, self._seq, self._pending, self._hard):
             arr.pop()
         self.used -= 1
 
-    def write(self, slot: int, encoded: Encoded, pending: bool = False) -> None:
+    def write(self, slot: int, encoded: Encoded, pending: bool = False, hard: bool = False) -> None:
         """Slot ``slot`` now holds ``encoded`` (its old object freed).  ``pending``: a page
-        held as it came, to be compressed later.  SlabFull: no memory."""
+        held as it came, to be compressed later; ``hard``: recompressed as idle.  SlabFull:
+        no memory."""
         codec, blob = encoded
         self._free(slot)
         length = len(blob)
@@ -87,6 +93,7 @@ class ZSlab:
         self.region[at : at + length] = blob
         self._cls[slot], self._idx[slot], self._len[slot], self._codec[slot] = cls, idx, length, codec
         self.compr_bytes += length
+        self._hard[slot] = hard
         if pending:
             self._pending[slot] = 1
             self.pending += 1
@@ -96,11 +103,22 @@ class ZSlab:
     def is_pending(self, slot: int) -> bool:
         return bool(self._pending[slot])
 
+    def is_hard(self, slot: int) -> bool:
+        return bool(self._hard[slot])
+
     def read_into(self, slot: int, out: memoryview | bytearray) -> None:
         """The page in ``slot``, decoded into ``out`` (DecodeError: damaged)."""
         if self._cls[slot] == NO_OBJECT:
             raise DecodeError(f"slot {slot} holds no page")
         decode(self._codec[slot], self.encoded_view(slot), out, self._dictionary)
+
+    def decoded(self, slot: int) -> bytes:
+        """The page in ``slot`` (DecodeError: damaged)."""
+        if self._pending[slot]:
+            return bytes(self.encoded_view(slot))
+        out = bytearray(PAGE_SIZE)
+        self.read_into(slot, out)
+        return bytes(out)
 
     def encoded_view(self, slot: int) -> memoryview:
         at = self.classes.offset(self._cls[slot], self._idx[slot])
@@ -109,8 +127,18 @@ class ZSlab:
     def encoding(self, slot: int) -> Codec:
         return Codec(self._codec[slot])
 
-    def _dictionary(self):  # type: ignore[no-untyped-def]
-        return self.dictionary
+    def _dictionary(self) -> zstandard.ZstdDecompressor:
+        if self._decompressor is None:
+            if self.dictionary is None:
+                raise DecodeError("a page compressed with a dictionary this store does not have")
+            self._decompressor = zstandard.ZstdDecompressor(dict_data=self.dictionary)
+        return self._decompressor
+
+    def set_dictionary(self, dictionary: zstandard.ZstdCompressionDict) -> None:
+        """Idle pages are recompressed with this from now on (set once: pages keep needing it)."""
+        assert self.dictionary is None
+        self.dictionary, self._decompressor = dictionary, None
+        self._dictionary_bytes = len(dictionary.as_bytes())
 
     def view(self, slot: int) -> memoryview:
         out = bytearray(PAGE_SIZE)
@@ -123,6 +151,7 @@ class ZSlab:
         cls, idx = self._cls[src], self._idx[src]
         self._cls[dst], self._idx[dst], self._len[dst], self._codec[dst] = cls, idx, self._len[src], self._codec[src]
         self._pending[dst], self._pending[src] = self._pending[src], 0
+        self._hard[dst], self._hard[src] = self._hard[src], 0
         self._cls[src] = NO_OBJECT
         if cls != NO_OBJECT:
             self.classes.set_owner(cls, idx, dst)
@@ -148,7 +177,8 @@ class ZSlab:
 
     @property
     def mapped_bytes(self) -> int:
-        return self.classes.mem_bytes
+        """The size classes' memory, and the dictionary's where there is one."""
+        return self.classes.mem_bytes + self._dictionary_bytes
 
     @property
     def charged_bytes(self) -> int:

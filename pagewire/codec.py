@@ -19,6 +19,7 @@ they take are part of the shared layout (``pagewire.sharedmem``).
 
 from __future__ import annotations
 
+import argparse
 import enum
 import threading
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from collections.abc import Callable
 import lz4.block
 import zstandard
 
+from vswapcommon.cliutil import argtype, non_negative, positive
 from vswapcommon.sizes import PAGE_SIZE
 
 INCOMPRESSIBLE_BYTES = 3 * PAGE_SIZE // 4
@@ -49,6 +51,38 @@ COMPRESS_HELP = ("keep admitted pages compressed: zstd (level 1; the most pages 
                  "(half zstd's CPU, less saved) or off (the default: every page at 4 KiB, the fastest); "
                  "pages that do not shrink to 3 KiB are kept as they are, and --capacity and quotas count "
                  "the memory pages take, not how many there are")
+
+
+DEFAULT_RECOMPRESS_RATE = 2000.0
+
+
+def add_compress_arguments(ap: argparse._ActionsContainer, compress_default: str | None = DEFAULT_COMPRESS,
+                           whose: str = "") -> None:
+    """--compress and the idle recompression's options, the same wherever a store is started
+    (``whose`` begins each help text: which store they are for)."""
+    ap.add_argument("--compress", choices=sorted(COMPRESS_CHOICES), default=compress_default,
+                    help=whose + COMPRESS_HELP)
+    ap.add_argument("--recompress-after", type=argtype(non_negative), default=None, metavar="SECONDS",
+                    help=whose + "with --compress: recompress pages idle that long (no put of them, no read over "
+                                 "the wire; reads from shared memory are not seen) with zstd's stronger setting "
+                                 "(default: never)")
+    ap.add_argument("--recompress-rate", type=argtype(positive), default=None, metavar="PAGES",
+                    help=whose + f"at most that many idle pages a second, all clients together (default "
+                                 f"{DEFAULT_RECOMPRESS_RATE:g}: about a tenth of a core)")
+    ap.add_argument("--recompress-dictionary", action="store_true", default=None,
+                    help=whose + "recompress idle pages with a zstd dictionary trained on each client's own "
+                                 "(more saved; such pages decode in the store only, so their client asks for them "
+                                 "over the wire)")
+
+
+def recompress_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the recompression options given, if anything."""
+    given = args.recompress_rate is not None or args.recompress_dictionary
+    if (given or args.recompress_after) and COMPRESS_CHOICES.get(args.compress or DEFAULT_COMPRESS) is None:
+        return "--recompress-after and its companions need --compress"
+    if given and not args.recompress_after:
+        return "--recompress-rate and --recompress-dictionary need --recompress-after"
+    return None
 
 
 class DecodeError(ValueError):
@@ -93,6 +127,21 @@ def encode(page: bytes | memoryview, codec: Codec) -> tuple[Codec, bytes]:
     if len(blob) > INCOMPRESSIBLE_BYTES:
         return Codec.RAW, bytes(page)
     return codec, blob
+
+
+def encode_hard(page: bytes | memoryview, compressor: zstandard.ZstdCompressor, codec: Codec) -> tuple[Codec, bytes]:
+    """``page`` with a stronger zstd ``compressor`` (a level, perhaps a dictionary: ``codec``
+    says which), where that beats keeping it as it is."""
+    blob = compressor.compress(page)
+    if len(blob) > INCOMPRESSIBLE_BYTES:
+        return Codec.RAW, bytes(page)
+    return codec, blob
+
+
+def hard_compressor(dictionary: zstandard.ZstdCompressionDict | None = None) -> zstandard.ZstdCompressor:
+    """What idle pages are recompressed with (one per thread: not for two at once)."""
+    return zstandard.ZstdCompressor(level=ZSTD_IDLE_LEVEL, dict_data=dictionary, write_content_size=False,
+                                    write_checksum=False, write_dict_id=False)
 
 
 def decode(codec: int, blob: bytes | memoryview, out: memoryview | bytearray,

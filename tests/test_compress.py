@@ -286,6 +286,25 @@ def test_a_page_damaged_in_memory_fails_to_read_and_never_passes_for_data() -> N
         client.slab.read_into(0, out)
 
 
+def test_a_page_compressed_with_the_stores_dictionary_is_not_read_from_shared_memory() -> None:
+    import zstandard
+
+    from pagewire.codec import encode_hard, hard_compressor
+
+    client = zclient(shared=True, npages=64)
+    reader = SharedPages(os.dup(client.shared.fd), client.shared.layout)
+    samples = [sized_page(n, 1, 700) for n in range(200)]
+    dictionary = zstandard.train_dictionary(4096, samples)
+    client.zslab.set_dictionary(dictionary)
+    page = sized_page(5, 1, 700)
+    encoded = encode_hard(page, hard_compressor(dictionary), Codec.ZSTD_DICT)
+    assert encoded[0] == Codec.ZSTD_DICT
+    client.add(5, 1, encoded, 1)
+    out = bytearray(PAGE_SIZE)
+    assert not reader.read(5, 1, memoryview(out))  # the client has no dictionary: it asks the store
+    assert read_back(client, 5) == page  # which has
+
+
 def test_a_client_page_array_slab_layout_is_what_both_sides_compute() -> None:
     slab = ZSharedSlab(1000, 300)
     lay = slab.layout

@@ -12,6 +12,7 @@ from array import array
 import pytest
 import trio
 
+from hoststore.compressor import Idle
 from hoststore.hostcounters import HostCounter
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
@@ -236,14 +237,14 @@ async def test_a_page_rewritten_while_it_is_compressed_keeps_its_new_version(bac
     await pager.write(0, b"".join(jpage(i, 1) for i in range(16)))
     compressor = store.store.compressor
     entered, release = threading.Event(), threading.Event()
-    real = compressor._encode_all
+    real = compressor._encode_fast
 
-    def held(pages):  # noqa: ANN001, ANN202 - in the worker thread
+    def held(client, pages):  # noqa: ANN001, ANN202 - in the worker thread
         entered.set()
         release.wait(10)
-        return real(pages)
+        return real(client, pages)
 
-    compressor._encode_all = held
+    compressor._encode_fast = held
     done: list[int] = []
 
     async def settle() -> None:
@@ -261,3 +262,71 @@ async def test_a_page_rewritten_while_it_is_compressed_keeps_its_new_version(bac
     want = [jpage(i, 2) for i in range(4)] + [bytes(PAGE_SIZE)] * 4 + [jpage(i, 1) for i in range(8, 16)]
     assert await pager.read(0, 16 * PAGE_SIZE) == b"".join(want)
     assert store.stats()["compression"]["pending_pages"] == 0 and store.stats()["pages_stored"] == 12
+
+
+async def recompress(store: InprocStore, idle: Idle, budget: int = 10_000) -> int:
+    """One round over every page used so far."""
+    inner = store.store
+    return await inner.compressor.recompress_round(idle, [store.client], inner.next_stamp(), budget)
+
+
+async def test_idle_pages_are_recompressed_harder_and_still_read_from_shared_memory(backing: Backing) -> None:
+    pager, store = make(backing)
+    data = [jpage(i, 1) for i in range(NPAGES)]
+    await pager.write(0, b"".join(data))
+    await store.store.compressor.settle()
+    before = store.stats()["compression"]["compr_data_bytes"]
+    assert await recompress(store, Idle(after=1.0), budget=100) == 100  # the rate's budget holds
+    assert await recompress(store, Idle(after=1.0)) == NPAGES - 100  # and each page once
+    assert await recompress(store, Idle(after=1.0)) == 0
+    stats = store.stats()
+    assert stats["recompressed_pages"] == NPAGES and stats["compression"]["compr_data_bytes"] < before
+    store.client.zslab.check()
+    reads = pager.stats()["shared_reads"]
+    assert await pager.read(0, NPAGES * PAGE_SIZE) == b"".join(data)
+    assert pager.stats()["shared_reads"] == reads + NPAGES
+
+
+async def test_a_trained_dictionary_shrinks_idle_pages(backing: Backing) -> None:
+    """(In process the store's dictionary is at hand; a daemon's client asks for such
+    pages over the wire: test_compress.py.)"""
+    pager, store = make(backing)
+    data = [jpage(i, 1) for i in range(NPAGES)]
+    await pager.write(0, b"".join(data))
+    await store.store.compressor.settle()
+    plain = store.stats()["compression"]["compr_data_bytes"]
+    assert await recompress(store, Idle(after=1.0, dictionary=True, samples=128)) == NPAGES
+    z = store.client.zslab
+    assert z.dictionary is not None and z.encoding(0) == Codec.ZSTD_DICT
+    comp = store.stats()["compression"]
+    assert comp["compr_data_bytes"] < 0.9 * plain
+    assert comp["mem_used_bytes"] >= z.classes.mem_bytes + len(z.dictionary.as_bytes())
+    assert await pager.read(0, NPAGES * PAGE_SIZE) == b"".join(data)
+    got = await store.get(array("Q", range(64)))
+    assert bytes(got.data) == b"".join(data[:64]) and pager.stats()["checksum_errors"] == 0
+    # a page rewritten goes in with the fast setting again
+    await pager.write(0, jpage(0, 2))
+    await store.store.compressor.settle()
+    assert z.encoding(store.client.index.get(0)) == Codec.ZSTD
+    assert await pager.read(0, PAGE_SIZE) == jpage(0, 2)
+
+
+async def test_only_pages_idle_long_enough_are_recompressed(backing: Backing, autojump_clock) -> None:
+    pager, store = make(backing)
+    await pager.write(0, b"".join(jpage(i, 1) for i in range(64)))
+    await store.store.compressor.settle()
+    inner = store.store
+    async with trio.open_nursery() as nursery:
+        await nursery.start(inner.compressor.recompress_idle, Idle(after=30.0, rate=1000.0),
+                            lambda: [store.client], lambda: inner._stamp)
+        await trio.sleep(20)
+        assert inner.counters[HostCounter.RECOMPRESSED] == 0  # not idle long enough yet
+        await pager.write(0, b"".join(jpage(i, 2) for i in range(8)))  # these are used again
+        await store.store.compressor.settle()
+        await trio.sleep(15)
+        assert inner.counters[HostCounter.RECOMPRESSED] == 56
+        await trio.sleep(30)
+        assert inner.counters[HostCounter.RECOMPRESSED] == 64
+        nursery.cancel_scope.cancel()
+    assert await pager.read(0, 64 * PAGE_SIZE) == b"".join(
+        [jpage(i, 2) for i in range(8)] + [jpage(i, 1) for i in range(8, 64)])

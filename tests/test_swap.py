@@ -166,9 +166,9 @@ def test_workload_through_a_store_on_loopback_tcp_without_a_token(state_dir: str
         store.wait(120)
 
 
-def start_workload(state_dir: str) -> subprocess.Popen[str]:
+def start_workload(state_dir: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "vswapctl", "--state-dir", state_dir, "workload",
-                             "--size", "256M", "--limit", "64M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--size", "256M", "--limit", "64M", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -243,6 +243,54 @@ def test_pressure_hands_pages_back_mid_workload(state_dir: str, disk_dir: str) -
     assert 0 < host["handed_back_pressure"] <= fs["handback_taken"] + fs["handback_not_needed"]
     assert host["clients"]  # an admin's view names the clients
     assert fs["pages_lost"] == 0 and fs["io_errors"] == 0 and fs["checksum_errors"] == 0
+
+
+def test_compressed_store_takes_json_pages_and_hands_them_back_under_pressure(state_dir: str,
+                                                                               disk_dir: str) -> None:
+    """hoststore --compress zstd under live swap of application-like data: the store holds
+    more than its capacity in pages, hands compressed pages back as pages under pressure,
+    and nothing read back is wrong."""
+    pressure = os.path.join(disk_dir, "pressure")
+    with open(pressure, "w") as f:
+        f.write("10")
+    up(state_dir, disk_dir, "--priority", "32000", "--compress", "zstd", "--pressure-source", f"file:{pressure}",
+       capacity="48M")
+    work = start_workload(state_dir, "--data", "json")
+    try:
+        wait_until(lambda: stats(state_dir)["hoststore"]["pages_stored"] > 14000, 120,
+                   "more pages in the store than 48M holds uncompressed (12288)", work)
+        with open(pressure, "w") as f:
+            f.write("95")
+        wait_until(lambda: stats(state_dir)["hoststore"]["handed_back_pressure"] > 2048, 60, "a hand-back", work)
+        with open(pressure, "w") as f:
+            f.write("50")
+        finish_workload(work)
+    finally:
+        if work.poll() is None:
+            work.kill()
+            work.wait()
+    s = stats(state_dir)
+    fs, host = s["vswapfs"], s["hoststore"]
+    comp = host["compression"]
+    assert comp["algorithm"] == "zstd" and host["fullest"]["data_bytes"] > 64 << 20
+    assert host["fullest"]["data_bytes"] > 1.5 * host["fullest"]["mem_bytes"]
+    assert host["decode_errors"] == 0 and host["handed_back_pressure"] > 2048
+    assert fs["pages_lost"] == 0 and fs["io_errors"] == 0 and fs["checksum_errors"] == 0
+    status = vswapctl(state_dir, "status")
+    assert status.returncode == 0 and "compression  zstd:" in status.stdout
+
+
+def test_workload_through_a_compressing_in_process_store(state_dir: str, disk_dir: str) -> None:
+    up(state_dir, disk_dir, "--host", "inproc", "--compress", "lz4", "--priority", "32000")
+    done = vswapctl(state_dir, "workload", "--size", "256M", "--limit", "64M", "--data", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pages"] == 65536 and result["bad_pages"] == 0
+    s = stats(state_dir)
+    fs, store = s["vswapfs"], s["hoststore"]
+    assert store["compression"]["algorithm"] == "lz4" and store["fullest"]["data_bytes"] > 64 << 20
+    assert store["accepted"] > 16384 and store["decode_errors"] == 0
+    assert fs["io_errors"] == 0 and fs["read_failures"] == 0 and fs["checksum_errors"] == 0
 
 
 def test_down_cleans_up_after_vswapfs_died(state_dir: str, disk_dir: str) -> None:

@@ -82,6 +82,7 @@ class UpConfig:
     start_timeout: float = READY_TIMEOUT  # for each daemon to say it is ready
     extra_hoststore: list[str] = field(default_factory=list)
     compress: str = "off"  # the started store keeps pages compressed (hoststore/vswapfs --compress)
+    recompress: list[str] = field(default_factory=list)  # and its --recompress-* options
 
 
 # -- the rule ---------------------------------------------------------------------------
@@ -404,7 +405,8 @@ def _store_pid(socket_path: str) -> int | None:
 
 
 def _start_hoststore(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
-    argv = ["--listen", f"unix:{state.socket}", "--capacity", str(cfg.capacity), "--compress", cfg.compress]
+    argv = ["--listen", f"unix:{state.socket}", "--capacity", str(cfg.capacity), "--compress", cfg.compress,
+            *cfg.recompress]
     if cfg.pressure_source:
         argv += ["--pressure-source", cfg.pressure_source]
     argv += cfg.extra_hoststore
@@ -441,7 +443,7 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
     if state.insecure_tcp:
         argv.append("--insecure-tcp")
     if state.host == INPROC:
-        argv += ["--capacity", str(cfg.capacity), "--compress", cfg.compress]
+        argv += ["--capacity", str(cfg.capacity), "--compress", cfg.compress, *cfg.recompress]
         if cfg.pressure_source:
             argv += ["--pressure-source", cfg.pressure_source]
     if cfg.verbose:

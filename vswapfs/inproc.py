@@ -33,6 +33,7 @@ from pagewire.address import INPROC, Address
 from pagewire.messages import NONCE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, GetAnswer, HandBack, HandBackCause, Hello
 from vswapcommon.sizes import PAGE_SIZE
 from hoststore.clientpages import NIL, ClientPages
+from hoststore.compressor import Idle, idle_from_args
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot, parse_source
 from hoststore.handback import HandBackEngine, Pace
@@ -50,8 +51,8 @@ class InprocStore:
 
     def __init__(self, name: str, device_size: int, limits: Limits, sampler: Sampler | None = None, *,
                  handback_interval: float = 0.05, handback_batch: int = 256,
-                 handback_rate: float = 25600.0, compress: Codec | None = None) -> None:
-        self.store = Store(limits, sampler or Sampler(), compress=compress)
+                 handback_rate: float = 25600.0, compress: Codec | None = None, idle: Idle = Idle()) -> None:
+        self.store = Store(limits, sampler or Sampler(), compress=compress, idle=idle)
         hello = Hello(PROTOCOL_VERSION, name, ROLE_PAGER, device_size, secrets.token_hex(8),
                       os.urandom(NONCE_SIZE))
         client, _answer, _old = self.store.attach(hello, os.urandom(NONCE_SIZE), owner=IN_PROCESS)
@@ -162,4 +163,5 @@ def from_options(args: argparse.Namespace, name: str, device_size: int) -> Inpro
                     capacity_pages=capacity // PAGE_SIZE)
     sampler = Sampler(source=args.pressure_source or parse_source("psutil"))
     return InprocStore(name, device_size, limits, sampler,
-                       compress=COMPRESS_CHOICES[getattr(args, "compress", None) or DEFAULT_COMPRESS])
+                       compress=COMPRESS_CHOICES[getattr(args, "compress", None) or DEFAULT_COMPRESS],
+                       idle=idle_from_args(args) if hasattr(args, "recompress_after") else Idle())

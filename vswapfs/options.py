@@ -10,7 +10,7 @@ from typing import Any
 
 from pagewire.access import INSECURE_TCP_GIVES_UP, check_tcp_options
 from pagewire.address import INPROC, parse_store_address
-from pagewire.codec import COMPRESS_CHOICES, COMPRESS_HELP
+from pagewire.codec import add_compress_arguments, recompress_problem
 from pagewire.messages import MessageError, check_client_name
 from vswapcommon import metrics
 from vswapcommon.cliutil import argtype, non_negative, percent, positive
@@ -67,7 +67,7 @@ def _add_inproc_arguments(ap: argparse.ArgumentParser) -> None:
     inproc = ap.add_argument_group("with --host inproc", "the in-process store's limits, as hoststore's")
     inproc.add_argument("--capacity", type=argtype(parse_size), metavar="SIZE",
                         help="most page data kept in memory (default: the device size)")
-    inproc.add_argument("--compress", choices=sorted(COMPRESS_CHOICES), default=None, help=COMPRESS_HELP)
+    add_compress_arguments(inproc, compress_default=None)
     inproc.add_argument("--high-watermark", type=argtype(percent), default=None, metavar="PCT",
                         help="refuse pages once used memory reaches PCT%% of RAM (default 90)")
     inproc.add_argument("--low-watermark", type=argtype(percent), default=None, metavar="PCT",
@@ -159,7 +159,8 @@ def check_mountpoint(path: str) -> str | None:
     return None
 
 
-INPROC_OPTIONS = ("capacity", "compress", "high_watermark", "low_watermark", "pressure_source")
+INPROC_OPTIONS = ("capacity", "compress", "recompress_after", "recompress_rate", "recompress_dictionary",
+                  "high_watermark", "low_watermark", "pressure_source")
 
 
 def check_inproc_options(args: argparse.Namespace, inproc: bool) -> str | None:
@@ -173,6 +174,9 @@ def check_inproc_options(args: argparse.Namespace, inproc: bool) -> str | None:
             return f"--low-watermark {low} is above --high-watermark {high}"
         if args.capacity is not None and args.capacity % PAGE_SIZE:
             return f"--capacity {args.capacity} is not a multiple of {PAGE_SIZE}"
+        problem = recompress_problem(args)
+        if problem:
+            return problem
         args.high_watermark, args.low_watermark = high, low
         return None
     given = [name for name in INPROC_OPTIONS if getattr(args, name) is not None]

@@ -12,7 +12,7 @@ from typing import Any
 
 from pagewire.access import INSECURE_TCP_GIVES_UP, check_tcp_options
 from pagewire.address import INPROC, Address, parse_store_address
-from pagewire.codec import COMPRESS_CHOICES, COMPRESS_HELP, DEFAULT_COMPRESS
+from pagewire.codec import DEFAULT_COMPRESS, add_compress_arguments, recompress_problem
 from vswapcommon.cliutil import argtype, positive
 from vswapfs.backingcheck import is_block_device
 
@@ -60,7 +60,20 @@ def up_config(args: argparse.Namespace) -> device.UpConfig:
         pressure_source=_absolute_source(args.pressure_source), priority=args.priority, discard=args.discard,
         swap=args.swap, verbose=args.verbose, start_timeout=args.start_timeout,
         extra_hoststore=["--tier", args.tier] if args.tier else [], compress=args.compress,
+        recompress=_recompress_argv(args),
     )
+
+
+def _recompress_argv(args: argparse.Namespace) -> list[str]:
+    """The recompression options, passed on to the store up starts."""
+    argv = []
+    if args.recompress_after:
+        argv += ["--recompress-after", str(args.recompress_after)]
+    if args.recompress_rate is not None:
+        argv += ["--recompress-rate", str(args.recompress_rate)]
+    if args.recompress_dictionary:
+        argv.append("--recompress-dictionary")
+    return argv
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -72,6 +85,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return fail("--compress is for the store up starts; a store at --host keeps pages as it was started to")
     if args.compress != DEFAULT_COMPRESS and args.tier:
         return fail("--compress does not go with --tier: the tier keeps pages as they are")
+    problem = recompress_problem(args)
+    if problem:
+        return fail(problem)
     if args.tier and args.pressure_source:
         return fail("--pressure-source does not go with --tier: the cluster's memory is the pressure")
     if args.token_file and args.host.kind == INPROC:
@@ -150,8 +166,7 @@ def _add_up(sub: Any) -> None:
     up.add_argument("--mountpoint", metavar="DIR", help="where to mount vswapfs (default STATE_DIR/mnt)")
     up.add_argument("--capacity", type=argtype(page_size), metavar="SIZE",
                     help="capacity of the hoststore that up starts (default: the device size)")
-    up.add_argument("--compress", choices=sorted(COMPRESS_CHOICES), default=DEFAULT_COMPRESS,
-                    help="for the store up starts (hoststore, or vswapfs with --host inproc): " + COMPRESS_HELP)
+    add_compress_arguments(up, whose="for the store up starts (hoststore, or vswapfs with --host inproc): ")
     up.add_argument("--writethrough", action="store_true",
                     help="vswapfs writes every page to the backing file too: losing the store loses nothing "
                          "(default: write-back)")
