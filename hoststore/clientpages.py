@@ -53,6 +53,9 @@ class ClientPages:
     def _reset(self, slab: bool = True) -> None:
         self.index = PageIndex()
         self.slab: AnySlab = self._new_slab() if slab else Slab()
+        # The compressed pages, when this client's are kept compressed (looked up on every page).
+        self.zslab: ZSlab | None = self.slab.z if isinstance(self.slab, ZSharedSlab) else \
+            self.slab if isinstance(self.slab, ZSlab) else None
         self.page_of = array("Q")
         self.seq_of = array("Q")
         self.stamp = array("Q")
@@ -74,12 +77,6 @@ class ClientPages:
             except SharedError as exc:
                 log.warning("client %r: no shared page memory (%s); its pages travel on the wire", self.name, exc)
         return PrivateZSlab(self.npages) if self.compress is not None else Slab()
-
-    @property
-    def zslab(self) -> ZSlab | None:
-        """The compressed pages, when this client's are kept compressed."""
-        slab = self.slab
-        return slab.z if isinstance(slab, ZSharedSlab) else slab if isinstance(slab, ZSlab) else None
 
     @property
     def charged_bytes(self) -> int:

@@ -113,13 +113,11 @@ class Compressor:
         """Compress every page pending now; how many were compressed."""
         done = 0
         while self.queue:
-            batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
-            done += await self._recode([w for w in batch if self._pending(*w)], self._encode_fast, self._pending)
+            # Newest first: their pages are at the end of the whole-page class, so freeing
+            # each there once it is compressed moves no other page.
+            batch = [self.queue.pop() for _ in range(min(BATCH, len(self.queue)))]
+            done += await self._recode(batch, self._encode_fast, pending=True)
         return done
-
-    def _pending(self, client: ClientPages, page: int, seq: int) -> bool:
-        slot = self._slot(client, page, seq)
-        return slot != NIL and client.zslab.is_pending(slot)  # type: ignore[union-attr]
 
     def _encode_fast(self, client: ClientPages, pages: list[bytes]) -> list[Encoded]:
         codec = self.codec
@@ -158,7 +156,7 @@ class Compressor:
                     work = self._idle_pages(client, before, idle.samples)
                 if len(work) >= idle.samples:
                     await self._train(client, work, idle.samples)
-            n = await self._recode(work[:budget], self._encode_hard, self._idle, hard=True)
+            n = await self._recode(work[:budget], self._encode_hard, pending=False)
             budget -= n
             done += n
             if n:
@@ -177,11 +175,6 @@ class Compressor:
                 out.append((client, client.page_of[slot], client.seq_of[slot]))
             slot, steps = client.prev[slot], steps + 1
         return out
-
-    def _idle(self, client: ClientPages, page: int, seq: int) -> bool:
-        slot = self._slot(client, page, seq)
-        z = client.zslab
-        return slot != NIL and z is not None and not z.is_pending(slot) and not z.is_hard(slot)
 
     async def _train(self, client: ClientPages, work: list[Work], samples_wanted: int) -> None:
         """A dictionary from a sample of the client's idle pages (decoded here, trained in a thread)."""
@@ -212,38 +205,49 @@ class Compressor:
 
     # -- the one recode step ------------------------------------------------------------------
 
-    def _slot(self, client: ClientPages, page: int, seq: int) -> int:
-        """The slot still holding exactly that version, not being handed back; or NIL."""
-        if client.zslab is None or not self.registered(client):
-            return NIL
-        slot = client.index.get(page)
-        if slot == NIL or client.seq_of[slot] != seq or client.lent[slot]:
-            return NIL
-        return slot
+    def _current(self, work: list[Work], pending: bool) -> list[tuple[int, int, int]]:
+        """(index in ``work``, page, version) of the pages of one client still holding
+        exactly that version, not being handed back, and pending (or, for ``pending``
+        False, compressed and not recompressed yet)."""
+        client = work[0][0]
+        z = client.zslab
+        if z is None or not self.registered(client):
+            return []
+        index, seq_of, lent = client.index, client.seq_of, client.lent
+        out = []
+        for i, (_, page, seq) in enumerate(work):
+            slot = index.get(page)
+            if slot < 0 or seq_of[slot] != seq or lent[slot] or z.is_pending(slot) != pending:
+                continue
+            if pending or not z.is_hard(slot):
+                out.append((i, page, seq))
+        return out
 
     async def _recode(self, work: list[Work], encode_all: Callable[[ClientPages, list[bytes]], list[Encoded]],
-                      still: Callable[[ClientPages, int, int], bool], hard: bool = False) -> int:
+                      pending: bool) -> int:
         """Encode the pages of ``work`` anew in a worker thread (by client: a dictionary is a
-        client's), and put each back where ``still`` holds; how many were."""
+        client's), and put back each that is still as it was; how many were.  ``pending``:
+        pages compressed at last; otherwise idle ones recompressed."""
         by_client: dict[int, list[Work]] = {}
         for w in work:
             by_client.setdefault(id(w[0]), []).append(w)
         done = 0
         for items in by_client.values():
-            client = items[0][0]
-            z = client.zslab
-            assert z is not None
+            client, z = items[0][0], items[0][0].zslab
             pages, kept = [], []
-            for item in items:
+            for _, page, seq in self._current(items, pending):
                 try:
-                    pages.append(z.decoded(client.index.get(item[1])))
+                    pages.append(z.decoded(client.index.get(page)))  # type: ignore[union-attr]
                 except DecodeError:
                     continue  # damaged: a read of it fails, and says so
-                kept.append(item)
+                kept.append((client, page, seq))
+            if not kept:
+                continue
             encoded, took = await trio.to_thread.run_sync(_timed, encode_all, client, pages, limiter=self.limiter)
             self.compress_ns += took
-            for (c, page, seq), enc in zip(kept, encoded):
-                if still(c, page, seq):
-                    c.recode(c.index.get(page), enc, hard)
+            still = {i for i, _, _ in self._current(kept, pending)}
+            for i, ((c, page, _), enc) in enumerate(zip(kept, encoded)):
+                if i in still:
+                    c.recode(c.index.get(page), enc, hard=not pending)
                     done += 1
         return done

@@ -136,6 +136,7 @@ class Store:
         index, seq_of, limits = client.index, client.seq_of, self.limits
         terms = self.terms(client)
         used = self.charged_pages()
+        z = client.zslab
         verdict = self.policy.decide(DecisionContext(
             client.name, first, n, snapshot, used, limits.capacity_pages, client.charged_pages, terms.quota_pages,
             terms.share_pages, self.pressure))
@@ -154,10 +155,15 @@ class Store:
                 status = admit(limits, False, used, client.charged_pages, slot != NIL, terms)
             if status == PageStatus.STORED:
                 page_data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] if view is not None else None
-                before = client.charged_pages
-                if self._record(client, plan, i, slot, page_data, stamp):
-                    used += client.charged_pages - before
-                    continue
+                if z is None:
+                    if self._record(client, plan, i, slot, page_data, stamp):
+                        used += slot == NIL
+                        continue
+                else:
+                    before = client.charged_pages
+                    if self._record(client, plan, i, slot, page_data, stamp):
+                        used += client.charged_pages - before
+                        continue
                 status = PageStatus.REFUSED_NOMEM
             self.refuse(client, plan, i, status)
         return plan
