@@ -423,8 +423,6 @@ def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: L
     if args.tier is None:
         return Store(limits, Sampler(args.pressure_interval, source=args.pressure_source or sample), **options,
                      compress=COMPRESS_CHOICES[args.compress], idle=idle_from_args(args))
-    if COMPRESS_CHOICES[args.compress] is not None:
-        ap.error("--compress does not go with --tier: the tier keeps pages as they are")
     if args.pressure_source is not None:
         ap.error("--pressure-source does not go with --tier: the cluster's memory is the pressure")
     config = replace(args.tier, replicas=args.tier_replicas, wait_timeout=args.tier_wait_timeout,
@@ -434,7 +432,9 @@ def build_store(ap: argparse.ArgumentParser, args: argparse.Namespace, limits: L
         tier = connect(config)
     except TierUnavailable as exc:
         raise SystemExit(f"hoststore: error: --tier: {exc}") from None
-    store = tiered_store(limits, tier, **options)
+    if args.recompress_after:
+        ap.error("--recompress-after does not go with --tier: idle pages are recompressed in the store's memory")
+    store = tiered_store(limits, tier, **options, compress=COMPRESS_CHOICES[args.compress])
     log.info("pages go to the cluster at %s (%d masters; a replica must acknowledge each write within %gs)",
              config, len(tier.memory), config.wait_timeout)
     return store

@@ -180,6 +180,7 @@ class RedisClusterTier:
         self.config = config
         self.instance = instance
         self.counters: Counters[TierCounter] = Counters(TierCounter)
+        self.compressed = False  # values hold pages compressed (hoststore.tiercodec)
         self._counter_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._refreshed_at = 0.0
@@ -346,7 +347,7 @@ class RedisClusterTier:
             complete = True
             for items, values in zip(batch.items, result):
                 for i, value in zip(items, values):
-                    if value is not None and len(value) == VALUE_SIZE and value[:SEQ_DIGITS] == encode_seq(seqs[i]):
+                    if value is not None and self._whole(value) and value[:SEQ_DIGITS] == encode_seq(seqs[i]):
                         out[i] = memoryview(value)[SEQ_DIGITS:]  # no copy; the caller copies once
                     else:
                         complete = False
@@ -354,6 +355,13 @@ class RedisClusterTier:
                 self._confirm_master(batch.node)
         self.count(TierCounter.READ, sum(v is not None for v in out))
         return out
+
+    def _whole(self, value: bytes) -> bool:
+        """A value of the size a page's can be: exactly a page's, or compressed (an
+        encoding's byte and at least a byte, at most a page)."""
+        if self.compressed:
+            return SEQ_DIGITS + 2 <= len(value) <= VALUE_SIZE + 1
+        return len(value) == VALUE_SIZE
 
     def _confirm_master(self, node: ClusterNode) -> None:
         """``node`` said pages were missing: believe it only if it says now that it is

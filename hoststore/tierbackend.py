@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from pagewire import auth
+from pagewire.codec import DecodeError
 from pagewire.messages import PAGE_SIZE, HandBack, HandBackCause, PageStatus
 
 from .clientpages import NIL, ClientPages
@@ -52,6 +53,7 @@ from .policy import Limits
 from .pressure import Sampler
 from .redistier import FailoverScope, RedisClusterTier, TierUnavailable
 from .backend import Bookkeeper, PutPlan
+from .tiercodec import TierCodec
 from .store import Store
 from .tiercounters import TierCounter
 from .tierpresence import Presence
@@ -81,6 +83,7 @@ class TierPages:
         self.tier = tier
         self.presence = Presence(tier)  # the heartbeat, and the sweep at exit
         self._store: Bookkeeper | None = None
+        self.codec: TierCodec | None = None
         self._ids = 0
         self._limiter = trio.CapacityLimiter(16)  # writes, deletes, upkeep
         # Reads of their own: one abandoned at its deadline keeps its worker until its
@@ -103,6 +106,9 @@ class TierPages:
     def bind(self, store: Bookkeeper) -> None:
         self._store = store
         self.tier.instance = store.instance  # every key names the store instance its clients see
+        codec = store.compressor.codec
+        self.codec = TierCodec(codec) if codec is not None else None
+        self.tier.compressed = self.codec is not None
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -140,7 +146,9 @@ class TierPages:
                 writing[page] = seq
             replaced = set(plan.replaced)
             try:
-                statuses = await self._call(self.tier.write, client.tier_id, seq, pages, data)
+                statuses, sizes = await self._call(self._write, client.tier_id, seq, pages, data)
+                if self.codec is not None:
+                    self.codec.written([n for n, s in zip(sizes, statuses) if s == PageStatus.STORED])
             except BaseException:  # cancelled (a reconnect superseded us) or a bug: nothing is kept
                 for i in plan.accepted:
                     self._unrecord(client, plan.out, i, first + i, seq, PageStatus.REFUSED_TIER, i in replaced)
@@ -159,6 +167,28 @@ class TierPages:
                 # connection that superseded this one): either way not ours to answer stored.
                 self._unrecord(client, plan.out, i, first + i, seq,
                                status if status != PageStatus.STORED else PageStatus.REFUSED_TIER, i in replaced)
+
+    def _write(self, tier_id: int, seq: int, pages: list[int], data: list[memoryview]
+               ) -> tuple[list[PageStatus], list[int]]:
+        """In a worker thread: the pages written to the tier, compressed first with --compress;
+        their statuses, and the size of each value's body."""
+        if self.codec is None:
+            return self.tier.write(tier_id, seq, pages, data), [PAGE_SIZE] * len(pages)
+        values = self.codec.encode_all(data)
+        return self.tier.write(tier_id, seq, pages, values), [len(v) for v in values]
+
+    def _fill(self, client: ClientPages, page: int, value: memoryview, out: memoryview | bytearray) -> bool:
+        """A value read from the tier, into ``out``: False if it is damaged (counted)."""
+        if self.codec is None:
+            out[:] = value
+            return True
+        try:
+            TierCodec.decode(value, out)
+        except DecodeError as exc:
+            self.store.count(client, HostCounter.DECODE_ERRORS)
+            log.error("page tier: page %d of client %r does not decode (%s): damaged", page, client.name, exc)
+            return False
+        return True
 
     def _being_written(self, client: ClientPages, page: int, seq: int) -> bool:
         """Version ``seq`` of ``page`` is recorded and on its way to the tier, not there yet."""
@@ -234,7 +264,9 @@ class TierPages:
                     seqs[i] = 0
                     status[i] = PageStatus.MISSING
                     continue
-                data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = value
+                if not self._fill(client, pages[i], value, memoryview(data)[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]):
+                    seqs[i] = 0  # no client holds version 0: a checksum error (EIO) there, never data
+                    continue
                 slot = client.index.get(pages[i])
                 if slot != NIL and client.seq_of[slot] == seqs[i]:
                     client.touch(slot, stamp)
@@ -275,9 +307,14 @@ class TierPages:
                 client.unlend(slot)
                 self._lost(client, page, seq)
                 continue
+            out = bytearray(PAGE_SIZE)
+            if not self._fill(client, page, value, out):
+                client.unlend(slot)
+                self.store.drop(client, slot)  # damaged: not handed back, and a read of it fails
+                continue
             kept_pages.append(page)
             kept_seqs.append(seq)
-            data += value
+            data += out
         if not kept_pages:
             return None
         return HandBack(cause, kept_pages, kept_seqs, data)
@@ -408,7 +445,10 @@ class TierPages:
             del self._deletes[: len(batch)]
 
     def stats(self) -> dict[str, Any]:
-        return {**self.tier.stats(), "deletes_waiting": len(self._deletes) + len(self._drops)}
+        stats = {**self.tier.stats(), "deletes_waiting": len(self._deletes) + len(self._drops)}
+        if self.codec is not None:
+            stats["compression"] = self.codec.stats()
+        return stats
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """At exit: delete what is waiting, then every key this store instance left,

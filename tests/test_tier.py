@@ -34,6 +34,7 @@ from hoststore.redistier import (
     REPLICA_MAX_BEHIND,
     REPLICA_MAX_LAG,
     RUN_PAGES,
+    SEQ_DIGITS,
     FailoverScope,
     TierCounter,
     connect,
@@ -868,4 +869,42 @@ async def test_a_hung_master_costs_only_its_own_heartbeat(redis_cluster: LocalCl
                 assert 0 < int(cluster.cli(port, "pttl", key)) <= 1000
     finally:
         cluster.kill(frozen, signal.SIGCONT)
+        await store.aclose()
+
+
+async def test_a_compressing_store_keeps_compressed_pages_in_the_cluster(redis_cluster_session: LocalCluster) -> None:
+    """--compress with --tier: the cluster's values are the compressed pages, and every path
+    (get, hand-back) gives back the page; a value that does not decode is EIO, never data."""
+    from pagewire.codec import Codec
+    from vswapctl.workload import json_pool
+
+    pool = json_pool(5, 64 * PAGE_SIZE)
+    pages = [i.to_bytes(8, "little") + pool[i * PAGE_SIZE + 8 : (i + 1) * PAGE_SIZE] for i in range(64)]
+    cluster = redis_cluster_session
+    tier = connect(dataclasses.replace(parse_tier(cluster.address), wait_timeout=3.0))
+    store = tiered_store(Limits(capacity_pages=1 << 20), tier, compress=Codec.ZSTD)
+    try:
+        client = attach(store)
+        assert await store.put(client, 0, 1, b"".join(pages)) == bytes(64)
+        comp = store.stats()["tier"]["compression"]
+        assert comp["algorithm"] == "zstd" and comp["orig_bytes_written"] == 64 * PAGE_SIZE
+        assert comp["compr_bytes_written"] < comp["orig_bytes_written"] // 2
+        status, seqs, got = await read_back(store, client, 0, 64)
+        assert status == bytes(64) and set(seqs) == {1} and got == b"".join(pages)
+        handback = await store.lend(client, HandBackCause.PRESSURE, 8)
+        assert handback is not None and bytes(handback.data) == b"".join(pages[p] for p in handback.pages)
+        store.unlend(client, handback)
+        # Damage one value in the cluster behind the store's back.
+        host, port = parse_tier(cluster.address).nodes[0]
+        probe = RedisCluster(host=host, port=port)
+        try:
+            key = store.backend.tier.key(client.tier_id, 0)
+            value = probe.hget(key, "5")
+            probe.hset(key, "5", value[:SEQ_DIGITS + 1] + bytes(len(value) - SEQ_DIGITS - 1))
+        finally:
+            probe.close()
+        answer = await get_answer(store, client, array("Q", [5, 6]))
+        assert list(answer.seqs) == [0, 1] and bytes(answer.data[:PAGE_SIZE]) == bytes(PAGE_SIZE)
+        assert bytes(answer.data[PAGE_SIZE:]) == pages[6] and store.counters[HostCounter.DECODE_ERRORS] == 1
+    finally:
         await store.aclose()

@@ -83,8 +83,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return fail("--tier is for the hoststore up starts; a store at --host has its own")
     if args.compress != DEFAULT_COMPRESS and args.host and args.host.kind != INPROC:
         return fail("--compress is for the store up starts; a store at --host keeps pages as it was started to")
-    if args.compress != DEFAULT_COMPRESS and args.tier:
-        return fail("--compress does not go with --tier: the tier keeps pages as they are")
+    if args.recompress_after and args.tier:
+        return fail("--recompress-after does not go with --tier: idle pages are recompressed in the store's memory")
     problem = recompress_problem(args)
     if problem:
         return fail(problem)
