@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -407,3 +408,20 @@ def test_vswapctl_workload_takes_the_data_kind_and_refuses_no_pass(capsys: pytes
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["workload", "--passes", "0"])
     assert "--passes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+def test_the_redis_dataset_round_trips_and_catches_a_wrong_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vswapctl import redisload
+
+    result = redisload.run(2 << 20, seed=7)
+    assert result["pages"] == 2048 and result["bad_pages"] == 0 and result["data"] == "redis"
+    assert result["redis_used_memory"] > 2 << 20 and len(result["verify_seconds"]) == 2
+    real, calls = redisload.value, []
+
+    def value(pool: bytes, seed: int, key: int) -> bytes:  # key 5 is expected to be other than it was stored
+        calls.append(key)
+        return real(pool, seed, key) if key != 5 or calls.count(5) == 1 else b"not what was stored"
+
+    monkeypatch.setattr(redisload, "value", value)
+    assert redisload.run(1 << 20, seed=7)["bad_pages"] == 2  # found wrong in both passes

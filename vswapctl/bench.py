@@ -32,10 +32,13 @@ from .benchtargets import (
 )
 from .rediscluster import redis_missing
 from .state import State
-from .workload import DATA_KINDS
+from .workload import DATA_KINDS as WORKLOAD_KINDS
+
+DATA_KINDS = (*WORKLOAD_KINDS, "redis")  # redis: a redis-server's dataset (vswapctl.redisload)
 
 __all__ = [
     "DATA_KINDS",
+    "DEFAULT_TARGETS",
     "MIN_RUNS",
     "TARGETS",
     "BenchConfig",
@@ -133,7 +136,9 @@ def run_workload(size: int, limit: int, data: str) -> dict[str, float]:
     """The workload in a fresh memory cgroup of ``limit``: seconds per phase."""
     cg = cgroup.create(f"vswapctl-bench-{os.getpid()}", limit)
     try:
-        done = cg.run(launch.module_argv("vswapctl.workload", "--size", str(size), "--passes", "2", "--data", data),
+        argv = launch.module_argv("vswapctl.redisload", "--size", str(size)) if data == "redis" else \
+            launch.module_argv("vswapctl.workload", "--size", str(size), "--passes", "2", "--data", data)
+        done = cg.run(argv,
                       cwd=launch.WORKDIR)
     finally:
         cg.remove()

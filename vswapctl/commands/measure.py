@@ -287,12 +287,15 @@ def _add_bench(sub: Any) -> None:
     bench.add_argument("--small-capacity", type=argtype(page_size), metavar="SIZE",
                        help="hoststore-small's store capacity, below --size (default: a quarter of --size)")
     bench.add_argument("--targets", type=argtype(benchlib.parse_targets), metavar="LIST",
-                       help=f"comma-separated, run in this order (default: {','.join(benchlib.TARGETS)}, "
-                            "zram only where there is one)")
+                       help=f"comma-separated, run in this order, of {','.join(benchlib.TARGETS)} (default: "
+                            f"{','.join(benchlib.DEFAULT_TARGETS)}, zram and redis-cluster only where this machine "
+                            "has them; floor: the least a pyfuse3 server can do; zram-ALG: zram with that "
+                            "algorithm; hoststore-zstd, hoststore-lz4: with --compress)")
     bench.add_argument("--data", choices=benchlib.DATA_KINDS, default="incompressible",
                        help="page contents: incompressible (default; random, no page compresses), "
-                            "compressible (one 16-byte pattern per page) or json (JSON records with "
-                            "Zipf-distributed words: compresses as application data does)")
+                            "compressible (one 16-byte pattern per page), json (JSON records with "
+                            "Zipf-distributed words: compresses as application data does) or redis (a "
+                            "redis-server holding --size of such records, read back through its own memory)")
     bench.add_argument("--runs", type=argtype(benchlib.parse_runs), default=benchlib.MIN_RUNS, metavar="N",
                        help=f"runs per target, at least {benchlib.MIN_RUNS}; medians are reported (default "
                             f"{benchlib.MIN_RUNS})")
