@@ -74,7 +74,8 @@ class PageBackend(Protocol):
 
     def bind(self, store: Bookkeeper) -> None: ...
 
-    def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages: ...
+    def new_client(self, name: str, npages: int, instance: str, shared_slots: int, max_slots: int = 0
+                   ) -> ClientPages: ...
 
     def close_client(self, client: ClientPages) -> int: ...
 
@@ -106,9 +107,11 @@ class MemoryPages:
     def bind(self, store: Bookkeeper) -> None:
         self.store = store
 
-    def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
+    def new_client(self, name: str, npages: int, instance: str, shared_slots: int, max_slots: int = 0
+                   ) -> ClientPages:
         return ClientPages(name, npages, instance, auth.new_secret(), shared_slots=shared_slots,
-                           compress=self.store.compressor.codec if self.store is not None else None)
+                           compress=self.store.compressor.codec if self.store is not None else None,
+                           max_slots=max_slots)
 
     def close_client(self, client: ClientPages) -> int:
         return client.close()

@@ -31,15 +31,17 @@ NIL = -1
 
 class ClientPages:
     def __init__(self, name: str, npages: int, instance: str, secret: bytes, shared_slots: int = 0,
-                 tier_id: int = 0, compress: Codec | None = None) -> None:
+                 tier_id: int = 0, compress: Codec | None = None, max_slots: int = 0) -> None:
         """``shared_slots``: keep the data in memory shared with the client (that many
         slots at most; see ``pagewire.sharedmem``), or 0 for private memory.  Where
         shared memory cannot be had, private memory serves (``shared`` tells).
         ``tier_id``: a page tier keeps the data under this number (see
         ``hoststore.redistier``), and this object keeps only the pages' versions.
         ``compress``: keep the pages in this encoding where they shrink (``hoststore.zslab``);
-        the data given to :meth:`add` and :meth:`replace` is then encoded (``pagewire.codec``)."""
+        the data given to :meth:`add` and :meth:`replace` is then encoded (``pagewire.codec``);
+        ``max_slots``: the most pages kept compressed in private memory (default: the device's)."""
         self.name = name
+        self.max_slots = max_slots or npages
         self.compress = compress
         self.tier_id = tier_id
         self.npages = npages
@@ -76,7 +78,7 @@ class ClientPages:
                 return SharedSlab(self.npages, self.shared_slots)
             except SharedError as exc:
                 log.warning("client %r: no shared page memory (%s); its pages travel on the wire", self.name, exc)
-        return PrivateZSlab(self.npages) if self.compress is not None else Slab()
+        return PrivateZSlab(self.max_slots) if self.compress is not None else Slab()
 
     @property
     def charged_bytes(self) -> int:

@@ -52,6 +52,9 @@ class Holder(Protocol):
     def count(self, client: ClientPages, cause: HostCounter, n: int = 1) -> None: ...
 
 
+COMPRESSED_ROOM = 16  # a client's pages kept compressed: slots for this many times the capacity
+
+
 class ClientRegistry:
     def __init__(self, store: Holder, *, away_timeout: float = DEFAULT_AWAY_TIMEOUT,
                  max_clients: int = DEFAULT_MAX_CLIENTS, clock: Callable[[], float] = time.monotonic) -> None:
@@ -158,10 +161,13 @@ class ClientRegistry:
         name = hello.client
         # Slot numbers are uint32 in the shared index (slot + 1): a store that large shares nothing.
         # Room for the capacity, or 4 GiB if that is more (the capacity may grow at run
-        # time; unused slots cost address space only).
-        slots = min(hello.npages, max(self.store.limits.capacity_pages, 1 << 20)) if can_share and hello.shared else 0
+        # time; unused slots cost address space only); kept compressed, for 16 times as
+        # many pages (a client past that has its pages refused, nomem).
+        room = self.store.limits.capacity_pages * (COMPRESSED_ROOM if self.store.compressor.codec else 1)
+        bound = min(hello.npages, max(room, 1 << 20))
+        slots = bound if can_share and hello.shared else 0
         slots = slots if slots < (1 << 32) - 1 else 0
-        client = self.store.backend.new_client(name, hello.npages, hello.instance, slots)
+        client = self.store.backend.new_client(name, hello.npages, hello.instance, slots, bound)
         client.away_since = self.clock()
         self.clients[name] = client
         self.client_counters[name] = Counters(HostCounter)

@@ -35,8 +35,7 @@ from collections.abc import Callable, Iterable
 import trio
 import zstandard
 
-from pagewire.codec import DEFAULT_RECOMPRESS_RATE, Codec, DecodeError, encode, encode_hard, hard_compressor
-from pagewire.messages import PAGE_SIZE
+from pagewire.codec import DEFAULT_RECOMPRESS_RATE, Codec, DecodeError, encode_batch, encode_hard, hard_compressor
 
 from .clientpages import NIL, ClientPages
 from .hostcounters import HostCounter
@@ -82,13 +81,17 @@ def _timed(encode_all: Callable[[ClientPages, list[bytes]], list[Encoded]], clie
 class Compressor:
     def __init__(self, codec: Codec | None, threads: int | None = None,
                  registered: Callable[[ClientPages], bool] = lambda client: True,
-                 count: Callable[[ClientPages, HostCounter, int], None] = lambda client, cause, n: None) -> None:
+                 count: Callable[[ClientPages, HostCounter, int], None] = lambda client, cause, n: None,
+                 compressed: Callable[[], None] = lambda: None) -> None:
         """``registered``: whether a client is still the store's (a page of one dropped or
-        replaced by a new instance is not worth compressing); ``count``: the store's counters."""
+        replaced by a new instance is not worth compressing); ``count``: the store's counters;
+        ``compressed``: told after each batch (the store notes its memory then)."""
+        self.compressed = compressed
         self.codec = codec
         self.registered = registered
         self.count = count
-        self.limiter = trio.CapacityLimiter(threads or os.cpu_count() or 1)
+        self.threads = threads or os.cpu_count() or 1
+        self.limiter = trio.CapacityLimiter(self.threads)
         self.queue: collections.deque[Work] = collections.deque()
         self._wake = trio.Event()
         self.compress_ns = 0
@@ -117,12 +120,13 @@ class Compressor:
             # each there once it is compressed moves no other page.
             batch = [self.queue.pop() for _ in range(min(BATCH, len(self.queue)))]
             done += await self._recode(batch, self._encode_fast, pending=True)
+            self.compressed()
         return done
 
     def _encode_fast(self, client: ClientPages, pages: list[bytes]) -> list[Encoded]:
         codec = self.codec
         assert codec is not None
-        return [encode(page, codec) for page in pages]
+        return encode_batch(pages, codec, self.threads)
 
     # -- idle pages, harder -----------------------------------------------------------------
 
@@ -182,9 +186,10 @@ class Compressor:
         assert z is not None
         samples = []
         for _, page, _ in random.Random(len(work)).sample(work, samples_wanted):
-            out = bytearray(PAGE_SIZE)
-            z.read_into(client.index.get(page), out)
-            samples.append(bytes(out))
+            try:
+                samples.append(z.decoded(client.index.get(page)))
+            except DecodeError:
+                continue  # damaged: a read of it says so; it teaches the dictionary nothing
         try:
             trained = await trio.to_thread.run_sync(zstandard.train_dictionary, DICTIONARY_BYTES, samples,
                                                     limiter=self.limiter)
@@ -207,17 +212,18 @@ class Compressor:
 
     def _current(self, work: list[Work], pending: bool) -> list[tuple[int, int, int]]:
         """(index in ``work``, page, version) of the pages of one client still holding
-        exactly that version, not being handed back, and pending (or, for ``pending``
-        False, compressed and not recompressed yet)."""
+        exactly that version, and pending (or, for ``pending`` False, compressed and not
+        recompressed yet).  A page being handed back is recoded too: its version, which
+        the hand-back settles by, stays the same."""
         client = work[0][0]
         z = client.zslab
         if z is None or not self.registered(client):
             return []
-        index, seq_of, lent = client.index, client.seq_of, client.lent
+        index, seq_of = client.index, client.seq_of
         out = []
         for i, (_, page, seq) in enumerate(work):
             slot = index.get(page)
-            if slot < 0 or seq_of[slot] != seq or lent[slot] or z.is_pending(slot) != pending:
+            if slot < 0 or seq_of[slot] != seq or z.is_pending(slot) != pending:
                 continue
             if pending or not z.is_hard(slot):
                 out.append((i, page, seq))

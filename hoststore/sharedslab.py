@@ -168,7 +168,8 @@ class ZSharedSlab(SharedSlab):
 
     def __init__(self, npages: int, slots: int, staging: int = STAGING_PAGES) -> None:
         super().__init__(npages, slots, staging=staging, compressed=True)
-        self.z = ZSlab(self._data, Release(self.fd, self.layout.data_offset), self._headers, self._index)
+        self.z = ZSlab(self._data, Release(self.fd, self.layout.data_offset), self.layout.slots, self._headers,
+                       self._index)
 
     def grow(self) -> int:
         slot = self.z.grow()

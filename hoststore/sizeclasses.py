@@ -21,6 +21,7 @@ for readers of shared memory (``hoststore.zslab``).
 
 from __future__ import annotations
 
+import logging
 from array import array
 from collections.abc import Callable
 
@@ -28,6 +29,8 @@ from pagewire.codec import CHUNK_BYTES, CLASS_SIZES
 from pagewire.messages import PAGE_SIZE
 
 from .slab import SlabFull
+
+log = logging.getLogger("hoststore")
 
 PER_CHUNK = tuple(CHUNK_BYTES // size for size in CLASS_SIZES)
 SPARE_CHUNKS = 4  # chunks kept unpunched for the next class that needs one
@@ -41,9 +44,10 @@ class SizeClasses:
         self.region = region
         self.release = release
         self.chunk_count = len(region) // CHUNK_BYTES
-        self._free = list(range(self.chunk_count - 1, -1, -1))  # punched; popped lowest first
+        self._next = 0  # chunks from here on were never used (nothing per chunk is kept for them)
+        self._free: list[int] = []  # used once, punched since (or not, where a punch failed: then touched)
         self._spare: list[int] = []  # free, not punched
-        self._touched = array("I", bytes(4 * self.chunk_count))  # bytes of each chunk written since punched
+        self._touched: dict[int, int] = {}  # bytes of each chunk written since it was last punched (if any)
         self._chunks: list[list[int]] = [[] for _ in CLASS_SIZES]
         self._owners: list[array] = [array("i") for _ in CLASS_SIZES]
         self.object_bytes = 0  # the class sizes of all objects held
@@ -68,19 +72,25 @@ class SizeClasses:
         idx = len(owners)
         per, chunks = PER_CHUNK[cls], self._chunks[cls]
         if idx // per >= len(chunks):
-            if self._spare:
-                chunks.append(self._spare.pop())
-            elif self._free:
-                chunks.append(self._free.pop())
-            else:
-                raise SlabFull(f"all {self.chunk_count} chunks of the size classes are in use")
+            chunks.append(self._take_chunk())
         chunk, end = chunks[idx // per], -(-(idx % per + 1) * CLASS_SIZES[cls] // PAGE_SIZE) * PAGE_SIZE
-        if end > self._touched[chunk]:
-            self.mem_bytes += end - self._touched[chunk]
+        touched = self._touched.get(chunk, 0)
+        if end > touched:
+            self.mem_bytes += end - touched
             self._touched[chunk] = end
         owners.append(owner)
         self.object_bytes += CLASS_SIZES[cls]
         return idx
+
+    def _take_chunk(self) -> int:
+        if self._spare:
+            return self._spare.pop()
+        if self._free:
+            return self._free.pop()
+        if self._next < self.chunk_count:
+            self._next += 1
+            return self._next - 1
+        raise SlabFull(f"all {self.chunk_count} chunks of the size classes are in use")
 
     def tail_owner(self, cls: int) -> int:
         """Whose object :meth:`free` would move (the class's last)."""
@@ -108,17 +118,20 @@ class SizeClasses:
             if len(self._spare) < SPARE_CHUNKS:
                 self._spare.append(chunk)
                 continue
-            self.release(chunk * CHUNK_BYTES, CHUNK_BYTES)
-            self.mem_bytes -= self._touched[chunk]
-            self._touched[chunk] = 0
             self._free.append(chunk)
+            try:
+                self.release(chunk * CHUNK_BYTES, CHUNK_BYTES)
+            except OSError as exc:  # the memory stays held, and counted so
+                log.warning("cannot give back %d bytes of compressed page memory: %s", CHUNK_BYTES, exc)
+                continue
+            self.mem_bytes -= self._touched.pop(chunk, 0)
 
     def check(self) -> None:
         """Internal consistency (tests): no chunk in two places, every object inside its chunks."""
         held = [c for chunks in self._chunks for c in chunks] + self._spare
         assert len(set(held)) == len(held) and not set(held) & set(self._free)
-        assert len(held) + len(self._free) == self.chunk_count and len(self._spare) <= SPARE_CHUNKS
+        assert len(held) + len(self._free) == self._next <= self.chunk_count and len(self._spare) <= SPARE_CHUNKS
         for cls, owners in enumerate(self._owners):
             assert len(self._chunks[cls]) == -(-len(owners) // PER_CHUNK[cls])
-        assert self.mem_bytes == sum(self._touched) and not any(self._touched[c] for c in self._free)
+        assert self.mem_bytes == sum(self._touched.values()) and all(c < self._next for c in self._touched)
         assert self.object_bytes == sum(len(o) * s for o, s in zip(self._owners, CLASS_SIZES))

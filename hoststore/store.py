@@ -60,7 +60,7 @@ class Store:
         self.sampler = sampler
         # Before the backend: it asks how to keep pages.
         self.compressor = Compressor(compress, registered=lambda c: self.clients.get(c.name) is c,
-                                     count=self.count)
+                                     count=self.count, compressed=self._note_fullest)
         self.idle = idle
         self.fullest = Fullest()
         self.backend: PageBackend = backend or MemoryPages()
@@ -105,8 +105,12 @@ class Store:
         if plan.accepted and not self.backend.keeps_data:
             await self.backend.commit(client, plan, data)
         if plan.accepted:
-            self.fullest.note(self.pages * PAGE_SIZE, self.clients.values())
+            self._note_fullest()
         return self.finish_put(client, plan)
+
+    def _note_fullest(self) -> None:
+        """After a put, and after the compressor's batches (the same pages in less memory)."""
+        self.fullest.note(self.pages * PAGE_SIZE, self.clients.values())
 
     async def put_staged(self, client: ClientPages, first: int, seq: int, at: int, n: int) -> bytes:
         """A put whose ``n`` pages are in the client's staging memory, from page ``at`` of it."""
@@ -152,7 +156,9 @@ class Store:
             elif verdict is not None and verdict[i] != PageStatus.STORED:
                 status = PageStatus(verdict[i])
             else:
-                status = admit(limits, False, used, client.charged_pages, slot != NIL, terms)
+                # Kept compressed, a new version may cost more than the old one (it goes in as a
+                # whole page): it needs room as a new page does.
+                status = admit(limits, False, used, client.charged_pages, slot != NIL and z is None, terms)
             if status == PageStatus.STORED:
                 page_data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] if view is not None else None
                 if z is None:
@@ -344,8 +350,9 @@ class Store:
 
         def key(c: ClientPages) -> tuple[int, int, int]:
             terms = self.terms(c)
-            over_quota = terms.quota_pages is not None and c.count > terms.quota_pages
-            return (0 if over_quota else 1, -max(0, c.count - terms.share_pages), c.oldest_stamp or 0)
+            held = c.charged_pages
+            over_quota = terms.quota_pages is not None and held > terms.quota_pages
+            return (0 if over_quota else 1, -max(0, held - terms.share_pages), c.oldest_stamp or 0)
 
         return iter(sorted(candidates, key=key))
 

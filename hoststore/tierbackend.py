@@ -115,7 +115,8 @@ class TierPages:
 
     # -- clients --------------------------------------------------------------------
 
-    def new_client(self, name: str, npages: int, instance: str, shared_slots: int) -> ClientPages:
+    def new_client(self, name: str, npages: int, instance: str, shared_slots: int, max_slots: int = 0
+                   ) -> ClientPages:
         self._ids += 1
         return ClientPages(name, npages, instance, auth.new_secret(), tier_id=self._ids)
 

@@ -33,17 +33,24 @@ Encoded = tuple[Codec, bytes]
 NO_OBJECT = -1
 
 
-def where_word(offset: int, length: int, codec: int) -> int:
-    """A page's place in the data area as shared readers see it: offset, length, encoding."""
-    return offset << 16 | length << 3 | codec
+HARD_BIT = 4  # in the where word: recompressed when idle (so that a recompression changes the word)
+
+
+def where_word(offset: int, length: int, codec: int, hard: bool = False) -> int:
+    """A page's place in the data area as shared readers see it: offset, length, encoding,
+    and whether it was recompressed (a page recompressed into the very place, length and
+    encoding it had must still change its word, or a copy torn by it would pass)."""
+    return offset << 16 | length << 3 | (HARD_BIT if hard else 0) | codec
 
 
 class ZSlab:
     """Encoded pages by slot.  ``headers``/``index``: the shared memory's, when shared."""
 
-    def __init__(self, region: memoryview, release: "Release", headers: memoryview | None = None,
+    def __init__(self, region: memoryview, release: "Release", max_slots: int, headers: memoryview | None = None,
                  index: memoryview | None = None) -> None:
+        """``max_slots``: the most pages it may hold (what ``region`` was sized for)."""
         self.classes = SizeClasses(region, release)
+        self.max_slots = max_slots
         self.region = region
         self._headers, self._index = headers, index
         self.used = 0
@@ -66,6 +73,8 @@ class ZSlab:
 
     def grow(self) -> int:
         slot = self.used
+        if slot >= self.max_slots:
+            raise SlabFull(f"all {self.max_slots} slots for compressed pages are in use")
         for arr, value in ((self._cls, NO_OBJECT), (self._idx, 0), (self._len, 0), (self._codec, 0),
                            (self._page, 0), (self._seq, 0), (self._pending, 0), (self._hard, 0)):
             arr.append(value)
@@ -191,7 +200,8 @@ class ZSlab:
     # -- moves -----------------------------------------------------------------------------
 
     def _where(self, slot: int) -> int:
-        return where_word(self.classes.offset(self._cls[slot], self._idx[slot]), self._len[slot], self._codec[slot])
+        return where_word(self.classes.offset(self._cls[slot], self._idx[slot]), self._len[slot], self._codec[slot],
+                          bool(self._hard[slot]))
 
     def _free(self, slot: int) -> None:
         """Free the slot's object; the class's last object moves into its place, its
@@ -238,10 +248,8 @@ class Release:
         self.fd, self.base = fd, base
 
     def __call__(self, offset: int, length: int) -> None:
-        try:
-            punch(self.fd, self.base + offset, length)
-        except OSError:
-            pass  # the memory stays held; it is counted as held all the same
+        """OSError: the memory stays held (and counted: ``SizeClasses`` keeps the chunk)."""
+        punch(self.fd, self.base + offset, length)
 
 
 class PrivateZSlab(ZSlab):
@@ -261,7 +269,7 @@ class PrivateZSlab(ZSlab):
             os.close(fd)
             raise SlabFull(f"cannot map {size} bytes for compressed pages: {exc}") from None
         self.fd = fd
-        super().__init__(memoryview(self._map), Release(fd, 0))
+        super().__init__(memoryview(self._map), Release(fd, 0), slots)
 
     def close(self) -> None:
         super().close()

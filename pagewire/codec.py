@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import struct
 import threading
 from collections.abc import Callable
 
@@ -114,6 +115,7 @@ class _Coders(threading.local):
 
 
 _CODERS = _Coders()
+_SEGMENT = struct.Struct("<QQ")  # a page's offset and length in a batch (zstandard.BufferWithSegments)
 
 
 def encode(page: bytes | memoryview, codec: Codec) -> tuple[Codec, bytes]:
@@ -127,6 +129,21 @@ def encode(page: bytes | memoryview, codec: Codec) -> tuple[Codec, bytes]:
     if len(blob) > INCOMPRESSIBLE_BYTES:
         return Codec.RAW, bytes(page)
     return codec, blob
+
+
+def encode_batch(pages: list[bytes], codec: Codec, threads: int = 1) -> list[tuple[Codec, bytes]]:
+    """Every page as :func:`encode` gives it; zstd's in one call of C for the whole batch
+    (``threads`` at once), which holds the GIL once, not once a page."""
+    if codec != Codec.ZSTD or len(pages) < 2:
+        return [encode(page, codec) for page in pages]
+    data = b"".join(pages)
+    segments = b"".join(_SEGMENT.pack(at * PAGE_SIZE, PAGE_SIZE) for at in range(len(pages)))
+    out = _CODERS.zstd_fast.multi_compress_to_buffer(zstandard.BufferWithSegments(data, segments), threads=threads)
+    encoded = []
+    for i, page in enumerate(pages):
+        blob = out[i].tobytes()
+        encoded.append((Codec.ZSTD, blob) if len(blob) <= INCOMPRESSIBLE_BYTES else (Codec.RAW, page))
+    return encoded
 
 
 def encode_hard(page: bytes | memoryview, compressor: zstandard.ZstdCompressor, codec: Codec) -> tuple[Codec, bytes]:
@@ -144,6 +161,14 @@ def hard_compressor(dictionary: zstandard.ZstdCompressionDict | None = None) -> 
                                     write_checksum=False, write_dict_id=False)
 
 
+def _check_frame(blob: bytes | memoryview) -> None:
+    """A zstd frame that says it holds anything but a page is damaged: zstd would trust
+    that size over ``max_output_size`` (a few damaged bytes could ask for terabytes)."""
+    size = zstandard.frame_content_size(blob)
+    if size not in (-1, PAGE_SIZE):
+        raise DecodeError(f"a frame that says it holds {size} bytes, not a page")
+
+
 def decode(codec: int, blob: bytes | memoryview, out: memoryview | bytearray,
            dictionary: Callable[[], zstandard.ZstdDecompressor] | None = None) -> None:
     """The page ``blob`` holds, into ``out`` (one page); DecodeError if it is not one."""
@@ -153,13 +178,15 @@ def decode(codec: int, blob: bytes | memoryview, out: memoryview | bytearray,
         elif codec == Codec.LZ4:
             page = lz4.block.decompress(blob, uncompressed_size=PAGE_SIZE)
         elif codec == Codec.ZSTD:
+            _check_frame(blob)
             page = _CODERS.zstd_out.decompress(blob, max_output_size=PAGE_SIZE)
         elif codec == Codec.ZSTD_DICT and dictionary is not None:
+            _check_frame(blob)
             page = dictionary().decompress(blob, max_output_size=PAGE_SIZE)
         else:
             raise DecodeError(f"no decoder here for encoding {codec}")
-    except (lz4.block.LZ4BlockError, zstandard.ZstdError) as exc:
-        raise DecodeError(str(exc)) from None
+    except (lz4.block.LZ4BlockError, zstandard.ZstdError, MemoryError) as exc:
+        raise DecodeError(str(exc) or type(exc).__name__) from None
     if len(page) != PAGE_SIZE:
         raise DecodeError(f"decoded to {len(page)} bytes, not a page")
     out[:PAGE_SIZE] = page

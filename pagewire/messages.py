@@ -27,7 +27,8 @@ from .codec import region_bytes
 
 # 3: a put carries at most MAX_PUT_PAGES pages on the wire (the hello answer says
 # how many), where version 2 took MAX_BATCH_PAGES.
-PROTOCOL_VERSION = 3
+# 4: a shared layout may be compressed (a third word in each slot's header).
+PROTOCOL_VERSION = 4
 NONCE_SIZE = 16
 PROOF_SIZE = 32  # HMAC-SHA256
 SECRET_SIZE = 32

@@ -15,8 +15,8 @@ client only.  Its layout (:class:`~pagewire.messages.SharedLayout`):
 
 A store that keeps pages compressed (``hoststore --compress``) says so in the
 layout (``compressed``): each header then has a third word saying where the
-slot's bytes are in the data area (offset << 16 | length << 3 | encoding,
-``pagewire.codec``), and the data area holds the size classes' chunks
+slot's bytes are in the data area (offset << 16 | length << 3 | 4 if the page
+was recompressed when idle | encoding, ``pagewire.codec``), and the data area holds the size classes' chunks
 (``hoststore.sizeclasses``).  The reader copies those bytes under the same
 rule, then decodes them; a copy that does not decode to a page is a torn or
 damaged one, and goes to the store over the wire like any other.
@@ -128,7 +128,7 @@ class SharedPages:
         where = headers[h + 2]
         if headers[h] != seq or headers[h + 1] != page:
             return False
-        offset, length, codec = where >> 16, (where >> 3) & 0x1FFF, where & 7
+        offset, length, codec = where >> 16, (where >> 3) & 0x1FFF, where & 3  # (4: recompressed when idle)
         if codec == Codec.ZSTD_DICT or not 0 < length <= PAGE_SIZE or offset + length > len(self._data):
             return False
         blob = bytes(self._data[offset : offset + length])

@@ -313,3 +313,93 @@ def test_a_client_page_array_slab_layout_is_what_both_sides_compute() -> None:
     assert type(lay).from_wire(lay.to_wire()) == lay
     slab.close()
     _ = array  # noqa: F841
+
+
+# -- from an adversarial read ---------------------------------------------------------------------
+
+
+def test_a_shared_client_at_its_slot_bound_is_refused_memory_and_stays_consistent() -> None:
+    from hoststore.slab import SlabFull
+
+    client = ClientPages("c", 256, "i", b"s" * 32, shared_slots=64, compress=Codec.ZSTD)
+    for n in range(64):
+        client.add(n, 1, encode(zpage(n, 1), Codec.ZSTD), 1)
+    with pytest.raises(SlabFull):
+        client.add(100, 1, encode(zpage(100, 1), Codec.ZSTD), 1)
+    client.check()
+    client.zslab.check()
+    client.remove(client.index.get(3))
+    client.check()
+    assert read_back(client, 63) == zpage(63, 1)
+    client.add(100, 1, encode(zpage(100, 1), Codec.ZSTD), 1)  # room again
+    assert read_back(client, 100) == zpage(100, 1)
+
+
+def test_a_frame_that_claims_more_than_a_page_is_damaged_without_being_decoded() -> None:
+    import zstandard
+
+    huge = zstandard.ZstdCompressor(level=1).compress(bytes(8 << 20))  # says 8 MiB in its header
+    with pytest.raises(DecodeError, match="not a page"):
+        decode(Codec.ZSTD, huge, bytearray(PAGE_SIZE))
+    sized = zstandard.ZstdCompressor(level=1).compress(zpage(1, 1))  # says 4096: a page, fine
+    out = bytearray(PAGE_SIZE)
+    decode(Codec.ZSTD, sized, out)
+    assert out == zpage(1, 1)
+
+
+class _HugeRegion:
+    """A region of 16 TiB that is never touched: what a big device's would be."""
+
+    def __len__(self) -> int:
+        return 16 << 40
+
+
+def test_size_classes_over_a_huge_region_cost_nothing_until_used() -> None:
+    started = time.monotonic()
+    classes = SizeClasses(_HugeRegion(), lambda offset, length: None)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 0.5 and classes.chunk_count == (16 << 40) // CHUNK_BYTES
+    classes.check()
+
+
+def test_memory_whose_punch_fails_stays_counted() -> None:
+    region = _Region(64)
+
+    def failing(offset: int, length: int) -> None:
+        raise OSError(5, "no")
+
+    classes = SizeClasses(memoryview(region.buf), failing)
+    last = len(CLASS_SIZES) - 1
+    for owner in range(16 * 8):  # eight chunks of whole pages
+        classes.alloc(last, owner)
+    held = classes.mem_bytes
+    for _ in range(16 * 8):
+        classes.free(last, classes.count(last) - 1)
+    classes.check()
+    assert classes.mem_bytes == held  # nothing was given back, and nothing claims it was
+    for owner in range(16 * 8):  # and the chunks are used again, as they are
+        classes.alloc(last, owner)
+    classes.check()
+    assert classes.mem_bytes == held
+
+
+def test_a_recompressed_page_changes_its_header_even_in_the_same_place() -> None:
+    from hoststore.zslab import where_word
+
+    assert where_word(4096, 700, Codec.ZSTD) != where_word(4096, 700, Codec.ZSTD, hard=True)
+    client = zclient(shared=True, npages=64)
+    reader = SharedPages(os.dup(client.shared.fd), client.shared.layout)
+    data = encode(zpage(1, 1), Codec.ZSTD)
+    client.add(1, 1, data, 1)
+    before = reader._headers[2]  # noqa: SLF001
+    client.recode(0, data, hard=True)  # the very same bytes, place, length and encoding
+    assert reader._headers[2] != before and reader._headers[0] == 1  # noqa: SLF001
+    out = bytearray(PAGE_SIZE)
+    assert reader.read(1, 1, memoryview(out)) and out == zpage(1, 1)
+
+
+def test_a_batch_encodes_as_its_pages_do_one_by_one() -> None:
+    from pagewire.codec import encode_batch
+
+    pages = [zpage(n, 3) for n in range(40)] + [bytes(range(256)) * 16]
+    for codec in (Codec.ZSTD, Codec.LZ4):
+        assert encode_batch(pages, codec, threads=2) == [encode(p, codec) for p in pages]

@@ -330,3 +330,45 @@ async def test_only_pages_idle_long_enough_are_recompressed(backing: Backing, au
         nursery.cancel_scope.cancel()
     assert await pager.read(0, 64 * PAGE_SIZE) == b"".join(
         [jpage(i, 2) for i in range(8)] + [jpage(i, 1) for i in range(8, 64)])
+
+
+async def test_a_rewrite_needs_room_as_a_new_page_does(backing: Backing) -> None:
+    """Kept compressed, a new version goes in as a whole page: at capacity it is refused
+    (and the old copy dropped), never let past the capacity."""
+    pager, store = make(backing, capacity=8)
+    await pager.write(0, b"".join(jpage(i, 1) for i in range(16)))
+    await store.store.compressor.settle()
+    stats = store.stats()
+    accepted = stats["accepted"]
+    for first in range(0, 16, 4):  # rewritten with pages that do not shrink
+        await pager.write(first * PAGE_SIZE, b"".join(noise(i, 2) for i in range(first, first + 4)))
+    stats = store.stats()
+    assert stats["compression"]["charged_bytes"] <= 8 * PAGE_SIZE
+    assert stats["refused_capacity"] > 0 and stats["accepted"] > accepted
+    assert await pager.read(0, 16 * PAGE_SIZE) == b"".join(noise(i, 2) for i in range(16))
+
+
+async def test_a_page_being_handed_back_is_compressed_all_the_same(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, b"".join(jpage(i, 1) for i in range(8)))
+    inner = store.store
+    handback = await inner.lend(store.client, HandBackCause.PRESSURE, 4)
+    assert handback is not None and store.stats()["compression"]["pending_pages"] == 8
+    assert await inner.compressor.settle() == 8
+    inner.unlend(store.client, handback)  # the client could not take them: they stay, compressed
+    assert store.stats()["compression"]["pending_pages"] == 0
+    store.client.zslab.check()
+    assert await pager.read(0, 8 * PAGE_SIZE) == b"".join(jpage(i, 1) for i in range(8))
+
+
+async def test_a_damaged_page_teaches_the_dictionary_nothing_and_stops_nothing(backing: Backing) -> None:
+    pager, store = make(backing)
+    await pager.write(0, b"".join(jpage(i, 1) for i in range(NPAGES)))
+    await store.store.compressor.settle()
+    damage(store, 7)
+    done = await recompress(store, Idle(after=1.0, dictionary=True, samples=NPAGES))
+    assert done == NPAGES - 1 and store.client.zslab.dictionary is not None  # trained on the 255 others
+    assert await recompress(store, Idle(after=1.0, dictionary=True)) == 0
+    assert store.stats()["recompressed_pages"] == NPAGES - 1
+    with pytest.raises(PageUnavailable):
+        await pager.read(7 * PAGE_SIZE, PAGE_SIZE)
