@@ -76,9 +76,11 @@ def client_stats(store: Store, client: ClientPages) -> dict[str, object]:
 
 
 class Fullest:
-    """The memory the page data took when the store held the most (and the most it ever
-    took, as zram's mem_used_max): what a benchmark compares, since by the time it asks
-    its pages are gone."""
+    """The memory the page data took when the store held the most, noted after each put
+    and after each batch the compressor finishes (so once it has caught up with the
+    pages, as zram's figure is, zram compressing as it stores), and the most it ever took
+    (as zram's mem_used_max): what a benchmark compares, since by the time it asks its
+    pages are gone."""
 
     def __init__(self) -> None:
         self.data_bytes = 0

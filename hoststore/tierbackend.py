@@ -271,7 +271,7 @@ class TierPages:
                 slot = client.index.get(pages[i])
                 if slot != NIL and client.seq_of[slot] == seqs[i]:
                     client.touch(slot, stamp)
-        return sum(1 for s in status[: len(pages)] if s == PageStatus.STORED)
+        return sum(1 for i, s in enumerate(status[: len(pages)]) if s == PageStatus.STORED and seqs[i])
 
     async def lend(self, client: ClientPages, cause: HandBackCause, limit: int) -> HandBack | None:
         """The oldest pages (for ``replication``: pages on masters without a replica in

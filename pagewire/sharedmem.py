@@ -103,13 +103,18 @@ class SharedPages:
         if layout.compressed:
             self.read = self._read_compressed  # type: ignore[method-assign]
 
+    def _slot(self, page: int) -> int:
+        """The slot the index names for ``page``, or -1 (outside the device, or no slot there)."""
+        if page >= self.layout.npages:
+            return -1
+        slot = self._index[page] - 1
+        return slot if slot < self.layout.slots else -1
+
     def read(self, page: int, seq: int, out: memoryview) -> bool:
         """Copy version ``seq`` of ``page`` into ``out`` if the store holds exactly
         that version and it did not change during the copy.  False: ask over the wire."""
-        if page >= self.layout.npages:
-            return False
-        slot = self._index[page] - 1
-        if slot < 0 or slot >= self.layout.slots:
+        slot = self._slot(page)
+        if slot < 0:
             return False
         headers, h = self._headers, 2 * slot
         if headers[h] != seq or headers[h + 1] != page:
@@ -119,10 +124,8 @@ class SharedPages:
 
     def _read_compressed(self, page: int, seq: int, out: memoryview) -> bool:
         """:meth:`read` of a compressed layout: copy the bytes, check, then decode them."""
-        if page >= self.layout.npages:
-            return False
-        slot = self._index[page] - 1
-        if slot < 0 or slot >= self.layout.slots:
+        slot = self._slot(page)
+        if slot < 0:
             return False
         headers, h = self._headers, 3 * slot
         where = headers[h + 2]

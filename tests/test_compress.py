@@ -3,7 +3,6 @@ slab over them, shared reads of compressed slots, and the store's accounting."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import struct
@@ -22,6 +21,8 @@ from pagewire.codec import (CHUNK_BYTES, CLASS_SIZES, INCOMPRESSIBLE_BYTES, Code
                             encode, region_bytes)
 from pagewire.messages import PAGE_SIZE
 from pagewire.sharedmem import SharedPages
+
+from .test_shared import race_reader
 
 RNG_PAGES = random.Random(1)
 
@@ -230,47 +231,12 @@ def test_random_operations_keep_every_page_and_the_reader_in_agreement(shared: b
     client.close()
 
 
-def _churn(client: ClientPages, seconds: float, seed: int) -> None:
-    """In a child process: the store changing compressed pages as fast as it can
-    (rewrites into other classes, removals, and so moves within classes)."""
-    rng = random.Random(seed)
-    seq = 1
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        n = rng.randrange(64)
-        seq += 1
-        slot = client.index.get(n)
-        if slot < 0:
-            client.add(n, seq, encode(zpage(n, seq), Codec.ZSTD), seq)
-        elif rng.random() < 0.6:
-            client.replace(slot, seq, encode(zpage(n, seq), Codec.ZSTD), seq)
-        else:
-            client.remove(slot)
-    os._exit(0)
-
-
 def test_reads_of_compressed_slots_racing_rewrites_moves_and_frees_never_see_a_wrong_page() -> None:
     client = zclient(shared=True, npages=64)
     reader = SharedPages(os.dup(client.shared.fd), client.shared.layout)
     for n in range(64):
         client.add(n, 1, encode(zpage(n, 1), Codec.ZSTD), 1)
-    child = multiprocessing.get_context("fork").Process(target=_churn, args=(client, 2.0, 9))
-    child.start()
-    hits = wrong = 0
-    out = bytearray(PAGE_SIZE)
-    view = memoryview(out)
-    rng = random.Random(3)
-    while child.is_alive():
-        n = rng.randrange(64)
-        slot = reader._index[n] - 1  # noqa: SLF001 - peek at the version the store names now
-        if slot < 0:
-            continue
-        seq = reader._headers[3 * slot]  # noqa: SLF001
-        if seq and reader.read(n, seq, view):
-            hits += 1
-            wrong += bytes(out) != zpage(n, seq)
-    child.join()
-    assert child.exitcode == 0
+    hits, wrong = race_reader(reader, client, zpage, lambda n, seq: encode(zpage(n, seq), Codec.ZSTD), rewrite=0.6)
     assert hits > 500 and wrong == 0, (hits, wrong)
 
 

@@ -12,6 +12,8 @@ import socket
 import struct
 import time
 from array import array
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
@@ -317,9 +319,10 @@ def _cell_page(n: int, seq: int) -> bytes:
     return struct.pack("<QQ", n, seq) * (PAGE_SIZE // 16)
 
 
-def _churn(client: ClientPages, seconds: float, seed: int) -> None:
+def _churn(client: ClientPages, seconds: float, seed: int, stored: Callable[[int, int], Any], rewrite: float) -> None:
     """In a child process: the store's side changing pages as fast as it can (adds,
-    replacements, removals that move the last page), with versions only ever growing."""
+    replacements, removals that move the last page), with versions only ever growing;
+    ``stored(page, version)`` is what goes into the slab."""
     rng = random.Random(seed)
     seq = 1
     deadline = time.monotonic() + seconds
@@ -328,9 +331,9 @@ def _churn(client: ClientPages, seconds: float, seed: int) -> None:
         seq += 1
         slot = client.index.get(n)
         if slot < 0:
-            client.add(n, seq, _cell_page(n, seq), seq)
-        elif rng.random() < 0.7:
-            client.replace(slot, seq, _cell_page(n, seq), seq)
+            client.add(n, seq, stored(n, seq), seq)
+        elif rng.random() < rewrite:
+            client.replace(slot, seq, stored(n, seq), seq)
         else:
             client.remove(slot)
     os._exit(0)
@@ -343,24 +346,34 @@ def test_reads_racing_a_store_that_changes_every_page_never_see_a_wrong_page() -
     reader = reader_of(client)
     for n in range(64):
         client.add(n, 1, _cell_page(n, 1), 1)
-    child = multiprocessing.get_context("fork").Process(target=_churn, args=(client, 2.0, 9))
+    hits, wrong = race_reader(reader, client, _cell_page)
+    assert hits > 1000 and wrong == 0, (hits, wrong)
+
+
+def race_reader(reader: SharedPages, client: ClientPages, expected: Callable[[int, int], bytes],
+                stored: Callable[[int, int], Any] | None = None, rewrite: float = 0.7) -> tuple[int, int]:
+    """Read pages 0..63 at whatever version their header names while a child process
+    changes them for 2 s (``_churn``); (reads that said yes, of those the wrong ones)."""
+    child = multiprocessing.get_context("fork").Process(
+        target=_churn, args=(client, 2.0, 9, stored or expected, rewrite))
     child.start()
     hits = wrong = 0
     out = bytearray(PAGE_SIZE)
     view = memoryview(out)
     rng = random.Random(3)
+    words = client.shared.layout.header_words
     while child.is_alive():
         n = rng.randrange(64)
         slot = reader._index[n] - 1  # noqa: SLF001 - peek at the version the store names now
         if slot < 0:
             continue
-        seq = reader._headers[2 * slot]  # noqa: SLF001
+        seq = reader._headers[words * slot]  # noqa: SLF001
         if seq and reader.read(n, seq, view):
             hits += 1
-            wrong += bytes(out) != _cell_page(n, seq)
+            wrong += bytes(out) != expected(n, seq)
     child.join()
     assert child.exitcode == 0
-    assert hits > 1000 and wrong == 0, (hits, wrong)
+    return hits, wrong
 
 
 # -- puts through the staging area ---------------------------------------------------------------

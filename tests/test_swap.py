@@ -217,16 +217,12 @@ def test_store_restarted_with_sigterm_mid_workload_loses_nothing(state_dir: str,
             new_store.wait(60)
 
 
-def test_pressure_hands_pages_back_mid_workload(state_dir: str, disk_dir: str) -> None:
-    """Memory pressure (steered through a pressure file) makes the store hand its
-    least recently used pages back while live swap goes on: 0 bad pages."""
-    pressure = os.path.join(disk_dir, "pressure")
-    with open(pressure, "w") as f:
-        f.write("10")
-    up(state_dir, disk_dir, "--priority", "32000", "--pressure-source", f"file:{pressure}", capacity="512M")
-    work = start_workload(state_dir)
+def pressure_mid_workload(state_dir: str, pressure: str, stored: int, what: str, *extra: str) -> None:
+    """A workload that runs until the store holds ``stored`` pages, then under pressure until
+    the store has handed 2048 back, then without: it ends with no bad page."""
+    work = start_workload(state_dir, *extra)
     try:
-        wait_until(lambda: stats(state_dir)["hoststore"]["pages_stored"] > 8192, 120, "pages in the store", work)
+        wait_until(lambda: stats(state_dir)["hoststore"]["pages_stored"] > stored, 120, what, work)
         with open(pressure, "w") as f:
             f.write("95")  # above the high watermark: hand back, refuse
         wait_until(lambda: stats(state_dir)["hoststore"]["handed_back_pressure"] > 2048, 60, "a hand-back", work)
@@ -237,6 +233,16 @@ def test_pressure_hands_pages_back_mid_workload(state_dir: str, disk_dir: str) -
         if work.poll() is None:
             work.kill()
             work.wait()
+
+
+def test_pressure_hands_pages_back_mid_workload(state_dir: str, disk_dir: str) -> None:
+    """Memory pressure (steered through a pressure file) makes the store hand its
+    least recently used pages back while live swap goes on: 0 bad pages."""
+    pressure = os.path.join(disk_dir, "pressure")
+    with open(pressure, "w") as f:
+        f.write("10")
+    up(state_dir, disk_dir, "--priority", "32000", "--pressure-source", f"file:{pressure}", capacity="512M")
+    pressure_mid_workload(state_dir, pressure, 8192, "pages in the store")
     s = stats(state_dir)
     fs, host = s["vswapfs"], s["hoststore"]
     assert host["handed_back_pressure"] > 2048 and host["refused_pressure"] > 0
@@ -255,20 +261,8 @@ def test_compressed_store_takes_json_pages_and_hands_them_back_under_pressure(st
         f.write("10")
     up(state_dir, disk_dir, "--priority", "32000", "--compress", "zstd", "--pressure-source", f"file:{pressure}",
        capacity="48M")
-    work = start_workload(state_dir, "--data", "json")
-    try:
-        wait_until(lambda: stats(state_dir)["hoststore"]["pages_stored"] > 14000, 120,
-                   "more pages in the store than 48M holds uncompressed (12288)", work)
-        with open(pressure, "w") as f:
-            f.write("95")
-        wait_until(lambda: stats(state_dir)["hoststore"]["handed_back_pressure"] > 2048, 60, "a hand-back", work)
-        with open(pressure, "w") as f:
-            f.write("50")
-        finish_workload(work)
-    finally:
-        if work.poll() is None:
-            work.kill()
-            work.wait()
+    pressure_mid_workload(state_dir, pressure, 14000, "more pages in the store than 48M holds uncompressed (12288)",
+                          "--data", "json")
     s = stats(state_dir)
     fs, host = s["vswapfs"], s["hoststore"]
     comp = host["compression"]

@@ -179,7 +179,7 @@ def write_chart(report: Mapping[str, Any], path: str) -> None:
                  layout="constrained")
     if held:
         ax, mem = fig.subplots(1, 2, width_ratios=[3, 1])
-        _memory_panel(mem, held)
+        _memory_panel(mem, held, [f"C{targets.index(t)}" for t in held])
     else:
         ax = fig.add_subplot()
     width = 0.8 / max(len(targets), 1)
@@ -206,9 +206,9 @@ def write_chart(report: Mapping[str, Any], path: str) -> None:
     fig.savefig(path)
 
 
-def _memory_panel(ax: Any, held: Mapping[str, float]) -> None:
-    """Bytes of pages held per byte of memory, a bar per target that reports it."""
-    bars = ax.bar(range(len(held)), list(held.values()), color=[f"C{i}" for i in range(len(held))])
+def _memory_panel(ax: Any, held: Mapping[str, float], colors: list[str]) -> None:
+    """Bytes of pages held per byte of memory, a bar per target that reports it (in its colour)."""
+    bars = ax.bar(range(len(held)), list(held.values()), color=colors)
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in held.values()], fontsize=7, padding=2)
     ax.set_xticks(range(len(held)), list(held), rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("bytes of pages per byte of memory (higher is better)")

@@ -61,9 +61,9 @@ STORE_STATE = {
                    "(what --capacity and quotas count), `incompressible_pages` (held as they are), `ratio` "
                    "(orig_data_bytes / mem_used_bytes), `compress_seconds`, `decompress_seconds`; each client "
                    "has the same fields but the times",
-    "fullest": "`data_bytes`: the most page data held so far, `mem_bytes`: the memory it took then (the slab's "
-               "chunks; with --compress, exactly what the size classes hold), `mem_used_max_bytes`: the most that "
-               "memory ever was",
+    "fullest": "`data_bytes`: the most page data held so far, `mem_bytes`: the memory it took then, or once the "
+               "compressor had caught up with it (the slab's chunks; with --compress, exactly what the size classes "
+               "hold), `mem_used_max_bytes`: the most that memory ever was",
     "tier": "the page tier's counters and state, on a store with --tier",
     "clients": "per client: its counters, pages, quota, weight, share, lent pages and memory (all clients for an "
                "admin, a pager's own otherwise)",
