@@ -16,9 +16,10 @@ dictionary decodes in the store only: its client asks for it over the wire,
 which is what an idle page costs least.
 
 Both work on a copy and put the result back only where the page is still the
-same version, still where it was, and not being handed back; anything else is
-left as it now is.  Shared readers see the page retracted for the move and
-published again after, as for any rewrite.
+same version (rewritten or dropped meanwhile, it is left as it now is; a page
+being handed back is put back too: the hand-back settles by version, which
+stays), and a recompression only where it is smaller.  Shared readers see the
+page retracted for the move and published again after, as for any rewrite.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from collections.abc import Callable, Iterable
 import trio
 import zstandard
 
-from pagewire.codec import DEFAULT_RECOMPRESS_RATE, Codec, DecodeError, encode_batch, encode_hard, hard_compressor
+from pagewire.codec import (CLASS_SIZES, DEFAULT_RECOMPRESS_RATE, Codec, DecodeError, class_of, encode_batch,
+                            encode_hard, hard_compressor)
 
 from .clientpages import NIL, ClientPages
 from .hostcounters import HostCounter
@@ -148,7 +150,8 @@ class Compressor:
             await trio.sleep(idle.tick)
 
     async def recompress_round(self, idle: Idle, clients: Iterable[ClientPages], before: int, budget: int) -> int:
-        """Recompress up to ``budget`` pages last used at stamp ``before`` or earlier; how many."""
+        """Try up to ``budget`` pages last used at stamp ``before`` or earlier; how many
+        were made smaller."""
         done = 0
         for client in list(clients):
             z = client.zslab
@@ -160,8 +163,9 @@ class Compressor:
                     work = self._idle_pages(client, before, idle.samples)
                 if len(work) >= idle.samples:
                     await self._train(client, work, idle.samples)
-            n = await self._recode(work[:budget], self._encode_hard, pending=False)
-            budget -= n
+            work = work[:budget]
+            budget -= len(work)  # the rate bounds the work, whether or not it pays
+            n = await self._recode(work, self._encode_hard, pending=False)
             done += n
             if n:
                 self.count(client, HostCounter.RECOMPRESSED, n)
@@ -249,11 +253,29 @@ class Compressor:
                 kept.append((client, page, seq))
             if not kept:
                 continue
-            encoded, took = await trio.to_thread.run_sync(_timed, encode_all, client, pages, limiter=self.limiter)
+            try:
+                encoded, took = await trio.to_thread.run_sync(_timed, encode_all, client, pages,
+                                                              limiter=self.limiter)
+            except Exception:  # noqa: BLE001 - a bug here must not stop the store: the pages stay as they are
+                log.exception("could not compress %d pages of client %r: they stay as they are", len(pages),
+                              client.name)
+                continue
             self.compress_ns += took
             still = {i for i, _, _ in self._current(kept, pending)}
             for i, ((c, page, _), enc) in enumerate(zip(kept, encoded)):
                 if i in still:
-                    c.recode(c.index.get(page), enc, hard=not pending)
-                    done += 1
+                    done += self._put_back(c, c.index.get(page), enc, pending)
         return done
+
+    @staticmethod
+    def _put_back(client: ClientPages, slot: int, enc: Encoded, pending: bool) -> int:
+        """A page encoded anew back in its slot; 1 if it went in anew.  A recompression
+        that would not make it smaller keeps the bytes it has (marked, so as not to be
+        tried again)."""
+        z = client.zslab
+        assert z is not None
+        if not pending and CLASS_SIZES[class_of(len(enc[1]))] >= z.class_bytes(slot):
+            client.recode(slot, (z.encoding(slot), bytes(z.encoded_view(slot))), hard=True)
+            return 0
+        client.recode(slot, enc, hard=not pending)
+        return 1

@@ -171,7 +171,9 @@ class Store:
                         used += client.charged_pages - before
                         continue
                 status = PageStatus.REFUSED_NOMEM
+            before = client.charged_pages
             self.refuse(client, plan, i, status)
+            used += client.charged_pages - before  # an older copy dropped: its room is free
         return plan
 
     def _record(self, client: ClientPages, plan: PutPlan, i: int, slot: int,

@@ -133,6 +133,10 @@ class ZSlab:
         at = self.classes.offset(self._cls[slot], self._idx[slot])
         return self.region[at : at + self._len[slot]]
 
+    def class_bytes(self, slot: int) -> int:
+        """What the slot's page costs: its size class."""
+        return CLASS_SIZES[self._cls[slot]]
+
     def encoding(self, slot: int) -> Codec:
         return Codec(self._codec[slot])
 
@@ -282,3 +286,4 @@ class PrivateZSlab(ZSlab):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            self.classes.release = Release(-1, 0)  # nothing is punched in a file number used again

@@ -425,3 +425,31 @@ def test_the_redis_dataset_round_trips_and_catches_a_wrong_value(monkeypatch: py
 
     monkeypatch.setattr(redisload, "value", value)
     assert redisload.run(1 << 20, seed=7)["bad_pages"] == 2  # found wrong in both passes
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+def test_a_signal_to_the_redis_dataset_stops_its_redis_server_too(tmp_path: Path) -> None:
+    import glob
+    import time
+
+    before = set(glob.glob("/tmp/vswapctl-redisload-*"))
+    proc = subprocess.Popen([sys.executable, "-m", "vswapctl.redisload", "--size", "1G"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        children: list[str] = []
+        while not children:
+            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+            children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+            time.sleep(0.05)
+        time.sleep(0.5)  # filling
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not any(os.path.exists(f"/proc/{pid}") and "redis" in open(f"/proc/{pid}/comm").read()
+                   for pid in children)
+    assert set(glob.glob("/tmp/vswapctl-redisload-*")) <= before  # its directory went with it

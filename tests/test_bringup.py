@@ -47,7 +47,7 @@ def test_the_daemons_up_starts_run_nothing_from_its_working_directory(module: st
     """`--help` of each daemon, started by the very helper up uses, from a directory holding
     an argparse.py, a trio.py, ...: it works, and none of them ran."""
     log = str(tmp_path / f"{module}.log")
-    proc = device._spawn(module, ["--help"], log)
+    proc = device.spawn_daemon(module, ["--help"], log)
     assert proc.wait(60) == 0, open(log).read()
     with open(log) as f:
         assert f"usage: {module}" in f.read()

@@ -275,12 +275,16 @@ async def test_idle_pages_are_recompressed_harder_and_still_read_from_shared_mem
     data = [jpage(i, 1) for i in range(NPAGES)]
     await pager.write(0, b"".join(data))
     await store.store.compressor.settle()
-    before = store.stats()["compression"]["compr_data_bytes"]
-    assert await recompress(store, Idle(after=1.0), budget=100) == 100  # the rate's budget holds
-    assert await recompress(store, Idle(after=1.0)) == NPAGES - 100  # and each page once
-    assert await recompress(store, Idle(after=1.0)) == 0
+    before = store.stats()["compression"]
+    first = await recompress(store, Idle(after=1.0), budget=100)
+    z = store.client.zslab
+    assert 0 < first <= 100 and sum(z.is_hard(s) for s in range(z.used)) == 100  # the rate bounds the work
+    rest = await recompress(store, Idle(after=1.0))
+    assert await recompress(store, Idle(after=1.0)) == 0 and all(z.is_hard(s) for s in range(z.used))  # each once
     stats = store.stats()
-    assert stats["recompressed_pages"] == NPAGES and stats["compression"]["compr_data_bytes"] < before
+    assert stats["recompressed_pages"] == first + rest
+    assert stats["compression"]["compr_data_bytes"] < before["compr_data_bytes"]
+    assert stats["compression"]["charged_bytes"] <= before["charged_bytes"]  # never bigger
     store.client.zslab.check()
     reads = pager.stats()["shared_reads"]
     assert await pager.read(0, NPAGES * PAGE_SIZE) == b"".join(data)
@@ -295,7 +299,7 @@ async def test_a_trained_dictionary_shrinks_idle_pages(backing: Backing) -> None
     await pager.write(0, b"".join(data))
     await store.store.compressor.settle()
     plain = store.stats()["compression"]["compr_data_bytes"]
-    assert await recompress(store, Idle(after=1.0, dictionary=True, samples=128)) == NPAGES
+    assert await recompress(store, Idle(after=1.0, dictionary=True, samples=128)) > NPAGES * 0.9
     z = store.client.zslab
     assert z.dictionary is not None and z.encoding(0) == Codec.ZSTD_DICT
     comp = store.stats()["compression"]
@@ -324,9 +328,11 @@ async def test_only_pages_idle_long_enough_are_recompressed(backing: Backing, au
         await pager.write(0, b"".join(jpage(i, 2) for i in range(8)))  # these are used again
         await store.store.compressor.settle()
         await trio.sleep(15)
-        assert inner.counters[HostCounter.RECOMPRESSED] == 56
+        z = store.client.zslab
+        hard = {store.client.page_of[s] for s in range(z.used) if z.is_hard(s)}
+        assert hard == set(range(8, 64))  # the pages used again are not idle yet
         await trio.sleep(30)
-        assert inner.counters[HostCounter.RECOMPRESSED] == 64
+        assert all(z.is_hard(s) for s in range(z.used))
         nursery.cancel_scope.cancel()
     assert await pager.read(0, 64 * PAGE_SIZE) == b"".join(
         [jpage(i, 2) for i in range(8)] + [jpage(i, 1) for i in range(8, 64)])
@@ -367,8 +373,36 @@ async def test_a_damaged_page_teaches_the_dictionary_nothing_and_stops_nothing(b
     await store.store.compressor.settle()
     damage(store, 7)
     done = await recompress(store, Idle(after=1.0, dictionary=True, samples=NPAGES))
-    assert done == NPAGES - 1 and store.client.zslab.dictionary is not None  # trained on the 255 others
+    assert 0 < done <= NPAGES - 1 and store.client.zslab.dictionary is not None  # trained on the 255 others
     assert await recompress(store, Idle(after=1.0, dictionary=True)) == 0
-    assert store.stats()["recompressed_pages"] == NPAGES - 1
+    assert store.stats()["recompressed_pages"] == done
     with pytest.raises(PageUnavailable):
         await pager.read(7 * PAGE_SIZE, PAGE_SIZE)
+
+
+async def test_a_refused_rewrite_frees_its_room_for_the_next_page_of_the_put(backing: Backing) -> None:
+    pager, store = make(backing, capacity=2)
+    await pager.write(0, noise(0, 1) + noise(1, 1))  # full: two pages that do not shrink
+    await store.store.compressor.settle()
+    await pager.write(0, noise(0, 2) + noise(1, 2))  # 0: no room, refused and its old copy dropped; 1: that room
+    stats = store.stats()
+    assert stats["refused_capacity"] == 1 and stats["accepted"] == 3 and stats["pages_stored"] == 1
+    assert await pager.read(0, 2 * PAGE_SIZE) == noise(0, 2) + noise(1, 2)
+
+
+def test_a_recompression_that_would_not_shrink_a_page_keeps_its_bytes() -> None:
+    from hoststore.clientpages import ClientPages
+    from hoststore.compressor import Compressor
+    from pagewire.codec import encode
+
+    client = ClientPages("c", 16, "i", b"s" * 32, compress=Codec.ZSTD)
+    page = jpage(3, 1)
+    client.add(3, 1, encode(page, Codec.ZSTD), 1)
+    z = client.zslab
+    cost, blob = z.class_bytes(0), bytes(z.encoded_view(0))
+    assert Compressor._put_back(client, 0, (Codec.RAW, page), pending=False) == 0  # a whole page: bigger
+    assert z.class_bytes(0) == cost and bytes(z.encoded_view(0)) == blob and z.is_hard(0)
+    out = bytearray(PAGE_SIZE)
+    client.slab.read_into(0, out)
+    assert out == page
+    z.check()

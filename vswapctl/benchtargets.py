@@ -39,7 +39,7 @@ from typing import Any
 
 from pagewire.address import INPROC
 
-from . import device, launch, system
+from . import device, system
 from .state import Busy, State
 
 ZRAM_TARGETS = {"zram": None, "zram-lzo": "lzo", "zram-lz4": "lz4", "zram-zstd": "zstd"}  # target: algorithm
@@ -170,14 +170,16 @@ class ZramMemory:
         self.path = f"/sys/block/{name}/mm_stat"
         self.data_bytes = self.mem_bytes = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the sampling thread, and the report's last look
         self._thread = threading.Thread(target=self._run, name="zram-mm-stat", daemon=True)
 
     def sample(self) -> None:
         fields = _read(self.path).split()
         if len(fields) >= 3 and fields[0].isdigit() and fields[2].isdigit():
             data, mem = int(fields[0]), int(fields[2])
-            if data >= self.data_bytes:
-                self.data_bytes, self.mem_bytes = data, mem
+            with self._lock:
+                if data >= self.data_bytes:
+                    self.data_bytes, self.mem_bytes = data, mem
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_INTERVAL):
@@ -236,12 +238,12 @@ def zram_swap(size: int, target: str = "zram") -> Iterator[Target]:
             yield Target(dev, lambda: _zram_report(name, memory))
 
 
-def _detach(loop: str, path: str) -> None:
+def _detach(loop: str, path: str, remove: bool = True) -> None:
     system.run(["losetup", "-d", loop])
     left = system.wait_detached(path)
     if left:
         raise BenchError(f"{', '.join(left)} still holds {path} after losetup -d; finish by hand: "
-                         f"losetup -d {' '.join(left)}; rm {path}")
+                         f"losetup -d {' '.join(left)}" + (f"; rm {path}" if remove else ""))
 
 
 @contextmanager
@@ -270,28 +272,49 @@ def loop_swap(size: int, workdir: str) -> Iterator[Target]:
 
 @contextmanager
 def floor_swap(size: int, workdir: str) -> Iterator[Target]:
-    """floorfs mounted in ``workdir``, its file on a loop device with direct I/O, swapped on."""
+    """floorfs mounted in ``workdir``, its file on a loop device with direct I/O, swapped on.
+    floorfs runs as the vswapfs daemons do (a session of its own, out of the bench's memory
+    cgroup, its memory locked, out of the OOM killer's choice): nothing that reaches the
+    bench (^C, a hang-up) reaches it, and it is stopped only once its loop device is gone."""
     mnt = os.path.join(workdir, "floor-mnt")
     os.makedirs(mnt, exist_ok=True)
-    proc = launch.popen("vswapctl.floorfs", mnt, str(size), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = os.path.join(workdir, "floorfs.log")
+    proc = device.spawn_daemon("vswapctl.floorfs", [mnt, str(size)], log_path)
+    path = os.path.join(mnt, "swap")
     try:
         deadline = time.monotonic() + FLOOR_START_TIMEOUT
         while system.mount_type(mnt) != "fuse.floorfs":
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"floorfs did not mount on {mnt}: {proc.stderr.read().decode()[-300:] if proc.stderr else ''}")
+                raise BenchError(f"floorfs did not mount on {mnt}: {device.log_tail(log_path)}")
             time.sleep(0.05)
-        path = os.path.join(mnt, "swap")
         loop = system.run(["losetup", "--direct-io=on", "--find", "--show", path]).strip()
+        if not loop.startswith("/dev/loop") or loop not in system.loops_for(path):
+            raise BenchError(f"losetup printed {loop!r}, not a loop device on {path}; see losetup -j {path}")
         finish = f"swapoff {loop}; losetup -d {loop}; umount {mnt}; kill {proc.pid}"
-        with _undo_unless_swapped_on(loop, finish, lambda: _detach(loop, path)):
+        with _undo_unless_swapped_on(loop, finish, lambda: _detach(loop, path, remove=False)):
+            if not system.loop_dio(loop):
+                raise BenchError(f"{loop} has no direct I/O on {path}: the floor would measure the page cache")
             with swap_on(loop):
                 yield Target(loop, lambda: {"direct_io": system.loop_dio(loop)})
     finally:
-        if not system.loops_for(os.path.join(mnt, "swap")):  # never under a loop device still attached
-            if system.mount_type(mnt) == "fuse.floorfs":
-                system.run(["umount", mnt])
-            proc.terminate()
+        if not system.loops_for(path):  # never under a loop device still attached
+            _stop_floorfs(mnt, proc)
+
+
+def _stop_floorfs(mnt: str, proc: subprocess.Popen[bytes]) -> None:
+    """Unmount (lazily if it is busy: no loop device is on it any more) and stop floorfs."""
+    if system.mount_type(mnt) == "fuse.floorfs":
+        try:
+            system.run(["umount", mnt])
+        except system.CommandFailed:
+            system.run(["umount", "-l", mnt])
+    if proc.poll() is None:
+        proc.terminate()
+        try:
             proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _unlink(path: str) -> None:

@@ -345,7 +345,7 @@ def _fill(fd: int, path: str, size: int, say: Say) -> None:
     say(f"{path} written in {time.monotonic() - start:.1f}s")
 
 
-def _spawn(module: str, args: list[str], log_path: str) -> subprocess.Popen[bytes]:
+def spawn_daemon(module: str, args: list[str], log_path: str) -> subprocess.Popen[bytes]:
     """``python -m module args`` as a daemon: isolated and in / (no code from the caller's
     directory: ``vswapctl.launch``), in a session of its own, and out of the caller's memory
     cgroup (a memory limit on whoever ran up must never push a swap daemon into swap or OOM)."""
@@ -356,7 +356,7 @@ def _spawn(module: str, args: list[str], log_path: str) -> subprocess.Popen[byte
                             start_new_session=True, preexec_fn=leave_memory_limit)
 
 
-def _log_tail(path: str, lines: int = 5) -> str:
+def log_tail(path: str, lines: int = 5) -> str:
     try:
         with open(path, errors="replace") as f:
             return " | ".join(line.strip() for line in f.readlines()[-lines:])
@@ -370,11 +370,11 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: 
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise UpFailed(f"{what} exited with status {proc.returncode} during start-up: {_log_tail(log_path)}")
+            raise UpFailed(f"{what} exited with status {proc.returncode} during start-up: {log_tail(log_path)}")
         if ready():
             return
         if time.monotonic() > deadline:
-            raise UpFailed(f"{what} not ready after {timeout:g}s (see --start-timeout): {_log_tail(log_path)}")
+            raise UpFailed(f"{what} not ready after {timeout:g}s (see --start-timeout): {log_tail(log_path)}")
         time.sleep(0.05)
 
 
@@ -413,7 +413,7 @@ def _start_hoststore(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
     if cfg.verbose:
         argv.append("-v")
     undo.push("stop hoststore", lambda: _stop_hoststore(state, say))
-    proc = _spawn("hoststore", argv, state.log("hoststore"))
+    proc = spawn_daemon("hoststore", argv, state.log("hoststore"))
     ident = _identify(proc, "hoststore")
     state.hoststore = ident.to_dict()
     state.host = f"unix:{state.socket}"
@@ -449,7 +449,7 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
     if cfg.verbose:
         argv.append("-v")
     undo.push("stop vswapfs", lambda: _stop_vswapfs(state, say))
-    proc = _spawn("vswapfs", argv, state.log("vswapfs"))
+    proc = spawn_daemon("vswapfs", argv, state.log("vswapfs"))
     ident = _identify(proc, "vswapfs")
     state.vswapfs = ident.to_dict()
     state.save()

@@ -1,7 +1,8 @@
 """The floor: the least a pyfuse3 server can do to serve a swap file.
 
 One file, ``swap``, whose pages live in this process's memory (an anonymous
-mapping, locked as it is touched): a write copies into it, a read copies out.
+mapping, locked: ``vswapcommon.hardening``, as the vswapfs daemons are): a
+write copies into it, a read copies out.
 No store, no checksum, no page map, no backing file: what is left is the cost
 of FUSE and pyfuse3 themselves, with the same mount options and the same
 direct I/O as vswapfs.  ``vswapctl bench``'s ``floor`` target runs it, so that
@@ -15,6 +16,7 @@ pages die with it.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import stat
@@ -24,7 +26,9 @@ from typing import Any
 import pyfuse3
 import trio
 
-from vswapcommon.hardening import lock_memory
+from vswapcommon.hardening import harden
+
+log = logging.getLogger("floorfs")
 
 SWAP_INODE = pyfuse3.ROOT_INODE + 1
 NAME = b"swap"
@@ -88,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2 or not args[1].isdigit() or int(args[1]) % 4096:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
         return 2
-    problem = lock_memory()  # its pages must never be swapped out to itself
-    if problem:
-        print(f"floorfs: cannot lock its memory ({problem}): not safe to swap on", file=sys.stderr)
+    problems = harden(log)  # its pages must never be swapped out to itself, nor it be OOM-killed
+    if any(p.startswith("mlockall") for p in problems):
+        print(f"floorfs: cannot lock its memory ({problems}): not safe to swap on", file=sys.stderr)
         return 1
     ops = FloorFS(int(args[1]))
     options = set(pyfuse3.default_options) | {"fsname=floorfs", "subtype=floorfs"}

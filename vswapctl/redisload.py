@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,7 @@ def _start(directory: str) -> tuple[subprocess.Popen[bytes], redis.Redis]:
         except (redis.ConnectionError, FileNotFoundError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
+                proc.wait()
                 raise SystemExit(f"redisload: redis-server did not start: {proc.stderr.read().decode()[-300:]}"
                                  if proc.stderr else "redisload: redis-server did not start") from None
             time.sleep(0.05)
@@ -86,8 +88,9 @@ def _check(client: redis.Redis, pool: bytes, seed: int, keys: list[int], size: i
 def run(size: int, seed: int) -> dict[str, object]:
     directory = tempfile.mkdtemp(prefix="vswapctl-redisload-")
     os.chmod(directory, 0o700)
-    proc, client = _start(directory)
+    proc: subprocess.Popen[bytes] | None = None
     try:
+        proc, client = _start(directory)
         pool = json_pool(seed)
         keys = list(range(size // RECORD))
         start = time.perf_counter()
@@ -103,12 +106,17 @@ def run(size: int, seed: int) -> dict[str, object]:
         random.Random(seed).shuffle(shuffled)
         bad_rnd, rnd = _check(client, pool, seed, shuffled, RANDOM_BATCH)
     finally:
-        proc.kill()
-        proc.wait()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         shutil.rmtree(directory, ignore_errors=True)
     return {"pages": len(keys), "bad_pages": bad_seq + bad_rnd, "bad_examples": [], "seed": seed, "data": "redis",
             "fill_seconds": round(fill, 3), "verify_seconds": [round(seq, 3), round(rnd, 3)],
             "redis_used_memory": used}
+
+
+def _exit_on(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="bytes of values to store (K/M/G suffixes; default 256M)")
     ap.add_argument("--seed", type=int, default=None, help="the run's seed (default: a random one)")
     args = ap.parse_args(argv)
+    # A signal ends the run through its finally: redis-server never outlives it (its memory,
+    # swapped out, would stay on the device, and the workload's cgroup could not be removed).
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _exit_on)
     result = run(args.size, args.seed if args.seed is not None else random.getrandbits(32))
     print(json.dumps(result), flush=True)
     return 1 if result["bad_pages"] else 0
