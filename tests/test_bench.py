@@ -453,3 +453,11 @@ def test_a_signal_to_the_redis_dataset_stops_its_redis_server_too(tmp_path: Path
     assert not any(os.path.exists(f"/proc/{pid}") and "redis" in open(f"/proc/{pid}/comm").read()
                    for pid in children)
     assert set(glob.glob("/tmp/vswapctl-redisload-*")) <= before  # its directory went with it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the floor target runs floorfs as root does")
+def test_a_floorfs_that_cannot_start_is_an_error_at_once_with_its_words(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="floorfs did not mount.*usage|floorfs did not mount.*MOUNTPOINT"):
+        with benchtargets.floor_swap(4096 * 3 + 1, str(tmp_path)):  # not whole pages: floorfs refuses
+            pytest.fail("swapped on")
+    assert not system.mounts_under(str(tmp_path)) and not system.loops_under(str(tmp_path))
