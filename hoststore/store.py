@@ -158,7 +158,8 @@ class Store:
             else:
                 # Kept compressed, a new version may cost more than the old one (it goes in as a
                 # whole page): it needs room as a new page does.
-                status = admit(limits, False, used, client.charged_pages, slot != NIL and z is None, terms)
+                held = client.count if z is None else client.charged_pages
+                status = admit(limits, False, used, held, slot != NIL and z is None, terms)
             if status == PageStatus.STORED:
                 page_data = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] if view is not None else None
                 if z is None:
