@@ -36,6 +36,7 @@ from .clientpages import NIL, ClientPages
 from .compressor import Compressor
 from .hostcounters import HostCounter
 from .pressure import Snapshot
+from .sizeclasses import Tally
 
 log = logging.getLogger("hoststore")
 
@@ -60,6 +61,7 @@ class Bookkeeper(Protocol):
     draining: bool
     clients: dict[str, ClientPages]
     compressor: Compressor
+    tally: Tally
 
     def next_stamp(self) -> int: ...
 
@@ -111,7 +113,7 @@ class MemoryPages:
                    ) -> ClientPages:
         return ClientPages(name, npages, instance, auth.new_secret(), shared_slots=shared_slots,
                            compress=self.store.compressor.codec if self.store is not None else None,
-                           max_slots=max_slots)
+                           max_slots=max_slots, tally=self.store.tally if self.store is not None else None)
 
     def close_client(self, client: ClientPages) -> int:
         return client.close()

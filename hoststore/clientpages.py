@@ -19,6 +19,7 @@ from pagewire.messages import PAGE_SIZE
 from pagewire.sharedmem import SharedError
 
 from .sharedslab import SharedSlab, ZSharedSlab
+from .sizeclasses import Tally
 from .slab import CountSlab, PageIndex, Slab, SlabFull
 from .zslab import Encoded, PrivateZSlab, ZSlab
 
@@ -31,7 +32,8 @@ NIL = -1
 
 class ClientPages:
     def __init__(self, name: str, npages: int, instance: str, secret: bytes, shared_slots: int = 0,
-                 tier_id: int = 0, compress: Codec | None = None, max_slots: int = 0) -> None:
+                 tier_id: int = 0, compress: Codec | None = None, max_slots: int = 0,
+                 tally: Tally | None = None) -> None:
         """``shared_slots``: keep the data in memory shared with the client (that many
         slots at most; see ``pagewire.sharedmem``), or 0 for private memory.  Where
         shared memory cannot be had, private memory serves (``shared`` tells).
@@ -39,7 +41,9 @@ class ClientPages:
         ``hoststore.redistier``), and this object keeps only the pages' versions.
         ``compress``: keep the pages in this encoding where they shrink (``hoststore.zslab``);
         the data given to :meth:`add` and :meth:`replace` is then encoded (``pagewire.codec``);
-        ``max_slots``: the most pages kept compressed in private memory (default: the device's)."""
+        ``max_slots``: the most pages kept compressed in private memory (default: the device's);
+        ``tally``: the store's count of compressed pages' class bytes, all clients together."""
+        self.tally = tally
         self.name = name
         self.max_slots = max_slots or npages
         self.compress = compress
@@ -74,11 +78,11 @@ class ClientPages:
         if self.shared_slots:
             try:
                 if self.compress is not None:
-                    return ZSharedSlab(self.npages, self.shared_slots)
+                    return ZSharedSlab(self.npages, self.shared_slots, tally=self.tally)
                 return SharedSlab(self.npages, self.shared_slots)
             except SharedError as exc:
                 log.warning("client %r: no shared page memory (%s); its pages travel on the wire", self.name, exc)
-        return PrivateZSlab(self.max_slots) if self.compress is not None else Slab()
+        return PrivateZSlab(self.max_slots, self.tally) if self.compress is not None else Slab()
 
     @property
     def charged_bytes(self) -> int:

@@ -13,6 +13,7 @@ from pagewire.sharedmem import STAGING_PAGES, SharedError
 
 from .memfd import punch, sealed_memfd
 from .slab import CHUNK_PAGES, SlabFull
+from .sizeclasses import Tally
 from .zslab import Encoded, Release, ZSlab
 
 log = logging.getLogger("hoststore")
@@ -166,10 +167,10 @@ class ZSharedSlab(SharedSlab):
     """A shared slab whose pages are kept compressed (``hoststore.zslab``): the layout's
     compressed form, each header saying where its page's bytes are."""
 
-    def __init__(self, npages: int, slots: int, staging: int = STAGING_PAGES) -> None:
+    def __init__(self, npages: int, slots: int, staging: int = STAGING_PAGES, tally: Tally | None = None) -> None:
         super().__init__(npages, slots, staging=staging, compressed=True)
         self.z = ZSlab(self._data, Release(self.fd, self.layout.data_offset), self.layout.slots, self._headers,
-                       self._index)
+                       self._index, tally)
 
     def grow(self) -> int:
         slot = self.z.grow()

@@ -36,13 +36,23 @@ PER_CHUNK = tuple(CHUNK_BYTES // size for size in CLASS_SIZES)
 SPARE_CHUNKS = 4  # chunks kept unpunched for the next class that needs one
 
 
+class Tally:
+    """The class bytes of every object of a store's clients together, kept as objects
+    come and go: what the capacity compares, without a walk over the clients per put."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
 class SizeClasses:
     """Objects by size class in a region of ``len(region) // CHUNK_BYTES`` chunks;
-    ``release(offset, length)`` gives a range of the region's memory back."""
+    ``release(offset, length)`` gives a range of the region's memory back; ``tally``
+    counts their class bytes with those of other clients."""
 
-    def __init__(self, region: memoryview, release: Callable[[int, int], None]) -> None:
+    def __init__(self, region: memoryview, release: Callable[[int, int], None], tally: Tally | None = None) -> None:
         self.region = region
         self.release = release
+        self.tally = tally if tally is not None else Tally()
         self.chunk_count = len(region) // CHUNK_BYTES
         self._next = 0  # chunks from here on were never used (nothing per chunk is kept for them)
         self._free: list[int] = []  # used once, punched since (or not, where a punch failed: then touched)
@@ -80,6 +90,7 @@ class SizeClasses:
             self._touched[chunk] = end
         owners.append(owner)
         self.object_bytes += CLASS_SIZES[cls]
+        self.tally.bytes += CLASS_SIZES[cls]
         return idx
 
     def _take_chunk(self) -> int:
@@ -108,7 +119,14 @@ class SizeClasses:
             owners[idx] = owners[last]
         owners.pop()
         self.object_bytes -= CLASS_SIZES[cls]
+        self.tally.bytes -= CLASS_SIZES[cls]
         self._trim(cls)
+
+    def forget(self) -> None:
+        """Every object is gone at once (the client's memory goes): the tally forgets them."""
+        self.tally.bytes -= self.object_bytes
+        self.object_bytes = 0
+        self._owners = [array("i") for _ in CLASS_SIZES]
 
     def _trim(self, cls: int) -> None:
         chunks = self._chunks[cls]

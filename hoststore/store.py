@@ -37,6 +37,7 @@ from .hostcounters import HANDBACK_COUNTER, REFUSAL_COUNTER, HostCounter
 from .policies import DecisionContext, Policy, PolicyError, Pressure, parse_policy
 from .policy import ClientTerms, Limits, admit, share, under_pressure
 from .pressure import Sampler
+from .sizeclasses import Tally
 from .slab import INDEX_BLOCK, SlabFull
 from .storestats import Fullest, client_stats, store_stats
 from .trace import Trace
@@ -62,6 +63,7 @@ class Store:
         self.compressor = Compressor(compress, registered=lambda c: self.clients.get(c.name) is c,
                                      count=self.count, compressed=self._note_fullest)
         self.idle = idle
+        self.tally = Tally()  # the class bytes of every client's compressed pages
         self.fullest = Fullest()
         self.backend: PageBackend = backend or MemoryPages()
         # What keeps this store from serving reliably under machine-wide memory pressure
@@ -202,7 +204,7 @@ class Store:
         """What all clients' pages cost against the capacity (``ClientPages.charged_bytes``)."""
         if self.compressor.codec is None:
             return self.pages
-        return sum(c.charged_pages for c in self.clients.values())
+        return -(-self.tally.bytes // PAGE_SIZE)
 
     def refuse(self, client: ClientPages, plan: PutPlan, i: int, status: PageStatus) -> None:
         """Page ``i`` of the plan is refused; an older stored copy must not outlive the refusal, and goes."""

@@ -26,7 +26,7 @@ from pagewire.codec import CLASS_SIZES, Codec, DecodeError, class_of, decode, re
 from pagewire.messages import PAGE_SIZE
 
 from .memfd import punch
-from .sizeclasses import SizeClasses
+from .sizeclasses import SizeClasses, Tally
 from .slab import SlabFull
 
 Encoded = tuple[Codec, bytes]
@@ -47,9 +47,10 @@ class ZSlab:
     """Encoded pages by slot.  ``headers``/``index``: the shared memory's, when shared."""
 
     def __init__(self, region: memoryview, release: "Release", max_slots: int, headers: memoryview | None = None,
-                 index: memoryview | None = None) -> None:
-        """``max_slots``: the most pages it may hold (what ``region`` was sized for)."""
-        self.classes = SizeClasses(region, release)
+                 index: memoryview | None = None, tally: Tally | None = None) -> None:
+        """``max_slots``: the most pages it may hold (what ``region`` was sized for);
+        ``tally``: the store's count of class bytes, all clients together."""
+        self.classes = SizeClasses(region, release, tally)
         self.max_slots = max_slots
         self.region = region
         self._headers, self._index = headers, index
@@ -199,6 +200,7 @@ class ZSlab:
         return self.classes.object_bytes
 
     def close(self) -> None:
+        self.classes.forget()
         self.used = 0
 
     # -- moves -----------------------------------------------------------------------------
@@ -260,7 +262,7 @@ class PrivateZSlab(ZSlab):
     """A :class:`ZSlab` in a memfd of its own, shared with nobody (a client on the wire).
     A memfd and not anonymous memory: its size is reserved by nobody, whatever the device's."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, tally: Tally | None = None) -> None:
         size = region_bytes(slots)
         try:
             fd = os.memfd_create("hoststore-zpages", os.MFD_CLOEXEC)
@@ -273,7 +275,7 @@ class PrivateZSlab(ZSlab):
             os.close(fd)
             raise SlabFull(f"cannot map {size} bytes for compressed pages: {exc}") from None
         self.fd = fd
-        super().__init__(memoryview(self._map), Release(fd, 0), slots)
+        super().__init__(memoryview(self._map), Release(fd, 0), slots, tally=tally)
 
     def close(self) -> None:
         super().close()

@@ -369,3 +369,43 @@ def test_a_batch_encodes_as_its_pages_do_one_by_one() -> None:
     pages = [zpage(n, 3) for n in range(40)] + [bytes(range(256)) * 16]
     for codec in (Codec.ZSTD, Codec.LZ4):
         assert encode_batch(pages, codec, threads=2) == [encode(p, codec) for p in pages]
+
+
+def test_the_stores_tally_is_every_clients_class_bytes_and_forgets_a_closed_one() -> None:
+    from hoststore.sizeclasses import Tally
+
+    tally = Tally()
+    clients = [ClientPages(f"c{k}", 256, "i", b"s" * 32, shared_slots=256 if k else 0, compress=Codec.ZSTD,
+                           tally=tally) for k in range(2)]
+    rng = random.Random(8)
+    for seq in range(1, 600):
+        client, n = rng.choice(clients), rng.randrange(256)
+        slot = client.index.get(n)
+        if slot < 0:
+            client.add(n, seq, encode(zpage(n, seq), Codec.ZSTD), seq)
+        elif rng.random() < 0.5:
+            client.replace(slot, seq, encode(zpage(n, seq), Codec.ZSTD), seq)
+        else:
+            client.remove(slot)
+    assert tally.bytes == sum(c.zslab.charged_bytes for c in clients) > 0
+    clients[0].close()
+    assert tally.bytes == clients[1].zslab.charged_bytes
+    clients[1].close()
+    assert tally.bytes == 0
+
+
+def test_the_fullest_figure_is_sampled_not_walked_for_every_put() -> None:
+    from hoststore.storestats import SAMPLE_INTERVAL, Fullest
+
+    now = [100.0]
+    client = zclient(shared=False, npages=64)
+    client.add(1, 1, encode(zpage(1, 1), Codec.ZSTD), 1)
+    fullest = Fullest(clock=lambda: now[0])
+    fullest.note(PAGE_SIZE, [client])
+    assert (fullest.data_bytes, fullest.mem_bytes) == (PAGE_SIZE, client.slab.mapped_bytes)
+    client.add(2, 1, encode(zpage(2, 1), Codec.ZSTD), 1)
+    fullest.note(2 * PAGE_SIZE, [client])  # too soon: not looked at
+    assert fullest.data_bytes == PAGE_SIZE
+    now[0] += 2 * SAMPLE_INTERVAL
+    fullest.note(2 * PAGE_SIZE, [client])
+    assert fullest.data_bytes == 2 * PAGE_SIZE and fullest.mem_max >= fullest.mem_bytes > 0
