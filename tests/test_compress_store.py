@@ -30,7 +30,7 @@ from vswapfs.pagemap import BACKING, LOST
 from vswapfs.pagercore import PageUnavailable
 from vswapfs.pager import Pager
 
-from .test_inproc import Pressure
+from .test_inproc import Pressure, until
 
 NPAGES = 256
 POOL = json_pool(7, NPAGES * PAGE_SIZE * 2)
@@ -140,14 +140,10 @@ async def test_pressure_hands_compressed_pages_back_as_pages(backing: Backing) -
     await pager.write(0, b"".join(data))
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        with trio.fail_after(5):  # the running store compresses what came in
-            while store.stats()["compression"]["pending_pages"]:
-                await trio.sleep(0.01)
+        await until(lambda: not store.stats()["compression"]["pending_pages"])  # the running store compresses
         assert store.stats()["compression"]["compr_data_bytes"] < 48 * PAGE_SIZE // 2
         pressure.used = 95.0
-        with trio.fail_after(5):
-            while store.stats()["pages_stored"]:
-                await trio.sleep(0.01)
+        await until(lambda: not store.stats()["pages_stored"])
         nursery.cancel_scope.cancel()
     assert store.stats()["handed_back_pressure"] == 48 and pager.map.counts()["backing"] == 48
     assert store.stats()["compression"]["mem_used_bytes"] <= 4 * 64 * 1024  # the spare chunks at most

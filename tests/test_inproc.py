@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -79,6 +80,13 @@ async def test_pressure_refuses_and_a_refused_rewrite_drops_the_old_copy(backing
     assert await pager.read(0, PAGE_SIZE) == page(0, 2)
 
 
+async def until(done: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Until ``done()``, which the running store makes true (at most ``seconds``)."""
+    with trio.fail_after(seconds):
+        while not done():
+            await trio.sleep(0.01)
+
+
 async def test_pressure_hands_the_oldest_pages_back_to_the_backing_file(backing: Backing) -> None:
     pressure = Pressure()
     pager, store = make(backing, pressure=pressure)
@@ -87,9 +95,7 @@ async def test_pressure_hands_the_oldest_pages_back_to_the_backing_file(backing:
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         pressure.used = 95.0
-        with trio.fail_after(5):
-            while store.stats()["pages_stored"]:
-                await trio.sleep(0.01)
+        await until(lambda: not store.stats()["pages_stored"])
         nursery.cancel_scope.cancel()
     assert store.stats()["handed_back_pressure"] == 32
     assert pager.stats()["handback_taken"] == 32 and pager.map.counts()["backing"] == 32

@@ -247,11 +247,12 @@ async def test_a_late_delete_never_removes_a_newer_write(redis_cluster_session: 
 async def test_pages_no_replica_acknowledged_are_refused_and_the_old_copy_goes(
         redis_cluster_session: LocalCluster) -> None:
     cluster = redis_cluster_session
-    store = make(cluster, wait_timeout=0.1)
+    store = make(cluster)  # the first version needs its replica's word: the usual 3 s for it
     try:
         client = attach(store)
         assert await store.put(client, 0, 1, data(0, 8, 1)) == bytes(8)
-        store.backend.tier.config = dataclasses.replace(store.backend.tier.config, replicas=2)  # each master has one
+        # Each master has one replica: two never answer, and 0.1 s is enough to find that out.
+        store.backend.tier.config = dataclasses.replace(store.backend.tier.config, replicas=2, wait_timeout=0.1)
         statuses = await store.put(client, 0, 2, data(0, 8, 2))
         assert statuses == bytes([S.REFUSED_REPLICATION]) * 8
         assert store.pages == 0 and client.count == 0  # neither the new version nor the old one is kept
@@ -700,7 +701,6 @@ async def test_reads_go_on_through_a_masters_death(redis_cluster: LocalCluster) 
         cluster.wait_failover(victim)
         store.backend.tier.poll_memory()  # what the store's memory watch does ten times a second
         # The promoted master takes new pages (it has no replica left: they are refused, not lost).
-        store.backend.tier.config = dataclasses.replace(store.backend.tier.config, wait_timeout=0.1)
         statuses = b"".join([await store.put(client, first, 2, data(first, RUN_PAGES, 2))
                              for first in range(0, n, RUN_PAGES)])
         assert set(statuses) <= {S.STORED, S.REFUSED_REPLICATION, S.REFUSED_TIER}
