@@ -16,13 +16,14 @@ import pathlib
 import pytest
 
 TOP = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = ("vswapcommon", "pagewire", "hoststore", "vswapfs", "vswapctl")
+PACKAGES = ("vswapcommon", "pagewire", "hoststore", "vswapfs", "offload", "vswapctl")
 MAY_IMPORT = {
     "vswapcommon": set(),
     "pagewire": {"vswapcommon"},
     "hoststore": {"vswapcommon", "pagewire"},
     "vswapfs": {"vswapcommon", "pagewire"},  # and hoststore from vswapfs.inproc only
-    "vswapctl": {"vswapcommon", "pagewire", "hoststore", "vswapfs"},
+    "offload": {"vswapcommon"},
+    "vswapctl": {"vswapcommon", "pagewire", "hoststore", "vswapfs", "offload"},
 }
 IN_PROCESS_STORE = "vswapfs.inproc"
 MAX_FUNCTION_LINES = 60

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis
 
@@ -47,14 +47,16 @@ def value(pool: bytes, seed: int, key: int) -> bytes:
     return head + pool[at : at + RECORD - len(head)]
 
 
-def _start(directory: str) -> tuple[subprocess.Popen[bytes], redis.Redis]:
-    sock = os.path.join(directory, "redis.sock")
+def start(directory: str, preexec_fn: Callable[[], None] | None = None) -> tuple[subprocess.Popen[bytes], redis.Redis]:
+    """redis-server on ``socket_path(directory)``, no persistence; ``preexec_fn`` runs in
+    the child before it execs (to join a memory cgroup)."""
+    sock = socket_path(directory)
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit("redisload: no redis-server on PATH (apt-get install redis-server)")
     proc = subprocess.Popen([server, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
                              "--appendonly", "no", "--dir", directory, "--daemonize", "no", "--loglevel", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
     deadline = time.monotonic() + START_TIMEOUT
     client = redis.Redis(unix_socket_path=sock)
     while True:
@@ -68,6 +70,10 @@ def _start(directory: str) -> tuple[subprocess.Popen[bytes], redis.Redis]:
                 raise SystemExit(f"redisload: redis-server did not start: {proc.stderr.read().decode()[-300:]}"
                                  if proc.stderr else "redisload: redis-server did not start") from None
             time.sleep(0.05)
+
+
+def socket_path(directory: str) -> str:
+    return os.path.join(directory, "redis.sock")
 
 
 def _batches(keys: list[int], size: int) -> Iterator[list[int]]:
@@ -90,16 +96,16 @@ def run(size: int, seed: int) -> dict[str, object]:
     os.chmod(directory, 0o700)
     proc: subprocess.Popen[bytes] | None = None
     try:
-        proc, client = _start(directory)
+        proc, client = start(directory)
         pool = json_pool(seed)
         keys = list(range(size // RECORD))
-        start = time.perf_counter()
+        began = time.perf_counter()
         for batch in _batches(keys, BATCH):
             pipe = client.pipeline(transaction=False)
             for key in batch:
                 pipe.set(b"k%d" % key, value(pool, seed, key))
             pipe.execute()
-        fill = time.perf_counter() - start
+        fill = time.perf_counter() - began
         used = client.info("memory").get("used_memory", 0)
         bad_seq, seq = _check(client, pool, seed, keys, BATCH)
         shuffled = keys[:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from functools import partial
@@ -248,9 +249,35 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offload_record(path: str) -> list[dict[str, Any]] | None:
+    """The lines of ``vswapctl offload --record`` if ``path`` is one, else None."""
+    from offload import report
+
+    try:
+        with open(path) as f:
+            first = json.loads(f.readline() or "null")
+    except (OSError, ValueError):
+        return None
+    if isinstance(first, dict) and first.get("kind") == "start" and "controller" in first:
+        return report.load(path)
+    return None
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .. import watch
 
+    lines = _offload_record(args.file)
+    if lines is not None:
+        from offload import report
+
+        try:
+            report.chart([(os.path.basename(args.file), lines)], args.output)
+        except ImportError:
+            return fail("plot needs matplotlib, an optional extra: pip install 'vswapfs[chart]'")
+        except ValueError as exc:
+            return fail(f"cannot plot {args.file}: {exc}")
+        say(f"plotted the offload run {args.file} to {args.output}")
+        return 0
     try:
         samples = watch.read_recording(args.file)
         watch.plot(samples, args.output)
@@ -312,8 +339,9 @@ def _add_top_and_record(sub: Any) -> None:
 
 def _add_plot(sub: Any) -> None:
     pl = sub.add_parser("plot", help="draw a recording (vswapctl record) as a chart",
-                        description="Pages by where they live, and the rates of pages in and out, over time "
-                                    "(matplotlib: pip install 'vswapfs[chart]').")
+                        description="Pages by where they live, and the rates of pages in and out, over time; "
+                                    "or, for a record of `vswapctl offload`, its resident memory, limit, stall "
+                                    "and workload figure (matplotlib: pip install 'vswapfs[chart]').")
     pl.add_argument("file", metavar="FILE")
     pl.add_argument("-o", "--output", required=True, metavar="OUT.png")
     pl.set_defaults(func=cmd_plot)

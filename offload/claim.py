@@ -1,0 +1,71 @@
+"""One controller per cgroup, and a limit a dead controller left behind put back.
+
+While a controller runs it holds an exclusive ``flock`` on a small file under
+``/run/vswapctl`` named after the cgroup, in which it keeps the limit it found
+and the limit it last wrote.  A second controller for the same cgroup finds
+the lock taken and refuses.  A controller that died without its ``finally``
+(SIGKILL, a power cut of the process) leaves the file behind, unlocked: the
+next one to start on that cgroup finds it, and if the limit is still the one
+the dead controller wrote, puts back the limit that one had found.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from typing import Any
+
+RUN_DIR = "/run/vswapctl"
+
+
+class Claimed(Exception):
+    """Another controller runs on this cgroup; the message says which."""
+
+
+class Claim:
+    def __init__(self, cgroup_path: str, run_dir: str | None = None) -> None:
+        self.cgroup = os.path.realpath(cgroup_path)
+        digest = hashlib.sha256(self.cgroup.encode()).hexdigest()[:16]
+        self.path = os.path.join(run_dir or RUN_DIR, f"offload-{digest}.json")
+        self.fd = -1
+        self.left: dict[str, Any] | None = None  # what a dead controller left, if anything
+
+    def __enter__(self) -> "Claim":
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self.fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise Claimed(f"another vswapctl offload runs on {self.cgroup} (it holds {self.path})") from None
+            raise
+        try:
+            same = os.path.samestat(os.fstat(self.fd), os.stat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:  # its last holder unlinked it between our open and our lock: take the new one
+            os.close(self.fd)
+            return self.__enter__()
+        try:
+            left = json.loads(os.pread(self.fd, 1 << 16, 0) or b"null")
+        except ValueError:
+            left = None
+        self.left = left if isinstance(left, dict) and left.get("cgroup") == self.cgroup else None
+        return self
+
+    def note(self, found: str, ours: int | None) -> None:
+        """The limit found and the one last written (None: the found one is in place)."""
+        data = json.dumps({"cgroup": self.cgroup, "pid": os.getpid(), "found": found, "ours": ours}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
