@@ -2,8 +2,8 @@
 
 Safety rules, checked before the law's word is applied:
 
-* never below ``floor`` bytes (rounded up to a page), and never above the limit
-  found at the start;
+* never below ``floor`` bytes (rounded up to a page), never above the limit
+  found at the start, and no back-off above twice the cgroup's peak;
 * an OOM kill in the cgroup (or, on v1 with the OOM killer off, the cgroup
   stuck under OOM) puts back the limit found and holds for ``oom_hold``
   intervals; a limit changed behind the controller's back is theirs, so the
@@ -189,12 +189,16 @@ class Controller:
         if action == BACK_OFF:
             if self.ours is None:
                 return "back off (no limit of ours)"
-            target = min(int(current * (1 + factor)), self.found)
+            # Twice the peak holds nothing back (the workload can double before it meets the
+            # limit, and its peak grows with it); a higher limit would only make the probes
+            # creep down longer before they push again.
+            ceiling = min(self.found, 2 * max(self.peak, now.usage))
+            target = min(-(-int(current * (1 + factor)) // PAGE) * PAGE, ceiling)
             if target >= self.found:
                 self._put_back()
                 self.level = self.found  # probes creep down from there, as from any loosened limit
                 return "back off: limit found restored"
-            return self._write(min(-(-target // PAGE) * PAGE, self.found), "back off")
+            return self._write(target, "back off")
         if action != PROBE:
             return action
         if now.t < self.held_until:

@@ -166,6 +166,7 @@ class FakeKernel:
         self.cg = resolve_in(root, str(self.path))
         self.pressure = Path(self.cg.pressure_path)
         self.demand, self.hot, self.now, self.stall_us = demand, hot, 0.0, 0
+        self.noise_us = 0  # stall every second whatever the limit (others', on v1's machine-wide PSI)
         self.oom_at: float | None = None
         self.oom_kills = 0
         self.swaps = root / "swaps"
@@ -186,6 +187,7 @@ class FakeKernel:
         (self.path / self.cg.layout.usage).write_text(f"{usage}\n")
         if usage < self.hot:
             self.stall_us += int((self.hot - usage) / self.hot * 1_000_000 * seconds)
+        self.stall_us += int(self.noise_us * seconds)
         self.pressure.write_text(f"some avg10=0 avg60=0 avg300=0 total={self.stall_us}\n"
                                  f"full avg10=0 avg60=0 avg300=0 total={self.stall_us // 2}\n")
         if self.oom_at is not None and self.now >= self.oom_at:
@@ -255,6 +257,25 @@ def test_an_oom_kill_restores_the_limit_found_and_holds(tmp_path: Path) -> None:
     assert len(held) >= 19
     assert all(x["action"] in ("wait", "hold (after an OOM kill)") for x in held)
     assert any(x["action"] == "probe" for x in ticks[oom + 1 + len(held):])  # and then it pushes again
+
+
+def test_a_back_off_goes_no_higher_than_twice_the_peak(tmp_path: Path) -> None:
+    # Once it has pushed, stall that no limit relieves (another process's, on v1's
+    # machine-wide PSI) makes every tick a back-off: the limit doubles and doubles, up to
+    # twice the peak (800M), where it stays; the limit found (none) would never stop it.
+    k = FakeKernel(tmp_path, demand=400 * M, hot=0)
+    ctl = k.controller()
+    original_sleep = k.sleep
+
+    def noisy(seconds: float) -> None:
+        original_sleep(seconds)
+        if k.now >= 3:
+            k.noise_us = 500_000
+
+    ctl.sleep = noisy
+    ctl.run(duration=60)
+    ours = [x for x in k.limits if x != UNLIMITED]
+    assert ours[0] < 400 * M and max(ours) == 800 * M and ours[-1] == 800 * M
 
 
 def test_holds_while_swap_is_full(tmp_path: Path) -> None:
