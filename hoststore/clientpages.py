@@ -179,6 +179,46 @@ class ClientPages:
         self._link_front(slot)
         return slot
 
+    def add_run(self, first: int, seq: int, data: memoryview | None, n: int, stamp: int) -> None:
+        """Store pages ``first .. first + n``, none of them stored yet, kept as they came
+        (never for pages kept compressed), in consecutive slots: one copy, and a slice of
+        each array, instead of a page at a time.  Their data (None: a tier holds it) is
+        written before any of them is published.  All or nothing, as :meth:`add`."""
+        slot = self.slab.grow_run(n)
+        try:
+            if data is not None:
+                self.slab.write_run(slot, data)
+            self.slab.publish_run(slot, first, n, seq)
+            self.page_of.extend(range(first, first + n))
+            self.seq_of.extend(array("Q", [seq]) * n)
+            self.stamp.extend(array("Q", [stamp]) * n)
+            # The run goes to the front of the LRU list as n adds would put it: the
+            # last page first; each page's next is the one before it, the first's the old head.
+            self.prev.extend(range(slot + 1, slot + n + 1))
+            self.next.extend(range(slot - 1, slot + n - 1))
+            self.lent.extend(bytes(n))
+            self.index.set_new_run(first, n, slot)
+        except BaseException as exc:
+            for arr in (self.page_of, self.seq_of, self.stamp, self.prev, self.next, self.lent):
+                del arr[slot:]
+            for page in range(first, first + n):
+                if self.index.get(page) >= slot:
+                    self.index.clear(page)
+            for k in reversed(range(n)):
+                self.slab.retract(slot + k, first + k)
+                self.slab.shrink()
+            if isinstance(exc, MemoryError):
+                raise SlabFull(f"out of memory for the page index: {exc}") from None
+            raise
+        last = slot + n - 1
+        self.prev[last] = NIL
+        self.next[slot] = self.head
+        if self.head != NIL:
+            self.prev[self.head] = slot
+        else:
+            self.tail = slot
+        self.head = last
+
     def replace(self, slot: int, seq: int, data: memoryview | bytes | Encoded | None, stamp: int,
                 pending: bool = False) -> None:
         """A newer version over a stored one; a page being handed back is taken back from the hand-back."""

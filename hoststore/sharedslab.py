@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from array import array
 
 from pagewire.messages import PAGE_SIZE, SharedLayout
 from pagewire.sharedmem import STAGING_PAGES, SharedError
@@ -101,6 +102,26 @@ class SharedSlab:
             self._touched += 1
         self.used += 1
         return slot
+
+    def grow_run(self, n: int) -> int:
+        """``n`` new slots at the end, all or none; the first of them."""
+        first = self.used
+        if first + n > self.layout.slots:
+            raise SlabFull(f"all {self.layout.slots} shared slots are in use")
+        self._touched = max(self._touched, (first + n - 1) // self.chunk_pages + 1)
+        self.used += n
+        return first
+
+    def write_run(self, slot: int, pages: memoryview | bytes) -> None:
+        self._data[slot * PAGE_SIZE : slot * PAGE_SIZE + len(pages)] = pages
+
+    def publish_run(self, slot: int, first: int, n: int, seq: int) -> None:
+        """As :meth:`publish` for ``n`` slots holding pages ``first ..``: every page word,
+        then every version (a reader takes a slot only once its version is nonzero)."""
+        h = 2 * slot
+        self._headers[h + 1 : h + 2 * n : 2] = array("Q", range(first, first + n))
+        self._headers[h : h + 2 * n : 2] = array("Q", [seq]) * n
+        self._index[first : first + n] = array("I", range(slot + 1, slot + n + 1))
 
     def shrink(self) -> None:
         """Drop the last slot; give back the memory of chunks no longer needed, keeping one spare."""

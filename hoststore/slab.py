@@ -46,12 +46,42 @@ class Slab:
         self.used += 1
         return slot
 
+    def grow_run(self, n: int) -> int:
+        """``n`` new slots at the end, all or none; the first of them."""
+        first = self.used
+        had = len(self._chunks)
+        try:
+            while (first + n - 1) // self.chunk_pages >= len(self._chunks):
+                self._chunks.append(
+                    mmap.mmap(-1, self.chunk_pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                )
+        except (OSError, MemoryError, ValueError) as exc:
+            while len(self._chunks) > had:
+                self._chunks.pop().close()
+            raise SlabFull(str(exc)) from None
+        self.used += n
+        return first
+
     def shrink(self) -> None:
         """Drop the last slot; unmap chunks no longer needed, keeping one spare."""
         self.used -= 1
         needed = -(-self.used // self.chunk_pages) + 1
         while len(self._chunks) > needed:
             self._chunks.pop().close()
+
+    def write_run(self, slot: int, pages: memoryview | bytes) -> None:
+        """Consecutive pages into consecutive slots from ``slot``: a copy per chunk."""
+        view = memoryview(pages)
+        done, total = 0, len(view)
+        while done < total:
+            chunk, index = divmod(slot + done // PAGE_SIZE, self.chunk_pages)
+            off = index * PAGE_SIZE
+            take = min(total - done, self.chunk_pages * PAGE_SIZE - off)
+            self._chunks[chunk][off : off + take] = view[done : done + take]
+            done += take
+
+    def publish_run(self, slot: int, first: int, n: int, seq: int) -> None:
+        """As :meth:`publish`, for ``n`` slots holding pages ``first ..``."""
 
     def view(self, slot: int) -> memoryview:
         chunk, index = divmod(slot, self.chunk_pages)
@@ -102,6 +132,16 @@ class CountSlab:
         self.used += 1
         return self.used - 1
 
+    def grow_run(self, n: int) -> int:
+        self.used += n
+        return self.used - n
+
+    def write_run(self, slot: int, pages: memoryview | bytes) -> None:
+        raise LookupError("this store's page data is in its tier, not here")
+
+    def publish_run(self, slot: int, first: int, n: int, seq: int) -> None:
+        """Nobody reads this slab."""
+
     def shrink(self) -> None:
         self.used -= 1
 
@@ -150,6 +190,34 @@ class PageIndex:
             self._counts[key] += 1
             self.count += 1
         block[i] = slot
+
+    def any_in(self, first: int, n: int) -> bool:
+        """Whether any page of ``first .. first + n`` is stored."""
+        page, end = first, first + n
+        while page < end:
+            key, i = page >> INDEX_SHIFT, page & (INDEX_BLOCK - 1)
+            stop = min(INDEX_BLOCK, i + end - page)
+            block = self._blocks.get(key)
+            if block is not None and max(block[i:stop]) >= 0:
+                return True
+            page += stop - i
+        return False
+
+    def set_new_run(self, first: int, n: int, slot: int) -> None:
+        """Pages ``first ..`` (none of them stored: see :meth:`any_in`) now in slots ``slot ..``."""
+        page, end = first, first + n
+        while page < end:
+            key, i = page >> INDEX_SHIFT, page & (INDEX_BLOCK - 1)
+            stop = min(INDEX_BLOCK, i + end - page)
+            block = self._blocks.get(key)
+            if block is None:
+                block = self._blocks[key] = array("i", _EMPTY_BLOCK)
+                self._counts[key] = 0
+            at = slot + page - first
+            block[i:stop] = array("i", range(at, at + stop - i))
+            self._counts[key] += stop - i
+            self.count += stop - i
+            page += stop - i
 
     def clear(self, page: int) -> None:
         key = page >> INDEX_SHIFT

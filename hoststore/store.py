@@ -48,6 +48,26 @@ log = logging.getLogger("hoststore")
 INVALIDATE_BLOCKS = 64  # index blocks (64 * 256 pages) an invalidate scans between two turns of its pace
 
 
+def take_whole(limits: Limits, client: ClientPages, plan: PutPlan, view: memoryview | None, used: int,
+               terms: ClientTerms, stamp: int) -> bool:
+    """Store a put as one run (``ClientPages.add_run``) if no page of it is stored yet
+    and every page is admitted: the rules only refuse at or above a count, so the last
+    page's decision, with the others counted, is every page's.  False: it must be
+    decided page by page (so it is too whenever a page of it is stored, the policy had
+    its say, pages are kept compressed or the store is draining: the caller checks)."""
+    n = plan.n
+    if client.index.any_in(plan.first, n):
+        return False
+    if admit(limits, False, used + n - 1, client.count + n - 1, False, terms) != PageStatus.STORED:
+        return False
+    try:
+        client.add_run(plan.first, plan.seq, view, n, stamp)
+    except SlabFull:
+        return False  # page by page: as many as fit, the rest refused for memory
+    plan.accepted.extend(range(n))
+    return True
+
+
 class Store:
     """All clients' pages, the admission state and the counters; one async path per operation."""
 
@@ -146,6 +166,9 @@ class Store:
         verdict = self.policy.decide(DecisionContext(
             client.name, first, n, snapshot, used, limits.capacity_pages, client.charged_pages, terms.quota_pages,
             terms.share_pages, self.pressure))
+        if verdict is None and z is None and not self.draining and self._take_whole(client, plan, view, used, terms,
+                                                                                    stamp):
+            return plan
         for i in range(n):
             page = first + i
             slot = index.get(page)
@@ -178,6 +201,14 @@ class Store:
             self.refuse(client, plan, i, status)
             used += client.charged_pages - before  # an older copy dropped: its room is free
         return plan
+
+    def _take_whole(self, client: ClientPages, plan: PutPlan, view: memoryview | None, used: int,
+                    terms: ClientTerms, stamp: int) -> bool:
+        """The usual put, taken as one run (see :func:`take_whole`); False: page by page."""
+        if not take_whole(self.limits, client, plan, view, used, terms, stamp):
+            return False
+        self.pages += plan.n
+        return True
 
     def _record(self, client: ClientPages, plan: PutPlan, i: int, slot: int,
                 page_data: memoryview | None, stamp: int) -> bool:
