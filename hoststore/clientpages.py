@@ -184,6 +184,8 @@ class ClientPages:
         (never for pages kept compressed), in consecutive slots: one copy, and a slice of
         each array, instead of a page at a time.  Their data (None: a tier holds it) is
         written before any of them is published.  All or nothing, as :meth:`add`."""
+        if self.zslab is not None:  # compressed slabs lay slots out otherwise: page by page only
+            raise TypeError("add_run is for pages kept as they came, not compressed ones")
         slot = self.slab.grow_run(n)
         try:
             if data is not None:

@@ -209,12 +209,13 @@ class PageIndex:
         while page < end:
             key, i = page >> INDEX_SHIFT, page & (INDEX_BLOCK - 1)
             stop = min(INDEX_BLOCK, i + end - page)
+            at = slot + page - first
+            slots = array("i", range(at, at + stop - i))  # before any change: a MemoryError leaves none
             block = self._blocks.get(key)
             if block is None:
                 block = self._blocks[key] = array("i", _EMPTY_BLOCK)
                 self._counts[key] = 0
-            at = slot + page - first
-            block[i:stop] = array("i", range(at, at + stop - i))
+            block[i:stop] = slots
             self._counts[key] += stop - i
             self.count += stop - i
             page += stop - i

@@ -87,6 +87,15 @@ def test_runs_end_as_page_by_page_does(ops: list[tuple[str, int, int]], capacity
 async def _compare(ops: list[tuple[str, int, int]], capacity: int, quota: int | None, shared: bool) -> None:
     fast, fc = make(Store, capacity, quota, shared)
     slow, sc = make(PageByPage, capacity, quota, shared)
+    try:
+        await _run_both(ops, fast, fc, slow, sc)
+    finally:
+        fast.close()
+        slow.close()
+
+
+async def _run_both(ops: list[tuple[str, int, int]], fast: Store, fc: ClientPages, slow: Store,
+                    sc: ClientPages) -> None:
     for seq, (op, first, n) in enumerate(ops, start=1):
         n = min(n, NPAGES - first)
         if op == "put":
@@ -109,19 +118,82 @@ async def test_a_run_that_fails_half_way_leaves_nothing_and_the_put_goes_page_by
         monkeypatch: pytest.MonkeyPatch) -> None:
     fast, fc = make(Store, 100, None, True)
     slow, sc = make(PageByPage, 100, None, True)
-    for store, c in ((fast, fc), (slow, sc)):
+    try:
+        for store, c in ((fast, fc), (slow, sc)):
+            await store.put(c, 0, 1, data(0, 8, 1))
+        real = PageIndex.set_new_run
+
+        def fail_half_way(self: PageIndex, first: int, n: int, slot: int) -> None:
+            real(self, first, n // 2, slot)
+            raise MemoryError("no memory for the index")
+
+        monkeypatch.setattr(PageIndex, "set_new_run", fail_half_way)
+        assert await fast.put(fc, 20, 2, data(20, 10, 2)) == await slow.put(sc, 20, 2, data(20, 10, 2))
+        fc.check()
+        assert lru(fc) == lru(sc) and await contents(fast, fc) == await contents(slow, sc)
+        assert shared_reads(fc) == shared_reads(sc) and len(shared_reads(fc)) == 18
+    finally:
+        fast.close()
+        slow.close()
+
+
+def test_a_failed_run_leaves_no_trace_a_reader_could_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoststore.slab import SlabFull
+
+    c = ClientPages("c", 64, "i", b"s" * 32, shared_slots=64)
+    try:
+        c.add_run(0, 1, memoryview(data(0, 4, 1)), 4, 1)
+        real = PageIndex.set_new_run
+
+        def fail_half_way(self: PageIndex, first: int, n: int, slot: int) -> None:
+            real(self, first, n // 2, slot)
+            raise MemoryError("no memory for the index")
+
+        monkeypatch.setattr(PageIndex, "set_new_run", fail_half_way)
+        with pytest.raises(SlabFull):
+            c.add_run(10, 2, memoryview(data(10, 6, 2)), 6, 2)
+        c.check()
+        assert c.count == 4 and sorted(shared_reads(c)) == [0, 1, 2, 3]
+        shared = c.shared
+        assert shared is not None
+        headers = shared._headers  # what a reader looks at: the run's slots and pages are clear
+        assert all(headers[2 * slot] == 0 for slot in range(4, 10))
+        assert all(shared._index[page] == 0 for page in range(10, 16))
+        assert c.index.nbytes == 1024  # no index block left behind for the failed run's pages
+    finally:
+        c.slab.close()
+
+
+def test_a_private_run_across_chunks_lands_in_every_slot() -> None:
+    c = ClientPages("c", 64, "i", b"s" * 32)
+    c.slab.chunk_pages = 4
+    c.add_run(0, 1, memoryview(data(0, 3, 1)), 3, 1)
+    c.add_run(20, 2, memoryview(data(20, 10, 2)), 10, 2)  # slots 3..12: across three chunks
+    c.check()
+    assert [p for p, _ in lru(c)] == [*range(29, 19, -1), 2, 1, 0]
+    for slot in range(13):
+        page, seq = c.page_of[slot], c.seq_of[slot]
+        assert bytes(c.slab.view(slot)) == data(page, 1, seq)
+    c.slab.close()
+
+
+async def test_a_put_of_new_pages_is_one_run_and_a_rewrite_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = ClientPages.add_run
+
+    def spy(self: ClientPages, first: int, seq: int, pages: memoryview | None, n: int, stamp: int) -> None:
+        calls.append(n)
+        real(self, first, seq, pages, n, stamp)
+
+    monkeypatch.setattr(ClientPages, "add_run", spy)
+    store, c = make(Store, 100, None, True)
+    try:
         await store.put(c, 0, 1, data(0, 8, 1))
-    real = PageIndex.set_new_run
-
-    def fail_half_way(self: PageIndex, first: int, n: int, slot: int) -> None:
-        real(self, first, n // 2, slot)
-        raise MemoryError("no memory for the index")
-
-    monkeypatch.setattr(PageIndex, "set_new_run", fail_half_way)
-    assert await fast.put(fc, 20, 2, data(20, 10, 2)) == await slow.put(sc, 20, 2, data(20, 10, 2))
-    fc.check()
-    assert lru(fc) == lru(sc) and await contents(fast, fc) == await contents(slow, sc)
-    assert shared_reads(fc) == shared_reads(sc) and len(shared_reads(fc)) == 18
+        await store.put(c, 4, 2, data(4, 8, 2))  # pages 4..7 are stored: page by page
+        assert calls == [8]
+        assert [p for p, _ in lru(c)][:8] == [11, 10, 9, 8, 7, 6, 5, 4]
+    finally:
+        store.close()
 
 
 def test_a_run_past_the_shared_slots_changes_nothing() -> None:
@@ -129,9 +201,24 @@ def test_a_run_past_the_shared_slots_changes_nothing() -> None:
 
     c = ClientPages("c", 64, "i", b"s" * 32, shared_slots=8)
     assert c.shared is not None
-    c.add_run(0, 1, memoryview(data(0, 6, 1)), 6, 1)
-    with pytest.raises(SlabFull):
-        c.add_run(10, 2, memoryview(data(10, 3, 2)), 3, 2)
-    c.check()
-    assert c.count == 6 and [p for p, _ in lru(c)] == [5, 4, 3, 2, 1, 0]
-    assert sorted(shared_reads(c)) == list(range(6))
+    try:
+        c.add_run(0, 1, memoryview(data(0, 6, 1)), 6, 1)
+        with pytest.raises(SlabFull):
+            c.add_run(10, 2, memoryview(data(10, 3, 2)), 3, 2)
+        c.check()
+        assert c.count == 6 and [p for p, _ in lru(c)] == [5, 4, 3, 2, 1, 0]
+        assert sorted(shared_reads(c)) == list(range(6))
+    finally:
+        c.slab.close()
+
+
+def test_a_run_is_never_taken_into_a_compressed_slab() -> None:
+    from pagewire.codec import Codec
+
+    c = ClientPages("c", 64, "i", b"s" * 32, shared_slots=8, compress=Codec.LZ4)
+    try:
+        with pytest.raises(TypeError):
+            c.add_run(0, 1, memoryview(data(0, 2, 1)), 2, 1)
+        assert c.count == 0
+    finally:
+        c.slab.close()
