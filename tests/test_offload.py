@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,11 @@ class FakeKernel:
         self.swaps = root / "swaps"
         self.set_swap_free(swap_free_bytes)
         self.limits: list[int] = []
+        self.events: list[tuple[Callable[[float], bool], Callable[[], None]]] = []
+
+    def on(self, when: Callable[[float], bool], do: Callable[[], None]) -> None:
+        """After each second, once the kernel has reacted: ``do()`` if ``when(now)``."""
+        self.events.append((when, do))
 
     def set_swap_free(self, n: int) -> None:
         self.swaps.write_text(SWAPS_HEADER + f"/dev/loop0 partition\t{(1 << 40) >> 10}\t{((1 << 40) - n) >> 10}\t5\n")
@@ -195,6 +201,9 @@ class FakeKernel:
         events = f"high 0\noom_kill {self.oom_kills}\n" if self.version == 2 else \
             f"oom_kill_disable 0\nunder_oom 0\noom_kill {self.oom_kills}\n"
         (self.path / self.cg.layout.events).write_text(events)
+        for when, do in self.events:
+            if when(self.now):
+                do()
 
     def controller(self, **settings: object) -> Controller:
         tuning = Tuning(interval=2, step=0.05)
@@ -264,16 +273,8 @@ def test_a_back_off_goes_no_higher_than_twice_the_peak(tmp_path: Path) -> None:
     # machine-wide PSI) makes every tick a back-off: the limit doubles and doubles, up to
     # twice the peak (800M), where it stays; the limit found (none) would never stop it.
     k = FakeKernel(tmp_path, demand=400 * M, hot=0)
-    ctl = k.controller()
-    original_sleep = k.sleep
-
-    def noisy(seconds: float) -> None:
-        original_sleep(seconds)
-        if k.now >= 3:
-            k.noise_us = 500_000
-
-    ctl.sleep = noisy
-    ctl.run(duration=60)
+    k.on(lambda now: now >= 3, lambda: setattr(k, "noise_us", 500_000))
+    k.controller().run(duration=60)
     ours = [x for x in k.limits if x != UNLIMITED]
     assert ours[0] < 400 * M and max(ours) == 800 * M and ours[-1] == 800 * M
 
@@ -291,33 +292,25 @@ def test_holds_while_swap_is_full(tmp_path: Path) -> None:
 @pytest.mark.parametrize("when", [1.0, 10.0])  # before its first write, and after
 def test_a_limit_changed_by_someone_else_is_left_to_them(tmp_path: Path, when: float) -> None:
     k = FakeKernel(tmp_path, demand=400 * M, hot=0)
-    ctl = k.controller()
-    original_sleep = k.sleep
 
-    def meddle(seconds: float) -> None:
-        original_sleep(seconds)
-        if k.now == when:
-            (k.path / "memory.high").write_text(f"{333 * M}\n")
+    def meddle() -> None:
+        (k.path / "memory.high").write_text(f"{333 * M}\n")
 
-    ctl.sleep = meddle
-    outcome = ctl.run(duration=60)
+    k.on(lambda now: now == when, meddle)
+    outcome = k.controller().run(duration=60)
     assert "someone else" in outcome.reason and not outcome.restored
     assert (k.path / "memory.high").read_text().strip() == str(333 * M)
 
 
 def test_interrupted_run_still_restores_the_limit(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path, demand=400 * M, hot=0)
-    ctl = k.controller()
-    original_sleep = k.sleep
 
-    def interrupted(seconds: float) -> None:
-        original_sleep(seconds)
-        if k.now >= 20:
-            raise KeyboardInterrupt
+    def interrupt() -> None:
+        raise KeyboardInterrupt
 
-    ctl.sleep = interrupted
+    k.on(lambda now: now >= 20, interrupt)
     with pytest.raises(KeyboardInterrupt):
-        ctl.run()
+        k.controller().run()
     assert min(k.limits) < 400 * M  # it had pushed
     assert (k.path / "memory.high").read_text() == "max"
 
@@ -326,16 +319,8 @@ def test_a_cgroup_that_goes_away_ends_the_run_cleanly(tmp_path: Path) -> None:
     import shutil
 
     k = FakeKernel(tmp_path, demand=400 * M, hot=0)
-    ctl = k.controller()
-    original_sleep = k.sleep
-
-    def vanish(seconds: float) -> None:
-        original_sleep(seconds)
-        if k.now >= 5:
-            shutil.rmtree(k.path)
-
-    ctl.sleep = vanish
-    outcome = ctl.run(duration=60)
+    k.on(lambda now: now == 5, lambda: shutil.rmtree(k.path))
+    outcome = k.controller().run(duration=60)
     assert "failed" in outcome.reason and not outcome.restored and outcome.ticks == 5
 
 
