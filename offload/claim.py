@@ -21,6 +21,15 @@ from typing import Any
 RUN_DIR = "/run/vswapctl"
 
 
+def default_run_dir() -> str:
+    """Where claims live: /run/vswapctl as root; otherwise (a cgroup v2 subtree delegated
+    to a user) the user's runtime directory."""
+    if os.geteuid() == 0:
+        return RUN_DIR
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vswapctl-{os.geteuid()}"
+    return os.path.join(base, "vswapctl")
+
+
 class Claimed(Exception):
     """Another controller runs on this cgroup; the message says which."""
 
@@ -29,9 +38,17 @@ class Claim:
     def __init__(self, cgroup_path: str, run_dir: str | None = None) -> None:
         self.cgroup = os.path.realpath(cgroup_path)
         digest = hashlib.sha256(self.cgroup.encode()).hexdigest()[:16]
-        self.path = os.path.join(run_dir or RUN_DIR, f"offload-{digest}.json")
+        self.path = os.path.join(run_dir or default_run_dir(), f"offload-{digest}.json")
         self.fd = -1
         self.left: dict[str, Any] | None = None  # what a dead controller left, if anything
+
+    def left_behind(self, limit: int) -> str | None:
+        """The limit a dead controller had found, if ``limit`` is one it wrote or was writing."""
+        left = self.left
+        if not left or not left.get("found"):
+            return None
+        written = {left.get("ours"), left.get("pending")} - {None}
+        return left["found"] if limit in written else None
 
     def __enter__(self) -> "Claim":
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -57,9 +74,11 @@ class Claim:
         self.left = left if isinstance(left, dict) and left.get("cgroup") == self.cgroup else None
         return self
 
-    def note(self, found: str, ours: int | None) -> None:
-        """The limit found and the one last written (None: the found one is in place)."""
-        data = json.dumps({"cgroup": self.cgroup, "pid": os.getpid(), "found": found, "ours": ours}).encode()
+    def note(self, found: str, ours: int | None, pending: int | None = None) -> None:
+        """The limit found, the one last written (None: the found one is in place) and one
+        being written now, if any: a controller killed mid-write left one or the other."""
+        data = json.dumps({"cgroup": self.cgroup, "pid": os.getpid(), "found": found, "ours": ours,
+                           "pending": pending}).encode()
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 

@@ -23,8 +23,9 @@ Safety rules, checked before the law's word is applied:
 * on the way out (the end of ``duration``, a signal, an error) the limit found
   at the start is written back if the limit is still the controller's, inside
   ``shield`` (the command blocks its stop signals there, so that a second ^C
-  cannot cut the restore short).  ``note(found, ours)`` is called on every
-  change, for :class:`offload.claim.Claim` to remember across a SIGKILL.
+  cannot cut the restore short).  ``note(found, ours, pending)`` is called
+  before and after every write, for :class:`offload.claim.Claim` to remember
+  across a SIGKILL.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class Controller:
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  swaps: str | None = None, say: Callable[[str], None] = lambda line: None,
                  device_source: str = "the vswapfs device's reads",
-                 note: Callable[[str, int | None], None] = lambda found, ours: None,
+                 note: Callable[[str, int | None, int | None], None] = lambda found, ours, pending: None,
                  shield: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
         self.cg, self.settings = cgroup, settings
         self.device, self.workload, self.out, self.say = device, workload, record, say
@@ -186,14 +187,14 @@ class Controller:
     def _apply(self, action: str, factor: float, now: Sample) -> str:
         s = self.settings
         current = self.ours if self.ours is not None else self.level or min(now.limit, now.usage)
+        # Twice the peak holds nothing back (the workload can double before it meets the
+        # limit, and its peak grows with it); a higher limit would only make the probes
+        # creep down longer before they push again.
+        ceiling = min(self.found, 2 * max(self.peak, now.usage))
         if action == BACK_OFF:
             if self.ours is None:
                 return "back off (no limit of ours)"
-            # Twice the peak holds nothing back (the workload can double before it meets the
-            # limit, and its peak grows with it); a higher limit would only make the probes
-            # creep down longer before they push again.
-            ceiling = min(self.found, 2 * max(self.peak, now.usage))
-            target = min(-(-int(current * (1 + factor)) // PAGE) * PAGE, ceiling)
+            target = min(-(-int(current * (1 + factor)) // PAGE) * PAGE, max(ceiling, current))
             if target >= self.found:
                 self._put_back()
                 self.level = self.found  # probes creep down from there, as from any loosened limit
@@ -203,7 +204,7 @@ class Controller:
             return action
         if now.t < self.held_until:
             return "hold (after an OOM kill)"
-        target = max(int(current * (1 + factor)) // PAGE * PAGE, self.floor)
+        target = max(int(min(current, ceiling) * (1 + factor)) // PAGE * PAGE, self.floor)
         if target >= current:
             return "at the floor"
         room = now.swap_free if now.swap_room is None else min(now.swap_free, now.swap_room)
@@ -212,11 +213,12 @@ class Controller:
         return self._write(target, "probe")
 
     def _write(self, target: int, action: str) -> str:
+        self.note(self.found_text, self.ours, target)  # first: a SIGKILL mid-write leaves either in place
         written = self.cg.set_limit(target)
         self.ours = self.cg.limit() if written or self.ours is not None else None
         if self.ours == self.found:
             self.ours, self.level = None, self.found
-        self.note(self.found_text, self.ours)
+        self.note(self.found_text, self.ours, None)
         if written:
             return action
         # v1: the kernel could not reclaim that far (EBUSY) and kept the old limit.
@@ -228,7 +230,7 @@ class Controller:
         if self.ours is not None:
             self.cg.set_limit(self.found_text)
             self.ours = None
-            self.note(self.found_text, None)
+            self.note(self.found_text, None, None)
 
     def _emit(self, line: dict[str, Any]) -> dict[str, Any]:
         if self.out is not None:

@@ -279,6 +279,20 @@ def test_a_back_off_goes_no_higher_than_twice_the_peak(tmp_path: Path) -> None:
     assert ours[0] < 400 * M and max(ours) == 800 * M and ours[-1] == 800 * M
 
 
+def test_a_back_off_never_tightens_and_a_probe_starts_at_most_at_twice_the_peak(tmp_path: Path) -> None:
+    from offload.law import BACK_OFF, PROBE
+
+    k = FakeKernel(tmp_path, demand=400 * M, hot=0, limit=str(4000 * M))
+    ctl = k.controller()
+    ctl.level = 4000 * M  # as after a back-off all the way to the limit found
+    assert ctl._apply(PROBE, -0.2, ctl.sample()) == "probe"
+    assert k.cg.limit() == 640 * M  # 80% of twice the peak (400M), not of the 4000M found
+    k.cg.set_limit(1000 * M)  # a limit of ours above twice the peak (the peak was lower then)
+    ctl.ours = 1000 * M
+    assert ctl._apply(BACK_OFF, 0.5, ctl.sample()) == "back off"
+    assert k.cg.limit() == 1000 * M  # capped at twice the peak, but never below where it was
+
+
 def test_holds_while_swap_is_full(tmp_path: Path) -> None:
     # 30M free: more than the 16M margin, less than the margin and a 5% step of 400M (20M).
     k = FakeKernel(tmp_path, demand=400 * M, hot=0, swap_free_bytes=30 * M)
@@ -489,6 +503,31 @@ def test_a_second_controller_on_the_same_cgroup_is_refused(tmp_path: Path) -> No
                 pass
     with Claim(str(path), run_dir=str(tmp_path / "run")) as again:  # released, and cleaned up
         assert again.left is None
+
+
+def test_what_a_dead_controller_left_is_put_back_only_if_it_is_still_there(tmp_path: Path) -> None:
+    from offload.claim import Claim
+
+    path = v2_tree(tmp_path)
+    with Claim(str(path), run_dir=str(tmp_path / "run")) as claim:
+        claim.left = {"cgroup": claim.cgroup, "found": "max", "ours": 100 * M, "pending": 90 * M}
+        assert claim.left_behind(100 * M) == "max"
+        assert claim.left_behind(90 * M) == "max"  # killed while writing 90M: it may have landed
+        assert claim.left_behind(333 * M) is None  # someone else's since
+        claim.left = None
+        assert claim.left_behind(100 * M) is None
+
+
+def test_claims_live_in_run_as_root_and_in_the_users_runtime_dir_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from offload import claim
+
+    monkeypatch.setattr(claim.os, "geteuid", lambda: 0)
+    assert claim.default_run_dir() == claim.RUN_DIR
+    monkeypatch.setattr(claim.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert claim.default_run_dir() == "/run/user/1000/vswapctl"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert claim.default_run_dir() == "/tmp/vswapctl-1000/vswapctl"
 
 
 def test_report_reads_the_last_run_and_skips_a_cut_line(tmp_path: Path) -> None:

@@ -78,11 +78,12 @@ def cmd_offload(args: argparse.Namespace) -> int:
     cg, settings = checked
     try:
         with Claim(cg.path) as claim:
-            left = claim.left
-            if left and left.get("ours") is not None and cg.limit() == left["ours"]:
-                cg.set_limit(left["found"])
-                say(f"a controller (pid {left.get('pid')}) died leaving {cg.path} at {left['ours']}: "
-                    f"put back the limit it had found, {left['found']}")
+            limit = cg.limit()
+            found = claim.left_behind(limit)
+            if found is not None:
+                cg.set_limit(found)
+                say(f"a controller (pid {(claim.left or {}).get('pid')}) died leaving {cg.path} at {limit}: "
+                    f"put back the limit it had found, {found}")
             return _control(args, cg, settings, claim)
     except Claimed as exc:
         return fail(str(exc))
