@@ -275,7 +275,7 @@ class Compressor:
         z = client.zslab
         assert z is not None
         if not pending and CLASS_SIZES[class_of(len(enc[1]))] >= z.class_bytes(slot):
-            client.recode(slot, (z.encoding(slot), bytes(z.encoded_view(slot))), hard=True)
+            z.mark_hard(slot)
             return 0
         client.recode(slot, enc, hard=not pending)
         return 1

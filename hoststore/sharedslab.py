@@ -95,13 +95,7 @@ class SharedSlab:
     # -- the Slab interface ------------------------------------------------------------
 
     def grow(self) -> int:
-        slot = self.used
-        if slot >= self.layout.slots:
-            raise SlabFull(f"all {self.layout.slots} shared slots are in use")
-        if slot // self.chunk_pages >= self._touched:
-            self._touched += 1
-        self.used += 1
-        return slot
+        return self.grow_run(1)
 
     def grow_run(self, n: int) -> int:
         """``n`` new slots at the end, all or none; the first of them."""

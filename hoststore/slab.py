@@ -35,16 +35,7 @@ class Slab:
 
     def grow(self) -> int:
         """A new slot at the end (its data is whatever was there)."""
-        slot = self.used
-        if slot // self.chunk_pages >= len(self._chunks):
-            try:
-                self._chunks.append(
-                    mmap.mmap(-1, self.chunk_pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                )
-            except (OSError, MemoryError, ValueError) as exc:
-                raise SlabFull(str(exc)) from None
-        self.used += 1
-        return slot
+        return self.grow_run(1)
 
     def grow_run(self, n: int) -> int:
         """``n`` new slots at the end, all or none; the first of them."""

@@ -81,7 +81,7 @@ class Store:
         self.sampler = sampler
         # Before the backend: it asks how to keep pages.
         self.compressor = Compressor(compress, registered=lambda c: self.clients.get(c.name) is c,
-                                     count=self.count, compressed=self._note_fullest)
+                                     count=self.count, compressed=lambda: self._note_fullest(every=True))
         self.idle = idle
         self.tally = Tally()  # the class bytes of every client's compressed pages
         self.fullest = Fullest()
@@ -130,9 +130,10 @@ class Store:
             self._note_fullest()
         return self.finish_put(client, plan)
 
-    def _note_fullest(self) -> None:
-        """After a put, and after the compressor's batches (the same pages in less memory)."""
-        self.fullest.note(self.pages * PAGE_SIZE, self.clients.values())
+    def _note_fullest(self, every: bool = False) -> None:
+        """After a put, and after each of the compressor's batches (``every``: the same
+        pages in less memory)."""
+        self.fullest.note(self.pages * PAGE_SIZE, self.clients.values(), every)
 
     async def put_staged(self, client: ClientPages, first: int, seq: int, at: int, n: int) -> bytes:
         """A put whose ``n`` pages are in the client's staging memory, from page ``at`` of it."""
@@ -232,8 +233,11 @@ class Store:
         return True
 
     def charged_pages(self) -> int:
-        """What all clients' pages cost against the capacity (``ClientPages.charged_bytes``)."""
-        if self.compressor.codec is None:
+        """What all clients' pages cost against the capacity (``ClientPages.charged_bytes``):
+        their size classes where the store keeps them compressed; whole pages otherwise,
+        and with a tier (it compresses the values it writes to the cluster, whose memory
+        is the tier's pressure: here a page is a page)."""
+        if self.compressor.codec is None or not self.backend.keeps_data:
             return self.pages
         return -(-self.tally.bytes // PAGE_SIZE)
 

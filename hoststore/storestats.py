@@ -93,11 +93,13 @@ class Fullest:
         self.clock = clock
         self._last = -SAMPLE_INTERVAL
 
-    def note(self, data_bytes: int, clients: Iterable[ClientPages]) -> None:
-        """At most once per ``SAMPLE_INTERVAL``, as the bench samples zram: the memory is
-        a walk over every client, which a put must not pay each time."""
+    def note(self, data_bytes: int, clients: Iterable[ClientPages], every: bool = False) -> None:
+        """After a put at most once per ``SAMPLE_INTERVAL``, as the bench samples zram (the
+        memory is a walk over every client, which a put must not pay each time); after
+        each of the compressor's batches (``every``), so that the state once it has caught
+        up is never skipped."""
         now = self.clock()
-        if now - self._last < SAMPLE_INTERVAL:
+        if not every and now - self._last < SAMPLE_INTERVAL:
             return
         self._last = now
         mem = sum(c.slab.mapped_bytes for c in clients)

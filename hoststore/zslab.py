@@ -116,6 +116,12 @@ class ZSlab:
     def is_hard(self, slot: int) -> bool:
         return bool(self._hard[slot])
 
+    def mark_hard(self, slot: int) -> None:
+        """Tried harder, to no gain: not to be tried again.  Its bytes stay where they are,
+        so its header may keep its word (the bit is there to make a recompression, which
+        moves the bytes, change the word; the next move puts it in)."""
+        self._hard[slot] = 1
+
     def read_into(self, slot: int, out: memoryview | bytearray) -> None:
         """The page in ``slot``, decoded into ``out`` (DecodeError: damaged)."""
         if self._cls[slot] == NO_OBJECT:

@@ -428,6 +428,33 @@ def test_the_redis_dataset_round_trips_and_catches_a_wrong_value(monkeypatch: py
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+def test_a_signal_while_redis_server_starts_stops_it_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vswapctl import redisload
+
+    fake = tmp_path / "bin" / "redis-server"  # first on PATH: starts, never answers
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    started: list[int] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):  # type: ignore[no-untyped-def]
+        proc = real_popen(*args, **kwargs)
+        started.append(proc.pid)
+        return proc
+
+    def signalled(seconds: float) -> None:
+        raise SystemExit(128 + signal.SIGTERM)  # what redisload's handler raises
+
+    monkeypatch.setattr(redisload.subprocess, "Popen", popen)
+    monkeypatch.setattr(redisload.time, "sleep", signalled)
+    with pytest.raises(SystemExit):
+        redisload.start(str(tmp_path))
+    assert started and not os.path.exists(f"/proc/{started[0]}")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 def test_a_signal_to_the_redis_dataset_stops_its_redis_server_too(tmp_path: Path) -> None:
     import glob
     import time
@@ -449,9 +476,11 @@ def test_a_signal_to_the_redis_dataset_stops_its_redis_server_too(tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        left = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+        for pid in left:  # broken, the test must not leave them running either
+            os.kill(int(pid), signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM
-    assert not any(os.path.exists(f"/proc/{pid}") and "redis" in open(f"/proc/{pid}/comm").read()
-                   for pid in children)
+    assert not left, "redis-server outlived its dataset"
     assert set(glob.glob("/tmp/vswapctl-redisload-*")) <= before  # its directory went with it
 
 

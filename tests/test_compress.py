@@ -409,3 +409,5 @@ def test_the_fullest_figure_is_sampled_not_walked_for_every_put() -> None:
     now[0] += 2 * SAMPLE_INTERVAL
     fullest.note(2 * PAGE_SIZE, [client])
     assert fullest.data_bytes == 2 * PAGE_SIZE and fullest.mem_max >= fullest.mem_bytes > 0
+    fullest.note(2 * PAGE_SIZE, [client], every=True)  # the compressor's batch: looked at however soon
+    assert fullest._last == now[0] and fullest.data_bytes == 2 * PAGE_SIZE

@@ -395,9 +395,10 @@ def test_a_recompression_that_would_not_shrink_a_page_keeps_its_bytes() -> None:
     page = jpage(3, 1)
     client.add(3, 1, encode(page, Codec.ZSTD), 1)
     z = client.zslab
-    cost, blob = z.class_bytes(0), bytes(z.encoded_view(0))
+    cost, blob, where = z.class_bytes(0), bytes(z.encoded_view(0)), z._where(0)
     assert Compressor._put_back(client, 0, (Codec.RAW, page), pending=False) == 0  # a whole page: bigger
     assert z.class_bytes(0) == cost and bytes(z.encoded_view(0)) == blob and z.is_hard(0)
+    assert z._where(0) >> 3 == where >> 3  # not moved: the same bytes at the same place
     out = bytearray(PAGE_SIZE)
     client.slab.read_into(0, out)
     assert out == page

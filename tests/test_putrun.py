@@ -167,14 +167,16 @@ def test_a_failed_run_leaves_no_trace_a_reader_could_take(monkeypatch: pytest.Mo
 def test_a_private_run_across_chunks_lands_in_every_slot() -> None:
     c = ClientPages("c", 64, "i", b"s" * 32)
     c.slab.chunk_pages = 4
-    c.add_run(0, 1, memoryview(data(0, 3, 1)), 3, 1)
-    c.add_run(20, 2, memoryview(data(20, 10, 2)), 10, 2)  # slots 3..12: across three chunks
-    c.check()
-    assert [p for p, _ in lru(c)] == [*range(29, 19, -1), 2, 1, 0]
-    for slot in range(13):
-        page, seq = c.page_of[slot], c.seq_of[slot]
-        assert bytes(c.slab.view(slot)) == data(page, 1, seq)
-    c.slab.close()
+    try:
+        c.add_run(0, 1, memoryview(data(0, 3, 1)), 3, 1)
+        c.add_run(20, 2, memoryview(data(20, 10, 2)), 10, 2)  # slots 3..12: across three chunks
+        c.check()
+        assert [p for p, _ in lru(c)] == [*range(29, 19, -1), 2, 1, 0]
+        for slot in range(13):
+            page, seq = c.page_of[slot], c.seq_of[slot]
+            assert bytes(c.slab.view(slot)) == data(page, 1, seq)
+    finally:
+        c.slab.close()
 
 
 async def test_a_put_of_new_pages_is_one_run_and_a_rewrite_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,8 +184,8 @@ async def test_a_put_of_new_pages_is_one_run_and_a_rewrite_is_not(monkeypatch: p
     real = ClientPages.add_run
 
     def spy(self: ClientPages, first: int, seq: int, pages: memoryview | None, n: int, stamp: int) -> None:
-        calls.append(n)
         real(self, first, seq, pages, n, stamp)
+        calls.append(n)  # only runs that went in
 
     monkeypatch.setattr(ClientPages, "add_run", spy)
     store, c = make(Store, 100, None, True)

@@ -872,6 +872,21 @@ async def test_a_hung_master_costs_only_its_own_heartbeat(redis_cluster: LocalCl
         await store.aclose()
 
 
+async def test_a_compressing_tiered_store_keeps_to_its_capacity_in_pages(redis_cluster_session: LocalCluster) -> None:
+    """Its pages are in the cluster, not in size classes here: the capacity counts pages."""
+    from pagewire.codec import Codec
+
+    tier = connect(dataclasses.replace(parse_tier(redis_cluster_session.address), wait_timeout=3.0))
+    store = tiered_store(Limits(capacity_pages=16), tier, compress=Codec.ZSTD)
+    try:
+        client = attach(store)
+        out = await store.put(client, 0, 1, bytes(range(256)) * 16 * 32)
+        assert out == bytes(16) + bytes([PageStatus.REFUSED_CAPACITY]) * 16
+        assert store.pages == 16 and store.charged_pages() == 16
+    finally:
+        await store.aclose()
+
+
 async def test_a_compressing_store_keeps_compressed_pages_in_the_cluster(redis_cluster_session: LocalCluster) -> None:
     """--compress with --tier: the cluster's values are the compressed pages, and every path
     (get, hand-back) gives back the page; a value that does not decode is EIO, never data."""

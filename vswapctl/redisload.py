@@ -57,12 +57,21 @@ def start(directory: str, preexec_fn: Callable[[], None] | None = None) -> tuple
     proc = subprocess.Popen([server, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
                              "--appendonly", "no", "--dir", directory, "--daemonize", "no", "--loglevel", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+    try:
+        return proc, _answering(proc, sock)
+    except BaseException:  # a signal while it starts, as much as a server that never answers
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _answering(proc: subprocess.Popen[bytes], sock: str) -> redis.Redis:
     deadline = time.monotonic() + START_TIMEOUT
     client = redis.Redis(unix_socket_path=sock)
     while True:
         try:
             client.ping()
-            return proc, client
+            return client
         except (redis.ConnectionError, FileNotFoundError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
