@@ -47,12 +47,19 @@ class Claim:
         left = self.left
         if not left or not left.get("found"):
             return None
+        found = str(left["found"])
+        if found != "max" and not found.isdigit():
+            return None  # not a limit the kernel wrote: nothing of ours
         written = {left.get("ours"), left.get("pending")} - {None}
-        return left["found"] if limit in written else None
+        return found if limit in written else None
 
     def __enter__(self) -> "Claim":
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.lstat(directory)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077 or not os.path.isdir(directory) or os.path.islink(directory):
+            raise Claimed(f"{directory} is not a private directory of this user: claims cannot be kept there")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -82,9 +89,12 @@ class Claim:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 
+    keep = False  # set when the limit found could not be put back: the next controller may
+
     def __exit__(self, *exc: object) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if not self.keep:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
         os.close(self.fd)

@@ -131,6 +131,7 @@ class Controller:
         self.start = clock()
         self.law = ProbeBackoff(settings.tuning, self.start)
         self.ours: int | None = None  # the limit we last wrote; None: the one found is in place
+        self.pending: int | None = None  # a limit being written (a signal may end the write after it took)
         self.level: int | None = None  # where probes start from while the one found is in place
         self.theirs = False  # someone else took the limit over
         self.held_until = 0.0
@@ -214,7 +215,9 @@ class Controller:
 
     def _write(self, target: int, action: str) -> str:
         self.note(self.found_text, self.ours, target)  # first: a SIGKILL mid-write leaves either in place
+        self.pending = target
         written = self.cg.set_limit(target)
+        self.pending = None
         self.ours = self.cg.limit() if written or self.ours is not None else None
         if self.ours == self.found:
             self.ours, self.level = None, self.found
@@ -275,17 +278,30 @@ class Controller:
         except OSError as exc:  # the cgroup went away (its workload ended and it was removed), say
             reason = f"the cgroup's files failed: {exc}"
         finally:
-            with self.shield():
-                restored = self._finish(reason)
+            restored = self._finish_shielded(reason)
         return Outcome(reason, restored, ticks)
+
+    def _finish_shielded(self, reason: str) -> bool:
+        """:meth:`_finish` with the stop signals held; a stop that lands before they are
+        held only starts it again."""
+        while True:
+            try:
+                with self.shield():
+                    return self._finish(reason)
+            except StopRequested:
+                continue
 
     def _finish(self, reason: str) -> bool:
         """Put the limit found back if it is still ours; whether the limit found is in place."""
         restored = False
         if not self.theirs:
             try:
-                if self.ours is not None and self.cg.limit() == self.ours:
-                    self._put_back()
+                # Ours: the limit last written, or one being written when a signal ended
+                # the write after the kernel took it (v2 sets memory.high, then reclaims).
+                if self.cg.limit() in {self.ours, self.pending} - {None}:
+                    self.cg.set_limit(self.found_text)
+                    self.ours = self.pending = None
+                    self.note(self.found_text, None, None)
                 restored = self.cg.limit() == self.found
             except OSError:
                 restored = False

@@ -518,6 +518,43 @@ def test_what_a_dead_controller_left_is_put_back_only_if_it_is_still_there(tmp_p
         assert claim.left_behind(100 * M) is None
 
 
+def test_a_signal_after_the_kernel_took_a_limit_still_gets_the_limit_found_back(tmp_path: Path) -> None:
+    # v2 sets memory.high, then reclaims; a signal during the reclaim ends the write after it took.
+    from offload.controller import StopRequested
+
+    k = FakeKernel(tmp_path, demand=400 * M, hot=0)
+    notes: list[tuple[int | None, int | None]] = []
+    ctl = k.controller()
+    ctl.note = lambda found, ours, pending: notes.append((ours, pending))
+    real = k.cg.set_limit
+
+    def took_then_stopped(value: int | str) -> bool:
+        real(value)
+        if isinstance(value, int):
+            raise StopRequested("stopped by SIGTERM")
+        return True
+
+    k.cg.set_limit = took_then_stopped  # type: ignore[method-assign]
+    outcome = ctl.run(duration=60)
+    assert outcome.reason == "stopped by SIGTERM" and outcome.restored
+    assert k.cg.limit_text() == "max"
+    assert notes[0][1] is not None and notes[0][1] < 400 * M  # noted before the write
+    assert notes[-1] == (None, None)
+
+
+def test_a_claim_is_kept_when_the_limit_found_could_not_be_put_back(tmp_path: Path) -> None:
+    from offload.claim import Claim
+
+    path = v2_tree(tmp_path)
+    with Claim(str(path), run_dir=str(tmp_path / "run")) as claim:
+        claim.note("max", 100 * M, None)
+        claim.keep = True
+    with Claim(str(path), run_dir=str(tmp_path / "run")) as again:
+        assert again.left_behind(100 * M) == "max"
+        again.left = {**(again.left or {}), "found": "4096; rm -rf"}
+        assert again.left_behind(100 * M) is None  # not a limit: nothing of ours to write
+
+
 def test_claims_live_in_run_as_root_and_in_the_users_runtime_dir_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     from offload import claim
 
@@ -547,7 +584,7 @@ def _offload(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     """``vswapctl offload`` with /proc/swaps and /run/vswapctl replaced by files of the test."""
     swaps = _swaps(tmp_path)
     code = ("import sys, offload.cgroupfs as c, offload.claim as k; "
-            f"c.SWAPS = {str(swaps)!r}; k.RUN_DIR = {str(tmp_path / 'run')!r}; "
+            f"c.SWAPS = {str(swaps)!r}; k.default_run_dir = lambda: {str(tmp_path / 'run')!r}; "
             "from vswapctl.cli import main; sys.exit(main(sys.argv[1:]))")
     return subprocess.Popen([sys.executable, "-c", code, "--state-dir", str(tmp_path / "nostate"), "offload", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

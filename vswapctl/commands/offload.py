@@ -145,6 +145,7 @@ def _control(args: argparse.Namespace, cg: Cgroup, settings: Settings, claim: Cl
         for name, source in ctl.signals().items():
             say(f"  {name}: {source}")
         outcome = ctl.run(args.duration)
+        claim.keep = not outcome.restored
     except StopRequested:  # before the loop began: nothing was changed
         return 0
     finally:
