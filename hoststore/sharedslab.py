@@ -4,20 +4,36 @@ client's reads.  The layout and its rules: ``pagewire.sharedmem``."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import mmap
 import os
+import threading
+import weakref
 from array import array
 
 from pagewire.messages import PAGE_SIZE, SharedLayout
 from pagewire.sharedmem import STAGING_PAGES, SharedError
 
 from .memfd import punch, sealed_memfd
+from .prefault import PREFAULTER, Prefaulter
 from .slab import CHUNK_PAGES, SlabFull
 from .sizeclasses import Tally
 from .zslab import Encoded, Release, ZSlab
 
 log = logging.getLogger("hoststore")
+
+_LIVE: weakref.WeakSet[SharedSlab] = weakref.WeakSet()  # for a forked child: their locks start afresh
+
+
+def _fresh_locks() -> None:
+    for slab in list(_LIVE):
+        slab.lock = threading.Lock()
+        slab.waiting = 0
+
+
+os.register_at_fork(after_in_child=_fresh_locks)
 
 
 class SharedSlab:
@@ -26,11 +42,19 @@ class SharedSlab:
     header and index kept up to date for the client's reads."""
 
     def __init__(self, npages: int, slots: int, chunk_pages: int = CHUNK_PAGES,
-                 staging: int = STAGING_PAGES, compressed: bool = False) -> None:
+                 staging: int = STAGING_PAGES, compressed: bool = False,
+                 prefault: Prefaulter | None = PREFAULTER) -> None:
+        """``prefault``: who populates the spare chunk ahead of need (``hoststore.prefault``);
+        None: pages are allocated as they are written."""
         self.layout = SharedLayout(npages, slots, staging, compressed)
         self.chunk_pages = chunk_pages
         self.used = 0
         self._touched = 0  # chunks of data that may hold memory
+        self.prefault = prefault
+        self.lock = threading.Lock()  # the prefault worker's while it populates our memory
+        self.waiting = 0  # threads of ours waiting for it (hoststore.prefault)
+        self._closed = False
+        _LIVE.add(self)
         size, rw = self.layout.size, mmap.PROT_READ | mmap.PROT_WRITE
         fds: list[int] = []
         try:
@@ -49,6 +73,11 @@ class SharedSlab:
         self._index = whole[lay.index_offset : lay.data_offset].cast("I")
         self._data = whole[lay.data_offset :]
         whole.release()
+        self._data_address = 0  # for madvise; valid while mapped
+        if len(self._data):
+            anchor = ctypes.c_char.from_buffer(self._map, lay.data_offset)
+            self._data_address = ctypes.addressof(anchor)
+            del anchor  # an export would keep close from unmapping
         self._staging = memoryview(self._staging_map)
         self.staging_resident = False
         self.keep_staging_resident()
@@ -104,7 +133,35 @@ class SharedSlab:
             raise SlabFull(f"all {self.layout.slots} shared slots are in use")
         self._touched = max(self._touched, (first + n - 1) // self.chunk_pages + 1)
         self.used += n
+        if self.prefault is not None:
+            self._ask_ahead(self.prefault)
         return first
+
+    def _ask_ahead(self, prefault: Prefaulter) -> None:
+        """Once the last slot is halfway into its chunk, the next chunk (the spare
+        ``shrink`` keeps) is counted and asked to be populated, so that the copies
+        into it find their memory there.  Halfway, not at once: a client going back
+        and forth over a chunk's start gives back nothing it had populated."""
+        last = self.used - 1
+        spare = last // self.chunk_pages + 1
+        if spare < self._touched or last % self.chunk_pages < self.chunk_pages // 2:
+            return
+        pages = min(self.chunk_pages, self.layout.slots - spare * self.chunk_pages)
+        if pages <= 0:
+            return
+        self._touched = spare + 1  # raised outside the lock: the worker may then do more, never less
+        prefault.ask(self, spare * self.chunk_pages * PAGE_SIZE, pages * PAGE_SIZE)
+
+    def _out_of_the_way(self) -> contextlib.AbstractContextManager[object]:
+        """Held, the prefault worker is not in our memory and does not enter it."""
+        return self.prefault.out_of_the_way(self) if self.prefault is not None else contextlib.nullcontext()
+
+    def populatable(self, offset: int, length: int) -> int | None:
+        """For the prefault worker, which holds ``lock``: the address of data bytes
+        ``offset ..`` while the slab is open and counts them, else None."""
+        if self._closed or offset + length > self.mapped_bytes:
+            return None
+        return self._data_address + offset
 
     def write_run(self, slot: int, pages: memoryview | bytes) -> None:
         self._data[slot * PAGE_SIZE : slot * PAGE_SIZE + len(pages)] = pages
@@ -122,15 +179,19 @@ class SharedSlab:
         self.used -= 1
         needed = -(-self.used // self.chunk_pages) + 1
         if self._touched > needed:
-            chunk_bytes = self.chunk_pages * PAGE_SIZE
-            start = self.layout.data_offset + needed * chunk_bytes
-            end = min(self.layout.data_offset + self._touched * chunk_bytes, self.layout.size)
-            try:
-                punch(self.fd, start, end - start)
-            except OSError as exc:
-                log.warning("cannot give back %d bytes of shared page memory: %s", end - start, exc)
-                return
-            self._touched = needed
+            with self._out_of_the_way():  # the worker may be in a piece of our memory: it leaves after it
+                self._give_back(needed)
+
+    def _give_back(self, needed: int) -> None:
+        chunk_bytes = self.chunk_pages * PAGE_SIZE
+        start = self.layout.data_offset + needed * chunk_bytes
+        end = min(self.layout.data_offset + self._touched * chunk_bytes, self.layout.size)
+        try:
+            punch(self.fd, start, end - start)
+        except OSError as exc:
+            log.warning("cannot give back %d bytes of shared page memory: %s", end - start, exc)
+            return
+        self._touched = needed
 
     def view(self, slot: int) -> memoryview:
         return self._data[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE]
@@ -164,6 +225,8 @@ class SharedSlab:
             self._index[page] = 0
 
     def close(self) -> None:
+        with self._out_of_the_way():  # the prefault worker is out of our memory, and will not come back
+            self._closed = True
         for view in (self._headers, self._index, self._data, self._staging):
             view.release()
         for mapping in (self._map, self._staging_map):
@@ -183,7 +246,8 @@ class ZSharedSlab(SharedSlab):
     compressed form, each header saying where its page's bytes are."""
 
     def __init__(self, npages: int, slots: int, staging: int = STAGING_PAGES, tally: Tally | None = None) -> None:
-        super().__init__(npages, slots, staging=staging, compressed=True)
+        # The compressed layout's chunks are ZSlab's, which nothing populates ahead.
+        super().__init__(npages, slots, staging=staging, compressed=True, prefault=None)
         self.z = ZSlab(self._data, Release(self.fd, self.layout.data_offset), self.layout.slots, self._headers,
                        self._index, tally)
 
