@@ -25,8 +25,13 @@ The rules (``SharedSlab`` keeps its side of them):
   (pages are then allocated by the copy, as before), and a kernel without
   ``MADV_POPULATE_WRITE`` turns it off for good.
 
-The worker thread starts with the first request, after the daemon hardened
-itself (``vswapcommon.hardening``), whose process-wide settings it shares.
+The worker thread starts with the first request, from the event loop's
+thread, after the daemon hardened itself (``vswapcommon.hardening``): it
+inherits what that set, per-thread settings such as ``PR_SET_IO_FLUSHER``
+included, by being created from that thread then.  The store never forks; a
+child forked anyway gets fresh locks and no worker (so that it cannot hang on
+a lock the worker held), not a right to touch the memfds, which it shares
+with the store.
 """
 
 from __future__ import annotations
@@ -75,11 +80,12 @@ class Prefaulter:
         self._busy = False
         self._thread: threading.Thread | None = None
 
-    def ask(self, target: Target, offset: int, length: int) -> None:
+    def ask(self, target: Target, offset: int, length: int) -> bool:
         """Populate data bytes ``offset .. offset + length`` of ``target``, some time
-        soon, in place of any request of its still pending.  Never raises."""
+        soon, in place of any request of its still pending; whether it was taken
+        (not when populating is off).  Never raises."""
         if not self.enabled:
-            return
+            return False
         with self._cond:
             self._jobs.pop(id(target), None)
             self._jobs[id(target)] = (weakref.ref(target), offset, length)
@@ -93,8 +99,9 @@ class Prefaulter:
                     self._jobs.clear()
                     log.warning("no thread to populate memory ahead (%s): pages are allocated as they are "
                                 "written", exc)
-                    return
+                    return False
                 self._thread = thread
+        return True
 
     def out_of_the_way(self, target: Target) -> _Held:
         """Held, the worker is in none of ``target``'s memory and enters none."""

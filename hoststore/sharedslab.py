@@ -149,8 +149,10 @@ class SharedSlab:
         pages = min(self.chunk_pages, self.layout.slots - spare * self.chunk_pages)
         if pages <= 0:
             return
+        touched = self._touched
         self._touched = spare + 1  # raised outside the lock: the worker may then do more, never less
-        prefault.ask(self, spare * self.chunk_pages * PAGE_SIZE, pages * PAGE_SIZE)
+        if not prefault.ask(self, spare * self.chunk_pages * PAGE_SIZE, pages * PAGE_SIZE):
+            self._touched = touched  # populating is off: nothing of it is held
 
     def _out_of_the_way(self) -> contextlib.AbstractContextManager[object]:
         """Held, the prefault worker is not in our memory and does not enter it."""
@@ -178,7 +180,7 @@ class SharedSlab:
         """Drop the last slot; give back the memory of chunks no longer needed, keeping one spare."""
         self.used -= 1
         needed = -(-self.used // self.chunk_pages) + 1
-        if self._touched > needed:
+        if self._touched > needed and not self._closed:
             with self._out_of_the_way():  # the worker may be in a piece of our memory: it leaves after it
                 self._give_back(needed)
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import mmap
 import multiprocessing
 import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -203,18 +205,23 @@ def test_close_waits_for_the_piece_in_progress_and_nothing_follows(slab_with) ->
         slab.close()
 
 
-def test_a_client_going_back_and_forth_over_a_chunk_start_populates_nothing_twice(slab_with) -> None:
+def test_a_client_going_back_and_forth_over_a_chunk_start_asks_for_nothing(slab_with) -> None:
     gate = Gate(result=0)
-    gate.go.set()
     prefault = Prefaulter(gate)
     slab = slab_with(prefault)
-    slab.grow_run(CHUNK)
-    for _ in range(20):  # one page into chunk 1 and back, as a put and a discard would
-        slab.grow()
-        slab.shrink()
+    try:
+        slab.grow_run(CHUNK)  # chunk 1 was asked for halfway through chunk 0: the worker holds it
+        assert gate.entered.wait(WAIT)
+        for _ in range(20):  # one page into chunk 1 and back, as a put and a discard would
+            slab.grow()
+            assert not prefault._jobs  # chunk 2 is not asked for
+            assert slab.mapped_bytes == 2 * CHUNK * PAGE_SIZE
+            slab.shrink()
+            assert slab.mapped_bytes == 2 * CHUNK * PAGE_SIZE  # and chunk 1 is not given back
+    finally:
+        gate.go.set()
     assert prefault.wait_idle(WAIT)
-    assert len(gate.calls) == CHUNK // PIECE_PAGES  # chunk 1 once, when chunk 0 was half full
-    assert slab.mapped_bytes == 2 * CHUNK * PAGE_SIZE
+    assert len(gate.calls) == CHUNK // PIECE_PAGES  # chunk 1 once
 
 
 def test_one_request_waits_per_slab_and_a_dropped_slab_is_not_kept_for_it() -> None:
@@ -228,8 +235,12 @@ def test_one_request_waits_per_slab_and_a_dropped_slab_is_not_kept_for_it() -> N
         other.grow_run(HALF + 1)  # other's chunk 1, then chunk 2 before its turn: one request left
         other.grow_run(CHUNK)
         assert len(prefault._jobs) == 1
-        other.close()
-        del other  # the request does not keep it
+        gone, fds = weakref.ref(other), other.fds
+        del other  # dropped without a close: the request does not keep it alive
+        gc.collect()
+        assert gone() is None
+        for fd in fds:
+            os.close(fd)
         gate.go.set()
         assert prefault.wait_idle(WAIT)
         assert len(gate.calls) == CHUNK // PIECE_PAGES  # busy's chunk only
@@ -246,9 +257,10 @@ def test_a_kernel_without_it_turns_prefaulting_off_and_pages_still_go_in(slab_wi
     slab.grow_run(HALF + 1)
     assert prefault.wait_idle(WAIT)
     assert not prefault.enabled
-    slab.grow_run(2 * CHUNK)  # more growth asks for nothing now
+    slab.grow_run(2 * CHUNK)  # more growth asks for nothing now, nor counts a chunk ahead
     assert prefault.wait_idle(WAIT)
     assert len(gate.calls) == 1
+    assert slab.mapped_bytes == 3 * CHUNK * PAGE_SIZE  # up to the last page's chunk
     slab.write(100, data_of(100))
     out = bytearray(PAGE_SIZE)
     slab.read_into(100, out)
@@ -284,6 +296,7 @@ def test_no_thread_to_be_had_costs_only_speed(slab_with, monkeypatch: pytest.Mon
     first = slab.grow_run(HALF + 1)  # asks: no thread, no exception
     assert first == 0 and slab.used == HALF + 1
     assert not prefault.enabled
+    assert slab.mapped_bytes == CHUNK * PAGE_SIZE  # nothing counted that nobody will populate
     slab.write(HALF, data_of(HALF))
     out = bytearray(PAGE_SIZE)
     slab.read_into(HALF, out)
