@@ -165,9 +165,10 @@ def test_membench_reports_the_memory_of_both_daemons() -> None:
     assert set(report) == {"packed", "spread", "packed_no_shared_memory"}
     for name, r in report.items():
         assert r["pages_stored"] == 2048, name
-        # Near the data stored; what leaves goes back to the system, but for the one
-        # spare chunk (4 MiB) the store keeps, half of this small run.
-        assert 0.5 < r["store_bytes_per_byte_stored"] < 1.5 and r["store_given_back"] > 0.3, (name, r)
+        # Near the data stored, but for the one chunk (4 MiB) a shared slab counts ahead of
+        # its pages (populated ahead of need, docs/shared-memory.md): half of this small
+        # run.  What leaves goes back to the system, but for the spare chunk it keeps.
+        assert 0.5 < r["store_bytes_per_byte_stored"] < 1.6 and r["store_given_back"] > 0.3, (name, r)
         assert r["pager_rss_own"] > 0
     assert report["packed"]["shared_reads"] > 0 and report["packed_no_shared_memory"]["shared_reads"] == 0
 
