@@ -43,7 +43,9 @@ STORE_STATE = {
     "pid": "the daemon's process id",
     "pages_stored": "pages held now, all clients together",
     "bytes_stored": "their bytes",
-    "slab_bytes_mapped": "memory mapped for page data (it follows the pages held)",
+    "slab_bytes_mapped": ("memory mapped for page data (it follows the pages held; with shared memory, each "
+                          "client's counts up to one 4 MiB chunk ahead of its pages, populated ahead of need "
+                          "or kept spare: docs/shared-memory.md)"),
     "capacity_pages": "--capacity, in pages",
     "quota_pages": "the default quota, in pages (null: none)",
     "under_pressure": "true while the store refuses pages for memory pressure (between the watermarks' hysteresis)",
