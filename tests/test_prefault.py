@@ -147,15 +147,17 @@ def test_the_last_chunk_is_populated_up_to_the_last_slot_and_not_past_it(slab_wi
 def test_populating_changes_no_page_written_before_it(slab_with) -> None:
     gate = Gate()
     slab = slab_with(Prefaulter(gate))
-    for n in range(HALF + 1):  # the last makes chunk 1 the next one: its request waits at the gate
-        slot = slab.grow()
-        slab.write(slot, data_of(n))
-    assert gate.entered.wait(WAIT)
-    # Pages written into chunk 1 while its first piece waits to be populated.
-    for n in range(HALF + 1, CHUNK + PIECE_PAGES):
-        slot = slab.grow()
-        slab.write(slot, data_of(n))
-    gate.go.set()
+    try:
+        for n in range(HALF + 1):  # the last makes chunk 1 the next one: its request waits at the gate
+            slot = slab.grow()
+            slab.write(slot, data_of(n))
+        assert gate.entered.wait(WAIT)
+        # Pages written into chunk 1 while its first piece waits to be populated.
+        for n in range(HALF + 1, CHUNK + PIECE_PAGES):
+            slot = slab.grow()
+            slab.write(slot, data_of(n))
+    finally:
+        gate.go.set()
     assert slab.prefault is not None and slab.prefault.wait_idle(WAIT)
     assert len(gate.calls) == CHUNK // PIECE_PAGES
     out = bytearray(PAGE_SIZE)
@@ -169,16 +171,18 @@ def test_nothing_is_populated_after_the_memory_was_given_back(slab_with) -> None
     prefault = Prefaulter(gate)
     slab = slab_with(prefault)
     slab.grow_run(HALF + 1)  # chunk 1 asked for: the worker waits in its first piece, holding the lock
-    assert gate.entered.wait(WAIT)
+    try:
+        assert gate.entered.wait(WAIT)
 
-    def release_all() -> None:
-        while slab.used:
-            slab.shrink()
+        def release_all() -> None:
+            while slab.used:
+                slab.shrink()
 
-    done = in_thread(release_all)
-    eventually(lambda: slab.waiting == 1)  # the give-back waits for the piece in progress
-    assert not done.is_set()
-    gate.go.set()
+        done = in_thread(release_all)
+        eventually(lambda: slab.waiting == 1)  # the give-back waits for the piece in progress
+        assert not done.is_set()
+    finally:
+        gate.go.set()  # a failure above must not leave the worker holding the lock for teardown
     assert done.wait(WAIT)
     assert prefault.wait_idle(WAIT)
     assert len(gate.calls) == 1  # the rest of chunk 1 was given back before its turn
