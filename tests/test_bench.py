@@ -99,6 +99,10 @@ def test_workload_runs_standalone(data: str) -> None:
     result = json.loads(done.stdout)
     assert result["pages"] == 256 and result["bad_pages"] == 0 and result["data"] == data
     assert result["fill_seconds"] >= 0 and len(result["verify_seconds"]) == 2
+    # each phase's [start, end] on the monotonic clock, in order, and its own CPU
+    marks = result["marks"]
+    assert len(marks) == 3 and all(a <= b for a, b in marks) and marks[0][1] <= marks[1][0] <= marks[2][0]
+    assert len(result["cpu_seconds"]) == 3 and all(c >= 0 for c in result["cpu_seconds"])
 
 
 # -- arguments --------------------------------------------------------------------------
@@ -282,6 +286,48 @@ def test_memory_per_byte_is_reported_with_its_ratio_to_zram(tmp_path: Path) -> N
     assert (tmp_path / "m.png").stat().st_size > 1000
 
 
+def cpu(fill: dict[str, float], seq: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    return {"fill": fill, "verify_seq": seq or {}, "verify_random": {}}
+
+
+def test_cpu_per_phase_is_reported_with_the_cores_it_kept_busy() -> None:
+    samples = {"floor": [sample(1.0, 1.0, 1.0, cpu=cpu({"workload": w, "floorfs": f})) for w, f in
+                         ((0.8, 0.2), (0.9, 0.3), (0.7, 0.25))],
+               "hoststore": [sample(2.0, 1.0, 1.0, cpu=cpu({"workload": 1.0, "vswapfs": v, "hoststore": h},
+                                                             {"vswapfs": 0.5})) for v, h in
+                             ((0.4, 0.5), (0.6, 0.5), (0.5, 0.7))],
+               "zram": [sample(1.0, 1.0, 1.0)]}
+    report = benchreport.build(samples, PARAMS | {"cores": 2})
+    meds = report["medians"]
+    assert meds["floor"]["cpu"]["fill"] == {"workload": 0.8, "floorfs": 0.25}
+    assert meds["hoststore"]["cpu"]["fill"] == {"workload": 1.0, "vswapfs": 0.5, "hoststore": 0.5}
+    assert meds["hoststore"]["cpu"]["verify_seq"] == {"vswapfs": 0.5}
+    assert "cpu" not in meds["zram"]
+    lines = benchreport.format_table(report).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("CPU seconds per phase"))
+    assert "(this machine has 2)" in lines[at]
+    assert lines[at + 1].split() == ["target", "phase", "workload", "floorfs", "vswapfs", "hoststore", "sum",
+                                     "cores", "busy"]
+    assert lines[at + 2].split() == ["floor", "fill", "0.800", "0.250", "-", "-", "1.050", "1.05"]
+    assert lines[at + 5].split() == ["hoststore", "fill", "1.000", "-", "0.500", "0.500", "2.000", "1.00"]
+    assert lines[at + 6].split() == ["hoststore", "verify_seq", "-", "-", "0.500", "-", "0.500", "0.50"]
+    section = lines[at : lines.index("", at)]
+    assert len(section) == 8 and not any("zram" in line for line in section)  # nothing measured there
+
+
+def test_a_phases_cpu_is_read_off_the_daemons_readings_at_its_marks() -> None:
+    from vswapctl.cpuwatch import CpuWatch
+    clock = iter([0.0, 10.0, 20.0])
+    figures = iter([0.0, 2.0, 3.0])
+    watch = CpuWatch({"vswapfs": 1}, read=lambda pid: next(figures), clock=lambda: next(clock))
+    for _ in range(3):
+        watch.take()
+    got = bench.phase_cpu([[0.0, 5.0], [5.0, 15.0], [15.0, 20.0]], [0.3, 0.2, 0.1], watch)
+    assert got == {"fill": {"workload": 0.3, "vswapfs": 1.0}, "verify_seq": {"workload": 0.2, "vswapfs": 1.5},
+                   "verify_random": {"workload": 0.1, "vswapfs": 0.5}}
+    assert bench.phase_cpu([[0.0, 20.0]] * 3, None, watch)["fill"] == {"vswapfs": 3.0}  # redis: no own figure
+
+
 def test_zram_memory_is_sampled_at_its_fullest(tmp_path: Path) -> None:
     memory = benchtargets.ZramMemory("zram-test")
     memory.path = str(tmp_path / "mm_stat")
@@ -318,15 +364,16 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
         events.append(f"up {name}")
         try:
             yield Target(f"/dev/fake-{name}", lambda: {"pages_to_store": 1, "pages_to_backing": 2}
-                         if name.startswith("hoststore") else {})
+                         if name.startswith("hoststore") else {},
+                         lambda: {"vswapfs": 1, "hoststore": 2} if name.startswith("hoststore") else {})
         finally:
             events.append(f"down {name}")
 
     calls = iter(range(1000))
 
-    def fake_workload(size: int, limit: int, data: str) -> dict[str, float]:
+    def fake_workload(size: int, limit: int, data: str, daemons: dict[str, int], cpu: int | None) -> dict[str, float]:
         n = next(calls)
-        events.append(f"workload {data}")
+        events.append(f"workload {data} {sorted(daemons)}")
         if n == 4 and "fail" in events:  # the fifth: run 3 of the first target
             raise BenchError("workload failed (1): boom")
         return {"fill": 1.0 + n, "verify_seq": 0.5, "verify_random": 2.0}
@@ -346,7 +393,10 @@ def test_runs_are_interleaved_and_every_target_is_taken_down(fake_run: list[str]
     targets = ["loop", "inproc", "hoststore", "hoststore-small"]  # zram: none here
     ups = [e.split()[1] for e in fake_run if e.startswith("up ")]
     assert ups == targets * 3
-    assert fake_run.count("workload incompressible") == 12
+    assert sum(e.startswith("workload incompressible") for e in fake_run) == 12
+    # each run is told which processes serve its target, to read their CPU
+    assert fake_run.count("workload incompressible ['hoststore', 'vswapfs']") == 6  # hoststore, -small
+    assert fake_run.count("workload incompressible []") == 6
     assert all(fake_run[i].startswith("up") and fake_run[i + 2].startswith("down") for i in range(0, 36, 3))
     assert said[0] == "skipping zram: no zram here"
     assert said[1] == "skipping redis-cluster: no redis-server here"
@@ -367,7 +417,7 @@ def test_a_failed_run_still_takes_its_target_down(fake_run: list[str], tmp_path:
     fake_run.append("fail")
     with pytest.raises(BenchError, match="boom"):
         bench.bench(config(targets=("loop", "inproc"), data="compressible"), lambda m: None)
-    assert fake_run[-3:] == ["up loop", "workload compressible", "down loop"]
+    assert fake_run[-3:] == ["up loop", "workload compressible []", "down loop"]
     assert fake_run.count("up loop") + fake_run.count("up inproc") == \
         fake_run.count("down loop") + fake_run.count("down inproc")
     assert list(tmp_path.iterdir()) == []
@@ -490,3 +540,24 @@ def test_a_floorfs_that_cannot_start_is_an_error_at_once_with_its_words(tmp_path
         with benchtargets.floor_swap(4096 * 3 + 1, str(tmp_path)):  # not whole pages: floorfs refuses
             pytest.fail("swapped on")
     assert not system.mounts_under(str(tmp_path)) and not system.loops_under(str(tmp_path))
+
+
+def test_the_workload_runs_on_the_cpu_asked_for(tmp_path: Path) -> None:
+    """MemoryCgroup.run with ``cpus``: the child joins the cgroup (a file here) and runs on them alone."""
+    (tmp_path / "cgroup.procs").write_text("")
+    cg = cgroup.MemoryCgroup(str(tmp_path), 1)
+    cpu = min(os.sched_getaffinity(0))
+    done = cg.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"], cpus={cpu})
+    assert done.stdout.strip() == f"[{cpu}]"
+    assert (tmp_path / "cgroup.procs").read_text().strip().isdigit()  # it joined before exec
+    anywhere = cg.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"])
+    assert anywhere.stdout.strip() == str(sorted(os.sched_getaffinity(0)))
+
+
+def test_a_workload_cpu_this_process_cannot_use_is_refused() -> None:
+    outside = max(os.sched_getaffinity(0)) + 1
+    assert any(f"--workload-cpu {outside} is not a CPU" in p for p in bench.check_config(config(workload_cpu=outside)))
+    assert bench.check_config(config(workload_cpu=min(os.sched_getaffinity(0)))) == []
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--workload-cpu", "-1"])
+    assert cli.build_parser().parse_args(["bench", "--workload-cpu", "1"]).workload_cpu == 1

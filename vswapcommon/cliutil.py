@@ -70,6 +70,17 @@ def count(text: str) -> int:
     return value
 
 
+def cpu_number(text: str) -> int:
+    """A CPU's number, 0 or more (as taskset and /proc/cpuinfo count them)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a CPU number") from None
+    if value < 0:
+        raise ValueError(f"{text} is not a CPU number (0 or more)")
+    return value
+
+
 def quota(text: str) -> tuple[str | None, int]:
     """``NAME=SIZE`` or ``SIZE`` (the default quota): whole pages, zero allowed."""
     name, sep, size = text.rpartition("=")

@@ -5,7 +5,9 @@ Three phases per run, from the workload's own clock: fill (swap-out), a
 sequential verify pass (swap-in with readahead) and a random-order verify pass
 (swap-in, page by page).  Each target is set up fresh for every run and taken
 down after it (``vswapctl.benchtargets``); the report (``vswapctl.benchreport``)
-has each phase's median per target and the ratios to zram and to ``inproc``.
+has each phase's median per target and the ratios to zram and to ``inproc``,
+and where each phase's CPU went: the workload and each daemon serving the
+target (``vswapctl.cpuwatch``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import benchreport, cgroup, launch, system
+from .cpuwatch import CpuWatch
 from .benchtargets import (
     TARGETS,
     BenchError,
@@ -67,6 +70,7 @@ class BenchConfig:
     runs: int = MIN_RUNS
     targets: tuple[str, ...] | None = None  # None: every target this machine has
     data: str = "incompressible"
+    workload_cpu: int | None = None  # the CPU the workload is kept on (None: wherever the scheduler puts it)
 
 
 # -- arguments -----------------------------------------------------------------------
@@ -104,6 +108,9 @@ def check_config(cfg: BenchConfig) -> list[str]:
         problems.append("--limit must be below --size, or nothing is swapped")
     if cfg.device_size < cfg.size:
         problems.append("--device-size must be at least --size: every page the workload swaps must fit")
+    if cfg.workload_cpu is not None and cfg.workload_cpu not in os.sched_getaffinity(0):
+        problems.append(f"--workload-cpu {cfg.workload_cpu} is not a CPU this process may run on "
+                        f"({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")
     targets = cfg.targets if cfg.targets is not None else DEFAULT_TARGETS
     if "hoststore-small" in targets and not 0 < cfg.small_capacity < cfg.size:
         problems.append("--small-capacity must be above 0 and below --size (the point of hoststore-small)")
@@ -132,14 +139,17 @@ def choose_targets(asked: Sequence[str] | None, missing: dict[str, str | None]
 # -- running -------------------------------------------------------------------------
 
 
-def run_workload(size: int, limit: int, data: str) -> dict[str, float]:
-    """The workload in a fresh memory cgroup of ``limit``: seconds per phase."""
+def run_workload(size: int, limit: int, data: str, daemons: dict[str, int] | None = None,
+                 cpu: int | None = None) -> dict[str, Any]:
+    """The workload in a fresh memory cgroup of ``limit`` (on CPU ``cpu`` only, if given):
+    seconds per phase, and under ``cpu`` each phase's CPU seconds: the workload's own
+    and each of ``daemons``' (name: pid), the processes serving the target."""
     cg = cgroup.create(f"vswapctl-bench-{os.getpid()}", limit)
     try:
         argv = launch.module_argv("vswapctl.redisload", "--size", str(size)) if data == "redis" else \
             launch.module_argv("vswapctl.workload", "--size", str(size), "--passes", "2", "--data", data)
-        done = cg.run(argv,
-                      cwd=launch.WORKDIR)
+        with CpuWatch(daemons or {}) as watch:
+            done = cg.run(argv, cwd=launch.WORKDIR, cpus=None if cpu is None else {cpu})
     finally:
         cg.remove()
     if done.returncode != 0:
@@ -148,7 +158,22 @@ def run_workload(size: int, limit: int, data: str) -> dict[str, float]:
     if result["bad_pages"]:
         raise BenchError(f"{result['bad_pages']} bad pages")
     seq, rnd = result["verify_seconds"]
-    return {"fill": result["fill_seconds"], "verify_seq": seq, "verify_random": rnd}
+    sample: dict[str, Any] = {"fill": result["fill_seconds"], "verify_seq": seq, "verify_random": rnd}
+    if "marks" in result:
+        sample["cpu"] = phase_cpu(result["marks"], result.get("cpu_seconds"), watch)
+    return sample
+
+
+def phase_cpu(marks: Sequence[Sequence[float]], own: Sequence[float] | None,
+              watch: CpuWatch) -> dict[str, dict[str, float]]:
+    """Per phase, CPU seconds by process: the workload's own (where it measured them: a
+    redis dataset's are redis-server's, not measured) and each watched daemon's."""
+    out: dict[str, dict[str, float]] = {}
+    for i, (phase, (start, end)) in enumerate(zip(benchreport.PHASES, marks)):
+        entry = {"workload": float(own[i])} if own is not None else {}
+        entry.update(watch.between(start, end))
+        out[phase] = entry
+    return out
 
 
 def _clock(seconds: float) -> str:
@@ -191,7 +216,8 @@ def bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
             for name in targets:
                 say(f"run {i + 1}/{cfg.runs} {name}: setting up")
                 with open_target(name, workdir, cfg.device_size, cfg.small_capacity, say) as target:
-                    sample: dict[str, Any] = dict(run_workload(cfg.size, cfg.limit, cfg.data))
+                    sample: dict[str, Any] = dict(run_workload(cfg.size, cfg.limit, cfg.data, target.daemons(),
+                                                                cfg.workload_cpu))
                     sample["device"] = target.device
                     sample.update(target.report())
                 samples[name].append(sample)
@@ -208,5 +234,6 @@ def bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
                 + "".join(f" (vswapctl --state-dir {d} down)" for d in live))
     params = asdict(cfg)
     params["targets"] = targets
+    params["cores"] = os.cpu_count()
     params["seconds"] = round(time.monotonic() - started, 1)
     return benchreport.build(samples, params, skipped)

@@ -20,6 +20,7 @@ BASELINES = ("zram", "inproc", "hoststore")  # ratios are taken to these, when t
 COUNTERS = ("pages_to_store", "pages_to_backing")  # vswapfs targets: where the pages went, per run
 # Bytes of page data held per byte of memory, when the target held the most (zram and the stores)
 MEMORY = "data_per_mem"
+CPU = "cpu"  # per phase, CPU seconds by process: the workload and the target's daemons (vswapctl.cpuwatch)
 CHART_FORMATS = ("png", "svg", "pdf")
 CHART_EXTRA = "pip install 'vswapfs[chart]'"
 
@@ -40,7 +41,19 @@ def medians(samples: Mapping[str, Sequence[Sample]]) -> dict[str, dict[str, Any]
                 entry[counter] = int(statistics.median(r[counter] for r in runs))
         if all(isinstance(r.get(MEMORY), int | float) for r in runs):
             entry[MEMORY] = statistics.median(float(r[MEMORY]) for r in runs)
+        if all(isinstance(r.get(CPU), Mapping) for r in runs):
+            entry[CPU] = _cpu_medians([r[CPU] for r in runs])
         out[target] = entry
+    return out
+
+
+def _cpu_medians(runs: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per phase and process, the median CPU seconds over the runs that measured it."""
+    out: dict[str, dict[str, float]] = {}
+    for phase in PHASES:
+        names = list(dict.fromkeys(name for r in runs for name in r.get(phase, {})))
+        out[phase] = {name: round(statistics.median(float(r[phase][name]) for r in runs if name in r.get(phase, {})),
+                                  3) for name in names}
     return out
 
 
@@ -116,6 +129,7 @@ def format_table(report: Mapping[str, Any]) -> str:
             lines.append(f"{target}: {m['pages_to_store']} pages to the store, {m['pages_to_backing']} to the "
                          "backing file (median per run)")
     lines += memory_lines(meds)
+    lines += cpu_lines(meds, params.get("cores"))
     for key, table in report.get("ratios", {}).items():
         base = key.removeprefix("vs_")
         lines += ["", f"ratio to {base} (median / {base}'s median; lower is better, 1.00 = as fast as {base})"]
@@ -134,6 +148,27 @@ def memory_lines(meds: Mapping[str, Mapping[str, Any]]) -> list[str]:
     rows += [[t, f"{v:.2f}", "-" if not base else f"{v / base:.2f}x"] for t, v in held.items()]
     return ["", "memory: bytes of pages held per byte of memory at the fullest (median; higher is better)",
             *_grid(rows)]
+
+
+def cpu_lines(meds: Mapping[str, Mapping[str, Any]], cores: int | None) -> list[str]:
+    """Each phase's CPU seconds by process, their sum, and how many cores that kept busy."""
+    measured = {t: m[CPU] for t, m in meds.items() if CPU in m}
+    if not measured:
+        return []
+    names = list(dict.fromkeys(n for cpu in measured.values() for phase in PHASES for n in cpu.get(phase, {})))
+    rows = [["target", "phase", *names, "sum", "cores busy"]]
+    for target, cpu in measured.items():
+        for phase in PHASES:
+            got = cpu.get(phase, {})
+            total = sum(got.values())
+            seconds = meds[target][phase]
+            busy = f"{total / seconds:.2f}" if seconds > 0 else "-"
+            rows.append([target, phase, *(f"{got[n]:.3f}" if n in got else "-" for n in names), f"{total:.3f}",
+                         busy])
+    where = f" (this machine has {cores})" if cores else ""
+    return ["", "CPU seconds per phase (median): the workload's own (its code, and the kernel's reclaim done in "
+                "its name) and each daemon's serving the target; cores busy = their sum / the phase's median "
+                f"seconds{where}", *_grid(rows)]
 
 
 # -- the chart ------------------------------------------------------------------------

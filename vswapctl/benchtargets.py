@@ -68,6 +68,7 @@ class Target:
 
     device: str
     report: Callable[[], dict[str, Any]] = field(default=dict)
+    daemons: Callable[[], dict[str, int]] = field(default=dict)  # name: pid, the processes serving it
 
 
 def zram_missing(target: str = "zram") -> str | None:
@@ -295,7 +296,7 @@ def floor_swap(size: int, workdir: str) -> Iterator[Target]:
             if not system.loop_dio(loop):
                 raise BenchError(f"{loop} has no direct I/O on {path}: the floor would measure the page cache")
             with swap_on(loop):
-                yield Target(loop, lambda: {"direct_io": system.loop_dio(loop)})
+                yield Target(loop, lambda: {"direct_io": system.loop_dio(loop)}, lambda: {"floorfs": proc.pid})
     finally:
         if not system.loops_for(path):  # never under a loop device still attached
             _stop_floorfs(mnt, proc)
@@ -385,7 +386,7 @@ def vswapfs_swap(name: str, size: int, capacity: int, host: str | None, workdir:
     except (device.UpFailed, Busy) as exc:
         raise BenchError(f"{name}: vswapfs did not come up: {exc}") from None
     try:
-        yield Target(state.loop, lambda: _vswapfs_report(state_dir))
+        yield Target(state.loop, lambda: _vswapfs_report(state_dir), lambda: _vswapfs_daemons(state_dir))
     finally:
         log.clear()
         try:
@@ -398,6 +399,18 @@ def vswapfs_swap(name: str, size: int, capacity: int, host: str | None, workdir:
                 say(f"{name}: {message}")
             raise BenchError(f"{name}: the vswapfs device in {state_dir} was not taken down (see above): left "
                              f"running; free memory, then: vswapctl --state-dir {state_dir} down")
+
+
+def _vswapfs_daemons(state_dir: str) -> dict[str, int]:
+    """The vswapfs daemon of the device in ``state_dir``, and the hoststore up started for it."""
+    state = State.load(state_dir)
+    if state is None:
+        return {}
+    out = {}
+    for name, ident in (("vswapfs", state.vswapfs_id), ("hoststore", state.hoststore_id)):
+        if ident is not None:
+            out[name] = ident.pid
+    return out
 
 
 @contextmanager

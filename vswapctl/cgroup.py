@@ -31,14 +31,17 @@ class MemoryCgroup:
     def procs(self) -> str:
         return os.path.join(self.path, "cgroup.procs")
 
-    def run(self, argv: Sequence[str], timeout: float | None = None, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
-        """Run ``argv`` inside the cgroup (it joins before exec), capturing its output as
-        text unless ``kwargs`` (subprocess.run's) say otherwise."""
+    def run(self, argv: Sequence[str], timeout: float | None = None, cpus: set[int] | None = None,
+            **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run ``argv`` inside the cgroup (it joins before exec), on ``cpus`` only if given,
+        capturing its output as text unless ``kwargs`` (subprocess.run's) say otherwise."""
         procs = self.procs
 
         def join() -> None:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
 
         if not any(k in kwargs for k in ("stdout", "stderr", "capture_output")):
             kwargs["capture_output"] = True

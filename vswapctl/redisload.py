@@ -10,7 +10,8 @@ run's seed), then reads every value back in key order and again in a random
 order, checking each.  What swap carries is redis's own memory: its hash
 table, its allocator's pages and the values in them, as any application's
 would be.  Prints one JSON line, as ``vswapctl.workload`` does:
-{"pages": keys, "bad_pages": wrong values, "fill_seconds": .., "verify_seconds": [seq, random], ...}
+{"pages": keys, "bad_pages": wrong values, "fill_seconds": .., "verify_seconds": [seq, random],
+"marks": [[start, end] of each phase], ...}
 and exits 1 if any value came back wrong.
 """
 
@@ -108,6 +109,7 @@ def run(size: int, seed: int) -> dict[str, object]:
         proc, client = start(directory)
         pool = json_pool(seed)
         keys = list(range(size // RECORD))
+        marks = [[time.monotonic()]]
         began = time.perf_counter()
         for batch in _batches(keys, BATCH):
             pipe = client.pipeline(transaction=False)
@@ -115,11 +117,16 @@ def run(size: int, seed: int) -> dict[str, object]:
                 pipe.set(b"k%d" % key, value(pool, seed, key))
             pipe.execute()
         fill = time.perf_counter() - began
+        marks[0].append(time.monotonic())
         used = client.info("memory").get("used_memory", 0)
+        marks.append([time.monotonic()])
         bad_seq, seq = _check(client, pool, seed, keys, BATCH)
+        marks[1].append(time.monotonic())
         shuffled = keys[:]
         random.Random(seed).shuffle(shuffled)
+        marks.append([time.monotonic()])
         bad_rnd, rnd = _check(client, pool, seed, shuffled, RANDOM_BATCH)
+        marks[2].append(time.monotonic())
     finally:
         if proc is not None:
             proc.kill()
@@ -127,7 +134,7 @@ def run(size: int, seed: int) -> dict[str, object]:
         shutil.rmtree(directory, ignore_errors=True)
     return {"pages": len(keys), "bad_pages": bad_seq + bad_rnd, "bad_examples": [], "seed": seed, "data": "redis",
             "fill_seconds": round(fill, 3), "verify_seconds": [round(seq, 3), round(rnd, 3)],
-            "redis_used_memory": used}
+            "redis_used_memory": used, "marks": marks}
 
 
 def _exit_on(signum: int, frame: object) -> None:

@@ -3,8 +3,11 @@
 
 Run it inside a memory cgroup smaller than --size and its pages must go
 through swap and come back intact.  Prints one JSON line:
-{"pages": N, "bad_pages": B, "fill_seconds": .., "verify_seconds": .., ...}
-and exits 1 if any page came back wrong.
+{"pages": N, "bad_pages": B, "fill_seconds": .., "verify_seconds": .., "marks": ..,
+"cpu_seconds": .., ...} and exits 1 if any page came back wrong.  ``marks`` are the
+phases' [start, end] on ``time.monotonic`` (CLOCK_MONOTONIC: the bench reads its daemons'
+CPU on the same clock, ``vswapctl.cpuwatch``); ``cpu_seconds`` is this process's own
+user and system time in each phase, the kernel's reclaim done in its name included.
 
 Every page is built from its own index and a per-run seed, so a page that comes
 back from the wrong slot, from an older run, or as zeros is caught:
@@ -33,6 +36,7 @@ import json
 import mmap
 import os
 import random
+import resource
 import struct
 import sys
 import time
@@ -104,6 +108,11 @@ def json_pool(seed: int, size: int = POOL_SIZE) -> bytes:
     return "".join(lines).encode()[:size]
 
 
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def parse_size(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     text = text.strip().upper()
@@ -127,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     expected = pages.expected
     rng = random.Random(seed ^ 0x5EED)
     mem = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    cpu_start = own_cpu_seconds()
     t0 = time.monotonic()
     for i in range(npages):
         mem[i * PAGE : (i + 1) * PAGE] = expected(i)
     t1 = time.monotonic()
+    cpu = [round(own_cpu_seconds() - cpu_start, 3)]
+    marks = [[t0, t1]]
     bad = 0
     bad_examples: list[int] = []
     order = list(range(npages))
@@ -138,13 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     for p in range(args.passes):
         if p:
             rng.shuffle(order)
+        cpu_start = own_cpu_seconds()
         start = time.monotonic()
         for i in order:
             if mem[i * PAGE : (i + 1) * PAGE] != expected(i):
                 bad += 1
                 if len(bad_examples) < 10:
                     bad_examples.append(i)
-        pass_times.append(round(time.monotonic() - start, 3))
+        end = time.monotonic()
+        cpu.append(round(own_cpu_seconds() - cpu_start, 3))
+        marks.append([start, end])
+        pass_times.append(round(end - start, 3))
     result = {
         "pages": npages,
         "bad_pages": bad,
@@ -153,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": args.data,
         "fill_seconds": round(t1 - t0, 3),
         "verify_seconds": pass_times,
+        "marks": marks,
+        "cpu_seconds": cpu,
     }
     print(json.dumps(result), flush=True)
     return 1 if bad else 0

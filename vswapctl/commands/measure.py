@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 
-from vswapcommon.cliutil import argtype, count
+from vswapcommon.cliutil import argtype, count, cpu_number
 from pagewire.messages import PAGE_SIZE
 from vswapcommon.sizes import format_size, parse_size
 
@@ -140,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     small = args.small_capacity or args.size // 4 // PAGE_SIZE * PAGE_SIZE
     cfg = bench.BenchConfig(size=args.size, limit=args.limit, device_size=args.device_size, small_capacity=small,
-                            runs=args.runs, targets=args.targets, data=args.data)
+                            runs=args.runs, targets=args.targets, data=args.data, workload_cpu=args.workload_cpu)
     problems = bench.check_config(cfg)
     if problems:
         return fail("; ".join(problems))
@@ -299,6 +299,11 @@ def _add_bench(sub: Any) -> None:
     bench.add_argument("--runs", type=argtype(benchlib.parse_runs), default=benchlib.MIN_RUNS, metavar="N",
                        help=f"runs per target, at least {benchlib.MIN_RUNS}; medians are reported (default "
                             f"{benchlib.MIN_RUNS})")
+    bench.add_argument("--workload-cpu", type=argtype(cpu_number), metavar="CPU",
+                       help="keep the workload on this CPU (default: wherever the scheduler puts it).  Where "
+                            "a workload moves between CPUs, reclaim in its name flushes the other CPUs' TLBs "
+                            "by interrupt, which in a VM can cost as much CPU as the swap device itself: "
+                            "runs then vary with where it ran (docs/benchmarks.md)")
     bench.add_argument("--json", action="store_true",
                        help="print the report as JSON (progress goes to stderr)")
     bench.add_argument("--chart", type=argtype(benchreport.chart_path), metavar="FILE.png",
