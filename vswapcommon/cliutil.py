@@ -59,26 +59,24 @@ def non_negative(text: str) -> float:
     return value
 
 
-def count(text: str) -> int:
-    """A whole number, at least 1."""
+def _whole(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"{text} is not at least 1")
+    if value < least:
+        raise ValueError(f"{text} is not at least {least}")
     return value
+
+
+def count(text: str) -> int:
+    """A whole number, at least 1."""
+    return _whole(text, 1)
 
 
 def cpu_number(text: str) -> int:
     """A CPU's number, 0 or more (as taskset and /proc/cpuinfo count them)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a CPU number") from None
-    if value < 0:
-        raise ValueError(f"{text} is not a CPU number (0 or more)")
-    return value
+    return _whole(text, 0)
 
 
 def quota(text: str) -> tuple[str | None, int]:
