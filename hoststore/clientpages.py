@@ -52,6 +52,7 @@ class ClientPages:
         self.instance = instance
         self.secret = secret
         self.shared_slots = shared_slots
+        self.ephemeral = False  # an ephemeral pool: its pages may be dropped at any time (messages.POOL_EPHEMERAL)
         self.session: object | None = None  # the connection serving this client, if any
         self.away_since: float | None = None  # when its last connection ended
         self._reset()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pagewire import auth
-from pagewire.messages import ROLE_PAGER, Hello, HelloAnswer, SharedLayout
+from pagewire.messages import POOL_EPHEMERAL, POOL_SWAP, ROLE_PAGER, Hello, HelloAnswer, SharedLayout
 from vswapcommon.counters import Counters
 
 from .backend import PageBackend
@@ -32,6 +32,10 @@ DEFAULT_MAX_CLIENTS = 1024
 
 class RequestError(Exception):
     """A request the store will not serve (answered with an error; the connection stays)."""
+
+
+def pool_of(client: ClientPages) -> str:
+    return POOL_EPHEMERAL if client.ephemeral else POOL_SWAP
 
 
 def _layout(client: ClientPages) -> SharedLayout | None:
@@ -94,10 +98,14 @@ class ClientRegistry:
         else:
             self._check_owner(old, owner)
             if self._proves_reconnect(old, hello, server_nonce):
+                if pool_of(old) != hello.pool:
+                    raise RequestError(f"client {old.name!r} holds a {pool_of(old)} pool: the same instance "
+                                       f"cannot come back as a {hello.pool} one")
                 return self._resume(old, can_share)
             self._replace(old)
         client = self._new_client(hello, owner, can_share)
-        return client, HelloAnswer(self.store.instance, False, client.secret, shared=_layout(client)), None
+        answer = HelloAnswer(self.store.instance, False, client.secret, shared=_layout(client), pool=pool_of(client))
+        return client, answer, None
 
     def _check_owner(self, client: ClientPages, owner: str) -> None:
         """Refuse ``owner`` the name of ``client`` unless it created it."""
@@ -118,7 +126,8 @@ class ClientRegistry:
         if superseded is not None:
             self.store.counters.add(HostCounter.TAKEOVERS)
         shared = _layout(client) if can_share else None  # its memfds cannot travel on this connection
-        return client, HelloAnswer(self.store.instance, True, client.secret, shared=shared), superseded
+        answer = HelloAnswer(self.store.instance, True, client.secret, shared=shared, pool=pool_of(client))
+        return client, answer, superseded
 
     def _replace(self, old: ClientPages) -> None:
         """A new instance of the owner under ``old``'s name: refused while ``old`` is
@@ -168,6 +177,7 @@ class ClientRegistry:
         slots = bound if can_share and hello.shared else 0
         slots = slots if slots < (1 << 32) - 1 else 0
         client = self.store.backend.new_client(name, hello.npages, hello.instance, slots, bound)
+        client.ephemeral = hello.pool == POOL_EPHEMERAL
         client.away_since = self.clock()
         self.clients[name] = client
         self.client_counters[name] = Counters(HostCounter)

@@ -16,6 +16,10 @@ then does the store free them.  Every way of handing back goes through
 How the client is asked is the caller's: a store daemon asks over the client's
 connection, the in-process store asks the pager directly.  Pages lent and not
 answered for (a lost connection, a timeout, an error) stay stored.
+
+An ephemeral pool is never asked: its pages are dropped instead, at once
+(``hoststore.ephemeral``), and under pressure they all go before any swap page
+is handed back, up to ``Pace.drop_per_round`` a round.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from dataclasses import dataclass
 
 import trio
 
+from pagewire.causes import DropCause
 from pagewire.messages import HandBack, HandBackCause
 
+from . import ephemeral
 from .clientpages import ClientPages
 from .hostcounters import HostCounter
 from .store import Store
@@ -36,6 +42,9 @@ log = logging.getLogger("hoststore")
 
 # The client's per-page answer to a hand-back; None: the client cannot be asked now.
 Ask = Callable[[ClientPages, HandBack], Awaitable[bytes]]
+
+
+DROP_CHUNK = 4096  # ephemeral pages dropped between two turns of the event loop
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,13 @@ class Pace:
     interval: float = 0.05  # how often pressure is checked
     rest: float = 5.0  # a client that took nothing back is left alone this long
     per_client: int | None = None  # pages per client per round, in batches (default: one batch)
+    drop_per_round: int = 32768  # ephemeral pages dropped per round under pressure (128 MiB: 2.5 GiB/s)
+    drop_chunk: int = DROP_CHUNK
+
+
+# What a hand-back of an ephemeral pool's pages is instead: a drop, for the same reason.
+# (Pages on a tier's master without a replica are left where they are: losing them loses nothing.)
+DROP_INSTEAD = {HandBackCause.PRESSURE: DropCause.PRESSURE, HandBackCause.DRAIN: DropCause.DRAIN}
 
 
 class HandBackEngine:
@@ -66,6 +82,9 @@ class HandBackEngine:
         """Lend up to ``limit`` of the client's pages, ask it to take them, settle with its
         answer.  Pages freed; pages without an answer stay stored."""
         store = self.store
+        if client.ephemeral:
+            drop = DROP_INSTEAD.get(cause)
+            return ephemeral.drop_oldest(store, client, limit, drop) if drop is not None else 0
         if not self.can_ask(client):
             return 0
         try:
@@ -107,6 +126,8 @@ class HandBackEngine:
             while True:
                 await trio.sleep(pace.interval)
                 try:
+                    if await self._drop_ephemeral() and ephemeral.pages(self.store):
+                        continue  # swap pages wait while ephemeral ones are left (a round drops 128 MiB)
                     budget = per_round
                     for client in self._candidates(busy, resting):
                         if budget <= 0:
@@ -118,6 +139,18 @@ class HandBackEngine:
                 except Exception:  # noqa: BLE001
                     self.store.counters.add(HostCounter.HANDBACK_ERRORS)
                     log.exception("error in the pressure hand-back loop; going on")
+
+    async def _drop_ephemeral(self) -> bool:
+        """Under pressure, ephemeral pages go first, instantly: up to ``drop_per_round`` of
+        them, the least recently used first, while the pressure lasts.  True if any went."""
+        store, pace = self.store, self.pace
+        dropped = 0
+        while (dropped < pace.drop_per_round and ephemeral.pages(store) and not store.draining
+               and store.update_pressure()):
+            dropped += ephemeral.drop_lru(store, min(pace.drop_chunk, pace.drop_per_round - dropped),
+                                          DropCause.PRESSURE)
+            await trio.lowlevel.checkpoint()
+        return dropped > 0
 
     def _candidates(self, busy: set[str], resting: dict[str, float]) -> list[ClientPages]:
         store = self.store

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagewire.causes import handback_counters, handback_map, refusal_counters, refusal_map
+from pagewire.causes import drop_counters, drop_map, handback_counters, handback_map, refusal_counters, refusal_map
 from vswapcommon.counters import Definition, Unit, define
 
 PAGES, REQUESTS, CONNECTIONS, EVENTS = Unit.PAGES, Unit.REQUESTS, Unit.CONNECTIONS, Unit.EVENTS
@@ -22,6 +22,7 @@ _PAGES = (
     Definition("HANDBACK_NOT_NEEDED", "handback_not_needed", PAGES,
                "of the pages handed back, those the client no longer needed"),
     Definition("HANDBACK_FAILED", "handback_failed", PAGES, "pages handed back that the client could not take (kept)"),
+    *drop_counters(),
     Definition("EVICTED", "evicted", PAGES, "pages of away clients dropped by an admin (vswapctl evict)"),
     Definition("DECODE_ERRORS", "decode_errors", PAGES,
                "compressed pages that did not decode to a page when read or handed back (damaged in the store's "
@@ -81,3 +82,4 @@ HostCounter = define("HostCounter", (*_PAGES, *_REQUESTS, *_CONNECTIONS),
                      "hoststore's counters (`vswapctl stats`: the hoststore section; each client's own too)")
 REFUSAL_COUNTER = refusal_map(HostCounter)
 HANDBACK_COUNTER = handback_map(HostCounter)
+DROP_COUNTER = drop_map(HostCounter)

@@ -32,7 +32,9 @@ from pagewire import auth
 from pagewire import protocol as p
 from pagewire.access import Access, before_hello, check_listener, peer_identity, peer_key, peer_uid, socket_mode
 from pagewire.address import Address
+from . import ephemeral
 from .clientpages import ClientPages
+from pagewire.causes import DropCause
 from pagewire.endpoint import Endpoint, FrameTimeout, InFlight, Lent, PeerGone, RemoteError
 from .fairshare import FairShare
 from vswapcommon.logsetup import RateLimited
@@ -54,7 +56,7 @@ from pagewire.messages import (
     Welcome,
 )
 from .hostcounters import HostCounter
-from .handback import HandBackEngine, Pace
+from .handback import DROP_CHUNK, HandBackEngine, Pace
 from .store import RequestError, Store, get_answer
 
 log = logging.getLogger("hoststore")
@@ -684,6 +686,12 @@ class Server:
         nothing, is given up on."""
         store = self.store
         store.draining = True
+        dropped = 0
+        while got := ephemeral.drop_lru(store, DROP_CHUNK, DropCause.DRAIN):  # nothing to hand back
+            dropped += got
+            await trio.lowlevel.checkpoint()
+        if dropped:
+            log.info("draining: dropped the %d pages of ephemeral pools (clean: nothing is lost)", dropped)
         start = trio.current_time()
         self._drain_deadlines = {name: start + self.config.drain_timeout for name in store.clients}
         before = {name: c[HostCounter.HANDED_BACK_DRAIN] for name, c in store.client_counters.items()}

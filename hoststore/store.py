@@ -29,6 +29,7 @@ from pagewire.codec import Codec
 from pagewire.messages import PAGE_SIZE, Configure, GetAnswer, HandBack, HandBackCause, PageStatus, TakeStatus
 from vswapcommon.counters import Counters
 
+from . import ephemeral
 from .backend import MemoryPages, PageBackend, PutPlan
 from .clientpages import NIL, ClientPages
 from .clients import DEFAULT_AWAY_TIMEOUT, DEFAULT_MAX_CLIENTS, ClientRegistry, RequestError
@@ -163,6 +164,8 @@ class Store:
         index, seq_of, limits = client.index, client.seq_of, self.limits
         terms = self.terms(client)
         used = self.charged_pages()
+        if not self.pressure and not self.draining and ephemeral.make_room(self, client, first, n, terms, used):
+            used = self.charged_pages()
         z = client.zslab
         verdict = self.policy.decide(DecisionContext(
             client.name, first, n, snapshot, used, limits.capacity_pages, client.charged_pages, terms.quota_pages,
@@ -383,10 +386,11 @@ class Store:
                            share(limits.capacity_pages, limits.weight_of(client.name), total))
 
     def handback_order(self) -> Iterator[ClientPages]:
-        """Connected clients holding pages, in the order pressure should take from them:
+        """Connected clients holding swap pages (ephemeral ones are dropped, not handed
+        back: ``HandBackEngine``), in the order pressure should take from them:
         clients above their quota first, then by how far they are above their weighted
         share, then the one whose oldest page is oldest."""
-        candidates = [c for c in self.clients.values() if c.connected and c.count > c.lent_count]
+        candidates = [c for c in self.clients.values() if c.connected and not c.ephemeral and c.count > c.lent_count]
 
         def key(c: ClientPages) -> tuple[int, int, int]:
             terms = self.terms(c)

@@ -69,6 +69,7 @@ def compression_families(stats: dict[str, Any], clients: dict[str, Any]) -> Iter
 _STORE_GAUGES = {
     "bytes_stored": ("vswap_store_stored_bytes", "Bytes of pages the store holds", 1),
     "pages_stored": ("vswap_store_stored_pages", "Pages the store holds", 1),
+    "ephemeral_pages": ("vswap_store_ephemeral_pages", "Of those, pages of ephemeral pools", 1),
     "capacity_pages": ("vswap_store_capacity_bytes", "The store's capacity", 4096),
     "slab_bytes_mapped": ("vswap_store_slab_bytes", "Memory mapped for page data", 1),
     "used_percent": ("vswap_host_memory_used_ratio", "Used memory of the host (what the watermarks compare)",

@@ -1,4 +1,4 @@
-"""Why a page is refused, and why pages are handed back: each cause defined once.
+"""Why a page is refused, why pages are handed back, why ephemeral ones are dropped: each cause defined once.
 
 The wire's status codes (:data:`PageStatus`), the counters both daemons keep by
 cause and the maps between them are all built from the two tables here, so a
@@ -40,6 +40,15 @@ HANDBACK_CAUSES = (
     Cause(0, "drain", "the store was draining (shutting down)"),
     Cause(0, "replication", "the page tier: their master had no replica in sync"),
 )
+# An ephemeral pool's pages (``messages.POOL_EPHEMERAL``) are never handed back: the store
+# drops them, asking no one and writing nothing, and counts why.
+DROP_CAUSES = (
+    Cause(0, "pressure", "the store's host was under memory pressure: ephemeral pages go first, before any "
+                         "swap page is handed back"),
+    Cause(0, "capacity", "room for newer pages, of any pool, at --capacity (the least recently used first)"),
+    Cause(0, "quota", "room for newer pages of the same client at its quota (its least recently used first)"),
+    Cause(0, "drain", "the store was draining (shutting down): ephemeral pages are not handed back"),
+)
 STORED, MISSING = 0, 5
 
 # One byte per page in a put or get answer: stored, missing (get), or why refused (put).
@@ -47,6 +56,7 @@ PageStatus = enum.IntEnum("PageStatus", sorted(
     [("STORED", STORED), ("MISSING", MISSING)] + [(f"REFUSED_{c.name.upper()}", c.code) for c in REFUSAL_CAUSES],
     key=lambda item: item[1]))
 HandBackCause = enum.StrEnum("HandBackCause", [(c.name.upper(), c.name) for c in HANDBACK_CAUSES])
+DropCause = enum.StrEnum("DropCause", [(c.name.upper(), c.name) for c in DROP_CAUSES])
 REFUSALS = frozenset(PageStatus[f"REFUSED_{c.name.upper()}"] for c in REFUSAL_CAUSES)
 
 
@@ -64,6 +74,13 @@ def handback_counters() -> Iterator[Definition]:
                          f"pages freed after the client took them back: {c.description}")
 
 
+def drop_counters() -> Iterator[Definition]:
+    """One counter per drop cause, named ``dropped_<cause>``: ephemeral pages the store let go."""
+    for c in DROP_CAUSES:
+        yield Definition(f"DROPPED_{c.name.upper()}", f"dropped_{c.name}", Unit.PAGES,
+                         f"ephemeral pages dropped: {c.description}")
+
+
 def refusal_map(counters: type[CounterEnum]) -> dict[int, CounterEnum]:
     """Each refusal status to its counter in ``counters`` (made by :func:`refusal_counters`)."""
     return {PageStatus[f"REFUSED_{c.name.upper()}"]: counters[f"REFUSED_{c.name.upper()}"] for c in REFUSAL_CAUSES}
@@ -72,3 +89,8 @@ def refusal_map(counters: type[CounterEnum]) -> dict[int, CounterEnum]:
 def handback_map(counters: type[CounterEnum]) -> dict[str, CounterEnum]:
     """Each hand-back cause to its counter in ``counters`` (made by :func:`handback_counters`)."""
     return {HandBackCause[c.name.upper()]: counters[f"HANDED_BACK_{c.name.upper()}"] for c in HANDBACK_CAUSES}
+
+
+def drop_map(counters: type[CounterEnum]) -> dict[str, CounterEnum]:
+    """Each drop cause to its counter in ``counters`` (made by :func:`drop_counters`)."""
+    return {DropCause[c.name.upper()]: counters[f"DROPPED_{c.name.upper()}"] for c in DROP_CAUSES}

@@ -72,6 +72,13 @@ class TakeStatus(enum.IntEnum):
 ROLE_PAGER = "pager"
 ROLE_OBSERVER = "observer"
 ROLES = (ROLE_PAGER, ROLE_OBSERVER)
+# What a pager's pages are to the store.  Swap pages are the only copy: the store may
+# refuse them, or hand them back, never lose them.  Ephemeral pages (clean file data,
+# as tmem's ephemeral pools held) have a copy elsewhere: the store may drop any of
+# them at any time, asking no one (pagewire.causes.DROP_CAUSES).
+POOL_SWAP = "swap"
+POOL_EPHEMERAL = "ephemeral"
+POOLS = (POOL_SWAP, POOL_EPHEMERAL)
 
 
 # -- field checks -------------------------------------------------------------------
@@ -302,9 +309,14 @@ class HelloAnswer:
     # The client's shared page memory, when it asked for it and the store gives it (its
     # memfd travels with this answer's bytes, SCM_RIGHTS); None: pages only on the wire.
     shared: SharedLayout | None = None
+    # The pool the store keeps the client's pages in: a store older than pools says
+    # nothing, which means swap, so an ephemeral client can tell it was not understood.
+    pool: str = POOL_SWAP
 
     def __post_init__(self) -> None:
         _text(self.instance, "instance", 64)
+        if self.pool not in POOLS:
+            raise MessageError(f"unknown pool {self.pool!r} (one of {', '.join(POOLS)})")
         _bool(self.resumed, "resumed")
         _bytes(self.secret, "secret", SECRET_SIZE)
         _int(self.page_size, "page_size", PAGE_SIZE, PAGE_SIZE)
@@ -316,7 +328,7 @@ class HelloAnswer:
         return {"instance": self.instance, "resumed": self.resumed, "secret": self.secret,
                 "page_size": self.page_size, "max_put_pages": self.max_put_pages,
                 "admin": self.admin, "auth": self.auth,
-                "shared": None if self.shared is None else self.shared.to_wire()}
+                "shared": None if self.shared is None else self.shared.to_wire(), "pool": self.pool}
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,10 +347,13 @@ class Hello:
     proof: bytes | None = None
     auth: bytes | None = None
     shared: bool = False  # asks for shared page memory (only on a unix socket, where an fd can pass)
+    pool: str = POOL_SWAP  # what its pages are to the store (POOLS)
 
     def __post_init__(self) -> None:
         _int(self.version, "version", 0, 1 << 16)
         _bool(self.shared, "shared")
+        if self.pool not in POOLS:
+            raise MessageError(f"unknown pool {self.pool!r} (one of {', '.join(POOLS)})")
         check_client_name(self.client)
         if self.role not in ROLES:
             raise MessageError(f"unknown role {self.role!r}")
@@ -357,7 +372,7 @@ class Hello:
     def to_wire(self) -> dict[str, Any]:
         return {"version": self.version, "client": self.client, "role": self.role,
                 "device_size": self.device_size, "instance": self.instance, "nonce": self.nonce,
-                "proof": self.proof, "auth": self.auth, "shared": self.shared}
+                "proof": self.proof, "auth": self.auth, "shared": self.shared, "pool": self.pool}
 
     @classmethod
     def from_wire(cls, params: Any) -> "Hello":
@@ -368,7 +383,7 @@ class Hello:
             raise MessageError(f"protocol version {version!r} not supported (this end speaks {PROTOCOL_VERSION})")
         try:
             return cls(version, m["client"], m["role"], m["device_size"], m["instance"], m["nonce"],
-                       m.get("proof"), m.get("auth"), m.get("shared", False))
+                       m.get("proof"), m.get("auth"), m.get("shared", False), m.get("pool", POOL_SWAP))
         except KeyError as exc:
             raise MessageError(f"hello lacks {exc}") from None
 
@@ -380,7 +395,7 @@ class Hello:
         try:
             return HelloAnswer(m["instance"], m["resumed"], m["secret"], m.get("page_size", PAGE_SIZE),
                                m.get("max_put_pages", MAX_PUT_PAGES), m.get("admin", False), m.get("auth"),
-                               SharedLayout.from_wire(m.get("shared")))
+                               SharedLayout.from_wire(m.get("shared")), m.get("pool", POOL_SWAP))
         except KeyError as exc:
             raise MessageError(f"hello answer lacks {exc}") from None
 

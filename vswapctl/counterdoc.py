@@ -12,7 +12,7 @@ import sys
 
 from hoststore.hostcounters import HostCounter
 from hoststore.tiercounters import TierCounter
-from pagewire.causes import HANDBACK_CAUSES, REFUSAL_CAUSES
+from pagewire.causes import DROP_CAUSES, HANDBACK_CAUSES, REFUSAL_CAUSES
 from vswapcommon.counters import CounterEnum
 from vswapfs.linkcounters import LinkCounter
 from vswapfs.pagemap import STATE_NAMES
@@ -42,6 +42,8 @@ STORE_STATE = {
     "instance": "this store instance's id (a new one at each start)",
     "pid": "the daemon's process id",
     "pages_stored": "pages held now, all clients together",
+    "ephemeral_pages": "of those, the pages of ephemeral pools (which the store may drop at any time: "
+                       "docs/architecture.md)",
     "bytes_stored": "their bytes",
     "slab_bytes_mapped": ("memory mapped for page data (it follows the pages held; with shared memory, each "
                           "client's counts up to one 4 MiB chunk ahead of its pages, populated ahead of need "
@@ -67,8 +69,8 @@ STORE_STATE = {
                "compressor had caught up with it (the slab's chunks; with --compress, exactly what the size classes "
                "hold), `mem_used_max_bytes`: the most that memory ever was",
     "tier": "the page tier's counters and state, on a store with --tier",
-    "clients": "per client: its counters, pages, quota, weight, share, lent pages and memory (all clients for an "
-               "admin, a pager's own otherwise)",
+    "clients": "per client: its pool (`swap` or `ephemeral`), counters, pages, quota, weight, share, lent pages "
+               "and memory (all clients for an admin, a pager's own otherwise)",
 }
 PAGER_STATE = {
     "device_bytes": "the device's size", "device_pages": "the same in pages",
@@ -105,6 +107,10 @@ def _causes() -> list[str]:
     rows += [f"| {c.code} | `{c.name}` | {c.description} |" for c in REFUSAL_CAUSES]
     rows += ["", "## Why pages are handed back", "", "| cause | meaning |", "|---|---|"]
     rows += [f"| `{c.name}` | {c.description} |" for c in HANDBACK_CAUSES]
+    rows += ["", "## Why ephemeral pages are dropped", "",
+             "An ephemeral pool's pages are never handed back: the store drops them, asking no one and writing "
+             "nothing, and counts why (`dropped_<cause>`):", "", "| cause | meaning |", "|---|---|"]
+    rows += [f"| `{c.name}` | {c.description} |" for c in DROP_CAUSES]
     return rows
 
 

@@ -33,7 +33,7 @@ from pagewire.address import Address
 from vswapcommon.counters import Counters
 from pagewire.endpoint import Endpoint, PeerGone, RemoteError
 from pagewire.sharedmem import SharedError, SharedPages
-from pagewire.messages import (ROLE_OBSERVER, ROLE_PAGER, GetAnswer, Get, HandBack, Hello, HelloAnswer, Invalidate, MAX_PUT_PAGES, PAGE_SIZE, Put, PutStaged, Request, Stats, Welcome)
+from pagewire.messages import (POOL_SWAP, ROLE_OBSERVER, ROLE_PAGER, GetAnswer, Get, HandBack, Hello, HelloAnswer, Invalidate, MAX_PUT_PAGES, PAGE_SIZE, Put, PutStaged, Request, Stats, Welcome)
 
 from .pagestore import HandBackHandler, PagesLostHandler, StoreAuthError, StoreError, StoreUnavailable
 from .linkcounters import LinkCounter
@@ -77,12 +77,15 @@ class HostClient:
         backoff_max: float = 2.0,
         share: bool = True,
         insecure_tcp: bool = False,
+        pool: str = POOL_SWAP,
     ) -> None:
         """``share``: on a unix socket, ask the store for shared page memory, so that
         reads of pages it holds need no round trip (see ``pagewire.sharedmem``).
         ``insecure_tcp``: use TCP without a token (loopback only), where nothing proves
         the store is the store; without it, TCP without a token is refused here
-        (StoreAuthError), before any connection."""
+        (StoreAuthError), before any connection.  ``pool``: what the pages are to the
+        store (``pagewire.messages.POOLS``): swap pages, the only copy, or ephemeral
+        ones that it may drop at any time."""
         problem = tcp_refusal(address, token is not None, insecure_tcp)
         if problem is not None:
             raise StoreAuthError(problem)
@@ -90,6 +93,7 @@ class HostClient:
         self.name = name
         self.device_size = device_size
         self.role = role
+        self.pool = pool
         self.token = token
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
@@ -320,7 +324,7 @@ class HostClient:
         if self.token is not None:
             token_proof = auth.token_proof(self.token, "client", self.name, welcome.nonce, nonce)
         hello = Hello(p.PROTOCOL_VERSION, self.name, self.role, self.device_size if self.role == ROLE_PAGER else 0,
-                      self.instance, nonce, proof, token_proof, shared=self.share)
+                      self.instance, nonce, proof, token_proof, shared=self.share, pool=self.pool)
         answer: HelloAnswer | None = None
         with trio.move_on_after(self.connect_timeout):
             try:
@@ -341,6 +345,9 @@ class HostClient:
                 raise StoreAuthError("it did not prove it holds our token" if answer.auth is None
                                      else "it proved a different token")
             answer = replace(answer, secret=auth.wrap_secret(self.token, answer.secret, welcome.nonce, nonce))
+        if self.role == ROLE_PAGER and answer.pool != self.pool:
+            endpoint.close()  # a store older than pools: it would keep (and hand back) our pages as swap
+            raise StoreError(f"the store keeps our pages in a {answer.pool} pool, not the {self.pool} one asked for")
         self._welcomed(welcome, answer)
         self._map_shared(answer, endpoint.take_fds())
 
