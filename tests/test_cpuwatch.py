@@ -37,6 +37,13 @@ def test_a_process_gone_keeps_its_last_figure() -> None:
     assert watch.between(1.0, 3.0) == {"p": 0.0}
 
 
+def test_a_process_first_read_late_is_not_charged_its_life_so_far() -> None:
+    watch = watch_over([(0.0, None), (1.0, 50.0), (2.0, 50.5)])
+    assert watch.between(0.0, 2.0) == {"p": 0.5}  # what it did once known, not its life so far (50.5)
+    assert watch.between(1.0, 2.0) == {"p": 0.5}
+    assert watch.between(0.5, 2.0) == {"p": 0.5}  # from its first reading on
+
+
 def test_a_process_that_never_answered_is_not_reported() -> None:
     watch = watch_over([(0.0, None), (1.0, None)])
     assert watch.between(0.0, 1.0) == {}

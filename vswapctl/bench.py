@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -142,14 +143,18 @@ def choose_targets(asked: Sequence[str] | None, missing: dict[str, str | None]
 def run_workload(size: int, limit: int, data: str, daemons: dict[str, int] | None = None,
                  cpu: int | None = None) -> dict[str, Any]:
     """The workload in a fresh memory cgroup of ``limit`` (on CPU ``cpu`` only, if given):
-    seconds per phase, and under ``cpu`` each phase's CPU seconds: the workload's own
-    and each of ``daemons``' (name: pid), the processes serving the target."""
+    seconds per phase, and under the key ``cpu`` each phase's CPU seconds: the
+    workload's own and each of ``daemons``' (name: pid), the processes serving the target."""
     cg = cgroup.create(f"vswapctl-bench-{os.getpid()}", limit)
     try:
         argv = launch.module_argv("vswapctl.redisload", "--size", str(size)) if data == "redis" else \
             launch.module_argv("vswapctl.workload", "--size", str(size), "--passes", "2", "--data", data)
         with CpuWatch(daemons or {}) as watch:
-            done = cg.run(argv, cwd=launch.WORKDIR, cpus=None if cpu is None else {cpu})
+            try:
+                done = cg.run(argv, cwd=launch.WORKDIR, cpus=None if cpu is None else {cpu})
+            except (OSError, subprocess.SubprocessError) as exc:  # the CPU went offline, the cgroup went
+                raise BenchError(f"the workload could not start in its cgroup"
+                                 f"{'' if cpu is None else f' on CPU {cpu}'}: {exc}") from None
     finally:
         cg.remove()
     if done.returncode != 0:
@@ -170,7 +175,7 @@ def phase_cpu(marks: Sequence[Sequence[float]], own: Sequence[float] | None,
     redis dataset's are redis-server's, not measured) and each watched daemon's."""
     out: dict[str, dict[str, float]] = {}
     for i, (phase, (start, end)) in enumerate(zip(benchreport.PHASES, marks)):
-        entry = {"workload": float(own[i])} if own is not None else {}
+        entry = {"workload": float(own[i])} if own is not None and i < len(own) else {}
         entry.update(watch.between(start, end))
         out[phase] = entry
     return out

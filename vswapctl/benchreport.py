@@ -107,6 +107,8 @@ def describe(params: Mapping[str, Any]) -> str:
         parts.append(f"{_mib(params['device_size'])} devices")
     if "small_capacity" in params:
         parts.append(f"hoststore-small holds {_mib(params['small_capacity'])}")
+    if params.get("workload_cpu") is not None:
+        parts.append(f"the workload kept on CPU {params['workload_cpu']}")
     return ", ".join(parts)
 
 
@@ -167,8 +169,9 @@ def cpu_lines(meds: Mapping[str, Mapping[str, Any]], cores: int | None) -> list[
                          busy])
     where = f" (this machine has {cores})" if cores else ""
     return ["", "CPU seconds per phase (median): the workload's own (its code, and the kernel's reclaim done in "
-                "its name) and each daemon's serving the target; cores busy = their sum / the phase's median "
-                f"seconds{where}", *_grid(rows)]
+                "its name; not with redis data, whose redis-server is not watched) and each daemon's serving "
+                f"the target; cores busy = their sum / the phase's median seconds{where}: a lower bound, kswapd "
+                "and the loop device's workers not counted", *_grid(rows)]
 
 
 # -- the chart ------------------------------------------------------------------------

@@ -11,7 +11,9 @@ together, in clock ticks.  A thread reads it every ``interval`` seconds with
 the time of the reading (``time.monotonic``: CLOCK_MONOTONIC, which the
 workload marks its phases with too), and a phase's share is read off the
 readings around its two marks, in proportion to time between them: good to
-about a tick (10 ms) each way.
+about a tick plus one interval of each busy thread's time at each mark.
+What no watched process runs is not counted: kswapd, the loop device's
+workers, zram's compression outside the workload.
 """
 
 from __future__ import annotations
@@ -93,9 +95,11 @@ class CpuWatch:
             return dict(self.readings[-1][1])
         (t0, a), (t1, b) = self.readings[i - 1], self.readings[i]
         share = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
-        return {name: a.get(name, 0.0) + (b[name] - a.get(name, 0.0)) * share for name in b}
+        # A process first read at ``t1``: nothing known before it (not its whole life so far).
+        return {name: a.get(name, b[name]) + (b[name] - a.get(name, b[name])) * share for name in b}
 
     def between(self, start: float, end: float) -> dict[str, float]:
-        """CPU seconds each process spent from ``start`` to ``end`` (ms-rounded)."""
+        """CPU seconds each process spent from ``start`` to ``end`` (ms-rounded): only
+        those read by ``start``, so that no process is charged what it spent before."""
         a, b = self.at(start), self.at(end)
-        return {name: round(b[name] - a.get(name, 0.0), 3) for name in b}
+        return {name: round(b[name] - a[name], 3) for name in b if name in a}

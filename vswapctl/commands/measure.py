@@ -300,7 +300,8 @@ def _add_bench(sub: Any) -> None:
                        help=f"runs per target, at least {benchlib.MIN_RUNS}; medians are reported (default "
                             f"{benchlib.MIN_RUNS})")
     bench.add_argument("--workload-cpu", type=argtype(cpu_number), metavar="CPU",
-                       help="keep the workload on this CPU (default: wherever the scheduler puts it).  Where "
+                       help="keep the workload on this CPU (with --data redis, redis-server and its client "
+                            "both; default: wherever the scheduler puts it).  Where "
                             "a workload moves between CPUs, reclaim in its name flushes the other CPUs' TLBs "
                             "by interrupt, which in a VM can cost as much CPU as the swap device itself: "
                             "runs then vary with where it ran (docs/benchmarks.md)")
