@@ -15,7 +15,7 @@ import logging
 from array import array
 
 from pagewire.codec import Codec, DecodeError
-from pagewire.messages import PAGE_SIZE
+from pagewire.messages import PAGE_SIZE, POOL_EPHEMERAL, POOL_SWAP
 from pagewire.sharedmem import SharedError
 
 from .sharedslab import SharedSlab, ZSharedSlab
@@ -56,6 +56,11 @@ class ClientPages:
         self.session: object | None = None  # the connection serving this client, if any
         self.away_since: float | None = None  # when its last connection ended
         self._reset()
+
+    @property
+    def pool(self) -> str:
+        """What its pages are to the store (``pagewire.messages.POOLS``)."""
+        return POOL_EPHEMERAL if self.ephemeral else POOL_SWAP
 
     def _reset(self, slab: bool = True) -> None:
         self.index = PageIndex()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pagewire import auth
-from pagewire.messages import POOL_EPHEMERAL, POOL_SWAP, ROLE_PAGER, Hello, HelloAnswer, SharedLayout
+from pagewire.messages import POOL_EPHEMERAL, ROLE_PAGER, Hello, HelloAnswer, SharedLayout
 from vswapcommon.counters import Counters
 
 from .backend import PageBackend
@@ -32,10 +32,6 @@ DEFAULT_MAX_CLIENTS = 1024
 
 class RequestError(Exception):
     """A request the store will not serve (answered with an error; the connection stays)."""
-
-
-def pool_of(client: ClientPages) -> str:
-    return POOL_EPHEMERAL if client.ephemeral else POOL_SWAP
 
 
 def _layout(client: ClientPages) -> SharedLayout | None:
@@ -98,13 +94,13 @@ class ClientRegistry:
         else:
             self._check_owner(old, owner)
             if self._proves_reconnect(old, hello, server_nonce):
-                if pool_of(old) != hello.pool:
-                    raise RequestError(f"client {old.name!r} holds a {pool_of(old)} pool: the same instance "
+                if old.pool != hello.pool:
+                    raise RequestError(f"client {old.name!r} holds a {old.pool} pool: the same instance "
                                        f"cannot come back as a {hello.pool} one")
                 return self._resume(old, can_share)
             self._replace(old)
         client = self._new_client(hello, owner, can_share)
-        answer = HelloAnswer(self.store.instance, False, client.secret, shared=_layout(client), pool=pool_of(client))
+        answer = HelloAnswer(self.store.instance, False, client.secret, shared=_layout(client), pool=client.pool)
         return client, answer, None
 
     def _check_owner(self, client: ClientPages, owner: str) -> None:
@@ -126,7 +122,7 @@ class ClientRegistry:
         if superseded is not None:
             self.store.counters.add(HostCounter.TAKEOVERS)
         shared = _layout(client) if can_share else None  # its memfds cannot travel on this connection
-        answer = HelloAnswer(self.store.instance, True, client.secret, shared=shared, pool=pool_of(client))
+        answer = HelloAnswer(self.store.instance, True, client.secret, shared=shared, pool=client.pool)
         return client, answer, superseded
 
     def _replace(self, old: ClientPages) -> None:

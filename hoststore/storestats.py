@@ -8,9 +8,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pagewire.messages import PAGE_SIZE, POOL_EPHEMERAL, POOL_SWAP
+from pagewire.messages import PAGE_SIZE
 from vswapcommon.logsetup import OUTPUT
 
+from . import ephemeral
 from .clientpages import ClientPages
 
 Store = Any  # a hoststore.store.Store (which imports this module: named, not imported)
@@ -23,7 +24,7 @@ def store_stats(store: Store, client: ClientPages | None = None, admin: bool = F
         "instance": store.instance,
         "pid": os.getpid(),
         "pages_stored": store.pages,
-        "ephemeral_pages": sum(c.count for c in store.clients.values() if c.ephemeral),
+        "ephemeral_pages": ephemeral.pages(store),
         "bytes_stored": store.pages * PAGE_SIZE,
         "slab_bytes_mapped": sum(c.slab.mapped_bytes for c in store.clients.values()),
         "capacity_pages": store.limits.capacity_pages,
@@ -59,7 +60,7 @@ def store_stats(store: Store, client: ClientPages | None = None, admin: bool = F
 def client_stats(store: Store, client: ClientPages) -> dict[str, object]:
     terms = store.terms(client)
     stats: dict[str, object] = {
-        "pool": POOL_EPHEMERAL if client.ephemeral else POOL_SWAP,
+        "pool": client.pool,
         "pages": client.count,
         "quota_pages": terms.quota_pages,
         "weight": store.limits.weight_of(client.name),

@@ -123,6 +123,12 @@ def _bool(value: Any, name: str) -> bool:
     return value
 
 
+def _pool(value: Any) -> str:
+    if value not in POOLS:
+        raise MessageError(f"unknown pool {value!r} (one of {', '.join(POOLS)})")
+    return value
+
+
 def _fields(params: Any, n: int, name: str) -> list[Any]:
     if not isinstance(params, list | tuple) or len(params) != n:
         raise MessageError(f"{name} takes {n} parameters")
@@ -315,8 +321,7 @@ class HelloAnswer:
 
     def __post_init__(self) -> None:
         _text(self.instance, "instance", 64)
-        if self.pool not in POOLS:
-            raise MessageError(f"unknown pool {self.pool!r} (one of {', '.join(POOLS)})")
+        _pool(self.pool)
         _bool(self.resumed, "resumed")
         _bytes(self.secret, "secret", SECRET_SIZE)
         _int(self.page_size, "page_size", PAGE_SIZE, PAGE_SIZE)
@@ -352,8 +357,7 @@ class Hello:
     def __post_init__(self) -> None:
         _int(self.version, "version", 0, 1 << 16)
         _bool(self.shared, "shared")
-        if self.pool not in POOLS:
-            raise MessageError(f"unknown pool {self.pool!r} (one of {', '.join(POOLS)})")
+        _pool(self.pool)
         check_client_name(self.client)
         if self.role not in ROLES:
             raise MessageError(f"unknown role {self.role!r}")

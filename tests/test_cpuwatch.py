@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import time
 
-from vswapctl.cpuwatch import CpuWatch, process_seconds
+from vswapctl.cpuwatch import CpuWatch
+from vswapctl.procs import cpu_seconds
 
 
 def watch_over(readings: list[tuple[float, float | None]]) -> CpuWatch:
@@ -51,7 +52,7 @@ def test_a_process_that_never_answered_is_not_reported() -> None:
 
 def test_a_real_process_cpu_is_seen_while_it_works() -> None:
     """This test's own process, read from another thread while it spins for 0.3 s of CPU."""
-    assert process_seconds(os.getpid()) is not None
+    assert cpu_seconds(os.getpid()) is not None
     with CpuWatch({"me": os.getpid()}, interval=0.01) as watch:
         start = time.monotonic()
         spun = time.process_time() + 0.3
@@ -69,4 +70,4 @@ def test_no_process_no_thread() -> None:
 
 
 def test_a_pid_that_is_not_there() -> None:
-    assert process_seconds(2 ** 22 + 12345) is None
+    assert cpu_seconds(2 ** 22 + 12345) is None

@@ -18,7 +18,7 @@ from hoststore.handback import HandBackEngine, Pace
 from hoststore.policies import parse_policy
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
-from hoststore.server import Server, ServerConfig, open_listener
+from hoststore.server import Server
 from hoststore.store import HostCounter, RequestError, Store, get_answer
 from pagewire import auth
 from pagewire.access import IN_PROCESS
@@ -27,6 +27,8 @@ from pagewire.causes import DropCause
 from pagewire.messages import (PAGE_SIZE, POOL_EPHEMERAL, POOL_SWAP, PROTOCOL_VERSION, ROLE_PAGER, Drain, HandBack,
                                HandBackCause, Hello, MessageError, PageStatus, Stats, TakeStatus)
 from vswapfs.hostclient import HostClient, query
+
+from .test_rpc import start_server
 
 S = PageStatus
 NONCE = b"s" * 16
@@ -267,11 +269,9 @@ async def test_an_instance_cannot_come_back_as_another_pool() -> None:
 # -- over a socket ------------------------------------------------------------------------------
 
 
-async def start(nursery: trio.Nursery, path: str, store: Store) -> tuple[Address, Server]:
-    listener = await open_listener(Address("unix", path=path))
-    server = Server(store, ServerConfig(handback_interval=60.0))
-    [address] = await nursery.start(server.serve, [listener])
-    return address, server
+async def start(nursery: trio.Nursery, path: str, store: Store, **config) -> tuple[Address, Server]:
+    """A store's server with no pressure loop to speak of (as test_rpc's, every 60 s)."""
+    return await start_server(nursery, path, store, handback_interval=60.0, **config)
 
 
 async def test_a_dropped_page_is_a_miss_in_shared_memory_and_over_the_wire(tmp_path) -> None:
@@ -296,9 +296,16 @@ async def test_a_dropped_page_is_a_miss_in_shared_memory_and_over_the_wire(tmp_p
 async def test_an_ephemeral_client_will_not_run_on_a_store_that_keeps_it_as_swap(tmp_path, monkeypatch) -> None:
     """A store older than pools answers no pool, which means swap: the client hangs up
     rather than have its pages kept, and handed back, as swap pages."""
-    import hoststore.clients
+    from pagewire.messages import HelloAnswer
 
-    monkeypatch.setattr(hoststore.clients, "pool_of", lambda client: POOL_SWAP)
+    answer_to_wire = HelloAnswer.to_wire
+
+    def without_pool(answer: HelloAnswer) -> dict:
+        wire = answer_to_wire(answer)
+        del wire["pool"]  # as a store older than pools answers
+        return wire
+
+    monkeypatch.setattr(HelloAnswer, "to_wire", without_pool)
     store = make_store(capacity=64)
     async with trio.open_nursery() as nursery:
         address, _ = await start(nursery, str(tmp_path / "s"), store)
@@ -338,9 +345,7 @@ async def test_a_drain_drops_ephemeral_pages_and_hands_swap_pages_back(tmp_path)
 async def test_a_drain_does_not_wait_for_an_away_ephemeral_pool(tmp_path) -> None:
     store = make_store(capacity=64)
     async with trio.open_nursery() as nursery:
-        listener = await open_listener(Address("unix", path=str(tmp_path / "s")))
-        server = Server(store, ServerConfig(handback_interval=60.0, drain_timeout=5.0))
-        [address] = await nursery.start(server.serve, [listener])
+        address, _ = await start(nursery, str(tmp_path / "s"), store, drain_timeout=5.0)
         client = HostClient(address, "cache", 64 * PAGE_SIZE, pool=POOL_EPHEMERAL)
         with trio.CancelScope() as running:
             async with trio.open_nursery() as own:

@@ -66,6 +66,7 @@ from pagewire.messages import (
 
 from . import launch
 from .benchstore import bench_store
+from .procs import cpu_seconds
 
 # Hostile connections by kind; 50 in all.
 KINDS = {
@@ -441,10 +442,11 @@ class _PeakRss:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User plus system time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system time of a process so far (it must still be there)."""
+    seconds = cpu_seconds(pid)
+    if seconds is None:
+        raise RuntimeError(f"process {pid} is gone: its CPU time cannot be read")
+    return seconds
 
 
 def _set_pressure(path: str, percent: float) -> None:

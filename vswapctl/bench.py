@@ -239,6 +239,6 @@ def bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
                 + "".join(f" (vswapctl --state-dir {d} down)" for d in live))
     params = asdict(cfg)
     params["targets"] = targets
-    params["cores"] = os.cpu_count()
+    params["cores"] = len(os.sched_getaffinity(0))  # the CPUs the bench, and so its workload, may use
     params["seconds"] = round(time.monotonic() - started, 1)
     return benchreport.build(samples, params, skipped)

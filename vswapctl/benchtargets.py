@@ -402,15 +402,13 @@ def vswapfs_swap(name: str, size: int, capacity: int, host: str | None, workdir:
 
 
 def _vswapfs_daemons(state_dir: str) -> dict[str, int]:
-    """The vswapfs daemon of the device in ``state_dir``, and the hoststore up started for it."""
+    """The vswapfs daemon of the device in ``state_dir``, and the hoststore up started for it
+    (each the very process recorded, not a pid used again)."""
     state = State.load(state_dir)
     if state is None:
         return {}
-    out = {}
-    for name, ident in (("vswapfs", state.vswapfs_id), ("hoststore", state.hoststore_id)):
-        if ident is not None:
-            out[name] = ident.pid
-    return out
+    ids = (("vswapfs", state.vswapfs_id), ("hoststore", state.hoststore_id))
+    return {name: ident.pid for name, ident in ids if ident is not None and ident.alive()}
 
 
 @contextmanager

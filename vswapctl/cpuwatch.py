@@ -19,24 +19,14 @@ workers, zram's compression outside the workload.
 from __future__ import annotations
 
 import bisect
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 
-TICKS = os.sysconf("SC_CLK_TCK")
+from .procs import cpu_seconds
+
 INTERVAL = 0.02
-
-
-def process_seconds(pid: int) -> float | None:
-    """User plus system CPU seconds of process ``pid`` so far, all threads; None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (proc(5): fields 14 and 15)
 
 
 Reading = tuple[float, dict[str, float]]
@@ -46,7 +36,7 @@ class CpuWatch:
     """Readings of each named process's CPU time while in the ``with`` block."""
 
     def __init__(self, pids: Mapping[str, int], interval: float = INTERVAL,
-                 read: Callable[[int], float | None] = process_seconds,
+                 read: Callable[[int], float | None] = cpu_seconds,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.pids = dict(pids)
         self.interval = interval

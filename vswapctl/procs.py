@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -24,6 +27,12 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     return data.rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces and parentheses
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of process ``pid`` so far, all its threads; None if it is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / TICKS  # proc(5): fields 14, 15
 
 
 def boot_id() -> str:
