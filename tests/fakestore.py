@@ -22,7 +22,9 @@ import trio
 
 from pagewire import auth
 from pagewire.access import IN_PROCESS
-from pagewire.messages import (PAGE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, Get, GetAnswer, HandBackCause, Hello, PageStatus, Put)
+from pagewire.causes import DropCause
+from pagewire.messages import (PAGE_SIZE, POOL_SWAP, PROTOCOL_VERSION, ROLE_PAGER, Get, GetAnswer, HandBackCause, Hello,
+                               PageStatus, Put)
 from hoststore.policy import Limits
 from hoststore.pressure import Sampler, Snapshot
 from hoststore.store import Store, get_answer
@@ -51,8 +53,10 @@ class _Call:
 
 
 class FakeStore:
-    def __init__(self, npages: int, capacity: int | None = None, *, latency: float = 0.0) -> None:
+    def __init__(self, npages: int, capacity: int | None = None, *, latency: float = 0.0,
+                 pool: str = POOL_SWAP) -> None:
         self.npages = npages
+        self.pool = pool
         self.capacity = capacity if capacity is not None else npages
         self.pressure = 10.0
         self.latency = latency
@@ -77,7 +81,8 @@ class FakeStore:
     def _new_instance(self) -> None:
         self.store = Store(Limits(capacity_pages=self.capacity),
                            Sampler(0, source=lambda: Snapshot.fake(self.pressure)))
-        hello = Hello(PROTOCOL_VERSION, "fake", ROLE_PAGER, self.npages * PAGE_SIZE, "i" * 8, auth.nonce())
+        hello = Hello(PROTOCOL_VERSION, "fake", ROLE_PAGER, self.npages * PAGE_SIZE, "i" * 8, auth.nonce(),
+                      pool=self.pool)
         self.client, _, _ = self.store.attach(hello, auth.nonce(), owner=IN_PROCESS)
         self.instances += 1
 
@@ -115,6 +120,12 @@ class FakeStore:
         """Serve everything stalled on the wire."""
         self.stalled = False
         self._wire_changed.set()
+
+    def drop(self, limit: int, cause: DropCause = DropCause.PRESSURE) -> int:
+        """An ephemeral pool's store drops up to ``limit`` of its oldest pages, telling no one."""
+        from hoststore.ephemeral import drop_oldest
+
+        return drop_oldest(self.store, self.client, limit, cause)
 
     @property
     def pages_stored(self) -> int:

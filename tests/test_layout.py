@@ -4,7 +4,8 @@
 * the packages stack up: ``vswapcommon`` imports none of ours, ``pagewire``
   only ``vswapcommon``, the store (``hoststore``) neither vswapfs nor vswapctl,
   and vswapfs reaches the store's package only from the in-process store
-  (``vswapfs.inproc``);
+  (``vswapfs.inproc``); the FS-cache (``fscache``) stands on vswapfs's store
+  clients, and on the store only through them;
 * no function longer than 60 lines, no class longer than 400.
 """
 
@@ -16,14 +17,15 @@ import pathlib
 import pytest
 
 TOP = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = ("vswapcommon", "pagewire", "hoststore", "vswapfs", "offload", "vswapctl")
+PACKAGES = ("vswapcommon", "pagewire", "hoststore", "vswapfs", "fscache", "offload", "vswapctl")
 MAY_IMPORT = {
     "vswapcommon": set(),
     "pagewire": {"vswapcommon"},
     "hoststore": {"vswapcommon", "pagewire"},
     "vswapfs": {"vswapcommon", "pagewire"},  # and hoststore from vswapfs.inproc only
+    "fscache": {"vswapcommon", "pagewire", "vswapfs"},  # the store's package through vswapfs.inproc only
     "offload": {"vswapcommon"},
-    "vswapctl": {"vswapcommon", "pagewire", "hoststore", "vswapfs", "offload"},
+    "vswapctl": {"vswapcommon", "pagewire", "hoststore", "vswapfs", "fscache", "offload"},
 }
 IN_PROCESS_STORE = "vswapfs.inproc"
 MAX_FUNCTION_LINES = 60

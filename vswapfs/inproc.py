@@ -30,7 +30,8 @@ import trio
 from pagewire.access import IN_PROCESS
 from pagewire.codec import COMPRESS_CHOICES, DEFAULT_COMPRESS, Codec, DecodeError
 from pagewire.address import INPROC, Address
-from pagewire.messages import NONCE_SIZE, PROTOCOL_VERSION, ROLE_PAGER, GetAnswer, HandBack, HandBackCause, Hello
+from pagewire.messages import (NONCE_SIZE, POOL_SWAP, PROTOCOL_VERSION, ROLE_PAGER, GetAnswer, HandBack,
+                               HandBackCause, Hello)
 from vswapcommon.sizes import PAGE_SIZE
 from hoststore.clientpages import NIL, ClientPages
 from hoststore.compressor import Idle, idle_from_args
@@ -51,10 +52,12 @@ class InprocStore:
 
     def __init__(self, name: str, device_size: int, limits: Limits, sampler: Sampler | None = None, *,
                  handback_interval: float = 0.05, handback_batch: int = 256,
-                 handback_rate: float = 25600.0, compress: Codec | None = None, idle: Idle = Idle()) -> None:
+                 handback_rate: float = 25600.0, compress: Codec | None = None, idle: Idle = Idle(),
+                 pool: str = POOL_SWAP) -> None:
+        """``pool``: what the pages are to the store (``pagewire.messages.POOLS``)."""
         self.store = Store(limits, sampler or Sampler(), compress=compress, idle=idle)
         hello = Hello(PROTOCOL_VERSION, name, ROLE_PAGER, device_size, secrets.token_hex(8),
-                      os.urandom(NONCE_SIZE))
+                      os.urandom(NONCE_SIZE), pool=pool)
         client, _answer, _old = self.store.attach(hello, os.urandom(NONCE_SIZE), owner=IN_PROCESS)
         assert client is not None
         self.client = client
@@ -156,12 +159,13 @@ def parse_pressure_source(text: str) -> Callable[[], Snapshot]:
     return parse_source(text)
 
 
-def from_options(args: argparse.Namespace, name: str, device_size: int) -> InprocStore:
-    """The in-process store vswapfs's options describe (``--capacity``, the watermarks, the source)."""
+def from_options(args: argparse.Namespace, name: str, device_size: int, pool: str = POOL_SWAP) -> InprocStore:
+    """The in-process store vswapfs's (or fscache's) options describe (``--capacity``, the
+    watermarks, the source)."""
     capacity = args.capacity if args.capacity is not None else device_size
     limits = Limits(high_percent=args.high_watermark, low_percent=args.low_watermark,
                     capacity_pages=capacity // PAGE_SIZE)
     sampler = Sampler(source=args.pressure_source or parse_source("psutil"))
     return InprocStore(name, device_size, limits, sampler,
                        compress=COMPRESS_CHOICES[getattr(args, "compress", None) or DEFAULT_COMPRESS],
-                       idle=idle_from_args(args) if hasattr(args, "recompress_after") else Idle())
+                       idle=idle_from_args(args) if hasattr(args, "recompress_after") else Idle(), pool=pool)

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vswapfs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     _add_device_arguments(ap)
-    _add_inproc_arguments(ap)
-    _add_identity_arguments(ap)
+    add_inproc_arguments(ap)
+    add_identity_arguments(ap)
     _add_paging_arguments(ap)
     _add_serving_arguments(ap)
     return ap
@@ -63,7 +63,7 @@ def _pressure_source(text: str) -> Any:
     return parse_pressure_source(text)
 
 
-def _add_inproc_arguments(ap: argparse.ArgumentParser) -> None:
+def add_inproc_arguments(ap: argparse.ArgumentParser) -> None:
     inproc = ap.add_argument_group("with --host inproc", "the in-process store's limits, as hoststore's")
     inproc.add_argument("--capacity", type=argtype(parse_size), metavar="SIZE",
                         help="most page data kept in memory (default: the device size)")
@@ -77,7 +77,7 @@ def _add_inproc_arguments(ap: argparse.ArgumentParser) -> None:
                                                "percentage read from PATH)")
 
 
-def _add_identity_arguments(ap: argparse.ArgumentParser) -> None:
+def add_identity_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--name", help="client name at the store (default: HOSTNAME/MACHINE-ID:MOUNTPOINT, unique "
                                    "per device)")
     ap.add_argument("--token-file", metavar="PATH",

@@ -1,0 +1,5 @@
+import sys
+
+from .mount import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""``fscache``: mount LOWER's tree at MOUNTPOINT, its clean pages cached in a host store, until unmounted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pyfuse3
+import trio
+
+from pagewire.address import INPROC
+from pagewire.auth import TokenError, load_token
+from pagewire.messages import POOL_EPHEMERAL
+from vswapcommon import metrics
+from vswapcommon.logsetup import OUTPUT, setup_logging
+from vswapcommon.sizes import PAGE_SIZE
+from vswapfs.control import remove_stale, serve_control
+from vswapfs.hostclient import HostClient
+from vswapfs.options import default_name
+from vswapfs.pagestore import StoreClient
+
+from .cachestats import StoreFigures, cache_families
+from .fs import Operations
+from .options import build_parser, check_args
+from .pagecache import PageCache
+
+log = logging.getLogger("fscache")
+
+
+class Unusable(Exception):
+    """What keeps fscache from starting, said in one line."""
+
+
+async def watch_signals(mountpoint: str) -> None:
+    """SIGTERM/SIGINT: unmount.  The kernel refuses (EBUSY) while anything has a file open
+    or a working directory in the mount; then this says so and goes on serving."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            argv = ["umount", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-u", mountpoint]
+            done = await trio.to_thread.run_sync(
+                lambda: subprocess.run(argv, capture_output=True, text=True, timeout=60))
+            if done.returncode:
+                log.warning("%s ignored: %s", name, (done.stderr or done.stdout).strip() or "unmount refused")
+                continue
+            log.info("%s: unmounted", name)
+            return
+
+
+async def serve(ops: Operations, cache: PageCache, client: StoreClient, figures: StoreFigures,
+                args: argparse.Namespace, stats: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        nursery.start_soon(figures.follow)
+        nursery.start_soon(watch_signals, args.mountpoint)
+        if args.control:
+            await nursery.start(serve_control, args.control, stats)
+        if args.metrics_snapshot is not None:
+            nursery.start_soon(metrics.publish_forever, args.metrics_snapshot, stats)
+        await pyfuse3.main(min_tasks=4, max_tasks=args.max_tasks)
+        await cache.release_store_copies()  # of no use to anyone now: the store gets the memory back at once
+        nursery.cancel_scope.cancel()
+
+
+def combined_stats(ops: Operations, cache: PageCache, client: StoreClient, figures: StoreFigures,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    section = cache.stats()
+    section.update(figures.latest)
+    stats: dict[str, Any] = {"cache": section}
+    client.report(stats)
+    stats.update({"pid": os.getpid(), "lower": args.lower, "mountpoint": args.mountpoint,
+                  "host_address": str(client.address), "host_connected": client.connected,
+                  "open_files": sum(1 for h in ops.handles.values() if h.fd >= 0),
+                  "known_inodes": len(ops.tree.nodes)})
+    stats["log_lines_dropped"] = OUTPUT.dropped
+    return stats
+
+
+def _store_client(args: argparse.Namespace, token: bytes | None) -> StoreClient:
+    name = args.name or default_name(args.mountpoint)
+    if args.host.kind == INPROC:
+        from vswapfs.inproc import from_options  # the store's package loads only for --host inproc
+
+        return from_options(args, name, args.size, pool=POOL_EPHEMERAL)
+    return HostClient(args.host, name, args.size, token=token, share=args.shared_memory,
+                      insecure_tcp=args.insecure_tcp, pool=POOL_EPHEMERAL)
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Operations, PageCache, StoreClient, StoreFigures]:
+    token = load_token(args.token_file) if args.token_file else None
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise Unusable("cannot mount: /dev/fuse is not open to this user")
+    if args.control:
+        try:
+            remove_stale(args.control)
+        except OSError as exc:
+            raise Unusable(f"--control {args.control}: {exc.strerror or exc}") from None
+    client = _store_client(args, token)
+    cache = PageCache(client, args.size // PAGE_SIZE, store_timeout=args.store_timeout)
+    try:
+        ops = Operations(args.lower, cache)
+    except OSError as exc:
+        client.close()
+        raise Unusable(f"LOWER {args.lower}: {exc.strerror or exc}") from None
+    return ops, cache, client, StoreFigures(client)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    setup_logging(args.verbose, "fscache")
+    OUTPUT.start()
+    try:
+        ops, cache, client, figures = _prepare(args)
+    except (TokenError, Unusable) as exc:
+        print(f"fscache: error: {exc}", file=sys.stderr)
+        return 1
+    stats = lambda: combined_stats(ops, cache, client, figures, args)  # noqa: E731
+    try:
+        args.metrics_snapshot = metrics.start(args.metrics, cache_families) if args.metrics else None
+        _mount(ops, args.mountpoint)
+    except (OSError, Unusable) as exc:
+        ops.close()
+        client.close()
+        print(f"fscache: error: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.info("serving %s at %s, up to %d MiB of file data named in the store at %s", args.lower,
+             args.mountpoint, args.size >> 20, client.address)
+    try:
+        trio.run(serve, ops, cache, client, figures, args, stats)
+    except BaseException:
+        pyfuse3.close(unmount=False)
+        raise
+    else:
+        pyfuse3.close()
+    finally:
+        ops.close()
+        client.close()
+    log.info("unmounted %s", args.mountpoint)
+    return 0
+
+
+def _mount(ops: Operations, mountpoint: str) -> None:
+    options = set(pyfuse3.default_options) | {"fsname=fscache", "subtype=fscache"}
+    if os.geteuid() == 0:
+        options.add("allow_other")  # a cache of a shared tree serves every user (permissions: the kernel's)
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except (RuntimeError, OSError) as exc:
+        raise Unusable(f"cannot mount on {mountpoint} ({exc})") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
