@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from .commands import admin, lifecycle, measure, observe, offload
+from .commands import admin, cache, lifecycle, measure, observe, offload
 from .state import DEFAULT_STATE_DIR
 
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "or $VSWAPFS_STATE_DIR); one device per state dir")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for group in (lifecycle, observe, admin, measure, offload):
+    for group in (lifecycle, cache, observe, admin, measure, offload):
         group.register(sub)
     return ap
 

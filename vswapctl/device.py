@@ -364,7 +364,7 @@ def log_tail(path: str, lines: int = 5) -> str:
         return ""
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, log_path: str,
+def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, log_path: str,
                 timeout: float) -> None:
     """Until *this* child says it is ready; at once if it exits."""
     deadline = time.monotonic() + timeout
@@ -378,14 +378,14 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: 
         time.sleep(0.05)
 
 
-def _identify(proc: subprocess.Popen[bytes], what: str) -> ProcessId:
+def identify(proc: subprocess.Popen[bytes], what: str) -> ProcessId:
     ident = ProcessId.of(proc.pid)
     if ident is None:
         raise UpFailed(f"{what} (pid {proc.pid}) exited at once")
     return ident
 
 
-def _store_pid(socket_path: str) -> int | None:
+def store_pid(socket_path: str) -> int | None:
     """The pid the store at ``socket_path`` reports, or None if it does not answer."""
     import trio
 
@@ -414,11 +414,11 @@ def _start_hoststore(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
         argv.append("-v")
     undo.push("stop hoststore", lambda: _stop_hoststore(state, say))
     proc = spawn_daemon("hoststore", argv, state.log("hoststore"))
-    ident = _identify(proc, "hoststore")
+    ident = identify(proc, "hoststore")
     state.hoststore = ident.to_dict()
     state.host = f"unix:{state.socket}"
     state.save()
-    _wait_ready(proc, lambda: _store_pid(state.socket) == proc.pid, "hoststore", state.log("hoststore"),
+    wait_ready(proc, lambda: store_pid(state.socket) == proc.pid, "hoststore", state.log("hoststore"),
                 cfg.start_timeout)
     say(f"hoststore pid {proc.pid} on {state.host}, capacity {format_size(cfg.capacity)}")
 
@@ -450,7 +450,7 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
         argv.append("-v")
     undo.push("stop vswapfs", lambda: _stop_vswapfs(state, say))
     proc = spawn_daemon("vswapfs", argv, state.log("vswapfs"))
-    ident = _identify(proc, "vswapfs")
+    ident = identify(proc, "vswapfs")
     state.vswapfs = ident.to_dict()
     state.save()
 
@@ -459,7 +459,7 @@ def _start_vswapfs(state: State, cfg: UpConfig, undo: Undo, say: Say) -> None:
         return stats is not None and stats.get("pid") == proc.pid and \
             system.mount_type(state.mountpoint) == "fuse.vswapfs"
 
-    _wait_ready(proc, ready, "vswapfs", state.log("vswapfs"), cfg.start_timeout)
+    wait_ready(proc, ready, "vswapfs", state.log("vswapfs"), cfg.start_timeout)
     state.mount_dev = own_mount(state.mountpoint, proc.pid)
     state.mounted = True
     state.size = int((_vswapfs_stats(state) or {}).get("device_bytes") or os.stat(state.backing).st_size)

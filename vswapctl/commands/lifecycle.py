@@ -28,14 +28,14 @@ def _tier(text: str) -> str:
     return text
 
 
-def _absolute_host(host: Address | None) -> str | None:
+def absolute_host(host: Address | None) -> str | None:
     """The daemons run in / (vswapctl.launch): a socket path given relative to here is made absolute."""
     if host is None:
         return None
     return str(dataclasses.replace(host, path=os.path.abspath(host.path)) if host.kind == "unix" else host)
 
 
-def _absolute_source(source: str | None) -> str | None:
+def absolute_source(source: str | None) -> str | None:
     """As for the host: ``file:PATH`` with PATH absolute."""
     kind, sep, path = (source or "").partition(":")
     return f"{kind}:{os.path.abspath(path)}" if kind == "file" and sep and path else source
@@ -55,16 +55,16 @@ def up_config(args: argparse.Namespace) -> device.UpConfig:
     return device.UpConfig(
         size=size, backing=backing,
         mountpoint=system.resolve_mountpoint(args.mountpoint or os.path.join(args.state_dir, "mnt")),
-        capacity=capacity, host=_absolute_host(args.host), token_file=args.token_file,
+        capacity=capacity, host=absolute_host(args.host), token_file=args.token_file,
         insecure_tcp=args.insecure_tcp, writethrough=args.writethrough,
-        pressure_source=_absolute_source(args.pressure_source), priority=args.priority, discard=args.discard,
+        pressure_source=absolute_source(args.pressure_source), priority=args.priority, discard=args.discard,
         swap=args.swap, verbose=args.verbose, start_timeout=args.start_timeout,
         extra_hoststore=["--tier", args.tier] if args.tier else [], compress=args.compress,
-        recompress=_recompress_argv(args),
+        recompress=recompress_argv(args),
     )
 
 
-def _recompress_argv(args: argparse.Namespace) -> list[str]:
+def recompress_argv(args: argparse.Namespace) -> list[str]:
     """The recompression options, passed on to the store up starts."""
     argv = []
     if args.recompress_after:

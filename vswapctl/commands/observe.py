@@ -18,7 +18,9 @@ from pagewire.messages import PAGE_SIZE
 from vswapcommon.sizes import format_size
 
 from .. import system
+from ..cachemount import CacheState
 from ..state import State
+from .cache import cache_figures, cache_status
 from .common import (CONTROL_TIMEOUT, WITH_HOST_ONLY, StoreTarget, fail, need_state, pressure_risks,
                      read_host_stats, read_vswapfs_stats, say, store_options,
                      store_target, table)
@@ -33,6 +35,14 @@ def _running(ident: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    cache_state = CacheState.load(args.state_dir)
+    if cache_state is not None and State.load(args.state_dir) is None:  # a cache alone
+        status = {"cache": cache_status(cache_state)}
+        if args.json:
+            print(json.dumps(status, indent=1))
+        else:
+            _cache_rows(status["cache"])
+        return 0
     state = need_state(args)
     fs = read_vswapfs_stats(state)
     swap = system.swaps().get(state.loop) if state.loop else None
@@ -56,9 +66,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         "pressure_risks": pressure_risks(state, fs),
         "compression": _compression(state, fs),
     }
+    if cache_state is not None:
+        status["cache"] = cache_status(cache_state)
     if args.json:
         print(json.dumps(status, indent=1))
         return 0
+    _status_rows(state, status, fs)
+    if cache_state is not None:
+        _cache_rows(status["cache"])
+    return 0
+
+
+def _status_rows(state: State, status: dict[str, Any], fs: dict[str, Any] | str) -> None:
+    fs_ok = isinstance(fs, dict)
+    swap = status["swap"]
     dev = state.loop or "(no loop device: up --no-swap)"
     if swap:
         dev += f"  swap on, priority {swap['priority']}, used {format_size(swap['used_kib'] * 1024)} " \
@@ -91,7 +112,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                                     f"{format_size(comp['mem_used_bytes'])} of memory ({ratio}), "
                                     f"{comp['incompressible_pages']} pages kept as they are"))
     table(rows)
-    return 0
+
+
+def _cache_rows(cache: dict[str, Any]) -> None:
+    table([("cache", f"{cache['summary']}; fscache {cache['fscache']}" +
+            ("" if cache["mounted"] else " (NOT MOUNTED)") + f", store {cache['host']}")])
 
 
 def _compression(state: State, fs: dict[str, Any] | str) -> dict[str, Any] | None:
@@ -105,21 +130,30 @@ def _compression(state: State, fs: dict[str, Any] | str) -> dict[str, Any] | Non
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    cache_state = CacheState.load(args.state_dir)
+    if cache_state is not None and State.load(args.state_dir) is None:  # a cache alone
+        return _print_stats({}, cache_state, args.json)
     state = need_state(args)
     fs = read_vswapfs_stats(state)
     if state.host == INPROC:  # the store lives in vswapfs: its counters came with vswapfs's
         host = fs.pop("inproc_store", "not reported") if isinstance(fs, dict) else "inside vswapfs, which " + fs
     else:
         host = read_host_stats(StoreTarget.of(state))
-    if args.json:
-        print(json.dumps({"vswapfs": fs, "hoststore": host}, indent=1, sort_keys=True))
+    return _print_stats({"vswapfs": fs, "hoststore": host}, cache_state, args.json)
+
+
+def _print_stats(sections: dict[str, Any], cache_state: CacheState | None, as_json: bool) -> int:
+    """Each daemon's counters, a section each; with a cache up, its ``cache`` section (and
+    the rest of fscache's figures)."""
+    if cache_state is not None:
+        sections["cache"], sections["fscache"] = cache_figures(cache_state)
+    if as_json:
+        print(json.dumps(sections, indent=1, sort_keys=True))
         return 0
-    print("vswapfs" + (f": {fs}" if isinstance(fs, str) else ""))
-    if isinstance(fs, dict):
-        table(sorted(_flatten(fs)), indent="  ")
-    print("hoststore" + (f": {host}" if isinstance(host, str) else ""))
-    if isinstance(host, dict):
-        table(sorted(_flatten(host)), indent="  ")
+    for name, figures in sections.items():
+        print(name + (f": {figures}" if isinstance(figures, str) else ""))
+        if isinstance(figures, dict):
+            table(sorted(_flatten(figures)), indent="  ")
     return 0
 
 
@@ -299,13 +333,15 @@ def register(sub: Any) -> None:
 
 
 def _add_status(sub: Any) -> None:
-    status = sub.add_parser("status", help="the device, the daemons, and where the pages live")
+    status = sub.add_parser("status", help="the device, the daemons, and where the pages live (and the cache, "
+                                           "if one is up)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
 
 def _add_stats(sub: Any) -> None:
-    stats = sub.add_parser("stats", help="both daemons' counters")
+    stats = sub.add_parser("stats", help="both daemons' counters (and the cache's, in a `cache` section, if one "
+                                         "is up)")
     stats.add_argument("--json", action="store_true", help="machine-readable")
     stats.set_defaults(func=cmd_stats)
 
