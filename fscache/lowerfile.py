@@ -86,7 +86,9 @@ class PageReader:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                self.direct = False  # opened, but the filesystem refuses direct reads after all
+                # Opened, but the filesystem refuses direct reads after all: plain reads from now on.
+                self.direct = False
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             finally:
                 buf.close()
         data = os.pread(self.fd, length, offset)

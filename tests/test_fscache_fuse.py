@@ -1,0 +1,328 @@
+"""A mounted FS-cache (``vswapctl cache up``): the tree as its users see it, against real daemons.
+
+What a stacked filesystem's users expect (``cp -a``, ``tar``, ``git``) gives the same
+tree through the mount as in LOWER; changes through the mount and behind its back are
+seen; pages come back from the store once the mount's own page cache let them go
+(``posix_fadvise(DONTNEED)`` on the mount's file: no machine-wide cache drop), and
+LOWER's page cache does not keep a second copy of them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from fscache.lowerfile import PageReader
+from pagewire.address import Address
+from pagewire.messages import PAGE_SIZE, Stats
+from vswapctl import cachemount
+from vswapctl.device import Stopped
+from vswapfs.hostclient import query
+
+from .conftest import fuse_unavailable
+from .daemons import wait_for
+
+pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable())),
+              pytest.mark.skipif(os.geteuid() != 0, reason="cache up needs root")]
+
+
+class Mounted:
+    def __init__(self, base: str, host: str | None = None, **config: object) -> None:
+        self.lower = os.path.join(base, "lower")
+        self.mnt = os.path.join(base, "mnt")
+        self.state_dir = os.path.join(base, "state")
+        self.pressure = os.path.join(base, "pressure")
+        os.makedirs(self.lower, exist_ok=True)
+        with open(self.pressure, "w") as f:
+            f.write("10\n")
+        self.cfg = cachemount.CacheConfig(self.lower, self.mnt, host=host, capacity=64 << 20,
+                                          pressure_source=f"file:{self.pressure}", **config)  # type: ignore[arg-type]
+        self.log: list[str] = []
+
+    def up(self) -> "Mounted":
+        cachemount.bring_up(self.state_dir, self.cfg, self.log.append)
+        return self
+
+    def down(self) -> None:
+        state = cachemount.CacheState.load(self.state_dir)
+        if state is not None:
+            cachemount.take_down(self.state_dir, self.log.append)
+
+    def stats(self) -> dict:
+        state = cachemount.CacheState.load(self.state_dir)
+        assert state is not None
+        figures = cachemount.stats(state)
+        assert figures is not None
+        return figures
+
+    def cache(self) -> dict:
+        return self.stats()["cache"]
+
+    def set_pressure(self, percent: int) -> None:
+        with open(self.pressure + ".tmp", "w") as f:
+            f.write(f"{percent}\n")
+        os.replace(self.pressure + ".tmp", self.pressure)
+
+
+@pytest.fixture(params=["hoststore", "inproc"])
+def mounted(disk_dir: str, request: pytest.FixtureRequest) -> Iterator[Mounted]:
+    m = Mounted(disk_dir, host=None if request.param == "hoststore" else "inproc")
+    try:
+        yield m.up()
+    finally:
+        m.down()
+
+
+def sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def forget_mount_pages(path: str) -> None:
+    """Let the mount's own page cache go for one file (clean pages: as reclaim would)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def make_tree(root: str) -> None:
+    os.makedirs(os.path.join(root, "a", "b"))
+    for i, size in enumerate([0, 1, PAGE_SIZE - 1, PAGE_SIZE, 3 * PAGE_SIZE + 17, 300_000]):
+        with open(os.path.join(root, "a", f"f{i}"), "wb") as f:
+            f.write(os.urandom(size))
+    os.symlink("f4", os.path.join(root, "a", "link"))
+    os.symlink("/nowhere/at/all", os.path.join(root, "a", "b", "dangling"))
+    os.link(os.path.join(root, "a", "f5"), os.path.join(root, "a", "b", "hard"))
+    os.chmod(os.path.join(root, "a", "f1"), 0o640)
+    os.setxattr(os.path.join(root, "a", "f3"), "user.note", b"kept")
+    os.mkfifo(os.path.join(root, "a", "fifo"))
+
+
+def tree_listing(root: str) -> list[tuple]:
+    """What cp -a and tar must carry over: names, types, modes, owners, sizes, times, links, data."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            data = sha(path) if os.path.isfile(path) and not os.path.islink(path) else \
+                os.readlink(path) if os.path.islink(path) else None
+            out.append((rel, st.st_mode, st.st_uid, st.st_gid, st.st_size if not os.path.isdir(path) else 0,
+                        st.st_mtime_ns // 10**9 if not os.path.islink(path) else 0, data))
+    return sorted(out)
+
+
+def test_cp_a_and_tar_through_the_mount_give_lowers_tree(mounted: Mounted, disk_dir: str) -> None:
+    make_tree(os.path.join(mounted.lower, "src"))
+    copy = os.path.join(disk_dir, "copy")
+    subprocess.run(["cp", "-a", os.path.join(mounted.mnt, "src"), copy], check=True)
+    assert tree_listing(copy) == tree_listing(os.path.join(mounted.lower, "src"))
+    assert os.getxattr(os.path.join(copy, "a", "f3"), "user.note") == b"kept"
+    assert os.stat(os.path.join(copy, "a", "f5")).st_ino == os.stat(os.path.join(copy, "a", "b", "hard")).st_ino
+    # Into the mount: tar out of LOWER's copy, extract through the mount, compare in LOWER.
+    archive = os.path.join(disk_dir, "t.tar")
+    subprocess.run(["tar", "-C", copy, "--xattrs", "-cf", archive, "."], check=True)
+    os.mkdir(os.path.join(mounted.mnt, "unpacked"))
+    subprocess.run(["tar", "-C", os.path.join(mounted.mnt, "unpacked"), "--xattrs", "-xpf", archive], check=True)
+    assert tree_listing(os.path.join(mounted.lower, "unpacked")) == tree_listing(copy)
+    assert tree_listing(os.path.join(mounted.mnt, "unpacked")) == tree_listing(copy)
+    assert mounted.cache()["io_errors"] == 0
+
+
+def test_git_through_the_mount_sees_lowers_repository(mounted: Mounted) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": "/dev/null"}
+    repo = os.path.join(mounted.mnt, "repo")
+
+    def git(*args: str, where: str = repo) -> str:
+        return subprocess.run(["git", "-C", where, *args], check=True, capture_output=True, text=True,
+                              env=env).stdout
+
+    os.mkdir(repo)
+    git("init", "-q")
+    make_tree(os.path.join(repo, "src"))
+    os.unlink(os.path.join(repo, "src", "a", "fifo"))  # git keeps no fifos
+    git("add", "-A")
+    git("commit", "-qm", "tree")
+    assert git("status", "--porcelain") == ""
+    assert git("status", "--porcelain", where=os.path.join(mounted.lower, "repo")) == ""
+    with open(os.path.join(mounted.lower, "repo", "src", "a", "f4"), "ab") as f:  # behind the mount's back
+        f.write(b"more")
+    assert git("status", "--porcelain") == " M src/a/f4\n"
+    git("fsck", "--strict", "--no-progress")  # every object reads back whole
+
+
+def test_writes_through_the_mount_are_read_back_at_once(mounted: Mounted) -> None:
+    path, lower = os.path.join(mounted.mnt, "f"), os.path.join(mounted.lower, "f")
+    data = bytearray(os.urandom(20 * PAGE_SIZE))
+    with open(path, "wb") as f:
+        f.write(data)
+    assert sha(path) == sha(lower) == hashlib.sha256(data).hexdigest()
+    forget_mount_pages(path)
+    assert sha(path) == hashlib.sha256(data).hexdigest()  # now cached in the store
+    forget_mount_pages(path)
+    with open(path, "r+b") as f:  # a write across a page boundary, by another opener
+        f.seek(5 * PAGE_SIZE - 3)
+        f.write(b"XYZXYZ")
+    data[5 * PAGE_SIZE - 3 : 5 * PAGE_SIZE + 3] = b"XYZXYZ"
+    forget_mount_pages(path)
+    assert sha(path) == sha(lower) == hashlib.sha256(data).hexdigest()
+    os.truncate(path, 7 * PAGE_SIZE + 5)
+    del data[7 * PAGE_SIZE + 5 :]
+    os.truncate(path, 12 * PAGE_SIZE)
+    data.extend(bytes(12 * PAGE_SIZE - len(data)))
+    forget_mount_pages(path)
+    assert sha(path) == hashlib.sha256(data).hexdigest()
+    with open(path, "ab") as f:
+        f.write(b"tail")
+    data.extend(b"tail")
+    forget_mount_pages(path)
+    assert sha(path) == sha(lower) == hashlib.sha256(data).hexdigest()
+    c = mounted.cache()
+    assert c["host_hits"] > 0 and c["invalidated_pages"] > 0 and c["lower_changes"] == 0 and c["io_errors"] == 0
+
+
+def test_rename_over_and_unlink_forget_the_file_gone(mounted: Mounted) -> None:
+    a, b = os.path.join(mounted.mnt, "a"), os.path.join(mounted.mnt, "b")
+    for path, byte in ((a, b"a"), (b, b"b")):
+        with open(path, "wb") as f:
+            f.write(byte * (8 * PAGE_SIZE))
+        forget_mount_pages(path)
+        assert sha(path)  # read through: cached
+    held = mounted.cache()["cached_pages"]
+    os.rename(a, b)
+    assert open(b, "rb").read() == b"a" * (8 * PAGE_SIZE)
+    assert mounted.cache()["cached_pages"] == held - 8  # b's old file is gone, and its pages with it
+    os.unlink(b)
+    assert mounted.cache()["cached_pages"] == held - 16
+    assert not os.path.exists(os.path.join(mounted.lower, "b"))
+
+
+def test_a_change_to_lower_behind_the_mounts_back_is_seen_at_the_next_open(mounted: Mounted) -> None:
+    path, lower = os.path.join(mounted.mnt, "f"), os.path.join(mounted.lower, "f")
+    with open(lower, "wb") as f:
+        f.write(b"1" * (8 * PAGE_SIZE))
+    assert sha(path) == sha(lower)
+    forget_mount_pages(path)
+    assert sha(path) == sha(lower)
+    assert mounted.cache()["host_hits"] >= 8
+    fd = os.open(lower, os.O_WRONLY)
+    os.pwrite(fd, b"2" * PAGE_SIZE, 3 * PAGE_SIZE)  # same size: only the times tell
+    os.close(fd)
+    assert sha(path) == sha(lower)  # at once: open revalidates (and the kernel drops its copy)
+    assert mounted.cache()["lower_changes"] == 1
+    with open(lower, "ab") as f:  # it grows
+        f.write(b"3" * 100)
+    assert sha(path) == sha(lower)
+
+
+def test_lowers_page_cache_holds_no_second_copy(mounted: Mounted) -> None:
+    path, lower = os.path.join(mounted.mnt, "big"), os.path.join(mounted.lower, "big")
+    with open(lower, "wb") as f:
+        f.write(os.urandom(256 * PAGE_SIZE))
+    fd = os.open(lower, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert sha(path)
+    forget_mount_pages(path)
+    assert sha(path) == sha(os.path.join(mounted.mnt, "big"))
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", lower], check=True,
+                         capture_output=True, text=True).stdout
+    assert int(out.split()[0]) <= 256 * PAGE_SIZE // 10, out
+
+
+def test_pressure_drops_the_pool_and_reads_stay_right(disk_dir: str) -> None:
+    m = Mounted(disk_dir)
+    try:
+        m.up()
+        path = os.path.join(m.mnt, "f")
+        with open(os.path.join(m.lower, "f"), "wb") as f:
+            f.write(os.urandom(512 * PAGE_SIZE))
+        want = sha(os.path.join(m.lower, "f"))
+        assert sha(path) == want
+        state = cachemount.CacheState.load(m.state_dir)
+        assert state is not None
+
+        def store() -> dict:
+            return trio.run(query, Address("unix", path=state.socket), Stats(), 2.0)
+
+        assert store()["ephemeral_pages"] == 512
+        m.set_pressure(99)
+        wait_for(lambda: store()["ephemeral_pages"] == 0, 20, "the pool dropped")
+        host = store()
+        assert host["dropped_pressure"] == 512 and host["handed_back_pressure"] == 0
+        forget_mount_pages(path)
+        assert sha(path) == want
+        assert m.cache()["stale_copies"] == 0
+    finally:
+        m.down()
+
+
+def test_down_is_refused_while_the_mount_is_in_use(disk_dir: str) -> None:
+    m = Mounted(disk_dir, host="inproc").up()
+    try:
+        with open(os.path.join(m.lower, "f"), "wb") as f:
+            f.write(b"x")
+        with open(os.path.join(m.mnt, "f"), "rb"):
+            with pytest.raises(Stopped, match="umount"):
+                cachemount.take_down(m.state_dir, m.log.append)
+            assert cachemount.CacheState.load(m.state_dir) is not None
+        assert cachemount.take_down(m.state_dir, m.log.append)
+        assert not os.path.ismount(m.mnt)
+    finally:
+        m.down()
+
+
+def test_up_refuses_a_mount_point_inside_lower(disk_dir: str) -> None:
+    lower = os.path.join(disk_dir, "lower")
+    os.makedirs(os.path.join(lower, "inside"))
+    cfg = cachemount.CacheConfig(lower, os.path.join(lower, "inside"), host="inproc")
+    with pytest.raises(cachemount.UpFailed, match="contain one another"):
+        cachemount.bring_up(os.path.join(disk_dir, "state"), cfg, print)
+    assert cachemount.CacheState.load(os.path.join(disk_dir, "state")) is None
+
+
+@pytest.mark.parametrize("refuses", ["open", "read"])
+def test_lower_refusing_o_direct_is_read_with_dontneed(disk_dir: str, monkeypatch: pytest.MonkeyPatch,
+                                                       refuses: str) -> None:
+    """Where a filesystem refuses O_DIRECT (at open, or only at the first read), the reader
+    falls back to plain reads and DONTNEED, and still reads right."""
+    path = os.path.join(disk_dir, "f")
+    with open(path, "wb") as f:
+        f.write(b"q" * (3 * PAGE_SIZE + 5))
+    real_open, real_preadv = os.open, os.preadv
+    advised = []
+
+    def refusing_open(name, flags, *args, **kwargs):
+        if refuses == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "no O_DIRECT here")
+        return real_open(name, flags, *args, **kwargs)
+
+    def refusing_preadv(*args):
+        raise OSError(errno.EINVAL, "no direct reads here")
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    if refuses == "read":
+        monkeypatch.setattr(os, "preadv", refusing_preadv)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: advised.append((off, n, advice)))
+    reader = PageReader(path)
+    try:
+        assert reader.direct == (refuses == "read")
+        assert reader.read(1, 5) == b"q" * (2 * PAGE_SIZE + 5)
+        assert not reader.direct and advised == [(PAGE_SIZE, 5 * PAGE_SIZE, os.POSIX_FADV_DONTNEED)]
+    finally:
+        reader.close()
+    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.setattr(os, "preadv", real_preadv)
+    with pytest.raises(FileNotFoundError):
+        PageReader(os.path.join(disk_dir, "missing"))
