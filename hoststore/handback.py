@@ -56,7 +56,7 @@ class Pace:
     interval: float = 0.05  # how often pressure is checked
     rest: float = 5.0  # a client that took nothing back is left alone this long
     per_client: int | None = None  # pages per client per round, in batches (default: one batch)
-    drop_per_round: int = 32768  # ephemeral pages dropped per round under pressure (128 MiB: 2.5 GiB/s)
+    drop_per_round: int = 262144  # ephemeral pages dropped per round under pressure (1 GiB; 4096 between turns)
     drop_chunk: int = DROP_CHUNK
 
 
@@ -127,7 +127,7 @@ class HandBackEngine:
                 await trio.sleep(pace.interval)
                 try:
                     if await self._drop_ephemeral() and ephemeral.pages(self.store):
-                        continue  # swap pages wait while ephemeral ones are left (a round drops 128 MiB)
+                        continue  # swap pages wait while ephemeral ones are left (a round drops 1 GiB)
                     budget = per_round
                     for client in self._candidates(busy, resting):
                         if budget <= 0:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import signal
+import sys
+import tempfile
 from typing import Any
 
 from pagewire.access import INSECURE_TCP_GIVES_UP, check_tcp_options
 from pagewire.address import INPROC, parse_store_address
 from pagewire.codec import DEFAULT_COMPRESS, add_compress_arguments, recompress_problem
-from vswapcommon.cliutil import argtype, positive
+from vswapcommon.cliutil import argtype, count as positive_int, positive
 from vswapcommon.sizes import format_size
 
 from .. import cachemount, device, system
 from ..state import Busy
-from .common import fail, interrupt, page_size, say
+from .common import fail, interrupt, page_size, say, table
 from .lifecycle import absolute_host, absolute_source, recompress_argv
 
 DEFAULT_CAPACITY = "256M"
@@ -69,6 +73,7 @@ def register(sub: Any) -> None:
                                        "as an ephemeral pool, which may drop any of them at any time.")
     csub = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
     _add_up(csub)
+    _add_bench(csub)
     down = csub.add_parser("down", help="unmount the cache and stop the store cache up started",
                            description="Unmount (refused while anything uses the mount: nothing is lost, LOWER "
                                        "holds every page) and stop what cache up started.")
@@ -101,6 +106,66 @@ def _add_up(csub: Any) -> None:
                     help=f"how long each daemon may take to be ready (default {device.READY_TIMEOUT:g})")
     up.add_argument("-v", "--verbose", action="store_true", help="debug logging in the daemons' logs")
     up.set_defaults(func=cmd_cache_up)
+
+
+def cmd_cache_bench(args: argparse.Namespace) -> int:
+    from .. import cachebench, cgroup
+
+    if os.geteuid() != 0:
+        return fail("cache bench needs root (memory cgroups, FUSE)")
+    try:
+        cgroup.detect()
+    except cgroup.CgroupUnavailable as exc:
+        return fail(str(exc))
+    progress = (lambda m: print(f"vswapctl: {m}", file=sys.stderr, flush=True)) if args.json else say
+    directory = tempfile.mkdtemp(prefix="vswapctl-cachebench-", dir=args.dir)
+    cfg = cachebench.CacheBenchConfig(directory, tree=args.tree, limit=args.limit, reclaim=args.reclaim,
+                                      runs=args.runs)
+    try:
+        report = cachebench.run(cfg, progress)
+    except (cachebench.CacheBenchError, device.UpFailed, device.Stopped, Busy, cgroup.CgroupUnavailable) as exc:
+        return fail(f"cache bench: {exc}")
+    finally:
+        cachemount.take_down(os.path.join(directory, "state"), lambda m: None)
+        shutil.rmtree(directory, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    m = report["medians"]
+    table([
+        ("read, LOWER cold", f"{m['lower_cold']:.2f} s"),
+        ("read through the cache, first pass", f"{m['cache_first']:.2f} s"),
+        ("read through the cache, second pass", f"{m['cache_second']:.2f} s ({m['second_pass_vs_lower_cold']:.2f}x "
+                                                f"LOWER cold; {100 * m['second_pass_host_share']:.0f}% of whole "
+                                                f"pages from the store)"),
+        ("LOWER resident after it", f"{100 * m['lower_resident_share']:.1f}%"),
+        ("memory back: dropping the pool", f"{m['dropped_bytes'] / 2**20:.0f} MiB in {m['drop_seconds']:.3f} s "
+                                            f"({m['handed_back_pages']} pages written anywhere)"),
+        ("memory back: reclaiming page cache", f"{m['reclaimed_bytes'] / 2**20:.0f} MiB in "
+                                                f"{m['reclaim_seconds']:.3f} s"),
+    ])
+    say(f"medians of {args.runs} runs; every file's sha256 matched LOWER's")
+    return 0
+
+
+def _add_bench(csub: Any) -> None:
+    from ..cachebench import __doc__ as doc
+
+    bench = csub.add_parser("bench", help="reads through the cache against LOWER cold; memory back by dropping "
+                                          "against reclaim", description=doc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--tree", type=argtype(page_size), default=page_size("512M"), metavar="SIZE",
+                       help="the tree read twice (default 512M)")
+    bench.add_argument("--limit", type=argtype(page_size), default=page_size("64M"), metavar="SIZE",
+                       help="the reader's memory cgroup limit (default 64M)")
+    bench.add_argument("--reclaim", type=argtype(page_size), default=page_size("1G"), metavar="SIZE",
+                       help="how much memory to get back each way (default 1G)")
+    bench.add_argument("--runs", type=argtype(positive_int), default=3, metavar="N", help="default 3")
+    bench.add_argument("--dir", default="/var/tmp", metavar="DIR",
+                       help="where to write the trees (a disk filesystem, not tmpfs; default /var/tmp); "
+                            "removed afterwards")
+    bench.add_argument("--json", action="store_true", help="the report as JSON (progress goes to stderr)")
+    bench.set_defaults(func=cmd_cache_bench)
 
 
 def describe(stats: dict[str, Any]) -> str:
