@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fscache.counters import CacheCounter
 from hoststore.hostcounters import HANDBACK_COUNTER, REFUSAL_COUNTER, HostCounter
 from hoststore.tiercounters import TierCounter
 from pagewire.causes import REFUSAL_CAUSES, REFUSALS, HandBackCause, PageStatus
@@ -18,7 +19,7 @@ def test_the_document_is_what_the_definitions_say() -> None:
 
 def test_every_counter_is_described_and_in_the_document() -> None:
     text = counterdoc.DOC.read_text()
-    for counters in (PagerCounter, LinkCounter, HostCounter, TierCounter):
+    for counters in (PagerCounter, LinkCounter, HostCounter, TierCounter, CacheCounter):
         for c in counters:
             assert c.description.strip(), c
             assert f"| `{c.value}` | {c.unit.value} |" in text, c
@@ -49,3 +50,16 @@ def test_every_store_counter_is_reported(tmp_path) -> None:
 
     stats = Store(Limits(capacity_pages=16), Sampler(source=lambda: Snapshot.fake(10.0)), compress=Codec.LZ4).stats(admin=True)
     assert set(stats) - {c.value for c in HostCounter} - {"tier"} == set(counterdoc.STORE_STATE) - {"tier"}
+
+
+def test_every_cache_figure_is_described() -> None:
+    from fscache.cachestats import StoreFigures
+    from fscache.pagecache import PageCache
+    from pagewire.messages import POOL_EPHEMERAL
+
+    from .fakestore import FakeStore
+
+    store = FakeStore(8, pool=POOL_EPHEMERAL)
+    stats = PageCache(store, 8).stats()
+    stats.update(StoreFigures(store).latest)  # type: ignore[arg-type]
+    assert set(stats) - {c.value for c in CacheCounter} == set(counterdoc.CACHE_STATE)

@@ -69,4 +69,4 @@ def test_record_then_plot_a_store(tmp_path) -> None:
 
 def test_top_without_a_device_or_a_store_says_why(tmp_path) -> None:
     done = vswapctl("--state-dir", str(tmp_path), "top", "--count", "1")
-    assert done.returncode == 1 and "no device is up" in done.stderr
+    assert done.returncode == 1 and "no device or cache is up" in done.stderr

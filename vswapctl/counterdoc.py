@@ -10,6 +10,7 @@ import argparse
 import pathlib
 import sys
 
+from fscache.counters import CacheCounter
 from hoststore.hostcounters import HostCounter
 from hoststore.tiercounters import TierCounter
 from pagewire.causes import DROP_CAUSES, HANDBACK_CAUSES, REFUSAL_CAUSES
@@ -19,7 +20,7 @@ from vswapfs.pagemap import STATE_NAMES
 from vswapfs.pagercounters import PagerCounter
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "counters.md"
-SECTIONS: tuple[type[CounterEnum], ...] = (PagerCounter, LinkCounter, HostCounter, TierCounter)
+SECTIONS: tuple[type[CounterEnum], ...] = (PagerCounter, LinkCounter, HostCounter, TierCounter, CacheCounter)
 
 _HEAD = """\
 # Counters
@@ -29,8 +30,8 @@ Every counter the daemons report, by cause: its name in `vswapctl stats --json`
 generated from the definitions in the code (`python -m vswapctl.counterdoc
 --write`); a test fails when the two differ.
 
-In Prometheus (`--metrics`), a counter is `vswap_pager_<name>` or
-`vswap_store_<name>`, with `_pages` or `_connections` appended when it counts
+In Prometheus (`--metrics`), a counter is `vswap_pager_<name>`,
+`vswap_store_<name>` or (the FS-cache's) `vswap_cache_<name>`, with `_pages` or `_connections` appended when it counts
 those, and `_total`; the `refused_*` counters are one family,
 `..._refused_pages_total{reason="..."}`.  A store's per-client counters carry a
 `client` label (`vswap_store_client_...`).
@@ -89,6 +90,23 @@ PAGER_STATE = {
 }
 
 
+CACHE_STATE = {
+    "slots": "the pages of file data the cache can keep track of (fscache --size, in pages)",
+    "cached_pages": "file pages the cache names in the store now (the store may have dropped some since)",
+    "files_known": "files the cache keeps a record of (open, or with pages named)",
+    "host_pages": "the pages of this cache the store holds, as it last said (asked once a second)",
+    "dropped_pages": "the store's `dropped_<cause>` counters for this cache, by cause, as it last said",
+}
+FSCACHE_STATE = {
+    "pid": "fscache's process id", "lower": "LOWER", "mountpoint": "the mount point",
+    "host_address": "the store's address", "host_connected": "true while the store is reachable",
+    "shared_memory": "true while pages are read from memory the store shares",
+    "open_files": "files open through the mount now", "known_inodes": "inodes the kernel knows through the mount",
+    "inproc_store": "with --host inproc: the in-process store's own stats",
+    "log_lines_dropped": "log lines dropped (fscache never waits for its log)",
+}
+
+
 def _state(title: str, fields: dict[str, str]) -> list[str]:
     rows = ["", f"## {title}", "", "| field | meaning |", "|---|---|"]
     return rows + [f"| `{name}` | {meaning} |" for name, meaning in fields.items()]
@@ -122,6 +140,9 @@ def render() -> str:
         lines += _table(counters)
     lines += _state("vswapfs's state, beside its counters", PAGER_STATE)
     lines += _state("hoststore's state, beside its counters", STORE_STATE)
+    lines += _state("The FS-cache's state, in its `cache` section beside its counters", CACHE_STATE)
+    lines += _state("fscache's other figures (`vswapctl stats`: the `fscache` section), beside the link "
+                    "counters above", FSCACHE_STATE)
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,8 @@
 
 A sample is one flat map: ``time``, then ``vswapfs.NAME`` and ``store.NAME`` for
 every number either daemon reports (vswapfs from its control socket, the store
-with a ``stats`` request; nothing touches the mount).
+with a ``stats`` request; nothing touches the mount), and ``cache.NAME`` for an
+FS-cache's section when one is up (from fscache's control socket).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ RATES = (("writes", "vswapfs.write_requests"), ("pages out to store", "vswapfs.h
          ("pages out to backing", "vswapfs.backing_writes"), ("pages in from store", "vswapfs.host_reads"),
          ("pages in from backing", "vswapfs.backing_reads"), ("discarded pages", "vswapfs.discard_pages"))
 PAGES = ("host", "host_and_backing", "backing", "same_filled", "unwritten", "lost_now")
+# The FS-cache's, when one is up.
+CACHE_RATES = (("cache pages from store", "cache.host_hits"), ("cache pages from LOWER", "cache.lower_pages_read"),
+               ("cache pages invalidated", "cache.invalidated_pages"))
 
 
 def flatten(prefix: str, stats: dict[str, Any] | str | None) -> Sample:
@@ -35,10 +39,17 @@ def flatten(prefix: str, stats: dict[str, Any] | str | None) -> Sample:
     return out
 
 
-def take(read_vswapfs: Callable[[], Any], read_store: Callable[[], Any]) -> Sample:
+def take(read_vswapfs: Callable[[], Any], read_store: Callable[[], Any],
+         read_cache: Callable[[], Any] | None = None) -> Sample:
+    """One sample; with ``read_cache`` (an FS-cache is up), its ``cache`` section too
+    (``cache.NAME``, and ``cache.dropped.CAUSE`` for the store's drops of its pages)."""
     sample: Sample = {"time": time.time()}
     sample.update(flatten("vswapfs", read_vswapfs()))
     sample.update(flatten("store", read_store()))
+    if read_cache is not None:
+        cache = read_cache()
+        sample.update(flatten("cache", cache))
+        sample.update(flatten("cache.dropped", cache.get("dropped_pages") if isinstance(cache, dict) else None))
     return sample
 
 
@@ -69,8 +80,13 @@ def render(sample: Sample, per_second: dict[str, float], title: str) -> str:
                      f"{int(sample.get('store.capacity_pages', 0))}; memory used "
                      f"{sample.get('store.used_percent', 0):.1f}%"
                      + ("  UNDER PRESSURE" if sample.get("store.under_pressure") else ""))
+    if "cache.slots" in sample:
+        dropped = "  ".join(f"{k.removeprefix('cache.dropped.')} {int(v)}" for k, v in sorted(sample.items())
+                            if k.startswith("cache.dropped."))
+        lines.append(f"cache      {int(sample.get('cache.host_pages', 0))} pages in the store, "
+                     f"{int(sample.get('cache.cached_pages', 0))} named; dropped by the store: {dropped or '-'}")
     lines.append("")
-    for label, key in RATES:
+    for label, key in RATES + CACHE_RATES:
         if key in sample:
             lines.append(f"{label:<24}{per_second.get(key, 0.0):>12.0f}/s")
     refusals = refusal_rates(per_second) or refusal_rates(per_second, "vswapfs")
@@ -120,9 +136,12 @@ def plot(samples: list[Sample], path: str) -> None:
     stored = list(series(samples, "store.pages_stored"))
     if stored:
         top.plot([t for t, _ in stored], [v for _, v in stored], label="stored (store)", linestyle="--")
+    cached = list(series(samples, "cache.host_pages"))
+    if cached:
+        top.plot([t for t, _ in cached], [v for _, v in cached], label="cache's pages in the store", linestyle=":")
     top.set_ylabel("pages")
     top.legend(loc="upper left", fontsize="small")
-    for label, key in RATES[1:]:
+    for label, key in RATES[1:] + CACHE_RATES:
         per = [(b["time"] - samples[0]["time"], rates(a, b).get(key, 0.0)) for a, b in zip(samples, samples[1:])]
         if any(v for _, v in per):
             bottom.plot([t for t, _ in per], [v for _, v in per], label=label)

@@ -210,35 +210,49 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _readers(args: argparse.Namespace) -> tuple[Any, Any, str] | str:
-    """(read vswapfs's stats, read the store's, a title); a str says why not."""
+def _readers(args: argparse.Namespace) -> tuple[Any, Any, str, Any] | str:
+    """(read vswapfs's stats, read the store's, a title, read the cache's or None); a str says why not."""
     if args.host is not None:
         target = store_target(args, "")
         if isinstance(target, str):
             return target
-        return (lambda: None), (lambda: read_host_stats(target)), f"store {args.host}"
+        return (lambda: None), (lambda: read_host_stats(target)), f"store {args.host}", None
     if args.token_file or args.insecure_tcp:
         return WITH_HOST_ONLY
-    state = State.load(args.state_dir)
+    readers = _device_readers(State.load(args.state_dir))
+    cache_state = CacheState.load(args.state_dir)
+    if cache_state is None:
+        return readers if readers is not None else \
+            f"no device or cache is up in {args.state_dir} (give --host ADDR to watch a store alone)"
+
+    def cache() -> Any:
+        return cache_figures(cache_state)[0]
+
+    if readers is None:
+        return (lambda: None), (lambda: None), f"cache {cache_state.mountpoint}", cache
+    return readers[0], readers[1], readers[2] + f"; cache {cache_state.mountpoint}", cache
+
+
+def _device_readers(state: State | None) -> tuple[Any, Any, str, None] | None:
     if state is None:
-        return f"no device is up in {args.state_dir} (give --host ADDR to watch a store alone)"
+        return None
     if state.host == INPROC:
         def store() -> Any:
             fs = read_vswapfs_stats(state)
             return fs.get("inproc_store") if isinstance(fs, dict) else None
-        return (lambda: read_vswapfs_stats(state)), store, f"vswapfs {state.mountpoint} (inproc store)"
+        return (lambda: read_vswapfs_stats(state)), store, f"vswapfs {state.mountpoint} (inproc store)", None
     return ((lambda: read_vswapfs_stats(state)), (lambda: read_host_stats(StoreTarget.of(state))),
-            f"vswapfs {state.mountpoint}, store {state.host}")
+            f"vswapfs {state.mountpoint}, store {state.host}", None)
 
 
-def _samples(args: argparse.Namespace, readers: tuple[Any, Any, str]) -> Any:
+def _samples(args: argparse.Namespace, readers: tuple[Any, Any, str, Any]) -> Any:
     from .. import watch
 
     n = 0
     while args.count is None or n < args.count:
         if n:
             time.sleep(args.interval)
-        yield watch.take(readers[0], readers[1])
+        yield watch.take(readers[0], readers[1], readers[3])
         n += 1
 
 
@@ -363,8 +377,8 @@ def _add_top_and_record(sub: Any) -> None:
     for name, helptext in (("top", "a live view of both daemons, refreshed in place"),
                            ("record", "sample both daemons' counters to a file (JSON lines, or CSV for .csv)")):
         w = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ", every "
-                           "INTERVAL seconds until ^C (or COUNT samples); from the device in the state "
-                           "directory, or a store alone with --host.")
+                           "INTERVAL seconds until ^C (or COUNT samples); from the device (and the FS-cache) in "
+                           "the state directory, or a store alone with --host.")
         if name == "record":
             w.add_argument("file", metavar="FILE")
         w.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="default 1")
