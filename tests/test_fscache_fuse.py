@@ -326,3 +326,42 @@ def test_lower_refusing_o_direct_is_read_with_dontneed(disk_dir: str, monkeypatc
     monkeypatch.setattr(os, "preadv", real_preadv)
     with pytest.raises(FileNotFoundError):
         PageReader(os.path.join(disk_dir, "missing"))
+
+
+def vswapctl(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "vswapctl", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_status_stats_top_record_and_metrics_know_the_cache(disk_dir: str) -> None:
+    import json
+
+    from fscache.cachestats import cache_families
+
+    m = Mounted(disk_dir).up()
+    try:
+        with open(os.path.join(m.lower, "f"), "wb") as f:
+            f.write(os.urandom(16 * PAGE_SIZE))
+        path = os.path.join(m.mnt, "f")
+        sha(path)
+        forget_mount_pages(path)
+        sha(path)
+        stats = json.loads(vswapctl("--state-dir", m.state_dir, "stats", "--json").stdout)
+        assert stats["cache"]["host_hits"] == 16 and stats["cache"]["lower_pages_read"] == 16
+        assert stats["fscache"]["lower"] == m.lower and stats["fscache"]["host_connected"]
+        assert "vswapfs" not in stats  # no device is up in that state directory
+        status = json.loads(vswapctl("--state-dir", m.state_dir, "status", "--json").stdout)
+        assert status["cache"]["mounted"] and status["cache"]["counters"]["host_hits"] == 16
+        top = vswapctl("--state-dir", m.state_dir, "top", "--count", "1")
+        assert top.returncode == 0 and "cache pages from store" in top.stdout, top.stderr
+        record = os.path.join(disk_dir, "rec.jsonl")
+        assert vswapctl("--state-dir", m.state_dir, "record", record, "--count", "2", "--interval", "0.1").returncode == 0
+        with open(record) as f:
+            samples = [json.loads(line) for line in f]
+        assert samples[-1]["cache.host_hits"] == 16 and "cache.dropped.pressure" in samples[-1]
+        names = {family.name for family in cache_families(m.stats())}
+        assert {"vswap_cache_host_hits_pages", "vswap_cache_host_pages", "vswap_cache_dropped_pages"} <= names
+    finally:
+        m.down()
+    assert "no device or cache is up" in vswapctl("--state-dir", m.state_dir, "top", "--count", "1").stderr
