@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -110,12 +111,25 @@ def _prepare(args: argparse.Namespace) -> tuple[Operations, PageCache, StoreClie
     return ops, cache, client, StoreFigures(client)
 
 
+def _raise_open_file_limit() -> None:
+    """One descriptor is held per inode the kernel knows through the mount (``fscache.tree``):
+    the usual soft limit of 1024 is one `ls -l` of a large directory away."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     check_args(ap, args)
     setup_logging(args.verbose, "fscache")
     OUTPUT.start()
+    _raise_open_file_limit()
+    os.umask(0)  # the kernel applied the caller's umask already; this daemon's must not apply too
     try:
         ops, cache, client, figures = _prepare(args)
     except (TokenError, Unusable) as exc:
@@ -135,14 +149,12 @@ def main(argv: list[str] | None = None) -> int:
              args.mountpoint, args.size >> 20, client.address)
     try:
         trio.run(serve, ops, cache, client, figures, args, stats)
-    except BaseException:
-        pyfuse3.close(unmount=False)
-        raise
-    else:
-        pyfuse3.close()
     finally:
-        ops.close()
-        client.close()
+        try:
+            pyfuse3.close(unmount=True)  # a cache holds nothing LOWER lacks: never leave a dead mount behind
+        finally:
+            ops.close()
+            client.close()
     log.info("unmounted %s", args.mountpoint)
     return 0
 

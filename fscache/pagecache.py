@@ -99,10 +99,9 @@ class PageCache:
             self.files[ident.key] = f
             self._by_number[f.number] = f
         f.opens += 1  # first: an open file keeps its record through the reset
-        if not same and f.changes:
-            return f, False  # a change through the mount in progress: it records what the file is
         if not same and f.ident != ident:
-            self.counters.add(CacheCounter.LOWER_CHANGES)
+            if not f.changes:  # else it may be that change's doing: forgotten all the same
+                self.counters.add(CacheCounter.LOWER_CHANGES)
             self._reset(f)
             f.ident = ident
         return f, same
@@ -142,36 +141,36 @@ class PageCache:
         ``first`` on when ``count`` is None), made through the mount.  Before it: if the
         file is not as the cache last saw it (``now()``, its identity), it changed behind
         the mount's back and all of it is forgotten; else the pages the change touches
-        are.  The version moves on before and after the change, so no offer of data read
-        meanwhile is kept; after it, the file's identity is recorded as the cache's own
-        doing (while another change is in progress, the file's identity is that change's
-        to record).  ``now`` is a blocking call (one fstat); ``before``, the identity just
-        before the change where the caller has it (``now`` is then asked only after)."""
+        are.  While it is in progress, nothing read from LOWER is kept, and the version
+        moves on before and after it, so no offer of data read meanwhile is kept either;
+        after it, the file's identity is recorded as the cache's own doing (while another
+        change is in progress, the file's identity is that change's to record).  ``now``
+        is a blocking call (one fstat: run in a worker thread); ``before``, the identity
+        just before the change where the caller has it (``now`` is then asked only after)."""
         f.version += 1
         if f.changes:
             before = f.ident
-        elif before is None:
-            try:
-                before = now()
-            except OSError:
-                pass
         f.changes += 1
-        if before != f.ident:
-            self.counters.add(CacheCounter.LOWER_CHANGES)
-            self._reset(f)
-        else:
-            end = None if count is None else first + count
-            self._drop_pages(f, [i for i in f.pages if i >= first and (end is None or i < end)],
-                             CacheCounter.INVALIDATED_PAGES)
         try:
+            if before is None:
+                before = await _identity(now)
+            if before != f.ident:
+                self.counters.add(CacheCounter.LOWER_CHANGES)
+                self._reset(f)
+            else:
+                end = None if count is None else first + count
+                self._drop_pages(f, [i for i in f.pages if i >= first and (end is None or i < end)],
+                                 CacheCounter.INVALIDATED_PAGES)
             yield
         finally:
             f.version += 1
+            with trio.CancelScope(shield=True):
+                ident = await _identity(now)
             f.changes -= 1
-            try:
-                f.ident = now()
-            except OSError:
+            if ident is None or ident.key != f.ident.key:
                 self._reset(f)  # cannot tell what the file is now: nothing of it is kept
+            else:
+                f.ident = ident
 
     # -- reads ------------------------------------------------------------------------
 
@@ -257,12 +256,13 @@ class PageCache:
         self._maybe_unused(f)
 
     async def _from_lower(self, f: CachedFile, read_lower: ReadLower, start: int, count: int) -> bytes:
-        """Pages from LOWER, and an offer of the whole ones to the store."""
-        version = f.version
+        """Pages from LOWER, and an offer of the whole ones to the store, unless the file is
+        being changed through the mount now (what LOWER holds is then in flux) or is gone."""
+        version, steady = f.version, not f.changes and self.known(f)
         data = await read_lower(start, count)
         whole = len(data) // PAGE_SIZE
         self.counters.add(CacheCounter.LOWER_PAGES_READ, -(-len(data) // PAGE_SIZE))
-        if whole:
+        if whole and steady and f.version == version:
             await self._offer(f, version, start, memoryview(data)[: whole * PAGE_SIZE])
         return data
 
@@ -316,7 +316,7 @@ class PageCache:
         if statuses is None or len(statuses) != k:
             self.counters.add(CacheCounter.OFFER_FAILED, k)
             return
-        kept = f.version == version and self.known(f)
+        kept = f.version == version and not f.changes and self.known(f)
         for j in range(k):
             if statuses[j] != _STORED:
                 self.counters.add(CacheCounter.HOST_REFUSED)
@@ -364,6 +364,7 @@ class PageCache:
             for slot in f.pages.values():
                 self.slots.free(slot)
             f.pages.clear()
+            self._maybe_unused(f)
 
     # -- figures ------------------------------------------------------------------------
 
@@ -373,6 +374,15 @@ class PageCache:
         stats["cached_pages"] = self.slots.used
         stats["files_known"] = len(self.files)
         return stats
+
+
+async def _identity(now: Callable[[], Identity]) -> Identity | None:
+    """``now()`` in a worker thread (a slow LOWER holds up this change, not the daemon);
+    None if the file cannot be looked at."""
+    try:
+        return await trio.to_thread.run_sync(now)
+    except OSError:
+        return None
 
 
 def _gaps(served: list[bool], first: int, n: int) -> Iterator[tuple[int, int]]:

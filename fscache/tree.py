@@ -4,7 +4,9 @@ Each inode the kernel knows (it looked it up, and has not forgotten it) holds an
 ``O_PATH`` descriptor of its LOWER file, so operations reach the very file the kernel
 means even when its names change behind the mount's back, and a LOWER inode cannot be
 freed and its number reused while the kernel may still ask for it.  Hard links to one
-LOWER inode are one inode here.  Operations on a node's own file go through
+LOWER inode are one inode here, numbered as LOWER numbers it where it can.  Each held
+descriptor counts against the open-file limit (``fscache`` raises it to the hard
+limit).  Operations on a node's own file go through
 ``/proc/self/fd/N``; those on names in a directory through ``dir_fd``.
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
+OTHERS = 1 << 62  # the numbers given to inodes whose own number cannot serve
 
 
 @dataclass(slots=True)
@@ -44,7 +47,8 @@ class Tree:
         root = Node(ROOT, fd, (st.st_dev, st.st_ino), st.st_mode, lookups=1)
         self.nodes: dict[int, Node] = {ROOT: root}
         self._by_key: dict[tuple[int, int], Node] = {root.key: root}
-        self._next = ROOT + 1
+        self._dev = st.st_dev
+        self._next = OTHERS
 
     def __getitem__(self, inode: int) -> Node:
         try:
@@ -70,14 +74,24 @@ class Tree:
         key = (st.st_dev, st.st_ino)
         node = self._by_key.get(key)
         if node is None:
-            node = Node(self._next, fd, key, stat.S_IFMT(st.st_mode))
-            self._next += 1
+            node = Node(self._number(st), fd, key, stat.S_IFMT(st.st_mode))
             self.nodes[node.inode] = node
             self._by_key[key] = node
         else:
             os.close(fd)
         node.lookups += 1
         return node
+
+    def _number(self, st: os.stat_result) -> int:
+        """LOWER's own inode number where it can serve (so that what tools remember of a
+        file, as git's index does, still holds after the kernel forgets and looks it up
+        again): on LOWER's device, and not the root's number.  Files on filesystems
+        mounted inside LOWER get numbers from a range of their own."""
+        if st.st_dev == self._dev and st.st_ino != ROOT and st.st_ino < OTHERS and st.st_ino not in self.nodes:
+            return st.st_ino
+        number = self._next
+        self._next += 1
+        return number
 
     def forget(self, inode: int, n: int) -> None:
         node = self.nodes.get(inode)

@@ -10,6 +10,7 @@ does.  Changes through the mount go through :func:`change_through`, as
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -66,8 +67,11 @@ class Lower:
 
 
 async def change_through(cache: PageCache, f: CachedFile, lower: Lower, ino: int, offset: int,
-                         data: bytes | None = None, truncate: int | None = None) -> None:
-    """A write (``data`` at ``offset``) or a truncate (to ``truncate``) through the mount."""
+                         data: bytes | None = None, truncate: int | None = None,
+                         during: Callable[[], Awaitable[None]] | None = None) -> None:
+    """A write (``data`` at ``offset``) or a truncate (to ``truncate``) through the mount;
+    ``during()`` is awaited inside the change, before LOWER changes (as a slow write lets
+    other requests in)."""
     if truncate is not None:
         first, count = truncate // PAGE_SIZE, None
     else:
@@ -76,6 +80,8 @@ async def change_through(cache: PageCache, f: CachedFile, lower: Lower, ino: int
         count = -(-(offset + len(data)) // PAGE_SIZE) - first
     async with cache.changing(f, first, count, now=lambda: lower.ident(ino)):
         await trio.lowlevel.checkpoint()
+        if during is not None:
+            await during()
         if truncate is not None:
             lower.truncate(ino, truncate)
         else:

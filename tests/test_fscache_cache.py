@@ -8,11 +8,15 @@ in-memory LOWER, and checks the bytes read against LOWER and the cache's counter
 from __future__ import annotations
 
 
+import errno
+import os
+
 import pytest
 import trio
 import trio.testing
 
 from fscache.counters import CacheCounter as C
+from fscache.lowerfile import PageReader
 from fscache.pagecache import SHUN_TIMEOUTS, PageCache
 from pagewire.messages import PAGE_SIZE, POOL_EPHEMERAL
 
@@ -247,3 +251,57 @@ async def test_release_store_copies_gives_the_store_its_memory_back() -> None:
     assert store.pages_stored == 8
     await cache.release_store_copies()
     assert store.pages_stored == 0
+
+
+async def test_what_a_read_takes_from_lower_during_a_change_is_not_kept() -> None:
+    """A read arriving while a truncate is on its way to LOWER (readahead, an O_DIRECT
+    reader) reads what is about to go: the pages it read must not come back later, when
+    the file grows again and they should read as zeros."""
+    cache, _, lower = make()
+    lower.create(1, blob(4 * PAGE_SIZE, tag=1))
+    f, _ = cache.opened(lower.ident(1))
+
+    async def read_meanwhile() -> None:
+        assert await cache.read(f, lower.reader(1), 0, 4 * PAGE_SIZE) == lower.data[1]  # still the old bytes
+
+    await change_through(cache, f, lower, 1, 0, truncate=PAGE_SIZE, during=read_meanwhile)
+    assert not f.pages and cache.counters[C.HOST_OFFERED] == 0
+    await change_through(cache, f, lower, 1, 0, truncate=4 * PAGE_SIZE)
+    assert await cache.read(f, lower.reader(1), 0, 4 * PAGE_SIZE) == lower.data[1]
+    assert lower.data[1][PAGE_SIZE:] == bytes(3 * PAGE_SIZE)
+
+
+@pytest.mark.parametrize("refuses", ["open", "read"])
+def test_lower_refusing_o_direct_is_read_with_dontneed(disk_dir: str, monkeypatch: pytest.MonkeyPatch,
+                                                       refuses: str) -> None:
+    """Where a filesystem refuses O_DIRECT (at open, or only at the first read), the reader
+    falls back to plain reads and DONTNEED, and still reads right."""
+    path = os.path.join(disk_dir, "f")
+    with open(path, "wb") as f:
+        f.write(b"q" * (3 * PAGE_SIZE + 5))
+    real_open, real_preadv = os.open, os.preadv
+    advised = []
+
+    def refusing_open(name, flags, *args, **kwargs):
+        if refuses == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "no O_DIRECT here")
+        return real_open(name, flags, *args, **kwargs)
+
+    def refusing_preadv(*args):
+        raise OSError(errno.EINVAL, "no direct reads here")
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    if refuses == "read":
+        monkeypatch.setattr(os, "preadv", refusing_preadv)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: advised.append((off, n, advice)))
+    reader = PageReader(path)
+    try:
+        assert reader.direct == (refuses == "read")
+        assert reader.read(1, 5) == b"q" * (2 * PAGE_SIZE + 5)
+        assert not reader.direct and advised == [(PAGE_SIZE, 5 * PAGE_SIZE, os.POSIX_FADV_DONTNEED)]
+    finally:
+        reader.close()
+    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.setattr(os, "preadv", real_preadv)
+    with pytest.raises(FileNotFoundError):
+        PageReader(os.path.join(disk_dir, "missing"))

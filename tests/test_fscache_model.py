@@ -27,6 +27,7 @@ from .test_pager_model import TrioThread
 INODES = st.integers(1, 3)
 MAX_PAGES = 6
 OFFSETS = st.integers(0, MAX_PAGES * PAGE_SIZE)
+WHOLE = 4 * MAX_PAGES * PAGE_SIZE  # more than any file grows to (offsets, plus a write of 2 pages)
 
 
 def payload(tag: int, n: int) -> bytes:
@@ -100,7 +101,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(ino=INODES)
     def read_whole(self, ino: int) -> None:
-        self.read(ino, 0, MAX_PAGES * PAGE_SIZE + PAGE_SIZE)
+        self.read(ino, 0, WHOLE)
 
     # -- a handle kept open: what it reads may be older than LOWER only after a change
     # behind the mount's back since it was opened (close-to-open), never otherwise.
@@ -127,7 +128,7 @@ class CacheMachine(RuleBasedStateMachine):
         f = self._handle(ino)
         if f is None:
             return
-        got = self.call(self.cache.read, f, self.lower.reader(ino), 0, MAX_PAGES * PAGE_SIZE + PAGE_SIZE)
+        got = self.call(self.cache.read, f, self.lower.reader(ino), 0, WHOLE)
         if ino in self.behind:
             event("read through a handle opened before a change behind its back: not checked")
             return
@@ -175,14 +176,39 @@ class CacheMachine(RuleBasedStateMachine):
             self.store.latency = 0.01
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read, ino, 0, MAX_PAGES * PAGE_SIZE)
+                    nursery.start_soon(self._read, ino, 0, WHOLE)
                     await trio.sleep(0.005)
                     await self._change(ino, offset, data, None)
             finally:
                 self.store.latency = 0.0
 
         self.call(race)
-        self.read(ino, 0, MAX_PAGES * PAGE_SIZE + PAGE_SIZE)
+        self.read(ino, 0, WHOLE)
+
+    @rule(ino=INODES, offset=OFFSETS, n=st.integers(1, 2 * PAGE_SIZE), truncate=st.booleans())
+    def read_inside_a_change(self, ino: int, offset: int, n: int, truncate: bool) -> None:
+        """Reads (and an open) that arrive while a write or truncate through the mount is
+        on its way to LOWER (an O_DIRECT reader, readahead): what they read of LOWER is in
+        flux and must not be kept."""
+        if not self._exists(ino):
+            return
+        data = None if truncate else self._data(n)
+
+        async def inside() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read, ino, 0, WHOLE)
+                await trio.testing.wait_all_tasks_blocked()
+
+        async def change() -> None:
+            f, _ = self.cache.opened(self.lower.ident(ino))
+            try:
+                await change_through(self.cache, f, self.lower, ino, offset, data, offset if truncate else None,
+                                     during=inside)
+            finally:
+                self.cache.closed(f)
+
+        self.call(change)
+        self.read(ino, 0, WHOLE)
 
     # -- behind the mount's back -------------------------------------------------------------
 

@@ -244,9 +244,12 @@ def _ours_mounted(state: CacheState) -> bool:
 
 
 def _stop_fscache(state: CacheState, say: Say) -> None:
+    """Unmount, then see fscache exit.  A cache mount at our mount point that up never saw
+    ready (fscache died, or was stopped, before it said so) is ours too: up's preflight
+    found nothing mounted there, and the mount point's lock kept others away."""
     ident = ProcessId.from_dict(state.fscache)
     alive = ident is not None and ident.alive()
-    if _ours_mounted(state):
+    if _ours_mounted(state) or (not state.mounted and system.mount_type(state.mountpoint) == FSTYPE):
         argv = ["umount", state.mountpoint] if alive else ["umount", "-l", state.mountpoint]  # -l: nobody serves it
         try:
             system.run(argv, timeout=UMOUNT_TIMEOUT)
