@@ -7,7 +7,6 @@ import logging
 import os
 import resource
 import signal
-import subprocess
 import sys
 from typing import Any
 
@@ -22,6 +21,7 @@ from vswapcommon.logsetup import OUTPUT, setup_logging
 from vswapcommon.sizes import PAGE_SIZE
 from vswapfs.control import remove_stale, serve_control
 from vswapfs.hostclient import HostClient
+from vswapfs.mount import watch_signals
 from vswapfs.options import default_name
 from vswapfs.pagestore import StoreClient
 
@@ -35,22 +35,6 @@ log = logging.getLogger("fscache")
 
 class Unusable(Exception):
     """What keeps fscache from starting, said in one line."""
-
-
-async def watch_signals(mountpoint: str) -> None:
-    """SIGTERM/SIGINT: unmount.  The kernel refuses (EBUSY) while anything has a file open
-    or a working directory in the mount; then this says so and goes on serving."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            argv = ["umount", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-u", mountpoint]
-            done = await trio.to_thread.run_sync(
-                lambda: subprocess.run(argv, capture_output=True, text=True, timeout=60))
-            if done.returncode:
-                log.warning("%s ignored: %s", name, (done.stderr or done.stdout).strip() or "unmount refused")
-                continue
-            log.info("%s: unmounted", name)
-            return
 
 
 async def serve(ops: Operations, cache: PageCache, client: StoreClient, figures: StoreFigures,

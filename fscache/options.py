@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from pagewire.access import check_tcp_options
-from pagewire.address import INPROC, parse_store_address
-from pagewire.messages import MessageError, check_client_name
+from pagewire.address import parse_store_address
 from vswapcommon import metrics
 from vswapcommon.cliutil import argtype, positive
 from vswapcommon.sizes import PAGE_SIZE, parse_size
-from vswapfs.options import add_identity_arguments, add_inproc_arguments, check_inproc_options, check_mountpoint
+from vswapfs.options import (add_identity_arguments, add_inproc_arguments, check_control_and_store, check_mountpoint,
+                             check_tasks_and_name, inside)
 
 DEFAULT_SIZE = "1G"
 
@@ -67,13 +66,7 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     afterwards would ask this very process)."""
     if args.size <= 0 or args.size % PAGE_SIZE:
         ap.error(f"--size {args.size} is not a positive multiple of {PAGE_SIZE}")
-    if args.max_tasks < 1:
-        ap.error("--max-tasks must be at least 1")
-    if args.name is not None:
-        try:
-            check_client_name(args.name)
-        except MessageError as exc:
-            ap.error(f"--name: {exc}")
+    check_tasks_and_name(ap, args)
     if not os.path.isdir(args.lower):
         ap.error(f"LOWER {args.lower} is not a directory")
     problem = check_mountpoint(args.mountpoint)
@@ -81,16 +74,6 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(problem)
     args.lower = os.path.realpath(args.lower)
     args.mountpoint = os.path.realpath(args.mountpoint)
-    inside = args.mountpoint == args.lower or args.mountpoint.startswith(args.lower.rstrip("/") + "/") or \
-        args.lower.startswith(args.mountpoint.rstrip("/") + "/")
-    if inside:
+    if inside(args.mountpoint, args.lower) or inside(args.lower, args.mountpoint):
         ap.error(f"LOWER {args.lower} and MOUNTPOINT {args.mountpoint} must not contain one another")
-    if args.control:
-        args.control = os.path.abspath(args.control)
-        where = os.path.realpath(os.path.dirname(args.control))
-        if where == args.mountpoint or where.startswith(args.mountpoint.rstrip("/") + "/"):
-            ap.error(f"--control {args.control} is inside the mount point")
-    problem = check_inproc_options(args, args.host.kind == INPROC) or check_tcp_options(
-        [args.host], bool(args.token_file), args.insecure_tcp)
-    if problem:
-        ap.error(problem)
+    check_control_and_store(ap, args)

@@ -305,3 +305,37 @@ def test_lower_refusing_o_direct_is_read_with_dontneed(disk_dir: str, monkeypatc
     monkeypatch.setattr(os, "preadv", real_preadv)
     with pytest.raises(FileNotFoundError):
         PageReader(os.path.join(disk_dir, "missing"))
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["cache", "up", "/", "/mnt", "--host", "inproc", "--policy", "accept-all"], "--policy is for a store daemon"),
+    (["cache", "up", "/", "/mnt", "--host", "unix:/run/x.sock", "--compress", "lz4"], "a store at --host has its own"),
+    (["cache", "up", "/", "/mnt", "--token-file", "/etc/passwd"], "--token-file is for a store at --host"),
+    (["cache", "up", "/", "/mnt", "--host", "tcp:10.0.0.1:7000"], "token"),
+])
+def test_cache_up_refuses_options_that_mean_nothing_here(argv: list[str], said: str, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vswapctl", "--state-dir", str(tmp_path), *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and said in done.stderr, done.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "cache", "cache.json"))
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["/nonexistent", "MNT"], "is not a directory"),
+    (["LOWER", "LOWER/inside"], "must not contain one another"),
+    (["LOWER", "MNT", "--size", "1000"], "not a positive multiple"),
+    (["LOWER", "MNT", "--capacity", "64M", "--host", "unix:/run/x.sock"], "is for --host inproc"),
+])
+def test_fscache_refuses_bad_arguments_in_one_line(argv: list[str], said: str, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "LOWER" / "inside").mkdir(parents=True)
+    (tmp_path / "MNT").mkdir()
+    argv = [str(tmp_path / a) if a.startswith(("LOWER", "MNT")) else a for a in argv]
+    done = subprocess.run([sys.executable, "-m", "fscache", *argv, *([] if "--host" in argv else ["--host", "inproc"])],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and said in done.stderr, done.stderr

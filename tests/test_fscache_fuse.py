@@ -22,7 +22,7 @@ import trio
 
 from pagewire.address import Address
 from pagewire.messages import PAGE_SIZE, Stats
-from vswapctl import cachemount
+from vswapctl import cachebench, cachemount
 from vswapctl.device import Stopped
 from vswapfs.hostclient import query
 
@@ -40,8 +40,7 @@ class Mounted:
         self.state_dir = os.path.join(base, "state")
         self.pressure = os.path.join(base, "pressure")
         os.makedirs(self.lower, exist_ok=True)
-        with open(self.pressure, "w") as f:
-            f.write("10\n")
+        cachebench.set_pressure(self.pressure, 10)
         self.cfg = cachemount.CacheConfig(self.lower, self.mnt, host=host, capacity=64 << 20,
                                           pressure_source=f"file:{self.pressure}", **config)  # type: ignore[arg-type]
         self.log: list[str] = []
@@ -66,9 +65,7 @@ class Mounted:
         return self.stats()["cache"]
 
     def set_pressure(self, percent: int) -> None:
-        with open(self.pressure + ".tmp", "w") as f:
-            f.write(f"{percent}\n")
-        os.replace(self.pressure + ".tmp", self.pressure)
+        cachebench.set_pressure(self.pressure, percent)
 
 
 @pytest.fixture(params=["hoststore", "inproc"])

@@ -41,9 +41,7 @@ class Live:
         self.state = cachemount.bring_up(self.state_dir, cfg, lambda m: None)
 
     def set_pressure(self, percent: int) -> None:
-        with open(self.pressure + ".tmp", "w") as f:
-            f.write(f"{percent}\n")
-        os.replace(self.pressure + ".tmp", self.pressure)
+        cachebench.set_pressure(self.pressure, percent)
 
     def cache(self) -> dict:
         stats = cachemount.stats(self.state)

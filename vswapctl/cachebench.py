@@ -54,6 +54,13 @@ class CacheBenchConfig:
     runs: int = 3
 
 
+def set_pressure(path: str, percent: int) -> None:
+    """What a store with ``--pressure-source file:PATH`` reads as the host's used memory."""
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{percent}\n")
+    os.replace(path + ".tmp", path)
+
+
 def make_tree(root: str, size: int, file_size: int = FILE_SIZE) -> dict[str, str]:
     """Incompressible files adding up to ``size`` under ``root``, written out and not left
     in the page cache; their sha256 by relative path."""
@@ -131,9 +138,7 @@ class _Cache:
         self.say = say
 
     def _set(self, percent: int) -> None:
-        with open(self.pressure + ".tmp", "w") as f:
-            f.write(f"{percent}\n")
-        os.replace(self.pressure + ".tmp", self.pressure)
+        set_pressure(self.pressure, percent)
 
     def __enter__(self) -> "_Cache":
         self.state = cachemount.bring_up(self.state_dir, self.cfg, lambda m: None)

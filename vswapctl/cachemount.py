@@ -21,12 +21,13 @@ from typing import Any
 
 from pagewire.address import INPROC
 from vswapcommon.sizes import format_size
+from vswapfs.options import inside
 
 from . import system
 from .device import DRAIN_WAIT, UMOUNT_TIMEOUT, Say, Stopped, Undo, UpFailed, identify, spawn_daemon, store_pid, \
     wait_ready
 from .procs import ProcessId
-from .state import MountLock, StateLock, check_private
+from .state import MountLock, StateLock, check_private, remove_files, save_json
 
 FSTYPE = "fuse.fscache"
 
@@ -42,7 +43,7 @@ class CacheConfig:
     insecure_tcp: bool = False
     pressure_source: str | None = None
     policy: str | None = None
-    store_args: list[str] = field(default_factory=list)  # more for the store up starts (--compress)
+    store_args: list[str] = field(default_factory=list)  # the store's --compress and recompression options
     verbose: bool = False
     start_timeout: float = 20.0
 
@@ -75,18 +76,10 @@ class CacheState:
         return os.path.join(self.directory, f"{name}.log")
 
     def save(self) -> None:
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, self.path)
+        save_json(self.path, asdict(self))
 
     def remove(self) -> None:
-        for path in (self.path, self.socket, self.control):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        remove_files(self.path, self.socket, self.control)
 
     @classmethod
     def load(cls, state_dir: str) -> "CacheState | None":
@@ -164,7 +157,7 @@ def _preflight(cfg: CacheConfig) -> str | None:
     if os.path.isdir(cfg.mountpoint) and os.listdir(cfg.mountpoint):
         return f"mountpoint {cfg.mountpoint} is not empty"
     lower, mnt = os.path.realpath(cfg.lower), cfg.mountpoint
-    if lower == mnt or mnt.startswith(lower.rstrip("/") + "/") or lower.startswith(mnt.rstrip("/") + "/"):
+    if inside(lower, mnt) or inside(mnt, lower):
         return f"LOWER {lower} and the mount point {mnt} must not contain one another"
     return None
 
@@ -195,7 +188,7 @@ def _start_fscache(state: CacheState, cfg: CacheConfig, undo: Undo, say: Say) ->
     if cfg.insecure_tcp:
         argv.append("--insecure-tcp")
     if state.host == INPROC:
-        argv += ["--capacity", str(cfg.capacity)]
+        argv += ["--capacity", str(cfg.capacity), *cfg.store_args]
         if cfg.pressure_source:
             argv += ["--pressure-source", cfg.pressure_source]
     if cfg.verbose:

@@ -112,6 +112,23 @@ class MountLock(_FileLock):
                          f"(it holds {os.path.join(lock_dir, name)})")
 
 
+def save_json(path: str, data: dict[str, Any]) -> None:
+    """State as JSON, mode 0600, replaced whole (a reader never sees half of it)."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def remove_files(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 @dataclass
 class State:
     state_dir: str
@@ -160,18 +177,10 @@ class State:
 
     def save(self) -> None:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, self.path)
+        save_json(self.path, asdict(self))
 
     def remove(self) -> None:
-        for path in (self.path, self.socket, self.control):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        remove_files(self.path, self.socket, self.control)
 
     @classmethod
     def load(cls, state_dir: str) -> "State | None":

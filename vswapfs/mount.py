@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -31,8 +32,9 @@ from .pagestore import StoreClient
 
 log = logging.getLogger("vswapfs")
 
-async def watch_signals(ops: Operations, mountpoint: str) -> None:
-    """Stop on SIGTERM/SIGINT, but never while the swap file is open.
+async def watch_signals(mountpoint: str, refusal: Callable[[], str | None] = lambda: None) -> None:
+    """Unmount on SIGTERM/SIGINT, unless ``refusal()`` says why not (for vswapfs: the swap
+    file is still open).
 
     Stopping then would take away pages that live swap still needs: every
     process with pages on the device would get SIGBUS or hang.  The stop is an
@@ -42,9 +44,9 @@ async def watch_signals(ops: Operations, mountpoint: str) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
-            if ops.swap_opens:
-                log.warning("%s ignored: the swap file is still open (swapoff and losetup -d it first, "
-                            "or run `vswapctl down`)", name)
+            why = refusal()
+            if why:
+                log.warning("%s ignored: %s", name, why)
                 continue
             log.info("%s: unmounting", name)
             argv = ["umount", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-u", mountpoint]
@@ -54,6 +56,12 @@ async def watch_signals(ops: Operations, mountpoint: str) -> None:
                 log.warning("%s ignored: %s", name, (done.stderr or done.stdout).strip() or "unmount refused")
                 continue
             return
+
+
+def swap_open(ops: Operations) -> str | None:
+    if ops.swap_opens:
+        return "the swap file is still open (swapoff and losetup -d it first, or run `vswapctl down`)"
+    return None
 
 
 async def raise_background_limit(mountpoint: str, max_background: int) -> None:
@@ -83,7 +91,7 @@ async def serve(ops: Operations, pager: Pager, client: StoreClient, args: argpar
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         nursery.start_soon(pager.drop_orphans)
-        nursery.start_soon(watch_signals, ops, args.mountpoint)
+        nursery.start_soon(watch_signals, args.mountpoint, lambda: swap_open(ops))
         if args.control:
             await nursery.start(serve_control, args.control, ops.stats)
         if args.metrics_snapshot is not None:

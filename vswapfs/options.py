@@ -190,6 +190,17 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     Resolves the mount point and the control socket's path on the way."""
     if args.size is not None and (args.size <= 0 or args.size % PAGE_SIZE):
         ap.error(f"--size {args.size} is not a positive multiple of {PAGE_SIZE}")
+    check_tasks_and_name(ap, args)
+    problem = check_mountpoint(args.mountpoint)
+    if problem:
+        ap.error(problem)
+    # Resolved now, before the mount: once mounted, a stat of it (realpath does one) would
+    # ask this very process, which would then wait for itself.
+    args.mountpoint = os.path.realpath(args.mountpoint)
+    check_control_and_store(ap, args)
+
+
+def check_tasks_and_name(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.max_tasks < 1:
         ap.error("--max-tasks must be at least 1")
     if args.name is not None:
@@ -197,16 +208,19 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             check_client_name(args.name)
         except MessageError as exc:
             ap.error(f"--name: {exc}")
-    problem = check_mountpoint(args.mountpoint)
-    if problem:
-        ap.error(problem)
-    # Resolved now, before the mount: once mounted, a stat of it (realpath does one) would
-    # ask this very process, which would then wait for itself.
-    args.mountpoint = os.path.realpath(args.mountpoint)
+
+
+def inside(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or below it (both resolved)."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def check_control_and_store(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The control socket outside the (resolved) mount point, and the store's options as
+    the kind of store allows; ``ap.error`` on the first problem."""
     if args.control:
         args.control = os.path.abspath(args.control)
-        where = os.path.realpath(os.path.dirname(args.control))
-        if where == args.mountpoint or where.startswith(args.mountpoint.rstrip("/") + "/"):
+        if inside(os.path.realpath(os.path.dirname(args.control)), args.mountpoint):
             ap.error(f"--control {args.control} is inside the mount point")
     problem = check_inproc_options(args, args.host.kind == INPROC) or check_tcp_options(
         [args.host], bool(args.token_file), args.insecure_tcp)

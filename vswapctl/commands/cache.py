@@ -30,6 +30,8 @@ def cmd_cache_up(args: argparse.Namespace) -> int:
         return fail("--token-file is for a store at --host; the store cache up starts listens on a private socket")
     if args.host and args.host.kind != INPROC and (args.policy or args.compress != DEFAULT_COMPRESS):
         return fail("--policy and --compress are for the store cache up starts; a store at --host has its own")
+    if args.host and args.host.kind == INPROC and args.policy:
+        return fail("--policy is for a store daemon; --host inproc admits by its watermarks and --capacity")
     problem = recompress_problem(args) or check_tcp_options([args.host] if args.host else [],
                                                              bool(args.token_file), args.insecure_tcp)
     if problem:
