@@ -11,6 +11,7 @@ anyway).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Any
@@ -25,6 +26,7 @@ from .fsbase import Base, Handle, entry, fuse_errors, io
 from .lowerfile import PageReader, generation, identity
 from .tree import Node
 
+FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_COLLAPSE_RANGE = 0x08
 FALLOC_FL_INSERT_RANGE = 0x20
 _SHIFTS = FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE  # modes that move data after the range
@@ -39,83 +41,75 @@ def _pages(offset: int, length: int) -> tuple[int, int]:
 
 class FileOps(Base):
     async def _opened(self, node: Node, fd: int, flags: int, truncate: bool) -> pyfuse3.FileInfo:
-        """A handle on ``fd``.  For a regular file the cache checks it is the file it knew,
-        and a reader of its pages around LOWER's page cache is opened now if it may be
-        read (by this daemon, with the rights it has now); ``truncate``: an O_TRUNC open."""
-        handle = Handle(fd, node, append=bool(flags & os.O_APPEND))
-        same = False
-        if stat.S_ISREG(node.mode):
-            ident = await io(lambda: identity(fd, generation(fd)))
-            handle.cached, same = self.cache.opened(ident)
-            if flags & os.O_ACCMODE != os.O_WRONLY:
-                try:
-                    handle.reader = await io(PageReader, f"/proc/self/fd/{fd}")
-                except OSError:
-                    pass  # read through the handle itself, uncached
-        fh = self._fh()
-        self.handles[fh] = handle
+        """A handle on ``fd``, which this takes over (closed if anything fails).  For a
+        regular file the cache checks it is the file it knew, and a reader of its pages
+        around LOWER's page cache is opened now if it may be read (by this daemon, with the
+        rights it has now); ``truncate``: an O_TRUNC open."""
+        handle = Handle(fd, node, append=bool(flags & os.O_APPEND), writable=flags & os.O_ACCMODE != os.O_RDONLY)
         try:
-            if truncate and handle.cached is not None:
+            same = False
+            if stat.S_ISREG(node.mode):
+                ident = await io(lambda: identity(fd, generation(fd)))
+                handle.cached, same = self.cache.opened(ident)
+                if flags & os.O_ACCMODE != os.O_WRONLY:
+                    try:
+                        handle.reader = await io(PageReader, f"/proc/self/fd/{fd}")
+                    except OSError:
+                        pass  # read through the handle itself, uncached
+            if truncate:
                 await self._truncate(node, handle, 0)
         except BaseException:
-            self.handles.pop(fh, None)
-            if handle.cached is not None:
-                self.cache.closed(handle.cached)
+            self._release(handle)
             raise
+        fh = self._fh()
+        self.handles[fh] = handle
         # The kernel keeps what it cached of the file only if the file is as the cache knew it.
         return pyfuse3.FileInfo(fh=fh, keep_cache=same and not truncate)
+
+    def _release(self, handle: Handle) -> None:
+        try:
+            handle.close()
+        finally:
+            if handle.cached is not None:
+                self.cache.closed(handle.cached)
+                handle.cached = None
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         node = self.tree[inode]
         # Through /proc: the node is the file already (O_NOFOLLOW would refuse the /proc link itself).
         fd = await io(os.open, node.path, (flags & ~_NOT_FOR_LOWER) | os.O_CLOEXEC)
-        try:
-            return await self._opened(node, fd, flags, truncate=bool(flags & os.O_TRUNC))
-        except BaseException:
-            os.close(fd)
-            raise
+        return await self._opened(node, fd, flags, truncate=bool(flags & os.O_TRUNC))
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        """A new file, made with O_EXCL and O_NOFOLLOW (a name planted in LOWER meanwhile is
-        opened as it is if the caller allowed that, never followed, never given away), and
-        given to the caller by its descriptor."""
+        """A new file, made under a name of its own, given to the caller by its descriptor,
+        then renamed into place without replacing anything (``lowercalls.make``).  If the
+        name appeared in LOWER meanwhile and the caller did not ask for O_EXCL, the file
+        there is opened instead, if the caller may (``_open_existing``)."""
         parent = self.tree[parent_inode]
-        lower_flags = (flags & ~_NOT_FOR_LOWER) | os.O_NOFOLLOW | os.O_CLOEXEC
-        made = True
+        lower_flags = (flags & ~_NOT_FOR_LOWER) | os.O_CLOEXEC
+        owner = (ctx.uid, ctx.gid) if self._root else None
         try:
-            fd = await io(lambda: os.open(name, lower_flags | os.O_CREAT | os.O_EXCL, mode & ~ctx.umask,
-                                          dir_fd=parent.fd))
+            fd, opath, st = await io(lowercalls.make_file, parent.fd, name, lower_flags, mode & ~ctx.umask, owner)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            made = False
-            fd = await io(lambda: os.open(name, lower_flags, dir_fd=parent.fd))
+            fd, opath, st = await io(_open_existing, parent.fd, name, lower_flags, ctx)
+        node = self.tree.learn(opath, st)
         try:
-            if made and self._root:
-                await io(self._give, fd, parent, ctx)
-            opath = await io(os.open, f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
-            st = await io(os.fstat, opath)
-            node = self.tree.learn(opath, st)
-            try:
-                return await self._opened(node, fd, flags, truncate=bool(flags & os.O_TRUNC) and not made), \
-                    entry(node, st)
-            except BaseException:
-                self.tree.forget(node.inode, 1)
-                raise
+            info = await self._opened(node, fd, flags, truncate=bool(flags & os.O_TRUNC))
         except BaseException:
-            os.close(fd)
-            if made:
-                await io(_unlink_quietly, parent.fd, name)
+            self.tree.forget(node.inode, 1)
             raise
+        return info, entry(node, st)
 
-    @staticmethod
-    def _give(fd: int, parent: Node, ctx: Any) -> None:
-        """A new file belongs to whoever asked for it (a setgid directory's group stays)."""
-        gid = -1 if os.fstat(parent.fd).st_mode & stat.S_ISGID else ctx.gid
-        os.fchown(fd, ctx.uid, gid)
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is not None:
+            self._release(handle)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -137,24 +131,34 @@ class FileOps(Base):
         span: int | None = count
         if handle.append:  # the data lands at LOWER's end, wherever that is now
             first, span = min(off, (await io(os.fstat, handle.fd)).st_size) // PAGE_SIZE, None
-        async with self.cache.changing(cached, first, span, now=self._now(handle.fd, cached)):
+        async with self.cache.changing(cached, first, span, now=self._now(handle.fd, cached)) as change:
             written = await io(os.pwrite, handle.fd, buf, off)
+            change.size = change.before.size + written if handle.append else max(change.before.size, off + written)
         self.cache.counters.add(CacheCounter.LOWER_PAGES_WRITTEN, _pages(off, written)[1])
         return written
 
     async def _truncate(self, node: Node, handle: Handle | None, size: int) -> None:
-        if handle is not None and handle.fd >= 0:
+        """Truncate LOWER's file to ``size``, inside the cache's change bracket (a record is
+        taken for the time of it if no handle holds one: an open meanwhile must find the
+        change in progress).  Through the handle's descriptor if it was opened for writing,
+        else a descriptor of its own (the kernel checked the caller may write)."""
+        if handle is not None and handle.writable:
             fd, close = handle.fd, False
         else:
             fd, close = await io(os.open, node.path, os.O_WRONLY | os.O_CLOEXEC), True
-
         try:
-            cached = self.cache.files.get(node.key)
+            cached = handle.cached if handle is not None else None
+            held = None
             if cached is None:
-                await io(os.ftruncate, fd, size)
-                return
-            async with self.cache.changing(cached, size // PAGE_SIZE, None, now=self._now(fd, cached)):
-                await io(os.ftruncate, fd, size)
+                held, _ = self.cache.opened(await io(lambda: identity(fd, generation(fd))))
+                cached = held
+            try:
+                async with self.cache.changing(cached, size // PAGE_SIZE, None, now=self._now(fd, cached)) as change:
+                    await io(os.ftruncate, fd, size)
+                    change.size = size
+            finally:
+                if held is not None:
+                    self.cache.closed(held)
         finally:
             if close:
                 os.close(fd)
@@ -166,8 +170,9 @@ class FileOps(Base):
             return await io(lowercalls.fallocate, handle.fd, mode, offset, length)
         first, count = _pages(offset, length)
         async with self.cache.changing(handle.cached, first, None if mode & _SHIFTS else count,
-                                       now=self._now(handle.fd, handle.cached)):
+                                       now=self._now(handle.fd, handle.cached)) as change:
             await io(lowercalls.fallocate, handle.fd, mode, offset, length)
+            change.size = _size_after_fallocate(change.before.size, mode, offset, length)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
@@ -177,19 +182,33 @@ class FileOps(Base):
     async def fsync(self, fh: int, datasync: bool) -> None:
         await io(os.fdatasync if datasync else os.fsync, self.handles[fh].fd)
 
-    @fuse_errors
-    async def release(self, fh: int) -> None:
-        handle = self.handles.pop(fh, None)
-        if handle is None:
-            return
-        handle.close()
-        if handle.cached is not None:
-            self.cache.closed(handle.cached)
+
+def _size_after_fallocate(size: int, mode: int, offset: int, length: int) -> int:
+    if mode & FALLOC_FL_COLLAPSE_RANGE:
+        return size - length
+    if mode & FALLOC_FL_INSERT_RANGE:
+        return size + length
+    if mode & FALLOC_FL_KEEP_SIZE:
+        return size
+    return max(size, offset + length)
 
 
-def _unlink_quietly(parent: int, name: bytes) -> None:
-    """Undo a create that could not be finished (best effort: the name may be gone)."""
+def _open_existing(parent: int, name: bytes, flags: int, ctx: Any) -> tuple[int, int, os.stat_result]:
+    """A create met a file that appeared in LOWER after the kernel found the name free (the
+    kernel skips its own permission check for a create): open it only if it is a regular
+    file the caller may open so, by its owner's or root's rights; else EEXIST or EACCES.
+    Returns (descriptor, O_PATH descriptor, status)."""
+    opath = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     try:
-        os.unlink(name, dir_fd=parent)
-    except OSError:
-        pass
+        st = os.fstat(opath)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileExistsError(errno.EEXIST, f"{name!r} appeared meanwhile, and is not a regular file")
+        want = {os.O_RDONLY: stat.S_IRUSR, os.O_WRONLY: stat.S_IWUSR}.get(flags & os.O_ACCMODE,
+                                                                         stat.S_IRUSR | stat.S_IWUSR)
+        if ctx.uid != 0 and (st.st_uid != ctx.uid or st.st_mode & want != want):
+            raise PermissionError(errno.EACCES, f"{name!r} appeared meanwhile, and is not the caller's to open")
+        fd = os.open(f"/proc/self/fd/{opath}", flags)  # the very file checked
+        return fd, opath, st
+    except BaseException:
+        os.close(opath)
+        raise

@@ -4,7 +4,7 @@ Names, attributes and directories go straight to LOWER (``fscache.tree``); open 
 are ``fscache.fileops``'s.  Blocking calls on LOWER run in worker threads; exceptions
 become errno values in one place (``fscache.fsbase.fuse_errors``).  Entries made on a
 user's behalf are made by this daemon (as root: every user's) and then given to that
-user, checked first to be the very entry made (``lowercalls.claim``).
+user by its descriptor before it gets its name (``lowercalls.make_entry``).
 """
 
 from __future__ import annotations
@@ -117,41 +117,29 @@ class Operations(FileOps):
 
         await io(sync)
 
-    async def _made(self, parent: Node, name: bytes, kind: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        """An entry just made on ``ctx``'s behalf: given to its user (a setgid directory's
-        group stays, as LOWER gave it), learnt from the very descriptor checked.  If it
-        cannot be given, it is taken away again and the error is the caller's."""
-        uid, gid = -1, -1
-        if self._root:
-            uid = ctx.uid
-            gid = -1 if (await io(os.fstat, parent.fd)).st_mode & stat.S_ISGID else ctx.gid
-        try:
-            fd, st = await io(lowercalls.claim, parent.fd, name, kind, uid, gid)
-        except FileExistsError:
-            raise  # replaced meanwhile: not ours to remove either
-        except OSError:
-            await io(_remove_quietly, parent.fd, name, kind)
-            raise
+    async def _made(self, parent: Node, name: bytes, make: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        """An entry made on ``ctx``'s behalf (``make(name)`` makes it): made under a name of
+        its own, given to its user, renamed into place (``lowercalls.make_entry``), and
+        learnt from the very descriptor given."""
+        owner = (ctx.uid, ctx.gid) if self._root else None
+        fd, st = await io(lowercalls.make_entry, parent.fd, name, make, owner)
         return entry(self.tree.learn(fd, st), st)
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         parent = self.tree[parent_inode]
-        await io(lambda: os.mkdir(name, mode & ~ctx.umask, dir_fd=parent.fd))
-        return await self._made(parent, name, stat.S_IFDIR, ctx)
+        return await self._made(parent, name, lambda n: os.mkdir(n, mode & ~ctx.umask, dir_fd=parent.fd), ctx)
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
         parent = self.tree[parent_inode]
-        await io(lambda: os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=parent.fd))
-        return await self._made(parent, name, stat.S_IFMT(mode), ctx)
+        return await self._made(parent, name, lambda n: os.mknod(n, mode & ~ctx.umask, rdev, dir_fd=parent.fd), ctx)
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         parent = self.tree[parent_inode]
-        await io(lambda: os.symlink(target, name, dir_fd=parent.fd))
-        return await self._made(parent, name, stat.S_IFLNK, ctx)
+        return await self._made(parent, name, lambda n: os.symlink(target, n, dir_fd=parent.fd), ctx)
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -250,14 +238,3 @@ class Operations(FileOps):
         node = self.tree[inode]
         async with self._touching(await io(os.fstat, node.fd), lambda: os.fstat(node.fd)):
             await io(os.removexattr, node.path, name)
-
-
-def _remove_quietly(parent: int, name: bytes, kind: int) -> None:
-    """Take back an entry made that could not be given to its user (best effort)."""
-    try:
-        if kind == stat.S_IFDIR:
-            os.rmdir(name, dir_fd=parent)
-        else:
-            os.unlink(name, dir_fd=parent)
-    except OSError:
-        pass

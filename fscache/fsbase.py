@@ -70,6 +70,7 @@ class Handle:
     node: Node
     cached: CachedFile | None = None
     append: bool = False
+    writable: bool = False
     reader: PageReader | None = None
 
     def close(self) -> None:
@@ -119,7 +120,8 @@ class Base(pyfuse3.Operations):
             return
         gen = cached.ident.generation
         async with self.cache.changing(cached, 0, 0, now=lambda: of_status(status(), gen),
-                                       before=of_status(st, gen)):
+                                       before=of_status(st, gen)) as change:
+            change.size = st.st_size  # a change of metadata leaves the size as it is
             yield
 
     def close(self) -> None:

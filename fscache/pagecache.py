@@ -22,6 +22,7 @@ pages.  The rules:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -37,19 +38,32 @@ from vswapfs.pagestore import PageStore, StoreError, StoreUnavailable
 
 from .counters import CacheCounter
 from .lowerfile import Identity
-from .slots import FREE, Slots, runs
+from .slots import FREE, Slots
 
 log = logging.getLogger("fscache.pagecache")
 
 ReadLower = Callable[[int, int], Awaitable[bytes]]  # (first page, count) -> data, short at the end
 _STORED = PageStatus.STORED
 SHUN_TIMEOUTS = 5  # after a store timeout, leave the store alone for this many timeouts
+DOUBT = -1  # the size of a file whose identity the cache cannot vouch for: it matches no file
+
+
+class Change:
+    """A change through the mount in progress: the file as it was just before (once checked),
+    and the size the change says LOWER has after it, if it alone changed the file (set by
+    whoever makes the change; None: not said, and not checked)."""
+
+    __slots__ = ("before", "size")
+
+    def __init__(self, before: Identity) -> None:
+        self.before = before
+        self.size: int | None = None
 
 
 class CachedFile:
     """One LOWER file as the cache knows it: its identity, and which of its pages are in which slot."""
 
-    __slots__ = ("number", "ident", "pages", "version", "opens", "changes")
+    __slots__ = ("number", "ident", "pages", "version", "opens", "changes", "started")
 
     def __init__(self, number: int, ident: Identity) -> None:
         self.number = number  # never reused: slots name their owner by it
@@ -58,6 +72,7 @@ class CachedFile:
         self.version = 0  # moves on with every change through the mount
         self.opens = 0  # handles open on it through the mount
         self.changes = 0  # changes through the mount in progress
+        self.started = 0  # changes through the mount begun, ever
 
 
 class PageCache:
@@ -100,7 +115,7 @@ class PageCache:
             self._by_number[f.number] = f
         f.opens += 1  # first: an open file keeps its record through the reset
         if not same and f.ident != ident:
-            if not f.changes:  # else it may be that change's doing: forgotten all the same
+            if not f.changes and f.ident.size != DOUBT:  # else it may be the mount's own doing
                 self.counters.add(CacheCounter.LOWER_CHANGES)
             self._reset(f)
             f.ident = ident
@@ -129,48 +144,67 @@ class PageCache:
 
     def _maybe_unused(self, f: CachedFile) -> None:
         """A file neither open nor with a page cached is not worth a record."""
-        if not f.opens and not f.pages and self.known(f):
+        if not f.opens and not f.pages and not f.changes and self.known(f):
             del self._by_number[f.number]
             if self.files.get(f.ident.key) is f:
                 del self.files[f.ident.key]
 
     @asynccontextmanager
     async def changing(self, f: CachedFile, first: int, count: int | None, now: Callable[[], Identity],
-                       before: Identity | None = None) -> AsyncIterator[None]:
+                       before: Identity | None = None) -> AsyncIterator[Change]:
         """Around a change to pages ``first .. first + count`` of ``f`` (all of them from
-        ``first`` on when ``count`` is None), made through the mount.  Before it: if the
-        file is not as the cache last saw it (``now()``, its identity), it changed behind
-        the mount's back and all of it is forgotten; else the pages the change touches
-        are.  While it is in progress, nothing read from LOWER is kept, and the version
-        moves on before and after it, so no offer of data read meanwhile is kept either;
-        after it, the file's identity is recorded as the cache's own doing (while another
-        change is in progress, the file's identity is that change's to record).  ``now``
-        is a blocking call (one fstat: run in a worker thread); ``before``, the identity
-        just before the change where the caller has it (``now`` is then asked only after)."""
+        ``first`` on when ``count`` is None), made through the mount.
+
+        Before it: if the file is not as the cache last saw it (``now()``, its identity),
+        it changed behind the mount's back and all of it is forgotten; else the pages the
+        change touches are.  While it is in progress nothing read from LOWER is kept, and
+        the version moves on before and after it, so no offer of data read meanwhile is
+        kept either.  After it, the file's identity is recorded as the cache's own doing
+        only if the change explains it: the change alone was in progress, and LOWER's size
+        is what the change says it made it (:class:`Change`); otherwise all of the file is
+        forgotten.  ``now`` is a blocking call (one fstat, run in a worker thread);
+        ``before``, the identity just before the change where the caller has it."""
         f.version += 1
-        if f.changes:
+        alone = not f.changes
+        if not alone:
             before = f.ident
         f.changes += 1
+        f.started += 1
+        started = f.started
+        change = Change(f.ident)
         try:
             if before is None:
                 before = await _identity(now)
             if before != f.ident:
-                self.counters.add(CacheCounter.LOWER_CHANGES)
+                if f.ident.size != DOUBT:
+                    self.counters.add(CacheCounter.LOWER_CHANGES)
                 self._reset(f)
+                if before is not None:
+                    f.ident = change.before = before
             else:
                 end = None if count is None else first + count
                 self._drop_pages(f, [i for i in f.pages if i >= first and (end is None or i < end)],
                                  CacheCounter.INVALIDATED_PAGES)
-            yield
+            yield change
         finally:
             f.version += 1
             with trio.CancelScope(shield=True):
                 ident = await _identity(now)
             f.changes -= 1
-            if ident is None or ident.key != f.ident.key:
-                self._reset(f)  # cannot tell what the file is now: nothing of it is kept
-            else:
-                f.ident = ident
+            self._changed(f, change, ident, alone and f.started == started)
+
+    def _changed(self, f: CachedFile, change: Change, ident: Identity | None, alone: bool) -> None:
+        """After a change through the mount: the file's identity, if the change explains it.
+        If not, nothing of the file is kept, and its identity is left in doubt (matching no
+        file), so that its next open also tells the kernel to drop what it holds of it."""
+        if ident is not None and ident.key == f.ident.key and alone and change.size in (None, ident.size):
+            f.ident = ident
+            return
+        if ident is not None and alone and change.size is not None and ident.size != change.size:
+            self.counters.add(CacheCounter.LOWER_CHANGES)  # LOWER changed meanwhile, behind the mount's back
+        self._reset(f)
+        f.ident = dataclasses.replace(f.ident, size=DOUBT)
+        self._maybe_unused(f)
 
     # -- reads ------------------------------------------------------------------------
 

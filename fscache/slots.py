@@ -53,16 +53,3 @@ class Slots:
         if self.owner[slot] != FREE:
             self.used -= 1
             self.owner[slot] = FREE
-
-
-def runs(slots: list[int]) -> Iterator[tuple[int, int]]:
-    """Sorted slot numbers as runs ``(first, count)`` of consecutive ones."""
-    first = prev = -2
-    for slot in sorted(slots):
-        if slot != prev + 1:
-            if first >= 0:
-                yield first, prev - first + 1
-            first = slot
-        prev = slot
-    if first >= 0:
-        yield first, prev - first + 1

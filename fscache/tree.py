@@ -87,7 +87,7 @@ class Tree:
         file, as git's index does, still holds after the kernel forgets and looks it up
         again): on LOWER's device, and not the root's number.  Files on filesystems
         mounted inside LOWER get numbers from a range of their own."""
-        if st.st_dev == self._dev and st.st_ino != ROOT and st.st_ino < OTHERS and st.st_ino not in self.nodes:
+        if st.st_dev == self._dev and ROOT < st.st_ino < OTHERS and st.st_ino not in self.nodes:
             return st.st_ino
         number = self._next
         self._next += 1

@@ -78,12 +78,14 @@ async def change_through(cache: PageCache, f: CachedFile, lower: Lower, ino: int
         assert data is not None
         first = offset // PAGE_SIZE
         count = -(-(offset + len(data)) // PAGE_SIZE) - first
-    async with cache.changing(f, first, count, now=lambda: lower.ident(ino)):
+    async with cache.changing(f, first, count, now=lambda: lower.ident(ino)) as change:
         await trio.lowlevel.checkpoint()
         if during is not None:
             await during()
         if truncate is not None:
             lower.truncate(ino, truncate)
+            change.size = truncate
         else:
             assert data is not None
             lower.write(ino, offset, data)
+            change.size = max(change.before.size, offset + len(data))

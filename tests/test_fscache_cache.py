@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 import trio
@@ -339,3 +340,90 @@ def test_fscache_refuses_bad_arguments_in_one_line(argv: list[str], said: str, t
     done = subprocess.run([sys.executable, "-m", "fscache", *argv, *([] if "--host" in argv else ["--host", "inproc"])],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and said in done.stderr, done.stderr
+
+
+async def test_a_change_to_lower_during_a_change_through_the_mount_is_not_taken_for_its_own() -> None:
+    """A write through the mount is in progress when LOWER's file grows behind its back:
+    the identity after it is not the write's doing, so nothing of the file is kept, and its
+    next open tells the kernel to drop what it holds."""
+    cache, _, lower = make()
+    lower.create(1, blob(4 * PAGE_SIZE, tag=1))
+    f, _ = cache.opened(lower.ident(1))
+    await cache.read(f, lower.reader(1), 0, 4 * PAGE_SIZE)
+    assert len(f.pages) == 4
+
+    async def behind() -> None:
+        lower.write(1, 4 * PAGE_SIZE, b"appended behind its back")
+
+    await change_through(cache, f, lower, 1, 0, b"through", during=behind)
+    assert not f.pages and cache.counters[C.LOWER_CHANGES] == 1
+    cache.closed(f)
+    f, same = cache.opened(lower.ident(1))
+    assert not same and cache.counters[C.LOWER_CHANGES] == 1  # in doubt, not counted twice
+    assert await cache.read(f, lower.reader(1), 0, 8 * PAGE_SIZE) == lower.data[1]
+
+
+async def test_overlapping_changes_through_the_mount_keep_nothing_they_cannot_explain() -> None:
+    cache, _, lower = make()
+    lower.create(1, blob(4 * PAGE_SIZE, tag=1))
+    f, _ = cache.opened(lower.ident(1))
+    await cache.read(f, lower.reader(1), 0, 4 * PAGE_SIZE)
+
+    async def another() -> None:
+        await change_through(cache, f, lower, 1, 3 * PAGE_SIZE, b"second")
+
+    await change_through(cache, f, lower, 1, 0, b"first", during=another)
+    assert not f.pages and cache.counters[C.LOWER_CHANGES] == 0
+    assert await cache.read(f, lower.reader(1), 0, 4 * PAGE_SIZE) == lower.data[1]
+    cache.closed(f)
+
+
+class Ctx:
+    def __init__(self, uid: int, gid: int = 0) -> None:
+        self.uid, self.gid, self.umask = uid, gid, 0o022
+
+
+def test_a_file_made_for_a_user_is_theirs_and_replaces_nothing(disk_dir: str) -> None:
+    from fscache import lowercalls
+
+    parent = os.open(disk_dir, os.O_PATH | os.O_DIRECTORY)
+    try:
+        fd, opath, st = lowercalls.make_file(parent, b"new", os.O_RDWR, 0o640, (1234, 5678))
+        os.close(fd)
+        os.close(opath)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o640)
+        with pytest.raises(FileExistsError):
+            lowercalls.make_file(parent, b"new", os.O_RDWR, 0o600, None)
+        with pytest.raises(FileExistsError):
+            lowercalls.make_entry(parent, b"new", lambda n: os.mkdir(n, dir_fd=parent), None)
+        assert sorted(os.listdir(disk_dir)) == ["new"]  # no temporary name left behind
+        assert os.stat(os.path.join(disk_dir, "new")).st_uid == 1234  # not replaced
+        opath, st = lowercalls.make_entry(parent, b"link", lambda n: os.symlink("new", n, dir_fd=parent), (42, 43))
+        os.close(opath)
+        assert stat.S_ISLNK(st.st_mode) and (os.lstat(os.path.join(disk_dir, "link")).st_uid, st.st_gid) == (42, 43)
+    finally:
+        os.close(parent)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="opens other users' files as root")
+def test_a_create_that_meets_a_planted_entry_opens_it_only_if_the_caller_may(disk_dir: str) -> None:
+    from fscache.fileops import _open_existing
+
+    parent = os.open(disk_dir, os.O_PATH | os.O_DIRECTORY)
+    try:
+        os.mkfifo(os.path.join(disk_dir, "fifo"))  # never opened: it would block the worker for ever
+        with pytest.raises(FileExistsError):
+            _open_existing(parent, b"fifo", os.O_RDONLY, Ctx(1000))
+        secret = os.path.join(disk_dir, "secret")
+        with open(secret, "w") as f:
+            f.write("root's")
+        os.chmod(secret, 0o600)
+        with pytest.raises(PermissionError):
+            _open_existing(parent, b"secret", os.O_RDWR, Ctx(1000))
+        os.chown(secret, 1000, 1000)
+        fd, opath, st = _open_existing(parent, b"secret", os.O_RDWR, Ctx(1000))
+        assert os.read(fd, 10) == b"root's" and st.st_uid == 1000
+        os.close(fd)
+        os.close(opath)
+    finally:
+        os.close(parent)

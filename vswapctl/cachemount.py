@@ -193,7 +193,7 @@ def _start_fscache(state: CacheState, cfg: CacheConfig, undo: Undo, say: Say) ->
             argv += ["--pressure-source", cfg.pressure_source]
     if cfg.verbose:
         argv.append("-v")
-    undo.push("stop fscache", lambda: _stop_fscache(state, say))
+    undo.push("stop fscache", lambda: _stop_fscache(state, say, during_up=True))
     proc = spawn_daemon("fscache", argv, state.log("fscache"))
     state.fscache = identify(proc, "fscache").to_dict()
     state.save()
@@ -236,13 +236,18 @@ def _ours_mounted(state: CacheState) -> bool:
                 and system.mount_type(state.mountpoint) == FSTYPE)
 
 
-def _stop_fscache(state: CacheState, say: Say) -> None:
+def _stop_fscache(state: CacheState, say: Say, during_up: bool = False) -> None:
     """Unmount, then see fscache exit.  A cache mount at our mount point that up never saw
-    ready (fscache died, or was stopped, before it said so) is ours too: up's preflight
-    found nothing mounted there, and the mount point's lock kept others away."""
+    ready is ours too when ``during_up`` (up's preflight found nothing mounted there, and
+    up holds the mount point's lock), or when our fscache, alive, says it serves it;
+    otherwise it is left alone, and this says so."""
     ident = ProcessId.from_dict(state.fscache)
     alive = ident is not None and ident.alive()
-    if _ours_mounted(state) or (not state.mounted and system.mount_type(state.mountpoint) == FSTYPE):
+    unseen = not state.mounted and system.mount_type(state.mountpoint) == FSTYPE
+    if unseen and not during_up and not (alive and (stats(state) or {}).get("pid") == ident.pid):  # type: ignore[union-attr]
+        raise Stopped(f"a cache is mounted at {state.mountpoint}, and nothing shows it is ours: not unmounting "
+                      f"it (if it is, `umount -l {state.mountpoint}`, then run cache down again)")
+    if _ours_mounted(state) or unseen:
         argv = ["umount", state.mountpoint] if alive else ["umount", "-l", state.mountpoint]  # -l: nobody serves it
         try:
             system.run(argv, timeout=UMOUNT_TIMEOUT)
