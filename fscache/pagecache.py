@@ -251,10 +251,12 @@ class PageCache:
             else:
                 ask.append((i, slot, seq, csum))
         for at in range(0, len(ask), MAX_GET_PAGES):
+            if not self._usable():
+                break  # one timeout per read at most: the rest from LOWER
             await self._get(f, ask[at : at + MAX_GET_PAGES], first, view, served)
         hits = sum(served)
         self.counters.add(CacheCounter.HOST_HITS, hits)
-        self.counters.add(CacheCounter.HOST_MISSES, self._whole_pages(f, first, n) - hits)
+        self.counters.add(CacheCounter.HOST_MISSES, max(0, self._whole_pages(f, first, n) - hits))
         return served
 
     def _whole_pages(self, f: CachedFile, first: int, n: int) -> int:
@@ -306,16 +308,17 @@ class PageCache:
         """Offer whole pages read from LOWER at ``version`` of ``f``; keep those the store took,
         if the file is still at that version and still the cache's."""
         n = len(data) // PAGE_SIZE
-        if not self._usable():
-            self.counters.add(CacheCounter.OFFER_FAILED, n)
-            return
         done = 0
-        for first, count in self._take_slots(n):
+        for first, count in self._take_slots(n) if self._usable() else ():
             for at in range(0, count, MAX_PUT_PAGES):
+                if not self._usable():  # one timeout per read at most
+                    self.counters.add(CacheCounter.OFFER_FAILED, n - done - at)
+                    return
                 k = min(MAX_PUT_PAGES, count - at)
                 part = data[(done + at) * PAGE_SIZE : (done + at + k) * PAGE_SIZE]
                 await self._put(f, version, start + done + at, first + at, part)
             done += count
+        self.counters.add(CacheCounter.OFFER_FAILED, n - done)
 
     def _take_slots(self, n: int) -> Iterator[tuple[int, int]]:
         """Runs of slots for ``n`` pages, their old pages forgotten (oldest first)."""

@@ -427,3 +427,24 @@ def test_a_create_that_meets_a_planted_entry_opens_it_only_if_the_caller_may(dis
         os.close(opath)
     finally:
         os.close(parent)
+
+
+async def test_a_stalled_store_costs_a_large_read_one_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    """A read of many pages asks in several gets and offers in several puts: once one has
+    timed out, the rest of the read goes to LOWER alone."""
+    cache, store, lower = make(slots=1024)
+    lower.create(1, blob(600 * PAGE_SIZE))
+    assert await read_all(cache, lower, 1) == lower.data[1]
+    store.stalled = True
+    start = trio.current_time()
+    assert await read_all(cache, lower, 1) == lower.data[1]  # three gets' worth of pages
+    assert trio.current_time() - start == pytest.approx(cache.store_timeout)
+    store.release()
+    cache2, store2, lower2 = make(slots=1024)
+    store2.stalled = True
+    lower2.create(1, blob(600 * PAGE_SIZE))
+    start = trio.current_time()
+    assert await read_all(cache2, lower2, 1) == lower2.data[1]  # ten puts' worth of pages
+    assert trio.current_time() - start == pytest.approx(cache2.store_timeout)
+    assert cache2.counters[C.OFFER_FAILED] == 600
+    store2.release()
