@@ -85,7 +85,7 @@ class FileOps(Base):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         """A new file, made under a name of its own, given to the caller by its descriptor,
-        then renamed into place without replacing anything (``lowercalls.make``).  If the
+        then renamed into place without replacing anything (``lowercalls.make_file``).  If the
         name appeared in LOWER meanwhile and the caller did not ask for O_EXCL, the file
         there is opened instead, if the caller may (``_open_existing``)."""
         parent = self.tree[parent_inode]
