@@ -22,8 +22,6 @@ log = logging.getLogger("fscache.stats")
 KNOWN = index(CacheCounter)
 FOLLOW_INTERVAL = 1.0
 DROPPED = tuple(f"dropped_{c.name}" for c in DROP_CAUSES)
-# What the cache section takes from the store's figures of this client (``hoststore.storestats``).
-FROM_STORE = ("pages", *DROPPED)
 
 
 class StoreFigures:

@@ -31,8 +31,8 @@ class Slots:
 
     def take(self, n: int) -> Iterator[tuple[int, int]]:
         """Up to ``n`` slots in runs ``(first, count)`` of consecutive slots, oldest first.
-        The caller must :meth:`evict` each slot's old owner (``owner`` is not FREE) before
-        reusing it."""
+        A slot taken may still have an owner (``owner`` not FREE): the caller forgets that
+        owner's page and frees the slot before reusing it."""
         n = min(n, self.count)
         while n:
             first = self._hand

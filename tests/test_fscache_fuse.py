@@ -24,6 +24,7 @@ from pagewire.address import Address
 from pagewire.messages import PAGE_SIZE, Stats
 from vswapctl import cachebench, cachemount
 from vswapctl.device import Stopped
+from vswapctl.procs import ProcessId
 from vswapfs.hostclient import query
 
 from .conftest import fuse_unavailable
@@ -420,3 +421,37 @@ def test_status_stats_top_record_and_metrics_know_the_cache(disk_dir: str) -> No
     finally:
         m.down()
     assert "no device or cache is up" in vswapctl("--state-dir", m.state_dir, "top", "--count", "1").stderr
+
+
+def test_signals_to_either_daemon_lose_nothing_and_down_tidies_up(disk_dir: str) -> None:
+    """SIGKILL to the store: reads go on, right, from LOWER.  SIGTERM to fscache while a file
+    is open: refused.  SIGKILL to fscache: a dead mount, which cache down takes away lazily
+    (nothing is lost: LOWER holds every page)."""
+    import signal
+
+    m = Mounted(disk_dir).up()
+    try:
+        state = cachemount.CacheState.load(m.state_dir)
+        assert state is not None and state.hoststore is not None and state.fscache is not None
+        with open(os.path.join(m.lower, "f"), "wb") as f:
+            f.write(os.urandom(64 * PAGE_SIZE))
+        path, want = os.path.join(m.mnt, "f"), sha(os.path.join(m.lower, "f"))
+        assert sha(path) == want
+        os.kill(state.hoststore["pid"], signal.SIGKILL)
+        wait_for(lambda: not m.stats()["host_connected"], 10, "fscache to see the store gone")
+        forget_mount_pages(path)
+        assert sha(path) == want
+        assert m.cache()["io_errors"] == 0 and m.cache()["stale_copies"] == 0
+        pid = state.fscache["pid"]
+        with open(path, "rb"):
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: "SIGTERM ignored" in open(state.log("fscache")).read(), 10, "the refusal")
+            assert os.path.ismount(m.mnt)
+        os.kill(pid, signal.SIGKILL)
+        ident = ProcessId.from_dict(state.fscache)
+        assert ident is not None
+        wait_for(lambda: not ident.alive(), 10, "fscache to die")  # a zombie of this process's, then
+        assert cachemount.take_down(m.state_dir, m.log.append)
+        assert not os.path.ismount(m.mnt) and cachemount.CacheState.load(m.state_dir) is None
+    finally:
+        m.down()
